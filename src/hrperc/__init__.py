@@ -1,0 +1,36 @@
+"""hrperc: high-resolution perception modules for multimodal LLMs (INF-LLaVA and friends).
+
+Pipeline, one module per stage: crop -> encode -> recombine -> enhance -> reduce -> project.
+"""
+
+from .crop import (
+    LocalCrop,
+    Recombine,
+    StrideGlobalCrop,
+    crop,
+    local_crop,
+    local_merge,
+    merge,
+    permute_windows,
+    stride_crop,
+    stride_merge,
+    window_permutation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # crop / recombine (DCM)
+    "crop",
+    "merge",
+    "local_crop",
+    "stride_crop",
+    "local_merge",
+    "stride_merge",
+    "window_permutation",
+    "permute_windows",
+    "LocalCrop",
+    "StrideGlobalCrop",
+    "Recombine",
+]

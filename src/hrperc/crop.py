@@ -1,0 +1,396 @@
+"""Dual-perspective crops (INF-LLaVA DCM, eq. 11-17) and their exact inverses (Sec. 4.3.1).
+
+Two ways to cut an image (or a token map) into ``N = gh * gw`` sub-images of ``(h, w)``:
+
+* **local** / contiguous: tile ``k = i*gw + j`` is the block ``x[..., i*h:(i+1)*h, j*w:(j+1)*w]``;
+* **strided** / global: sub-image ``k`` is the interleaved full-field view ``x[..., i::gh, j::gw]``,
+  i.e. its pixel ``(r, c)`` is ``x[..., i + r*gh, j + c*gw]``.
+
+Both return ``(B*N, ...)`` stacks where sub-image ``k`` of image ``b`` sits at index ``b*N + k``.
+The merges are the exact inverses (the paper's "2D-prior recombination"), bit for bit, for every
+dtype. Three layouts are supported through ``layout=``:
+
+====================  =========================  =============================
+layout                whole map                   sub-image stack
+====================  =========================  =============================
+``"nchw"`` (default)  ``(B, C, H, W)``            ``(B*N, C, h, w)``
+``"nhwc"``            ``(B, H, W, C)``            ``(B*N, h, w, C)``
+``"nlc"``             ``(B, H*W, C)`` row-major   ``(B*N, h*w, C)`` (a ViT's tokens)
+====================  =========================  =============================
+
+Example::
+
+    >>> import torch, hrperc
+    >>> x = torch.arange(2 * 3 * 6 * 8).reshape(2, 3, 6, 8)
+    >>> tiles = hrperc.local_crop(x, grid=(2, 4))        # (2*8, 3, 3, 2)
+    >>> torch.equal(hrperc.local_merge(tiles, (2, 4)), x)
+    True
+    >>> hrperc.stride_crop(x, (2, 4))[1, 0, 0, 0] == x[0, 0, 0, 1]
+    tensor(True)
+
+The module also gives the direct map between the two orders (:func:`window_permutation`,
+:func:`permute_windows`): the token permutation that takes a map's contiguous windows to its
+strided windows without materialising the map. The DEM and the fused kernel gather with it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ._validation import as_grid, as_pair, check_ndim
+
+__all__ = [
+    "Layout",
+    "WindowKind",
+    "local_crop",
+    "stride_crop",
+    "local_merge",
+    "stride_merge",
+    "crop",
+    "merge",
+    "window_permutation",
+    "permute_windows",
+    "LocalCrop",
+    "StrideGlobalCrop",
+    "Recombine",
+]
+
+Layout = Literal["nchw", "nhwc", "nlc"]
+WindowKind = Literal["contiguous", "strided"]
+
+_LAYOUTS = ("nchw", "nhwc", "nlc")
+_KINDS = ("contiguous", "strided")
+
+# einops patterns: map side <-> stack side. `i, j` index the sub-image, `h, w` the pixel inside it.
+# Contiguous tiles factor each axis as (i h); strided views factor it as (h i).
+_PATTERNS = {
+    ("nchw", "contiguous"): ("b c (i h) (j w)", "(b i j) c h w"),
+    ("nchw", "strided"): ("b c (h i) (w j)", "(b i j) c h w"),
+    ("nhwc", "contiguous"): ("b (i h) (j w) c", "(b i j) h w c"),
+    ("nhwc", "strided"): ("b (h i) (w j) c", "(b i j) h w c"),
+    ("nlc", "contiguous"): ("b (i h j w) c", "(b i j) (h w) c"),
+    ("nlc", "strided"): ("b (h i w j) c", "(b i j) (h w) c"),
+}
+_LAYOUT_DOC = {"nchw": "(B, C, H, W)", "nhwc": "(B, H, W, C)", "nlc": "(B, H*W, C)"}
+_STACK_DOC = {"nchw": "(B*N, C, h, w)", "nhwc": "(B*N, h, w, C)", "nlc": "(B*N, h*w, C)"}
+
+
+def _check_layout(layout, fn: str) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{fn}: layout={layout!r} is not one of {_LAYOUTS}. Pick the one matching the input.")
+
+
+def _check_kind(kind, name: str, fn: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"{fn}: {name}={kind!r} is not one of {_KINDS}.")
+
+
+def _square_side(length: int, what: str, arg: str, fn: str, shape) -> int:
+    side = int(round(length**0.5))
+    if side * side != length:
+        raise ValueError(
+            f"{fn}: input has shape {shape}; {what} {length} is not a perfect square, so its 2D size "
+            f"cannot be inferred. Pass {arg}=(rows, cols)."
+        )
+    return side
+
+
+def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layout = "nchw", size=None):
+    """Cut ``x`` into ``N = gh*gw`` sub-images, contiguous (local) or strided (global).
+
+    Shapes by ``layout``: ``"nchw"`` ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``; ``"nhwc"``
+    ``(B, H, W, C) -> (B*N, H//gh, W//gw, C)``; ``"nlc"`` ``(B, H*W, C) -> (B*N, h*w, C)`` with
+    ``size=(H, W)`` (inferred when ``H*W`` is a perfect square). Sub-image ``k = i*gw + j`` of image
+    ``b`` is at index ``b*N + k``. Exactly one copy at most (none when a view suffices).
+
+    Example::
+
+        >>> x = torch.randn(1, 3, 672, 1008)
+        >>> crop(x, (2, 3), "strided").shape
+        torch.Size([6, 3, 336, 336])
+    """
+    fn = "local_crop" if kind == "contiguous" else "stride_crop"
+    _check_kind(kind, "kind", "crop")
+    _check_layout(layout, fn)
+    gh, gw = as_grid(grid, fn)
+    ndim = 3 if layout == "nlc" else 4
+    check_ndim(x, ndim, "x", fn, _LAYOUT_DOC[layout])
+    shape = f"x has shape {tuple(x.shape)}"
+    if layout == "nchw":
+        H, W = x.shape[2], x.shape[3]
+    elif layout == "nhwc":
+        H, W = x.shape[1], x.shape[2]
+    else:
+        if size is None:
+            side = _square_side(x.shape[1], "token count", "size", fn, tuple(x.shape))
+            H = W = side
+        else:
+            H, W = as_pair(size, "size", fn)
+            if H * W != x.shape[1]:
+                raise ValueError(
+                    f"{fn}: {shape} but size=({H}, {W}) holds {H * W} tokens. Pass the map's true (rows, cols)."
+                )
+    for dim_name, extent, g, gname in (("height", H, gh, "grid height"), ("width", W, gw, "grid width")):
+        if extent % g != 0:
+            raise ValueError(
+                f"{fn}: {shape}; {dim_name} {extent} is not divisible by {gname} {g}. "
+                f"Resize or pad to a multiple of {g} (DualPerspectiveCrop does this)."
+            )
+    src, dst = _PATTERNS[(layout, kind)]
+    return rearrange(x, f"{src} -> {dst}", i=gh, j=gw, h=H // gh)
+
+
+def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layout = "nchw", tile_size=None):
+    """Exact inverse of :func:`crop`: put ``(B*N, ...)`` sub-images back into ``B`` whole maps.
+
+    Shapes by ``layout``: ``"nchw"`` ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``; ``"nhwc"``
+    ``(B*N, h, w, C) -> (B, gh*h, gw*w, C)``; ``"nlc"`` ``(B*N, h*w, C) -> (B, gh*h*gw*w, C)``
+    (row-major) with ``tile_size=(h, w)`` (inferred when ``h*w`` is a perfect square).
+
+    Example::
+
+        >>> t = torch.randn(2 * 4, 576, 1024)       # 2 images, grid 2x2, 24x24 tokens each
+        >>> merge(t, (2, 2), "strided", layout="nlc").shape
+        torch.Size([2, 2304, 1024])
+    """
+    fn = "local_merge" if kind == "contiguous" else "stride_merge"
+    _check_kind(kind, "kind", "merge")
+    _check_layout(layout, fn)
+    gh, gw = as_grid(grid, fn)
+    ndim = 3 if layout == "nlc" else 4
+    check_ndim(tiles, ndim, "tiles", fn, _STACK_DOC[layout])
+    n = gh * gw
+    if tiles.shape[0] % n != 0 or tiles.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: tiles has shape {tuple(tiles.shape)}; its first dimension {tiles.shape[0]} must be a "
+            f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check the grid or the stack."
+        )
+    if layout == "nchw":
+        h = tiles.shape[2]
+    elif layout == "nhwc":
+        h = tiles.shape[1]
+    elif tile_size is None:
+        h = _square_side(tiles.shape[1], "tokens per sub-image", "tile_size", fn, tuple(tiles.shape))
+    else:
+        h, w = as_pair(tile_size, "tile_size", fn)
+        if h * w != tiles.shape[1]:
+            raise ValueError(
+                f"{fn}: tiles has shape {tuple(tiles.shape)} but tile_size=({h}, {w}) holds {h * w} tokens. "
+                f"Pass the sub-image's true (rows, cols)."
+            )
+    src, dst = _PATTERNS[(layout, kind)]
+    return rearrange(tiles, f"{dst} -> {src}", i=gh, j=gw, h=h)
+
+
+def local_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) -> torch.Tensor:
+    """Contiguous tiles (paper eq. 11-13): ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``.
+
+    Tile ``k = i*gw + j`` of image ``b`` (index ``b*N + k``) is ``x[b, :, i*h:(i+1)*h, j*w:(j+1)*w]``.
+    ``layout="nhwc"`` takes ``(B, H, W, C)``; ``layout="nlc"`` takes ``(B, H*W, C)`` tokens (with
+    ``size=(H, W)`` when not square) and returns ``(B*N, h*w, C)``.
+
+    Example::
+
+        >>> x = torch.arange(24).reshape(1, 1, 4, 6)
+        >>> local_crop(x, (2, 3))[4, 0]                 # row 1, column 1
+        tensor([[14, 15],
+                [20, 21]])
+    """
+    return crop(x, grid, "contiguous", layout=layout, size=size)
+
+
+def stride_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) -> torch.Tensor:
+    """Strided global sub-images (paper eq. 16-17): ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``.
+
+    Pixel ``(r, c)`` of sub-image ``k = i*gw + j`` of image ``b`` (index ``b*N + k``) is
+    ``x[b, :, i + r*gh, j + c*gw]``: each sub-image is a full-field, sub-sampled view. Other layouts
+    as in :func:`local_crop`.
+
+    Example::
+
+        >>> x = torch.arange(24).reshape(1, 1, 4, 6)
+        >>> stride_crop(x, (2, 3))[4, 0]                # offsets (1, 1)
+        tensor([[ 7, 10],
+                [19, 22]])
+    """
+    return crop(x, grid, "strided", layout=layout, size=size)
+
+
+def local_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_size=None) -> torch.Tensor:
+    """Exact inverse of :func:`local_crop`: ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``.
+
+    The local half of the 2D-prior recombination: ``F[:, i*h + r, j*w + c] = tiles[b*N + k][:, r, c]``.
+
+    Example::
+
+        >>> x = torch.randn(2, 3, 6, 9)
+        >>> torch.equal(local_merge(local_crop(x, (2, 3)), (2, 3)), x)
+        True
+    """
+    return merge(tiles, grid, "contiguous", layout=layout, tile_size=tile_size)
+
+
+def stride_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_size=None) -> torch.Tensor:
+    """Exact inverse of :func:`stride_crop`: ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``.
+
+    The global half of the 2D-prior recombination: ``F[:, i + r*gh, j + c*gw] = tiles[b*N + k][:, r, c]``.
+
+    Example::
+
+        >>> x = torch.randn(2, 6, 9, 5)
+        >>> torch.equal(stride_merge(stride_crop(x, (3, 1), layout="nhwc"), (3, 1), layout="nhwc"), x)
+        True
+    """
+    return merge(tiles, grid, "strided", layout=layout, tile_size=tile_size)
+
+
+def _permutation(gh: int, gw: int, th: int, tw: int, source: str, target: str, device=None) -> torch.Tensor:
+    n, t = gh * gw, th * tw
+    ids = torch.arange(n * t, device=device).view(n, t, 1)
+    whole = merge(ids, (gh, gw), source, layout="nlc", tile_size=(th, tw))
+    return crop(whole, (gh, gw), target, layout="nlc", size=(gh * th, gw * tw)).reshape(n * t)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_permutation(gh, gw, th, tw, source, target, device) -> torch.Tensor:
+    return _permutation(gh, gw, th, tw, source, target, device)
+
+
+def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, device=None) -> torch.Tensor:
+    """Token permutation from one window order of a map to the other, without building the map.
+
+    Let ``M`` be a ``(gh*th, gw*tw)`` token map, ``S = crop(M, grid, source)`` and
+    ``T = crop(M, grid, target)``, both flattened per image to ``(N*th*tw,)``. The returned
+    ``perm`` (``(N*th*tw,)`` int64) satisfies ``T == S[perm]``. With ``source="contiguous",
+    target="strided"`` it takes the local sub-features a ViT returns straight to the strided windows
+    of the recombined local map (the released DEM's local-as-query side); the reverse takes global
+    sub-features to contiguous windows of the recombined global map. Cached per device.
+
+    Example::
+
+        >>> p = window_permutation((3, 3), (24, 24), "contiguous", "strided")
+        >>> p.shape, p[:3]
+        (torch.Size([5184]), tensor([ 0,  3,  6]))
+    """
+    gh, gw = as_grid(grid, "window_permutation")
+    th, tw = as_pair(tile_size, "tile_size", "window_permutation")
+    _check_kind(source, "source", "window_permutation")
+    _check_kind(target, "target", "window_permutation")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached_permutation(gh, gw, th, tw, source, target, device)
+
+
+def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: WindowKind, *, tile_size=None):
+    """Re-order a sub-feature stack from ``source`` windows to ``target`` windows of the same map.
+
+    ``tokens`` is ``(B*N, T, *rest)`` (e.g. ``(B*N, ht*wt, D)`` from a ViT, or ``(B*N, T, heads,
+    head_dim)``), sub-image ``k`` of image ``b`` at ``b*N + k``. Equal, bit for bit, to
+    ``crop(merge(tokens, grid, source), grid, target)`` but done as one gather.
+
+    Example::
+
+        >>> loc = torch.randn(9, 576, 64)               # local_crop order, one image, grid 3x3
+        >>> win = permute_windows(loc, (3, 3), "contiguous", "strided")
+        >>> torch.equal(win, stride_crop(local_merge(loc, (3, 3), layout="nlc"), (3, 3), layout="nlc"))
+        True
+    """
+    fn = "permute_windows"
+    gh, gw = as_grid(grid, fn)
+    _check_kind(source, "source", fn)
+    _check_kind(target, "target", fn)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim < 2:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{fn}: tokens must be a (B*N, T, ...) tensor, got {got}.")
+    n = gh * gw
+    if tokens.shape[0] % n != 0 or tokens.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: tokens has shape {tuple(tokens.shape)}; its first dimension must be a positive multiple "
+            f"of N = {gh}*{gw} = {n}."
+        )
+    t = tokens.shape[1]
+    if tile_size is None:
+        th = _square_side(t, "tokens per sub-image", "tile_size", fn, tuple(tokens.shape))
+        tw = th
+    else:
+        th, tw = as_pair(tile_size, "tile_size", fn)
+        if th * tw != t:
+            raise ValueError(f"{fn}: tokens has {t} tokens per sub-image but tile_size=({th}, {tw}) holds {th * tw}.")
+    if source == target:
+        return tokens
+    if torch.compiler.is_compiling():
+        perm = _permutation(gh, gw, th, tw, source, target, tokens.device)
+    else:
+        perm = window_permutation((gh, gw), (th, tw), source, target, tokens.device)
+    b = tokens.shape[0] // n
+    flat = tokens.reshape(b, n * t, *tokens.shape[2:])
+    return flat.index_select(1, perm).reshape(tokens.shape)
+
+
+class _GridModule(nn.Module):
+    def __init__(self, grid, layout: Layout = "nchw") -> None:
+        super().__init__()
+        self.grid = as_grid(grid, type(self).__name__)
+        _check_layout(layout, type(self).__name__)
+        self.layout = layout
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, layout={self.layout!r}"
+
+
+class LocalCrop(_GridModule):
+    """Module form of :func:`local_crop` holding ``grid`` and ``layout``.
+
+    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``. Example: ``LocalCrop((3, 3))(torch.randn(1, 3, 1008, 1008))``
+    gives ``(9, 3, 336, 336)``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_crop(x, self.grid, layout=self.layout)
+
+
+class StrideGlobalCrop(_GridModule):
+    """Module form of :func:`stride_crop` holding ``grid`` and ``layout``.
+
+    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``, interleaved full-field views.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stride_crop(x, self.grid, layout=self.layout)
+
+
+class Recombine(_GridModule):
+    """The 2D-prior recombination as a module: ``(B*N, ht*wt, D) -> (B, gh*ht, gw*wt, D)``.
+
+    ``kind="contiguous"`` places local sub-features as tiles (:func:`local_merge`); ``"strided"``
+    interleaves global sub-features (:func:`stride_merge`). The default ``layout="nlc"`` takes a ViT's
+    token stacks and returns a channels-last map ``(B, Ht, Wt, D)``; ``layout="nchw"``/``"nhwc"``
+    behave like the merge functions.
+
+    Example::
+
+        >>> Recombine((3, 3), "strided")(torch.randn(9, 576, 1024), tile_size=(24, 24)).shape
+        torch.Size([1, 72, 72, 1024])
+    """
+
+    def __init__(self, grid, kind: WindowKind = "contiguous", layout: Layout = "nlc") -> None:
+        super().__init__(grid, layout)
+        _check_kind(kind, "kind", "Recombine")
+        self.kind = kind
+
+    def forward(self, tiles: torch.Tensor, tile_size=None) -> torch.Tensor:
+        out = merge(tiles, self.grid, self.kind, layout=self.layout, tile_size=tile_size)
+        if self.layout != "nlc":
+            return out
+        gh, gw = self.grid
+        th, tw = as_pair(tile_size, "tile_size", "Recombine") if tile_size is not None else (None, None)
+        if th is None:
+            th = tw = _square_side(tiles.shape[1], "tokens per sub-image", "tile_size", "Recombine", tuple(tiles.shape))
+        return out.view(out.shape[0], gh * th, gw * tw, out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, kind={self.kind!r}, layout={self.layout!r}"
