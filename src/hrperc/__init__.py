@@ -16,6 +16,7 @@ from .crop import (
     stride_merge,
     window_permutation,
 )
+from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop, candidate_grids, select_grid
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,9 @@ __all__ = [
     "LocalCrop",
     "StrideGlobalCrop",
     "Recombine",
+    "DualPerspectiveCrop",
+    "DualCrops",
+    "CropGeometry",
+    "select_grid",
+    "candidate_grids",
 ]

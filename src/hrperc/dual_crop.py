@@ -1,0 +1,379 @@
+"""Bring an image of any size to a tile grid, then cut it both ways (INF-LLaVA's DCM front door).
+
+:class:`DualPerspectiveCrop` takes images of any size and makes, for each, ``N = gh*gw`` local tiles,
+``N`` strided global sub-images and an optional thumbnail, all of the tile size ``(h, w)``. How an
+image of size ``(H0, W0)`` reaches the canvas ``(gh*h, gw*w)`` is an explicit policy, never a silent
+crop:
+
+**Grid** (``grid=``)
+
+* ``(gh, gw)``: fixed.
+* ``"floor"``: the paper's rule (eq. 9-10), ``gh = floor(H0 / h)``, ``gw = floor(W0 / w)``; an image
+  smaller than one tile is refused.
+* ``"auto"``: the best-fit grid with ``min_tiles <= gh*gw <= max_tiles``, by ``auto_rule``:
+
+  - ``"resolution"`` (LLaVA-NeXT's ``select_best_resolution``): scale the image to fit each candidate
+    canvas keeping its aspect ratio; keep the canvas that preserves the most original pixels
+    (``min(scaled area, original area)``), ties broken by the least wasted canvas area, then fewer tiles.
+  - ``"aspect"`` (InternVL's ``find_closest_aspect_ratio``): the grid whose ``gw/gh`` is closest to
+    ``W0/H0``; on a tie the larger grid when the image has more than half its pixel count.
+
+**Fit** (``fit=``), from the image to the canvas
+
+* ``"resize"``: stretch to the canvas (antialiased ``mode`` interpolation, computed in float32);
+  ``mode="bicubic", antialias=False`` reproduces the released INF-LLaVA pipeline.
+* ``"pad"``: no resampling; the image is placed at the top-left and the rest filled with ``fill``.
+  With ``grid="auto"``/``"floor"`` the grid is the smallest that holds the image
+  (``ceil(H0/h) x ceil(W0/w)``, refused when over ``max_tiles``).
+* ``"resize_pad"``: scale keeping the aspect ratio to fit inside the canvas, centre it, pad with
+  ``fill`` (LLaVA-NeXT's ``resize_and_pad_image``).
+
+The returned :class:`CropGeometry` records the valid region so padded tokens can be masked.
+
+Example::
+
+    >>> import torch, hrperc
+    >>> dcm = hrperc.DualPerspectiveCrop(grid="auto", max_tiles=12, tile_size=336)
+    >>> out = dcm(torch.rand(1, 3, 1008, 1344))
+    >>> out.local.shape, out.strided.shape, out.geometries[0].grid
+    (torch.Size([12, 3, 336, 336]), torch.Size([12, 3, 336, 336]), (3, 4))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import as_grid, as_pair
+from .crop import local_crop, stride_crop
+
+__all__ = ["CropGeometry", "DualCrops", "DualPerspectiveCrop", "select_grid", "candidate_grids"]
+
+Fit = Literal["resize", "pad", "resize_pad"]
+_FITS = ("resize", "pad", "resize_pad")
+_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where an image went: enough to map tokens back to pixels and to unpad features.
+
+    ``input_size`` ``(H0, W0)`` of the original image; ``grid`` ``(gh, gw)``; ``tile_size`` ``(h, w)``;
+    ``canvas_size`` ``(gh*h, gw*w)``; ``valid_box`` ``(top, left, height, width)``: the canvas pixels
+    that hold image content (the whole canvas for ``fit="resize"``); ``fit``: the policy used.
+    """
+
+    input_size: tuple[int, int]
+    grid: tuple[int, int]
+    tile_size: tuple[int, int]
+    canvas_size: tuple[int, int]
+    valid_box: tuple[int, int, int, int]
+    fit: str = "resize"
+
+    @property
+    def num_tiles(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Canvas pixels per input pixel, ``(sy, sx)``."""
+        return self.valid_box[2] / self.input_size[0], self.valid_box[3] / self.input_size[1]
+
+    def valid_mask(self, patch: int = 1) -> torch.Tensor:
+        """``(gh*h//patch, gw*w//patch)`` bool map of the canvas cells that overlap image content.
+
+        A token (``patch`` x ``patch`` pixels) counts as valid when any of its pixels is image content,
+        so no image pixel is ever masked away.
+        """
+        patch = as_pair(patch, "patch", "CropGeometry.valid_mask")
+        ph, pw = patch
+        H, W = self.canvas_size
+        if H % ph or W % pw:
+            raise ValueError(
+                f"CropGeometry.valid_mask: canvas {self.canvas_size} is not divisible by patch {patch}. "
+                f"Use the backbone's patch size, which divides the tile size."
+            )
+        top, left, height, width = self.valid_box
+        rows = torch.arange(H // ph)
+        cols = torch.arange(W // pw)
+        row_ok = (rows * ph < top + height) & ((rows + 1) * ph > top)
+        col_ok = (cols * pw < left + width) & ((cols + 1) * pw > left)
+        return row_ok[:, None] & col_ok[None, :]
+
+
+@dataclass
+class DualCrops:
+    """Output of :class:`DualPerspectiveCrop`.
+
+    ``local`` and ``strided``: ``(sum_b N_b, C, h, w)``, image ``b``'s sub-image ``k`` at
+    ``offsets[b] + k`` (``= b*N + k`` when all images share a grid); ``thumbnail``: ``(B, C, h, w)`` or
+    ``None``; ``geometries``: one :class:`CropGeometry` per image.
+    """
+
+    local: torch.Tensor
+    strided: torch.Tensor
+    thumbnail: torch.Tensor | None
+    geometries: list[CropGeometry]
+    offsets: list[int]
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [g.grid for g in self.geometries]
+
+    @property
+    def uniform_grid(self) -> bool:
+        return len(set(self.grids)) == 1
+
+
+def candidate_grids(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
+    """All ``(gh, gw)`` with ``min_tiles <= gh*gw <= max_tiles``, ordered by tile count then ``gh``."""
+    grids = [
+        (gh, gw)
+        for gh in range(1, max_tiles + 1)
+        for gw in range(1, max_tiles // gh + 1)
+        if min_tiles <= gh * gw <= max_tiles
+    ]
+    return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+
+def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, rule: str = "resolution"):
+    """Best-fit grid ``(gh, gw)`` for an ``(H0, W0)`` image under ``max_tiles`` (see module docs).
+
+    Example::
+
+        >>> select_grid((1008, 1344), 336, max_tiles=12)
+        (3, 4)
+        >>> select_grid((400, 1600), 336, max_tiles=6, rule="aspect")
+        (1, 4)
+    """
+    fn = "select_grid"
+    H0, W0 = as_pair(image_size, "image_size", fn)
+    h, w = as_pair(tile_size, "tile_size", fn)
+    _check_tiles(max_tiles, min_tiles, fn)
+    grids = candidate_grids(max_tiles, min_tiles)
+    if rule == "resolution":
+
+        def score(g):
+            ch, cw = g[0] * h, g[1] * w
+            s = min(ch / H0, cw / W0)
+            effective = min(int(H0 * s) * int(W0 * s), H0 * W0)
+            return (-effective, ch * cw - effective, g[0] * g[1])
+
+        return min(grids, key=score)
+    if rule == "aspect":
+        target = W0 / H0
+        best, best_diff = grids[0], float("inf")
+        for g in grids:
+            diff = abs(target - g[1] / g[0])
+            if diff < best_diff - 1e-12:
+                best, best_diff = g, diff
+            elif abs(diff - best_diff) <= 1e-12 and H0 * W0 > 0.5 * h * w * g[0] * g[1]:
+                best = g
+        return best
+    raise ValueError(f"{fn}: rule={rule!r} is not one of ('resolution', 'aspect').")
+
+
+def _check_tiles(max_tiles, min_tiles, fn):
+    for name, v in (("max_tiles", max_tiles), ("min_tiles", min_tiles)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{fn}: {name}={v!r}; must be an integer >= 1.")
+    if min_tiles > max_tiles:
+        raise ValueError(f"{fn}: min_tiles={min_tiles} > max_tiles={max_tiles}; lower min_tiles or raise max_tiles.")
+
+
+class DualPerspectiveCrop(nn.Module):
+    """Images of any size -> local tiles, strided global sub-images and a thumbnail.
+
+    Args:
+        grid: ``(gh, gw)``, ``"auto"`` or ``"floor"`` (see module docs).
+        tile_size: sub-image size ``(h, w)`` or an int; the ViT's native size (336 for ViT-L/14-336).
+        max_tiles, min_tiles: bounds on ``gh*gw`` for ``"auto"``; a fixed or floor grid over
+            ``max_tiles`` is refused.
+        fit: ``"resize"``, ``"pad"`` or ``"resize_pad"``.
+        mode, antialias: interpolation for resizing (and the thumbnail), computed in float32.
+        fill: padding value for ``"pad"``/``"resize_pad"``.
+        thumbnail: also return the whole image resized to ``(h, w)``.
+        auto_rule: ``"resolution"`` (LLaVA-NeXT) or ``"aspect"`` (InternVL) for ``grid="auto"``.
+
+    Input: ``(B, C, H, W)`` or ``(C, H, W)`` tensor, or a list of ``(C, H, W)`` tensors of different
+    sizes (same ``C`` and dtype). Integer images can only be padded, not resized.
+    Output: :class:`DualCrops`.
+
+    Example::
+
+        >>> dcm = DualPerspectiveCrop(grid=(3, 3), mode="bicubic", antialias=False)   # released
+        >>> out = dcm([torch.rand(3, 900, 1200), torch.rand(3, 1008, 1008)])
+        >>> out.local.shape, out.thumbnail.shape
+        (torch.Size([18, 3, 336, 336]), torch.Size([2, 3, 336, 336]))
+    """
+
+    def __init__(
+        self,
+        grid=(3, 3),
+        tile_size=336,
+        max_tiles: int = 9,
+        min_tiles: int = 1,
+        fit: Fit = "resize",
+        mode: str = "bicubic",
+        antialias: bool = True,
+        fill: float = 0.0,
+        thumbnail: bool = True,
+        auto_rule: str = "resolution",
+    ) -> None:
+        super().__init__()
+        fn = "DualPerspectiveCrop"
+        _check_tiles(max_tiles, min_tiles, fn)
+        if isinstance(grid, str):
+            if grid not in ("auto", "floor"):
+                raise ValueError(f"{fn}: grid={grid!r}; pass (gh, gw), 'auto' or 'floor'.")
+        else:
+            grid = as_grid(grid, fn)
+            if grid[0] * grid[1] > max_tiles:
+                raise ValueError(
+                    f"{fn}: grid={grid} has {grid[0] * grid[1]} tiles, over max_tiles={max_tiles}. "
+                    f"Raise max_tiles or use a smaller grid."
+                )
+        if fit not in _FITS:
+            raise ValueError(f"{fn}: fit={fit!r} is not one of {_FITS}.")
+        if mode not in _MODES:
+            raise ValueError(f"{fn}: mode={mode!r} is not one of {_MODES}.")
+        if auto_rule not in ("resolution", "aspect"):
+            raise ValueError(f"{fn}: auto_rule={auto_rule!r} is not one of ('resolution', 'aspect').")
+        self.grid = grid
+        self.tile_size = as_pair(tile_size, "tile_size", fn)
+        self.max_tiles, self.min_tiles = max_tiles, min_tiles
+        self.fit, self.mode, self.antialias, self.fill = fit, mode, antialias, float(fill)
+        self.thumbnail, self.auto_rule = thumbnail, auto_rule
+
+    def extra_repr(self) -> str:
+        return (
+            f"grid={self.grid}, tile_size={self.tile_size}, max_tiles={self.max_tiles}, fit={self.fit!r}, "
+            f"mode={self.mode!r}, antialias={self.antialias}, thumbnail={self.thumbnail}"
+        )
+
+    # geometry -------------------------------------------------------------------------------------
+    def plan(self, image_size) -> CropGeometry:
+        """The :class:`CropGeometry` an ``(H0, W0)`` image gets; no pixels are touched."""
+        fn = "DualPerspectiveCrop"
+        H0, W0 = as_pair(image_size, "image_size", fn)
+        h, w = self.tile_size
+        if self.grid == "auto" and self.fit != "pad":
+            grid = select_grid((H0, W0), (h, w), self.max_tiles, self.min_tiles, self.auto_rule)
+        elif self.grid in ("auto", "floor") and self.fit == "pad":
+            grid = (math.ceil(H0 / h), math.ceil(W0 / w))
+        elif self.grid == "floor":
+            if H0 < h or W0 < w:
+                raise ValueError(
+                    f"{fn}: image of size ({H0}, {W0}) is smaller than one tile {self.tile_size}, so the "
+                    f"paper's floor rule gives no tile. Use fit='pad', grid='auto', or a smaller tile_size."
+                )
+            grid = (H0 // h, W0 // w)
+        else:
+            grid = self.grid
+        if grid[0] * grid[1] > self.max_tiles:
+            raise ValueError(
+                f"{fn}: image of size ({H0}, {W0}) needs grid {grid} ({grid[0] * grid[1]} tiles) with "
+                f"fit={self.fit!r}, over max_tiles={self.max_tiles}. Raise max_tiles or use fit='resize'."
+            )
+        canvas = (grid[0] * h, grid[1] * w)
+        if self.fit == "resize":
+            box = (0, 0, canvas[0], canvas[1])
+        elif self.fit == "pad":
+            if H0 > canvas[0] or W0 > canvas[1]:
+                raise ValueError(
+                    f"{fn}: image of size ({H0}, {W0}) does not fit the canvas {canvas} of grid {grid}; "
+                    f"fit='pad' never drops pixels. Use fit='resize'/'resize_pad' or a larger grid."
+                )
+            box = (0, 0, H0, W0)
+        else:
+            s = min(canvas[0] / H0, canvas[1] / W0)
+            nh, nw = min(canvas[0], max(1, round(H0 * s))), min(canvas[1], max(1, round(W0 * s)))
+            box = ((canvas[0] - nh) // 2, (canvas[1] - nw) // 2, nh, nw)
+        return CropGeometry((H0, W0), tuple(grid), (h, w), canvas, box, self.fit)
+
+    # pixels ---------------------------------------------------------------------------------------
+    def _resize(self, img: torch.Tensor, size) -> torch.Tensor:
+        if tuple(img.shape[-2:]) == tuple(size):
+            return img
+        # Resampling in float32 and casting back, as timm does, keeps fp16/bf16 images accurate.
+        kw = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
+        aa = self.antialias and self.mode in ("bilinear", "bicubic")
+        out = F.interpolate(img.float(), size=tuple(size), mode=self.mode, antialias=aa, **kw)
+        return out.to(img.dtype)
+
+    def _to_canvas(self, img: torch.Tensor, geo: CropGeometry) -> torch.Tensor:
+        """``(B, C, H0, W0)`` -> ``(B, C, gh*h, gw*w)`` by the geometry's fit."""
+        if geo.fit == "resize":
+            return self._resize(img, geo.canvas_size)
+        top, left, height, width = geo.valid_box
+        content = img if geo.fit == "pad" else self._resize(img, (height, width))
+        canvas = img.new_full((*img.shape[:2], *geo.canvas_size), self.fill)
+        canvas[..., top : top + height, left : left + width] = content
+        return canvas
+
+    def _check_image(self, img, name: str, ndim: int, fn: str) -> None:
+        if not isinstance(img, torch.Tensor):
+            raise TypeError(
+                f"{fn}: {name} is a {type(img).__name__}; expected a torch.Tensor. Convert PIL images with "
+                f"torchvision.transforms.functional.pil_to_tensor or use HighResEncoder, which accepts them."
+            )
+        if img.ndim != ndim:
+            layout = "(C, H, W)" if ndim == 3 else "(B, C, H, W)"
+            raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; expected {layout}.")
+        if min(img.shape) <= 0:
+            raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; every size must be positive.")
+        if not img.is_floating_point() and (self.fit != "pad" or self.thumbnail):
+            why = f"fit={self.fit!r} resizes" if self.fit != "pad" else "thumbnail=True resizes"
+            raise TypeError(
+                f"{fn}: {name} has dtype {img.dtype} but {why}, which needs a float image. Convert it "
+                f"(e.g. img.float() / 255), or use fit='pad' with thumbnail=False to crop integers exactly."
+            )
+
+    def forward(self, images) -> DualCrops:
+        fn = "DualPerspectiveCrop"
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images.unsqueeze(0)
+            self._check_image(images, "images", 4, fn)
+            groups = [images]
+        elif isinstance(images, Sequence) and not isinstance(images, str):
+            if len(images) == 0:
+                raise ValueError(f"{fn}: images is an empty list; pass at least one (C, H, W) image.")
+            for b, img in enumerate(images):
+                self._check_image(img, f"images[{b}]", 3, fn)
+            first = images[0]
+            for b, img in enumerate(images):
+                if img.shape[0] != first.shape[0] or img.dtype != first.dtype or img.device != first.device:
+                    raise ValueError(
+                        f"{fn}: images[{b}] is {tuple(img.shape)} {img.dtype} on {img.device} but images[0] is "
+                        f"{tuple(first.shape)} {first.dtype} on {first.device}; all items need the same "
+                        f"channels, dtype and device. Convert them first."
+                    )
+            groups = [img.unsqueeze(0) for img in images]
+        else:
+            raise TypeError(f"{fn}: images is a {type(images).__name__}; pass a tensor or a list of tensors.")
+        if groups[0].shape[0] == 0:
+            raise ValueError(f"{fn}: images has batch size 0; pass at least one image.")
+
+        locals_, strideds, thumbs, geos, offsets, start = [], [], [], [], [], 0
+        # One iteration per image group (a batched tensor is one group): tiles themselves are vectorized.
+        for img in groups:
+            geo = self.plan(tuple(img.shape[-2:]))
+            canvas = self._to_canvas(img, geo)
+            locals_.append(local_crop(canvas, geo.grid))
+            strideds.append(stride_crop(canvas, geo.grid))
+            if self.thumbnail:
+                thumbs.append(self._resize(img, self.tile_size))
+            for _ in range(img.shape[0]):
+                geos.append(geo)
+                offsets.append(start)
+                start += geo.num_tiles
+        cat = (lambda xs: xs[0]) if len(groups) == 1 else (lambda xs: torch.cat(xs, 0))
+        thumbnail = cat(thumbs) if self.thumbnail else None
+        return DualCrops(cat(locals_), cat(strideds), thumbnail, geos, offsets)
