@@ -49,10 +49,10 @@ def main(argv=None):
         local = hrperc.local_crop(x, grid, layout=layout)
         strided = hrperc.stride_crop(x, grid, layout=layout)
         ops = {
-            "local_crop": lambda: hrperc.local_crop(x, grid, layout=layout),
-            "stride_crop": lambda: hrperc.stride_crop(x, grid, layout=layout),
-            "local_merge": lambda: hrperc.local_merge(local, grid, layout=layout),
-            "stride_merge": lambda: hrperc.stride_merge(strided, grid, layout=layout),
+            "local_crop": lambda x=x, lay=layout: hrperc.local_crop(x, grid, layout=lay),
+            "stride_crop": lambda x=x, lay=layout: hrperc.stride_crop(x, grid, layout=lay),
+            "local_merge": lambda t=local, lay=layout: hrperc.local_merge(t, grid, layout=lay),
+            "stride_merge": lambda t=strided, lay=layout: hrperc.stride_merge(t, grid, layout=lay),
         }
         clone_gbs = nbytes / t_clone / 1e9
         rows.append({"case": name, "op": "clone", "ms": t_clone * 1e3, "GB/s": clone_gbs, "x_clone": 1.0})
