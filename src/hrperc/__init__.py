@@ -3,6 +3,7 @@
 Pipeline, one module per stage: crop -> encode -> recombine -> enhance -> reduce -> project.
 """
 
+from .backbones import VisionBackbone, create_encoder, wrap_backbone  # also binds hrperc.backbones
 from .crop import (
     LocalCrop,
     Recombine,
@@ -39,4 +40,9 @@ __all__ = [
     "CropGeometry",
     "select_grid",
     "candidate_grids",
+    # backbones (encoder adapters)
+    "backbones",
+    "VisionBackbone",
+    "create_encoder",
+    "wrap_backbone",
 ]

@@ -1,0 +1,23 @@
+"""ViT backbones behind one protocol, :class:`VisionBackbone`; build by name with :func:`create_encoder`.
+
+One file per family: ``timm_vit`` (timm), ``open_clip_vit`` (open_clip), ``hf_vit`` (transformers);
+``base`` holds the protocol, ``factory`` the name-based builder and :func:`wrap_backbone`.
+"""
+
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, resolve_layer
+from .factory import create_encoder, wrap_backbone
+from .hf_vit import HFBackbone
+from .open_clip_vit import OpenClipBackbone
+from .timm_vit import TimmBackbone
+
+__all__ = [
+    "VisionBackbone",
+    "TimmBackbone",
+    "OpenClipBackbone",
+    "HFBackbone",
+    "create_encoder",
+    "wrap_backbone",
+    "resolve_layer",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+]

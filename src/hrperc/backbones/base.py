@@ -1,0 +1,189 @@
+"""The one interface every ViT family is adapted to: :class:`VisionBackbone`.
+
+A backbone turns a stack of normalized tiles of its native size into patch tokens of one transformer
+layer, prefix (class / register) tokens removed::
+
+    pixels (N, 3, h, w)  --features(pixels, layer)-->  tokens (N, ht*wt, D),  (ht, wt) = (h // p, w // p)
+
+Layers are numbered like Hugging Face's ``hidden_states``: layer ``k`` (1..L) is the output of the
+``k``-th transformer block, before any final norm; negative numbers count from the end, so ``-1`` is
+the last block and ``-2`` (LLaVA's choice, the default) the second-to-last.
+
+Example::
+
+    >>> import torch, hrperc
+    >>> from timm.models.vision_transformer import VisionTransformer
+    >>> vit = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
+    >>> bb = hrperc.wrap_backbone(vit)
+    >>> bb.features(bb.normalize(torch.rand(5, 3, 28, 28))).shape
+    torch.Size([5, 4, 32])
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = ["VisionBackbone", "resolve_layer", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resolve_layer(layer, num_layers: int, fn: str) -> int:
+    """``layer`` (1..L or -L..-1) -> how many blocks to run, ``k`` in 1..L."""
+    if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
+        raise TypeError(f"{fn}: layer={layer!r}; expected an int, e.g. layer=-2 (the second-to-last block).")
+    layer = int(layer)
+    if layer == 0:
+        raise ValueError(
+            f"{fn}: layer=0 is the patch embedding, not a transformer block output. Pass 1..{num_layers} "
+            f"or -{num_layers}..-1 (-2 = LLaVA's second-to-last layer)."
+        )
+    if not -num_layers <= layer <= num_layers:
+        raise ValueError(
+            f"{fn}: layer={layer} is out of range for this {num_layers}-layer ViT. Pass 1..{num_layers} "
+            f"or -{num_layers}..-1 (-2 = LLaVA's second-to-last layer)."
+        )
+    return layer if layer > 0 else num_layers + 1 + layer
+
+
+def _as_triple(value, name: str, fn: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except TypeError:
+        out = ()
+    if len(out) != 3:
+        raise ValueError(f"{fn}: {name}={value!r}; expected three per-channel floats (R, G, B).")
+    if name == "std" and min(out) <= 0:
+        raise ValueError(f"{fn}: std={value!r}; every entry must be > 0.")
+    return out  # type: ignore[return-value]
+
+
+class VisionBackbone(nn.Module):
+    """A ViT adapted to hrperc: native tile size, patch size, width, prefix tokens, normalization.
+
+    Attributes:
+        model: the wrapped module (a timm / open_clip / transformers model).
+        image_size: native input ``(h, w)``; every tile must have this size.
+        patch_size: ``(ph, pw)``.
+        grid_size: tokens per tile ``(ht, wt) = (h // ph, w // pw)``.
+        hidden_size: ``D``.
+        num_layers: ``L``, transformer blocks.
+        num_prefix_tokens: class + register tokens the model prepends (read off the model).
+        mean, std: per-channel normalization of ``[0, 1]`` RGB pixels the weights expect.
+        layer: default layer for :meth:`features`.
+        source: where the weights came from (a path), or ``None`` for random initialization.
+
+    Subclasses implement ``_patch_tokens(pixels, k) -> (N, ht*wt, D)``, the output of block ``k``
+    (1-based) without prefix tokens, and ``_set_grad_checkpointing(enable)``.
+    """
+
+    family = "generic"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        image_size,
+        patch_size,
+        hidden_size: int,
+        num_layers: int,
+        num_prefix_tokens: int,
+        mean,
+        std,
+        layer: int = -2,
+        source: str | None = None,
+    ) -> None:
+        super().__init__()
+        fn = type(self).__name__
+        self.model = model
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"{fn}: image_size {self.image_size} is not divisible by patch_size {self.patch_size}."
+            )
+        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.mean = _as_triple(mean, "mean", fn)
+        self.std = _as_triple(std, "std", fn)
+        resolve_layer(layer, self.num_layers, fn)
+        self.layer = int(layer)
+        self.source = source
+        self.grad_checkpointing = False
+
+    # --- what subclasses provide -----------------------------------------------------------------
+    def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _set_grad_checkpointing(self, enable: bool) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per tile, ``ht*wt``."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def extra_repr(self) -> str:
+        return (
+            f"family={self.family!r}, image_size={self.image_size}, patch_size={self.patch_size}, "
+            f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, layer={self.layer}, source={self.source!r}"
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (only matters when the backbone is trained)."""
+        self._set_grad_checkpointing(bool(enable))
+        self.grad_checkpointing = bool(enable)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` RGB ``(..., 3, h, w)`` -> ``(x - mean) / std``, computed in float32."""
+        if images.shape[-3] != 3:
+            raise ValueError(
+                f"{type(self).__name__}.normalize: images have shape {tuple(images.shape)}; expected 3 RGB "
+                f"channels at dim -3. Convert grayscale/RGBA images to RGB first."
+            )
+        mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=torch.float32).view(3, 1, 1)
+        return (images.float() - mean) / std
+
+    def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Patch tokens of one layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
+
+        Prefix (class and register) tokens are removed. ``layer`` defaults to ``self.layer``. Pixels are
+        cast to the backbone's parameter dtype; the output has that dtype.
+        """
+        fn = f"{type(self).__name__}.features"
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError(f"{fn}: pixels must be a torch.Tensor (N, 3, h, w), got {type(pixels).__name__}.")
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, {self.image_size[0]}, "
+                f"{self.image_size[1]}), the backbone's native size. Crop with tile_size={self.image_size} "
+                f"(HighResEncoder does this)."
+            )
+        k = resolve_layer(self.layer if layer is None else layer, self.num_layers, fn)
+        tokens = self._patch_tokens(pixels.to(self.dtype), k)
+        if tokens.shape[1] != self.num_patches:
+            raise RuntimeError(
+                f"{fn}: the {self.family} model returned {tokens.shape[1]} tokens per tile, expected "
+                f"{self.num_patches} patch tokens ({self.grid_size}); its prefix-token count "
+                f"({self.num_prefix_tokens}) was misread. Please report this model class."
+            )
+        return tokens

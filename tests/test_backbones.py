@@ -1,0 +1,278 @@
+"""Backbone adapters against their backbones' own outputs; loading tiny local checkpoints; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import hrperc
+from hrperc.backbones import HFBackbone, OpenClipBackbone, TimmBackbone, create_encoder, wrap_backbone
+
+
+def _hooked_block_output(blocks, k, run):
+    """Reference: the output of ``blocks[k-1]`` captured from the model's own forward."""
+    out = []
+    handle = blocks[k - 1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def _tiny_timm(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2, num_classes=0) | kw
+    return VisionTransformer(**cfg).eval()
+
+
+# --- timm --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, prefix",
+    [({}, 1), ({"reg_tokens": 4}, 5), ({"class_token": False, "global_pool": "avg"}, 0)],
+)
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+def test_timm_matches_block_output(kw, prefix, layer):
+    vit = _tiny_timm(**kw)
+    bb = wrap_backbone(vit)
+    assert isinstance(bb, TimmBackbone)
+    assert bb.num_prefix_tokens == prefix
+    assert (bb.image_size, bb.patch_size, bb.grid_size, bb.hidden_size) == ((28, 28), (7, 7), (4, 4), 32)
+    x = torch.randn(3, 3, 28, 28)
+    k = layer if layer > 0 else 3 + 1 + layer
+    with torch.no_grad():
+        ref = _hooked_block_output(vit.blocks, k, lambda: vit(x))[:, prefix:]
+        got = bb.features(x, layer=layer)
+    assert got.shape == (3, 16, 32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_timm_default_layer_is_second_to_last():
+    vit = _tiny_timm()
+    bb = wrap_backbone(vit)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.features(x), bb.features(x, layer=2), rtol=0, atol=0)
+        assert not torch.equal(bb.features(x), bb.features(x, layer=3))
+
+
+def test_timm_normalization_from_pretrained_cfg():
+    bb = create_encoder("timm:vit_base_patch16_clip_224", img_size=32, depth=2, embed_dim=32, num_heads=2)
+    assert bb.mean == pytest.approx(hrperc.backbones.OPENAI_CLIP_MEAN)
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(bb.mean).view(3, 1, 1)
+    std = torch.tensor(bb.std).view(3, 1, 1)
+    torch.testing.assert_close(bb.normalize(x), (x - mean) / std)
+
+
+def test_timm_create_encoder_loads_local_safetensors(tmp_path):
+    arch = dict(img_size=32, patch_size=16, depth=2, embed_dim=32, num_heads=2)
+    import timm
+
+    torch.manual_seed(1)
+    src = timm.create_model("vit_tiny_patch16_224", **arch).eval()  # with its 1000-class head
+    path = tmp_path / "tiny.safetensors"
+    save_file(src.state_dict(), str(path))
+    bb = create_encoder("timm:vit_tiny_patch16_224", pretrained=path, layer=-1, **arch)
+    assert bb.source == str(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = _hooked_block_output(src.blocks, 2, lambda: src(x))[:, 1:]
+        torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
+    random = create_encoder("timm:vit_tiny_patch16_224", **arch)
+    assert random.source is None
+    assert not torch.equal(random.model.pos_embed, bb.model.pos_embed)
+
+
+def test_timm_grad_checkpointing_same_gradients():
+    vit = _tiny_timm()
+    bb = wrap_backbone(vit, layer=-1).train()
+    x = torch.randn(2, 3, 28, 28)
+    bb.features(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+    bb.zero_grad()
+    bb.set_grad_checkpointing(True)
+    assert vit.grad_checkpointing
+    bb.features(x).square().sum().backward()
+    got = {n: p.grad for n, p in bb.named_parameters() if p.grad is not None}
+    assert ref.keys() == got.keys() and "model.blocks.0.attn.qkv.weight" in ref
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n])
+
+
+# --- open_clip ---------------------------------------------------------------------------------------
+_OC_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 28, "layers": 3, "width": 32, "patch_size": 14, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def oc_name(tmp_path_factory):
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("oc_cfg")
+    (folder / "hrperc-test-tiny.json").write_text(json.dumps(_OC_CFG))
+    open_clip.add_model_config(folder)
+    return "hrperc-test-tiny"
+
+
+@pytest.mark.parametrize("layer", [-2, -1])
+def test_open_clip_matches_block_output(oc_name, layer):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(oc_name).eval()
+    bb = wrap_backbone(model, layer=layer)
+    assert isinstance(bb, OpenClipBackbone)
+    assert (bb.num_prefix_tokens, bb.grid_size, bb.hidden_size, bb.num_layers) == (1, (2, 2), 32, 3)
+    x = torch.randn(3, 3, 28, 28)
+    k = 3 + 1 + layer
+    with torch.no_grad():
+        ref = _hooked_block_output(model.visual.transformer.resblocks, k, lambda: model.encode_image(x))
+        torch.testing.assert_close(bb.features(x), ref[:, 1:], rtol=0, atol=0)
+
+
+def test_open_clip_create_encoder_loads_local_file_and_dir(oc_name, tmp_path):
+    import open_clip
+
+    torch.manual_seed(2)
+    src = open_clip.create_model(oc_name).eval()
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(src.state_dict(), str(path))
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": _OC_CFG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    )
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = _hooked_block_output(src.visual.transformer.resblocks, 2, lambda: src.encode_image(x))[:, 1:]
+        by_file = create_encoder(f"open_clip:{oc_name}", pretrained=str(path))
+        torch.testing.assert_close(by_file.features(x), ref, rtol=0, atol=0)
+        by_dir = create_encoder(f"open_clip:local-dir:{tmp_path}")
+        torch.testing.assert_close(by_dir.features(x), ref, rtol=0, atol=0)
+    assert by_dir.mean == (0.5, 0.5, 0.5) and by_dir.std == (0.25, 0.25, 0.25)
+    assert by_file.mean == pytest.approx(hrperc.backbones.OPENAI_CLIP_MEAN)
+
+
+# --- Hugging Face ------------------------------------------------------------------------------------
+def _hf_vision(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+    if kind == "clip":
+        cfg = transformers.CLIPVisionConfig(image_size=28, patch_size=14, **common)
+        return transformers.CLIPVisionModel(cfg).eval()
+    cfg = transformers.SiglipVisionConfig(image_size=28, patch_size=7, **common)
+    return transformers.SiglipVisionModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kind, prefix, grid", [("clip", 1, (2, 2)), ("siglip", 0, (4, 4))])
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+def test_hf_matches_hidden_states(kind, prefix, grid, layer):
+    model = _hf_vision(kind)
+    bb = wrap_backbone(model)
+    assert isinstance(bb, HFBackbone)
+    assert (bb.num_prefix_tokens, bb.grid_size, bb.num_layers) == (prefix, grid, 3)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[layer][:, prefix:]
+        torch.testing.assert_close(bb.features(x, layer=layer), ref, rtol=0, atol=0)
+
+
+def test_hf_create_encoder_from_local_dir(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vision = _hf_vision("clip")
+    vision.save_pretrained(tmp_path / "vision")
+    (tmp_path / "vision" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.5, 0.5, 0.5]})
+    )
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = vision(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        bb = create_encoder(f"hf:{tmp_path / 'vision'}")
+        torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
+    assert bb.mean == (0.1, 0.2, 0.3)
+    # A full CLIPModel checkpoint loads its vision tower.
+    torch.manual_seed(3)
+    full = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=64, max_position_embeddings=8),
+            projection_dim=8,
+        )
+    ).eval()
+    full.save_pretrained(tmp_path / "full")
+    with torch.no_grad():
+        ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(create_encoder(f"hf:{tmp_path / 'full'}").features(x), ref, rtol=0, atol=0)
+
+
+def test_hf_grad_checkpointing_same_gradients():
+    bb = wrap_backbone(_hf_vision("clip"), layer=-2).train()
+    x = torch.randn(2, 3, 28, 28)
+    bb.features(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+    bb.zero_grad()
+    bb.set_grad_checkpointing(True)
+    bb.features(x).square().sum().backward()
+    got = {n: p.grad for n, p in bb.named_parameters() if p.grad is not None}
+    assert ref.keys() == got.keys() and len(ref) > 0
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n])
+
+
+# --- errors ------------------------------------------------------------------------------------------
+def test_unknown_names():
+    with pytest.raises(ValueError, match="no known family prefix.*open_clip:ViT-L-14-336"):
+        create_encoder("ViT-L-14-336")
+    with pytest.raises(ValueError, match="not a timm model name"):
+        create_encoder("timm:vit_no_such_model")
+    with pytest.raises(ValueError, match="not an open_clip model config"):
+        create_encoder("open_clip:ViT-Q-99")
+    with pytest.raises(ValueError, match="only loads local files"):
+        create_encoder("open_clip:hf-hub:timm/ViT-B-16-SigLIP")
+
+
+def test_missing_weights_say_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads.*pretrained=None"):
+        create_encoder("timm:vit_tiny_patch16_224", pretrained=tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        create_encoder(f"open_clip:local-dir:{tmp_path}")
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="never downloads.*hf:DIR"):
+        create_encoder(f"hf:{tmp_path / 'missing'}")
+
+
+def test_unsupported_model_class(tmp_path):
+    with pytest.raises(TypeError, match="not a supported model class"):
+        wrap_backbone(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="not a token ViT"):
+        create_encoder("timm:resnet18")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=28, patch_size=14)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="supports CLIP and SigLIP"):
+        create_encoder(f"hf:{tmp_path}")
+
+
+def test_layer_out_of_range_and_wrong_pixels():
+    bb = wrap_backbone(_tiny_timm())
+    x = torch.randn(1, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"layer=4 is out of range for this 3-layer ViT. Pass 1..3 or -3..-1"):
+        bb.features(x, layer=4)
+    with pytest.raises(ValueError, match="layer=-4 is out of range"):
+        wrap_backbone(_tiny_timm(), layer=-4)
+    with pytest.raises(ValueError, match="layer=0 is the patch embedding"):
+        bb.features(x, layer=0)
+    with pytest.raises(ValueError, match=r"pixels have shape \(1, 3, 32, 32\); expected \(N, 3, 28, 28\)"):
+        bb.features(torch.randn(1, 3, 32, 32))
