@@ -1,0 +1,260 @@
+"""Train INF-LLaVA: stage 1 (DEM + projector) or stage 2 (DEM + projector + LLM), 1 process, DDP or FSDP.
+
+Examples (from the repository root)::
+
+    python examples/inf_llava/train.py --config tiny --stage 1 --steps 300 --out runs/tiny-s1
+    python examples/inf_llava/train.py --config tiny --stage 2 --steps 300 --init-from runs/tiny-s1/checkpoint-300 \\
+        --out runs/tiny-s2
+    torchrun --nproc_per_node 2 examples/inf_llava/train.py --config tiny --dist ddp  --steps 50 --out runs/ddp
+    torchrun --nproc_per_node 2 examples/inf_llava/train.py --config tiny --dist fsdp --steps 50 --out runs/fsdp
+    python examples/inf_llava/train.py ... --resume auto          # continue from the latest checkpoint
+
+Sec. 5.2 of the paper: stage 1 freezes the ViT and the LLM and trains the DEM and the projector
+(AdamW, lr 1e-3, cosine schedule with warmup); stage 2 freezes the ViT and trains the DEM, the
+projector and the LLM (lr 2e-5). ``--batch-size`` is the global batch of one optimizer step; it is
+split over processes and ``--micro-batch-size`` micro-batches (gradient accumulation). The loss is
+the mean over all label tokens of the global batch whatever the split, so 1 process x 2 micro-batches
+and 2 processes x 1 micro-batch take the same steps.
+
+The data (``--data glyphs``) is the synthetic high-resolution task of ``data.py``, generated on the
+fly from the sample index, so any rank can make its share and a resumed run sees the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `inf_llava` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from inf_llava.checkpoint import latest_checkpoint, load_checkpoint, load_trained_weights, save_checkpoint
+from inf_llava.configs import CONFIGS, build_tokenizer, get_config
+from inf_llava.data import GlyphTask, collate
+from inf_llava.model import IGNORE_INDEX, build_inf_llava
+
+__all__ = ["parse_args", "train", "main", "STAGE_LR"]
+
+STAGE_LR = {1: 1e-3, 2: 2e-5}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    p.add_argument("--llm-dir", help="llama3-8b: local transformers LLaMA-3-8B directory (or $INF_LLAVA_LLM_DIR)")
+    p.add_argument("--clip-dir", help="llama3-8b: local transformers CLIP ViT-L/14-336 directory")
+    p.add_argument("--weights", help="llama3-8b: released INF-LLaVA DEM + projector weights (file or dir)")
+    p.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="per process and forward (default: all)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="bf16 autocast; auto = bf16 on a GPU that supports it, fp32 on CPU")
+    p.add_argument("--dist", default="none", choices=("none", "ddp", "fsdp"))
+    p.add_argument("--out", default="runs/inf_llava", help="checkpoint directory")
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--resume", default=None, help="'auto' (latest under --out) or a checkpoint directory")
+    p.add_argument("--init-from", default=None, help="load trained weights (e.g. stage 1's) before training")
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
+    p.add_argument("--dump-params", default=None,
+                   help="test hook: each rank writes its local trainable parameters to DIR/rank<r>.safetensors")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _setup_distributed(mode: str):
+    """Init the process group for ddp/fsdp (nccl on GPUs, gloo on CPU); returns rank, world, device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "none":
+        if world > 1:
+            raise ValueError(f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp.")
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _wrap(model, mode: str, device):
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        for layer in model.llm.modules():
+            if isinstance(layer, LlamaDecoderLayer):
+                fully_shard(layer)
+        return fully_shard(model)
+    return model
+
+
+def _use_bf16(precision: str, device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def _micro_batches(step: int, args, rank: int, world: int) -> list[list[int]]:
+    """Sample indices of this rank's micro-batches at ``step``: rank r takes a contiguous share."""
+    per_rank = args.batch_size // world
+    mb = args.micro_batch_size or per_rank
+    first = step * args.batch_size + rank * per_rank
+    return [list(range(first + i, first + min(i + mb, per_rank))) for i in range(0, per_rank, mb)]
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def _sync_context(model, mode: str, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if mode == "ddp" and not last:
+        return model.no_sync()
+    if mode == "fsdp":
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def train(argv=None) -> dict:
+    """Run one training stage; returns a summary (losses per step, tokens/s, checkpoint path)."""
+    args = parse_args(argv)
+    rank, world, device = _setup_distributed(args.dist)
+    if args.batch_size % world or (args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size):
+        raise ValueError(
+            f"train.py: --batch-size {args.batch_size} must split evenly over {world} process(es) and then into "
+            f"micro-batches of {args.micro_batch_size}; pick sizes with batch_size % (world * micro) == 0."
+        )
+    cfg = get_config(args.config, llm_dir=args.llm_dir, clip_dir=args.clip_dir, weights=args.weights)
+    tokenizer = build_tokenizer(cfg)
+    bf16 = _use_bf16(args.precision, device)
+    # Stage 1 never updates the LLM: keep it in bf16 when computing in bf16 (half the memory).
+    llm_dtype = torch.bfloat16 if (bf16 and args.stage == 1 and cfg.llm["kind"] == "pretrained") else None
+    model = build_inf_llava(cfg, tokenizer, llm_dtype=llm_dtype)
+    if args.init_from:
+        load_trained_weights(args.init_from, model)
+    trainable = model.set_stage(args.stage)
+    model.to(device)
+    model = _wrap(model, args.dist, device)
+
+    lr = args.lr if args.lr is not None else STAGE_LR[args.stage]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps)
+
+    start, losses = 0, []
+    resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
+    if resume:
+        meta = load_checkpoint(resume, model, optimizer, scheduler)
+        start, losses = int(meta["step"]), list(meta.get("losses", []))
+
+    task = GlyphTask(cfg.image_size, seed=args.seed)
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}")
+    tokens_seen, t0 = 0, time.perf_counter()
+    model.train()
+    for step in range(start, args.steps):
+        batches = [collate(task.batch(idx), tokenizer, cfg) for idx in _micro_batches(step, args, rank, world)]
+        # Normalise by the label tokens of the whole global batch, so every split gives the same gradient.
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        global_targets = _all_sum(torch.tensor(float(local_targets), device=device))
+        loss_sum = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _sync_context(model, args.dist, last=i == len(batches) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = model(**batch)
+                # DDP/FSDP average gradients over ranks: multiply by world to get the global-token mean.
+                (out.loss_sum * world / global_targets).backward()
+            loss_sum += out.loss_sum.detach()
+            n_tokens += out.num_tokens
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(_all_sum(loss_sum) / global_targets)
+        tokens_seen += int(_all_sum(n_tokens))
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(args.out, model, optimizer, scheduler, step + 1, _meta(args, losses))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    ckpt = save_checkpoint(args.out, model, optimizer, scheduler, args.steps, _meta(args, losses))
+    if args.dump_params:
+        _dump_local_params(model, args.dump_params, rank)
+    summary = {
+        "config": cfg.name,
+        "stage": args.stage,
+        "dist": args.dist,
+        "world_size": world,
+        "losses": losses,
+        "trainable": trainable,
+        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 and tokens_seen else None,
+        "checkpoint": str(ckpt),
+    }
+    if args.summary_json and rank == 0:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+    if args.dist != "none":
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _meta(args, losses) -> dict:
+    return {"stage": args.stage, "config": args.config, "losses": losses, "args": vars(args)}
+
+
+def _dump_local_params(model, out_dir, rank: int) -> None:
+    """Each rank's own copy of its trainable parameters (FSDP: its local shards)."""
+    from safetensors.torch import save_file
+
+    inner = getattr(model, "module", model)
+    local = {}
+    for name, p in inner.named_parameters():
+        if p.requires_grad:
+            t = p.to_local() if hasattr(p, "to_local") else p
+            local[name] = t.detach().cpu().contiguous().clone()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(local, Path(out_dir) / f"rank{rank}.safetensors")
+
+
+def main(argv=None) -> None:
+    summary = train(argv)
+    if not summary["losses"]:
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        first, last = summary["losses"][0], summary["losses"][-1]
+        print(f"stage {summary['stage']}: loss {first:.4f} -> {last:.4f}; checkpoint {summary['checkpoint']}")
+
+
+if __name__ == "__main__":
+    main()
