@@ -30,7 +30,9 @@ class _StandInEncoder(nn.Module):
         B, N = images.shape[0], self.grid[0] * self.grid[1]
         tiles = hrperc.local_crop(images, self.grid)
         thumb = F.interpolate(images, size=tiles.shape[-2:], mode="bicubic", align_corners=False)
-        feats = self.backbone.forward_features(torch.cat([tiles, thumb]))[:, self.backbone.num_prefix_tokens :]
+        feats = self.backbone.forward_features(torch.cat([tiles, thumb]))[
+            :, self.backbone.num_prefix_tokens :
+        ]
         loc = feats[: B * N].unflatten(0, (B, N)).mean(1)
         return _Out((loc + self.dem(loc) + feats[B * N :]) / 2)
 

@@ -84,7 +84,11 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, step: int, extra: dict
 
 def latest_checkpoint(out_dir) -> Path | None:
     """The ``checkpoint-<step>`` directory with the largest step under ``out_dir``, or ``None``."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(out_dir).glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -97,9 +101,13 @@ def load_trained_weights(path, model, *, require_all_trainable: bool = False) ->
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"load_trained_weights: no model.safetensors at {path}; pass a checkpoint directory.")
+        raise FileNotFoundError(
+            f"load_trained_weights: no model.safetensors at {path}; pass a checkpoint directory."
+        )
     weights = load_file(file)
-    names = {n for n, _ in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()}
+    names = {
+        n for n, _ in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()
+    }
     unknown = sorted(set(weights) - names)
     if unknown:
         raise ValueError(

@@ -83,7 +83,14 @@ TINY = InfLlavaConfig(
     name="tiny",
     image_size=(96, 96),
     grid=(3, 3),
-    vision={"kind": "timm-tiny", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    vision={
+        "kind": "timm-tiny",
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+    },
     dem={"num_heads": 2},
     llm={
         "kind": "random",

@@ -71,7 +71,9 @@ class GlyphSample:
 class GlyphTask:
     """Samples of the glyph task on an ``image_size`` canvas; ``glyph_size`` pixels per glyph side."""
 
-    def __init__(self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.08):
+    def __init__(
+        self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.08
+    ):
         self.image_size = tuple(image_size)
         H, W = self.image_size
         self.glyph_size = glyph_size or max(5, min(H, W) // 14)

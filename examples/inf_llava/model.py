@@ -65,14 +65,18 @@ class InfLlavaOutput:
     num_tokens: torch.Tensor | None = None  # real (text + visual) positions the LLM processed
 
 
-def _check_merge_inputs(text_embeds, input_ids, attention_mask, image_token_id, visual_tokens, visual_mask, labels):
+def _check_merge_inputs(
+    text_embeds, input_ids, attention_mask, image_token_id, visual_tokens, visual_mask, labels
+):
     fn = "merge_visual_tokens"
     if text_embeds.ndim != 3:
         raise ValueError(f"{fn}: text_embeds must be (B, L, E); got shape {tuple(text_embeds.shape)}.")
     B, L, E = text_embeds.shape
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)):
         if t is not None and tuple(t.shape) != (B, L):
-            raise ValueError(f"{fn}: {name} must be (B, L) = {(B, L)} like text_embeds; got {tuple(t.shape)}.")
+            raise ValueError(
+                f"{fn}: {name} must be (B, L) = {(B, L)} like text_embeds; got {tuple(t.shape)}."
+            )
     if visual_tokens.ndim != 3 or visual_tokens.shape[-1] != E:
         raise ValueError(
             f"{fn}: visual_tokens must be (M, T, E) with E = {E} (the LLM width); got {tuple(visual_tokens.shape)}. "
@@ -124,22 +128,30 @@ def merge_visual_tokens(
         positions carry label ``-100``.
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"merge_visual_tokens: padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    _check_merge_inputs(text_embeds, input_ids, attention_mask, image_token_id, visual_tokens, visual_mask, labels)
+        raise ValueError(
+            f"merge_visual_tokens: padding_side must be 'left' or 'right'; got {padding_side!r}."
+        )
+    _check_merge_inputs(
+        text_embeds, input_ids, attention_mask, image_token_id, visual_tokens, visual_mask, labels
+    )
     B, L, E = text_embeds.shape
     M, T, _ = visual_tokens.shape
     device = text_embeds.device
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_id) & valid
     tokens_per_image = (
-        visual_mask.sum(1) if visual_mask is not None else torch.full((M,), T, dtype=torch.long, device=device)
+        visual_mask.sum(1)
+        if visual_mask is not None
+        else torch.full((M,), T, dtype=torch.long, device=device)
     )
     # Output slots taken by each input position: 1 per real text token, tokens_per_image[m] per placeholder.
     width = valid.long().masked_scatter(is_image, tokens_per_image.long())
     lengths = width.sum(1)  # (B,)
     S = int(lengths.max()) if B else 0
     offset = (S - lengths) if padding_side == "left" else torch.zeros_like(lengths)
-    first_slot = torch.arange(B, device=device)[:, None] * S + offset[:, None] + width.cumsum(1) - width  # (B, L)
+    first_slot = (
+        torch.arange(B, device=device)[:, None] * S + offset[:, None] + width.cumsum(1) - width
+    )  # (B, L)
 
     is_text = valid & ~is_image
     text_dest = first_slot[is_text]
@@ -167,7 +179,13 @@ def merge_visual_tokens(
 
 
 def merge_visual_tokens_reference(
-    text_embeds, input_ids, attention_mask, image_token_id, visual_tokens, visual_mask=None, labels=None,
+    text_embeds,
+    input_ids,
+    attention_mask,
+    image_token_id,
+    visual_tokens,
+    visual_mask=None,
+    labels=None,
     padding_side="right",
 ) -> MergedInputs:
     """Plain per-sample loop version of :func:`merge_visual_tokens` (the reference it is tested against)."""
@@ -231,7 +249,9 @@ class InfLlava(nn.Module):
         The ViT is frozen in both (Sec. 5.2). Returns the names of the trainable parameters.
         """
         if stage not in (1, 2):
-            raise ValueError(f"InfLlava.set_stage: stage must be 1 (pretraining) or 2 (fine-tuning); got {stage!r}.")
+            raise ValueError(
+                f"InfLlava.set_stage: stage must be 1 (pretraining) or 2 (fine-tuning); got {stage!r}."
+            )
         self.requires_grad_(False)
         self.vision.requires_grad_(True)
         self.vision_backbone.requires_grad_(False)
@@ -251,7 +271,9 @@ class InfLlava(nn.Module):
         token_mask = getattr(out, "token_mask", None)
         return self.projector(tokens), token_mask
 
-    def prepare_inputs(self, input_ids, attention_mask, images, labels=None, padding_side="right") -> MergedInputs:
+    def prepare_inputs(
+        self, input_ids, attention_mask, images, labels=None, padding_side="right"
+    ) -> MergedInputs:
         """Embed the text, encode the images and merge them (see :func:`merge_visual_tokens`)."""
         embed = self.llm.get_input_embeddings()
         # Placeholders (possibly LLaVA's -200) and padding are never looked up.
@@ -259,7 +281,14 @@ class InfLlava(nn.Module):
         text_embeds = embed(input_ids.masked_fill(placeholder, 0))
         visual, visual_mask = self.encode_images(images)
         return merge_visual_tokens(
-            text_embeds, input_ids, attention_mask, self.image_token_id, visual, visual_mask, labels, padding_side
+            text_embeds,
+            input_ids,
+            attention_mask,
+            self.image_token_id,
+            visual,
+            visual_mask,
+            labels,
+            padding_side,
         )
 
     def forward(self, input_ids, attention_mask, images=None, labels=None) -> InfLlavaOutput:
@@ -329,10 +358,14 @@ def _build_llm(cfg: InfLlavaConfig, tokenizer, dtype=None) -> nn.Module:
             **kwargs,
         )
         return LlamaForCausalLM(config).to(dtype or torch.float32)
-    llm = LlamaForCausalLM.from_pretrained(cfg.llm["path"], dtype=dtype or torch.bfloat16, local_files_only=True)
+    llm = LlamaForCausalLM.from_pretrained(
+        cfg.llm["path"], dtype=dtype or torch.bfloat16, local_files_only=True
+    )
     if cfg.name == "llama3-8b":
         c = llm.config
-        rope_theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta")
+        rope_theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get(
+            "rope_theta"
+        )
         got = {k: (rope_theta if k == "rope_theta" else getattr(c, k, None)) for k in LLAMA3_8B_SHAPE}
         bad = {k: (got[k], v) for k, v in LLAMA3_8B_SHAPE.items() if got[k] != v}
         if bad:

@@ -49,21 +49,31 @@ STAGE_LR = {1: 1e-3, 2: 2e-5}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    p.add_argument("--llm-dir", help="llama3-8b: local transformers LLaMA-3-8B directory (or $INF_LLAVA_LLM_DIR)")
+    p.add_argument(
+        "--llm-dir", help="llama3-8b: local transformers LLaMA-3-8B directory (or $INF_LLAVA_LLM_DIR)"
+    )
     p.add_argument("--clip-dir", help="llama3-8b: local transformers CLIP ViT-L/14-336 directory")
     p.add_argument("--weights", help="llama3-8b: released INF-LLaVA DEM + projector weights (file or dir)")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="per process and forward (default: all)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="per process and forward (default: all)"
+    )
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="bf16 autocast; auto = bf16 on a GPU that supports it, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16 autocast; auto = bf16 on a GPU that supports it, fp32 on CPU",
+    )
     p.add_argument("--dist", default="none", choices=("none", "ddp", "fsdp"))
     p.add_argument("--out", default="runs/inf_llava", help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
@@ -71,8 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None, help="load trained weights (e.g. stage 1's) before training")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
-    p.add_argument("--dump-params", default=None,
-                   help="test hook: each rank writes its local trainable parameters to DIR/rank<r>.safetensors")
+    p.add_argument(
+        "--dump-params",
+        default=None,
+        help="test hook: each rank writes its local trainable parameters to DIR/rank<r>.safetensors",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -82,7 +95,9 @@ def _setup_distributed(mode: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "none":
         if world > 1:
-            raise ValueError(f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp.")
+            raise ValueError(
+                f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp."
+            )
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -143,7 +158,9 @@ def train(argv=None) -> dict:
     """Run one training stage; returns a summary (losses per step, tokens/s, checkpoint path)."""
     args = parse_args(argv)
     rank, world, device = _setup_distributed(args.dist)
-    if args.batch_size % world or (args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size):
+    if args.batch_size % world or (
+        args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size
+    ):
         raise ValueError(
             f"train.py: --batch-size {args.batch_size} must split evenly over {world} process(es) and then into "
             f"micro-batches of {args.micro_batch_size}; pick sizes with batch_size % (world * micro) == 0."
@@ -165,7 +182,9 @@ def train(argv=None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps
+    )
 
     start, losses = 0, []
     resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
@@ -174,11 +193,15 @@ def train(argv=None) -> dict:
         start, losses = int(meta["step"]), list(meta.get("losses", []))
 
     task = GlyphTask(cfg.image_size, seed=args.seed)
-    bar = tqdm(total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}")
+    bar = tqdm(
+        total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}"
+    )
     tokens_seen, t0 = 0, time.perf_counter()
     model.train()
     for step in range(start, args.steps):
-        batches = [collate(task.batch(idx), tokenizer, cfg) for idx in _micro_batches(step, args, rank, world)]
+        batches = [
+            collate(task.batch(idx), tokenizer, cfg) for idx in _micro_batches(step, args, rank, world)
+        ]
         # Normalise by the label tokens of the whole global batch, so every split gives the same gradient.
         local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         global_targets = _all_sum(torch.tensor(float(local_targets), device=device))
