@@ -1,0 +1,733 @@
+"""Fused per-window cross-attention (INF-LLaVA DEM) as Triton kernels, forward and backward.
+
+The DEM attends, window by window, between two token maps that a ViT returns as sub-feature stacks
+in *different* window orders (local features: contiguous windows of ``F_loc``; global features:
+strided windows of ``F_glo``). Gather-then-SDPA first copies every stack into the attention's window
+order. These kernels instead read each window's queries, keys and values straight from the source
+stacks by index arithmetic and write the output straight into the requested order, so no window
+tensor, map, or permutation index is ever materialised.
+
+File order (flash-attn style): plain-torch reference -> ``@triton.jit`` index helper, forward kernel
+(online softmax in base 2, log-sum-exp saved) -> backward kernels (``delta = rowsum(dO*O)``, dQ,
+dK/dV; flash-attention-2) -> launchers -> ``torch.library`` custom ops with fake and autograd
+registrations -> typed public function :func:`triton_window_attention`.
+
+Index arithmetic (``grid = (gh, gw)``, tiles ``(th, tw)``, map ``(gh*th, gw*tw)``; window
+``w = a*gw + e``, token ``t = u*tw + v``):
+
+* map position of token ``t`` of window ``w``: contiguous ``(a*th + u, e*tw + v)``; strided
+  ``(a + u*gh, e + v*gw)``;
+* where map position ``(R, C)`` lives: contiguous stack ``k = (R//th)*gw + C//tw``,
+  ``t = (R%th)*tw + C%tw``; strided stack ``k = (R%gh)*gw + C%gw``, ``t = (R//gh)*tw + C//gw``;
+  row-major map row ``R*gw*tw + C``.
+
+This module needs Triton; ``hrperc.kernels`` imports it only when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import as_grid, as_pair
+from ..crop import crop, merge
+
+__all__ = [
+    "window_attention_reference",
+    "triton_window_attention",
+    "triton_supports",
+    "WINDOW_KINDS",
+    "ORDERS",
+]
+
+WindowKind = Literal["contiguous", "strided"]
+Order = Literal["contiguous", "strided", "map"]
+
+WINDOW_KINDS = ("contiguous", "strided")
+ORDERS = ("contiguous", "strided", "map")
+_ORDER_CODE = {"contiguous": 0, "strided": 1, "map": 2}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+# Triton fixes GPU vs CPU interpreter when a kernel is decorated, i.e. when this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain-torch reference (any dtype, float64 included). Independent of hrperc.attention on purpose.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _to_window_stack(x, grid, tile_size, order: str, window: str) -> torch.Tensor:
+    """``x`` in ``order`` ((B*N, T, H, D) or map (B, L, H, D)) -> (B*N, T, H, D) in ``window`` order."""
+    gh, gw = grid
+    th, tw = tile_size
+    heads, dim = x.shape[-2:]
+    flat = x.reshape(*x.shape[:2], heads * dim)
+    if order != "map":
+        if order == window:
+            return x
+        flat = merge(flat, grid, order, layout="nlc", tile_size=tile_size)
+    out = crop(flat, grid, window, layout="nlc", size=(gh * th, gw * tw))
+    return out.reshape(out.shape[0], th * tw, heads, dim)
+
+
+def _from_window_stack(x, grid, tile_size, window: str, order: str) -> torch.Tensor:
+    """Inverse of :func:`_to_window_stack`: (B*N, T, H, D) in ``window`` order -> ``order``."""
+    gh, gw = grid
+    th, tw = tile_size
+    heads, dim = x.shape[-2:]
+    if order == window:
+        return x
+    flat = merge(x.reshape(*x.shape[:2], heads * dim), grid, window, layout="nlc", tile_size=tile_size)
+    if order != "map":
+        flat = crop(flat, grid, order, layout="nlc", size=(gh * th, gw * tw))
+    return flat.reshape(*flat.shape[:2], heads, dim)
+
+
+def window_attention_reference(
+    q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None, scale=None
+) -> torch.Tensor:
+    """Plain-torch per-window attention with the exact semantics of :func:`triton_window_attention`.
+
+    Builds the window stacks with ``crop(merge(.))`` and runs softmax attention in the inputs' dtype
+    (float64 gives the ground truth the kernels are tested against). Shapes as in
+    :func:`triton_window_attention`.
+
+    Example::
+
+        >>> q = k = v = torch.randn(4, 9, 2, 16, dtype=torch.float64)   # grid 2x2, 3x3 tokens
+        >>> window_attention_reference(q, k, v, (2, 2), window="strided", q_order="contiguous",
+        ...                            kv_order="strided").shape
+        torch.Size([4, 9, 2, 16])
+    """
+    grid = as_grid(grid, "window_attention_reference")
+    tile_size = _resolve_tile_size(q, grid, q_order, tile_size, "window_attention_reference")
+    out_order = window if out_order is None else out_order
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qw = _to_window_stack(q, grid, tile_size, q_order, window)
+    kw = _to_window_stack(k, grid, tile_size, kv_order, window)
+    vw = _to_window_stack(v, grid, tile_size, kv_order, window)
+    scores = torch.einsum("nqhd,nkhd->nhqk", qw, kw) * scale
+    out = torch.einsum("nhqk,nkhd->nqhd", scores.softmax(dim=-1), vw)
+    return _from_window_stack(out, grid, tile_size, window, out_order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _token_offsets(
+    w,
+    t,
+    stride_win,
+    stride_tok,
+    GH: tl.constexpr,
+    GW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ORDER: tl.constexpr,
+):
+    """Element offsets (inside one image, one head) of tokens ``t`` of window ``w`` in a tensor in ORDER.
+
+    WINDOW: 0 contiguous, 1 strided. ORDER: 0 contiguous stack, 1 strided stack, 2 row-major map.
+    """
+    if ORDER == WINDOW:
+        off = w * stride_win + t * stride_tok
+    else:
+        a = w // GW
+        e = w % GW
+        u = t // TW
+        v = t % TW
+        if WINDOW == 0:
+            row = a * TH + u
+            col = e * TW + v
+        else:
+            row = a + u * GH
+            col = e + v * GW
+        if ORDER == 0:
+            off = ((row // TH) * GW + col // TW) * stride_win + ((row % TH) * TW + col % TW) * stride_tok
+        elif ORDER == 1:
+            off = ((row % GH) * GW + col % GW) * stride_win + ((row // GH) * TW + col // GW) * stride_tok
+        else:
+            off = (row * (GW * TW) + col) * stride_tok
+    return off
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
+        # The Triton interpreter (3.x) miscomputes tl.dot on bf16 operands. bf16 x bf16 products are
+        # exact in fp32 and tensor cores accumulate in fp32, so upcasting is the same arithmetic.
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+def _bwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Large head dims need smaller tiles to fit shared memory (H100: 227 KiB per block).
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if block_d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[:1]
+
+
+_AUTOTUNE_KEY = ["TH", "TW", "GH", "GW", "BLOCK_D", "WINDOW", "Q_ORDER", "KV_ORDER"]
+
+
+@triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, qk_scale,
+    sq_img, sq_win, sq_tok, sq_head, sq_dim,
+    sk_img, sk_win, sk_tok, sk_head, sk_dim,
+    sv_img, sv_win, sv_tok, sv_head, sv_dim,
+    so_img, so_win, so_tok, so_head, so_dim,
+    HEADS, HEAD_DIM,
+    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    T: tl.constexpr = TH * TW
+    pid_m = tl.program_id(0)
+    w = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    b = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < T
+    mask_d = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * sq_img + h * sq_head
+    q_ptrs += _token_offsets(w, offs_m, sq_win, sq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)[:, None]
+    q = tl.load(q_ptrs + offs_d[None, :] * sq_dim, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b * sk_img + h * sk_head
+    v_base = V + b * sv_img + h * sv_head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < T
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+        v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * sk_dim, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * sv_dim, mask=kv_mask, other=0.0)
+        # Scores in base 2: qk_scale already holds log2(e), so exp2 gives the natural softmax.
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    lse_ptrs = LSE + ((b * (GH * GW) + w) * HEADS + h) * T + offs_m
+    tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=mask_m)
+    o_ptrs = O + b * so_img + h * so_head
+    o_ptrs += _token_offsets(w, offs_m, so_win, so_tok, GH, GW, TH, TW, WINDOW, O_ORDER)[:, None]
+    tl.store(o_ptrs + offs_d[None, :] * so_dim, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    so_img, so_win, so_tok, so_head, so_dim,
+    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
+    HEADS, HEAD_DIM,
+    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    WINDOW: tl.constexpr, O_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O), per window token and head, in window order (like the LSE)."""
+    T: tl.constexpr = TH * TW
+    pid_m = tl.program_id(0)
+    w = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_off = _token_offsets(w, offs_m, so_win, so_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
+    do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
+    o = tl.load(O + b * so_img + h * so_head + o_off[:, None] + offs_d[None, :] * so_dim, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + ((b * (GH * GW) + w) * HEADS + h) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
+    sq_img, sq_win, sq_tok, sq_head, sq_dim,
+    sk_img, sk_win, sk_tok, sk_head, sk_dim,
+    sv_img, sv_win, sv_tok, sv_head, sv_dim,
+    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
+    sdq_img, sdq_win, sdq_tok, sdq_head, sdq_dim,
+    HEADS, HEAD_DIM,
+    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ for one query block: dQ = scale * sum_n P * (dP - delta) K, P rebuilt from the saved LSE."""
+    T: tl.constexpr = TH * TW
+    pid_m = tl.program_id(0)
+    w = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < T
+    mask_d = offs_d < HEAD_DIM
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q_off = _token_offsets(w, offs_m, sq_win, sq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)
+    q = tl.load(Q + b * sq_img + h * sq_head + q_off[:, None] + offs_d[None, :] * sq_dim, mask=mask_md, other=0.0)
+    do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
+    do = tl.load(
+        DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask_md, other=0.0
+    )
+    row = ((b * (GH * GW) + w) * HEADS + h) * T + offs_m
+    lse = tl.load(LSE + row, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+    k_base = K + b * sk_img + h * sk_head
+    v_base = V + b * sv_img + h * sv_head
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < T
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+        v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * sk_dim, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * sv_dim, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+
+    dq *= sm_scale
+    dq_off = _token_offsets(w, offs_m, sdq_win, sdq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)
+    dq_ptrs = DQ + b * sdq_img + h * sdq_head + dq_off[:, None] + offs_d[None, :] * sdq_dim
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+@triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+    sq_img, sq_win, sq_tok, sq_head, sq_dim,
+    sk_img, sk_win, sk_tok, sk_head, sk_dim,
+    sv_img, sv_win, sv_tok, sv_head, sv_dim,
+    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
+    sdk_img, sdk_win, sdk_tok, sdk_head, sdk_dim,
+    sdv_img, sdv_win, sdv_tok, sdv_head, sdv_dim,
+    HEADS, HEAD_DIM,
+    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV for one key block, looping over the window's query blocks (transposed products)."""
+    T: tl.constexpr = TH * TW
+    pid_n = tl.program_id(0)
+    w = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < T
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+    v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+    k = tl.load(K + b * sk_img + h * sk_head + k_off[:, None] + offs_d[None, :] * sk_dim, mask=mask_nd, other=0.0)
+    v = tl.load(V + b * sv_img + h * sv_head + v_off[:, None] + offs_d[None, :] * sv_dim, mask=mask_nd, other=0.0)
+    q_base = Q + b * sq_img + h * sq_head
+    do_base = DO + b * sdo_img + h * sdo_head
+    row_base = ((b * (GH * GW) + w) * HEADS + h) * T
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < T
+        q_off = _token_offsets(w, offs_m, sq_win, sq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)
+        do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
+        # Loaded transposed, (BLOCK_D, BLOCK_M), so every product below is a plain dot.
+        qT = tl.load(
+            q_base + q_off[None, :] + offs_d[:, None] * sq_dim, mask=mask_d[:, None] & mask_m[None, :], other=0.0
+        )
+        do = tl.load(do_base + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)  # fmt: skip
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        sT = _dot(k, qT, PRECISION) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.where(mask_m[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, PRECISION)
+        dpT = _dot(v, tl.trans(do), PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION)
+
+    dk *= sm_scale
+    dk_off = _token_offsets(w, offs_n, sdk_win, sdk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+    dv_off = _token_offsets(w, offs_n, sdv_win, sdv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
+    dk_ptrs = DK + b * sdk_img + h * sdk_head + dk_off[:, None] + offs_d[None, :] * sdk_dim
+    dv_ptrs = DV + b * sdv_img + h * sdv_head + dv_off[:, None] + offs_d[None, :] * sdv_dim
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _strides(x: torch.Tensor, order: str, n: int) -> tuple[int, int, int, int, int]:
+    """(per image, per sub-image, per token, per head, per channel) element strides of ``x`` in ``order``."""
+    s0, s1, s2, s3 = x.stride()
+    if order == "map":  # (B, Ht*Wt, H, D): tokens are addressed by their map row
+        return s0, 0, s1, s2, s3
+    return n * s0, s0, s1, s2, s3  # (B*N, T, H, D): sub-image k of image b at b*N + k
+
+
+def _meta(q, grid, tile_size, window, q_order, kv_order, out_order):
+    gh, gw = grid
+    th, tw = tile_size
+    n = gh * gw
+    batch = q.shape[0] if q_order == "map" else q.shape[0] // n
+    return dict(
+        GH=gh,
+        GW=gw,
+        TH=th,
+        TW=tw,
+        WINDOW=_ORDER_CODE[window],
+        Q_ORDER=_ORDER_CODE[q_order],
+        KV_ORDER=_ORDER_CODE[kv_order],
+        O_ORDER=_ORDER_CODE[out_order],
+        PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+    ), batch
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"  # not TF32: fp32 callers get fp32 products
+    if dtype == torch.bfloat16 and _INTERPRET:
+        return "upcast"
+    return "tf32"  # ignored for fp16/bf16 operands
+
+
+def _launch_grid(batch, n, heads, block_key):
+    return lambda meta: (triton.cdiv(meta["TH"] * meta["TW"], meta[block_key]), n * heads, batch)
+
+
+def _out_shape(q, batch, n, t, order):
+    heads, dim = q.shape[-2:]
+    return (batch, n * t, heads, dim) if order == "map" else (batch * n, t, heads, dim)
+
+
+def _forward(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale):
+    meta, batch = _meta(q, grid, tile_size, window, q_order, kv_order, out_order)
+    n, t = grid[0] * grid[1], tile_size[0] * tile_size[1]
+    heads, dim = q.shape[-2:]
+    out = q.new_empty(_out_shape(q, batch, n, t, out_order))
+    lse = torch.empty(batch * n, heads, t, device=q.device, dtype=torch.float32)
+    with _device_context(q):
+        _fwd_kernel[_launch_grid(batch, n, heads, "BLOCK_M")](
+            q, k, v, out, lse, scale * _LOG2E,
+            *_strides(q, q_order, n), *_strides(k, kv_order, n), *_strides(v, kv_order, n),
+            *_strides(out, out_order, n), heads, dim, **meta,
+        )  # fmt: skip
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, grid, tile_size, window, q_order, kv_order, out_order, scale):
+    meta, batch = _meta(q, grid, tile_size, window, q_order, kv_order, out_order)
+    n, t = grid[0] * grid[1], tile_size[0] * tile_size[1]
+    heads, dim = q.shape[-2:]
+    # Gradients take the inputs' shapes but are written contiguous; the kernels address them by order.
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    s_q, s_k, s_v = _strides(q, q_order, n), _strides(k, kv_order, n), _strides(v, kv_order, n)
+    s_o, s_do = _strides(out, out_order, n), _strides(grad_out, out_order, n)
+    with _device_context(q):
+        pre_block = 64 if not _INTERPRET else 32
+        _bwd_preprocess_kernel[(triton.cdiv(t, pre_block), n * heads, batch)](
+            out, grad_out, delta, *s_o, *s_do, heads, dim,
+            GH=meta["GH"], GW=meta["GW"], TH=meta["TH"], TW=meta["TW"], WINDOW=meta["WINDOW"],
+            O_ORDER=meta["O_ORDER"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block,
+        )  # fmt: skip
+        _bwd_dq_kernel[_launch_grid(batch, n, heads, "BLOCK_M")](
+            q, k, v, grad_out, lse, delta, dq, scale * _LOG2E, scale,
+            *s_q, *s_k, *s_v, *s_do, *_strides(dq, q_order, n), heads, dim, **meta,
+        )  # fmt: skip
+        _bwd_dkdv_kernel[_launch_grid(batch, n, heads, "BLOCK_N")](
+            q, k, v, grad_out, lse, delta, dk, dv, scale * _LOG2E, scale,
+            *s_q, *s_k, *s_v, *s_do, *_strides(dk, kv_order, n), *_strides(dv, kv_order, n), heads, dim, **meta,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+def _device_context(x: torch.Tensor):
+    # Launch on the tensors' GPU, not the current one.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (fake impls give shapes), autograd registered.
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hrperc::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: list[int],
+    tile_size: list[int],
+    window: str,
+    q_order: str,
+    kv_order: str,
+    out_order: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, tuple(grid), tuple(tile_size), window, q_order, kv_order, out_order, scale)
+
+
+@_window_attention_fwd.register_fake
+def _(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale):
+    n, t = grid[0] * grid[1], tile_size[0] * tile_size[1]
+    batch = q.shape[0] if q_order == "map" else q.shape[0] // n
+    out = q.new_empty(_out_shape(q, batch, n, t, out_order))
+    return out, q.new_empty((batch * n, q.shape[-2], t), dtype=torch.float32)
+
+
+@torch.library.custom_op("hrperc::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grid: list[int],
+    tile_size: list[int],
+    window: str,
+    q_order: str,
+    kv_order: str,
+    out_order: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(
+        grad_out, q, k, v, out, lse, tuple(grid), tuple(tile_size), window, q_order, kv_order, out_order, scale
+    )
+
+
+@_window_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, grid, tile_size, window, q_order, kv_order, out_order, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (grid, tile_size, window, q_order, kv_order, out_order, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _window_attention_bwd(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_window_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------
+
+
+def _resolve_tile_size(q, grid, q_order, tile_size, fn):
+    n = grid[0] * grid[1]
+    tokens = q.shape[1] // n if q_order == "map" else q.shape[1]
+    if tile_size is not None:
+        return as_pair(tile_size, "tile_size", fn)
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(
+            f"{fn}: q has shape {tuple(q.shape)}, i.e. {tokens} tokens per window, which is not a perfect "
+            f"square, so the window's (rows, cols) cannot be inferred. Pass tile_size=(th, tw)."
+        )
+    return side, side
+
+
+def _expected_shape(order, batch, n, t, heads, dim):
+    return (batch, n * t, heads, dim) if order == "map" else (batch * n, t, heads, dim)
+
+
+def _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, scale, fn):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor (B*N, T, heads, head_dim), got {type(x).__name__}.")
+        if x.ndim != 4:
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(x.shape)}; expected 4 dims (B*N, T, heads, head_dim) or, for "
+                f"order 'map', (B, Ht*Wt, heads, head_dim). Split heads first, e.g. x.unflatten(-1, (heads, -1))."
+            )
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; the kernel supports {_DTYPES}. Cast the input.")
+    if window not in WINDOW_KINDS:
+        raise ValueError(f"{fn}: window={window!r} is not one of {WINDOW_KINDS}.")
+    for name, order in (("q_order", q_order), ("kv_order", kv_order), ("out_order", out_order)):
+        if order not in ORDERS:
+            raise ValueError(f"{fn}: {name}={order!r} is not one of {ORDERS}.")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError(
+            f"{fn}: q, k, v must share dtype and device, got {q.dtype}/{q.device}, {k.dtype}/{k.device}, "
+            f"{v.dtype}/{v.device}. Cast or move them together."
+        )
+    gh, gw = grid
+    n = gh * gw
+    if q_order != "map" and q.shape[0] % n != 0:
+        raise ValueError(
+            f"{fn}: q has shape {tuple(q.shape)}; its first dimension must be a multiple of N = gh*gw = {n} "
+            f"(sub-image k of image b at b*N + k). Check grid={grid}."
+        )
+    th, tw = tile_size
+    t = th * tw
+    batch = q.shape[0] if q_order == "map" else q.shape[0] // n
+    heads, dim = q.shape[-2:]
+    if batch == 0:
+        raise ValueError(f"{fn}: q has shape {tuple(q.shape)}: an empty batch. Pass at least one image.")
+    if dim > _MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim {dim} exceeds {_MAX_HEAD_DIM}. Use backend='sdpa' for larger heads.")
+    for name, x, order in (("q", q, q_order), ("k", k, kv_order), ("v", v, kv_order)):
+        want = _expected_shape(order, batch, n, t, heads, dim)
+        if tuple(x.shape) != want:
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(x.shape)} but grid={grid}, tile_size=({th}, {tw}), order "
+                f"{order!r} and q's batch/heads/head_dim need {want}. Pass q, k, v of the same maps, heads "
+                f"and head_dim, each in the order named."
+            )
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise TypeError(f"{fn}: scale={scale!r}; expected a finite float or None (1/sqrt(head_dim)).")
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, **kw) -> str | None:
+    """``None`` when the kernel can run these inputs, else the reason (the dispatch shows it to users)."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not one of {_DTYPES}"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} exceeds {_MAX_HEAD_DIM}"
+    if q.is_cuda or (q.device.type == "cpu" and _INTERPRET):
+        return None
+    return (
+        f"tensors are on {q.device}; the Triton kernel needs a CUDA GPU (or TRITON_INTERPRET=1 set before "
+        f"triton is imported, a slow correctness path on CPU)"
+    )
+
+
+def triton_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid,
+    *,
+    window: WindowKind,
+    q_order: Order,
+    kv_order: Order,
+    out_order: Order | None = None,
+    tile_size=None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-window softmax attention with the window gather and scatter fused into Triton kernels.
+
+    For each image ``b`` and window ``w`` of kind ``window`` (``"contiguous"`` = local crop of the map,
+    ``"strided"`` = strided crop), the window's queries are
+    ``crop(merge(q, grid, q_order), grid, window)[b*N + w]`` and its keys/values likewise from ``k``/``v``
+    in ``kv_order``; attention is unmasked with ``scale`` (default ``1/sqrt(head_dim)``). Nothing is
+    gathered: the kernels address every token by index arithmetic.
+
+    Shapes (``N = gh*gw``, ``T = th*tw``, ``Ht*Wt = N*T``):
+
+    * an input in a window order (``"contiguous"``/``"strided"``) is a stack ``(B*N, T, heads, head_dim)``;
+    * an input in ``"map"`` order is the row-major map ``(B, Ht*Wt, heads, head_dim)``;
+    * the output follows ``out_order`` (default ``window``) the same way.
+
+    Differentiable (dq, dk, dv kernels), works under ``torch.compile(fullgraph=True)`` (it is the
+    ``torch.ops.hrperc.window_attention_fwd`` custom op). fp16/bf16 accumulate in fp32; fp32 uses IEEE
+    (not TF32) products. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
+
+    Example (the released INF-LLaVA pairing: local queries attend in strided windows)::
+
+        >>> q = torch.randn(9, 16, 2, 32, device="cuda", dtype=torch.bfloat16)  # local stack, 3x3 grid
+        >>> kv = torch.randn(9, 16, 2, 32, device="cuda", dtype=torch.bfloat16) # global stack
+        >>> out = triton_window_attention(q, kv, kv, (3, 3), window="strided", q_order="contiguous",
+        ...                               kv_order="strided", out_order="map")
+        >>> out.shape                                                          # (B, Ht*Wt, heads, head_dim)
+        torch.Size([1, 144, 2, 32])
+    """
+    fn = "triton_window_attention"
+    grid = as_grid(grid, fn)
+    out_order = window if out_order is None else out_order
+    if not isinstance(q, torch.Tensor) or q.ndim != 4:
+        _validate(q, k, v, grid, window, q_order, kv_order, out_order, (1, 1), scale, fn)
+    if q_order not in ORDERS:
+        raise ValueError(f"{fn}: q_order={q_order!r} is not one of {ORDERS}.")
+    tile_size = _resolve_tile_size(q, grid, q_order, tile_size, fn)
+    _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, scale, fn)
+    reason = triton_supports(q)
+    if reason is not None:
+        raise NotImplementedError(f"{fn}: q {tuple(q.shape)} {q.dtype}: {reason}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _window_attention_fwd(q, k, v, list(grid), list(tile_size), window, q_order, kv_order, out_order, scale)
+    return out

@@ -1,0 +1,295 @@
+"""The fused Triton window-attention kernels against the float64 reference (flash-attn tolerance rule).
+
+On CPU these run under TRITON_INTERPRET=1 (set by conftest.py before triton is imported). Shapes are
+small because the interpreter costs milliseconds per program-iteration; the INF-LLaVA size is `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerance import assert_close_to_reference
+
+import hrperc
+
+pytest.importorskip("triton")
+
+from hrperc.kernels import window_attention as wa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ORDER_NAMES = ("contiguous", "strided", "map")
+
+
+def _make(order, batch, grid, tile, heads, dim, dtype=torch.float64, device=DEVICE):
+    n, t = grid[0] * grid[1], tile[0] * tile[1]
+    shape = (batch, n * t, heads, dim) if order == "map" else (batch * n, t, heads, dim)
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def _non_contiguous(x):
+    """Same values, laid out as a slice of a wider buffer with heads and tokens swapped in memory."""
+    wide = torch.zeros(x.shape[0], x.shape[2], x.shape[1], x.shape[3] + 7, dtype=x.dtype, device=x.device)
+    wide[..., 3 : 3 + x.shape[3]] = x.transpose(1, 2)
+    view = wide[..., 3 : 3 + x.shape[3]].transpose(1, 2)
+    assert not view.is_contiguous() and torch.equal(view, x)
+    return view
+
+
+def _check_fwd_bwd(grid, tile, heads, dim, dtype, window, q_order, kv_order, out_order, non_contiguous=False):
+    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=tile)
+    q64 = _make(q_order, 2, grid, tile, heads, dim)
+    k64 = _make(kv_order, 2, grid, tile, heads, dim)
+    v64 = _make(kv_order, 2, grid, tile, heads, dim)
+    results = {}
+    for name, dt, fn in (
+        ("ref64", torch.float64, wa.window_attention_reference),
+        ("ref_lp", dtype, wa.window_attention_reference),
+        ("fast", dtype, wa.triton_window_attention),
+    ):
+        xs = [x.detach().to(dt).clone().requires_grad_() for x in (q64, k64, v64)]
+        inputs = [_non_contiguous(x) for x in xs] if (non_contiguous and name == "fast") else xs
+        out = fn(*inputs, grid, **kw)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grad_out = grad_out.to(device=out.device, dtype=dt)
+        if non_contiguous and name == "fast":
+            grad_out = _non_contiguous(grad_out)
+        out.backward(grad_out)
+        results[name] = (out, *[x.grad for x in xs])
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        assert results["fast"][i].shape == results["ref64"][i].shape, what
+        assert_close_to_reference(results["fast"][i], results["ref_lp"][i], results["ref64"][i], dtype, name=what)
+
+
+# Each case: grid, tile (th, tw), heads, head_dim, dtype, window, q_order, kv_order, out_order.
+# Together they cover both window kinds x every source order x every output order x every dtype, the
+# awkward sizes (5x5 = 25 tokens, non-square 3x4 tiles, head dims 40/80, grids 3x1 and 2x3).
+CASES = [
+    ((3, 1), (5, 5), 1, 16, torch.float32, "strided", "contiguous", "strided", None),  # released: local q
+    ((3, 1), (5, 5), 1, 16, torch.float32, "contiguous", "strided", "contiguous", "map"),  # released: glob q
+    ((2, 3), (3, 4), 2, 40, torch.float32, "contiguous", "map", "map", "strided"),
+    ((2, 3), (3, 4), 2, 40, torch.float16, "strided", "strided", "contiguous", "contiguous"),
+    ((2, 3), (3, 4), 2, 40, torch.bfloat16, "contiguous", "contiguous", "strided", "map"),
+    ((2, 2), (4, 4), 1, 80, torch.float16, "contiguous", "strided", "map", None),
+    ((2, 2), (4, 4), 1, 80, torch.bfloat16, "strided", "map", "contiguous", "contiguous"),
+    ((3, 1), (5, 5), 2, 32, torch.bfloat16, "strided", "strided", "strided", "map"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-h{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5][:3]}-"
+                         f"{c[6][:3]}-{c[7][:3]}-{str(c[8])[:3]}")  # fmt: skip
+def test_forward_and_gradients_match_float64_reference(case):
+    _check_fwd_bwd(*case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs_and_grad(dtype):
+    # Strided (not just offset) q, k, v and dO: the kernels must honour every stride, not assume packing.
+    _check_fwd_bwd((3, 1), (3, 3), 2, 40, dtype, "strided", "contiguous", "map", "map", non_contiguous=True)
+
+
+def test_independent_of_crop_module_uniform_attention_averages_window_positions():
+    # With q = 0 every query attends uniformly, so the output is the mean of the window's values. Values
+    # hold their own map coordinates, so the result checks the index arithmetic without hrperc.crop.
+    gh, gw, th, tw = 2, 3, 3, 2
+    Ht, Wt = gh * th, gw * tw
+    rows, cols = torch.meshgrid(torch.arange(Ht), torch.arange(Wt), indexing="ij")
+    coords = torch.stack([rows, cols], -1).reshape(1, Ht * Wt, 1, 2).float()
+    v = F.pad(coords, (0, 14)).to(DEVICE)  # head dim 16; map order
+    q = torch.zeros(gh * gw, th * tw, 1, 16, device=DEVICE)
+    for window, expect in (
+        ("contiguous", lambda a, e: (a * th + (th - 1) / 2, e * tw + (tw - 1) / 2)),
+        ("strided", lambda a, e: (a + gh * (th - 1) / 2, e + gw * (tw - 1) / 2)),
+    ):
+        out = wa.triton_window_attention(
+            q, v, v, (gh, gw), window=window, q_order="contiguous", kv_order="map", tile_size=(th, tw)
+        )
+        for w in range(gh * gw):
+            want = torch.tensor(expect(w // gw, w % gw), device=DEVICE).expand(th * tw, 2)
+            torch.testing.assert_close(out[w, :, 0, :2], want)
+
+
+def test_matches_permute_windows_then_sdpa():
+    # A second, independent route to the same numbers: hrperc.permute_windows + torch SDPA.
+    grid, tile = (2, 2), (3, 3)
+    q = _make("contiguous", 1, grid, tile, 2, 16, torch.float32)
+    k = _make("strided", 1, grid, tile, 2, 16, torch.float32)
+    v = _make("strided", 1, grid, tile, 2, 16, torch.float32)
+    out = wa.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided")
+    qw = hrperc.permute_windows(q, grid, "contiguous", "strided")
+    ref = F.scaled_dot_product_attention(qw.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_saved_logsumexp_is_base2_logsumexp_of_scaled_scores():
+    grid, tile = (1, 2), (2, 3)
+    q, k, v = (_make("contiguous", 1, grid, tile, 2, 16, torch.float32) for _ in range(3))
+    out, lse = torch.ops.hrperc.window_attention_fwd(q, k, v, [1, 2], [2, 3], "contiguous", "contiguous",
+                                                     "contiguous", "contiguous", 0.3)  # fmt: skip
+    scores = torch.einsum("nqhd,nkhd->nhq k".replace(" ", ""), q, k) * 0.3
+    torch.testing.assert_close(lse, scores.logsumexp(-1) / torch.log(torch.tensor(2.0)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.einsum("nhqk,nkhd->nqhd", scores.softmax(-1), v), atol=1e-5, rtol=1e-5)
+
+
+def _op_args(dtype=torch.float32):
+    grid, tile = (2, 1), (2, 2)
+    q = _make("strided", 1, grid, tile, 1, 16, dtype).requires_grad_()
+    k = _make("map", 1, grid, tile, 1, 16, dtype).requires_grad_()
+    v = _make("map", 1, grid, tile, 1, 16, dtype).requires_grad_()
+    return q, k, v, [2, 1], [2, 2], "contiguous", "strided", "map", "map", 0.25
+
+
+def test_opcheck_forward_op():
+    torch.library.opcheck(torch.ops.hrperc.window_attention_fwd.default, _op_args())
+
+
+def test_opcheck_backward_op():
+    q, k, v, *rest = _op_args()
+    out, lse = torch.ops.hrperc.window_attention_fwd(q, k, v, *rest)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *rest)
+    torch.library.opcheck(torch.ops.hrperc.window_attention_bwd.default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    # aot_eager traces the whole graph (dynamo + AOTAutograd through the fake impls and the registered
+    # autograd) without generating C++; the op itself stays opaque, which is what inductor would see too.
+    q, k, v, *_ = _op_args()
+
+    def block(q, k, v):
+        out = wa.triton_window_attention(q * 2, k, v, (2, 1), window="contiguous", q_order="strided",
+                                         kv_order="map", out_order="map")  # fmt: skip
+        return (out.float() ** 2).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = block(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    torch.testing.assert_close(loss, loss_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_errors_name_argument_value_and_fix():
+    q = torch.randn(4, 9, 2, 16, device=DEVICE)
+    call = wa.triton_window_attention
+    with pytest.raises(ValueError, match=r"window='diagonal'"):
+        call(q, q, q, (2, 2), window="diagonal", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(ValueError, match=r"kv_order='nchw'"):
+        call(q, q, q, (2, 2), window="strided", q_order="contiguous", kv_order="nchw")
+    with pytest.raises(ValueError, match=r"k has shape \(4, 16, 2, 16\).*need \(4, 9, 2, 16\)"):
+        call(q, torch.randn(4, 16, 2, 16, device=DEVICE), q, (2, 2), window="strided", q_order="contiguous",
+             kv_order="contiguous")  # fmt: skip
+    with pytest.raises(ValueError, match=r"multiple of N = gh\*gw = 3"):
+        call(q, q, q, (3, 1), window="strided", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(ValueError, match=r"not a perfect square.*tile_size"):
+        call(q[:, :8], q[:, :8], q[:, :8], (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(ValueError, match=r"share dtype"):
+        call(q, q.half(), q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(TypeError, match=r"dtype torch.int64"):
+        call(q.long(), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(ValueError, match=r"q has shape \(4, 9, 32\)"):
+        call(q.flatten(2), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+
+
+def test_cpu_without_interpreter_is_reported_unsupported(monkeypatch):
+    monkeypatch.setattr(wa, "_INTERPRET", False)
+    reason = wa.triton_supports(torch.zeros(1, 4, 1, 16))
+    assert reason is not None and "CUDA" in reason and "TRITON_INTERPRET" in reason
+    with pytest.raises(NotImplementedError, match=r"\(4, 4, 1, 16\) torch.float32"):
+        x = torch.zeros(4, 4, 1, 16)
+        wa.triton_window_attention(x, x, x, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+
+
+def test_hrperc_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, hrperc\n"
+        "assert not hrperc.HAS_TRITON\n"
+        "q = torch.randn(4, 9, 1, 16)\n"
+        "kw = dict(window='strided', q_order='contiguous', kv_order='contiguous')\n"
+        "assert hrperc.attention.window_attention(q, q, q, (2, 2), **kw).shape == q.shape\n"
+        "try:\n"
+        "    hrperc.attention.window_attention(q, q, q, (2, 2), backend='triton', **kw)\n"
+        "except NotImplementedError as exc:\n"
+        "    assert 'pip install triton' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('forced triton backend ran without triton')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", ["contiguous", "strided"])
+def test_inf_llava_size_bf16(window):
+    # n=3 (grid 3x3), 24x24 tokens per window, 8 heads x 128: ~40 s per direction in the interpreter.
+    q_order, kv_order = ("contiguous", "strided") if window == "strided" else ("strided", "contiguous")
+    _check_fwd_bwd((3, 3), (24, 24), 8, 128, torch.bfloat16, window, q_order, kv_order, "map")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tile,dim", [((24, 24), 128), ((27, 27), 64), ((10, 10), 96), ((24, 24), 40), ((5, 5), 80), ((8, 8), 256)]
+)
+def test_gpu_sizes(dtype, tile, dim):
+    # Compiles for real hardware (shared memory, tl.dot shapes) and checks T=576/729/100, head dims 40..256.
+    _check_fwd_bwd((3, 3), tile, 4, dim, dtype, "strided", "contiguous", "strided", "map")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch: the kernel as the "triton" backend of hrperc.window_attention
+
+
+def _attention_inputs(dtype=torch.float32):
+    grid, tile = (3, 1), (2, 3)
+    return [_make("contiguous", 2, grid, tile, 2, 16, dtype).requires_grad_() for _ in range(3)], grid
+
+
+def test_triton_backend_matches_sdpa_backend_forward_and_backward():
+    (q, k, v), grid = _attention_inputs()
+    kw = dict(window="strided", q_order="contiguous", kv_order="strided", out_order="map", tile_size=(2, 3))
+    outs = {}
+    for backend in ("triton", "sdpa"):
+        out = hrperc.attention.window_attention(q, k, v, grid, backend=backend, **kw)
+        outs[backend] = (out, *torch.autograd.grad((out * out).sum(), (q, k, v)))
+    for got, want in zip(outs["triton"], outs["sdpa"]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_auto_picks_triton_only_for_cuda_and_env_var_forces_it(monkeypatch):
+    (q, k, v), grid = _attention_inputs()
+    kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
+              out_order="strided", scale=0.25)  # fmt: skip
+    resolve = hrperc.attention.resolve_backend
+    assert resolve("auto", q, k, v, **kw) == ("triton" if q.is_cuda else "sdpa")
+    monkeypatch.setenv("HRPERC_ATTN_BACKEND", "triton")
+    assert resolve("auto", q, k, v, **kw) == "triton"
+    with hrperc.attention.attention_backend("sdpa"):
+        assert resolve("auto", q, k, v, **kw) == "sdpa"
+    if not q.is_cuda:
+        monkeypatch.setattr(wa, "_INTERPRET", False)
+        expected = r"(?s)backend 'triton' cannot run.*needs a CUDA GPU.*sdpa: can run"
+        with pytest.raises(NotImplementedError, match=expected):
+            resolve("auto", q, k, v, **kw)
+    assert "float64" in wa.triton_supports(q.double())
+
+
+def test_window_cross_attention_module_triton_vs_sdpa():
+    # The DEM's attention block end to end (projections, residual, LayerNorm) through each backend.
+    attn = hrperc.attention.WindowCrossAttention(32, heads=2).to(DEVICE)
+    loc, glo = (torch.randn(2 * 4, 9, 32, device=DEVICE) for _ in range(2))
+    results = {}
+    for backend in ("triton", "sdpa"):
+        attn.zero_grad()
+        out = attn(loc, glo, (2, 2), window="strided", q_order="contiguous", kv_order="strided", backend=backend)
+        out.square().mean().backward()
+        results[backend] = [out.detach()] + [p.grad.clone() for p in attn.parameters()]
+    for got, want in zip(results["triton"], results["sdpa"]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
