@@ -18,6 +18,7 @@ from .crop import (
     window_permutation,
 )
 from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop, candidate_grids, select_grid
+from .kernels import HAS_TRITON, triton_window_attention  # also registers the "triton" attention backend
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,8 @@ __all__ = [
     "VisionBackbone",
     "create_encoder",
     "wrap_backbone",
+    # fused Triton kernel (lazy: triton is imported on first use)
+    "kernels",
+    "HAS_TRITON",
+    "triton_window_attention",
 ]
