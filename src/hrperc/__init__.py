@@ -3,6 +3,14 @@
 Pipeline, one module per stage: crop -> encode -> recombine -> enhance -> reduce -> project.
 """
 
+from .attention import (
+    WindowCrossAttention,
+    attention_backend,
+    available_backends,
+    register_backend,
+    window_attention,
+    window_cross_attention,
+)
 from .backbones import VisionBackbone, create_encoder, wrap_backbone  # also binds hrperc.backbones
 from .crop import (
     LocalCrop,
@@ -17,8 +25,12 @@ from .crop import (
     stride_merge,
     window_permutation,
 )
+from .dem import DualPerspectiveEnhancement
 from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop, candidate_grids, select_grid
+from .fusion import Fusion
 from .kernels import HAS_TRITON, triton_window_attention  # also registers the "triton" attention backend
+from .projector import build_projector, load_inf_llava_projector
+from .reduction import reduce_tokens, reduction_footprint
 
 __version__ = "0.1.0"
 
@@ -50,4 +62,17 @@ __all__ = [
     "kernels",
     "HAS_TRITON",
     "triton_window_attention",
+    # DEM: windowed cross-attention, fusion, reduction, projector
+    "window_attention",
+    "window_cross_attention",
+    "WindowCrossAttention",
+    "attention_backend",
+    "available_backends",
+    "register_backend",
+    "DualPerspectiveEnhancement",
+    "Fusion",
+    "reduce_tokens",
+    "reduction_footprint",
+    "build_projector",
+    "load_inf_llava_projector",
 ]

@@ -1,0 +1,536 @@
+"""Dual-perspective Enhancement (INF-LLaVA DEM, Sec. 4.3.2-4.3.4), as in the paper and as released.
+
+Inputs are the two stacks a ViT returns for one grid: local sub-features in ``local_crop`` order and
+global (strided) sub-features in ``stride_crop`` order, both ``(B*N, ht*wt, D)``. Conceptually::
+
+    F_loc = local_merge(local_feats)      F_glo = stride_merge(global_feats)       # (B, Ht, Wt, D)
+    E_glo = Attn(q=F_glo, kv=F_loc)  per window of kind W_g   ("global perspective")
+    E_loc = Attn(q=F_loc, kv=F_glo)  per window of kind W_l   ("local perspective")
+    out   = reduce(fuse(E_loc, E_glo))                                              # (B, T_out, D)
+
+``pairing="released"``: W_g = contiguous, W_l = strided (the authors' code, default);
+``pairing="paper"``: W_g = strided, W_l = contiguous (eq. 18-25). Released attention:
+``LN(out_proj(attn) + query)``, one module shared by both directions. See ``docs/dem.md``.
+
+**Skipping unread work** (``skip_unread=True``, default). The reduction reads only its footprint
+(:func:`hrperc.reduction.reduction_footprint`); with a per-token fusion only the enhanced tokens at
+those positions matter, so only their queries, attention rows, output projections, LayerNorms and
+fusions are computed, and only the key/value windows those queries fall in are projected. For the
+released bilinear reduction by 3 that is 1/9 of the queries, and in the strided direction a single
+global window. The result equals the full computation (``skip_unread=False``) to float rounding.
+
+Example::
+
+    >>> import torch, hrperc
+    >>> dem = hrperc.DualPerspectiveEnhancement(dim=64, heads=2)
+    >>> loc, glo = torch.randn(2 * 9, 36, 64), torch.randn(2 * 9, 36, 64)   # B=2, grid 3x3, 6x6 tokens
+    >>> dem(loc, glo, grid=(3, 3)).shape                                     # (B, ht*wt, D)
+    torch.Size([2, 36, 64])
+    >>> dem.required_subimages((3, 3), (6, 6))[1].tolist()                   # strided sub-images read
+    [False, False, False, False, True, False, False, False, False]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import as_grid, as_pair
+from .attention import WindowCrossAttention, _tile_from_tokens
+from .crop import merge
+from .fusion import FUSIONS, Fusion, FusionMode
+from .reduction import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens, reduction_plan
+from .weights import check_state_dict, load_state_dict, select_prefixed
+
+__all__ = ["DualPerspectiveEnhancement", "PAIRINGS", "DIRECTIONS"]
+
+PAIRINGS = ("released", "paper")
+DIRECTIONS = ("both", "global", "local", "none")
+Pairing = Literal["released", "paper"]
+Directions = Literal["both", "global", "local", "none"]
+
+# Which window kind each direction attends in: (global-as-query, local-as-query).
+_WINDOWS = {"released": ("contiguous", "strided"), "paper": ("strided", "contiguous")}
+_ORDER = {"local": "contiguous", "global": "strided"}  # native window order of each ViT stack
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index plans (pure Python on small per-axis lists; tensors are built from them per device)
+
+
+def _axis_window(r: int, g: int, t: int, kind: str) -> tuple[int, int]:
+    """Map row ``r`` -> (window row, row inside the window) for windows of ``kind``."""
+    return (r // t, r % t) if kind == "contiguous" else (r % g, r // g)
+
+
+def _axis_coord(a: int, u: int, g: int, t: int, kind: str) -> int:
+    return a * t + u if kind == "contiguous" else u * g + a
+
+
+class _Axis(NamedTuple):
+    g: int  # grid size along the axis
+    t: int  # tile size along the axis
+    stride_k: int  # flat-index stride of the sub-image coordinate along this axis
+    stride_u: int  # flat-index stride of the in-tile coordinate along this axis
+
+    def native(self, r: int, order: str) -> int:
+        """This axis' share of the flat (per image) index of map row/col ``r`` in a stack of ``order``."""
+        k, u = _axis_window(r, self.g, self.t, order)
+        return k * self.stride_k + u * self.stride_u
+
+
+class _AxisDir(NamedTuple):
+    slots: tuple[int, ...]  # per (touched window, slot): native index of the query (this axis' share)
+    select: tuple[int, ...]  # per read coordinate: its slot position (this axis' share)
+    kv: tuple[int, ...]  # per (touched window, token): native kv index share
+    windows: tuple[int, ...]  # touched window coordinates
+    m: int  # query slots per window
+
+
+def _groups(read: tuple[int, ...], ax: _Axis, window: str) -> dict[int, list[int]]:
+    """Read coordinates (their positions ``j`` in ``read``) grouped by the window they fall in."""
+    groups: dict[int, list[int]] = {}
+    for j, r in enumerate(read):
+        groups.setdefault(_axis_window(r, ax.g, ax.t, window)[0], []).append(j)
+    return groups
+
+
+def _axis_direction(read, ax: _Axis, window: str, q_order: str, kv_order: str, select_strides) -> _AxisDir:
+    groups = _groups(read, ax, window)
+    touched = tuple(sorted(groups))
+    m = max(len(v) for v in groups.values())
+    slots, pos = [], {}
+    for ia, a in enumerate(touched):
+        js = groups[a] + [groups[a][0]] * (m - len(groups[a]))  # pad with a duplicate query, dropped later
+        for s, j in enumerate(js):
+            slots.append(ax.native(read[j], q_order))
+            pos.setdefault(j, (ia, s))
+    kv = tuple(ax.native(_axis_coord(a, u, ax.g, ax.t, window), kv_order) for a in touched for u in range(ax.t))
+    sw, ss = select_strides
+    select = tuple(pos[j][0] * sw + pos[j][1] * ss for j in range(len(read)))
+    return _AxisDir(tuple(slots), select, kv, touched, m)
+
+
+class _DirPlan(NamedTuple):
+    window: str
+    q_order: str
+    kv_order: str
+    rows: _AxisDir
+    cols: _AxisDir
+    kv_subimages: tuple[int, ...] | None  # kv stack already in window order: which sub-images to take
+
+
+class _Plan(NamedTuple):
+    key: tuple
+    read_rows: tuple[int, ...]
+    read_cols: tuple[int, ...]
+    read_local: tuple[tuple[int, ...], tuple[int, ...]]  # native index shares of read positions, local stack
+    read_global: tuple[tuple[int, ...], tuple[int, ...]]
+    glob: _DirPlan | None  # global-as-query direction
+    loc: _DirPlan | None  # local-as-query direction
+    reduction: object  # ReductionPlan
+
+
+@functools.lru_cache(maxsize=64)
+def _build_plan(grid, tile, out_hw, mode, windows, directions) -> _Plan:
+    (gh, gw), (th, tw) = grid, tile
+    t = th * tw
+    red = reduction_plan((gh * th, gw * tw), out_hw, mode)
+    rows_ax = _Axis(gh, th, gw * t, tw)
+    cols_ax = _Axis(gw, tw, t, 1)
+    rr, rc = red.rows, red.cols
+
+    def read_shares(order):
+        return tuple(rows_ax.native(r, order) for r in rr), tuple(cols_ax.native(c, order) for c in rc)
+
+    def direction(query: str, window: str) -> _DirPlan:
+        q_order, kv_order = _ORDER[query], _ORDER["global" if query == "local" else "local"]
+        # Query slots are ordered (row window, col window, row slot, col slot); the flat slot of a read
+        # position is a row share plus a column share.
+        g_r, g_c = _groups(rr, rows_ax, window), _groups(rc, cols_ax, window)
+        m_r, m_c, n_c = max(map(len, g_r.values())), max(map(len, g_c.values())), len(g_c)
+        rows = _axis_direction(rr, rows_ax, window, q_order, kv_order, (n_c * m_r * m_c, m_c))
+        cols = _axis_direction(rc, cols_ax, window, q_order, kv_order, (m_r * m_c, 1))
+        sub = None
+        if kv_order == window:
+            sub = tuple(a * gw + e for a in rows.windows for e in cols.windows)
+        return _DirPlan(window, q_order, kv_order, rows, cols, sub)
+
+    w_g, w_l = windows
+    glob = direction("global", w_g) if directions in ("both", "global") else None
+    loc = direction("local", w_l) if directions in ("both", "local") else None
+    key = (grid, tile, out_hw, mode, windows, directions)
+    return _Plan(key, rr, rc, read_shares("contiguous"), read_shares("strided"), glob, loc, red)
+
+
+@torch._dynamo.assume_constant_result
+def _plan_for(grid, tile, out_hw, mode, windows, directions) -> _Plan:
+    return _build_plan(grid, tile, out_hw, mode, windows, directions)
+
+
+def _outer(rows: tuple[int, ...], cols: tuple[int, ...], device) -> torch.Tensor:
+    r = torch.tensor(rows, device=device)
+    c = torch.tensor(cols, device=device)
+    return (r[:, None] + c[None, :]).reshape(-1)
+
+
+def _window_index(rows: _AxisDir, cols: _AxisDir, field: str, per_window_r: int, per_window_c: int, device):
+    """(n_r*n_c*per_r*per_c,) index, window-major (row windows, col windows), then row, col inside."""
+    r = torch.tensor(getattr(rows, field), device=device).view(len(rows.windows), per_window_r)
+    c = torch.tensor(getattr(cols, field), device=device).view(len(cols.windows), per_window_c)
+    return (r[:, None, :, None] + c[None, :, None, :]).reshape(-1)
+
+
+def _make_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
+    idx = {
+        "read_local": _outer(*plan.read_local, device),
+        "read_global": _outer(*plan.read_global, device),
+    }
+    for name, dp in (("glob", plan.glob), ("loc", plan.loc)):
+        if dp is None:
+            continue
+        idx[f"{name}_q"] = _window_index(dp.rows, dp.cols, "slots", dp.rows.m, dp.cols.m, device)
+        idx[f"{name}_select"] = _outer(dp.rows.select, dp.cols.select, device)
+        if dp.kv_subimages is None:
+            t_r, t_c = len(dp.rows.kv) // len(dp.rows.windows), len(dp.cols.kv) // len(dp.cols.windows)
+            idx[f"{name}_kv"] = _window_index(dp.rows, dp.cols, "kv", t_r, t_c, device)
+        else:
+            idx[f"{name}_kv"] = torch.tensor(dp.kv_subimages, device=device)
+    return idx
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
+    return _make_indices(plan, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module
+
+
+class DualPerspectiveEnhancement(nn.Module):
+    """INF-LLaVA's DEM: two windowed cross-attentions between the local and global maps, fusion, reduction.
+
+    ``forward(local_feats, global_feats, grid, tile_size=None, backend="auto")``: ``(B*N, ht*wt, D)``
+    stacks in ``local_crop`` / ``stride_crop`` order -> ``(B, T_out, D)`` row-major tokens,
+    ``T_out = oh*ow`` (``output_size``, default ``(ht, wt)``; ``Ht*Wt`` for ``reduction="none"``).
+
+    Options: ``pairing`` ``"released"|"paper"``; ``shared_attention`` (released: one module,
+    ``attention.*``; else ``attention_global.*`` / ``attention_local.*``); ``residual_norm``
+    (``LN(out_proj(attn) + query)``); ``directions`` ``"both"|"global"|"local"|"none"`` (Table 4; a
+    direction that is off passes its query map through un-enhanced, and ``"none"`` with
+    ``fusion="add"`` is Table 6's plain-addition baseline); ``fusion`` (see :mod:`hrperc.fusion`);
+    ``reduction`` ``"bilinear"|"avg"|"area"|"none"``; ``skip_unread`` (compute only tokens the
+    reduction reads; ``False`` computes every token). The defaults are the released configuration.
+
+    Example::
+
+        >>> dem = DualPerspectiveEnhancement(dim=32, heads=4, pairing="paper", reduction="avg")
+        >>> dem(torch.randn(4, 16, 32), torch.randn(4, 16, 32), grid=(2, 2)).shape
+        torch.Size([1, 16, 32])
+    """
+
+    def __init__(
+        self,
+        dim: int = 1024,
+        heads: int = 8,
+        *,
+        pairing: Pairing = "released",
+        shared_attention: bool = True,
+        residual_norm: bool = True,
+        directions: Directions = "both",
+        fusion: FusionMode = "released",
+        reduction: ReductionMode = "bilinear",
+        output_size=None,
+        skip_unread: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fn = "DualPerspectiveEnhancement"
+        for name, value, choices in (
+            ("pairing", pairing, PAIRINGS),
+            ("directions", directions, DIRECTIONS),
+            ("fusion", fusion, FUSIONS),
+            ("reduction", reduction, REDUCTIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{fn}: {name}={value!r} is not one of {choices}.")
+        if not isinstance(dim, int) or not isinstance(heads, int) or dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(
+                f"{fn}: dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim "
+                f"(head_dim = dim/heads), e.g. dim=1024, heads=8."
+            )
+        if output_size is not None:
+            if reduction == "none":
+                raise ValueError(f"{fn}: output_size={output_size!r} with reduction='none'; drop one of them.")
+            output_size = as_pair(output_size, "output_size", fn)
+        self.dim, self.heads, self.pairing, self.directions = dim, heads, pairing, directions
+        self.shared_attention, self.residual_norm = shared_attention, residual_norm
+        self.reduction, self.output_size, self.skip_unread = reduction, output_size, skip_unread
+        kw = dict(residual_norm=residual_norm, device=device, dtype=dtype)
+        if directions != "none":
+            if shared_attention:
+                self.attention = WindowCrossAttention(dim, heads, **kw)
+            else:
+                if directions in ("both", "global"):
+                    self.attention_global = WindowCrossAttention(dim, heads, **kw)
+                if directions in ("both", "local"):
+                    self.attention_local = WindowCrossAttention(dim, heads, **kw)
+        self.fusion = Fusion(dim, fusion, device=device, dtype=dtype)
+
+    # -- configuration helpers ------------------------------------------------------------------
+
+    @property
+    def windows(self) -> tuple[str, str]:
+        """Window kinds of (global-as-query, local-as-query) under the configured pairing."""
+        return _WINDOWS[self.pairing]
+
+    def _attn(self, direction: str) -> WindowCrossAttention:
+        return self.attention if self.shared_attention else getattr(self, f"attention_{direction}")
+
+    def _out_hw(self, grid, tile) -> tuple[int, int] | None:
+        if self.reduction == "none":
+            return None
+        return self.output_size or tile
+
+    def _can_skip(self) -> bool:
+        return self.fusion.per_token
+
+    def num_tokens(self, grid, tile_size) -> int:
+        """Number of output tokens ``T_out`` for this grid and ViT token grid ``(ht, wt)``.
+
+        Example::
+
+            >>> DualPerspectiveEnhancement(32, 4).num_tokens((3, 3), (24, 24))
+            576
+        """
+        (gh, gw), (th, tw) = as_grid(grid, "num_tokens"), as_pair(tile_size, "tile_size", "num_tokens")
+        oh, ow = self._out_hw((gh, gw), (th, tw)) or (gh * th, gw * tw)
+        return oh * ow
+
+    def _plan(self, grid, tile) -> _Plan:
+        return _plan_for(grid, tile, self._out_hw(grid, tile), self.reduction, self.windows, self.directions)
+
+    def required_subimages(self, grid, tile_size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which local and which strided sub-images can reach the output: two ``(N,)`` bool tensors.
+
+        Derived from the reduction's footprint, the pairing and the directions. Sub-images marked
+        False never influence the output, so an encoder may skip their ViT passes (feed anything).
+        Released 3x3: all 9 local, strided ``k = 4`` only.
+
+        Example::
+
+            >>> dem = DualPerspectiveEnhancement(32, 4)
+            >>> [m.nonzero().flatten().tolist() for m in dem.required_subimages((4, 4), (8, 8))]
+            [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [5, 6, 9, 10]]
+        """
+        fn = "required_subimages"
+        (gh, gw), (th, tw) = as_grid(grid, fn), as_pair(tile_size, "tile_size", fn)
+        n = gh * gw
+        if not self._can_skip():
+            return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+        plan = self._plan((gh, gw), (th, tw))
+        need = {"local": torch.zeros(gh, gw, dtype=torch.bool), "global": torch.zeros(gh, gw, dtype=torch.bool)}
+
+        def mark(which: str, rows, cols):
+            order = _ORDER[which]
+            kr = sorted({_axis_window(r, gh, th, order)[0] for r in rows})
+            kc = sorted({_axis_window(c, gw, tw, order)[0] for c in cols})
+            need[which][torch.tensor(kr)[:, None], torch.tensor(kc)[None, :]] = True
+
+        # The tokens at the read positions of both maps (as queries, residuals or passed through).
+        mark("local", plan.read_rows, plan.read_cols)
+        mark("global", plan.read_rows, plan.read_cols)
+        for dp, kv_side in ((plan.glob, "local"), (plan.loc, "global")):
+            if dp is None:
+                continue
+            w = dp.window
+            rows = [_axis_coord(a, u, gh, th, w) for a in dp.rows.windows for u in range(th)]
+            cols = [_axis_coord(a, u, gw, tw, w) for a in dp.cols.windows for u in range(tw)]
+            mark(kv_side, rows, cols)
+        return need["local"].reshape(n), need["global"].reshape(n)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _check(self, local_feats, global_feats, grid, tile_size):
+        fn = "DualPerspectiveEnhancement"
+        gh, gw = as_grid(grid, fn)
+        for name, t in (("local_feats", local_feats), ("global_feats", global_feats)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{fn}: {name} must be a (B*N, ht*wt, D) stack of ViT tokens (CLS dropped), got {got}."
+                )
+        if local_feats.shape != global_feats.shape:
+            raise ValueError(
+                f"{fn}: local_feats {tuple(local_feats.shape)} and global_feats {tuple(global_feats.shape)} must have "
+                "the same shape (B*N, ht*wt, D); they come from the same grid and ViT."
+            )
+        bn, t, d = local_feats.shape
+        if d != self.dim:
+            raise ValueError(f"{fn}: features have D={d} (shape {tuple(local_feats.shape)}); module dim={self.dim}.")
+        n = gh * gw
+        if bn % n != 0 or bn == 0:
+            raise ValueError(
+                f"{fn}: stacks have shape {tuple(local_feats.shape)}; B*N = {bn} is not a positive multiple of "
+                f"N = {gh}*{gw} = {n}. Pass the grid the sub-images were cut with."
+            )
+        th, tw = _tile_from_tokens(t, tile_size, fn, tuple(local_feats.shape))
+        return (gh, gw), (th, tw)
+
+    def forward(self, local_feats, global_feats, grid, tile_size=None, backend: str = "auto") -> torch.Tensor:
+        grid, tile = self._check(local_feats, global_feats, grid, tile_size)
+        if self.skip_unread and self._can_skip():
+            return self._forward_read(local_feats, global_feats, grid, tile, backend)
+        return self._forward_full(local_feats, global_feats, grid, tile, backend)
+
+    def _forward_full(self, loc, glo, grid, tile, backend):
+        """Every token: attention via :func:`hrperc.window_attention` (any backend), maps, fusion, reduction."""
+        (gh, gw), (th, tw) = grid, tile
+        w_g, w_l = self.windows
+        kw = dict(out_order="map", tile_size=tile, backend=backend)
+        if self.directions in ("both", "global"):
+            e_glo = self._attn("global")(glo, loc, grid, window=w_g, q_order="strided", kv_order="contiguous", **kw)
+        else:
+            e_glo = merge(glo, grid, "strided", layout="nlc", tile_size=tile)
+        if self.directions in ("both", "local"):
+            e_loc = self._attn("local")(loc, glo, grid, window=w_l, q_order="contiguous", kv_order="strided", **kw)
+        else:
+            e_loc = merge(loc, grid, "contiguous", layout="nlc", tile_size=tile)
+        hw = (gh * th, gw * tw)
+        fused = self.fusion(e_loc, e_glo, hw=hw)
+        return reduce_tokens(fused.reshape(fused.shape[0], hw[0], hw[1], -1), self._out_hw(grid, tile), self.reduction)
+
+    def _forward_read(self, loc, glo, grid, tile, backend):
+        """Only the tokens the reduction reads (see the module docstring); equal to ``_forward_full``."""
+        plan = self._plan(grid, tile)
+        if torch.compiler.is_compiling():
+            idx = _make_indices(plan, loc.device)
+        else:
+            idx = _cached_indices(plan, loc.device)
+        n = grid[0] * grid[1]
+        b = loc.shape[0] // n
+        stacks = {"local": loc.reshape(b, -1, self.dim), "global": glo.reshape(b, -1, self.dim)}
+        enhanced = {}
+        for query, name, dp in (("global", "glob", plan.glob), ("local", "loc", plan.loc)):
+            read = idx[f"read_{query}"]
+            if dp is None:
+                enhanced[query] = stacks[query].index_select(1, read)
+                continue
+            kv_side = "local" if query == "global" else "global"
+            enhanced[query] = self._attend_read(
+                self._attn(query), stacks[query], stacks[kv_side], kv_side, dp, idx, name, read, b, n, tile, backend
+            )
+        fused = self.fusion(enhanced["local"], enhanced["global"])
+        return apply_reduction_plan(fused, plan.reduction)
+
+    def _attend_read(self, attn, q_stack, kv_stack, kv_side, dp, idx, name, read, b, n, tile, backend):
+        d, h = self.dim, attn.heads
+        hd = d // h
+        lq, lk, lv, lo = attn.linears
+        nw = len(dp.rows.windows) * len(dp.cols.windows)
+        m = dp.rows.m * dp.cols.m
+        t = tile[0] * tile[1]
+        q_in = q_stack.index_select(1, idx[f"{name}_q"])  # (B, nw*m, D), window-major
+        q = F.linear(q_in, lq.weight, lq.bias).view(b * nw, m, h, hd).transpose(1, 2)
+        kv_index = idx[f"{name}_kv"]
+        if dp.kv_subimages is None:
+            kv_in = kv_stack.index_select(1, kv_index)
+        elif len(dp.kv_subimages) == n and dp.kv_subimages == tuple(range(n)):
+            kv_in = kv_stack  # every window, already in window order: no copy
+        else:
+            kv_in = kv_stack.view(b, n, t, d).index_select(1, kv_index)
+        # k and v read the same tokens: one matmul against the stacked weights reads them once.
+        kv = F.linear(kv_in, torch.cat([lk.weight, lv.weight]), torch.cat([lk.bias, lv.bias]))
+        kv = kv.view(b * nw, t, 2, h, hd)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if backend == "reference":
+            probs = torch.softmax((q @ k.transpose(-1, -2)) * hd**-0.5, dim=-1)
+            o = probs @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(1, 2).reshape(b, nw * m, d).index_select(1, idx[f"{name}_select"])  # read order
+        o = F.linear(o, lo.weight, lo.bias)
+        if attn.ln is None:
+            return o
+        return attn.ln(o + q_stack.index_select(1, read))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, pairing={self.pairing!r}, directions={self.directions!r}, "
+            f"shared_attention={self.shared_attention}, residual_norm={self.residual_norm}, "
+            f"fusion={self.fusion.mode!r}, reduction={self.reduction!r}, output_size={self.output_size}, "
+            f"skip_unread={self.skip_unread}"
+        )
+
+    # -- released checkpoints ---------------------------------------------------------------------
+
+    @classmethod
+    def from_inf_llava(cls, state_dict_or_path, *, heads: int = 8, allow_pickle: bool = False, device=None,
+                       dtype=None, **overrides) -> DualPerspectiveEnhancement:  # fmt: skip
+        """Build the released DEM and load INF-LLaVA weights (``spatial_embed.*`` keys, see SPEC.md).
+
+        ``state_dict_or_path``: a state dict, a ``.safetensors`` file or a torch file (read with
+        ``weights_only=True`` unless ``allow_pickle=True``). Keys may carry any prefix ending in
+        ``spatial_embed.`` (``model.spatial_embed.attention.linears.0.weight``); when such keys exist,
+        every other key (LLM, projector, ViT) is ignored. Without that prefix the dict must hold exactly
+        the DEM keys. ``D`` is read from the weights; ``heads`` (8 as released) cannot be and is an
+        argument. ``overrides`` change non-weight options (e.g. ``skip_unread=False``).
+
+        Example::
+
+            >>> src = DualPerspectiveEnhancement(64, heads=2)
+            >>> sd = {"model.spatial_embed." + k: v for k, v in src.released_state_dict().items()}
+            >>> dem = DualPerspectiveEnhancement.from_inf_llava(sd, heads=2)
+            >>> torch.equal(dem.attention.linears[0].weight, src.attention.linears[0].weight)
+            True
+        """
+        fn = "DualPerspectiveEnhancement.from_inf_llava"
+        loaded = load_state_dict(state_dict_or_path, allow_pickle=allow_pickle, fn=fn)
+        sd = select_prefixed(loaded, "spatial_embed.", fn)
+        w = sd.get("attention.linears.0.weight")
+        if w is None or w.ndim != 2:
+            raise ValueError(
+                f"{fn}: no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
+                f"{sorted(sd)[:8]}. Is this an INF-LLaVA checkpoint (SPEC.md lists the keys)?"
+            )
+        for bad in ("pairing", "shared_attention", "residual_norm", "directions", "fusion"):
+            if bad in overrides:
+                raise ValueError(f"{fn}: {bad}= cannot be overridden; released weights fix it.")
+        dem = cls(w.shape[1], heads, device=device, dtype=dtype, **overrides)
+        mapped = {("fusion." + k if k.split(".")[0] in ("ffn_crop", "ffn_stride", "ln_fuse") else k): v
+                  for k, v in sd.items()}  # fmt: skip
+        expected = {k: v.shape for k, v in dem.state_dict().items()}
+        inverse = {v: k for k, v in _RELEASED_NAMES(dem).items()}
+        check_state_dict(
+            {inverse.get(k, k): v for k, v in mapped.items()}, {inverse.get(k, k): s for k, s in expected.items()}, fn,
+            hint="Keys are relative to 'spatial_embed.'; see SPEC.md 'The released code, fact by fact'.",
+        )  # fmt: skip
+        dem.load_state_dict(mapped, strict=True)
+        return dem
+
+    def released_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under the released key names (without the ``spatial_embed.`` prefix).
+
+        Only for the released configuration (shared attention, released fusion).
+
+        Example::
+
+            >>> sorted(DualPerspectiveEnhancement(32, 2).released_state_dict())[:2]
+            ['attention.linears.0.bias', 'attention.linears.0.weight']
+        """
+        if not (self.shared_attention and self.fusion.mode == "released" and self.directions == "both"):
+            raise ValueError(
+                "released_state_dict: only the released configuration (shared_attention=True, fusion='released', "
+                f"directions='both') has released key names; this module is {self.extra_repr()}."
+            )
+        return {_RELEASED_NAMES(self)[k]: v for k, v in self.state_dict().items()}
+
+
+def _RELEASED_NAMES(dem: nn.Module) -> dict[str, str]:  # noqa: N802 - a table, not a function to call often
+    return {k: (k[len("fusion.") :] if k.startswith("fusion.") else k) for k in dem.state_dict()}
