@@ -293,3 +293,18 @@ def test_window_cross_attention_module_triton_vs_sdpa():
         results[backend] = [out.detach()] + [p.grad.clone() for p in attn.parameters()]
     for got, want in zip(results["triton"], results["sdpa"]):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_dem_end_to_end_triton_vs_sdpa():
+    # Both directions of the released DEM (fusion + reduction) through the kernel vs through SDPA.
+    dem = hrperc.dem.DualPerspectiveEnhancement(dim=32, heads=2, skip_unread=False, reduction="avg").to(DEVICE)
+    loc, glo = (torch.randn(2 * 4, 9, 32, device=DEVICE) for _ in range(2))
+    results = {}
+    for backend in ("triton", "sdpa"):
+        dem.zero_grad()
+        out = dem(loc, glo, (2, 2), backend=backend)
+        out.square().mean().backward()
+        results[backend] = [out.detach()] + [p.grad.clone() for p in dem.parameters() if p.grad is not None]
+    assert len(results["triton"]) == len(results["sdpa"]) > 8
+    for got, want in zip(results["triton"], results["sdpa"]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
