@@ -27,6 +27,7 @@ from .crop import (
 )
 from .dem import DualPerspectiveEnhancement
 from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop, candidate_grids, select_grid
+from .encoder import EncoderOutput, HighResEncoder, TokenSegment
 from .fusion import Fusion
 from .kernels import HAS_TRITON, triton_window_attention  # also registers the "triton" attention backend
 from .projector import build_projector, load_inf_llava_projector
@@ -58,6 +59,10 @@ __all__ = [
     "VisionBackbone",
     "create_encoder",
     "wrap_backbone",
+    # drop-in high-resolution encoder
+    "HighResEncoder",
+    "EncoderOutput",
+    "TokenSegment",
     # fused Triton kernel (lazy: triton is imported on first use)
     "kernels",
     "HAS_TRITON",

@@ -1,0 +1,515 @@
+"""Drop-in high-resolution vision tower: images of any size in, visual tokens ``(B, T, D)`` out.
+
+:class:`HighResEncoder` chains the whole INF-LLaVA front end around any :class:`VisionBackbone`::
+
+    images --DualPerspectiveCrop--> N local + N strided sub-images (+ 1 thumbnail) per image
+           --backbone, ONE batched pass in chunks of max_batch-->  (sub-images, ht*wt, D) patch tokens
+           --DualPerspectiveEnhancement (per grid)-->  DEM tokens (B, T_dem, D)
+           --combine with the thumbnail tokens-->      tokens (B, T, D)
+
+Token accounting, with ``(ht, wt) = tile_size // patch`` and ``T_dem = dem.num_tokens(grid, tile)``
+(``= ht*wt`` for the released bilinear reduction):
+
+==============  ==================================  ===========================================
+``combine``     with a DEM                          without a DEM (``dem=None``)
+==============  ==================================  ===========================================
+``"mean"``      ``ht*wt`` (needs ``T_dem = ht*wt``)  refused (nothing of the same shape to average)
+``"concat"``    ``ht*wt + T_dem`` ([thumb, DEM])     ``ht*wt + 2*N*ht*wt`` ([thumb, local, global])
+``"none"``      ``T_dem``                            ``2*N*ht*wt`` ([local map, global map])
+==============  ==================================  ===========================================
+
+(``thumbnail=False`` drops the ``ht*wt`` thumbnail term; "local map"/"global map" are the sub-image
+tokens put back in image order by :func:`~hrperc.local_merge` / :func:`~hrperc.stride_merge`.)
+:meth:`HighResEncoder.num_tokens` returns exactly this ``T`` for an ``(H, W)`` image.
+
+Footprint-aware: the DEM's :meth:`required_subimages` says which sub-images its reduction can read
+at all; the others are never encoded and their features are zeros, which gives identical tokens
+(SPEC.md: the released 3x3 reduction reads only the centre strided sub-image, so 11 ViT passes replace
+19). ``encode_all=True`` encodes everything.
+
+Pixels: float tensors are taken as RGB in ``[0, 1]``, uint8 tensors and PIL images are converted to
+that; cropping and resizing happen in ``[0, 1]`` space (``fill`` is a ``[0, 1]`` value) and the
+backbone's ``mean``/``std`` normalization is applied to the sub-image stack right before the ViT.
+
+Example::
+
+    >>> import torch, hrperc
+    >>> from timm.models.vision_transformer import VisionTransformer
+    >>> vit = VisionTransformer(img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2)
+    >>> enc = hrperc.HighResEncoder(vit, grid=(3, 3), dem="default", combine="mean")
+    >>> out = enc(torch.rand(2, 3, 90, 80))
+    >>> out.tokens.shape, enc.num_tokens((90, 80))
+    (torch.Size([2, 16, 32]), 16)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import VisionBackbone, create_encoder, wrap_backbone
+from .crop import local_merge, stride_merge
+from .dual_crop import CropGeometry, DualPerspectiveCrop
+
+__all__ = ["HighResEncoder", "EncoderOutput", "TokenSegment", "to_pixels"]
+
+_COMBINES = ("mean", "concat", "none")
+
+
+@dataclass(frozen=True)
+class TokenSegment:
+    """A run of tokens in one image's output: ``tokens[b, start:stop]`` is a ``shape`` = ``(rows, cols)``
+    row-major map (``None`` when the DEM's output is not a map) coming from ``source``."""
+
+    source: str
+    start: int
+    stop: int
+    shape: tuple[int, int] | None
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class EncoderOutput:
+    """What :class:`HighResEncoder` returns.
+
+    ``tokens``: ``(B, T, D)``, images with fewer tokens zero-padded at the end; ``token_mask``:
+    ``(B, T)`` bool, True on real tokens (all True unless the batch is ragged); ``num_tokens``: ``T_b``
+    per image; ``grids``: ``(gh, gw)`` per image; ``geometries``: :class:`CropGeometry` per image;
+    ``layout``: per image, the :class:`TokenSegment` runs that make up its tokens; ``valid_masks``: per
+    image, ``(gh*ht, gw*wt)`` bool, True where a canvas token covers image pixels (False on padding
+    from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)`` or ``None``;
+    ``encoded``: how many sub-images went through the ViT and how many were skipped;
+    ``timings``: seconds per stage when ``forward(..., timings=True)``.
+    """
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    num_tokens: list[int]
+    grids: list[tuple[int, int]]
+    geometries: list[CropGeometry]
+    layout: list[tuple[TokenSegment, ...]]
+    valid_masks: list[torch.Tensor]
+    thumbnail_tokens: torch.Tensor | None = None
+    encoded: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+def _one_to_pixels(img, name: str) -> torch.Tensor:
+    fn = "HighResEncoder"
+    if not isinstance(img, torch.Tensor):
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - Pillow is a dependency
+            Image = None
+        if Image is not None and isinstance(img, Image.Image):
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        if isinstance(img, np.ndarray):
+            raise TypeError(
+                f"{fn}: {name} is a numpy array; convert it with torch.from_numpy(a).permute(2, 0, 1) "
+                f"(HWC -> CHW) first."
+            )
+        raise TypeError(f"{fn}: {name} is a {type(img).__name__}; pass a tensor (C, H, W) or a PIL image.")
+    if img.ndim != 3:
+        raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; expected one image (C, H, W).")
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    if img.shape[0] != 3:
+        raise ValueError(
+            f"{fn}: {name} has {img.shape[0]} channels (shape {tuple(img.shape)}); expected RGB (3, H, W). "
+            f"Drop the alpha channel (img[:3]) or convert the image to RGB."
+        )
+    if img.dtype == torch.uint8:
+        return img.float().div_(255.0)
+    if not img.is_floating_point():
+        raise TypeError(f"{fn}: {name} has dtype {img.dtype}; pass float images in [0, 1] or uint8 in [0, 255].")
+    return img
+
+
+def to_pixels(images) -> torch.Tensor | list[torch.Tensor]:
+    """Images as float RGB in ``[0, 1]``: a ``(B, 3, H, W)`` tensor, or a list of ``(3, H, W)`` tensors.
+
+    Accepts ``(B, C, H, W)`` / ``(C, H, W)`` float (taken as ``[0, 1]``) or uint8 tensors, PIL images, and
+    lists mixing them (sizes may differ). One-channel images are repeated to RGB.
+    """
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise ValueError("HighResEncoder: images has batch size 0; pass at least one image.")
+        first = _one_to_pixels(images[0], "images[0]")  # validates channels and dtype
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return images.expand(-1, 3, -1, -1) if first.shape[0] == 3 and images.shape[1] == 1 else images
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if len(images) == 0:
+            raise ValueError("HighResEncoder: images is an empty list; pass at least one image.")
+        return [_one_to_pixels(img, f"images[{b}]") for b, img in enumerate(images)]
+    return _one_to_pixels(images, "images").unsqueeze(0)
+
+
+# --- the module ------------------------------------------------------------------------------------
+def _default_heads(dim: int) -> int:
+    for heads in (8, 4, 2, 1):
+        if dim % heads == 0:
+            return heads
+    return 1  # pragma: no cover
+
+
+class HighResEncoder(nn.Module):
+    """High-resolution encoder around any ViT backbone (see module docs for the pipeline and ``T``).
+
+    Args:
+        backbone: a :class:`VisionBackbone`, a timm / open_clip / transformers ViT (wrapped with
+            :func:`wrap_backbone`), or a :func:`create_encoder` name such as ``"open_clip:ViT-L-14-336"``.
+        grid: ``(gh, gw)``, ``"auto"`` (best fit under ``max_tiles``) or ``"floor"`` (the paper's rule).
+        max_tiles, min_tiles, fit, mode, antialias, fill, auto_rule: the cropping policy, see
+            :class:`DualPerspectiveCrop`; tiles are the backbone's native ``image_size``.
+        thumbnail: also encode the whole image resized to one tile.
+        dem: a :class:`DualPerspectiveEnhancement`, ``"default"`` (a fresh one of the backbone's width with
+            the released configuration), or ``None`` (no enhancement; the sub-image tokens are returned).
+        combine: ``"mean"``, ``"concat"`` or ``"none"`` (see the token table).
+        layer: backbone layer (default: the backbone's, -2).
+        max_batch: at most this many sub-images per backbone call.
+        encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
+        train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
+        grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
+
+    Input: one image, a ``(B, C, H, W)`` batch, or a list (ragged sizes welcome) of float ``[0, 1]`` /
+    uint8 tensors or PIL images. Output: :class:`EncoderOutput`.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        grid=(3, 3),
+        max_tiles: int = 9,
+        min_tiles: int = 1,
+        thumbnail: bool = True,
+        dem="default",
+        combine: str = "mean",
+        layer: int | None = None,
+        max_batch: int = 32,
+        encode_all: bool = False,
+        train_backbone: bool = False,
+        grad_checkpointing: bool = False,
+        fit: str = "resize",
+        mode: str = "bicubic",
+        antialias: bool = True,
+        fill: float = 0.0,
+        auto_rule: str = "resolution",
+    ) -> None:
+        super().__init__()
+        fn = "HighResEncoder"
+        if isinstance(backbone, str):
+            backbone = create_encoder(backbone)
+        self.backbone: VisionBackbone = wrap_backbone(backbone)
+        if combine not in _COMBINES:
+            raise ValueError(f"{fn}: combine={combine!r} is not one of {_COMBINES}.")
+        if dem is None and combine == "mean":
+            raise ValueError(
+                f"{fn}: combine='mean' averages the DEM's tokens with the thumbnail's, but dem=None. Pass "
+                f"dem='default' (or a DualPerspectiveEnhancement), or combine='concat'/'none'."
+            )
+        if combine == "mean" and not thumbnail:
+            raise ValueError(
+                f"{fn}: combine='mean' averages with the thumbnail's tokens, but thumbnail=False. Pass "
+                f"thumbnail=True or combine='none'."
+            )
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"{fn}: max_batch={max_batch!r}; must be an integer >= 1 (sub-images per ViT call).")
+        if layer is not None:
+            from .backbones.base import resolve_layer
+
+            resolve_layer(layer, self.backbone.num_layers, fn)
+        self.layer = self.backbone.layer if layer is None else int(layer)
+        self.crop = DualPerspectiveCrop(
+            grid=grid,
+            tile_size=self.backbone.image_size,
+            max_tiles=max_tiles,
+            min_tiles=min_tiles,
+            fit=fit,
+            mode=mode,
+            antialias=antialias,
+            fill=fill,
+            thumbnail=thumbnail,
+            auto_rule=auto_rule,
+        )
+        if isinstance(dem, str) and dem == "default":
+            from .dem import DualPerspectiveEnhancement
+
+            dem = DualPerspectiveEnhancement(self.backbone.hidden_size, heads=_default_heads(self.backbone.hidden_size))
+        elif dem is not None and not isinstance(dem, nn.Module):
+            raise TypeError(
+                f"{fn}: dem={type(dem).__name__}; pass a DualPerspectiveEnhancement, 'default' or None. To load "
+                f"released weights use DualPerspectiveEnhancement.from_inf_llava(path)."
+            )
+        self.dem = dem
+        self.combine = combine
+        self.thumbnail = bool(thumbnail)
+        self.max_batch = max_batch
+        self.encode_all = bool(encode_all)
+        self.train_backbone = bool(train_backbone)
+        self.backbone.requires_grad_(self.train_backbone)
+        self.backbone.set_grad_checkpointing(bool(grad_checkpointing))
+        if not self.train_backbone:
+            self.backbone.eval()
+
+    # --- presets ---------------------------------------------------------------------------------
+    @classmethod
+    def inf_llava(cls, backbone, dem=None, **overrides) -> HighResEncoder:
+        """The released INF-LLaVA front end: 3x3 grid of native tiles (1008 px for ViT-L/14-336),
+        bicubic resizing without antialias (thumbnail included), layer -2, released DEM, mean with the
+        thumbnail: 576 tokens for ViT-L/14-336.
+
+        ``dem``: ``None`` (a fresh released-configuration DEM), a :class:`DualPerspectiveEnhancement`,
+        or a released checkpoint (state dict or path) for ``DualPerspectiveEnhancement.from_inf_llava``.
+
+        Example::
+
+            >>> enc = HighResEncoder.inf_llava(hrperc.create_encoder("open_clip:ViT-L-14-336"))  # doctest: +SKIP
+            >>> enc.num_tokens((1008, 1008))                                                      # doctest: +SKIP
+            576
+        """
+        from .dem import DualPerspectiveEnhancement
+
+        if isinstance(backbone, str):
+            backbone = create_encoder(backbone)
+        backbone = wrap_backbone(backbone)
+        if dem is None:
+            dem = DualPerspectiveEnhancement(backbone.hidden_size, heads=_default_heads(backbone.hidden_size))
+        elif not isinstance(dem, nn.Module):
+            dem = DualPerspectiveEnhancement.from_inf_llava(dem)
+        kw = dict(
+            grid=(3, 3),
+            max_tiles=9,
+            thumbnail=True,
+            dem=dem,
+            combine="mean",
+            layer=-2,
+            fit="resize",
+            mode="bicubic",
+            antialias=False,
+        )
+        kw.update(overrides)
+        return cls(backbone, **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"combine={self.combine!r}, thumbnail={self.thumbnail}, layer={self.layer}, "
+            f"max_batch={self.max_batch}, encode_all={self.encode_all}, train_backbone={self.train_backbone}"
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()  # a frozen backbone stays in inference mode (dropout, norms)
+        return self
+
+    # --- geometry and accounting -----------------------------------------------------------------
+    @property
+    def tile_tokens(self) -> tuple[int, int]:
+        """``(ht, wt)``: tokens per sub-image side."""
+        return self.backbone.grid_size
+
+    def _dem_tokens(self, grid) -> int:
+        return int(self.dem.num_tokens(grid, self.tile_tokens))
+
+    def _check_mean(self, grid) -> None:
+        ht, wt = self.tile_tokens
+        if self.combine == "mean" and self._dem_tokens(grid) != ht * wt:
+            raise ValueError(
+                f"HighResEncoder: combine='mean' needs the DEM to return {ht * wt} tokens (one per thumbnail "
+                f"token) but at grid {tuple(grid)} it returns {self._dem_tokens(grid)}. Use a DEM reduction "
+                f"back to ({ht}, {wt}) or combine='concat'."
+            )
+
+    def _layout(self, grid) -> tuple[TokenSegment, ...]:
+        ht, wt = self.tile_tokens
+        gh, gw = grid
+        per = ht * wt
+        segs: list[tuple[str, int, tuple[int, int] | None]] = []
+        if self.dem is not None:
+            self._check_mean(grid)
+            t = self._dem_tokens(grid)
+            shape = (ht, wt) if t == per else (gh * ht, gw * wt) if t == gh * gw * per else None
+            if self.combine == "mean":
+                segs.append(("mean(thumbnail, dem)", t, shape))
+            else:
+                if self.combine == "concat" and self.thumbnail:
+                    segs.append(("thumbnail", per, (ht, wt)))
+                segs.append(("dem", t, shape))
+        else:
+            if self.combine == "concat" and self.thumbnail:
+                segs.append(("thumbnail", per, (ht, wt)))
+            segs.append(("local", gh * gw * per, (gh * ht, gw * wt)))
+            segs.append(("global", gh * gw * per, (gh * ht, gw * wt)))
+        out, start = [], 0
+        for name, n, shape in segs:
+            out.append(TokenSegment(name, start, start + n, shape))
+            start += n
+        return tuple(out)
+
+    def plan(self, image_size) -> CropGeometry:
+        """The :class:`CropGeometry` an ``(H, W)`` image gets (grid, canvas, valid box); no pixels."""
+        return self.crop.plan(image_size)
+
+    def num_tokens(self, image_size) -> int:
+        """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (see the module table)."""
+        return self._layout(self.plan(image_size).grid)[-1].stop
+
+    def required_subimages(self, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(local_needed, global_needed)``, two ``(N,)`` bool masks of the sub-images that are encoded."""
+        n = grid[0] * grid[1]
+        if self.dem is None or self.encode_all:
+            return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+        local, glob = self.dem.required_subimages(tuple(grid), self.tile_tokens)
+        return torch.as_tensor(local, dtype=torch.bool).cpu(), torch.as_tensor(glob, dtype=torch.bool).cpu()
+
+    def num_backbone_passes(self, image_size) -> int:
+        """Sub-images of one ``(H, W)`` image that go through the ViT (``2N+1`` when nothing is skipped)."""
+        local, glob = self.required_subimages(self.plan(image_size).grid)
+        return int(local.sum()) + int(glob.sum()) + int(self.thumbnail)
+
+    # --- the ViT -----------------------------------------------------------------------------------
+    def encode_subimages(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(S, 3, h, w)`` pixels in ``[0, 1]`` -> ``(S, ht*wt, D)`` tokens, in chunks of ``max_batch``."""
+        bb = self.backbone
+        chunks = pixels.split(self.max_batch)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
+            feats = [bb.features(bb.normalize(c.to(bb.device)), layer=self.layer) for c in chunks]
+        return feats[0] if len(feats) == 1 else torch.cat(feats)
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, images, timings: bool = False) -> EncoderOutput:
+        clock = _Clock(timings, self.backbone.device)
+        pixels = to_pixels(images)
+        crops = self.crop(pixels)
+        clock.lap("crop")
+
+        geos, offsets = crops.geometries, crops.offsets
+        n_total = crops.local.shape[0]
+        B = len(geos)
+        # Which sub-images are read: index lists over the whole batch's stacks (one entry per image).
+        needs = {g: self.required_subimages(g) for g in {geo.grid for geo in geos}}
+        local_idx = torch.cat([needs[geo.grid][0].nonzero().flatten() + off for geo, off in zip(geos, offsets)])
+        global_idx = torch.cat([needs[geo.grid][1].nonzero().flatten() + off for geo, off in zip(geos, offsets)])
+        all_local, all_global = len(local_idx) == n_total, len(global_idx) == n_total
+        parts = [crops.local if all_local else crops.local[local_idx.to(crops.local.device)]]
+        parts.append(crops.strided if all_global else crops.strided[global_idx.to(crops.strided.device)])
+        if self.thumbnail:
+            parts.append(crops.thumbnail)
+        stack = torch.cat(parts)
+        clock.lap("gather")
+
+        feats = self.encode_subimages(stack)  # one batched pass (chunks of max_batch) for the whole batch
+        clock.lap("backbone")
+
+        n_local, n_global = len(local_idx), len(global_idx)
+        local_feats = self._scatter(feats[:n_local], local_idx, n_total, all_local)
+        global_feats = self._scatter(feats[n_local : n_local + n_global], global_idx, n_total, all_global)
+        thumb = feats[n_local + n_global :] if self.thumbnail else None
+
+        groups = self._enhance(local_feats, global_feats, thumb, geos, offsets)
+        clock.lap("dem")
+
+        counts = [0] * B
+        for members, rows in groups:
+            for b in members:
+                counts[b] = rows.shape[1]
+        T = max(counts)
+        if len(groups) == 1:
+            tokens = groups[0][1]
+        else:  # ragged grids: pad each grid group's rows into place (a loop over groups, not images)
+            rows0 = groups[0][1]
+            tokens = rows0.new_zeros(B, T, rows0.shape[-1])
+            for members, rows in groups:
+                tokens[torch.tensor(members, device=tokens.device), : rows.shape[1]] = rows
+        count_t = torch.tensor(counts, device=tokens.device)
+        token_mask = torch.arange(T, device=tokens.device)[None, :] < count_t[:, None]
+        clock.lap("combine")
+        ph, pw = self.backbone.patch_size
+        return EncoderOutput(
+            tokens=tokens,
+            token_mask=token_mask,
+            num_tokens=counts,
+            grids=[geo.grid for geo in geos],
+            geometries=list(geos),
+            layout=[self._layout(geo.grid) for geo in geos],
+            valid_masks=[geo.valid_mask((ph, pw)) for geo in geos],
+            thumbnail_tokens=thumb,
+            encoded={"encoded": int(stack.shape[0]), "skipped": 2 * n_total - n_local - n_global},
+            timings=clock.times,
+        )
+
+    @staticmethod
+    def _scatter(feats: torch.Tensor, idx: torch.Tensor, n: int, complete: bool) -> torch.Tensor:
+        """Encoded features back at their stack positions; skipped sub-images read as zeros."""
+        if complete:
+            return feats
+        full = feats.new_zeros(n, *feats.shape[1:])
+        return full.index_copy(0, idx.to(feats.device), feats)
+
+    def _enhance(self, local_feats, global_feats, thumb, geos, offsets):
+        """``[(members, tokens (len(members), T_g, D))]``, one entry per distinct grid in the batch.
+
+        Images sharing a grid go through the DEM (and the combine) together: a uniform batch is one call.
+        """
+        ht, wt = self.tile_tokens
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for b, geo in enumerate(geos):
+            by_grid.setdefault(geo.grid, []).append(b)
+        out = []
+        for grid, members in by_grid.items():
+            n = grid[0] * grid[1]
+            if len(members) == len(geos):
+                loc, glo, th = local_feats, global_feats, thumb
+            else:
+                idx = torch.cat([torch.arange(offsets[b], offsets[b] + n) for b in members]).to(local_feats.device)
+                loc, glo = local_feats[idx], global_feats[idx]
+                th = None if thumb is None else thumb[torch.tensor(members, device=thumb.device)]
+            if self.dem is not None:
+                self._check_mean(grid)
+                dtype = next(self.dem.parameters()).dtype
+                hi = self.dem(loc.to(dtype), glo.to(dtype), grid, tile_size=(ht, wt))
+            else:
+                D = loc.shape[-1]
+                loc_map = local_merge(loc.reshape(-1, ht, wt, D), grid, layout="nhwc")
+                glo_map = stride_merge(glo.reshape(-1, ht, wt, D), grid, layout="nhwc")
+                hi = torch.cat([loc_map.flatten(1, 2), glo_map.flatten(1, 2)], dim=1)
+            out.append((members, self._combine(hi, th)))
+        return out
+
+    def _combine(self, hi: torch.Tensor, thumb: torch.Tensor | None) -> torch.Tensor:
+        """``hi`` ``(b, T_hi, D)`` and ``thumb`` ``(b, ht*wt, D)`` -> ``(b, T, D)`` by ``combine``."""
+        if self.combine == "mean":
+            return (hi + thumb.to(hi.dtype)) / 2
+        if self.combine == "concat" and thumb is not None:
+            return torch.cat([thumb.to(hi.dtype), hi], dim=1)
+        return hi
+
+
+class _Clock:
+    """Stage timings for ``forward(timings=True)``; synchronizes CUDA so the numbers mean something."""
+
+    def __init__(self, enabled: bool, device) -> None:
+        self.enabled, self.device, self.times = enabled, torch.device(device), {}
+        self._last = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.times[name] = self.times.get(name, 0.0) + now - self._last
+            self._last = now
