@@ -192,6 +192,8 @@ def test_errors_name_argument_value_and_fix():
         call(q, q.half(), q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
     with pytest.raises(TypeError, match=r"dtype torch.int64"):
         call(q.long(), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+    with pytest.raises(ValueError, match=r"do not split into N = gh\*gw = 4 windows"):
+        call(q[:1, :7], q, q, (2, 2), window="strided", q_order="map", kv_order="contiguous")
     with pytest.raises(ValueError, match=r"q has shape \(4, 9, 32\)"):
         call(q.flatten(2), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
 
@@ -231,6 +233,15 @@ def test_inf_llava_size_bf16(window):
     # n=3 (grid 3x3), 24x24 tokens per window, 8 heads x 128: ~40 s per direction in the interpreter.
     q_order, kv_order = ("contiguous", "strided") if window == "strided" else ("strided", "contiguous")
     _check_fwd_bwd((3, 3), (24, 24), 8, 128, torch.bfloat16, window, q_order, kv_order, "map", batch=1)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_gpu():
+    # The interpreter does not prove a GPU compile: run Triton's real sm_90 pipeline (ptxas included)
+    # ahead of time and check shared memory. Full sweep over every autotune config: drop --quick.
+    script = os.path.join(os.path.dirname(__file__), "_compile_sm90.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
 @pytest.mark.cuda

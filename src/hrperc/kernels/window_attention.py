@@ -598,6 +598,11 @@ _window_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup
 
 def _resolve_tile_size(q, grid, q_order, tile_size, fn):
     n = grid[0] * grid[1]
+    if q_order == "map" and q.shape[1] % n != 0:
+        raise ValueError(
+            f"{fn}: q has shape {tuple(q.shape)} in 'map' order, but its {q.shape[1]} tokens do not split into "
+            f"N = gh*gw = {n} windows. Pass the grid the map was recombined with."
+        )
     tokens = q.shape[1] // n if q_order == "map" else q.shape[1]
     if tile_size is not None:
         return as_pair(tile_size, "tile_size", fn)
