@@ -54,9 +54,9 @@ from torch import nn
 
 from .backbones import VisionBackbone, create_encoder, wrap_backbone
 from .crop import local_merge, stride_merge
-from .dual_crop import CropGeometry, DualPerspectiveCrop
+from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop
 
-__all__ = ["HighResEncoder", "EncoderOutput", "TokenSegment", "to_pixels"]
+__all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment", "to_pixels"]
 
 _COMBINES = ("mean", "concat", "none")
 
@@ -74,6 +74,18 @@ class TokenSegment:
     @property
     def length(self) -> int:
         return self.stop - self.start
+
+
+@dataclass
+class SubimageFeatures:
+    """ViT tokens of all sub-images of a batch (see :meth:`HighResEncoder.subimage_features`)."""
+
+    local: torch.Tensor
+    strided: torch.Tensor
+    thumbnail: torch.Tensor | None
+    crops: DualCrops
+    encoded: int
+    skipped: int
 
 
 @dataclass
@@ -365,10 +377,11 @@ class HighResEncoder(nn.Module):
         """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (see the module table)."""
         return self._layout(self.plan(image_size).grid)[-1].stop
 
-    def required_subimages(self, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    def required_subimages(self, grid, encode_all: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local_needed, global_needed)``, two ``(N,)`` bool masks of the sub-images that are encoded."""
         n = grid[0] * grid[1]
-        if self.dem is None or self.encode_all:
+        everything = self.encode_all if encode_all is None else encode_all
+        if self.dem is None or everything:
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
         local, glob = self.dem.required_subimages(tuple(grid), self.tile_tokens)
         return torch.as_tensor(local, dtype=torch.bool).cpu(), torch.as_tensor(glob, dtype=torch.bool).cpu()
@@ -388,17 +401,21 @@ class HighResEncoder(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     # --- forward -----------------------------------------------------------------------------------
-    def forward(self, images, timings: bool = False) -> EncoderOutput:
-        clock = _Clock(timings, self.backbone.device)
-        pixels = to_pixels(images)
-        crops = self.crop(pixels)
-        clock.lap("crop")
+    def subimage_features(self, images, encode_all: bool | None = None, _clock=None) -> SubimageFeatures:
+        """Crop and encode only: the ViT tokens of every sub-image, before any enhancement.
 
+        ``local``/``strided``: ``(sum_b N_b, ht*wt, D)`` in ``local_crop``/``stride_crop`` order (image ``b``
+        at ``crops.offsets[b]``), zeros for sub-images that were skipped; ``thumbnail``: ``(B, ht*wt, D)``.
+        ``encode_all`` overrides the module's setting.
+        """
+        clock = _clock or _Clock(False, self.backbone.device)
+        everything = self.encode_all if encode_all is None else bool(encode_all)
+        crops = self.crop(to_pixels(images))
+        clock.lap("crop")
         geos, offsets = crops.geometries, crops.offsets
         n_total = crops.local.shape[0]
-        B = len(geos)
         # Which sub-images are read: index lists over the whole batch's stacks (one entry per image).
-        needs = {g: self.required_subimages(g) for g in {geo.grid for geo in geos}}
+        needs = {g: self.required_subimages(g, everything) for g in {geo.grid for geo in geos}}
         local_idx = torch.cat([needs[geo.grid][0].nonzero().flatten() + off for geo, off in zip(geos, offsets)])
         global_idx = torch.cat([needs[geo.grid][1].nonzero().flatten() + off for geo, off in zip(geos, offsets)])
         all_local, all_global = len(local_idx) == n_total, len(global_idx) == n_total
@@ -413,10 +430,21 @@ class HighResEncoder(nn.Module):
         clock.lap("backbone")
 
         n_local, n_global = len(local_idx), len(global_idx)
-        local_feats = self._scatter(feats[:n_local], local_idx, n_total, all_local)
-        global_feats = self._scatter(feats[n_local : n_local + n_global], global_idx, n_total, all_global)
-        thumb = feats[n_local + n_global :] if self.thumbnail else None
+        return SubimageFeatures(
+            local=self._scatter(feats[:n_local], local_idx, n_total, all_local),
+            strided=self._scatter(feats[n_local : n_local + n_global], global_idx, n_total, all_global),
+            thumbnail=feats[n_local + n_global :] if self.thumbnail else None,
+            crops=crops,
+            encoded=int(stack.shape[0]),
+            skipped=2 * n_total - n_local - n_global,
+        )
 
+    def forward(self, images, timings: bool = False) -> EncoderOutput:
+        """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA)."""
+        clock = _Clock(timings, self.backbone.device)
+        sub = self.subimage_features(images, _clock=clock)
+        geos, offsets = sub.crops.geometries, sub.crops.offsets
+        local_feats, global_feats, thumb, B = sub.local, sub.strided, sub.thumbnail, len(geos)
         groups = self._enhance(local_feats, global_feats, thumb, geos, offsets)
         clock.lap("dem")
 
@@ -445,7 +473,7 @@ class HighResEncoder(nn.Module):
             layout=[self._layout(geo.grid) for geo in geos],
             valid_masks=[geo.valid_mask((ph, pw)) for geo in geos],
             thumbnail_tokens=thumb,
-            encoded={"encoded": int(stack.shape[0]), "skipped": 2 * n_total - n_local - n_global},
+            encoded={"encoded": sub.encoded, "skipped": sub.skipped},
             timings=clock.times,
         )
 
