@@ -505,10 +505,9 @@ class DualPerspectiveEnhancement(nn.Module):
         dem = cls(w.shape[1], heads, device=device, dtype=dtype, **overrides)
         mapped = {("fusion." + k if k.split(".")[0] in ("ffn_crop", "ffn_stride", "ln_fuse") else k): v
                   for k, v in sd.items()}  # fmt: skip
-        expected = {k: v.shape for k, v in dem.state_dict().items()}
-        inverse = {v: k for k, v in _RELEASED_NAMES(dem).items()}
+        names = _RELEASED_NAMES(dem)  # module key -> released key, so messages use the checkpoint's names
         check_state_dict(
-            {inverse.get(k, k): v for k, v in mapped.items()}, {inverse.get(k, k): s for k, s in expected.items()}, fn,
+            sd, {names[k]: v.shape for k, v in dem.state_dict().items()}, fn,
             hint="Keys are relative to 'spatial_embed.'; see SPEC.md 'The released code, fact by fact'.",
         )  # fmt: skip
         dem.load_state_dict(mapped, strict=True)

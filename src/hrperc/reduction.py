@@ -1,6 +1,7 @@
 """Token reduction of an enhanced map back to a ViT-sized token grid (INF-LLaVA eq. 7), and its footprint.
 
-Modes (all from ``(B, Ht, Wt, D)`` to ``(B, oh*ow, D)`` row-major, computed in float32 and cast back):
+Modes (all from ``(B, Ht, Wt, D)`` to ``(B, oh*ow, D)`` row-major, computed in float32 -- float64 for
+float64 inputs -- and cast back):
 
 =============  ==============================================================================
 ``bilinear``   released: ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``
@@ -183,7 +184,7 @@ def reduce_tokens(x: torch.Tensor, size=None, mode: ReductionMode = "bilinear") 
         _check_sizes(n_in, n_out, mode, fn, axis)
     if mode == "none":
         return x.reshape(b, ht * wt, d)
-    y = x.permute(0, 3, 1, 2).float()
+    y = x.permute(0, 3, 1, 2).to(_compute_dtype(x))
     if mode == "bilinear":
         y = F.interpolate(y, size=(oh, ow), mode="bilinear", align_corners=False, antialias=False)
     elif mode == "avg":
@@ -257,10 +258,15 @@ def apply_reduction_plan(read: torch.Tensor, plan: ReductionPlan) -> torch.Tenso
     """
     b, _, d = read.shape
     nr, nc = len(plan.rows), len(plan.cols)
-    x = read.reshape(b, nr, nc, d).float()
+    x = read.reshape(b, nr, nc, d).to(_compute_dtype(read))
     x = _taps(x, plan.col_idx, plan.col_w, dim=2)
     x = _taps(x, plan.row_idx, plan.row_w, dim=1)
     return x.reshape(b, plan.out_hw[0] * plan.out_hw[1], d).to(read.dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 as released (half types are upcast); float64 stays float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _taps(x: torch.Tensor, idx, w, dim: int) -> torch.Tensor:

@@ -1,0 +1,322 @@
+"""DualPerspectiveEnhancement: released parity, skipping unread work, options, dtypes, loading."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from _dem_literal import released_dem
+from _tolerance import assert_close_to_reference
+
+import hrperc
+from hrperc import DualPerspectiveEnhancement as DEM
+from hrperc.fusion import FUSIONS
+from hrperc.reduction import REDUCTIONS
+
+
+def _randomise(module, std=0.3):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+    return module
+
+
+def _feats(b, grid, t, d, dtype=torch.float32):
+    n = grid[0] * grid[1]
+    return torch.randn(b * n, t, d, dtype=dtype), torch.randn(b * n, t, d, dtype=dtype)
+
+
+def _released_weights(d, gen):
+    """Random weights in the released key layout (relative to spatial_embed.)."""
+    sd = {}
+    for i in range(4):
+        sd[f"attention.linears.{i}.weight"] = torch.randn(d, d, generator=gen) / d**0.5
+        sd[f"attention.linears.{i}.bias"] = torch.randn(d, generator=gen) * 0.1
+    for name in ("attention.ln", "ln_fuse"):
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(d, generator=gen)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(d, generator=gen)
+    for name in ("ffn_crop", "ffn_stride"):
+        sd[f"{name}.0.weight"] = torch.randn(d // 16, d, generator=gen) / d**0.5
+        sd[f"{name}.0.bias"] = torch.randn(d // 16, generator=gen) * 0.1
+        sd[f"{name}.2.weight"] = torch.randn(d // 2, d // 16, generator=gen) / (d // 16) ** 0.5
+        sd[f"{name}.2.bias"] = torch.randn(d // 2, generator=gen) * 0.1
+    return sd
+
+
+# ---- released parity ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skip_unread", [True, False])
+def test_released_parity_with_literal_implementation(skip_unread):
+    """Converted random weights, D=64, 2 heads, grid 3x3: equal to the literal per-window released math."""
+    gen = torch.Generator().manual_seed(1)
+    sd = _released_weights(64, gen)
+    full_ckpt = {"model.spatial_embed." + k: v for k, v in sd.items()}
+    full_ckpt["model.mm_projector.0.weight"] = torch.randn(8, 64)  # other modules' keys are ignored
+    full_ckpt["model.layers.0.mlp.weight"] = torch.randn(3, 3)
+    dem = DEM.from_inf_llava(full_ckpt, heads=2, skip_unread=skip_unread)
+    loc, glo = _feats(2, (3, 3), 36, 64)
+    out = dem(loc, glo, (3, 3))
+    ref = released_dem(loc, glo, (3, 3), sd, heads=2)
+    assert out.shape == (2, 36, 64)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("grid,tile,pairing", [((2, 2), 4, "released"), ((4, 4), 3, "released"),
+                                               ((3, 2), 5, "paper"), ((1, 1), 4, "released")])  # fmt: skip
+def test_parity_other_grids_and_paper_pairing(grid, tile, pairing):
+    dem = _randomise(DEM(32, 4, pairing=pairing))
+    loc, glo = _feats(2, grid, tile * tile, 32)
+    ref = released_dem(loc, glo, grid, dem.released_state_dict(), heads=4, pairing=pairing)
+    assert (dem(loc, glo, grid) - ref).abs().max().item() <= 1e-5
+
+
+def test_from_inf_llava_accepts_bare_keys_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = _released_weights(32, torch.Generator().manual_seed(2))
+    a = DEM.from_inf_llava(sd, heads=4)
+    save_file({"spatial_embed." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dem.safetensors"))
+    b = DEM.from_inf_llava(tmp_path / "dem.safetensors", heads=4)
+    torch.save({"spatial_embed." + k: v for k, v in sd.items()}, tmp_path / "dem.bin")
+    c = DEM.from_inf_llava(str(tmp_path / "dem.bin"), heads=4)
+    for m in (b, c):
+        for (k1, v1), (k2, v2) in zip(a.state_dict().items(), m.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_from_inf_llava_refuses_pickles_and_bad_dicts(tmp_path):
+    sd = _released_weights(32, torch.Generator().manual_seed(3))
+    torch.save({"spatial_embed.attention.linears.0.weight": sd["attention.linears.0.weight"], "x": _Opaque()},
+               tmp_path / "evil.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        DEM.from_inf_llava(str(tmp_path / "evil.pt"), heads=4)
+    missing = {k: v for k, v in sd.items() if k != "ln_fuse.bias"}
+    with pytest.raises(ValueError, match=r"missing keys \['ln_fuse.bias'\]"):
+        DEM.from_inf_llava(missing, heads=4)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
+        DEM.from_inf_llava({**sd, "extra.weight": torch.zeros(1)}, heads=4)
+    bad = dict(sd)
+    bad["ffn_crop.2.weight"] = torch.zeros(16, 3)
+    with pytest.raises(ValueError, match=r"ffn_crop.2.weight: checkpoint \(16, 3\) vs module \(16, 2\)"):
+        DEM.from_inf_llava(bad, heads=4)
+    with pytest.raises(ValueError, match="attention.linears.0.weight"):
+        DEM.from_inf_llava({"foo": torch.zeros(2)})
+    with pytest.raises(ValueError, match="fusion= cannot be overridden"):
+        DEM.from_inf_llava(sd, heads=4, fusion="add")
+
+
+class _Opaque:
+    pass
+
+
+# ---- skipping unread work -------------------------------------------------------------------------
+
+CONFIGS = [
+    dict(),
+    dict(pairing="paper"),
+    dict(shared_attention=False),
+    dict(residual_norm=False, fusion="linear_concat"),
+    dict(directions="global"),
+    dict(directions="local", pairing="paper"),
+    dict(directions="none", fusion="add"),
+    dict(fusion="weighted_add", reduction="avg"),
+    dict(fusion="multiply", reduction="area", output_size=(3, 2)),
+    dict(fusion="maxpool", output_size=(2, 5)),
+    dict(fusion="conv3x3"),
+    dict(reduction="none"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "released")
+@pytest.mark.parametrize("grid", [(3, 3), (2, 4)])
+def test_skip_equals_full_and_unrequired_subimages_are_never_read(cfg, grid):
+    dem = _randomise(DEM(32, 2, **cfg))
+    loc, glo = _feats(2, grid, 16, 32)
+    fast = dem(loc, glo, grid)
+    dem.skip_unread = False
+    full = dem(loc, glo, grid)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    dem.skip_unread = True
+    need_loc, need_glo = dem.required_subimages(grid, (4, 4))
+    n = grid[0] * grid[1]
+    junk_loc, junk_glo = loc.clone().view(2, n, 16, 32), glo.clone().view(2, n, 16, 32)
+    junk_loc[:, ~need_loc] = 1e3 * torch.randn_like(junk_loc[:, ~need_loc])
+    junk_glo[:, ~need_glo] = 0.0
+    assert torch.equal(dem(junk_loc.view_as(loc), junk_glo.view_as(glo), grid), fast)
+    dem.skip_unread = False
+    torch.testing.assert_close(dem(junk_loc.view_as(loc), junk_glo.view_as(glo), grid), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "grid,expect_glo",
+    [((3, 3), [4]), ((5, 5), [12]), ((4, 4), [5, 6, 9, 10]), ((2, 2), [0, 1, 2, 3])],
+)
+def test_required_subimages_released_values(grid, expect_glo):
+    dem = DEM(32, 2)
+    need_loc, need_glo = dem.required_subimages(grid, (24, 24))
+    assert need_loc.all()
+    assert need_glo.nonzero().flatten().tolist() == expect_glo
+
+
+def test_required_subimages_are_tight_and_avg_needs_all():
+    """Each required strided sub-image does change the output (the set is not just 'everything')."""
+    dem = _randomise(DEM(32, 2))
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    base = dem(loc, glo, (3, 3))
+    for k in range(9):
+        g = glo.clone()
+        g[k] += 1.0
+        changed = not torch.equal(dem(loc, g, (3, 3)), base)
+        assert changed == (k == 4)
+    assert all(m.all() for m in DEM(32, 2, reduction="avg").required_subimages((3, 3), (4, 4)))
+
+
+def test_num_tokens_and_documented_shapes():
+    grid, t = (2, 3), 16
+    loc, glo = _feats(2, grid, t, 32)
+    for fusion, reduction in itertools.product(FUSIONS, REDUCTIONS):
+        dem = DEM(32, 4, fusion=fusion, reduction=reduction)
+        out = dem(loc, glo, grid)
+        expect = 8 * 12 if reduction == "none" else 16
+        assert out.shape == (2, expect, 32) == (2, dem.num_tokens(grid, (4, 4)), 32), (fusion, reduction)
+    assert DEM(32, 4, reduction="area", output_size=(3, 5))(loc, glo, grid).shape == (2, 15, 32)
+    assert DEM(32, 4).num_tokens((3, 3), (24, 24)) == 576
+
+
+def test_non_square_tiles_need_tile_size():
+    dem = _randomise(DEM(32, 2))
+    loc, glo = _feats(1, (2, 2), 12, 32)
+    out = dem(loc, glo, (2, 2), tile_size=(3, 4))
+    assert out.shape == (1, 12, 32)
+    dem.skip_unread = False
+    torch.testing.assert_close(dem(loc, glo, (2, 2), tile_size=(3, 4)), out, rtol=1e-5, atol=1e-5)
+
+
+# ---- properties -----------------------------------------------------------------------------------
+
+
+def test_batch_permutation_permutes_outputs():
+    dem = _randomise(DEM(32, 2))
+    loc, glo = _feats(3, (2, 2), 9, 32)
+    out = dem(loc, glo, (2, 2))
+    perm = torch.tensor([2, 0, 1])
+    idx = (perm[:, None] * 4 + torch.arange(4)).flatten()
+    torch.testing.assert_close(dem(loc[idx], glo[idx], (2, 2)), out[perm])
+
+
+def test_pairings_differ_on_asymmetric_inputs():
+    released = _randomise(DEM(32, 2, reduction="none"))
+    paper = DEM(32, 2, pairing="paper", reduction="none")
+    paper.load_state_dict(released.state_dict())
+    loc, glo = _feats(1, (2, 2), 16, 32)
+    assert (released(loc, glo, (2, 2)) - paper(loc, glo, (2, 2))).abs().max() > 1e-2
+
+
+def test_grid_1x1_is_plain_cross_attention():
+    dem = _randomise(DEM(32, 2, directions="global", fusion="add", reduction="none"))
+    loc, glo = _feats(2, (1, 1), 9, 32)
+    a = dem.attention
+    q, k, v = (a.linears[i](x).view(2, 9, 2, 16).transpose(1, 2) for i, x in ((0, glo), (1, loc), (2, loc)))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 9, 32)
+    expect = a.ln(a.linears[3](plain) + glo) + loc
+    torch.testing.assert_close(dem(loc, glo, (1, 1)), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_forward_and_grad_follow_tolerance_rule(dtype):
+    dem64 = _randomise(DEM(80, 2, skip_unread=False), std=0.1).double()  # head dim 40
+    loc, glo = _feats(1, (3, 3), 9, 80, torch.float64)
+    go = torch.randn(1, 9, 80, dtype=torch.float64)
+
+    def run(dt, skip, backend):
+        m = DEM(80, 2, skip_unread=skip).to(dt)
+        m.load_state_dict(dem64.state_dict())
+        xs = [x.detach().to(dt).requires_grad_() for x in (loc, glo)]
+        out = m(*xs, (3, 3), backend=backend)
+        out.backward(go.to(dt))
+        grads = [x.grad for x in xs] + [m.attention.linears[1].weight.grad, m.fusion.ffn_crop[0].weight.grad]
+        return out, grads
+
+    out64, g64 = run(torch.float64, False, "reference")
+    out_lp, g_lp = run(dtype, False, "reference")
+    for skip in (True, False):
+        out, g = run(dtype, skip, "sdpa")
+        assert out.dtype == dtype
+        assert_close_to_reference(out, out_lp, out64, dtype, name=f"out skip={skip}")
+        for i, (a, b, c) in enumerate(zip(g, g_lp, g64)):
+            assert_close_to_reference(a, b, c, dtype, name=f"grad {i} skip={skip}")
+
+
+def test_gradcheck_float64_tiny():
+    dem = _randomise(DEM(16, 2)).double()
+    loc, glo = (x.requires_grad_() for x in _feats(1, (2, 2), 4, 16, torch.float64))
+    assert torch.autograd.gradcheck(lambda a, b: dem(a, b, (2, 2)), (loc, glo), fast_mode=True)
+    dem.skip_unread = False
+    assert torch.autograd.gradcheck(lambda a, b: dem(a, b, (2, 2)), (loc, glo), fast_mode=True)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_torch_compile_fullgraph(skip):
+    torch._dynamo.reset()
+    dem = _randomise(DEM(32, 2, skip_unread=skip))
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    compiled = torch.compile(dem, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(loc, glo, (3, 3)), dem(loc, glo, (3, 3)))
+
+
+def test_constructor_device_and_dtype():
+    dem = DEM(32, 2, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in dem.parameters())
+    loc, glo = _feats(1, (2, 2), 4, 32, torch.float64)
+    assert dem(loc, glo, (2, 2)).dtype == torch.float64
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dim=30, heads=4), "heads=4.*dividing dim"),
+        (dict(pairing="mirror"), "pairing='mirror'"),
+        (dict(directions="up"), "directions='up'"),
+        (dict(fusion="concat"), "fusion='concat'"),
+        (dict(reduction="max"), "reduction='max'"),
+        (dict(dim=40, heads=4, fusion="released"), "multiple of 16"),
+        (dict(reduction="none", output_size=4), "output_size=4 with reduction='none'"),
+    ],
+)
+def test_bad_configurations(kw, match):
+    args = dict(dim=32, heads=2)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        DEM(**args)
+
+
+def test_bad_inputs():
+    dem = DEM(32, 2)
+    loc, glo = _feats(1, (2, 2), 16, 32)
+    with pytest.raises(ValueError, match=r"local_feats \(4, 16, 32\) and global_feats \(4, 9, 32\)"):
+        dem(loc, glo[:, :9], (2, 2))
+    with pytest.raises(ValueError, match=r"B\*N = 4 is not a positive multiple of N = 3\*3 = 9"):
+        dem(loc, glo, (3, 3))
+    with pytest.raises(ValueError, match="12 tokens per sub-image is not a perfect square"):
+        dem(loc[:, :12], glo[:, :12], (2, 2))
+    with pytest.raises(ValueError, match=r"tile_size=\(3, 3\) holds 9"):
+        dem(loc, glo, (2, 2), tile_size=(3, 3))
+    with pytest.raises(ValueError, match="D=16"):
+        dem(loc[..., :16], glo[..., :16], (2, 2))
+    with pytest.raises(ValueError, match="local_feats must be a"):
+        dem(loc[0], glo[0], (2, 2))
+    with pytest.raises(ValueError, match="mode='avg' pools by an integer factor"):
+        DEM(32, 2, reduction="avg", output_size=3)(loc, glo, (2, 2))
+
+
+def test_attention_backend_switch_reaches_full_path():
+    dem = _randomise(DEM(32, 2, skip_unread=False))
+    loc, glo = _feats(1, (2, 2), 4, 32)
+    with hrperc.attention_backend("reference"):
+        a = dem(loc, glo, (2, 2))
+    torch.testing.assert_close(a, dem(loc, glo, (2, 2), backend="sdpa"), rtol=1e-5, atol=1e-5)
