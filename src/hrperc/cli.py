@@ -38,6 +38,8 @@ def _parse_grid(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .encode_cli import add_demo_encoder_arguments, add_encode_parser
+
     parser = argparse.ArgumentParser(prog="hrperc", description="High-resolution perception for MLLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="crop a high-resolution image both ways and draw the result")
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tile-size", type=int, default=336, help="sub-image side in pixels (default 336)")
     demo.add_argument("--max-tiles", type=int, default=12, help="tile budget for --grid auto (default 12)")
     demo.add_argument("--patch-size", type=int, default=14, help="ViT patch size for token accounting")
+    add_demo_encoder_arguments(demo)
     demo.set_defaults(func=run_demo)
+    add_encode_parser(sub)
     return parser
 
 
@@ -88,6 +92,11 @@ def run_demo(args) -> int:
     fig_path = out / "crops.png"
     plot_crops(image, crops, path=fig_path)
     print(f"wrote        {fig_path}")
+    if not args.no_encode:
+        from .encode_cli import demo_encoder
+
+        print("encoder      the whole front end: crops -> ViT (one batched pass) -> DEM -> mean with thumbnail")
+        demo_encoder(args, image, out)
     return 0
 
 

@@ -1,0 +1,209 @@
+"""``hrperc encode`` and the encoder half of ``hrperc demo`` (wired into :mod:`hrperc.cli`).
+
+``hrperc encode IMAGE [IMAGE ...] [--backbone NAME] [--weights PATH] [--grid 3x3|auto|floor] ...``
+runs :class:`~hrperc.HighResEncoder` (by default the released INF-LLaVA preset on
+``open_clip:ViT-L-14-336``) over the images with a progress bar and prints, per image, the geometry,
+the ViT passes (encoded / skipped), the token count, per-stage timings, and at the end the peak
+memory. Without ``--weights`` the backbone has random weights, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "demo_encoder"]
+
+DEFAULT_BACKBONE = "open_clip:ViT-L-14-336"
+DEMO_BACKBONE = "timm:vit_small_patch14_reg4_dinov2"
+
+
+def _grid(text: str):
+    if text in ("auto", "floor"):
+        return text
+    try:
+        gh, gw = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--grid {text!r}: use 'auto', 'floor' or ROWSxCOLS, e.g. 3x3"
+        ) from None
+    return (gh, gw)
+
+
+def _query(text: str):
+    try:
+        r, c = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--query {text!r}: use ROW,COL on the token map, e.g. 36,48"
+        ) from None
+    return (r, c)
+
+
+def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) -> None:
+    p.add_argument(
+        "--backbone", default=backbone_default, help=f"timm:/open_clip:/hf: name ({backbone_default})"
+    )
+    p.add_argument(
+        "--weights", default=None, help="local checkpoint of the backbone (default: random weights)"
+    )
+    p.add_argument(
+        "--dem-weights", default=None, help="released INF-LLaVA checkpoint for the DEM (default: random)"
+    )
+    p.add_argument("--layer", type=int, default=-2, help="backbone layer (default -2)")
+    p.add_argument(
+        "--combine", choices=("mean", "concat", "none"), default="mean", help="thumbnail + DEM tokens"
+    )
+    p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
+    p.add_argument("--max-batch", type=int, default=32, help="sub-images per ViT call (default 32)")
+    p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def add_encode_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "encode", help="encode images with a high-resolution ViT front end; print tokens and timings"
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument(
+        "--grid", type=_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS"
+    )
+    p.add_argument("--max-tiles", type=int, default=9, help="tile budget for --grid auto (default 9)")
+    p.add_argument("--fit", choices=("resize", "pad", "resize_pad"), default="resize")
+    _add_encoder_arguments(p, DEFAULT_BACKBONE)
+    p.set_defaults(func=run_encode)
+    return p
+
+
+def add_demo_encoder_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the encoder half of ``hrperc demo``."""
+    _add_encoder_arguments(p, DEMO_BACKBONE)
+    p.add_argument(
+        "--query", type=_query, default=None, help="ROW,COL of the DEM query token to draw (default: centre)"
+    )
+    p.add_argument(
+        "--no-encode", action="store_true", help="only crop; skip the ViT, the DEM and the attention picture"
+    )
+
+
+def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
+    """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias)."""
+    from .backbones import create_encoder
+    from .dem import DualPerspectiveEnhancement
+    from .encoder import HighResEncoder
+
+    kw = {}
+    if tile_size is not None and args.backbone.startswith("timm:"):
+        kw["img_size"] = tile_size  # timm ViTs are built at the tile size the crops use
+    backbone = create_encoder(args.backbone, pretrained=args.weights, layer=args.layer, **kw)
+    dem = None
+    if not args.no_dem:
+        dem = DualPerspectiveEnhancement.from_inf_llava(args.dem_weights) if args.dem_weights else "default"
+    enc = HighResEncoder(
+        backbone, grid=grid, max_tiles=max_tiles, fit=fit, dem=dem, combine=args.combine,
+        max_batch=args.max_batch, encode_all=args.encode_all, mode="bicubic", antialias=False,
+    )  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    return enc.to(device=args.device, dtype=dtype)
+
+
+def _peak_memory(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, torch.cuda.max_memory_allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
+
+
+def _weights_line(args) -> str:
+    if args.weights:
+        return f"backbone     {args.backbone} weights {args.weights}"
+    return f"backbone     {args.backbone} with RANDOM weights (pass --weights PATH for meaningful features)"
+
+
+def _describe(enc, out, b: int) -> list[str]:
+    geo = out.geometries[b]
+    gh, gw = geo.grid
+    n = gh * gw
+    lines = [
+        f"  geometry   {geo.input_size[1]}x{geo.input_size[0]} (W x H) -> grid {gh}x{gw} (N={n}), canvas "
+        f"{geo.canvas_size[1]}x{geo.canvas_size[0]}, tiles {geo.tile_size[1]}x{geo.tile_size[0]}, "
+        f"valid box {geo.valid_box}",
+        f"  ViT passes {enc.num_backbone_passes(geo.input_size)} of {2 * n + int(enc.thumbnail)} "
+        f"({n} local + {n} strided + {int(enc.thumbnail)} thumbnail; the rest are never read by the DEM)",
+        f"  tokens     {out.num_tokens[b]} x {out.tokens.shape[-1]}: "
+        + ", ".join(
+            f"{s.source} {s.length}" + (f" ({s.shape[0]}x{s.shape[1]})" if s.shape else "")
+            for s in out.layout[b]
+        ),
+    ]
+    return lines
+
+
+def run_encode(args) -> int:
+    from tqdm import tqdm
+
+    from .cli import load_image
+
+    enc = build_encoder(args, args.grid, args.max_tiles, args.fit)
+    print(_weights_line(args))
+    print(f"encoder      {enc.extra_repr()}; dem={'none' if enc.dem is None else 'released configuration'}")
+    totals: dict[str, float] = {}
+    with torch.inference_mode():
+        for path in tqdm(args.images, desc="encode", unit="image"):
+            image = load_image(path).to(args.device)
+            t0 = time.perf_counter()
+            out = enc(image, timings=True)
+            wall = time.perf_counter() - t0
+            tqdm.write(f"{path}")
+            for line in _describe(enc, out, 0):
+                tqdm.write(line)
+            stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in out.timings.items())
+            tqdm.write(f"  time (ms)  {stages}; total {wall * 1e3:.1f}")
+            for k, v in out.timings.items():
+                totals[k] = totals.get(k, 0.0) + v
+    total = sum(totals.values()) or 1.0
+    shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in totals.items())
+    print(f"share        {shares}")
+    print(f"peak memory  {_peak_memory(args.device)}")
+    return 0
+
+
+def demo_encoder(args, image: torch.Tensor, out_dir: Path) -> None:
+    """The encoder half of ``hrperc demo``: run the whole front end, print it, draw the DEM attention."""
+    from .attention_viz import dem_attention, plot_dem_attention
+    from .crop import local_merge
+
+    enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
+    print(_weights_line(args))
+    bb = enc.backbone
+    print(
+        f"             patch {bb.patch_size[0]}, width {bb.hidden_size}, {bb.num_layers} layers, "
+        f"{bb.num_prefix_tokens} prefix tokens (read off the model), layer {enc.layer}"
+    )
+    with torch.inference_mode():
+        out = enc(image.to(args.device), timings=True)
+        for line in _describe(enc, out, 0):
+            print(line)
+        stages = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in out.timings.items())
+        print(f"  time (ms)  {stages}")
+        if enc.dem is None:
+            return
+        # The picture needs every sub-image's tokens (skipped ones are zeros in the fast path).
+        sub = enc.subimage_features(image.to(args.device), encode_all=True)
+    geo = sub.crops.geometries[0]
+    gh, gw = geo.grid
+    n = gh * gw
+    th, tw = bb.grid_size
+    query = args.query or (gh * th // 2, gw * tw // 2)
+    atts = [
+        dem_attention(enc.dem, sub.local[:n].cpu(), sub.strided[:n].cpu(), geo.grid, (th, tw), query, d)
+        for d in ("global", "local")
+    ]
+    canvas = local_merge(sub.crops.local[:n].float().cpu(), geo.grid)[0]
+    path = out_dir / "attention.png"
+    plot_dem_attention(canvas, atts, bb.patch_size, path=path)
+    print(f"wrote        {path} (DEM attention of token {query}; random weights give diffuse maps)")
