@@ -169,7 +169,7 @@ def merge_visual_tokens(
 
     slots = torch.arange(S, device=device)
     mask = ((slots >= offset[:, None]) & (slots < (offset + lengths)[:, None])).long()
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0) * mask  # 0 on padding
     new_labels = None
     if labels is not None:
         new_labels = labels.new_full((B * S,), IGNORE_INDEX)

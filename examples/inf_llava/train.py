@@ -242,6 +242,7 @@ def train(argv=None) -> dict:
         "trainable": trainable,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 and tokens_seen else None,
         "checkpoint": str(ckpt),
+        "rank": rank,
     }
     if args.summary_json and rank == 0:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +275,7 @@ def main(argv=None) -> None:
     summary = train(argv)
     if not summary["losses"]:
         return
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if summary["rank"] == 0:
         first, last = summary["losses"][0], summary["losses"][-1]
         print(f"stage {summary['stage']}: loss {first:.4f} -> {last:.4f}; checkpoint {summary['checkpoint']}")
 
