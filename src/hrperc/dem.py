@@ -226,6 +226,9 @@ class DualPerspectiveEnhancement(nn.Module):
     ``fusion="add"`` is Table 6's plain-addition baseline); ``fusion`` (see :mod:`hrperc.fusion`);
     ``reduction`` ``"bilinear"|"avg"|"area"|"none"``; ``skip_unread`` (compute only tokens the
     reduction reads; ``False`` computes every token). The defaults are the released configuration.
+    ``backend`` selects the :func:`hrperc.window_attention` backend of the every-token path; the
+    skipping path attends a subset of queries per window with SDPA (explicit math for
+    ``backend="reference"``), since the windowed kernels take whole windows.
 
     Example::
 
