@@ -178,7 +178,7 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 def _fwd_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
@@ -190,7 +190,7 @@ def _fwd_configs():
 
 def _bwd_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
@@ -497,7 +497,7 @@ def _backward(grad_out, q, k, v, out, lse, grid, tile_size, window, q_order, kv_
     s_q, s_k, s_v = _strides(q, q_order, n), _strides(k, kv_order, n), _strides(v, kv_order, n)
     s_o, s_do = _strides(out, out_order, n), _strides(grad_out, out_order, n)
     with _device_context(q):
-        pre_block = 64 if not _INTERPRET else 32
+        pre_block = 64
         _bwd_preprocess_kernel[(triton.cdiv(t, pre_block), n * heads, batch)](
             out, grad_out, delta, *s_o, *s_do, heads, dim,
             GH=meta["GH"], GW=meta["GW"], TH=meta["TH"], TW=meta["TW"], WINDOW=meta["WINDOW"],
