@@ -280,3 +280,11 @@ def test_errors_are_clear():
         HighResEncoder(vit, grid=(2, 2), max_tiles=4, dem=_dem(reduction="none")).num_tokens((56, 56))
     with pytest.raises(ValueError, match=r"4 channels.*img\[:3\]"):
         HighResEncoder(vit, dem=None, combine="none")(torch.rand(4, 56, 56))
+
+
+def test_auto_chunking_uses_a_cpu_token_budget():
+    enc = HighResEncoder(_vit(), grid=(3, 3), dem=_dem())
+    assert enc.max_batch == "auto" and enc.chunk_size == 4096 // 17  # 16 patches + 1 class token
+    big = HighResEncoder(wrap_backbone(_vit(img=336, patch=14)), dem=None, combine="none")
+    assert big.chunk_size == 7  # ViT-L/14-336 geometry: 577 tokens per tile
+    assert HighResEncoder(_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3

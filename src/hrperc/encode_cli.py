@@ -34,6 +34,15 @@ def _grid(text: str):
     return (gh, gw)
 
 
+def _max_batch(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-batch {text!r}: use 'auto' or a positive integer") from None
+
+
 def _query(text: str):
     try:
         r, c = (int(v) for v in text.split(","))
@@ -59,7 +68,7 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) ->
         "--combine", choices=("mean", "concat", "none"), default="mean", help="thumbnail + DEM tokens"
     )
     p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
-    p.add_argument("--max-batch", type=int, default=32, help="sub-images per ViT call (default 32)")
+    p.add_argument("--max-batch", type=_max_batch, default="auto", help="sub-images per ViT call (default auto)")
     p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

@@ -59,6 +59,7 @@ from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop
 __all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment", "to_pixels"]
 
 _COMBINES = ("mean", "concat", "none")
+_CPU_TOKENS_PER_CALL = 4096  # rows per ViT matmul beyond which a CPU gains no speed, only memory
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,10 @@ class HighResEncoder(nn.Module):
             the released configuration), or ``None`` (no enhancement; the sub-image tokens are returned).
         combine: ``"mean"``, ``"concat"`` or ``"none"`` (see the token table).
         layer: backbone layer (default: the backbone's, -2).
-        max_batch: at most this many sub-images per backbone call.
+        max_batch: at most this many sub-images per backbone call. ``"auto"`` (default): 32 on a GPU,
+            where batching fills the device; on a CPU about 4096 tokens per call (7 tiles for
+            ViT-L/14-336, 20 for ViT-B/16), since one tile already saturates CPU matmuls and larger
+            chunks only add activation memory.
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
         grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
@@ -208,7 +212,7 @@ class HighResEncoder(nn.Module):
         dem="default",
         combine: str = "mean",
         layer: int | None = None,
-        max_batch: int = 32,
+        max_batch: int | str = "auto",
         encode_all: bool = False,
         train_backbone: bool = False,
         grad_checkpointing: bool = False,
@@ -235,8 +239,10 @@ class HighResEncoder(nn.Module):
                 f"{fn}: combine='mean' averages with the thumbnail's tokens, but thumbnail=False. Pass "
                 f"thumbnail=True or combine='none'."
             )
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError(f"{fn}: max_batch={max_batch!r}; must be an integer >= 1 (sub-images per ViT call).")
+        if max_batch != "auto" and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ValueError(
+                f"{fn}: max_batch={max_batch!r}; must be 'auto' or an integer >= 1 (sub-images per ViT call)."
+            )
         if layer is not None:
             from .backbones.base import resolve_layer
 
@@ -392,10 +398,19 @@ class HighResEncoder(nn.Module):
         return int(local.sum()) + int(glob.sum()) + int(self.thumbnail)
 
     # --- the ViT -----------------------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        """Sub-images per backbone call: ``max_batch``, or its ``"auto"`` value on the backbone's device."""
+        if self.max_batch != "auto":
+            return self.max_batch
+        if self.backbone.device.type == "cpu":
+            return max(1, _CPU_TOKENS_PER_CALL // (self.backbone.num_patches + self.backbone.num_prefix_tokens))
+        return 32
+
     def encode_subimages(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(S, 3, h, w)`` pixels in ``[0, 1]`` -> ``(S, ht*wt, D)`` tokens, in chunks of ``max_batch``."""
+        """``(S, 3, h, w)`` pixels in ``[0, 1]`` -> ``(S, ht*wt, D)`` tokens, in chunks of :attr:`chunk_size`."""
         bb = self.backbone
-        chunks = pixels.split(self.max_batch)
+        chunks = pixels.split(self.chunk_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             feats = [bb.features(bb.normalize(c.to(bb.device)), layer=self.layer) for c in chunks]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
