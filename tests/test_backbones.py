@@ -276,3 +276,25 @@ def test_layer_out_of_range_and_wrong_pixels():
         bb.features(x, layer=0)
     with pytest.raises(ValueError, match=r"pixels have shape \(1, 3, 32, 32\); expected \(N, 3, 28, 28\)"):
         bb.features(torch.randn(1, 3, 32, 32))
+
+
+def test_open_clip_with_timm_trunk_uses_timm_adapter(tmp_path):
+    import open_clip
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                       "timm_pool": "", "timm_proj": "linear", "image_size": 32},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }  # fmt: skip
+    (tmp_path / "hrperc-test-timm-tower.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    model = open_clip.create_model("hrperc-test-timm-tower").eval()
+    bb = wrap_backbone(model)
+    assert isinstance(bb, TimmBackbone) and bb.model is model.visual.trunk
+    assert bb.image_size == tuple(model.visual.trunk.patch_embed.img_size)  # the trunk's own size
+    assert bb.mean == pytest.approx(hrperc.backbones.OPENAI_CLIP_MEAN)
+    x = torch.randn(2, 3, *bb.image_size)
+    with torch.no_grad():
+        ref = _hooked_block_output(model.visual.trunk.blocks, 11, lambda: model.encode_image(x))[:, 1:]
+        torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)

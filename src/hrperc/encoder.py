@@ -425,7 +425,10 @@ class HighResEncoder(nn.Module):
         """
         clock = _clock or _Clock(False, self.backbone.device)
         everything = self.encode_all if encode_all is None else bool(encode_all)
-        crops = self.crop(to_pixels(images))
+        pixels = to_pixels(images)
+        device = self.backbone.device  # crop and resize where the ViT runs (fast on a GPU)
+        pixels = pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
+        crops = self.crop(pixels)
         clock.lap("crop")
         geos, offsets = crops.geometries, crops.offsets
         n_total = crops.local.shape[0]
