@@ -1,48 +1,66 @@
-"""The vision front end of each configuration (hrperc.HighResEncoder)."""
+"""The vision front end of each configuration: ``hrperc.HighResEncoder.inf_llava`` around a ViT.
+
+``tiny``: a small random timm ``VisionTransformer`` (sub-images of 32 px, 4 x 4 tokens) with a released-
+configuration DEM of its width; ``llama3-8b``: CLIP ViT-L/14-336 from a local transformers directory and
+the released DEM weights (``spatial_embed.*``) when given. Both: grid 3 x 3, layer -2, thumbnail,
+bilinear token reduction, tokens averaged with the thumbnail's (SPEC.md).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import hrperc
 
-
-@dataclass
-class _Out:
-    tokens: torch.Tensor
-    token_mask: torch.Tensor | None = None
+__all__ = ["build_vision", "released_weights"]
 
 
-class _StandInEncoder(nn.Module):
-    """TEMPORARY stand-in with HighResEncoder's contract until it lands: local crops + thumbnail."""
+def released_weights(path, prefixes=("spatial_embed.", "mm_projector.")) -> dict[str, torch.Tensor]:
+    """The DEM and projector tensors of a released INF-LLaVA checkpoint: one file, or a directory of
+    (sharded) ``*.safetensors`` / ``*.bin`` files; only keys containing one of ``prefixes`` are read."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    else:
+        files = [path]
+    if not files:
+        raise FileNotFoundError(f"released_weights: no *.safetensors or *.bin files in {path}.")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
 
-    def __init__(self, backbone: nn.Module, grid, dim: int):
-        super().__init__()
-        self.backbone = backbone
-        self.grid = tuple(grid)
-        self.dem = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-
-    def forward(self, images):
-        B, N = images.shape[0], self.grid[0] * self.grid[1]
-        tiles = hrperc.local_crop(images, self.grid)
-        thumb = F.interpolate(images, size=tiles.shape[-2:], mode="bicubic", align_corners=False)
-        feats = self.backbone.forward_features(torch.cat([tiles, thumb]))[
-            :, self.backbone.num_prefix_tokens :
-        ]
-        loc = feats[: B * N].unflatten(0, (B, N)).mean(1)
-        return _Out((loc + self.dem(loc) + feats[B * N :]) / 2)
+            with safe_open(str(f), "pt") as sf:
+                out.update({k: sf.get_tensor(k) for k in sf.keys() if any(p in k for p in prefixes)})
+        else:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+            out.update({k: v for k, v in sd.items() if any(p in k for p in prefixes)})
+    if not any("spatial_embed." in k for k in out) and "spatial_embed." in prefixes:
+        raise ValueError(
+            f"released_weights: {path} holds no 'spatial_embed.*' (DEM) tensors; point --weights at the released "
+            "INF-LLaVA checkpoint (the one with spatial_embed.* and mm_projector.* keys)."
+        )
+    return out
 
 
-def build_vision(cfg) -> tuple[nn.Module, int]:
+def build_vision(cfg, released: dict | None = None) -> tuple[nn.Module, int]:
+    """``(HighResEncoder, token width D)`` for ``cfg``; ``released``: tensors from :func:`released_weights`."""
     v = cfg.vision
     if v["kind"] == "timm-tiny":
         from timm.models.vision_transformer import VisionTransformer
 
-        kwargs = {k: val for k, val in v.items() if k != "kind"}
-        vit = VisionTransformer(num_classes=0, **kwargs)
-        return _StandInEncoder(vit, cfg.grid, v["embed_dim"]), v["embed_dim"]
-    raise NotImplementedError("llama3-8b vision front end: waiting for hrperc.HighResEncoder")
+        vit = VisionTransformer(num_classes=0, **{k: val for k, val in v.items() if k != "kind"})
+        backbone = hrperc.wrap_backbone(vit)
+    elif v["kind"] == "hf":
+        backbone = hrperc.create_encoder(f"hf:{v['path']}")
+    else:
+        raise ValueError(f"build_vision: vision kind {v['kind']!r} is not 'timm-tiny' or 'hf'.")
+    if released is not None:
+        dem = hrperc.DualPerspectiveEnhancement.from_inf_llava(released)
+    else:
+        dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, **cfg.dem)
+    encoder = hrperc.HighResEncoder.inf_llava(backbone, dem=dem, grid=tuple(cfg.grid))
+    return encoder, backbone.hidden_size

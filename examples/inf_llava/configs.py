@@ -57,11 +57,10 @@ class InfLlavaConfig:
     llm: dict = field(default_factory=dict)
     tokenizer: str = "offline"  # "offline" (built from TINY_WORDS) or a local directory
     inf_llava_weights: str | None = None  # released DEM + projector weights
-    prompt_template: str = "USER : {image} {question} ASSISTANT :"
-    answer_suffix: str = ""  # appended to every answer before the EOS token
+    # One user turn; the first question of a sample carries the image token ("<image>\n" + question, as LLaVA).
+    prompt_template: str = "USER : {question} ASSISTANT :"
+    answer_suffix: str = ""  # appended to every answer; empty: the tokenizer's EOS token is appended instead
     image_token: str = "<image>"
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     seed: int = 0  # random weights are drawn from this seed, so frozen parts rebuild identically
 
     @property
@@ -91,7 +90,7 @@ TINY = InfLlavaConfig(
         "depth": 2,
         "num_heads": 2,
     },
-    dem={"num_heads": 2},
+    dem={"heads": 2},
     llm={
         "kind": "random",
         "hidden_size": 64,
@@ -110,17 +109,14 @@ LLAMA3_8B = InfLlavaConfig(
     image_size=(1008, 1008),
     grid=(3, 3),
     vision={"kind": "hf", "path": None},  # INF_LLAVA_CLIP_DIR
-    dem={"num_heads": 8},
+    dem={"heads": 8},
     llm={"kind": "pretrained", "path": None},  # INF_LLAVA_LLM_DIR
     tokenizer="",  # the LLM directory
+    # LLaMA-3 chat format; the tokenizer adds <|begin_of_text|> once at the start of a sample.
     prompt_template=(
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{image}\n{question}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     answer_suffix="<|eot_id|>",
-    # CLIP's normalisation (openai/clip-vit-large-patch14-336).
-    image_mean=(0.48145466, 0.4578275, 0.40821073),
-    image_std=(0.26862954, 0.26130258, 0.27577711),
 )
 
 # LLaMA-3-8B's shape, checked against the loaded checkpoint (SPEC.md).

@@ -11,19 +11,40 @@ questions: *what* is in the image, *where* is it, or *describe* it (what and whe
     (torch.Size([3, 96, 96]), 'describe the image .', 'a yellow square at the middle right')
 
 Samples depend only on ``(seed, index)``, so a global batch is the same whatever the number of
-processes that share it. :func:`collate` tokenizes with the config's prompt template, masks the
-prompt out of the labels (``-100``) and right-pads.
+processes that share it. Real instruction data in LLaVA's JSON format (``--data llava:<json>:<image dir>``)
+is read by :class:`LlavaJsonDataset` with the same ``batch(indices)`` interface.
+
+:func:`collate` turns samples (an image and ``turns`` of (question, answer)) into token ids with the
+config's prompt template; the image placeholder becomes ``cfg.image_token_id`` (LLaVA's ``-200`` when
+the tokenizer has no such token), and labels are ``-100`` on the prompts and the padding.
+:func:`encode_prompts` does the same for generation (left padding, no answers).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .model import IGNORE_INDEX
 
-__all__ = ["GlyphSample", "GlyphTask", "collate", "COLOURS", "SHAPES", "ROWS", "COLUMNS"]
+__all__ = [
+    "GlyphSample",
+    "GlyphTask",
+    "LlavaJsonDataset",
+    "ConversationSample",
+    "tokenize_with_images",
+    "conversation_ids",
+    "collate",
+    "encode_prompts",
+    "build_dataset",
+    "COLOURS",
+    "SHAPES",
+    "ROWS",
+    "COLUMNS",
+]
 
 COLOURS = {
     "red": (1.0, 0.1, 0.1),
@@ -66,6 +87,10 @@ class GlyphSample:
     shape: str
     row: int
     column: int
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        return [(self.question, self.answer)]
 
 
 class GlyphTask:
@@ -115,32 +140,119 @@ class GlyphTask:
         return [self.sample(i) for i in indices]
 
 
-def normalize(images: torch.Tensor, cfg) -> torch.Tensor:
-    """``(M, 3, H, W)`` in [0, 1] -> the encoder's normalisation (``cfg.image_mean``/``cfg.image_std``)."""
-    mean = torch.tensor(cfg.image_mean, dtype=images.dtype)[:, None, None]
-    std = torch.tensor(cfg.image_std, dtype=images.dtype)[:, None, None]
-    return (images - mean) / std
+@dataclass
+class ConversationSample:
+    image: torch.Tensor  # (3, H, W) in [0, 1], any size
+    turns: list[tuple[str, str]]  # (human, gpt) pairs; the first human turn holds the image token
 
 
-def collate(samples: list[GlyphSample], tokenizer, cfg) -> dict[str, torch.Tensor]:
-    """Tokenize ``prompt + answer + eos``; labels are ``-100`` on the prompt and the padding.
+class LlavaJsonDataset:
+    """LLaVA instruction data: a JSON list of ``{"image": <path under image_folder>, "conversations":
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``
+    (LLaVA-Pretrain 558K for stage 1, LLaVA-Instruct 665K for stage 2). Samples without an image are skipped."""
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)`` (right-padded) and ``images``
-    ``(B, 3, H, W)`` normalised for the encoder.
+    def __init__(self, json_path, image_folder, image_token: str = "<image>"):
+        records = json.loads(Path(json_path).read_text())
+        self.records = [r for r in records if r.get("image")]
+        if not self.records:
+            raise ValueError(f"LlavaJsonDataset: {json_path} has no record with an 'image' field.")
+        self.image_folder = Path(image_folder)
+        self.image_token = image_token
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, index: int) -> ConversationSample:
+        import numpy as np
+        from PIL import Image
+
+        r = self.records[index % len(self.records)]
+        with Image.open(self.image_folder / r["image"]) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        conv = r["conversations"]
+        turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+        return ConversationSample(image.contiguous(), turns)
+
+    def batch(self, indices) -> list[ConversationSample]:
+        return [self.sample(i) for i in indices]
+
+
+def build_dataset(spec: str, cfg, glyph_size=None, seed: int = 0):
+    """``"glyphs"`` (the synthetic task on ``cfg.image_size``) or ``"llava:<json>:<image folder>"``."""
+    if spec == "glyphs":
+        return GlyphTask(cfg.image_size, glyph_size=glyph_size, seed=seed)
+    kind, _, rest = spec.partition(":")
+    json_path, _, folder = rest.partition(":")
+    if kind != "llava" or not json_path or not folder:
+        raise ValueError(
+            f"build_dataset: data={spec!r}; use 'glyphs' or 'llava:<annotations.json>:<image folder>'."
+        )
+    return LlavaJsonDataset(json_path, folder, cfg.image_token)
+
+
+def tokenize_with_images(tokenizer, text: str, image_token: str, image_token_id: int, bos: bool) -> list[int]:
+    """Token ids of ``text`` with every ``image_token`` replaced by ``image_token_id`` (may be -200)."""
+    ids = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    for i, piece in enumerate(text.split(image_token)):
+        if i:
+            ids.append(image_token_id)
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    return ids
+
+
+def _question(cfg, text: str, first: bool) -> str:
+    if first and cfg.image_token not in text:
+        return f"{cfg.image_token}\n{text}"  # LLaVA puts the image before the first question
+    return text
+
+
+def conversation_ids(tokenizer, cfg, turns, *, with_answers: bool = True) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one sample; labels are ``-100`` except on the answers (+ end token).
+
+    Without answers (generation), the ids end with the last prompt, ready for the assistant's reply.
     """
-    rows, labels = [], []
-    for s in samples:
-        prompt = cfg.prompt_template.format(image=cfg.image_token, question=s.question)
-        p = tokenizer(prompt).input_ids
-        a = tokenizer(s.answer + cfg.answer_suffix, add_special_tokens=False).input_ids
-        if not cfg.answer_suffix:
-            a = a + [tokenizer.eos_token_id]
-        rows.append(p + a)
-        labels.append([IGNORE_INDEX] * len(p) + a)
+    image_id = cfg.image_token_id(tokenizer)
+    ids, labels = [], []
+    for t, (question, reply) in enumerate(turns):
+        prompt = cfg.prompt_template.format(question=_question(cfg, question, t == 0))
+        p = tokenize_with_images(tokenizer, prompt, cfg.image_token, image_id, bos=t == 0)
+        ids += p
+        labels += [IGNORE_INDEX] * len(p)
+        if with_answers:
+            a = tokenizer(reply + cfg.answer_suffix, add_special_tokens=False).input_ids
+            if not cfg.answer_suffix:
+                a = a + [tokenizer.eos_token_id]
+            ids += a
+            labels += a
+    return ids, labels
+
+
+def _pad(rows, value, side):
     L = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
-    label_t = torch.tensor([lab + [IGNORE_INDEX] * (L - len(lab)) for lab in labels])
-    images = normalize(torch.stack([s.image for s in samples]), cfg)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t, "images": images}
+    return torch.tensor(
+        [(r + [value] * (L - len(r))) if side == "right" else ([value] * (L - len(r)) + r) for r in rows]
+    )
+
+
+def collate(samples, tokenizer, cfg) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)`` and ``images``.
+
+    ``images``: ``(B, 3, H, W)`` in ``[0, 1]`` when all samples share a size, else a list of
+    ``(3, H_b, W_b)`` (the encoder fits each; the encoder applies its backbone's normalisation).
+    """
+    rows, labels = zip(*(conversation_ids(tokenizer, cfg, s.turns) for s in samples))
+    sizes = {tuple(s.image.shape) for s in samples}
+    images = torch.stack([s.image for s in samples]) if len(sizes) == 1 else [s.image for s in samples]
+    return {
+        "input_ids": _pad(rows, tokenizer.pad_token_id, "right"),
+        "attention_mask": _pad([[1] * len(r) for r in rows], 0, "right"),
+        "labels": _pad(labels, IGNORE_INDEX, "right"),
+        "images": images,
+    }
+
+
+def encode_prompts(tokenizer, cfg, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` ``(B, L)`` of single-turn prompts, for generation."""
+    rows = [conversation_ids(tokenizer, cfg, [(q, "")], with_answers=False)[0] for q in questions]
+    return _pad(rows, tokenizer.pad_token_id, "left"), _pad([[1] * len(r) for r in rows], 0, "left")

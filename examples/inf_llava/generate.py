@@ -12,7 +12,7 @@ Examples (from the repository root)::
 With ``tiny`` and no checkpoint the weights are random and the text is meaningless: the run only
 shows that the pipeline (crops, ViT, DEM, projector, merge, cached decoding) works end to end.
 After training on the glyph task it answers in that task's words (colour, shape, region).
-The image is resized (bicubic) to the configuration's canvas ``cfg.image_size``.
+Images of any size are fitted by the encoder (``HighResEncoder``: bicubic resize to the 3 x 3 canvas).
 """
 
 from __future__ import annotations
@@ -28,39 +28,36 @@ import torch
 
 from inf_llava.checkpoint import load_trained_weights
 from inf_llava.configs import CONFIGS, build_tokenizer, get_config
-from inf_llava.data import normalize
+from inf_llava.data import encode_prompts
 from inf_llava.model import build_inf_llava
 
 __all__ = ["load_image", "answer", "main"]
 
 
-def load_image(path, cfg) -> torch.Tensor:
-    """Read ``path`` as RGB, resize to ``cfg.image_size`` and normalise: ``(3, H, W)`` float32."""
+def load_image(path) -> torch.Tensor:
+    """Read ``path`` as RGB: ``(3, H, W)`` float32 in ``[0, 1]`` at its own size (the encoder fits it)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB").resize(cfg.image_size[::-1], Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return normalize(x, cfg)
+        x = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
 
-def answer(model, tokenizer, cfg, images: torch.Tensor, questions: list[str], **generate_kwargs) -> list[str]:
-    """One answer per ``(image, question)``: ``images`` ``(B, 3, H, W)`` normalised, ``questions`` B strings."""
-    if images.shape[0] != len(questions):
+def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwargs) -> list[str]:
+    """One answer per ``(image, question)``: ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` or a list of
+    ``(3, H_b, W_b)`` of any sizes; ``questions`` B strings."""
+    if len(images) != len(questions):
         raise ValueError(
-            f"answer: got {images.shape[0]} image(s) for {len(questions)} question(s); pass one image per question."
+            f"answer: got {len(images)} image(s) for {len(questions)} question(s); pass one image per question."
         )
-    prompts = [cfg.prompt_template.format(image=cfg.image_token, question=q) for q in questions]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    input_ids, attention_mask = encode_prompts(tokenizer, cfg, questions)
     generate_kwargs.setdefault("max_new_tokens", 32)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    new = model.generate(
-        enc.input_ids.to(device), enc.attention_mask.to(device), images.to(device), **generate_kwargs
-    )
+    images = images.to(device) if torch.is_tensor(images) else [im.to(device) for im in images]
+    new = model.generate(input_ids.to(device), attention_mask.to(device), images, **generate_kwargs)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -89,7 +86,7 @@ def main(argv=None) -> list[str]:
     for ckpt in args.checkpoint:
         load_trained_weights(ckpt, model)
     model.to(args.device).eval()
-    images = torch.stack([load_image(path, cfg) for path in args.image])
+    images = [load_image(path) for path in args.image]
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=dtype is not None):
         texts = answer(model, tokenizer, cfg, images, args.prompt, max_new_tokens=args.max_new_tokens)
     if cfg.name == "tiny" and not args.checkpoint:

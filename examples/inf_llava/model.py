@@ -8,7 +8,7 @@ Example::
     >>> tok = build_tokenizer(cfg)
     >>> model = build_inf_llava(cfg, tok)
     >>> enc = tok(["USER : <image> what is in the image ? ASSISTANT :"], return_tensors="pt")
-    >>> images = torch.randn(1, 3, *cfg.image_size)                     # (M, C, H, W), one per <image>
+    >>> images = torch.rand(1, 3, *cfg.image_size)                      # (M, C, H, W) in [0, 1]
     >>> out = model(enc.input_ids, enc.attention_mask, images)
     >>> out.logits.shape                                               # (B, L - 1 + T, vocab), T = 16
     torch.Size([1, 27, 40])
@@ -261,8 +261,9 @@ class InfLlava(nn.Module):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     # ---- forward ----------------------------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(M, C, H, W)`` images -> ``(M, T, E)`` LLM-width visual tokens and an ``(M, T)`` mask or ``None``."""
+    def encode_images(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(M, C, H, W)`` images in ``[0, 1]`` (or a list of ``(C, H_m, W_m)``, any sizes) -> ``(M, T, E)``
+        LLM-width visual tokens and an ``(M, T)`` bool mask of real tokens (``None``: all real)."""
         width = self.llm.get_input_embeddings().embedding_dim
         if images is None or len(images) == 0:
             return self.llm.get_input_embeddings().weight.new_zeros(0, 1, width), None
@@ -330,21 +331,6 @@ class InfLlava(nn.Module):
 
 
 # ---- building ---------------------------------------------------------------------------------------------------
-def _build_projector(in_dim: int, out_dim: int) -> nn.Module:
-    try:
-        from hrperc.projector import build_projector
-    except ImportError:  # until hrperc.projector lands: the same layout (keys 0.* and 2.*)
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    return build_projector("mlp2x_gelu", in_dim, out_dim)
-
-
-def _build_vision(cfg: InfLlavaConfig) -> tuple[nn.Module, int]:
-    """The high-resolution front end and its token width."""
-    from ._vision import build_vision
-
-    return build_vision(cfg)
-
-
 def _build_llm(cfg: InfLlavaConfig, tokenizer, dtype=None) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -379,14 +365,19 @@ def _build_llm(cfg: InfLlavaConfig, tokenizer, dtype=None) -> nn.Module:
 def build_inf_llava(cfg: InfLlavaConfig, tokenizer, *, llm_dtype: torch.dtype | None = None) -> InfLlava:
     """Build the model of ``cfg``. Random parts are drawn from ``cfg.seed``, so rebuilding gives the same
     frozen weights (checkpoints then only need the trained parts). Released INF-LLaVA DEM/projector
-    weights (``cfg.inf_llava_weights``) are loaded through hrperc's converters."""
+    weights (``cfg.inf_llava_weights``: ``spatial_embed.*``, ``mm_projector.*``) are loaded through
+    ``DualPerspectiveEnhancement.from_inf_llava`` and ``load_inf_llava_projector``."""
+    from hrperc.projector import build_projector, load_inf_llava_projector
+
+    from ._vision import build_vision, released_weights
+
+    released = released_weights(cfg.inf_llava_weights) if cfg.inf_llava_weights else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vision, vision_dim = _build_vision(cfg)
+        vision, vision_dim = build_vision(cfg, released)
         llm = _build_llm(cfg, tokenizer, llm_dtype)
-        projector = _build_projector(vision_dim, llm.config.hidden_size)
-    if cfg.inf_llava_weights:
-        from hrperc.projector import load_inf_llava_projector
-
-        projector = load_inf_llava_projector(cfg.inf_llava_weights)
+        if released is not None:
+            projector = load_inf_llava_projector(released)
+        else:
+            projector = build_projector("mlp2x_gelu", vision_dim, llm.config.hidden_size)
     return InfLlava(vision, projector, llm, cfg.image_token_id(tokenizer))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from inf_llava.checkpoint import latest_checkpoint, load_checkpoint, load_trained_weights, save_checkpoint
 from inf_llava.configs import CONFIGS, build_tokenizer, get_config
-from inf_llava.data import GlyphTask, collate
+from inf_llava.data import build_dataset, collate
 from inf_llava.model import IGNORE_INDEX, build_inf_llava
 
 __all__ = ["parse_args", "train", "main", "STAGE_LR"]
@@ -79,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--resume", default=None, help="'auto' (latest under --out) or a checkpoint directory")
     p.add_argument("--init-from", default=None, help="load trained weights (e.g. stage 1's) before training")
+    p.add_argument(
+        "--data", default="glyphs", help="'glyphs' (synthetic) or 'llava:<annotations.json>:<image dir>'"
+    )
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--glyph-size", type=int, default=None, help="glyph side in pixels (default: canvas / 14)")
     p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
     p.add_argument(
         "--dump-params",
@@ -192,7 +196,7 @@ def train(argv=None) -> dict:
         meta = load_checkpoint(resume, model, optimizer, scheduler)
         start, losses = int(meta["step"]), list(meta.get("losses", []))
 
-    task = GlyphTask(cfg.image_size, seed=args.seed)
+    task = build_dataset(args.data, cfg, glyph_size=args.glyph_size, seed=args.seed)
     bar = tqdm(
         total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}"
     )
@@ -208,7 +212,9 @@ def train(argv=None) -> dict:
         loss_sum = torch.zeros((), device=device)
         n_tokens = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {
+                k: v.to(device) if torch.is_tensor(v) else [x.to(device) for x in v] for k, v in batch.items()
+            }
             with _sync_context(model, args.dist, last=i == len(batches) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(**batch)
