@@ -422,3 +422,78 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
             assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], two[k]), k
         else:  # FSDP shards dim 0 over the ranks: the shards put together are the saved full parameter
             assert torch.equal(torch.cat([r0[k], r1[k]])[: two[k].shape[0]], two[k]), k
+
+
+# ---- the llama3-8b path, at toy sizes ---------------------------------------------------------------------------
+def test_llama3_config_needs_local_dirs(monkeypatch):
+    for var in ("INF_LLAVA_LLM_DIR", "INF_LLAVA_CLIP_DIR", "INF_LLAVA_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="INF_LLAVA_LLM_DIR"):
+        get_config("llama3-8b")
+
+
+def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, tok):
+    """llama3-8b's loading path with toy local directories: HF CLIP dir, LLaMA dir + tokenizer, released
+    spatial_embed/mm_projector weights; a tokenizer without an image token gets LLaVA's -200."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    import hrperc
+
+    clip_dir, llm_dir = tmp_path / "clip", tmp_path / "llm"
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=28,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(clip_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    dem = hrperc.DualPerspectiveEnhancement(32, heads=8)
+    proj = hrperc.projector.build_projector("mlp2x_gelu", 32, 48)
+    released = {f"model.spatial_embed.{k}": v for k, v in dem.released_state_dict().items()}
+    released |= {f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()}
+    released["model.layers.0.other"] = torch.zeros(1)  # ignored
+    save_file({k: v.contiguous() for k, v in released.items()}, tmp_path / "inf_llava.safetensors")
+
+    real = get_config(
+        "llama3-8b",
+        llm_dir=str(llm_dir),
+        clip_dir=str(clip_dir),
+        weights=str(tmp_path / "inf_llava.safetensors"),
+    )
+    with pytest.raises(ValueError, match="not LLaMA-3-8B shaped"):
+        build_inf_llava(real, build_tokenizer(real))
+    toy = real.replace(
+        name="llama3-toy",
+        image_token="<im_patch>",
+        prompt_template="USER : {question} ASSISTANT :",
+        answer_suffix="",
+    )
+    toy_tok = build_tokenizer(toy)
+    m = build_inf_llava(toy, toy_tok, llm_dtype=torch.float32).eval()
+    assert m.image_token_id == -200
+    assert torch.equal(m.vision.dem.attention.linears[0].weight, dem.attention.linears[0].weight)
+    assert torch.equal(m.projector[2].weight, proj[2].weight)
+    assert m.vision.num_tokens((84, 84)) == 4 and m.vision.backbone.hidden_size == 32
+    ids, labels = conversation_ids(toy_tok, toy, [("what is in the image ?", "a red cross")])
+    assert ids.count(-200) == 1 and ids[:4] == [toy_tok.bos_token_id, 5, 7, -200]  # <s> USER : <image> ...
+    ids_t, lab_t = torch.tensor([ids]), torch.tensor([labels])
+    with torch.no_grad():
+        out = m(ids_t, torch.ones_like(ids_t), torch.rand(1, 3, 84, 84), lab_t)
+    assert out.logits.shape[0] == int(out.num_label_tokens) == 4 and torch.isfinite(out.loss)
+    assert int(out.num_tokens) == len(ids) - 1 + 4

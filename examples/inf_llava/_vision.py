@@ -59,7 +59,7 @@ def build_vision(cfg, released: dict | None = None) -> tuple[nn.Module, int]:
     else:
         raise ValueError(f"build_vision: vision kind {v['kind']!r} is not 'timm-tiny' or 'hf'.")
     if released is not None:
-        dem = hrperc.DualPerspectiveEnhancement.from_inf_llava(released)
+        dem = hrperc.DualPerspectiveEnhancement.from_inf_llava(released, heads=cfg.dem.get("heads", 8))
     else:
         dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, **cfg.dem)
     encoder = hrperc.HighResEncoder.inf_llava(backbone, dem=dem, grid=tuple(cfg.grid))

@@ -97,11 +97,11 @@ class GlyphTask:
     """Samples of the glyph task on an ``image_size`` canvas; ``glyph_size`` pixels per glyph side."""
 
     def __init__(
-        self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.08
+        self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.03
     ):
         self.image_size = tuple(image_size)
         H, W = self.image_size
-        self.glyph_size = glyph_size or max(5, min(H, W) // 14)
+        self.glyph_size = glyph_size or max(5, min(H, W) // 8)
         if self.glyph_size * 3 > min(H, W):
             raise ValueError(
                 f"GlyphTask: glyph_size {self.glyph_size} does not fit three times into image_size {self.image_size}; "

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data", default="glyphs", help="'glyphs' (synthetic) or 'llava:<annotations.json>:<image dir>'"
     )
     p.add_argument("--seed", type=int, default=0, help="data seed")
-    p.add_argument("--glyph-size", type=int, default=None, help="glyph side in pixels (default: canvas / 14)")
+    p.add_argument("--glyph-size", type=int, default=None, help="glyph side in pixels (default: canvas / 8)")
     p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
     p.add_argument(
         "--dump-params",
