@@ -497,3 +497,24 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
         out = m(ids_t, torch.ones_like(ids_t), torch.rand(1, 3, 84, 84), lab_t)
     assert out.logits.shape[0] == int(out.num_label_tokens) == 4 and torch.isfinite(out.loss)
     assert int(out.num_tokens) == len(ids) - 1 + 4
+
+
+def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
+    import numpy as np
+    from inf_llava import generate as gen
+    from PIL import Image
+
+    s = train_mod.train(
+        ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
+    )
+    sample = GlyphTask(cfg.image_size).sample(3)
+    png = tmp_path / "glyph.png"
+    Image.fromarray((sample.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(png)
+    assert torch.allclose(gen.load_image(png), sample.image, atol=1 / 255)
+    argv = ["--image", str(png), "--image", str(png), "--prompt", sample.question, "--max-new-tokens", "4"]
+    texts = gen.main(argv + ["--checkpoint", s["checkpoint"], "--eval-glyphs", "4"])
+    out = capsys.readouterr().out
+    assert len(texts) == 2 and texts[0] == texts[1]  # same image and question, greedy: same answer
+    assert "exact-match accuracy" in out and "meaningless" not in out
+    gen.main(argv)
+    assert "meaningless" in capsys.readouterr().out
