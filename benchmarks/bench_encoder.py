@@ -163,6 +163,12 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
             }  # fmt: skip
         shares[label] = entry
     speedup = rows["encode_all (19 passes)"]["seconds"] / rows["skipping (11 passes)"]["seconds"]
+    speedup_24 = None
+    if "extrapolated_24_blocks" in shares["skipping"]:
+        speedup_24 = (
+            shares["encode_all"]["extrapolated_24_blocks"]["seconds"]
+            / shares["skipping"]["extrapolated_24_blocks"]["seconds"]
+        )
     print(
         f"\nreleased preset, 1008x1008 -> {tuple(a.tokens.shape)} tokens, ViT-L/14-336 random weights "
         f"({backbone.num_layers} blocks)"
@@ -170,6 +176,8 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
     for key, r in rows.items():
         print(f"  {key:<24} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_mib']:7.0f} MiB")
     print(f"  speed-up from skipping: {speedup:.2f}x; max |difference| of the 576 tokens: {max_diff:.3g}")
+    if speedup_24 is not None:
+        print(f"  speed-up with the ViT time scaled to 24 blocks: {speedup_24:.2f}x")
     for label, s in shares.items():
         vit, dem_, rest = (100 * s[k] for k in ("vit", "dem", "rest"))
         print(f"  {label:<10} time share: ViT {vit:.1f}%, DEM {dem_:.1f}%, rest {rest:.1f}% (measured)")
@@ -180,7 +188,7 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
                 f"rest {100 * e['rest']:.1f}% (ViT time scaled per block)"
             )
     return {"tokens": list(a.tokens.shape), "depth": backbone.num_layers, "rows": rows, "speedup_skipping": speedup,
-            "max_abs_diff": max_diff, "shares": shares,
+            "speedup_skipping_24_blocks": speedup_24, "max_abs_diff": max_diff, "shares": shares,
             "passes": {"skipping": a.encoded, "encode_all": b.encoded}}  # fmt: skip
 
 
@@ -221,7 +229,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("seconds")
     ax.set_title(f"released preset, 1008 px -> 576 tokens ({results['preset']['speedup_skipping']:.2f}x)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.suptitle(f"HighResEncoder on {results['device_name']}", fontsize=11)
+    depth = f"ViTs cut to {results['depth']} blocks" if results["depth"] else "full-depth ViTs"
+    fig.suptitle(f"HighResEncoder on {results['device_name']} ({depth}; random weights)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -236,6 +245,7 @@ def main(argv=None) -> int:
         "many seconds; per-block cost and batching ratios do not depend on depth)",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="ViT-B only, one repetition (a smoke run)")
+    p.add_argument("--preset-only", action="store_true", help="only the released preset (e.g. with --depth 24)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -252,6 +262,14 @@ def main(argv=None) -> int:
         "batching": {},
     }
     print(f"device {results['device_name']}; ViT depth {depth or 'full'}; {reps} timed call(s) per configuration")
+    if args.preset_only:
+        results["preset"] = bench_preset(device, reps, depth)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"bench_encoder_preset_depth{depth or 'full'}.json"
+        path.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {path}")
+        return 0
     results["batching"]["ViT-B/16"] = bench_batching("ViT-B/16", "vit_base_patch16_224", device, reps, (19,), depth)
     if not args.quick:
         results["batching"]["ViT-L/14-336"] = bench_batching(
