@@ -348,7 +348,7 @@ def test_resume_continues_bit_exactly(tmp_path):
 
     shutil.rmtree(tmp_path / "b" / "checkpoint-4")
     resumed = train_mod.train(common + ["--steps", "4", "--resume", "auto", "--out", str(tmp_path / "b")])
-    assert resumed["losses"] == straight["losses"]
+    assert resumed["start_step"] == 2 and resumed["losses"] == straight["losses"]
     for f in ("model.safetensors", "optimizer.safetensors"):
         a = load_file(tmp_path / "a" / "checkpoint-4" / f)
         b = load_file(tmp_path / "b" / "checkpoint-4" / f)
@@ -382,8 +382,14 @@ def test_resume_with_other_stage_is_refused(tmp_path):
 # ---- distributed ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_run_matches_single_process(tmp_path, mode):
+    """2 processes x 1 micro-batch == 1 process x 2 micro-batches (same global batch), step for step.
+
+    The 2-process run resumes from the 1-process run's step-1 checkpoint (so checkpoints move between
+    launch modes), and its checkpoints are compared with the 1-process ones."""
     common = ["--stage", "2", "--steps", "3", "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
-    single = train_mod.train(common + ["--micro-batch-size", "4", "--out", str(tmp_path / "one")])
+    single = train_mod.train(
+        common + ["--micro-batch-size", "4", "--save-every", "1", "--out", str(tmp_path / "one")]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
         sys.executable,
@@ -402,11 +408,13 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
         str(tmp_path / "s.json"),
         "--dump-params",
         str(tmp_path / "ranks"),
+        "--resume",
+        str(tmp_path / "one" / "checkpoint-1"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     multi = json.loads((tmp_path / "s.json").read_text())
-    assert multi["world_size"] == 2
+    assert multi["world_size"] == 2 and multi["start_step"] == 1
     torch.testing.assert_close(
         torch.tensor(multi["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6
     )
@@ -415,6 +423,11 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
     assert set(one) == set(two)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    opt_one = load_file(Path(single["checkpoint"]) / "optimizer.safetensors")
+    opt_two = load_file(Path(multi["checkpoint"]) / "optimizer.safetensors")
+    assert set(opt_one) == set(opt_two) and any(k.endswith("/exp_avg_sq") for k in opt_one)
+    for k in opt_one:
+        torch.testing.assert_close(opt_two[k], opt_one[k], rtol=1e-3, atol=1e-9)
     r0 = load_file(tmp_path / "ranks" / "rank0.safetensors")
     r1 = load_file(tmp_path / "ranks" / "rank1.safetensors")
     for k in two:

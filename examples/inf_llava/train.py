@@ -244,6 +244,7 @@ def train(argv=None) -> dict:
         "stage": args.stage,
         "dist": args.dist,
         "world_size": world,
+        "start_step": start,
         "losses": losses,
         "trainable": trainable,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 and tokens_seen else None,
