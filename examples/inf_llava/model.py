@@ -224,8 +224,17 @@ def merge_visual_tokens_reference(
 class InfLlava(nn.Module):
     """Vision front end (DCM + ViT + DEM + thumbnail) -> projector -> ``LlamaForCausalLM``.
 
-    Example: see the module docstring. Shapes: ``input_ids``/``attention_mask``/``labels`` ``(B, L)``;
-    ``images`` ``(M, C, H, W)``, one per image placeholder, in reading order.
+    Example::
+
+        >>> model = build_inf_llava(cfg, tok)                 # cfg, tok: see the module docstring
+        >>> model.set_stage(1)[:1]                             # stage 1: DEM + projector train
+        ['vision.dem.attention.linears.0.weight']
+        >>> ids, mask = encode_prompts(tok, cfg, ["what is in the image ?"])      # inf_llava.data
+        >>> model.generate(ids, mask, torch.rand(1, 3, 96, 96), max_new_tokens=4).shape
+        torch.Size([1, 4])
+
+    Shapes: ``input_ids``/``attention_mask``/``labels`` ``(B, L)``; ``images`` ``(M, C, H, W)`` in
+    ``[0, 1]`` (or a list of ``(C, H_m, W_m)``), one per image placeholder, in reading order.
 
     Parts (what the training stages freeze): ``vision.backbone`` (the ViT, always frozen),
     the rest of ``vision`` (the DEM), ``projector``, ``llm``.
@@ -345,7 +354,7 @@ def _build_llm(cfg: InfLlavaConfig, tokenizer, dtype=None) -> nn.Module:
         )
         return LlamaForCausalLM(config).to(dtype or torch.float32)
     llm = LlamaForCausalLM.from_pretrained(
-        cfg.llm["path"], dtype=dtype or torch.bfloat16, local_files_only=True
+        cfg.llm["path"], dtype=dtype or torch.float32, local_files_only=True
     )
     if cfg.name == "llama3-8b":
         c = llm.config
@@ -363,10 +372,14 @@ def _build_llm(cfg: InfLlavaConfig, tokenizer, dtype=None) -> nn.Module:
 
 
 def build_inf_llava(cfg: InfLlavaConfig, tokenizer, *, llm_dtype: torch.dtype | None = None) -> InfLlava:
-    """Build the model of ``cfg``. Random parts are drawn from ``cfg.seed``, so rebuilding gives the same
-    frozen weights (checkpoints then only need the trained parts). Released INF-LLaVA DEM/projector
-    weights (``cfg.inf_llava_weights``: ``spatial_embed.*``, ``mm_projector.*``) are loaded through
-    ``DualPerspectiveEnhancement.from_inf_llava`` and ``load_inf_llava_projector``."""
+    """Build the model of ``cfg``.
+
+    The LLM's weights are ``llm_dtype`` (default float32: trainable master weights; bfloat16 halves the
+    memory of a frozen or inference-only LLM). Random parts are drawn from ``cfg.seed``, so rebuilding
+    gives the same frozen weights (checkpoints then only need the trained parts). Released INF-LLaVA
+    DEM/projector weights (``cfg.inf_llava_weights``: ``spatial_embed.*``, ``mm_projector.*``) are loaded
+    through ``DualPerspectiveEnhancement.from_inf_llava`` and ``load_inf_llava_projector``.
+    """
     from hrperc.projector import build_projector, load_inf_llava_projector
 
     from ._vision import build_vision, released_weights

@@ -173,7 +173,7 @@ def train(argv=None) -> dict:
     tokenizer = build_tokenizer(cfg)
     bf16 = _use_bf16(args.precision, device)
     # Stage 1 never updates the LLM: keep it in bf16 when computing in bf16 (half the memory).
-    llm_dtype = torch.bfloat16 if (bf16 and args.stage == 1 and cfg.llm["kind"] == "pretrained") else None
+    llm_dtype = torch.bfloat16 if (bf16 and args.stage == 1) else torch.float32
     model = build_inf_llava(cfg, tokenizer, llm_dtype=llm_dtype)
     if args.init_from:
         load_trained_weights(args.init_from, model)
