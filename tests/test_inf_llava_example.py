@@ -531,3 +531,63 @@ def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
     assert "exact-match accuracy" in out and "meaningless" not in out
     gen.main(argv)
     assert "meaningless" in capsys.readouterr().out
+
+
+def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok):
+    import numpy as np
+    from inf_llava.data import build_dataset
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for name, size in (("a.png", (90, 120)), ("b.png", (96, 96))):
+        Image.fromarray(np.full((*size, 3), 128, np.uint8)).save(tmp_path / "img" / name)
+    records = [
+        {
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat is in the image ?"},
+                {"from": "gpt", "value": "a red cross"},
+                {"from": "human", "value": "where is the red cross ?"},
+                {"from": "gpt", "value": "top left"},
+            ],
+        },
+        {
+            "id": "text-only",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}],
+        },
+        {
+            "image": "b.png",
+            "conversations": [
+                {"from": "human", "value": "describe the image ."},
+                {"from": "gpt", "value": "a blue ring"},
+            ],
+        },
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    spec = f"llava:{tmp_path / 'data.json'}:{tmp_path / 'img'}"
+    data = build_dataset(spec, cfg)
+    assert len(data) == 2  # the text-only record is skipped
+    batch = collate(data.batch([0, 1]), tok, cfg)
+    assert isinstance(batch["images"], list) and batch["images"][0].shape == (3, 90, 120)  # ragged sizes
+    image_id = cfg.image_token_id(tok)
+    for b, answers in enumerate([["a red cross", "top left"], ["a blue ring"]]):
+        ids = batch["input_ids"][b]
+        assert int((ids == image_id).sum()) == 1  # given in turn 1, or added before the first question
+        scored = tok.decode(ids[batch["labels"][b] != IGNORE_INDEX]).split("</s>")
+        assert [t.strip() for t in scored if t.strip()] == answers
+    s = train_mod.train(
+        [
+            "--data",
+            spec,
+            "--stage",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert len(s["losses"]) == 2 and all(np.isfinite(s["losses"]))
