@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -133,10 +134,18 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    # What the machine offers, read before run() changes the thread count.
+    cpu_count, threads_at_start = os.cpu_count(), torch.get_num_threads()
     rows = [run(stage, th, args.steps, args.batch_size) for th in args.threads for stage in (1, 2)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "cpu_threads_available": torch.get_num_threads(), "config": "tiny"}
+    torch.set_num_threads(threads_at_start)
+    meta = {
+        "torch": torch.__version__,
+        "cpu_count": cpu_count,
+        "cpu_threads_available": threads_at_start,  # torch's intra-op threads before the runs
+        "config": "tiny",
+    }
     (out / "inf_llava_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"{'stage':>5} {'thr':>3} {'step ms':>8} {'split ms':>9} {'tok/s':>8}  shares")
     for r in rows:

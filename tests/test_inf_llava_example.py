@@ -30,6 +30,11 @@ from inf_llava.generate import answer  # noqa: E402
 TRAIN = ROOT / "examples" / "inf_llava" / "train.py"
 
 
+def _train(argv, **kwargs):
+    """``train.train`` on the CPU, whatever the host has (the comparisons here are CPU-exact)."""
+    return train_mod.train([*argv, "--device", "cpu"], **kwargs)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # The tiny model's ops are too small to gain from intra-op threads; on a loaded machine the thread
@@ -266,6 +271,33 @@ def test_answer_helper_returns_text_per_question(cfg, tok, model):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_eos_list_stops_at_the_end_of_turn_token(cfg, tok, monkeypatch):
+    """LLaMA-3 ends a turn with <|eot_id|> while its EOS is <|end_of_text|>: both must stop generation."""
+    from inf_llava.generate import eos_token_ids
+
+    assert eos_token_ids(tok, cfg) == [tok.eos_token_id]  # tiny: no end-of-turn token
+    tok3 = build_tokenizer(cfg)
+    tok3.add_tokens(["<|eot_id|>"], special_tokens=True)
+    eot = tok3.convert_tokens_to_ids("<|eot_id|>")
+    assert eot == len(tok3) - 1 != tok3.unk_token_id
+    assert eos_token_ids(tok3, cfg) == [tok3.eos_token_id, eot]
+    # The llama3-8b template's answer suffix names the same token: no duplicate.
+    assert eos_token_ids(tok3, cfg.replace(answer_suffix="<|eot_id|>")) == [tok3.eos_token_id, eot]
+    m = build_inf_llava(cfg, tok3).eval()
+    ids, mask = encode_prompts(tok3, cfg, ["what is in the image ?"])
+    image = torch.rand(1, 3, *cfg.image_size)
+    only_eot = [i for i in range(len(tok3)) if i != eot]  # force <|eot_id|> at every step
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tok3.pad_token_id, "suppress_tokens": only_eot}
+    assert m.generate(ids, mask, image, **kw).tolist() == [[eot] * 4]  # EOS alone: runs on
+    assert m.generate(ids, mask, image, eos_token_id=eos_token_ids(tok3, cfg), **kw).tolist() == [[eot]]
+    # answer() passes the list by default.
+    seen = {}
+    generate = m.generate
+    monkeypatch.setattr(m, "generate", lambda *a, **k: seen.update(k) or generate(*a, **k))
+    answer(m, tok3, cfg, image, ["what is in the image ?"], max_new_tokens=2)
+    assert seen["eos_token_id"] == [tok3.eos_token_id, eot]
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def _frozen_and_trained(cfg, tok, ckpt_dir, stage):
     """Compare a freshly built model with one whose trained parts come from ``ckpt_dir``."""
@@ -275,9 +307,30 @@ def _frozen_and_trained(cfg, tok, ckpt_dir, stage):
     return fresh, trained, expected
 
 
+def _check_freezing(trained_model, cfg, tok, stage, llm_dtype=None) -> set[str]:
+    """Every frozen tensor of the model ``train`` returns (ViT; in stage 1 also the LLM; buffers too) is
+    bit-identical, dtype included, to a fresh build from the same seed, and every trained one moved.
+
+    Returns the names of the frozen tensors checked."""
+    fresh = build_inf_llava(cfg, tok, llm_dtype=llm_dtype)
+    trainable = set(fresh.set_stage(stage))
+    ref, got = fresh.state_dict(), trained_model.state_dict()
+    assert set(got) == set(ref)
+    assert {n for n, p in trained_model.named_parameters() if p.requires_grad} == trainable
+    frozen = set(ref) - trainable
+    assert any(n.startswith("vision.backbone.") for n in frozen)
+    assert any(n.startswith("llm.") for n in frozen) == (stage == 1)
+    assert not any(n.startswith(("vision.dem.", "projector.")) for n in frozen)
+    changed = sorted(n for n in frozen if got[n].dtype != ref[n].dtype or not torch.equal(got[n].cpu(), ref[n]))
+    assert not changed, f"frozen tensors changed in stage {stage}: {changed[:5]} ({len(changed)} in all)"
+    still = sorted(n for n in trainable if torch.equal(got[n].cpu().to(ref[n].dtype), ref[n]))
+    assert not still, f"trained parameters did not move in stage {stage}: {still[:5]} ({len(still)} in all)"
+    return frozen
+
+
 def test_stage1_trains_dem_and_projector_only(tmp_path, cfg, tok):
     out = tmp_path / "s1"
-    s = train_mod.train(
+    s = _train(
         [
             "--stage",
             "1",
@@ -292,7 +345,8 @@ def test_stage1_trains_dem_and_projector_only(tmp_path, cfg, tok):
             str(out),
             "--dump-params",
             str(tmp_path / "p"),
-        ]
+        ],
+        return_model=True,
     )
     fresh, trained, expected = _frozen_and_trained(cfg, tok, s["checkpoint"], 1)
     assert set(trained) == expected == set(s["trainable"])
@@ -301,6 +355,11 @@ def test_stage1_trains_dem_and_projector_only(tmp_path, cfg, tok):
     )
     # Trained parts moved; frozen parts (ViT, LLM) are bit-identical to the seeded build.
     assert all(not torch.equal(trained[n], fresh.state_dict()[n]) for n in expected)
+    frozen = _check_freezing(s["model"], cfg, tok, 1)
+    assert len(frozen) > len(expected)  # the whole ViT and LLM
+    # The checkpoint holds exactly the trained model's final values.
+    final_sd = s["model"].state_dict()
+    assert all(torch.equal(trained[n], final_sd[n]) for n in expected)
     final = load_file(tmp_path / "p" / "rank0.safetensors")
     assert set(final) == expected
     losses = s["losses"]
@@ -308,7 +367,7 @@ def test_stage1_trains_dem_and_projector_only(tmp_path, cfg, tok):
 
 
 def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
-    s = train_mod.train(
+    s = _train(
         [
             "--stage",
             "2",
@@ -321,7 +380,8 @@ def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
             "--no-progress",
             "--out",
             str(tmp_path),
-        ]
+        ],
+        return_model=True,
     )
     fresh, trained, expected = _frozen_and_trained(cfg, tok, s["checkpoint"], 2)
     assert set(trained) == expected
@@ -330,24 +390,75 @@ def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
     )
     losses = s["losses"]
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0]
-    # The frozen ViT is untouched: rebuild, load the checkpoint, compare the backbone with the fresh one.
-    reloaded = build_inf_llava(cfg, tok)
-    reloaded.load_state_dict(trained, strict=False)
-    for (n, a), (_, b) in zip(
-        reloaded.vision.backbone.state_dict().items(), fresh.vision.backbone.state_dict().items()
-    ):
-        assert torch.equal(a, b), n
+    # The frozen ViT of the trained model is untouched (compared with the seeded build); the DEM,
+    # projector and LLM all moved, and the checkpoint holds their final values.
+    frozen = _check_freezing(s["model"], cfg, tok, 2)
+    assert all(n.startswith("vision.") for n in frozen)
+    final_sd = s["model"].state_dict()
+    assert all(torch.equal(trained[n], final_sd[n]) for n in expected)
+
+
+@pytest.mark.parametrize("leak", ["llm", "vit"])
+def test_freezing_check_catches_broken_freezing(tmp_path, cfg, tok, monkeypatch, leak):
+    """The frozen-parameter check above can fail: with the LLM (or the ViT) left trainable in stage 1,
+    it does, both on the requires_grad flags and on the weights themselves."""
+    from inf_llava.model import InfLlava
+
+    set_stage = InfLlava.set_stage
+
+    def leaky(self, stage):
+        set_stage(self, stage)
+        if leak == "llm":
+            self.llm.requires_grad_(True)  # the bug: stage 1 forgets to freeze the LLM
+        else:
+            self.vision.backbone.requires_grad_(True)  # the bug: the ViT runs with autograd and trains
+            self.vision.train_backbone = True
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    monkeypatch.setattr(InfLlava, "set_stage", leaky)
+    s = _train(
+        ["--stage", "1", "--steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--no-progress"]
+        + ["--out", str(tmp_path)],
+        return_model=True,
+    )
+    monkeypatch.setattr(InfLlava, "set_stage", set_stage)
+    m = s["model"]
+    with pytest.raises(AssertionError):
+        _check_freezing(m, cfg, tok, 1)
+    # Even with the flags put back, the weights that moved are caught.
+    (m.llm if leak == "llm" else m.vision.backbone).requires_grad_(False)
+    with pytest.raises(AssertionError, match="frozen tensors changed"):
+        _check_freezing(m, cfg, tok, 1)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_two_steps(tmp_path, cfg, tok, stage):
+    """``--precision bf16``: finite losses; the LLM is bf16 when frozen (stage 1), fp32 master weights when
+    trained (stage 2); trained parts stay fp32; frozen parts equal a fresh build of the same dtype."""
+    s = _train(
+        ["--stage", str(stage), "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--precision", "bf16"]
+        + ["--no-progress", "--out", str(tmp_path)],
+        return_model=True,
+    )
+    assert len(s["losses"]) == 2 and all(torch.isfinite(torch.tensor(s["losses"])))
+    m = s["model"]
+    llm_dtype = torch.bfloat16 if stage == 1 else torch.float32
+    assert {p.dtype for p in m.llm.parameters()} == {llm_dtype}
+    assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
+    _check_freezing(m, cfg, tok, stage, llm_dtype=llm_dtype)
+    saved = load_file(Path(s["checkpoint"]) / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
 
 
 def test_resume_continues_bit_exactly(tmp_path):
     common = ["--stage", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--no-progress"]
-    straight = train_mod.train(common + ["--steps", "4", "--out", str(tmp_path / "a")])
-    train_mod.train(common + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "b")])
+    straight = _train(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    _train(common + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "b")])
     # Drop the final checkpoint of run b and resume from step 2.
     import shutil
 
     shutil.rmtree(tmp_path / "b" / "checkpoint-4")
-    resumed = train_mod.train(common + ["--steps", "4", "--resume", "auto", "--out", str(tmp_path / "b")])
+    resumed = _train(common + ["--steps", "4", "--resume", "auto", "--out", str(tmp_path / "b")])
     assert resumed["start_step"] == 2 and resumed["losses"] == straight["losses"]
     for f in ("model.safetensors", "optimizer.safetensors"):
         a = load_file(tmp_path / "a" / "checkpoint-4" / f)
@@ -357,12 +468,30 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert meta["step"] == 4 and meta["scheduler"]["last_epoch"] == 4
 
 
+def test_checkpoint_writes_gathered_tensors_without_copying_them(tmp_path):
+    """save_checkpoint does not clone the gathered state (for the 8B model that doubled rank 0's host
+    memory): contiguous tensors are written as they are; only non-contiguous or storage-sharing ones copy."""
+    from inf_llava.checkpoint import _writable
+
+    a, b = torch.randn(4, 3), torch.randn(3, 4)
+    shared = a.view(3, 4)
+    out = _writable({"a": a, "b": b, "bt": b.t(), "shared": shared})
+    assert out["a"].data_ptr() == a.data_ptr() and out["b"].data_ptr() == b.data_ptr()
+    assert out["bt"].is_contiguous() and torch.equal(out["bt"], b.t())
+    assert out["shared"].data_ptr() != a.data_ptr() and torch.equal(out["shared"], shared)
+    from safetensors.torch import save_file
+
+    save_file(out, tmp_path / "x.safetensors")  # safetensors accepts the result
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], out[k]) for k in out)
+
+
 def test_resume_with_other_stage_is_refused(tmp_path):
-    train_mod.train(
+    _train(
         ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
     )
     with pytest.raises(ValueError, match="lacks .* trainable"):
-        train_mod.train(
+        _train(
             [
                 "--stage",
                 "2",
@@ -387,10 +516,11 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
     The 2-process run resumes from the 1-process run's step-1 checkpoint (so checkpoints move between
     launch modes), and its checkpoints are compared with the 1-process ones."""
     common = ["--stage", "2", "--steps", "3", "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
-    single = train_mod.train(
+    single = _train(
         common + ["--micro-batch-size", "4", "--save-every", "1", "--out", str(tmp_path / "one")]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # CPU and gloo explicitly, GPUs hidden: the same test on a GPU host (even one with a single GPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable,
         "-m",
@@ -402,6 +532,10 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
         *common,
         "--dist",
         mode,
+        "--device",
+        "cpu",
+        "--dist-backend",
+        "gloo",
         "--out",
         str(tmp_path / mode),
         "--summary-json",
@@ -435,6 +569,26 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
             assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], two[k]), k
         else:  # FSDP shards dim 0 over the ranks: the shards put together are the saved full parameter
             assert torch.equal(torch.cat([r0[k], r1[k]])[: two[k].shape[0]], two[k]), k
+
+
+def test_device_and_backend_choice():
+    """auto: GPUs + nccl only with a GPU per process on the node, else CPU + gloo (with a note on a GPU host)."""
+    choose = train_mod.choose_device_backend
+    assert choose("auto", "auto", n_gpus=2, local_world=2, distributed=True) == ("cuda", "nccl", None)
+    dev, backend, note = choose("auto", "auto", n_gpus=1, local_world=2, distributed=True)
+    assert (dev, backend) == ("cpu", "gloo") and "2 processes" in note and "1 visible GPU" in note
+    assert choose("auto", "auto", n_gpus=0, local_world=2, distributed=True) == ("cpu", "gloo", None)
+    assert choose("auto", "auto", n_gpus=1, local_world=1, distributed=False) == ("cuda", None, None)
+    assert choose("cpu", "auto", n_gpus=8, local_world=2, distributed=True) == ("cpu", "gloo", None)
+    assert choose("cuda", "gloo", n_gpus=2, local_world=2, distributed=True) == ("cuda", "gloo", None)
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        choose("cuda", "auto", n_gpus=1, local_world=2, distributed=True)
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        choose("auto", "nccl", n_gpus=1, local_world=2, distributed=True)
+    with pytest.raises(ValueError, match="nccl needs GPUs"):
+        choose("cpu", "nccl", n_gpus=2, local_world=2, distributed=True)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        choose("cuda", "auto", n_gpus=0, local_world=1, distributed=False)
 
 
 # ---- the llama3-8b path, at toy sizes ---------------------------------------------------------------------------
@@ -517,7 +671,7 @@ def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
     from inf_llava import generate as gen
     from PIL import Image
 
-    s = train_mod.train(
+    s = _train(
         ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
     )
     sample = GlyphTask(cfg.image_size).sample(3)
@@ -531,6 +685,27 @@ def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
     assert "exact-match accuracy" in out and "meaningless" not in out
     gen.main(argv)
     assert "meaningless" in capsys.readouterr().out
+
+
+def test_glyph_eval_honours_seed_and_glyph_size(cfg, monkeypatch):
+    """generate.py --eval-glyphs scores the task variant given by --seed / --glyph-size (as train.py)."""
+    from inf_llava import generate as gen
+
+    seen = []
+
+    def fake_answer(model, tokenizer, cfg, images, questions, **kw):
+        seen.append((images, questions))
+        return ["" for _ in questions]
+
+    monkeypatch.setattr(gen, "answer", fake_answer)
+    gen.main(["--eval-glyphs", "3", "--seed", "5", "--glyph-size", "6", "--device", "cpu"])
+    held_out = range(10_000_000, 10_000_003)
+    want = GlyphTask(cfg.image_size, glyph_size=6, seed=5).batch(held_out)
+    ((images, questions),) = seen
+    assert torch.equal(images, torch.stack([s.image for s in want]))
+    assert questions == [s.question for s in want]
+    default = GlyphTask(cfg.image_size).batch(held_out)
+    assert not torch.equal(images, torch.stack([s.image for s in default]))
 
 
 def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok):
@@ -575,7 +750,7 @@ def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok):
         assert int((ids == image_id).sum()) == 1  # given in turn 1, or added before the first question
         scored = tok.decode(ids[batch["labels"][b] != IGNORE_INDEX]).split("</s>")
         assert [t.strip() for t in scored if t.strip()] == answers
-    s = train_mod.train(
+    s = _train(
         [
             "--data",
             spec,

@@ -149,7 +149,9 @@ class ConversationSample:
 class LlavaJsonDataset:
     """LLaVA instruction data: a JSON list of ``{"image": <path under image_folder>, "conversations":
     [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``
-    (LLaVA-Pretrain 558K for stage 1, LLaVA-Instruct 665K for stage 2). Samples without an image are skipped."""
+    (the paper's data: CC-595K, i.e. LLaVA-CC3M-Pretrain-595K, for stage 1, and the LLaVA-665K instruction
+    mixture, which the paper calls "LLaVA-656K", for stage 2 (Sec. 5.2); the 558K LAION-CC-SBU set is
+    the stage-1 data of the larger INF-LLaVA* of Table 2 only). Samples without an image are skipped."""
 
     def __init__(self, json_path, image_folder, image_token: str = "<image>"):
         records = json.loads(Path(json_path).read_text())

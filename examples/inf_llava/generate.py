@@ -31,7 +31,11 @@ from inf_llava.configs import CONFIGS, build_tokenizer, get_config
 from inf_llava.data import encode_prompts
 from inf_llava.model import build_inf_llava
 
-__all__ = ["load_image", "answer", "evaluate_glyphs", "main"]
+__all__ = ["load_image", "answer", "eos_token_ids", "evaluate_glyphs", "main"]
+
+# End-of-turn tokens that end an answer besides the tokenizer's EOS (LLaMA-3: <|end_of_text|> is the EOS,
+# but a chat turn, and our training answers, end with <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|eot_id|>",)
 
 
 def load_image(path) -> torch.Tensor:
@@ -42,6 +46,25 @@ def load_image(path) -> torch.Tensor:
     with Image.open(path) as im:
         x = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+
+def eos_token_ids(tokenizer, cfg=None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS, then every end-of-turn token it knows.
+
+    End-of-turn tokens are :data:`END_OF_TURN_TOKENS` and ``cfg.answer_suffix`` (what training appends
+    to each answer) when it is one token. For LLaMA-3 this gives ``[<|end_of_text|>, <|eot_id|>]``, so
+    a base LLaMA-3 tokenizer (whose EOS is ``<|end_of_text|>``) still stops at the end of the answer;
+    for ``tiny`` it is ``[</s>]``.
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    names = list(END_OF_TURN_TOKENS)
+    if cfg is not None and cfg.answer_suffix.strip():
+        names.append(cfg.answer_suffix.strip())
+    for name in names:
+        tid = tokenizer.convert_tokens_to_ids(name)  # unknown: None or the unk id
+        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(int(tid))
+    return ids
 
 
 def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwargs) -> list[str]:
@@ -55,6 +78,7 @@ def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwarg
     generate_kwargs.setdefault("max_new_tokens", 32)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    generate_kwargs.setdefault("eos_token_id", eos_token_ids(tokenizer, cfg))
     device = next(model.parameters()).device
     images = images.to(device) if torch.is_tensor(images) else [im.to(device) for im in images]
     new = model.generate(input_ids.to(device), attention_mask.to(device), images, **generate_kwargs)
@@ -62,13 +86,23 @@ def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwarg
 
 
 def evaluate_glyphs(
-    model, tokenizer, cfg, n: int = 200, first_index: int = 10_000_000, batch_size: int = 50
+    model,
+    tokenizer,
+    cfg,
+    n: int = 200,
+    first_index: int = 10_000_000,
+    batch_size: int = 50,
+    *,
+    seed: int = 0,
+    glyph_size: int | None = None,
 ) -> dict:
     """Exact-match accuracy of greedy answers on ``n`` held-out glyph samples (indices from ``first_index``,
-    never seen in training), overall and per question kind. Blind guessing scores 1/24, 1/9 and 1/216."""
+    never seen in training), overall and per question kind. Blind guessing scores 1/24, 1/9 and 1/216.
+
+    ``seed`` and ``glyph_size`` select the task variant, as ``train.py --seed / --glyph-size`` do."""
     from inf_llava.data import GlyphTask
 
-    task = GlyphTask(cfg.image_size)
+    task = GlyphTask(cfg.image_size, glyph_size=glyph_size, seed=seed)
     hits: dict[str, list[bool]] = {"what": [], "where": [], "describe": []}
     for start in range(first_index, first_index + n, batch_size):
         samples = task.batch(range(start, min(start + batch_size, first_index + n)))
@@ -92,6 +126,8 @@ def main(argv=None) -> list[str]:
     p.add_argument("--image", action="append", default=[], help="image path; repeat for a batch")
     p.add_argument("--prompt", action="append", default=[], help="question; one per --image (or all)")
     p.add_argument("--eval-glyphs", type=int, default=0, help="also score N held-out glyph-task samples")
+    p.add_argument("--seed", type=int, default=0, help="glyph task seed for --eval-glyphs (as train.py's)")
+    p.add_argument("--glyph-size", type=int, default=None, help="glyph side for --eval-glyphs (as train.py's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -114,7 +150,9 @@ def main(argv=None) -> list[str]:
             else []
         )
         if args.eval_glyphs:
-            acc = evaluate_glyphs(model, tokenizer, cfg, args.eval_glyphs)
+            acc = evaluate_glyphs(
+                model, tokenizer, cfg, args.eval_glyphs, seed=args.seed, glyph_size=args.glyph_size
+            )
             print("glyph task, exact-match accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     if cfg.name == "tiny" and not args.checkpoint:
         print("# tiny config with random weights: the text below is meaningless by construction.")

@@ -8,6 +8,11 @@ Examples (from the repository root)::
     torchrun --nproc_per_node 2 examples/inf_llava/train.py --config tiny --dist ddp  --steps 50 --out runs/ddp
     torchrun --nproc_per_node 2 examples/inf_llava/train.py --config tiny --dist fsdp --steps 50 --out runs/fsdp
     python examples/inf_llava/train.py ... --resume auto          # continue from the latest checkpoint
+    torchrun --nproc_per_node 2 examples/inf_llava/train.py --dist ddp --device cpu ...   # gloo on CPU
+
+``--device auto`` (default) runs on GPUs (one per process, nccl for ddp/fsdp) only when the node has
+at least as many visible GPUs as processes; otherwise on CPU with gloo, and rank 0 says so.
+``--device`` / ``--dist-backend`` force a choice.
 
 Sec. 5.2 of the paper: stage 1 freezes the ViT and the LLM and trains the DEM and the projector
 (AdamW, lr 1e-3, cosine schedule with warmup); stage 2 freezes the ViT and trains the DEM, the
@@ -43,7 +48,7 @@ from inf_llava.configs import CONFIGS, build_tokenizer, get_config
 from inf_llava.data import build_dataset, collate
 from inf_llava.model import IGNORE_INDEX, build_inf_llava
 
-__all__ = ["parse_args", "train", "main", "STAGE_LR"]
+__all__ = ["parse_args", "train", "main", "choose_device_backend", "STAGE_LR"]
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 
@@ -75,6 +80,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="bf16 autocast; auto = bf16 on a GPU that supports it, fp32 on CPU",
     )
     p.add_argument("--dist", default="none", choices=("none", "ddp", "fsdp"))
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: one GPU per process when this node has enough for its processes, else CPU",
+    )
+    p.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=("auto", "gloo", "nccl"),
+        help="process-group backend for ddp/fsdp; auto: nccl on GPUs, gloo on CPU",
+    )
     p.add_argument("--out", default="runs/inf_llava", help="checkpoint directory")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--resume", default=None, help="'auto' (latest under --out) or a checkpoint directory")
@@ -94,19 +111,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _setup_distributed(mode: str):
-    """Init the process group for ddp/fsdp (nccl on GPUs, gloo on CPU); returns rank, world, device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "none":
-        if world > 1:
-            raise ValueError(
-                f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp."
+def choose_device_backend(
+    device: str, backend: str, *, n_gpus: int, local_world: int, distributed: bool
+) -> tuple[str, str | None, str | None]:
+    """Resolve ``--device`` / ``--dist-backend`` to ``(device type, backend or None, note or None)``.
+
+    ``auto`` takes one GPU per process (and nccl) only when the node has at least ``local_world`` GPUs;
+    otherwise CPU and gloo, with a note saying why. Explicit choices that cannot work raise ``ValueError``.
+    """
+    note = None
+    if device == "auto" and distributed and backend == "nccl":
+        device = "cuda"  # nccl was asked for: insist on GPUs (and say so below if there are too few)
+    if device == "auto":
+        enough = n_gpus >= (local_world if distributed else 1)
+        device = "cuda" if n_gpus and enough else "cpu"
+        if n_gpus and not enough:
+            note = (
+                f"train.py: {local_world} processes on this node but {n_gpus} visible GPU(s); running on CPU "
+                "with gloo (one GPU per process is needed for nccl). Pass --device cpu to silence this, or "
+                "launch at most one process per GPU."
             )
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device == "cuda":
+        if n_gpus == 0:
+            raise ValueError("train.py: --device cuda but no CUDA GPU is visible; use --device cpu or auto.")
+        if distributed and n_gpus < local_world:
+            raise ValueError(
+                f"train.py: --device cuda with {local_world} processes on this node but only {n_gpus} GPU(s); "
+                "launch at most one process per GPU (torchrun --nproc_per_node), or use --device cpu."
+            )
+    if not distributed:
+        return device, None, note
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    elif backend == "nccl" and device != "cuda":
+        raise ValueError("train.py: --dist-backend nccl needs GPUs; use --dist-backend gloo with --device cpu.")
+    return device, backend, note
+
+
+def _setup_distributed(mode: str, device: str = "auto", backend: str = "auto"):
+    """Init the process group for ddp/fsdp (see :func:`choose_device_backend`); returns rank, world, device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "none" and world > 1:
+        raise ValueError(
+            f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp."
+        )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    dev, backend, note = choose_device_backend(
+        device,
+        backend,
+        n_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        local_world=local_world,
+        distributed=mode != "none",
+    )
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr, flush=True)
+    if mode == "none":
+        return 0, 1, torch.device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
+    if dev == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
@@ -158,10 +222,14 @@ def _sync_context(model, mode: str, last: bool):
     return contextlib.nullcontext()
 
 
-def train(argv=None) -> dict:
-    """Run one training stage; returns a summary (losses per step, tokens/s, checkpoint path)."""
+def train(argv=None, *, return_model: bool = False) -> dict:
+    """Run one training stage; returns a summary (losses per step, tokens/s, checkpoint path).
+
+    With ``return_model`` the summary also holds ``"model"``: the trained ``InfLlava`` itself (unwrapped
+    from DDP; for tests and notebooks, single process), every parameter, frozen ones included.
+    """
     args = parse_args(argv)
-    rank, world, device = _setup_distributed(args.dist)
+    rank, world, device = _setup_distributed(args.dist, args.device, args.dist_backend)
     if args.batch_size % world or (
         args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size
     ):
@@ -257,6 +325,8 @@ def train(argv=None) -> dict:
     if args.dist != "none":
         dist.barrier()
         dist.destroy_process_group()
+    if return_model:
+        summary["model"] = getattr(model, "module", model)
     return summary
 
 
