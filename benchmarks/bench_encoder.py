@@ -5,8 +5,9 @@ Run (keep the machine quiet; other engineers' benchmarks share the lock)::
     flock /tmp/hrperc-bench.lock .venv/bin/python benchmarks/bench_encoder.py [--quick]
 
 1. The same 2N+1 = 19 sub-images (3x3 grid + thumbnail) through ViT-B/16 (224) and ViT-L/14-336, random
-   weights via timm: 19 serial single-image passes vs ``HighResEncoder.encode_subimages`` with several
-   ``max_batch`` values (the default first). Time (median) and peak memory, measured in this one run.
+   weights via timm: 19 serial single-image passes vs ``HighResEncoder.encode_subimages`` at the default
+   ``max_batch="auto"`` chunking, at the previous default (4096 tokens per call) and at one 19-image call.
+   Configurations that chunk the 19 sub-images the same way (e.g. ``max_batch=20`` and ``19``) are run once.
 2. The released preset end to end, 1008x1008 pixels -> 576 tokens (ViT-L/14-336): footprint skipping
    (11 ViT passes) vs ``encode_all=True`` (19), identical output checked; and the share of front-end
    time spent in the ViT, the DEM and the rest (crop, gather, combine).
@@ -15,10 +16,19 @@ On a CPU both ViTs are cut to ``--depth 3`` blocks by default (a full ViT-L/14-3
 seconds there); width, tokens, per-block cost and hence the batching ratios are those of the full
 models, and the preset's time shares are also given with the ViT time scaled to its 23 blocks.
 
-Peak memory on CPU is the process's peak resident set (``ru_maxrss``, weights included) and its rise
-over the resident set just before the measured call; configurations run from the least to the most
-memory-hungry so the monotonic ``ru_maxrss`` reads each one's own peak. On CUDA it is
-``torch.cuda.max_memory_allocated``. Results: ``benchmarks/results/bench_encoder.{json,png}``.
+Time: median of ``--reps`` calls per configuration, interleaved in this process (so drifting machine
+load hits all configurations alike), after a warm-up.
+
+Peak memory: each configuration in a FRESH subprocess (``--worker``), so no configuration inherits
+another's peak or allocator state. The worker builds the same model and inputs, warms the backbone up
+with one single-image pass, reads its baseline, then runs the configuration once. On CPU the kernel's
+peak-RSS counter is reset (``/proc/self/clear_refs`` <- 5) right before the call, and the row reports
+``peak_mib`` (the whole process's peak resident set during the call: weights, inputs, Python/torch
+included), ``rise_mib`` (that peak minus the resident set just before the call: what the call itself
+costs) and ``baseline_mib``; where the counter cannot be reset, ``ru_maxrss`` is used and
+``peak_method`` says so. On CUDA: ``torch.cuda.max_memory_allocated`` after a warm-up call and
+``reset_peak_memory_stats``, rise over ``memory_allocated`` before the call.
+Results: ``benchmarks/results/bench_encoder.{json,png}``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,15 +49,24 @@ import hrperc
 from hrperc import HighResEncoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PRESET_LABELS = ("skipping (11 passes)", "encode_all (19 passes)")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS, Linux >= 4.0
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device):
@@ -53,40 +74,66 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure_round_robin(fns: dict, device, reps: int) -> tuple[dict, dict]:
-    """Time every configuration ``reps`` times, interleaved (so drifting machine load hits all alike);
-    memory from each one's first call, in the given (least to most memory) order. Returns rows, outputs."""
+def measure_times(fns: dict, device, reps: int) -> tuple[dict, dict]:
+    """Time every configuration ``reps`` times, interleaved (so drifting machine load hits all alike).
+    Returns rows (``all_seconds``, median ``seconds``) and each configuration's first output."""
     rows = {k: {"all_seconds": []} for k in fns}
     outputs = {}
     for rep in range(reps):
         for key, fn in fns.items():
-            if rep == 0:
-                if device.type == "cuda":
-                    fn()  # warm up kernels and the allocator first
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device) / 2**20
-                else:
-                    before = _rss_mib()
+            if rep == 0 and device.type == "cuda":
+                fn()  # warm up kernels and the allocator first
             _sync(device)
             t0 = time.perf_counter()
             out = fn()
             _sync(device)
             rows[key]["all_seconds"].append(time.perf_counter() - t0)
             if rep == 0:
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
-                rows[key].update(peak_mib=peak, rise_mib=peak - before)
                 outputs[key] = out
     for r in rows.values():
         r["seconds"] = statistics.median(r["all_seconds"])
     return rows, outputs
 
 
+def measure_memory_here(fn, device) -> dict:
+    """One call of ``fn`` in this (fresh) process: peak and rise over the baseline just before it."""
+    if device.type == "cuda":
+        fn()  # warm-up: kernels, cuBLAS workspaces, allocator
+        _sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+        fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return {"peak_mib": peak, "rise_mib": peak - before, "baseline_mib": before,
+                "peak_method": "torch.cuda.max_memory_allocated"}  # fmt: skip
+    resettable = _reset_peak()
+    before = _status_mib("VmRSS")
+    fn()
+    if resettable:
+        peak, method = _status_mib("VmHWM"), "VmHWM after clear_refs=5 (peak RSS during the call)"
+    else:  # process-lifetime peak: includes model construction, so it can only over-state the call's peak
+        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss (process lifetime)"
+    return {"peak_mib": peak, "rise_mib": max(peak - before, 0.0), "baseline_mib": before,
+            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_method": method}  # fmt: skip
+
+
+def measure_memory(spec: dict) -> dict:
+    """Run one configuration in a fresh subprocess (``--worker``) and return its memory row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory worker {spec} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def _timm_kwargs(depth: int | None) -> dict:
     return {} if depth is None else {"depth": depth}
 
 
-def bench_batching(name: str, model_name: str, device, reps: int, chunks, depth: int | None) -> dict:
+def _setup_batching(model_name: str, depth: int | None, device):
     backbone = hrperc.create_encoder(f"timm:{model_name}", **_timm_kwargs(depth)).to(device)
     enc = HighResEncoder.inf_llava(backbone, dem=hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8))
     enc = enc.to(device)
@@ -94,57 +141,108 @@ def bench_batching(name: str, model_name: str, device, reps: int, chunks, depth:
     torch.manual_seed(0)
     crops = enc.crop(torch.rand(1, 3, 3 * h, 3 * w, device=device))
     subimages = torch.cat([crops.local, crops.strided, crops.thumbnail])  # 2N+1 = 19
-    S = subimages.shape[0]
+    return enc, subimages
+
+
+def _batching_fn(enc, subimages, max_batch):
+    """``max_batch=None``: 2N+1 serial single-image passes; else ``encode_subimages`` in such chunks."""
+    if max_batch is None:
+        return lambda: torch.cat(
+            [enc.backbone.features(enc.backbone.normalize(subimages[i : i + 1])) for i in range(len(subimages))]
+        )
+
+    def run():
+        enc.max_batch = max_batch
+        return enc.encode_subimages(subimages)
+
+    return run
+
+
+def batching_configs(enc, S: int, chunks) -> dict:
+    """``{label: max_batch}`` (``None`` = serial); one entry per distinct chunking of the S sub-images."""
+    per_tile = enc.backbone.num_patches + enc.backbone.num_prefix_tokens
     default = enc.chunk_size  # what max_batch="auto" picks on this device
+    old_default = max(1, 4096 // per_tile) if enc.backbone.device.type == "cpu" else None
+    configs, seen = {"serial": None}, {1}  # serial == chunks of one sub-image
+    candidates = [(default, f"auto={default}")]
+    if old_default is not None:
+        candidates.append((old_default, f"max_batch={old_default} (4096 tok)"))
+    candidates += [(mb, f"max_batch={mb}") for mb in chunks]
+    for mb, label in sorted(candidates, key=lambda c: min(c[0], S)):  # least to most memory
+        effective = min(mb, S)  # max_batch=20 and 19 both mean one call for 19 sub-images
+        if effective in seen:
+            continue
+        seen.add(effective)
+        configs[label] = mb
+    return configs
 
-    def serial():
-        return torch.cat([enc.backbone.features(enc.backbone.normalize(subimages[i : i + 1])) for i in range(S)])
 
-    def batched(mb):
-        def run():
-            enc.max_batch = mb
-            return enc.encode_subimages(subimages)
-
-        return run
-
-    fns = {"serial": serial}
-    for mb in sorted({default, *chunks}):  # least to most memory
-        fns[f"auto={mb}" if mb == default else f"max_batch={mb}"] = batched(mb)
+def bench_batching(name: str, model_name: str, device, reps: int, chunks, depth: int | None) -> dict:
+    enc, subimages = _setup_batching(model_name, depth, device)
+    backbone = enc.backbone
+    S = subimages.shape[0]
+    default = enc.chunk_size
+    configs = batching_configs(enc, S, chunks)
+    fns = {label: _batching_fn(enc, subimages, mb) for label, mb in configs.items()}
     with torch.inference_mode():
         enc.backbone.features(enc.backbone.normalize(subimages[:1]))  # warm-up (lazy init, allocator)
-        rows, outputs = measure_round_robin(fns, device, reps)
+        rows, outputs = measure_times(fns, device, reps)
     enc.max_batch = "auto"
     for key, got in outputs.items():
         torch.testing.assert_close(got, outputs["serial"], rtol=1e-4, atol=1e-4, msg=f"{key} differs from serial")
+    for label, mb in configs.items():
+        spec = {"kind": "batching", "model": model_name, "depth": depth, "device": str(device), "max_batch": mb}
+        rows[label].update(measure_memory(spec))
     for r in rows.values():
         r["speed_vs_serial"] = rows["serial"]["seconds"] / r["seconds"]
         r["memory_vs_serial"] = r["peak_mib"] / rows["serial"]["peak_mib"]
         r["rise_vs_serial"] = r["rise_mib"] / max(rows["serial"]["rise_mib"], 1e-9)
     out = {"model": model_name, "depth": backbone.num_layers, "subimages": S,
            "tokens_per_subimage": backbone.num_patches + backbone.num_prefix_tokens,
-           "default_max_batch": default, "rows": rows}  # fmt: skip
+           "default_max_batch": default, "configs": configs, "rows": rows}  # fmt: skip
     print(f"\n{name} ({model_name}, {backbone.num_layers} blocks), {S} sub-images, auto max_batch={default}")
-    print(f"  {'config':<14} {'ms':>9} {'x serial':>9} {'peak MiB':>9} {'x serial':>9} {'rise MiB':>9}")
+    print(f"  {'config':<24} {'ms':>9} {'x serial':>9} {'peak MiB':>9} {'x serial':>9} {'rise MiB':>9} {'x serial':>9}")
     for key, r in rows.items():
         print(
-            f"  {key:<14} {r['seconds'] * 1e3:9.1f} {r['speed_vs_serial']:9.2f} {r['peak_mib']:9.0f} "
-            f"{r['memory_vs_serial']:9.2f} {r['rise_mib']:9.0f}"
+            f"  {key:<24} {r['seconds'] * 1e3:9.1f} {r['speed_vs_serial']:9.2f} {r['peak_mib']:9.0f} "
+            f"{r['memory_vs_serial']:9.2f} {r['rise_mib']:9.0f} {r['rise_vs_serial']:9.2f}"
         )
     return out
 
 
-def bench_preset(device, reps: int, depth: int | None) -> dict:
+def _setup_preset(depth: int | None, device):
     backbone = hrperc.create_encoder("timm:vit_large_patch14_clip_336", **_timm_kwargs(depth)).to(device)
     torch.manual_seed(0)
     dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8).to(device)
     skip = HighResEncoder.inf_llava(backbone, dem=dem)
     full = HighResEncoder.inf_llava(backbone, dem=dem, encode_all=True)
     image = torch.rand(1, 3, 1008, 1008, device=device)
-    fns = {"skipping (11 passes)": lambda: skip(image, timings=True),
-           "encode_all (19 passes)": lambda: full(image, timings=True)}  # fmt: skip
+    fns = {PRESET_LABELS[0]: lambda: skip(image, timings=True), PRESET_LABELS[1]: lambda: full(image, timings=True)}
+    return backbone, skip, full, image, fns
+
+
+def worker(spec: dict) -> dict:
+    """One configuration's memory in this fresh process (see module docs)."""
+    device = torch.device(spec["device"])
+    with torch.inference_mode():
+        if spec["kind"] == "batching":
+            enc, subimages = _setup_batching(spec["model"], spec["depth"], device)
+            fn = _batching_fn(enc, subimages, spec["max_batch"])
+            enc.backbone.features(enc.backbone.normalize(subimages[:1]))  # the same warm-up as the timing run
+        else:
+            _, skip, _, image, fns = _setup_preset(spec["depth"], device)
+            fn = fns[spec["label"]]
+            skip.backbone.features(skip.backbone.normalize(torch.rand(1, 3, *skip.backbone.image_size, device=device)))
+        return measure_memory_here(fn, device)
+
+
+def bench_preset(device, reps: int, depth: int | None) -> dict:
+    backbone, skip, full, image, fns = _setup_preset(depth, device)
     with torch.inference_mode():
         skip(image)  # warm-up
-        rows, outputs = measure_round_robin(fns, device, reps)
+        rows, outputs = measure_times(fns, device, reps)
+    for label in PRESET_LABELS:
+        rows[label].update(measure_memory({"kind": "preset", "depth": depth, "device": str(device), "label": label}))
     a, b = outputs.values()
     max_diff = (a.tokens - b.tokens).abs().max().item()
     blocks_run = backbone.num_layers + 1 + skip.layer  # layer -2 stops after L-1 blocks
@@ -174,7 +272,7 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
         f"({backbone.num_layers} blocks)"
     )
     for key, r in rows.items():
-        print(f"  {key:<24} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_mib']:7.0f} MiB")
+        print(f"  {key:<24} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_mib']:7.0f} MiB, rise {r['rise_mib']:7.0f} MiB")
     print(f"  speed-up from skipping: {speedup:.2f}x; max |difference| of the 576 tokens: {max_diff:.3g}")
     if speedup_24 is not None:
         print(f"  speed-up with the ViT time scaled to 24 blocks: {speedup_24:.2f}x")
@@ -247,7 +345,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="ViT-B only, one repetition (a smoke run)")
     p.add_argument("--preset-only", action="store_true", help="only the released preset (e.g. with --depth 24)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec: one memory measurement
     args = p.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     reps = 1 if args.quick else (args.reps or (2 if cpu else 10))
@@ -259,6 +361,9 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "depth": depth,
         "reps": reps,
+        "memory_method": "each configuration in a fresh subprocess; CPU: peak RSS during the call (VmHWM after "
+        "clear_refs=5; weights included) and its rise over the RSS just before the call; CUDA: "
+        "max_memory_allocated and its rise over memory_allocated before the call",
         "batching": {},
     }
     print(f"device {results['device_name']}; ViT depth {depth or 'full'}; {reps} timed call(s) per configuration")

@@ -298,3 +298,178 @@ def test_open_clip_with_timm_trunk_uses_timm_adapter(tmp_path):
     with torch.no_grad():
         ref = _hooked_block_output(model.visual.trunk.blocks, 11, lambda: model.encode_image(x))[:, 1:]
         torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
+
+
+# --- gradient checkpointing really recomputes; the HF adapter stops at the requested layer ----------
+def _count_forwards(module):
+    """A forward hook on ``module`` counting its calls: ``(counter list, handle)``."""
+    calls = []
+    return calls, module.register_forward_hook(lambda m, a, o: calls.append(1))
+
+
+def _forward_backward_counts(bb, x, probe, ckpt: bool) -> int:
+    """Calls of ``probe`` (a submodule inside a block) in one forward+backward of ``bb.features``.
+
+    The probe is the first linear of a block's MLP, not the MLP itself: non-reentrant checkpointing stops
+    the recomputation as soon as the last tensor backward needs is saved (inside the MLP's last linear),
+    so the MLP's own forward never returns during the recompute and its forward hook would not fire.
+    """
+    bb.set_grad_checkpointing(ckpt)
+    calls, handle = _count_forwards(probe)
+    try:
+        bb.features(x).square().sum().backward()
+    finally:
+        handle.remove()
+    bb.zero_grad()
+    return len(calls)
+
+
+def test_timm_grad_checkpointing_recomputes_blocks():
+    vit = _tiny_timm()
+    bb = wrap_backbone(vit, layer=-1).train()
+    x = torch.randn(2, 3, 28, 28)
+    assert _forward_backward_counts(bb, x, vit.blocks[0].mlp.fc1, ckpt=False) == 1
+    assert _forward_backward_counts(bb, x, vit.blocks[0].mlp.fc1, ckpt=True) == 2  # forward + recompute
+
+
+def test_open_clip_grad_checkpointing_same_gradients_and_recomputes(oc_name):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(oc_name)
+    bb = wrap_backbone(model, layer=-1).train()
+    x = torch.randn(2, 3, 28, 28)
+    mlp = model.visual.transformer.resblocks[0].mlp.c_fc
+    grads = []
+    for ckpt in (False, True):
+        bb.set_grad_checkpointing(ckpt)
+        assert model.visual.transformer.grad_checkpointing == ckpt
+        bb.features(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None})
+        bb.zero_grad()
+    assert grads[0].keys() == grads[1].keys() and "model.transformer.resblocks.0.attn.in_proj_weight" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n])
+    assert _forward_backward_counts(bb, x, mlp, ckpt=False) == 1
+    assert _forward_backward_counts(bb, x, mlp, ckpt=True) == 2
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_grad_checkpointing_recomputes_and_stops_early(kind):
+    model = _hf_vision(kind)
+    if kind == "siglip":
+        assert model.vision_model.use_head if hasattr(model, "vision_model") else model.use_head
+    bb = wrap_backbone(model, layer=1).train()  # block 1 of 3: blocks 2, 3 and the heads must not run
+    vision = bb.model
+    x = torch.randn(2, 3, 28, 28)
+    # transformers 5 checkpoints a layer's forward inside its __call__, so count a submodule's forward.
+    probe = vision.encoder.layers[0].mlp.fc1
+    later = [vision.encoder.layers[1], vision.encoder.layers[2]]
+    later += [getattr(vision, n) for n in ("post_layernorm", "head") if getattr(vision, n, None) is not None]
+    for ckpt, expected in ((False, 1), (True, 2)):
+        counters = [_count_forwards(m) for m in later]
+        try:
+            assert _forward_backward_counts(bb, x, probe, ckpt=ckpt) == expected
+            with torch.no_grad():
+                bb.features(x)
+        finally:
+            for _, handle in counters:
+                handle.remove()
+        assert [len(calls) for calls, _ in counters] == [0] * len(later), f"later modules ran (ckpt={ckpt})"
+    # and the tokens are still the model's own hidden state of layer 1, checkpointing on
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[1][:, bb.num_prefix_tokens :]
+        torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
+
+
+def test_hf_adapter_checkpoints_layers_that_do_not_checkpoint_themselves(monkeypatch):
+    """Layers that do not checkpoint themselves (transformers < 4.52) are wrapped by the adapter."""
+    import hrperc.backbones.hf_vit as hf_vit
+
+    bb = wrap_backbone(_hf_vision("clip"), layer=-1).train()
+    x = torch.randn(2, 3, 28, 28)
+    probe = bb.model.encoder.layers[0].mlp.fc1
+    bb.features(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+    bb.zero_grad()
+    monkeypatch.setattr(hf_vit, "_is_self_checkpointing", lambda layer: False)
+    for layer in bb.model.encoder.layers:  # as if the layers could not checkpoint themselves
+        monkeypatch.setattr(layer, "gradient_checkpointing", False, raising=False)
+    bb.grad_checkpointing = True
+    bb.model.encoder.gradient_checkpointing = True
+    calls, handle = _count_forwards(probe)
+    bb.features(x).square().sum().backward()
+    handle.remove()
+    assert len(calls) == 2
+    for n, p in bb.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n])
+
+
+# --- messages and loading details ----------------------------------------------------------------------
+def test_missing_transformers_says_what_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    with pytest.raises(ImportError, match=r"needs the 'transformers' package.*pip install"):
+        create_encoder(f"hf:{tmp_path}")
+
+
+def test_open_clip_local_dir_honours_pretrained(oc_name, tmp_path):
+    import open_clip
+
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": _OC_CFG}))
+    torch.manual_seed(4)
+    in_folder = open_clip.create_model(oc_name).eval()
+    save_file(in_folder.state_dict(), str(folder / "open_clip_model.safetensors"))
+    torch.manual_seed(5)
+    other = open_clip.create_model(oc_name).eval()
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), str(path))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref_folder = _hooked_block_output(in_folder.visual.transformer.resblocks, 2, lambda: in_folder.encode_image(x))
+        ref_other = _hooked_block_output(other.visual.transformer.resblocks, 2, lambda: other.encode_image(x))
+        by_dir = create_encoder(f"open_clip:local-dir:{folder}")
+        torch.testing.assert_close(by_dir.features(x), ref_folder[:, 1:], rtol=0, atol=0)
+        by_file = create_encoder(f"open_clip:local-dir:{folder}", pretrained=path)
+        torch.testing.assert_close(by_file.features(x), ref_other[:, 1:], rtol=0, atol=0)
+    assert by_file.source == str(path)
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        create_encoder(f"open_clip:local-dir:{folder}")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        create_encoder(f"open_clip:local-dir:{folder}", pretrained=tmp_path / "missing.bin")
+
+
+def test_quickgelu_warnings(tmp_path):
+    import warnings
+
+    import open_clip
+
+    from hrperc.backbones.factory import _warn_quickgelu_open_clip
+
+    # open_clip: OpenAI's are the only published ViT-L-14-336 weights, and they need QuickGELU
+    with pytest.warns(UserWarning, match="ViT-L-14-336-quickgelu"):
+        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336", "/ckpt/vit-l-14-336.bin", {})
+    with pytest.warns(UserWarning, match="path says 'openai'"):
+        _warn_quickgelu_open_clip(open_clip, "ViT-B-16", "/ckpt/openai/ViT-B-16.bin", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336-quickgelu", "/ckpt/vit-l-14-336.bin", {})
+        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336", "/ckpt/vit-l-14-336.bin", {"force_quick_gelu": True})
+        _warn_quickgelu_open_clip(open_clip, "ViT-B-16", "/ckpt/laion2b.bin", {})  # GELU weights exist too
+    # timm: vit_*_clip_* is GELU; a file that says 'openai' gets pointed at vit_*_clip_quickgelu_*
+    import timm
+
+    arch = dict(img_size=32, depth=2, embed_dim=32, num_heads=2)
+    src = timm.create_model("vit_base_patch16_clip_224", **arch)
+    path = tmp_path / "openai-clip-b16.safetensors"
+    save_file(src.state_dict(), str(path))
+    with pytest.warns(UserWarning, match="vit_base_patch16_clip_quickgelu_224"):
+        create_encoder("timm:vit_base_patch16_clip_224", pretrained=path, **arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_encoder("timm:vit_base_patch16_clip_quickgelu_224", pretrained=path, **arch)

@@ -28,8 +28,12 @@ def test_encode_prints_geometry_tokens_timings_memory(image_file, capsys):
     assert "ViT passes 9 of 9" in text  # 2x2 bilinear by 2 reads every sub-image
     assert "tokens     196 x 192: mean(thumbnail, dem) 196 (14x14)" in text
     assert "backbone" in text and "peak memory" in text and "time (ms)" in text
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--weights", "/nope.bin"])
+    # library errors end the program with one line on stderr and exit code 2, not a traceback
+    rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--weights", "/nope.bin"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "hrperc encode: error: create_encoder: pretrained='/nope.bin' does not exist" in err
+    assert "never downloads" in err and "Traceback" not in err
 
 
 def test_demo_runs_front_end_and_draws_attention(tmp_path, capsys):
@@ -41,3 +45,60 @@ def test_demo_runs_front_end_and_draws_attention(tmp_path, capsys):
     assert (tmp_path / "attention.png").stat().st_size > 1000
     assert "RANDOM weights" in text and "1 prefix tokens" in text
     assert "tokens     16 x 192: mean(thumbnail, dem) 16 (4x4)" in text
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(image_file, capsys):
+    cases = [
+        (["encode", str(image_file), "--backbone", "vit_tiny"], "no known family prefix"),
+        (["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--no-dem", "--combine", "mean"],
+         "--combine mean averages"),
+        (["encode", "/nope.png", "--backbone", "timm:vit_tiny_patch16_224"], "no image file at '/nope.png'"),
+        (["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--layer", "40"], "out of range"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError, match="no known family prefix"):  # --traceback: the exception itself
+        main(["--traceback", "encode", str(image_file), "--backbone", "vit_tiny"])
+
+
+def test_encode_no_dem_defaults_to_concat(image_file, capsys):
+    rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--grid", "2x2",
+               "--max-tiles", "4", "--no-dem"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "combine='concat'" in text and "dem=none" in text
+    assert "tokens     1764 x 192: thumbnail 196 (14x14), local 784 (28x28), global 784 (28x28)" in text
+    rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--grid", "2x2",
+               "--max-tiles", "4", "--no-dem", "--combine", "none"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "tokens     1568 x 192: local 784 (28x28), global 784 (28x28)" in text
+    assert "ViT passes 8 of 9" in text  # the thumbnail never reaches the tokens with combine none
+
+
+def test_demo_no_dem(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path), "--backbone", "timm:vit_tiny_patch16_224", "--tile-size", "64",
+               "--max-tiles", "6", "--no-dem"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert (tmp_path / "crops.png").is_file() and not (tmp_path / "attention.png").exists()
+    assert "-> no DEM -> combine='concat'" in text
+    assert "to the LLM: 208 tokens (thumbnail 16, local 96, global 96; combine='concat')" in text
+    assert "tokens     208 x 192: thumbnail 16 (4x4), local 96 (8x12), global 96 (8x12)" in text
+
+
+def test_demo_geometry_comes_from_the_backbone(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path / "clip")
+    rc = main(["demo", "--out", str(tmp_path / "out"), "--backbone", f"hf:{tmp_path / 'clip'}", "--tile-size", "64",
+               "--patch-size", "16", "--max-tiles", "4"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "--tile-size 64 ignored" in text and "has 28x28 tiles" in text
+    assert "--patch-size 16 ignored" in text and "has 14x14 patches" in text
+    # the crop half and the encoder half agree: 28 px tiles, 2x2 tokens per tile
+    assert "tiles 28x28" in text and "tokens       patch 14: 4 per sub-image" in text
+    assert "to the LLM: 4 tokens" in text and "tokens     4 x 32: mean(thumbnail, dem) 4 (2x2)" in text

@@ -44,7 +44,8 @@ def _reference(enc: HighResEncoder, image: torch.Tensor) -> torch.Tensor:
     if enc.dem is not None:
         skip, enc.dem.skip_unread = enc.dem.skip_unread, False
         try:
-            hi = enc.dem(loc.to(next(enc.dem.parameters()).dtype), glo, (gh, gw))[0]
+            p = next(enc.dem.parameters(), None)  # a DEM may have none (directions="none", fusion="add")
+            hi = enc.dem(loc.to(loc.dtype if p is None else p.dtype), glo, (gh, gw))[0]
         finally:
             enc.dem.skip_unread = skip
     else:
@@ -283,8 +284,74 @@ def test_errors_are_clear():
 
 
 def test_auto_chunking_uses_a_cpu_token_budget():
+    from hrperc.encoder import _CPU_TOKENS_PER_CALL
+
+    assert _CPU_TOKENS_PER_CALL == 2048  # was 4096; see the comment at its definition
     enc = HighResEncoder(_vit(), grid=(3, 3), dem=_dem())
-    assert enc.max_batch == "auto" and enc.chunk_size == 4096 // 17  # 16 patches + 1 class token
+    assert enc.max_batch == "auto" and enc.chunk_size == 2048 // 17  # 16 patches + 1 class token
     big = HighResEncoder(wrap_backbone(_vit(img=336, patch=14)), dem=None, combine="none")
-    assert big.chunk_size == 7  # ViT-L/14-336 geometry: 577 tokens per tile
+    assert big.chunk_size == 3  # ViT-L/14-336 geometry: 577 tokens per tile
     assert HighResEncoder(_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3
+
+
+# --- audit follow-ups --------------------------------------------------------------------------------
+@pytest.mark.parametrize("combine", ["mean", "concat", "none"])
+def test_parameter_free_dem(combine):
+    # Table 6's plain-addition baseline: no attention, fusion by addition -> a DEM with no parameters.
+    dem = DualPerspectiveEnhancement(32, heads=4, directions="none", fusion="add")
+    assert next(dem.parameters(), None) is None
+    enc = HighResEncoder(_vit(), grid=(3, 3), dem=dem, combine=combine, max_batch=5)
+    images = torch.rand(2, 3, 84, 84)
+    with torch.no_grad():
+        out = enc(images)
+        for b in range(2):
+            torch.testing.assert_close(out.tokens[b], _reference(enc, images[b]), rtol=1e-5, atol=1e-5)
+    assert out.tokens.shape[1] == enc.num_tokens((84, 84))
+    half = HighResEncoder(wrap_backbone(_vit()).to(torch.bfloat16), grid=(3, 3), dem=dem, combine=combine)
+    with torch.no_grad():
+        assert half(images).tokens.dtype == torch.bfloat16  # computes in the backbone's dtype
+
+
+def test_combine_none_skips_the_thumbnail_pass():
+    images = torch.rand(2, 3, 84, 84)
+    with_thumb = HighResEncoder(_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=True)
+    without = HighResEncoder(_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=False)
+    assert not with_thumb.encodes_thumbnail
+    assert with_thumb.num_backbone_passes((84, 84)) == without.num_backbone_passes((84, 84)) == 10
+    with torch.no_grad():
+        a, b = with_thumb(images), without(images)
+        sub = with_thumb.subimage_features(images)  # the raw features still include the thumbnail
+    assert a.encoded == b.encoded == {"encoded": 2 * 10, "skipped": 2 * 8}
+    assert a.thumbnail_tokens is None
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+    assert sub.thumbnail is not None and sub.thumbnail.shape == (2, 16, 32) and sub.encoded == 2 * 11
+    concat = HighResEncoder(_vit(), grid=(3, 3), dem=_dem(), combine="concat")
+    assert concat.encodes_thumbnail and concat.num_backbone_passes((84, 84)) == 11
+
+
+@pytest.mark.parametrize(
+    "crop, options",
+    [
+        (dict(grid="auto", fit="resize_pad"), dict(dem="dem", combine="mean")),
+        (dict(grid="auto", fit="resize_pad"), dict(dem=None, combine="concat")),
+        (dict(grid="auto", auto_rule="aspect"), dict(dem="dem", combine="concat")),
+        (dict(grid="auto", auto_rule="aspect", fit="pad"), dict(dem=None, combine="none")),
+        (dict(grid="auto"), dict(dem="output_size", combine="concat")),
+        (dict(grid=(2, 3), fit="resize_pad"), dict(dem="output_size", combine="none", thumbnail=False)),
+    ],
+)
+def test_num_tokens_matches_forward_more_policies(crop, options):
+    options = dict(options)
+    dem = {"dem": lambda: _dem(), "output_size": lambda: _dem(output_size=(3, 5)), None: lambda: None}[
+        options.pop("dem")
+    ]()
+    enc = HighResEncoder(_vit(), max_tiles=12, dem=dem, **options, **crop)
+    sizes = [(28, 28), (20, 100), (100, 20), (57, 83), (141, 29)]
+    with torch.no_grad():
+        out = enc([torch.rand(3, h, w) for h, w in sizes])
+    expected = [enc.num_tokens(s) for s in sizes]
+    assert out.num_tokens == expected and out.token_mask.sum(1).tolist() == expected
+    for b, layout in enumerate(out.layout):
+        assert layout[0].start == 0 and layout[-1].stop == expected[b]
+    if dem is not None and dem.output_size is not None:
+        assert any(seg.length == 15 for seg in out.layout[0])  # the (3, 5) DEM output

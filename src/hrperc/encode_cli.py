@@ -2,9 +2,11 @@
 
 ``hrperc encode IMAGE [IMAGE ...] [--backbone NAME] [--weights PATH] [--grid 3x3|auto|floor] ...``
 runs :class:`~hrperc.HighResEncoder` (by default the released INF-LLaVA preset on
-``open_clip:ViT-L-14-336``) over the images with a progress bar and prints, per image, the geometry,
-the ViT passes (encoded / skipped), the token count, per-stage timings, and at the end the peak
-memory. Without ``--weights`` the backbone has random weights, and the output says so.
+``open_clip:ViT-L-14-336-quickgelu``, the config OpenAI's CLIP weights need) over the images with a
+progress bar and prints, per image, the geometry, the ViT passes (encoded / skipped), the token count,
+per-stage timings, and at the end the peak memory. Without ``--weights`` the backbone has random
+weights, and the output says so. ``--combine`` defaults to ``mean`` with the DEM and ``concat`` with
+``--no-dem``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 __all__ = ["add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "demo_encoder"]
 
-DEFAULT_BACKBONE = "open_clip:ViT-L-14-336"
+# INF-LLaVA's tower is OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: open_clip's "-quickgelu" config.
+DEFAULT_BACKBONE = "open_clip:ViT-L-14-336-quickgelu"
 DEMO_BACKBONE = "timm:vit_small_patch14_reg4_dinov2"
 
 
@@ -65,8 +68,9 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) ->
     )
     p.add_argument("--layer", type=int, default=-2, help="backbone layer (default -2)")
     p.add_argument(
-        "--combine", choices=("mean", "concat", "none"), default="mean", help="thumbnail + DEM tokens"
-    )
+        "--combine", choices=("mean", "concat", "none"), default=None,
+        help="thumbnail + DEM tokens (default: mean; concat with --no-dem, where there is nothing to average)",
+    )  # fmt: skip
     p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
     p.add_argument("--max-batch", type=_max_batch, default="auto", help="sub-images per ViT call (default auto)")
     p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
@@ -100,12 +104,26 @@ def add_demo_encoder_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_combine(args) -> str:
+    """``--combine``, or its default: ``"mean"`` with a DEM, ``"concat"`` with ``--no-dem``."""
+    if args.combine is not None:
+        return args.combine
+    return "concat" if args.no_dem else "mean"
+
+
 def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
     """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias)."""
     from .backbones import create_encoder
     from .dem import DualPerspectiveEnhancement
     from .encoder import HighResEncoder
 
+    if args.no_dem and args.dem_weights:
+        raise ValueError("--no-dem and --dem-weights contradict each other; pass one of them.")
+    if args.no_dem and args.combine == "mean":
+        raise ValueError(
+            "--combine mean averages the DEM's tokens with the thumbnail's, but --no-dem turns the DEM off; "
+            "use --combine concat (the default with --no-dem) or none."
+        )
     kw = {}
     if tile_size is not None and args.backbone.startswith("timm:"):
         kw["img_size"] = tile_size  # timm ViTs are built at the tile size the crops use
@@ -114,7 +132,7 @@ def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: in
     if not args.no_dem:
         dem = DualPerspectiveEnhancement.from_inf_llava(args.dem_weights) if args.dem_weights else "default"
     enc = HighResEncoder(
-        backbone, grid=grid, max_tiles=max_tiles, fit=fit, dem=dem, combine=args.combine,
+        backbone, grid=grid, max_tiles=max_tiles, fit=fit, dem=dem, combine=resolve_combine(args),
         max_batch=args.max_batch, encode_all=args.encode_all, mode="bicubic", antialias=False,
     )  # fmt: skip
     dtype = getattr(torch, args.dtype)
@@ -142,7 +160,7 @@ def _describe(enc, out, b: int) -> list[str]:
         f"{geo.canvas_size[1]}x{geo.canvas_size[0]}, tiles {geo.tile_size[1]}x{geo.tile_size[0]}, "
         f"valid box {geo.valid_box}",
         f"  ViT passes {enc.num_backbone_passes(geo.input_size)} of {2 * n + int(enc.thumbnail)} "
-        f"({n} local + {n} strided + {int(enc.thumbnail)} thumbnail; the rest are never read by the DEM)",
+        f"({n} local + {n} strided + {int(enc.thumbnail)} thumbnail; the rest never reach the tokens)",
         f"  tokens     {out.num_tokens[b]} x {out.tokens.shape[-1]}: "
         + ", ".join(
             f"{s.source} {s.length}" + (f" ({s.shape[0]}x{s.shape[1]})" if s.shape else "")
@@ -157,6 +175,9 @@ def run_encode(args) -> int:
 
     from .cli import load_image
 
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:  # before building the backbone, which can take a while
+        raise FileNotFoundError(f"no image file at {', '.join(map(repr, missing))}")
     enc = build_encoder(args, args.grid, args.max_tiles, args.fit)
     print(_weights_line(args))
     print(f"encoder      {enc.extra_repr()}; dem={'none' if enc.dem is None else 'released configuration'}")
@@ -181,12 +202,15 @@ def run_encode(args) -> int:
     return 0
 
 
-def demo_encoder(args, image: torch.Tensor, out_dir: Path) -> None:
-    """The encoder half of ``hrperc demo``: run the whole front end, print it, draw the DEM attention."""
+def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
+    """The encoder half of ``hrperc demo``: run the whole front end, print it, draw the DEM attention.
+
+    ``enc``: the encoder built from ``args`` (built here when not given)."""
     from .attention_viz import dem_attention, plot_dem_attention
     from .crop import local_merge
 
-    enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
+    if enc is None:
+        enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
     print(_weights_line(args))
     bb = enc.backbone
     print(
@@ -199,7 +223,8 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path) -> None:
             print(line)
         stages = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in out.timings.items())
         print(f"  time (ms)  {stages}")
-        if enc.dem is None:
+        directions = [d for d in ("global", "local") if getattr(enc.dem, "directions", "both") in ("both", d)]
+        if enc.dem is None or not directions:
             return
         # The picture needs every sub-image's tokens (skipped ones are zeros in the fast path).
         sub = enc.subimage_features(image.to(args.device), encode_all=True)
@@ -210,7 +235,7 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path) -> None:
     query = args.query or (gh * th // 2, gw * tw // 2)
     atts = [
         dem_attention(enc.dem, sub.local[:n].cpu(), sub.strided[:n].cpu(), geo.grid, (th, tw), query, d)
-        for d in ("global", "local")
+        for d in directions
     ]
     canvas = local_merge(sub.crops.local[:n].float().cpu(), geo.grid)[0]
     path = out_dir / "attention.png"

@@ -59,7 +59,17 @@ from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop
 __all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment", "to_pixels"]
 
 _COMBINES = ("mean", "concat", "none")
-_CPU_TOKENS_PER_CALL = 4096  # rows per ViT matmul beyond which a CPU gains no speed, only memory
+# CPU chunking budget for max_batch="auto": tokens (rows of every ViT matmul) per backbone call.
+# 2048 = 3 ViT-L/14-336 tiles (577 tokens) or 10 ViT-B/16 tiles (197). Issue 5's targets: >= 0.95x the
+# speed of serial one-tile passes and <= 1.2x their peak memory.
+# * Speed: on the project CPU the batched/serial ratio grows with the chunk but is far above 1 after a
+#   few tiles (bench_encoder: ViT-L 7 tiles 1.47x, ViT-B 20 tiles 3.9x; a noisy depth-2 smoke run:
+#   ViT-B 10 tiles 2.9x vs 20 tiles 3.3x), so halving the chunk keeps a wide margin over 0.95x.
+# * Memory: the call's transient grows with the chunk (per block for 3 ViT-L tiles: qkv 20 MiB, MLP
+#   hidden 27 MiB, attention scores 3 x 16 x 577^2 x 4 B = 61 MiB; weights 1.2 GiB fp32), and the old
+#   4096 (auto = 20 ViT-B tiles, i.e. one 19-tile call) peaked at 1.20x serial, on the limit.
+# bench_encoder.py reports this default next to the old 4096-token one (fresh process per config).
+_CPU_TOKENS_PER_CALL = 2048
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,8 @@ class EncoderOutput:
     per image; ``grids``: ``(gh, gw)`` per image; ``geometries``: :class:`CropGeometry` per image;
     ``layout``: per image, the :class:`TokenSegment` runs that make up its tokens; ``valid_masks``: per
     image, ``(gh*ht, gw*wt)`` bool, True where a canvas token covers image pixels (False on padding
-    from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)`` or ``None``;
+    from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)``, or ``None``
+    when no thumbnail was encoded (``thumbnail=False`` or ``combine="none"``);
     ``encoded``: how many sub-images went through the ViT and how many were skipped;
     ``timings``: seconds per stage when ``forward(..., timings=True)``.
     """
@@ -181,18 +192,20 @@ class HighResEncoder(nn.Module):
 
     Args:
         backbone: a :class:`VisionBackbone`, a timm / open_clip / transformers ViT (wrapped with
-            :func:`wrap_backbone`), or a :func:`create_encoder` name such as ``"open_clip:ViT-L-14-336"``.
+            :func:`wrap_backbone`), or a :func:`create_encoder` name such as ``"open_clip:ViT-L-14-336-quickgelu"``.
         grid: ``(gh, gw)``, ``"auto"`` (best fit under ``max_tiles``) or ``"floor"`` (the paper's rule).
         max_tiles, min_tiles, fit, mode, antialias, fill, auto_rule: the cropping policy, see
             :class:`DualPerspectiveCrop`; tiles are the backbone's native ``image_size``.
-        thumbnail: also encode the whole image resized to one tile.
+        thumbnail: also encode the whole image resized to one tile (for ``combine="mean"/"concat"``;
+            with ``combine="none"`` its tokens would never reach the output, so :meth:`forward` does
+            not encode it and ``EncoderOutput.thumbnail_tokens`` is ``None``).
         dem: a :class:`DualPerspectiveEnhancement`, ``"default"`` (a fresh one of the backbone's width with
             the released configuration), or ``None`` (no enhancement; the sub-image tokens are returned).
         combine: ``"mean"``, ``"concat"`` or ``"none"`` (see the token table).
         layer: backbone layer (default: the backbone's, -2).
         max_batch: at most this many sub-images per backbone call. ``"auto"`` (default): 32 on a GPU,
-            where batching fills the device; on a CPU about 4096 tokens per call (7 tiles for
-            ViT-L/14-336, 20 for ViT-B/16), since one tile already saturates CPU matmuls and larger
+            where batching fills the device; on a CPU about 2048 tokens per call (3 tiles for
+            ViT-L/14-336, 10 for ViT-B/16), since one tile already saturates CPU matmuls and larger
             chunks only add activation memory.
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
@@ -292,9 +305,16 @@ class HighResEncoder(nn.Module):
 
         Example::
 
-            >>> enc = HighResEncoder.inf_llava(hrperc.create_encoder("open_clip:ViT-L-14-336"))  # doctest: +SKIP
-            >>> enc.num_tokens((1008, 1008))                                                      # doctest: +SKIP
+            >>> vit = hrperc.create_encoder(                            # doctest: +SKIP
+            ...     "open_clip:ViT-L-14-336-quickgelu", pretrained="/ckpt/openai-clip-l14-336.bin")
+            >>> enc = HighResEncoder.inf_llava(vit)                     # doctest: +SKIP
+            >>> enc.num_tokens((1008, 1008))                            # doctest: +SKIP
             576
+
+        The released model uses OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: in open_clip that
+        is the ``ViT-L-14-336-quickgelu`` config (``ViT-L-14-336`` is the GELU variant and gives wrong
+        features with OpenAI weights), in timm ``vit_large_patch14_clip_quickgelu_336``; a Hugging Face
+        ``hf:<dir>`` checkpoint reads the activation from its ``config.json``.
         """
         from .dem import DualPerspectiveEnhancement
 
@@ -392,10 +412,16 @@ class HighResEncoder(nn.Module):
         local, glob = self.dem.required_subimages(tuple(grid), self.tile_tokens)
         return torch.as_tensor(local, dtype=torch.bool).cpu(), torch.as_tensor(glob, dtype=torch.bool).cpu()
 
+    @property
+    def encodes_thumbnail(self) -> bool:
+        """Whether :meth:`forward` runs the thumbnail through the ViT: ``thumbnail=True`` and a
+        ``combine`` that uses it (``"none"`` returns the high-resolution tokens only)."""
+        return self.thumbnail and self.combine != "none"
+
     def num_backbone_passes(self, image_size) -> int:
         """Sub-images of one ``(H, W)`` image that go through the ViT (``2N+1`` when nothing is skipped)."""
         local, glob = self.required_subimages(self.plan(image_size).grid)
-        return int(local.sum()) + int(glob.sum()) + int(self.thumbnail)
+        return int(local.sum()) + int(glob.sum()) + int(self.encodes_thumbnail)
 
     # --- the ViT -----------------------------------------------------------------------------------
     @property
@@ -416,15 +442,19 @@ class HighResEncoder(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     # --- forward -----------------------------------------------------------------------------------
-    def subimage_features(self, images, encode_all: bool | None = None, _clock=None) -> SubimageFeatures:
+    def subimage_features(
+        self, images, encode_all: bool | None = None, thumbnail: bool | None = None, _clock=None
+    ) -> SubimageFeatures:
         """Crop and encode only: the ViT tokens of every sub-image, before any enhancement.
 
         ``local``/``strided``: ``(sum_b N_b, ht*wt, D)`` in ``local_crop``/``stride_crop`` order (image ``b``
-        at ``crops.offsets[b]``), zeros for sub-images that were skipped; ``thumbnail``: ``(B, ht*wt, D)``.
+        at ``crops.offsets[b]``), zeros for sub-images that were skipped; ``thumbnail``: ``(B, ht*wt, D)``,
+        or ``None`` when the module has ``thumbnail=False`` or the ``thumbnail`` argument is False.
         ``encode_all`` overrides the module's setting.
         """
         clock = _clock or _Clock(False, self.backbone.device)
         everything = self.encode_all if encode_all is None else bool(encode_all)
+        with_thumb = self.thumbnail if thumbnail is None else bool(thumbnail) and self.thumbnail
         pixels = to_pixels(images)
         device = self.backbone.device  # crop and resize where the ViT runs (fast on a GPU)
         pixels = pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
@@ -439,7 +469,7 @@ class HighResEncoder(nn.Module):
         all_local, all_global = len(local_idx) == n_total, len(global_idx) == n_total
         parts = [crops.local if all_local else crops.local[local_idx.to(crops.local.device)]]
         parts.append(crops.strided if all_global else crops.strided[global_idx.to(crops.strided.device)])
-        if self.thumbnail:
+        if with_thumb:
             parts.append(crops.thumbnail)
         stack = torch.cat(parts)
         clock.lap("gather")
@@ -451,7 +481,7 @@ class HighResEncoder(nn.Module):
         return SubimageFeatures(
             local=self._scatter(feats[:n_local], local_idx, n_total, all_local),
             strided=self._scatter(feats[n_local : n_local + n_global], global_idx, n_total, all_global),
-            thumbnail=feats[n_local + n_global :] if self.thumbnail else None,
+            thumbnail=feats[n_local + n_global :] if with_thumb else None,
             crops=crops,
             encoded=int(stack.shape[0]),
             skipped=2 * n_total - n_local - n_global,
@@ -460,7 +490,7 @@ class HighResEncoder(nn.Module):
     def forward(self, images, timings: bool = False) -> EncoderOutput:
         """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA)."""
         clock = _Clock(timings, self.backbone.device)
-        sub = self.subimage_features(images, _clock=clock)
+        sub = self.subimage_features(images, thumbnail=self.encodes_thumbnail, _clock=clock)
         geos, offsets = sub.crops.geometries, sub.crops.offsets
         local_feats, global_feats, thumb, B = sub.local, sub.strided, sub.thumbnail, len(geos)
         groups = self._enhance(local_feats, global_feats, thumb, geos, offsets)
@@ -523,7 +553,10 @@ class HighResEncoder(nn.Module):
                 th = None if thumb is None else thumb[torch.tensor(members, device=thumb.device)]
             if self.dem is not None:
                 self._check_mean(grid)
-                dtype = next(self.dem.parameters()).dtype
+                # A DEM may have no parameters at all (directions="none", fusion="add": the paper's
+                # plain-addition / crop-only ablations); it then computes in the backbone's dtype.
+                p = next(self.dem.parameters(), None)
+                dtype = p.dtype if p is not None else loc.dtype
                 hi = self.dem(loc.to(dtype), glo.to(dtype), grid, tile_size=(ht, wt))
             else:
                 D = loc.shape[-1]

@@ -6,7 +6,11 @@ Names carry the family as a prefix, like open_clip's ``hf-hub:`` / ``local-dir:`
 ``"timm:<model name>"``      ``timm.create_model``; ``pretrained=`` a local ``.safetensors`` /
                              ``.pth`` / ``.bin`` file (loaded through timm's own checkpoint filters).
 ``"open_clip:<model name>"`` ``open_clip.create_model``; ``pretrained=`` a local checkpoint file.
-                             ``"open_clip:local-dir:<dir>"`` reads config and weights from a folder.
+                             OpenAI CLIP weights need the ``-quickgelu`` config, e.g.
+                             ``"open_clip:ViT-L-14-336-quickgelu"`` (a warning says so when the
+                             mismatch is detectable).
+                             ``"open_clip:local-dir:<dir>"`` reads config and weights from a folder;
+                             ``pretrained=`` a file replaces the folder's weights.
 ``"hf:<dir>"``               ``CLIPVisionModel`` / ``SiglipVisionModel.from_pretrained(dir,
                              local_files_only=True)``; a full CLIP/SigLIP checkpoint loads its
                              vision tower. A hub id works only if it is already in the local cache.
@@ -20,13 +24,14 @@ Example::
     >>> bb = hrperc.create_encoder("timm:vit_base_patch16_224")           # random weights
     >>> bb.image_size, bb.patch_size, bb.hidden_size, bb.num_prefix_tokens
     ((224, 224), (16, 16), 768, 1)
-    >>> bb = hrperc.create_encoder("open_clip:ViT-L-14-336", pretrained="/ckpt/vit-l-14-336.bin")  # doctest: +SKIP
+    >>> bb = hrperc.create_encoder("open_clip:ViT-L-14-336-quickgelu", pretrained="/ckpt/l14-336.bin")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -46,7 +51,7 @@ _FAMILIES = {
     "hf": "hf",
     "transformers": "hf",
 }
-_USAGE = "Use 'timm:<model>', 'open_clip:<model>' or 'hf:<local dir>', e.g. 'open_clip:ViT-L-14-336'."
+_USAGE = "Use 'timm:<model>', 'open_clip:<model>' or 'hf:<local dir>', e.g. 'open_clip:ViT-L-14-336-quickgelu'."
 
 
 def _missing(package: str, pip: str, fn: str) -> ImportError:
@@ -84,6 +89,60 @@ def _check_file(pretrained, fn: str, what: str) -> str | None:
     return str(path)
 
 
+_QUICKGELU_MSG = (
+    "{fn}: loading {path!r} into {family} config {name!r}, which uses GELU, but {why}. OpenAI's CLIP "
+    "weights (what LLaVA and INF-LLaVA use) were trained with QuickGELU and give wrong features under GELU: "
+    "use {fix} instead. Ignore this if the weights really were trained with GELU."
+)
+
+
+def _warn_quickgelu_open_clip(open_clip, name: str, path: str | None, kw: dict) -> None:
+    """Warn when weights go into a GELU open_clip config whose QuickGELU twin is what they most likely need:
+    the only weights published for this architecture are OpenAI's, or the file name says 'openai'."""
+    if path is None or kw.get("force_quick_gelu") or name.endswith("-quickgelu"):
+        return
+    twin = f"{name}-quickgelu"
+    if twin not in open_clip.list_models():
+        return
+    cfg = open_clip.get_model_config(name) or {}
+    if cfg.get("quick_gelu"):
+        return
+    tags = set(open_clip.list_pretrained_tags_by_model(name))
+    if tags == {"openai"}:
+        why = f"OpenAI's are the only weights published for {name!r}"
+    elif "openai" in Path(path).name.lower() or "openai" in str(Path(path).parent).lower():
+        why = "the path says 'openai'"
+    else:
+        return
+    fix = f"'open_clip:{twin}' (or force_quick_gelu=True)"
+    warnings.warn(
+        _QUICKGELU_MSG.format(fn="create_encoder", path=path, family="open_clip", name=name, why=why, fix=fix),
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _warn_quickgelu_timm(timm, name: str, path: str | None) -> None:
+    """timm: ``vit_*_clip_*`` is GELU, ``vit_*_clip_quickgelu_*`` QuickGELU; warn for OpenAI-looking weights."""
+    arch, _, tag = name.partition(".")
+    if "_clip_" not in arch or "quickgelu" in arch:
+        return
+    twin = arch.replace("_clip_", "_clip_quickgelu_", 1)
+    if not timm.is_model(twin):
+        return
+    if tag == "openai":
+        why = "the tag '.openai' names OpenAI's weights"
+    elif "openai" in str(path).lower():
+        why = "the path says 'openai'"
+    else:
+        return
+    warnings.warn(
+        _QUICKGELU_MSG.format(fn="create_encoder", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'"),
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
     fn = "create_encoder"
     try:
@@ -97,6 +156,8 @@ def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBack
             f"{fn}: 'timm:{name}' is not a timm model name. {hint}List them with timm.list_models('*vit*')."
         )
     path = _check_file(pretrained, fn, f"timm model {name!r}")
+    if path is not None:
+        _warn_quickgelu_timm(timm, name, path)
     kw.setdefault("num_classes", 0)  # the classifier head is never used; its weights are dropped on load
     if path is not None:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kw)
@@ -129,8 +190,24 @@ def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> Visio
                 f"{fn}: 'open_clip:{name}' needs {folder}/open_clip_config.json plus a checkpoint "
                 f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in that folder."
             )
-        path = str(folder)
-        model = open_clip.create_model(name, **kw)
+        if pretrained is not None:
+            # open_clip ignores pretrained= for schema names; honour it: the folder's config, this file.
+            path = _check_file(pretrained, fn, f"open_clip model {name!r}")
+            import inspect
+
+            if "load_weights" in inspect.signature(open_clip.create_model).parameters:
+                kw = {"load_weights": False, **kw}  # the folder's own checkpoint is not read
+            model = open_clip.create_model(name, **kw)
+            open_clip.load_checkpoint(model, path)
+        else:
+            if not any(any(folder.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth")):
+                raise FileNotFoundError(
+                    f"{fn}: 'open_clip:{name}' has open_clip_config.json but no checkpoint "
+                    f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in {folder}; add it, or pass "
+                    f"pretrained=<file>."
+                )
+            path = str(folder)
+            model = open_clip.create_model(name, **kw)
     else:
         if name not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if name.lower()[:6] in m.lower()][:8]
@@ -139,6 +216,7 @@ def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> Visio
                 f"{'Close names: ' + ', '.join(close) + '. ' if close else ''}See open_clip.list_models()."
             )
         path = _check_file(pretrained, fn, f"open_clip model {name!r}")
+        _warn_quickgelu_open_clip(open_clip, name, path, kw)
         model = open_clip.create_model(name, pretrained=path, **kw)
     visual = model.visual
     if is_open_clip_vit(visual):
@@ -151,7 +229,7 @@ def _wrap_open_clip_timm(visual, layer, mean, std, source, fn, name) -> VisionBa
     if trunk is None or not is_timm_vit(trunk):
         raise TypeError(
             f"{fn}: open_clip model {name!r} has a {type(visual).__name__} image tower, which is not a ViT "
-            f"hrperc can read patch tokens from. Pick a ViT config, e.g. 'open_clip:ViT-L-14-336'."
+            f"hrperc can read patch tokens from. Pick a ViT config, e.g. 'open_clip:ViT-L-14-336-quickgelu'."
         )
     pp = getattr(visual, "preprocess_cfg", None) or {}
     return TimmBackbone(

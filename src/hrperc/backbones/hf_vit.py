@@ -2,10 +2,14 @@
 
 Layer ``k`` is ``hidden_states[k]`` of the model's own forward (``hidden_states[0]`` being the
 embeddings), prefix tokens dropped: CLIP has one class token, SigLIP none; the count is read off the
-embeddings (``num_positions - num_patches``). The adapter captures block ``k``'s output with a forward
-hook instead of ``output_hidden_states=True``, so the other layers' activations are never kept, and
-stops the forward there (unless gradient checkpointing recomputes blocks in backward, where the hook
-must stay passive). Mean/std come from ``preprocessor_config.json`` when loaded from a directory.
+embeddings (``num_positions - num_patches``). The adapter runs the model's own modules in the model's
+order -- ``embeddings``, CLIP's ``pre_layrnorm``, then only the first ``k`` entries of
+``encoder.layers`` -- instead of the full forward with ``output_hidden_states=True``: the later blocks,
+the final norm and SigLIP's pooling head never run and no other layer's activations are kept, with or
+without gradient checkpointing (the layers checkpoint themselves in transformers >= 4.52, where they
+are ``GradientCheckpointingLayer``; for older layers the adapter wraps each call in
+``torch.utils.checkpoint`` as the encoder would). Mean/std come from ``preprocessor_config.json`` when
+loaded from a directory.
 
 Example::
 
@@ -19,6 +23,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -48,8 +54,26 @@ def hf_vision_transformer(model):
     return vision
 
 
-class _Stop(Exception):
-    """Raised by the capture hook to end the forward after the requested block."""
+def _is_self_checkpointing(layer) -> bool:
+    """True for transformers' ``GradientCheckpointingLayer`` (>= 4.52), which checkpoints its own call."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the encoder's loop did the checkpointing
+        return False
+    return isinstance(layer, GradientCheckpointingLayer)
+
+
+_NEEDS_CAUSAL_MASK: dict[type, bool] = {}
+
+
+def _call_layer(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """One encoder layer on ``hidden`` with no attention mask, across transformers versions: 4.x CLIP
+    layers take a positional ``causal_attention_mask`` and return a tuple, 5.x ones a tensor."""
+    cls = type(layer)
+    if cls not in _NEEDS_CAUSAL_MASK:
+        _NEEDS_CAUSAL_MASK[cls] = "causal_attention_mask" in inspect.signature(cls.forward).parameters
+    out = layer(hidden, None, None) if _NEEDS_CAUSAL_MASK[cls] else layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class HFBackbone(VisionBackbone):
@@ -97,19 +121,20 @@ class HFBackbone(VisionBackbone):
                 module.gradient_checkpointing = enable
 
     def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        stop_early = not (self.grad_checkpointing and torch.is_grad_enabled())
+        vision = self.model
+        hidden = vision.embeddings(pixels)
+        pre_norm = getattr(vision, "pre_layrnorm", None)  # CLIP (sic); SigLIP has no pre-norm
+        if pre_norm is not None:
+            hidden = pre_norm(hidden)
+        encoder = vision.encoder
+        # Checkpointing as the model's own forward would do it: only in training mode, with grad on.
+        outer_ckpt = bool(getattr(encoder, "gradient_checkpointing", False)) and encoder.training
+        outer_ckpt = outer_ckpt and torch.is_grad_enabled()
+        for layer in encoder.layers[:k]:  # blocks after k (and the final norm, SigLIP's head) never run
+            if outer_ckpt and not _is_self_checkpointing(layer):
+                from torch.utils.checkpoint import checkpoint
 
-        def hook(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            if stop_early:
-                raise _Stop
-
-        handle = self.model.encoder.layers[k - 1].register_forward_hook(hook)
-        try:
-            self.model(pixel_values=pixels)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured[0][:, self.num_prefix_tokens :]
+                hidden = checkpoint(_call_layer, layer, hidden, use_reentrant=False)
+            else:
+                hidden = _call_layer(layer, hidden)
+        return hidden[:, self.num_prefix_tokens :]
