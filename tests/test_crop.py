@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -20,6 +22,9 @@ from hrperc import (
     window_permutation,
 )
 
+# Every error message must say how to fix it, not only what is wrong.
+FIX = re.compile(r"\b(Pass|pass|Use|use|Drop|Add|Resize|Check|Convert|Skip|Raise|Lower|Pick|Fix)\b")
+LAYOUTS = ["nchw", "nhwc", "nlc"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.int32]
 CROPS = {"contiguous": (local_crop, local_merge), "strided": (stride_crop, stride_merge)}
 
@@ -87,16 +92,20 @@ def test_crop_of_merge_is_identity(p):
     assert torch.equal(crop_fn(whole, (p["gh"], p["gw"]), layout=layout, **ckw), t)
 
 
-@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), st.sampled_from(["contiguous",
-                                                                                                       "strided"]))
-def test_crop_is_a_bijection_on_pixels(gh, gw, h, w, kind):
-    H, W = gh * h, gw * w
-    x = torch.arange(2 * H * W).reshape(2, 1, H, W)
-    tiles = CROPS[kind][0](x, (gh, gw))
-    assert tiles.shape == (2 * gh * gw, 1, h, w)
-    assert torch.equal(tiles.flatten().sort().values, torch.arange(2 * H * W))  # every pixel exactly once
-    # and each image's pixels stay in that image's N sub-images
-    assert torch.equal(tiles[: gh * gw].flatten().sort().values, torch.arange(H * W))
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3),
+       st.sampled_from(["contiguous", "strided"]), st.sampled_from(LAYOUTS))
+def test_crop_is_a_bijection_on_pixels(gh, gw, h, w, c, kind, layout):
+    H, W, n = gh * h, gw * w, gh * gw
+    x = _map(layout, 2, c, H, W, torch.int64)  # arange: every element distinct
+    ckw, mkw = _kw(layout, H, W, h, w)
+    tiles = CROPS[kind][0](x, (gh, gw), layout=layout, **ckw)
+    expected = {"nchw": (2 * n, c, h, w), "nhwc": (2 * n, h, w, c), "nlc": (2 * n, h * w, c)}[layout]
+    assert tiles.shape == expected
+    assert torch.equal(tiles.flatten().sort().values, torch.arange(2 * H * W * c))  # every element exactly once
+    # and each image's elements stay in that image's N sub-images
+    assert torch.equal(tiles[:n].flatten().sort().values, torch.arange(H * W * c))
+    # the merge is a bijection back: every element exactly once, each in its original place
+    assert torch.equal(CROPS[kind][1](tiles, (gh, gw), layout=layout, **mkw), x)
 
 
 @given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.integers(1, 2))
@@ -157,12 +166,59 @@ def test_permutation_equals_merge_then_crop(gh, gw, th, tw, b, kinds):
     assert torch.equal(perm[inv], torch.arange(n * th * tw))  # and the reverse one is its inverse
 
 
+def test_window_permutation_cannot_be_corrupted_through_the_cache():
+    args = ((2, 3), (4, 5), "contiguous", "strided")
+    good = window_permutation(*args).clone()
+    tokens = torch.randn(6, 20, 3)
+    expected = permute_windows(tokens, (2, 3), "contiguous", "strided", tile_size=(4, 5))
+    first = window_permutation(*args)
+    first.zero_()  # a caller scribbles on its copy
+    assert torch.equal(window_permutation(*args), good)
+    assert window_permutation(*args) is not window_permutation(*args)
+    assert torch.equal(permute_windows(tokens, (2, 3), "contiguous", "strided", tile_size=(4, 5)), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["contiguous", "strided"])
+def test_noncontiguous_inputs_to_crops_and_merges(layout, kind):
+    gh, gw, h, w, c = 2, 3, 3, 2, 4
+    H, W, n = gh * h, gw * w, gh * gw
+    crop_fn, merge_fn = CROPS[kind]
+    ckw, mkw = _kw(layout, H, W, h, w)
+    x = _map(layout, 2, c, H, W, torch.float32)
+    x_nc = torch.stack([x, -x], -1)[..., 0]  # same values, non-contiguous (last dim strided by 2)
+    assert not x_nc.is_contiguous() and torch.equal(x_nc, x)
+    tiles = crop_fn(x, (gh, gw), layout=layout, **ckw)
+    assert torch.equal(crop_fn(x_nc, (gh, gw), layout=layout, **ckw), tiles)
+    # merges of non-contiguous stacks: a transposed-back copy and a strided slice
+    t_nc = tiles.transpose(1, 2).contiguous().transpose(1, 2)
+    t_sl = torch.stack([tiles, -tiles], 1).flatten(0, 1)[::2]
+    for t in (t_nc, t_sl):
+        assert not t.is_contiguous() and torch.equal(t, tiles)
+        assert torch.equal(merge_fn(t, (gh, gw), layout=layout, **mkw), x)
+    assert tiles.shape[0] == 2 * n
+
+
 def test_permute_windows_keeps_trailing_dims_and_noncontiguous_input():
     q = torch.randn(2 * 6, 4, 20, 3).transpose(1, 2)  # (B*N, T=20, heads=4, hd=3), non-contiguous
     got = permute_windows(q, (2, 3), "contiguous", "strided", tile_size=(4, 5))
     flat = q.reshape(12, 20, 12)
     ref = permute_windows(flat, (2, 3), "contiguous", "strided", tile_size=(4, 5)).reshape(12, 20, 4, 3)
     assert torch.equal(got, ref)
+
+
+def test_modules_take_the_nlc_size_argument():
+    x = torch.randn(2, 6 * 9, 4)
+    ref = local_crop(x, (2, 3), layout="nlc", size=(6, 9))
+    assert torch.equal(LocalCrop((2, 3), layout="nlc", size=(6, 9))(x), ref)
+    assert torch.equal(LocalCrop((2, 3), layout="nlc")(x, size=(6, 9)), ref)
+    assert torch.equal(StrideGlobalCrop((2, 3), layout="nlc", size=(6, 9))(x),
+                       stride_crop(x, (2, 3), layout="nlc", size=(6, 9)))
+    tokens = torch.randn(6, 12, 4)
+    rec = Recombine((2, 3), "strided", tile_size=(3, 4))
+    assert rec(tokens).shape == (1, 6, 12, 4) and rec.tile_size == (3, 4)
+    assert torch.equal(rec(tokens).reshape(1, 72, 4), stride_merge(tokens, (2, 3), layout="nlc", tile_size=(3, 4)))
+    assert "size=(6, 9)" in repr(LocalCrop((2, 3), layout="nlc", size=(6, 9)))
 
 
 def test_modules_forward_to_functions():
@@ -183,6 +239,27 @@ def test_crop_returns_a_view_when_possible():
     assert permute_windows(tokens, (2, 2), "strided", "strided") is tokens
 
 
+_COMPILE_MAP = {"nchw": (2, 3, 8, 9), "nhwc": (2, 8, 9, 3), "nlc": (2, 72, 3)}
+_COMPILE_STACK = {"nchw": (12, 3, 4, 3), "nhwc": (12, 4, 3, 3), "nlc": (12, 12, 3)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("module", ["LocalCrop", "StrideGlobalCrop", "Recombine-contiguous", "Recombine-strided"])
+def test_compile_fullgraph_aot_eager_modules(layout, module):
+    torch._dynamo.reset()
+    nlc = layout == "nlc"
+    if module.startswith("Recombine"):
+        m = Recombine((2, 3), module.split("-")[1], layout=layout, tile_size=(4, 3) if nlc else None)
+        x = torch.randn(_COMPILE_STACK[layout])
+    else:
+        m = {"LocalCrop": LocalCrop, "StrideGlobalCrop": StrideGlobalCrop}[module](
+            (2, 3), layout=layout, size=(8, 9) if nlc else None)
+        x = torch.randn(_COMPILE_MAP[layout])
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    got, ref = compiled(x), m(x)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
 def test_compile_fullgraph_traces_crops_and_permutation():
     def roundtrip(x, t):
         a = stride_merge(stride_crop(x, (2, 3)), (2, 3))
@@ -190,7 +267,8 @@ def test_compile_fullgraph_traces_crops_and_permutation():
         c = permute_windows(t, (2, 3), "contiguous", "strided", tile_size=(2, 2))
         return a, b, c
 
-    compiled = torch.compile(roundtrip, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
     x, t = torch.randn(2, 3, 8, 9), torch.randn(12, 4, 5)
     a, b, c = compiled(x, t)
     assert torch.equal(a, x) and torch.equal(b, x)
@@ -223,11 +301,99 @@ def test_public_names_are_exported():
         (lambda: permute_windows(torch.randn(5, 4, 2), (2, 2), "contiguous", "strided"), ValueError,
          ["(5, 4, 2)", "multiple of N"]),
         (lambda: permute_windows(torch.randn(4, 4, 2), (2, 2), "local", "strided"), ValueError,
-         ["source='local'"]),
+         ["source='local'", "Pass one of them"]),
+        (lambda: hrperc.crop(torch.randn(1, 3, 9, 9), (3, 3), "tiles"), ValueError,
+         ["kind='tiles'", "Pass one of them", "'contiguous'", "'strided'"]),
+        (lambda: window_permutation((2, 2), (2, 2), "contiguous", "diagonal"), ValueError,
+         ["target='diagonal'", "Pass one of them"]),
+        (lambda: Recombine((2, 2), "interleaved"), ValueError, ["kind='interleaved'", "Pass one of them"]),
+        # first dimension not a multiple of N: every merge and layout
+        (lambda: stride_merge(torch.randn(10, 3, 3, 3), (3, 3)), ValueError,
+         ["stride_merge", "(10, 3, 3, 3)", "multiple of N = gh*gw = 3*3 = 9", "Check the grid"]),
+        (lambda: local_merge(torch.randn(7, 3, 3, 2), (2, 3), layout="nhwc"), ValueError,
+         ["(7, 3, 3, 2)", "multiple of N = gh*gw = 2*3 = 6"]),
+        (lambda: stride_merge(torch.randn(5, 4, 8), (2, 2), layout="nlc"), ValueError,
+         ["(5, 4, 8)", "multiple of N = gh*gw = 2*2 = 4"]),
+        (lambda: local_merge(torch.randn(8, 9, 8), (2, 2), layout="nlc", tile_size=(2, 4)), ValueError,
+         ["tile_size=(2, 4) holds 8 tokens", "(8, 9, 8)"]),
+        (lambda: local_crop(torch.randn(1, 20, 8), (2, 2), layout="nlc"), ValueError,
+         ["token count 20 is not a perfect square", "size=(rows, cols)"]),
+        # permute_windows: wrong types and shapes
+        (lambda: permute_windows([[1.0]], (1, 1), "contiguous", "strided"), TypeError,
+         ["tokens is a list", "torch.Tensor", "torch.as_tensor"]),
+        (lambda: permute_windows(torch.randn(4), (2, 2), "contiguous", "strided"), ValueError,
+         ["tokens has shape (4,)", "at least 2 dims", "reshape"]),
+        (lambda: permute_windows(torch.randn(4, 6, 2), (2, 2), "contiguous", "strided", tile_size=(2, 2)), ValueError,
+         ["6 tokens per sub-image", "tile_size=(2, 2) holds 4"]),
+        # size=/tile_size= belong to layout='nlc' only
+        (lambda: local_crop(torch.randn(1, 3, 9, 9), (3, 3), size=(9, 9)), ValueError,
+         ["size=(9, 9)", "layout='nchw'", "applies only to layout='nlc'", "Drop size="]),
+        (lambda: stride_crop(torch.randn(1, 9, 9, 3), (3, 3), layout="nhwc", size=(9, 9)), ValueError,
+         ["layout='nhwc'", "applies only to layout='nlc'"]),
+        (lambda: local_merge(torch.randn(9, 3, 3, 3), (3, 3), tile_size=(3, 3)), ValueError,
+         ["tile_size=(3, 3)", "applies only to layout='nlc'", "Drop tile_size="]),
+        (lambda: stride_merge(torch.randn(9, 3, 3, 3), (3, 3), layout="nhwc", tile_size=(3, 3)), ValueError,
+         ["tile_size=(3, 3)", "layout='nhwc'", "applies only to layout='nlc'"]),
+        (lambda: LocalCrop((3, 3), size=(9, 9)), ValueError, ["LocalCrop", "size=(9, 9)", "layout='nlc'"]),
+        (lambda: Recombine((3, 3), layout="nchw", tile_size=(3, 3)), ValueError,
+         ["Recombine", "tile_size=(3, 3)", "layout='nlc'"]),
     ],
 )
 def test_errors_name_the_values_and_the_fix(call, exc, words):
     with pytest.raises(exc) as info:
         call()
+    msg = str(info.value)
     for word in words:
-        assert word in str(info.value), (word, str(info.value))
+        assert word in msg, (word, msg)
+    assert FIX.search(msg), f"no fix in: {msg}"
+
+
+# -- zero sizes: refused with the argument, the shape, the rule and the fix --------------------------------
+_ZERO_MAPS = {
+    "nchw": [((0, 3, 9, 9), "batch size B"), ((1, 0, 9, 9), "channel count C"), ((1, 3, 0, 9), "height H"),
+             ((1, 3, 9, 0), "width W")],
+    "nhwc": [((0, 9, 9, 3), "batch size B"), ((1, 0, 9, 3), "height H"), ((1, 9, 0, 3), "width W"),
+             ((1, 9, 9, 0), "channel count C")],
+    "nlc": [((0, 81, 3), "batch size B"), ((1, 0, 3), "token count H*W"), ((1, 81, 0), "channel count C")],
+}
+_ZERO_STACKS = {
+    "nchw": [((0, 3, 3, 3), "first dimension B*N"), ((9, 0, 3, 3), "channel count C"), ((9, 3, 0, 3), "height h"),
+             ((9, 3, 3, 0), "width w")],
+    "nhwc": [((0, 3, 3, 3), "first dimension B*N"), ((9, 0, 3, 3), "height h"), ((9, 3, 0, 3), "width w"),
+             ((9, 3, 3, 0), "channel count C")],
+    "nlc": [((0, 9, 3), "first dimension B*N"), ((9, 0, 3), "token count h*w"), ((9, 9, 0), "channel count C")],
+}
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "strided"])
+@pytest.mark.parametrize("layout, shape, what", [(lay, s, w) for lay, cases in _ZERO_MAPS.items() for s, w in cases])
+def test_crop_refuses_zero_sizes(kind, layout, shape, what):
+    fn = CROPS[kind][0]
+    with pytest.raises(ValueError) as info:
+        fn(torch.zeros(shape), (3, 3), layout=layout)
+    msg = str(info.value)
+    for word in [fn.__name__, f"x has shape {shape}", what, "is 0", "every dimension must be >= 1", "Fix: pass"]:
+        assert word in msg, (word, msg)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "strided"])
+@pytest.mark.parametrize("layout, shape, what", [(lay, s, w) for lay, cases in _ZERO_STACKS.items() for s, w in cases])
+def test_merge_refuses_zero_sizes(kind, layout, shape, what):
+    fn = CROPS[kind][1]
+    with pytest.raises(ValueError) as info:
+        fn(torch.zeros(shape), (3, 3), layout=layout)
+    msg = str(info.value)
+    for word in [fn.__name__, f"tiles has shape {shape}", what, "is 0", "every dimension must be >= 1", "Fix: pass"]:
+        assert word in msg, (word, msg)
+
+
+def test_zero_sizes_refused_by_the_documented_examples_and_permute_windows():
+    with pytest.raises(ValueError, match=r"x has shape \(0, 3, 9, 9\); its batch size B .* is 0.*Fix: pass"):
+        local_crop(torch.zeros(0, 3, 9, 9), (3, 3))
+    # zero tokens with an explicit size is refused too, before any arithmetic
+    with pytest.raises(ValueError, match=r"token count H\*W .* is 0"):
+        stride_crop(torch.zeros(2, 0, 4), (1, 1), layout="nlc", size=(1, 1))
+    with pytest.raises(ValueError, match=r"tokens has shape \(4, 0, 8\).*is 0.*Fix: pass"):
+        permute_windows(torch.zeros(4, 0, 8), (2, 2), "contiguous", "strided")
+    with pytest.raises(ValueError, match=r"tokens has shape \(4, 4, 0\).*trailing dimension"):
+        permute_windows(torch.zeros(4, 4, 0), (2, 2), "contiguous", "strided")

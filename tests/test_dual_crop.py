@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,9 @@ from hypothesis import strategies as st
 
 from hrperc import DualPerspectiveCrop, local_crop, local_merge, select_grid, stride_crop, stride_merge
 from hrperc.dual_crop import candidate_grids
+
+# Every error message must say how to fix it, not only what is wrong.
+FIX = re.compile(r"\b(Pass|pass|Use|use|Drop|Add|Resize|Check|Convert|Skip|Raise|Lower|Pick|Fix)\b")
 
 
 def test_fixed_grid_resize_matches_released_bicubic_pipeline():
@@ -100,6 +105,163 @@ def test_ragged_batch_with_different_grids():
     assert not out.uniform_grid
 
 
+# -- fill must fit the image dtype ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fill, dtype, words",
+    [
+        (0.5, torch.uint8, ["fill=0.5", "torch.uint8", "[0, 255]", "not a whole number"]),
+        (256, torch.uint8, ["fill=256", "torch.uint8", "[0, 255]", "not inside [0, 255]"]),
+        (-1, torch.uint8, ["fill=-1", "[0, 255]"]),
+        (float("nan"), torch.int32, ["fill=nan", "torch.int32", "[-2147483648, 2147483647]"]),
+        (2**63, torch.int64, [f"fill={2**63}", "torch.int64", "9223372036854775807]"]),
+        (2, torch.bool, ["fill=2", "torch.bool", "[0, 1]"]),
+        (1e6, torch.float16, ["fill=1000000.0", "torch.float16", "65504", "inf"]),
+    ],
+)
+def test_fill_is_checked_against_the_image_dtype(fill, dtype, words):
+    dcm = DualPerspectiveCrop(grid=(1, 1), tile_size=8, fit="pad", fill=fill, thumbnail=False)
+    with pytest.raises(ValueError) as info:
+        dcm(torch.zeros(1, 3, 8, 8, dtype=dtype))
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, (word, msg)
+    assert FIX.search(msg), msg
+
+
+@pytest.mark.parametrize("fill, dtype", [(255.0, torch.uint8), (-7, torch.int8), (2**62, torch.int64),
+                                         (1, torch.bool), (-1.5, torch.float16), (0.25, torch.float32)])
+def test_representable_fill_is_used_exactly(fill, dtype):
+    img = torch.ones(3, 5, 6, dtype=dtype)
+    out = DualPerspectiveCrop(grid=(1, 1), tile_size=8, fit="pad", fill=fill, thumbnail=False)([img])
+    canvas = out.local[0]
+    assert canvas.dtype == dtype
+    assert torch.equal(canvas[:, :5, :6], img)
+    assert (canvas[:, 5:, :] == torch.tensor(fill).to(dtype)).all() and (canvas[:, :, 6:] == canvas[0, 7, 7]).all()
+    if dtype == torch.int64:
+        assert canvas[0, 7, 7].item() == fill  # exact, not through a float
+
+
+def test_fill_is_not_checked_when_unused_and_must_be_a_number():
+    DualPerspectiveCrop(grid=(1, 1), tile_size=8, fill=0.5)(torch.rand(1, 3, 8, 8))  # fit="resize": no padding
+    with pytest.raises(TypeError, match=r"fill=tensor\(0\.\) is a Tensor.*Pass e\.g\. fill=0"):
+        DualPerspectiveCrop(fill=torch.tensor(0.0))
+
+
+# -- list items must agree -----------------------------------------------------------------------------------
+def test_list_items_with_different_dtypes_are_refused():
+    dcm = DualPerspectiveCrop(grid=(1, 1), tile_size=8)
+    with pytest.raises(ValueError) as info:
+        dcm([torch.rand(3, 8, 8), torch.rand(3, 8, 8, dtype=torch.float64)])
+    msg = str(info.value)
+    for word in ["images[1]", "torch.float64", "images[0]", "torch.float32", "same channels, dtype and device"]:
+        assert word in msg, (word, msg)
+    assert FIX.search(msg)
+
+
+@pytest.mark.parametrize("other", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_list_items_on_different_devices_are_refused(other):
+    # 'meta' tensors have a device but no data, so the device check is tested on any machine
+    dcm = DualPerspectiveCrop(grid=(1, 1), tile_size=8)
+    with pytest.raises(ValueError) as info:
+        dcm([torch.rand(3, 8, 8), torch.rand(3, 8, 8, device=other)])
+    msg = str(info.value)
+    for word in ["images[1]", f"on {other}", "on cpu", "same channels, dtype and device", "img.to("]:
+        assert word in msg, (word, msg)
+
+
+# -- min_tiles is applied or refused, never ignored ----------------------------------------------------------
+def test_min_tiles_grows_the_auto_pad_grid_and_keeps_pixels():
+    img = torch.arange(3 * 50 * 50, dtype=torch.int32).reshape(3, 50, 50)
+    base = DualPerspectiveCrop(grid="auto", tile_size=28, fit="pad", thumbnail=False, max_tiles=9)
+    assert base.plan((50, 50)).grid == (2, 2)  # min_tiles=1: the smallest grid that holds the image
+    dcm = DualPerspectiveCrop(grid="auto", tile_size=28, fit="pad", thumbnail=False, max_tiles=9, min_tiles=6)
+    geo = dcm.plan((50, 50))
+    assert geo.grid in ((2, 3), (3, 2)) and geo.num_tiles >= 6
+    out = dcm([img])
+    canvas = local_merge(out.local, geo.grid)[0]
+    assert torch.equal(canvas[:, :50, :50], img) and geo.valid_box == (0, 0, 50, 50)
+    # ties go to the canvas aspect closest to the image's: a wide image gets a wide grid
+    wide = DualPerspectiveCrop(grid="auto", tile_size=28, fit="pad", thumbnail=False, max_tiles=9, min_tiles=4)
+    assert wide.plan((20, 70)).grid == (1, 4)
+    for H, W in [(20, 70), (50, 50), (80, 30), (84, 84)]:
+        g = dcm.plan((H, W)).grid
+        assert 6 <= g[0] * g[1] <= 9 and g[0] * 28 >= H and g[1] * 28 >= W
+
+
+@pytest.mark.parametrize(
+    "kwargs, size, words",
+    [
+        (dict(grid=(1, 2), min_tiles=4), None, ["grid=(1, 2)", "under min_tiles=4", "Lower min_tiles"]),
+        (dict(grid="floor", min_tiles=4, max_tiles=9), (60, 40), ["grid (2, 1)", "under min_tiles=4", "grid='auto'"]),
+        (dict(grid="floor", fit="pad", min_tiles=4, max_tiles=9), (20, 40), ["grid (1, 2)", "under min_tiles=4"]),
+        (dict(grid="auto", fit="pad", min_tiles=5, max_tiles=5), (50, 50),
+         ["(50, 50)", "min_tiles=5", "max_tiles=5", "Lower min_tiles or raise max_tiles"]),
+    ],
+)
+def test_min_tiles_outside_a_fixed_or_floor_grid_is_refused(kwargs, size, words):
+    with pytest.raises(ValueError) as info:
+        DualPerspectiveCrop(tile_size=28, thumbnail=False, **kwargs).plan(size)
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, (word, msg)
+    assert FIX.search(msg)
+
+
+# -- tile larger than the image: explicit upsampling, 'floor' refuses, nothing is cropped --------------------
+def test_small_image_is_upsampled_explicitly_by_fixed_and_auto_grids():
+    img = torch.rand(1, 3, 50, 50)
+    out = DualPerspectiveCrop(grid=(3, 3), tile_size=336)(img)
+    geo = out.geometries[0]
+    assert out.local.shape == (9, 3, 336, 336) and geo.canvas_size == (1008, 1008)
+    assert geo.scale == (1008 / 50, 1008 / 50)  # reported: the tiles hold no more detail than the image
+    auto = DualPerspectiveCrop(grid="auto", tile_size=336, max_tiles=9).plan((50, 50))
+    assert auto.grid == (1, 1) and auto.scale[0] > 1  # the fewest tiles: more cannot keep more pixels
+    padded = DualPerspectiveCrop(grid="auto", tile_size=336, fit="pad").plan((50, 50))
+    assert padded.grid == (1, 1) and padded.scale == (1.0, 1.0)  # native pixels, padded
+
+
+@pytest.mark.parametrize("fit", ["resize", "resize_pad"])
+def test_floor_refuses_an_image_smaller_than_a_tile_and_names_the_fix(fit):
+    dcm = DualPerspectiveCrop(grid="floor", tile_size=336, fit=fit)
+    with pytest.raises(ValueError) as info:
+        dcm(torch.rand(1, 3, 50, 500))
+    msg = str(info.value)
+    for word in ["(50, 500)", "smaller than one tile (336, 336)", "fit='pad'", "grid='auto'", "smaller tile_size"]:
+        assert word in msg, (word, msg)
+    for size in [(336, 700), (400, 700), (671, 1000)]:  # floor never enlarges
+        assert max(dcm.plan(size).scale) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(grid=(2, 3)), dict(grid="auto", max_tiles=6), dict(grid="auto", max_tiles=6, auto_rule="aspect"),
+     dict(grid="floor", max_tiles=16), dict(grid=(2, 3), fit="resize_pad"), dict(grid="auto", fit="resize_pad"),
+     dict(grid="auto", fit="pad", max_tiles=16), dict(grid="floor", fit="pad", max_tiles=16)],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+@pytest.mark.parametrize("size", [(13, 17), (40, 100), (75, 60)])
+def test_no_policy_drops_a_pixel(kwargs, size):
+    # 'area' resampling averages every input pixel into some output pixel, so a pixel that reaches the
+    # canvas leaves a trace there; a cropped one would not. Try a bright dot on each corner and edge.
+    dcm = DualPerspectiveCrop(tile_size=28, mode="area", thumbnail=False, **kwargs)
+    H, W = size
+    if kwargs["grid"] == "floor" and kwargs.get("fit") != "pad" and min(H, W) < 28:
+        with pytest.raises(ValueError, match="smaller than one tile"):  # refused, not cropped
+            dcm(torch.zeros(1, 1, H, W))
+        return
+    for r, c in [(0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1), (H // 2, W // 2), (H - 1, W // 2)]:
+        img = torch.zeros(1, 1, H, W)
+        img[0, 0, r, c] = 1.0
+        out = dcm(img)
+        geo = out.geometries[0]
+        canvas = local_merge(out.local, geo.grid)[0, 0]
+        top, left, height, width = geo.valid_box
+        assert canvas[top : top + height, left : left + width].sum() > 0, (kwargs, size, (r, c))
+        assert torch.equal(stride_merge(out.strided, geo.grid)[0, 0], canvas)
+        if geo.fit == "pad":
+            assert canvas[r, c] == 1.0  # copied, not resampled
+
+
 @pytest.mark.parametrize(
     "make, call, exc, words",
     [
@@ -117,17 +279,38 @@ def test_ragged_batch_with_different_grids():
          lambda m: m(torch.rand(1, 3, 100, 100)), ValueError, ["max_tiles=4"]),
         (lambda: DualPerspectiveCrop(), lambda m: m(torch.zeros(1, 3, 40, 40, dtype=torch.uint8)), TypeError,
          ["torch.uint8", "float"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m([]), ValueError, ["empty"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(0, 3, 40, 40)), ValueError, ["positive"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m([]), ValueError, ["empty", "received 0 images"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(0, 3, 40, 40)), ValueError,
+         ["(0, 3, 40, 40)", "received 0 images", "Skip the call"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(2, 3, 0, 40)), ValueError,
+         ["(2, 3, 0, 40)", "every size must be positive", "height H is 0", "Pass a non-empty image"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(3, 40, 40), torch.rand(0, 40, 40)]), ValueError,
+         ["images[1]", "(0, 40, 40)", "channel count C is 0"]),
         (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(3, 40, 40), torch.rand(1, 40, 40)]), ValueError,
          ["images[1]", "same channels"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(40, 40)), ValueError, ["(40, 40)"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(40, 40)), ValueError,
+         ["(40, 40)", "expected (B, C, H, W) or (C, H, W)", "img.unsqueeze(0)"]),
+        (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(1, 3, 40, 40)]), ValueError,
+         ["images[0]", "(1, 3, 40, 40)", "img.squeeze(0)"]),
         (lambda: DualPerspectiveCrop(), lambda m: m("img.png"), TypeError, ["str"]),
+        (lambda: DualPerspectiveCrop(fit="crop"), None, ValueError, ["fit='crop'", "Pass one of them"]),
+        (lambda: DualPerspectiveCrop(mode="lanczos"), None, ValueError, ["mode='lanczos'", "Pass one of them"]),
+        (lambda: DualPerspectiveCrop(auto_rule="best"), None, ValueError, ["auto_rule='best'", "Pass one of them"]),
+        (lambda: select_grid((100, 100), 28, rule="best"), None, ValueError, ["rule='best'", "Pass one of them"]),
+        (lambda: DualPerspectiveCrop(max_tiles=9.0), None, TypeError, ["max_tiles=9.0", "float", "max_tiles=9"]),
+        (lambda: DualPerspectiveCrop(min_tiles="2"), None, TypeError, ["min_tiles='2'", "str", "whole number"]),
+        (lambda: DualPerspectiveCrop(max_tiles=0), None, ValueError, ["max_tiles=0", ">= 1"]),
+        (lambda: DualPerspectiveCrop(min_tiles=5, max_tiles=4), None, ValueError, ["min_tiles=5 > max_tiles=4"]),
+        (lambda: DualPerspectiveCrop(grid="floor", max_tiles=4, tile_size=28), lambda m: m(torch.rand(1, 3, 90, 90)),
+         ValueError, ["(90, 90)", "grid (3, 3)", "max_tiles=4", "grid='auto'"]),
     ],
 )
 def test_errors_name_the_values(make, call, exc, words):
     with pytest.raises(exc) as info:
         m = make()
-        call(m)
+        if call is not None:
+            call(m)
+    msg = str(info.value)
     for word in words:
-        assert word in str(info.value), (word, str(info.value))
+        assert word in msg, (word, msg)
+    assert FIX.search(msg), f"no fix in: {msg}"

@@ -42,7 +42,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._validation import as_grid, as_pair, check_ndim
+from ._validation import as_grid, as_pair, check_ndim, check_nonempty
 
 __all__ = [
     "Layout",
@@ -82,12 +82,51 @@ _STACK_DOC = {"nchw": "(B*N, C, h, w)", "nhwc": "(B*N, h, w, C)", "nlc": "(B*N, 
 
 def _check_layout(layout, fn: str) -> None:
     if layout not in _LAYOUTS:
-        raise ValueError(f"{fn}: layout={layout!r} is not one of {_LAYOUTS}. Pick the one matching the input.")
+        raise ValueError(
+            f"{fn}: layout={layout!r} is not one of {_LAYOUTS}. Pass one of them, the one matching the input: "
+            f"'nchw' for (B, C, H, W) images, 'nhwc' for (B, H, W, C) maps, 'nlc' for (B, H*W, C) tokens."
+        )
 
 
 def _check_kind(kind, name: str, fn: str) -> None:
     if kind not in _KINDS:
-        raise ValueError(f"{fn}: {name}={kind!r} is not one of {_KINDS}.")
+        raise ValueError(
+            f"{fn}: {name}={kind!r} is not one of {_KINDS}. Pass one of them: {name}='contiguous' for local "
+            f"tiles, {name}='strided' for interleaved full-field views."
+        )
+
+
+def _check_nlc_only(value, arg: str, layout: str, fn: str, name: str) -> None:
+    """``size=``/``tile_size=`` describe flat token stacks only; refuse them elsewhere instead of ignoring them."""
+    if value is not None and layout != "nlc":
+        raise ValueError(
+            f"{fn}: {arg}={value!r} was given with layout={layout!r}, but {arg}= applies only to layout='nlc' "
+            f"(flat tokens, whose 2D size the shape cannot tell). With layout={layout!r} the size is read from "
+            f"the shape of {name}. Drop {arg}=, or pass flat tokens with layout='nlc'."
+        )
+
+
+_ONE_IMAGE = "pass at least one image (skip the call for an empty batch)"
+_ONE_TILE = "pass at least one image's N = gh*gw sub-images (skip the call for an empty batch)"
+_ONE_CHANNEL = "pass at least one channel"
+_ONE_ROW = "pass a map with at least one row and one column"
+_ONE_TOKEN = "pass at least one token per map (H, W >= 1)"
+_ONE_TILE_TOKEN = "pass at least one token per sub-image (h, w >= 1)"
+_MAP_DIMS = {
+    "nchw": (("batch size B", _ONE_IMAGE), ("channel count C", _ONE_CHANNEL), ("height H", _ONE_ROW),
+             ("width W", _ONE_ROW)),
+    "nhwc": (("batch size B", _ONE_IMAGE), ("height H", _ONE_ROW), ("width W", _ONE_ROW),
+             ("channel count C", _ONE_CHANNEL)),
+    "nlc": (("batch size B", _ONE_IMAGE), ("token count H*W", _ONE_TOKEN), ("channel count C", _ONE_CHANNEL)),
+}
+_STACK_DIMS = {
+    "nchw": (("first dimension B*N", _ONE_TILE), ("channel count C", _ONE_CHANNEL), ("height h", _ONE_ROW),
+             ("width w", _ONE_ROW)),
+    "nhwc": (("first dimension B*N", _ONE_TILE), ("height h", _ONE_ROW), ("width w", _ONE_ROW),
+             ("channel count C", _ONE_CHANNEL)),
+    "nlc": (("first dimension B*N", _ONE_TILE), ("token count h*w", _ONE_TILE_TOKEN),
+            ("channel count C", _ONE_CHANNEL)),
+}
 
 
 def _square_side(length: int, what: str, arg: str, fn: str, shape) -> int:
@@ -105,8 +144,10 @@ def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layo
 
     Shapes by ``layout``: ``"nchw"`` ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``; ``"nhwc"``
     ``(B, H, W, C) -> (B*N, H//gh, W//gw, C)``; ``"nlc"`` ``(B, H*W, C) -> (B*N, h*w, C)`` with
-    ``size=(H, W)`` (inferred when ``H*W`` is a perfect square). Sub-image ``k = i*gw + j`` of image
-    ``b`` is at index ``b*N + k``. Exactly one copy at most (none when a view suffices).
+    ``size=(H, W)`` (inferred when ``H*W`` is a perfect square; ``size=`` is refused for the other
+    layouts, whose size is in the shape). Sub-image ``k = i*gw + j`` of image ``b`` is at index
+    ``b*N + k``. Exactly one copy at most (none when a view suffices). Every dimension of ``x`` must be
+    >= 1: an empty input raises instead of returning an empty stack.
 
     Example::
 
@@ -120,6 +161,8 @@ def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layo
     gh, gw = as_grid(grid, fn)
     ndim = 3 if layout == "nlc" else 4
     check_ndim(x, ndim, "x", fn, _LAYOUT_DOC[layout])
+    _check_nlc_only(size, "size", layout, fn, "x")
+    check_nonempty(x, "x", fn, _MAP_DIMS[layout])
     shape = f"x has shape {tuple(x.shape)}"
     if layout == "nchw":
         H, W = x.shape[2], x.shape[3]
@@ -150,7 +193,8 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
 
     Shapes by ``layout``: ``"nchw"`` ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``; ``"nhwc"``
     ``(B*N, h, w, C) -> (B, gh*h, gw*w, C)``; ``"nlc"`` ``(B*N, h*w, C) -> (B, gh*h*gw*w, C)``
-    (row-major) with ``tile_size=(h, w)`` (inferred when ``h*w`` is a perfect square).
+    (row-major) with ``tile_size=(h, w)`` (inferred when ``h*w`` is a perfect square; refused for the
+    other layouts). Every dimension of ``tiles`` must be >= 1.
 
     Example::
 
@@ -164,6 +208,8 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
     gh, gw = as_grid(grid, fn)
     ndim = 3 if layout == "nlc" else 4
     check_ndim(tiles, ndim, "tiles", fn, _STACK_DOC[layout])
+    _check_nlc_only(tile_size, "tile_size", layout, fn, "tiles")
+    check_nonempty(tiles, "tiles", fn, _STACK_DIMS[layout])
     n = gh * gw
     if tiles.shape[0] % n != 0 or tiles.shape[0] == 0:
         raise ValueError(
@@ -258,6 +304,8 @@ def _permutation(gh: int, gw: int, th: int, tw: int, source: str, target: str, d
 
 @functools.lru_cache(maxsize=64)
 def _cached_permutation(gh, gw, th, tw, source, target, device) -> torch.Tensor:
+    # Internal: the cached tensor is shared between calls, so it is only ever read (index_select);
+    # window_permutation hands out a clone, never this object.
     return _permutation(gh, gw, th, tw, source, target, device)
 
 
@@ -269,28 +317,29 @@ def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, 
     ``perm`` (``(N*th*tw,)`` int64) satisfies ``T == S[perm]``. With ``source="contiguous",
     target="strided"`` it takes the local sub-features a ViT returns straight to the strided windows
     of the recombined local map (the released DEM's local-as-query side); the reverse takes global
-    sub-features to contiguous windows of the recombined global map. Cached per device.
+    sub-features to contiguous windows of the recombined global map. Computed once per device and
+    cached; each call returns a fresh copy, so modifying the result cannot corrupt later calls.
 
     Example::
 
         >>> p = window_permutation((3, 3), (24, 24), "contiguous", "strided")
         >>> p.shape, p[:3]
-        (torch.Size([5184]), tensor([ 0,  3,  6]))
+        (torch.Size([5184]), tensor([0, 3, 6]))
     """
     gh, gw = as_grid(grid, "window_permutation")
     th, tw = as_pair(tile_size, "tile_size", "window_permutation")
     _check_kind(source, "source", "window_permutation")
     _check_kind(target, "target", "window_permutation")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return _cached_permutation(gh, gw, th, tw, source, target, device)
+    return _cached_permutation(gh, gw, th, tw, source, target, device).clone()
 
 
 def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: WindowKind, *, tile_size=None):
     """Re-order a sub-feature stack from ``source`` windows to ``target`` windows of the same map.
 
     ``tokens`` is ``(B*N, T, *rest)`` (e.g. ``(B*N, ht*wt, D)`` from a ViT, or ``(B*N, T, heads,
-    head_dim)``), sub-image ``k`` of image ``b`` at ``b*N + k``. Equal, bit for bit, to
-    ``crop(merge(tokens, grid, source), grid, target)`` but done as one gather.
+    head_dim)``), sub-image ``k`` of image ``b`` at ``b*N + k``; every dimension must be >= 1. Equal,
+    bit for bit, to ``crop(merge(tokens, grid, source), grid, target)`` but done as one gather.
 
     Example::
 
@@ -303,14 +352,24 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
     gh, gw = as_grid(grid, fn)
     _check_kind(source, "source", fn)
     _check_kind(target, "target", fn)
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim < 2:
-        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{fn}: tokens must be a (B*N, T, ...) tensor, got {got}.")
-    n = gh * gw
-    if tokens.shape[0] % n != 0 or tokens.shape[0] == 0:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(
+            f"{fn}: tokens is a {type(tokens).__name__}; expected a torch.Tensor of shape (B*N, T, ...). "
+            f"Convert it first, e.g. torch.as_tensor(tokens)."
+        )
+    if tokens.ndim < 2:
         raise ValueError(
-            f"{fn}: tokens has shape {tuple(tokens.shape)}; its first dimension must be a positive multiple "
-            f"of N = {gh}*{gw} = {n}."
+            f"{fn}: tokens has shape {tuple(tokens.shape)} ({tokens.ndim} dims); expected at least 2 dims "
+            f"(B*N, T, ...). Pass the ViT's sub-image stack, e.g. reshape to (B*N, ht*wt, D)."
+        )
+    rest = tuple(("trailing dimension", "drop or fill the empty feature dimension") for _ in tokens.shape[2:])
+    check_nonempty(tokens, "tokens", fn, _STACK_DIMS["nlc"][:2] + rest)
+    n = gh * gw
+    if tokens.shape[0] % n != 0:
+        raise ValueError(
+            f"{fn}: tokens has shape {tuple(tokens.shape)}; its first dimension {tokens.shape[0]} must be a "
+            f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check that grid is the one the "
+            f"stack was cropped with, and pass whole images' stacks."
         )
     t = tokens.shape[1]
     if tile_size is None:
@@ -319,48 +378,76 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
     else:
         th, tw = as_pair(tile_size, "tile_size", fn)
         if th * tw != t:
-            raise ValueError(f"{fn}: tokens has {t} tokens per sub-image but tile_size=({th}, {tw}) holds {th * tw}.")
+            raise ValueError(
+                f"{fn}: tokens has shape {tuple(tokens.shape)}, {t} tokens per sub-image, but "
+                f"tile_size=({th}, {tw}) holds {th * tw}. Pass the sub-image's true (rows, cols)."
+            )
     if source == target:
         return tokens
     if torch.compiler.is_compiling():
         perm = _permutation(gh, gw, th, tw, source, target, tokens.device)
-    else:
-        perm = window_permutation((gh, gw), (th, tw), source, target, tokens.device)
+    else:  # read-only use of the shared cached index: no clone needed
+        perm = _cached_permutation(gh, gw, th, tw, source, target, tokens.device)
     b = tokens.shape[0] // n
     flat = tokens.reshape(b, n * t, *tokens.shape[2:])
     return flat.index_select(1, perm).reshape(tokens.shape)
 
 
 class _GridModule(nn.Module):
-    def __init__(self, grid, layout: Layout = "nchw") -> None:
+    _size_arg = "size"
+
+    def __init__(self, grid, layout: Layout = "nchw", size=None) -> None:
         super().__init__()
-        self.grid = as_grid(grid, type(self).__name__)
-        _check_layout(layout, type(self).__name__)
+        fn = type(self).__name__
+        self.grid = as_grid(grid, fn)
+        _check_layout(layout, fn)
         self.layout = layout
+        _check_nlc_only(size, self._size_arg, layout, fn, "the input")
+        # The default nlc size (overridable per call); None: inferred from a square token count.
+        self.size = as_pair(size, self._size_arg, fn) if size is not None else None
+
+    def _size(self, size):
+        return self.size if size is None else size
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, layout={self.layout!r}"
+        extra = f", {self._size_arg}={self.size}" if self.size is not None else ""
+        return f"grid={self.grid}, layout={self.layout!r}{extra}"
 
 
 class LocalCrop(_GridModule):
-    """Module form of :func:`local_crop` holding ``grid`` and ``layout``.
+    """Module form of :func:`local_crop` holding ``grid``, ``layout`` and (``"nlc"`` only) ``size``.
 
-    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``. Example: ``LocalCrop((3, 3))(torch.randn(1, 3, 1008, 1008))``
-    gives ``(9, 3, 336, 336)``.
+    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``; with ``layout="nlc"``, ``(B, H*W, C) -> (B*N, h*w, C)``
+    where ``size=(H, W)`` (given here or per call to ``forward``) is needed unless ``H*W`` is square.
+
+    Example::
+
+        >>> LocalCrop((3, 3))(torch.randn(1, 3, 1008, 1008)).shape
+        torch.Size([9, 3, 336, 336])
+        >>> LocalCrop((2, 2), layout="nlc", size=(4, 6))(torch.randn(1, 24, 8)).shape
+        torch.Size([4, 6, 8])
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_crop(x, self.grid, layout=self.layout)
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return local_crop(x, self.grid, layout=self.layout, size=self._size(size))
 
 
 class StrideGlobalCrop(_GridModule):
-    """Module form of :func:`stride_crop` holding ``grid`` and ``layout``.
+    """Module form of :func:`stride_crop` holding ``grid``, ``layout`` and (``"nlc"`` only) ``size``.
 
-    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``, interleaved full-field views.
+    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``, interleaved full-field views; other layouts as in
+    :class:`LocalCrop`.
+
+    Example::
+
+        >>> x = torch.arange(24).reshape(1, 1, 4, 6)
+        >>> StrideGlobalCrop((2, 3))(x)[4, 0]           # offsets (1, 1)
+        tensor([[ 7, 10],
+                [19, 22]])
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stride_crop(x, self.grid, layout=self.layout)
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return stride_crop(x, self.grid, layout=self.layout, size=self._size(size))
 
 
 class Recombine(_GridModule):
@@ -368,8 +455,9 @@ class Recombine(_GridModule):
 
     ``kind="contiguous"`` places local sub-features as tiles (:func:`local_merge`); ``"strided"``
     interleaves global sub-features (:func:`stride_merge`). The default ``layout="nlc"`` takes a ViT's
-    token stacks and returns a channels-last map ``(B, Ht, Wt, D)``; ``layout="nchw"``/``"nhwc"``
-    behave like the merge functions.
+    token stacks and returns a channels-last map ``(B, Ht, Wt, D)``, with ``tile_size=(ht, wt)``
+    (here or per call; inferred when ``ht*wt`` is square); ``layout="nchw"``/``"nhwc"`` behave like
+    the merge functions and refuse ``tile_size``.
 
     Example::
 
@@ -377,12 +465,19 @@ class Recombine(_GridModule):
         torch.Size([1, 72, 72, 1024])
     """
 
-    def __init__(self, grid, kind: WindowKind = "contiguous", layout: Layout = "nlc") -> None:
-        super().__init__(grid, layout)
+    _size_arg = "tile_size"
+
+    def __init__(self, grid, kind: WindowKind = "contiguous", layout: Layout = "nlc", tile_size=None) -> None:
+        super().__init__(grid, layout, tile_size)
         _check_kind(kind, "kind", "Recombine")
         self.kind = kind
 
+    @property
+    def tile_size(self):
+        return self.size
+
     def forward(self, tiles: torch.Tensor, tile_size=None) -> torch.Tensor:
+        tile_size = self._size(tile_size)
         out = merge(tiles, self.grid, self.kind, layout=self.layout, tile_size=tile_size)
         if self.layout != "nlc":
             return out
@@ -393,4 +488,5 @@ class Recombine(_GridModule):
         return out.view(out.shape[0], gh * th, gw * tw, out.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, kind={self.kind!r}, layout={self.layout!r}"
+        extra = f", tile_size={self.size}" if self.size is not None else ""
+        return f"grid={self.grid}, kind={self.kind!r}, layout={self.layout!r}{extra}"

@@ -23,12 +23,29 @@ crop:
 * ``"resize"``: stretch to the canvas (antialiased ``mode`` interpolation, computed in float32);
   ``mode="bicubic", antialias=False`` reproduces the released INF-LLaVA pipeline.
 * ``"pad"``: no resampling; the image is placed at the top-left and the rest filled with ``fill``.
-  With ``grid="auto"``/``"floor"`` the grid is the smallest that holds the image
-  (``ceil(H0/h) x ceil(W0/w)``, refused when over ``max_tiles``).
+  With ``grid="floor"`` the grid is the smallest that holds the image, ``ceil(H0/h) x ceil(W0/w)``;
+  with ``grid="auto"`` it is the same grid, grown when it has fewer than ``min_tiles`` tiles to the
+  smallest grid with ``min_tiles <= gh*gw <= max_tiles`` that holds the image (ties: the canvas
+  aspect ratio closest to the image's). Refused when no grid within ``max_tiles`` holds the image.
 * ``"resize_pad"``: scale keeping the aspect ratio to fit inside the canvas, centre it, pad with
   ``fill`` (LLaVA-NeXT's ``resize_and_pad_image``).
 
-The returned :class:`CropGeometry` records the valid region so padded tokens can be masked.
+``fill`` must be representable in the image's dtype: for an integer image a whole number inside
+``torch.iinfo(dtype)``, for a float image inside ``torch.finfo(dtype)``. A fixed grid or a ``"floor"``
+grid outside ``[min_tiles, max_tiles]`` is refused, never silently changed.
+
+**Small images are upsampled, explicitly.** A canvas larger than the image is reached by enlarging
+it: with a fixed grid, or ``grid="auto"`` with ``fit="resize"``/``"resize_pad"``, a 50 x 50 image and
+``grid=(3, 3), tile_size=336`` becomes nine 336 x 336 tiles of a 1008 x 1008 upsampled canvas (as in
+LLaVA-NeXT, which also upsamples to its chosen resolution). The tiles then hold no more detail than
+the image itself; ``CropGeometry.scale`` (> 1) reports it. ``grid="auto"`` with the default
+``"resolution"`` rule gives such an image the fewest tiles (one), since more cannot keep more of its
+pixels. To avoid upsampling, use ``fit="pad"`` (native resolution, the smallest grid that holds the
+image) or ``grid="floor"``, which never enlarges and refuses an image smaller than one tile.
+
+No policy crops: every input pixel reaches the canvas (resized, or copied by ``"pad"``), and
+``"pad"`` refuses an image larger than its canvas. The returned :class:`CropGeometry` records the
+valid region so padded tokens can be masked.
 
 Example::
 
@@ -42,6 +59,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +76,7 @@ __all__ = ["CropGeometry", "DualCrops", "DualPerspectiveCrop", "select_grid", "c
 Fit = Literal["resize", "pad", "resize_pad"]
 _FITS = ("resize", "pad", "resize_pad")
 _MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
+_RULES = ("resolution", "aspect")
 
 
 @dataclass(frozen=True)
@@ -176,15 +195,33 @@ def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, r
             elif abs(diff - best_diff) <= 1e-12 and H0 * W0 > 0.5 * h * w * g[0] * g[1]:
                 best = g
         return best
-    raise ValueError(f"{fn}: rule={rule!r} is not one of ('resolution', 'aspect').")
+    raise ValueError(
+        f"{fn}: rule={rule!r} is not one of {_RULES}. Pass one of them: 'resolution' (LLaVA-NeXT's best "
+        f"resolution) or 'aspect' (InternVL's closest aspect ratio)."
+    )
 
 
 def _check_tiles(max_tiles, min_tiles, fn):
     for name, v in (("max_tiles", max_tiles), ("min_tiles", min_tiles)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{fn}: {name}={v!r}; must be an integer >= 1.")
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(
+                f"{fn}: {name}={v!r} is a {type(v).__name__}; it must be an integer >= 1 (a tile count). "
+                f"Pass a whole number, e.g. {name}={int(v) if isinstance(v, float) and v.is_integer() else 9}."
+            )
+        if v < 1:
+            raise ValueError(f"{fn}: {name}={v!r}; it must be an integer >= 1 (a tile count). Pass e.g. {name}=1.")
     if min_tiles > max_tiles:
-        raise ValueError(f"{fn}: min_tiles={min_tiles} > max_tiles={max_tiles}; lower min_tiles or raise max_tiles.")
+        raise ValueError(f"{fn}: min_tiles={min_tiles} > max_tiles={max_tiles}. Lower min_tiles or raise max_tiles.")
+
+
+def _check_fill(fill, fn: str):
+    """``fill`` as a plain Python number (int kept exact), or a TypeError."""
+    if isinstance(fill, torch.Tensor) or not isinstance(fill, numbers.Real):
+        raise TypeError(
+            f"{fn}: fill={fill!r} is a {type(fill).__name__}; it must be a Python number (the padding value). "
+            f"Pass e.g. fill=0 (for a 0-d tensor, fill=t.item())."
+        )
+    return int(fill) if isinstance(fill, numbers.Integral) else float(fill)
 
 
 class DualPerspectiveCrop(nn.Module):
@@ -193,17 +230,24 @@ class DualPerspectiveCrop(nn.Module):
     Args:
         grid: ``(gh, gw)``, ``"auto"`` or ``"floor"`` (see module docs).
         tile_size: sub-image size ``(h, w)`` or an int; the ViT's native size (336 for ViT-L/14-336).
-        max_tiles, min_tiles: bounds on ``gh*gw`` for ``"auto"``; a fixed or floor grid over
-            ``max_tiles`` is refused.
+        max_tiles, min_tiles: bounds on ``gh*gw``. ``"auto"`` chooses within them (with ``fit="pad"`` too,
+            growing the grid to ``min_tiles``); a fixed or ``"floor"`` grid outside them is refused.
         fit: ``"resize"``, ``"pad"`` or ``"resize_pad"``.
         mode, antialias: interpolation for resizing (and the thumbnail), computed in float32.
-        fill: padding value for ``"pad"``/``"resize_pad"``.
+        fill: padding value for ``"pad"``/``"resize_pad"``; must fit the image dtype (a whole number
+            inside ``torch.iinfo`` for integer images), else a ``ValueError``.
         thumbnail: also return the whole image resized to ``(h, w)``.
         auto_rule: ``"resolution"`` (LLaVA-NeXT) or ``"aspect"`` (InternVL) for ``grid="auto"``.
 
     Input: ``(B, C, H, W)`` or ``(C, H, W)`` tensor, or a list of ``(C, H, W)`` tensors of different
-    sizes (same ``C`` and dtype). Integer images can only be padded, not resized.
-    Output: :class:`DualCrops`.
+    sizes (same ``C``, dtype and device). Every size must be >= 1 (an empty batch is refused). Integer
+    images can only be padded, not resized. Output: :class:`DualCrops`.
+
+    Upsampling: a canvas larger than the image (a fixed grid, or ``"auto"`` with a resize fit, for a
+    small image) is reached by enlarging the image, as LLaVA-NeXT does; e.g. a 50 x 50 image with
+    ``grid=(3, 3)`` gives nine 336 x 336 tiles of an upsampled canvas, ``geometry.scale`` > 1. Use
+    ``fit="pad"`` (native pixels) or ``grid="floor"`` (never enlarges; refuses an image smaller than a
+    tile) to avoid it. No policy crops: every input pixel reaches the canvas.
 
     Example::
 
@@ -239,16 +283,29 @@ class DualPerspectiveCrop(nn.Module):
                     f"{fn}: grid={grid} has {grid[0] * grid[1]} tiles, over max_tiles={max_tiles}. "
                     f"Raise max_tiles or use a smaller grid."
                 )
+            if grid[0] * grid[1] < min_tiles:
+                raise ValueError(
+                    f"{fn}: grid={grid} has {grid[0] * grid[1]} tiles, under min_tiles={min_tiles}; a fixed grid "
+                    f"is never changed. Lower min_tiles or use a larger grid (or grid='auto')."
+                )
         if fit not in _FITS:
-            raise ValueError(f"{fn}: fit={fit!r} is not one of {_FITS}.")
+            raise ValueError(
+                f"{fn}: fit={fit!r} is not one of {_FITS}. Pass one of them: 'resize' (stretch to the canvas), "
+                f"'pad' (native pixels, padded) or 'resize_pad' (keep the aspect ratio, then pad)."
+            )
         if mode not in _MODES:
-            raise ValueError(f"{fn}: mode={mode!r} is not one of {_MODES}.")
-        if auto_rule not in ("resolution", "aspect"):
-            raise ValueError(f"{fn}: auto_rule={auto_rule!r} is not one of ('resolution', 'aspect').")
+            raise ValueError(
+                f"{fn}: mode={mode!r} is not one of {_MODES}. Pass one of them, e.g. mode='bicubic' (the default)."
+            )
+        if auto_rule not in _RULES:
+            raise ValueError(
+                f"{fn}: auto_rule={auto_rule!r} is not one of {_RULES}. Pass one of them: 'resolution' "
+                f"(LLaVA-NeXT's best resolution) or 'aspect' (InternVL's closest aspect ratio)."
+            )
         self.grid = grid
         self.tile_size = as_pair(tile_size, "tile_size", fn)
         self.max_tiles, self.min_tiles = max_tiles, min_tiles
-        self.fit, self.mode, self.antialias, self.fill = fit, mode, antialias, float(fill)
+        self.fit, self.mode, self.antialias, self.fill = fit, mode, antialias, _check_fill(fill, fn)
         self.thumbnail, self.auto_rule = thumbnail, auto_rule
 
     def extra_repr(self) -> str:
@@ -267,19 +324,33 @@ class DualPerspectiveCrop(nn.Module):
             grid = select_grid((H0, W0), (h, w), self.max_tiles, self.min_tiles, self.auto_rule)
         elif self.grid in ("auto", "floor") and self.fit == "pad":
             grid = (math.ceil(H0 / h), math.ceil(W0 / w))
+            if self.grid == "auto" and grid[0] * grid[1] < self.min_tiles:
+                grid = self._grow_pad_grid(grid, H0, W0)
         elif self.grid == "floor":
             if H0 < h or W0 < w:
                 raise ValueError(
                     f"{fn}: image of size ({H0}, {W0}) is smaller than one tile {self.tile_size}, so the "
-                    f"paper's floor rule gives no tile. Use fit='pad', grid='auto', or a smaller tile_size."
+                    f"paper's floor rule gives no tile (and 'floor' never upsamples). Use fit='pad' (pads it "
+                    f"into one tile), grid='auto' (upsamples it), or a smaller tile_size."
                 )
             grid = (H0 // h, W0 // w)
         else:
             grid = self.grid
         if grid[0] * grid[1] > self.max_tiles:
+            fix = (
+                "Raise max_tiles, or use fit='resize'/'resize_pad', which scale the image down"
+                if self.fit == "pad"
+                else "Raise max_tiles, or use grid='auto', which picks a grid within max_tiles"
+            )
             raise ValueError(
                 f"{fn}: image of size ({H0}, {W0}) needs grid {grid} ({grid[0] * grid[1]} tiles) with "
-                f"fit={self.fit!r}, over max_tiles={self.max_tiles}. Raise max_tiles or use fit='resize'."
+                f"grid={self.grid!r}, fit={self.fit!r}, over max_tiles={self.max_tiles}. {fix}."
+            )
+        if grid[0] * grid[1] < self.min_tiles:  # only a 'floor' grid gets here: fixed grids are checked in __init__
+            raise ValueError(
+                f"{fn}: image of size ({H0}, {W0}) gets grid {grid} ({grid[0] * grid[1]} tiles) from "
+                f"grid={self.grid!r}, under min_tiles={self.min_tiles}; the floor rule is never changed silently. "
+                f"Lower min_tiles, or use grid='auto', which picks a grid within [min_tiles, max_tiles]."
             )
         canvas = (grid[0] * h, grid[1] * w)
         if self.fit == "resize":
@@ -297,6 +368,19 @@ class DualPerspectiveCrop(nn.Module):
             box = ((canvas[0] - nh) // 2, (canvas[1] - nw) // 2, nh, nw)
         return CropGeometry((H0, W0), tuple(grid), (h, w), canvas, box, self.fit)
 
+    def _grow_pad_grid(self, need, H0: int, W0: int) -> tuple[int, int]:
+        """``grid="auto", fit="pad"``: the smallest grid with ``>= min_tiles`` tiles that holds the image."""
+        h, w = self.tile_size
+        fits = [g for g in candidate_grids(self.max_tiles, self.min_tiles) if g[0] >= need[0] and g[1] >= need[1]]
+        if not fits:
+            raise ValueError(
+                f"DualPerspectiveCrop: image of size ({H0}, {W0}) needs at least grid {need} with fit='pad', and "
+                f"no grid with min_tiles={self.min_tiles} <= gh*gw <= max_tiles={self.max_tiles} tiles holds it. "
+                f"Lower min_tiles or raise max_tiles."
+            )
+        aspect = math.log(W0 / H0)
+        return min(fits, key=lambda g: (g[0] * g[1], abs(math.log(g[1] * w / (g[0] * h)) - aspect), g[0]))
+
     # pixels ---------------------------------------------------------------------------------------
     def _resize(self, img: torch.Tensor, size) -> torch.Tensor:
         if tuple(img.shape[-2:]) == tuple(size):
@@ -313,7 +397,8 @@ class DualPerspectiveCrop(nn.Module):
             return self._resize(img, geo.canvas_size)
         top, left, height, width = geo.valid_box
         content = img if geo.fit == "pad" else self._resize(img, (height, width))
-        canvas = img.new_full((*img.shape[:2], *geo.canvas_size), self.fill)
+        fill = self.fill if img.is_floating_point() or img.is_complex() else int(self.fill)  # validated: whole
+        canvas = img.new_full((*img.shape[:2], *geo.canvas_size), fill)
         canvas[..., top : top + height, left : left + width] = content
         return canvas
 
@@ -324,15 +409,62 @@ class DualPerspectiveCrop(nn.Module):
                 f"torchvision.transforms.functional.pil_to_tensor or use HighResEncoder, which accepts them."
             )
         if img.ndim != ndim:
-            layout = "(C, H, W)" if ndim == 3 else "(B, C, H, W)"
-            raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; expected {layout}.")
+            if ndim == 3:
+                expected = "(C, H, W) (one list item is one image)"
+                fix = (
+                    "Pass each list item as one (C, H, W) image: img.squeeze(0) for a (1, C, H, W) tensor, "
+                    "img.unsqueeze(0) for an (H, W) one"
+                )
+            else:
+                expected = "(B, C, H, W) or (C, H, W)"
+                fix = (
+                    "Pass a (C, H, W) image or a (B, C, H, W) batch (an (H, W) image needs a channel: "
+                    "img.unsqueeze(0)); for images of different sizes pass a list of (C, H, W) tensors"
+                )
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(img.shape)} ({img.ndim} dims); expected {expected}. {fix}."
+            )
+        if ndim == 4 and img.shape[0] == 0:
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(img.shape)}: received 0 images (batch size 0), but at least one "
+                f"is needed. Skip the call for an empty batch, or pass at least one image."
+            )
         if min(img.shape) <= 0:
-            raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; every size must be positive.")
+            dims = ("channel count C", "height H", "width W")  # the batch size was checked above
+            zero = ", ".join(d for d, e in zip(dims, img.shape[-3:]) if e == 0)
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(img.shape)}; every size must be positive (>= 1), but its {zero} "
+                f"is 0. Pass a non-empty image (check how it was loaded or cropped before this call)."
+            )
         if not img.is_floating_point() and (self.fit != "pad" or self.thumbnail):
             why = f"fit={self.fit!r} resizes" if self.fit != "pad" else "thumbnail=True resizes"
             raise TypeError(
                 f"{fn}: {name} has dtype {img.dtype} but {why}, which needs a float image. Convert it "
                 f"(e.g. img.float() / 255), or use fit='pad' with thumbnail=False to crop integers exactly."
+            )
+
+    def _check_fill_for(self, dtype: torch.dtype, fn: str) -> None:
+        """``fill`` must be storable in the image dtype (it is used by ``"pad"``/``"resize_pad"``)."""
+        if self.fit == "resize" or dtype.is_complex:
+            return
+        fill = self.fill
+        if dtype.is_floating_point:
+            info = torch.finfo(dtype)
+            if math.isfinite(fill) and abs(fill) > info.max:
+                raise ValueError(
+                    f"{fn}: fill={fill!r} is outside the range of the image dtype {dtype} "
+                    f"([{info.min}, {info.max}], torch.finfo); it would become inf. Pass a fill inside that "
+                    f"range, or convert the image to a wider dtype (e.g. img.float())."
+                )
+            return
+        lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+        whole = isinstance(fill, int) or (math.isfinite(fill) and float(fill).is_integer())
+        if not whole or not lo <= fill <= hi:
+            rule = "a whole number" if not whole else f"inside [{lo}, {hi}]"
+            raise ValueError(
+                f"{fn}: fill={fill!r} cannot be stored in the image dtype {dtype}: an integer image needs a "
+                f"whole-number fill inside [{lo}, {hi}] (torch.iinfo({dtype})), and {fill!r} is not {rule}. Pass "
+                f"a whole number in that range (e.g. fill=0), or convert the image to float first."
             )
 
     def forward(self, images) -> DualCrops:
@@ -344,7 +476,10 @@ class DualPerspectiveCrop(nn.Module):
             groups = [images]
         elif isinstance(images, Sequence) and not isinstance(images, str):
             if len(images) == 0:
-                raise ValueError(f"{fn}: images is an empty list; pass at least one (C, H, W) image.")
+                raise ValueError(
+                    f"{fn}: images is an empty {type(images).__name__}: received 0 images, but at least one is "
+                    f"needed. Pass at least one (C, H, W) image, or skip the call for an empty batch."
+                )
             for b, img in enumerate(images):
                 self._check_image(img, f"images[{b}]", 3, fn)
             first = images[0]
@@ -353,13 +488,13 @@ class DualPerspectiveCrop(nn.Module):
                     raise ValueError(
                         f"{fn}: images[{b}] is {tuple(img.shape)} {img.dtype} on {img.device} but images[0] is "
                         f"{tuple(first.shape)} {first.dtype} on {first.device}; all items need the same "
-                        f"channels, dtype and device. Convert them first."
+                        f"channels, dtype and device. Convert them first, e.g. "
+                        f"img.to(device=images[0].device, dtype=images[0].dtype)."
                     )
             groups = [img.unsqueeze(0) for img in images]
         else:
             raise TypeError(f"{fn}: images is a {type(images).__name__}; pass a tensor or a list of tensors.")
-        if groups[0].shape[0] == 0:
-            raise ValueError(f"{fn}: images has batch size 0; pass at least one image.")
+        self._check_fill_for(groups[0].dtype, fn)
 
         locals_, strideds, thumbs, geos, offsets, start = [], [], [], [], [], 0
         # One iteration per image group (a batched tensor is one group): tiles themselves are vectorized.

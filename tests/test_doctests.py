@@ -1,0 +1,26 @@
+"""The docstring examples of the crop modules run and print what they say (``doctest``)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+# Imported by name: ``hrperc.crop`` as an attribute is the ``crop`` function, not the module.
+MODULES = {
+    "hrperc.crop": (),
+    "hrperc.dual_crop": (),
+    "hrperc.sample": ("PIL", "numpy"),
+    "hrperc.viz": ("matplotlib",),  # examples draw a figure
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_docstring_examples_pass(name):
+    for needed in MODULES[name]:
+        pytest.importorskip(needed)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0, f"{name} has no doctest examples"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name} (see output above)"
