@@ -238,3 +238,70 @@ def test_bad_heads_and_mismatched_stacks():
         attn(torch.randn(4, 4, 16), torch.randn(4, 9, 16), (2, 2), **KW)
     with pytest.raises(ValueError, match="D=8"):
         attn(torch.randn(4, 4, 8), torch.randn(4, 4, 8), (2, 2), **KW)
+
+
+def test_unknown_option_messages_say_what_to_pass():
+    q, k, v = _qkv()
+    with pytest.raises(
+        ValueError, match=r"window='diagonal' is not a known window; pass one of \('contiguous', 'strided'\)"
+    ):
+        hrperc.window_attention(q, k, v, (2, 2), **{**KW, "window": "diagonal"})
+    with pytest.raises(
+        ValueError, match=r"backend='nope' is not a registered backend; pass one of \('reference', 'sdpa'"
+    ):
+        hrperc.window_attention(q, k, v, (2, 2), backend="nope", **KW)
+    with pytest.raises(ValueError, match=r"name='nope' is not a registered backend; pass one of"):
+        with hrperc.attention_backend("nope"):
+            pass
+    with pytest.raises(TypeError, match=r"backend=3 is not a backend name"):
+        hrperc.window_attention(q, k, v, (2, 2), backend=3, **KW)
+
+
+def test_dtype_and_device_mismatch_names_both_and_the_fix():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"dtypes torch.float32/torch.float64/torch.float32 on devices cpu/cpu/cpu\. "
+                                        r"Cast and move them together"):  # fmt: skip
+        hrperc.window_attention(q, k.double(), v, (2, 2), **KW)
+
+
+def test_forced_backend_precedence_and_query_subset_forms(monkeypatch):
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    assert A.forced_backend("auto") is None and A.forced_backend(None) is None
+    monkeypatch.setenv(A.ENV_VAR, "reference")
+    assert A.forced_backend("auto") == "reference"
+    with hrperc.attention_backend("sdpa"):
+        assert A.forced_backend("auto") == "sdpa" and A.forced_backend("reference") == "reference"
+    monkeypatch.setenv(A.ENV_VAR, "auto")
+    assert A.forced_backend("auto") is None
+    # Built-ins attend query subsets; unforced, the subset path is sdpa even where "auto" would pick triton.
+    assert A.query_subset_fn("sdpa") is A.sdpa_query_subset and A.query_subset_fn("reference") is not None
+    assert A.query_subset_fn("triton") is None
+    q = torch.randn(3, 2, 5, 8, dtype=torch.float64)  # 5 of each window's 9 queries
+    k, v = torch.randn(3, 2, 9, 8, dtype=torch.float64), torch.randn(3, 2, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(A.sdpa_query_subset(q, k, v, scale=0.3), A.reference_query_subset(q, k, v, scale=0.3))
+    probe = torch.randn(4, 4, 1, 8)
+    norm = dict(grid=(2, 2), tile_size=(2, 2), out_order="contiguous", scale=1.0, **KW)
+    assert A.resolve_backend("auto", probe, probe, probe, query_subset=True, **norm) == "sdpa"
+    with pytest.raises(TypeError, match="query_subset for 'x' must be callable"):
+        hrperc.register_backend("x", A.sdpa_window_attention, query_subset=3)
+
+
+def test_attend_is_forward_before_the_output_projection():
+    attn = hrperc.WindowCrossAttention(16, heads=2, residual_norm=False).double()
+    qf, kvf = torch.randn(8, 4, 16, dtype=torch.float64), torch.randn(8, 4, 16, dtype=torch.float64)
+    kw = dict(window="strided", q_order="contiguous", kv_order="strided")
+    a = attn.attend(qf, kvf, (2, 2), **kw)
+    assert a.shape == (2, 16, 16)
+    torch.testing.assert_close(attn(qf, kvf, (2, 2), **kw), attn.linears[3](a))
+
+
+def test_cross_attention_functional_with_missing_biases():
+    d, h = 8, 2
+    w = [torch.randn(d, d, dtype=torch.float64) for _ in range(4)]
+    b = torch.randn(d, dtype=torch.float64)
+    qf = torch.randn(4, 4, d, dtype=torch.float64)
+    kw = dict(q_weight=w[0], k_weight=w[1], v_weight=w[2], out_weight=w[3], heads=h)
+    out = hrperc.window_cross_attention(qf, qf, (2, 2), "contiguous", "contiguous", "contiguous", v_bias=b, **kw)
+    q, k, v = (F.linear(qf, wi, bi).view(4, 4, h, d // h) for wi, bi in ((w[0], None), (w[1], None), (w[2], b)))
+    att = _literal(q, k, v, (2, 2), (2, 2), "contiguous", "contiguous", "contiguous").reshape(1, 16, d)
+    torch.testing.assert_close(out, F.linear(att, w[3]))

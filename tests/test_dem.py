@@ -11,6 +11,7 @@ from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import DualPerspectiveEnhancement as DEM
+from hrperc import attention as A
 from hrperc.fusion import FUSIONS
 from hrperc.reduction import REDUCTIONS
 
@@ -105,6 +106,10 @@ def test_from_inf_llava_refuses_pickles_and_bad_dicts(tmp_path):
         DEM.from_inf_llava({"foo": torch.zeros(2)})
     with pytest.raises(ValueError, match="fusion= cannot be overridden"):
         DEM.from_inf_llava(sd, heads=4, fusion="add")
+    with pytest.raises(ValueError, match=r"fusion='add' was passed.*trained with fusion='released'\. Drop fusion="):
+        DEM.from_inf_llava(sd, heads=4, fusion="add")
+    with pytest.raises(ValueError, match=r"residual_norm=False was passed.*trained with residual_norm=True"):
+        DEM.from_inf_llava(sd, heads=4, residual_norm=False)
 
 
 class _Opaque:
@@ -126,6 +131,11 @@ CONFIGS = [
     dict(fusion="maxpool", output_size=(2, 5)),
     dict(fusion="conv3x3"),
     dict(reduction="none"),
+    # pooled before the affine maps (no LayerNorm after attention, affine fusion, average pooling)
+    dict(residual_norm=False, fusion="linear_concat", reduction="avg"),
+    dict(residual_norm=False, fusion="add", reduction="area", output_size=(3, 2), pairing="paper"),
+    dict(residual_norm=False, fusion="weighted_add", reduction="area", directions="local", shared_attention=False),
+    dict(directions="none", fusion="add", reduction="avg"),
 ]
 
 
@@ -266,6 +276,34 @@ def test_torch_compile_fullgraph(skip):
     torch.testing.assert_close(compiled(loc, glo, (3, 3)), dem(loc, glo, (3, 3)))
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(residual_norm=False, fusion="linear_concat", reduction="avg")],
+                         ids=["released", "pooled"])  # fmt: skip
+def test_torch_compile_fullgraph_aot_eager_with_backward(cfg):
+    """AOT autograd traces forward and backward (fake tensors, functionalisation) without a graph break."""
+    torch._dynamo.reset()
+    dem = _randomise(DEM(32, 2, **cfg))
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    xs = [x.clone().requires_grad_() for x in (loc, glo)]
+    out = torch.compile(dem, fullgraph=True, backend="aot_eager")(*xs, (3, 3))
+    out.sum().backward()
+    ys = [x.clone().requires_grad_() for x in (loc, glo)]
+    ref = dem(*ys, (3, 3))
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.slow  # ~50 s cold on the 2-core CI CPU (C++ compilation); ~10 s with a warm inductor cache
+def test_torch_compile_fullgraph_inductor():
+    """The default inductor backend (generated C++ on CPU) on a tiny configuration, skipping path included."""
+    torch._dynamo.reset()
+    dem = _randomise(DEM(32, 2))
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    compiled = torch.compile(dem, fullgraph=True)
+    torch.testing.assert_close(compiled(loc, glo, (3, 3)), dem(loc, glo, (3, 3)), rtol=1e-5, atol=1e-5)
+
+
 def test_constructor_device_and_dtype():
     dem = DEM(32, 2, dtype=torch.float64, device="cpu")
     assert all(p.dtype == torch.float64 for p in dem.parameters())
@@ -320,3 +358,237 @@ def test_attention_backend_switch_reaches_full_path():
     with hrperc.attention_backend("reference"):
         a = dem(loc, glo, (2, 2))
     torch.testing.assert_close(a, dem(loc, glo, (2, 2), backend="sdpa"), rtol=1e-5, atol=1e-5)
+
+
+def test_error_messages_name_the_value_and_the_fix():
+    with pytest.raises(
+        ValueError, match=r"pairing='mirror' is not a known pairing; pass one of \('released', 'paper'\)"
+    ):
+        DEM(32, 2, pairing="mirror")
+    with pytest.raises(ValueError, match=r"fusion='concat' is not a known fusion; pass one of \('released',"):
+        DEM(32, 2, fusion="concat")
+    dem = DEM(32, 2)
+    loc, glo = _feats(1, (2, 2), 16, 32)
+    with pytest.raises(ValueError, match=r"D=16 \(shape \(4, 16, 16\)\) but the module was built with dim=32.*"
+                                         r"DualPerspectiveEnhancement\(dim=16, heads=\.\.\.\)"):  # fmt: skip
+        dem(loc[..., :16], glo[..., :16], (2, 2))
+    fuse = hrperc.Fusion(8, "conv3x3")
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 8\) \(L = 4\) but hw=None\. Pass the map size"):
+        fuse(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
+    with pytest.raises(ValueError, match=r"hw=\(3, 3\)"):
+        fuse(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), hw=(3, 3))
+    with pytest.raises(ValueError, match=r"mode='mean' is not a known reduction; pass one of \('bilinear',"):
+        hrperc.reduce_tokens(torch.zeros(1, 4, 4, 2), (2, 2), "mean")
+    with pytest.raises(ValueError, match=r"mode='avg' with size=None; .* Pass size=\(oh, ow\)"):
+        hrperc.reduce_tokens(torch.zeros(1, 4, 4, 2), None, "avg")
+
+
+# ---- which path runs, and the attention backend on each ------------------------------------------
+
+
+def test_footprint_of_every_token_computes_every_token_directly(monkeypatch):
+    """Bilinear by 2 and reduction='none' read every token: no gathers, the every-token path itself."""
+    calls = []
+    monkeypatch.setattr(DEM, "_forward_read", lambda self, *a: calls.append(a) or pytest.fail("gathered"))
+    loc, glo = _feats(2, (2, 2), 16, 32)
+    for cfg in (dict(), dict(reduction="none"), dict(fusion="maxpool", pairing="paper")):
+        dem = _randomise(DEM(32, 2, **cfg))
+        assert dem._plan((2, 2), (4, 4)).reads_all
+        fast = dem(loc, glo, (2, 2))
+        dem.skip_unread = False
+        assert torch.equal(fast, dem(loc, glo, (2, 2)))
+    monkeypatch.undo()
+    assert not DEM(32, 2)._plan((3, 3), (4, 4)).reads_all  # bilinear by 3 reads 1/9: the footprint path
+
+
+@pytest.mark.parametrize("fusion", ["linear_concat", "add", "weighted_add"])
+@pytest.mark.parametrize("reduction,out", [("avg", None), ("area", None), ("area", (3, 5)), ("avg", (2, 4))])
+def test_average_pooling_runs_before_the_affine_maps(monkeypatch, fusion, reduction, out):
+    """Pool, then out_proj and fusion on oh*ow tokens: equal to pooling last (fp32, 1e-5 relative), grads too."""
+    dem = _randomise(DEM(32, 2, residual_norm=False, fusion=fusion, reduction=reduction, output_size=out))
+    if fusion == "weighted_add":
+        with torch.no_grad():
+            dem.fusion.weights.copy_(torch.tensor([0.7, -1.3]))
+    loc, glo = _feats(2, (2, 4), 16, 32)
+    widths = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: widths.append(x.shape[:-1].numel()) or
+                        real_linear(x, w, b))  # fmt: skip
+    xs = [x.clone().requires_grad_() for x in (loc, glo)]
+    fast = dem(*xs, (2, 4))
+    monkeypatch.undo()
+    tokens_out, tokens_in = fast.shape[0] * fast.shape[1], loc.shape[0] * loc.shape[1]
+    assert widths.count(tokens_out) >= 2 and set(widths) == {tokens_out, tokens_in}  # out_proj on oh*ow tokens
+    fast.backward(torch.ones_like(fast))
+    dem.skip_unread = False
+    ys = [x.clone().requires_grad_() for x in (loc, glo)]
+    full = dem(*ys, (2, 4))
+    full.backward(torch.ones_like(full))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * b.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pooled_path_low_precision_follows_tolerance_rule(dtype):
+    cfg = dict(residual_norm=False, fusion="linear_concat", reduction="avg")
+    dem64 = _randomise(DEM(80, 2, skip_unread=False, **cfg), std=0.1).double()
+    loc, glo = _feats(1, (3, 3), 9, 80, torch.float64)
+
+    def run(dt, skip):
+        m = DEM(80, 2, skip_unread=skip, **cfg).to(dt)
+        m.load_state_dict(dem64.state_dict())
+        xs = [x.detach().to(dt).requires_grad_() for x in (loc, glo)]
+        out = m(*xs, (3, 3), backend="reference")
+        out.square().sum().backward()
+        return out, [x.grad for x in xs] + [m.attention.linears[3].weight.grad]
+
+    out64, g64 = run(torch.float64, False)
+    out_lp, g_lp = run(dtype, False)
+    out, g = run(dtype, True)
+    assert_close_to_reference(out, out_lp, out64, dtype, name="pooled out")
+    for i, (a, b, c) in enumerate(zip(g, g_lp, g64)):
+        assert_close_to_reference(a, b, c, dtype, name=f"pooled grad {i}")
+
+
+def test_pooled_path_gradcheck_float64():
+    dem = _randomise(DEM(16, 2, residual_norm=False, fusion="linear_concat", reduction="avg")).double()
+    loc, glo = (x.requires_grad_() for x in _feats(1, (2, 2), 4, 16, torch.float64))
+    assert dem._path((2, 2), (2, 2)) == "pooled"
+    assert torch.autograd.gradcheck(lambda a, b: dem(a, b, (2, 2)), (loc, glo), fast_mode=True)
+
+
+def test_no_index_tensors_are_rebuilt_per_forward(monkeypatch):
+    """After a first call, forwards build no torch.tensor from Python lists (index plans are cached)."""
+    loc, glo = _feats(1, (4, 4), 9, 32)
+    cfgs = [dict(), dict(output_size=(2, 2)), dict(reduction="area", fusion="multiply")]
+    dems = [_randomise(DEM(32, 2, **cfg)) for cfg in cfgs]
+    for dem in dems:
+        dem(loc, glo, (4, 4))
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor called in a forward"))
+    for dem in dems:
+        dem(loc, glo, (4, 4))
+
+
+def test_index_caches_built_under_inference_mode_serve_autograd_later():
+    dem = _randomise(DEM(32, 2, output_size=(2, 2)))  # bilinear by 6: weighted taps and gathers
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    with torch.inference_mode():
+        dem(loc, glo, (3, 3))
+    x = loc.clone().requires_grad_()
+    dem(x, glo, (3, 3)).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.fixture
+def spies():
+    """Two registered backends that count their calls: one attends query subsets, one whole windows only."""
+    calls = {"windows.fn": 0, "subset.fn": 0, "subset.query_subset": 0}
+
+    def counted(key, fn):
+        def wrapper(*args, **kw):
+            calls[key] += 1
+            return fn(*args, **kw)
+
+        return wrapper
+
+    hrperc.register_backend("spy_windows", counted("windows.fn", A.sdpa_window_attention))
+    hrperc.register_backend("spy_subset", counted("subset.fn", A.sdpa_window_attention),
+                            query_subset=counted("subset.query_subset", A.sdpa_query_subset))  # fmt: skip
+    yield calls
+    A._REGISTRY.pop("spy_windows")
+    A._REGISTRY.pop("spy_subset")
+
+
+def _force(how, name, monkeypatch):
+    """Run a default-config DEM forward with ``name`` forced ``how``; returns the module, inputs, output."""
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    dem = _randomise(DEM(32, 2))  # default: skip_unread=True, released configuration
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    if how == "argument":
+        out = dem(loc, glo, (3, 3), backend=name)
+    elif how == "context":
+        with hrperc.attention_backend(name):
+            out = dem(loc, glo, (3, 3))
+    else:
+        monkeypatch.setenv(A.ENV_VAR, name)
+        out = dem(loc, glo, (3, 3))
+        monkeypatch.delenv(A.ENV_VAR)
+    return dem, (loc, glo), out
+
+
+@pytest.mark.parametrize("how", ["argument", "context", "env"])
+def test_default_dem_runs_a_forced_backend_with_a_query_subset_form(how, spies, monkeypatch):
+    dem, (loc, glo), out = _force(how, "spy_subset", monkeypatch)
+    assert spies == {"windows.fn": 0, "subset.fn": 0, "subset.query_subset": 2}  # skipping path, both directions
+    assert torch.equal(out, dem(loc, glo, (3, 3)))
+
+
+@pytest.mark.parametrize("how", ["argument", "context", "env"])
+def test_default_dem_forced_onto_a_whole_window_backend_computes_every_token_with_it(how, spies, monkeypatch):
+    dem, (loc, glo), out = _force(how, "spy_windows", monkeypatch)
+    assert spies == {"windows.fn": 2, "subset.fn": 0, "subset.query_subset": 0}  # every token, both directions
+    dem.skip_unread = False
+    torch.testing.assert_close(out, dem(loc, glo, (3, 3), backend="sdpa"), rtol=1e-5, atol=1e-5)
+
+
+def test_default_dem_auto_uses_sdpa_subsets_and_forced_reference_uses_no_sdpa(monkeypatch):
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    sdpa_calls, ref_calls = [], []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: sdpa_calls.append(q.shape) or real_sdpa(q, k, v, **kw))  # fmt: skip
+    ref = A._REGISTRY["reference"]
+
+    def spy_subset(q, k, v, *, scale):
+        ref_calls.append(q.shape)
+        return ref.query_subset(q, k, v, scale=scale)
+
+    monkeypatch.setitem(A._REGISTRY, "reference", A._Backend(ref.fn, ref.supports, spy_subset))
+    dem = _randomise(DEM(32, 2))
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    auto = dem(loc, glo, (3, 3))
+    assert len(sdpa_calls) == 2 and sum(s[0] * s[2] for s in sdpa_calls) < 2 * 9 * 16  # a subset of the queries
+    sdpa_calls.clear()
+    with hrperc.attention_backend("reference"):
+        forced = dem(loc, glo, (3, 3))
+    assert sdpa_calls == [] and len(ref_calls) == 2
+    torch.testing.assert_close(forced, auto, rtol=1e-5, atol=1e-5)
+
+
+def test_default_dem_forced_triton_runs_the_kernel(monkeypatch):
+    """Forcing "triton" on the default (skipping) DEM runs the kernel on every token (it takes whole windows)."""
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    dem = _randomise(DEM(64, 2), std=0.1)  # head_dim 32
+    loc, glo = _feats(1, (3, 3), 16, 64)
+    probe = loc.unflatten(-1, (2, 32))
+    reason = A._REGISTRY["triton"].supports(probe, probe, probe)
+    if reason is not None:
+        with pytest.raises(NotImplementedError, match="backend 'triton' cannot run"):
+            dem(loc, glo, (3, 3), backend="triton")
+        return
+    calls = []
+    triton = A._REGISTRY["triton"]
+    monkeypatch.setitem(A._REGISTRY, "triton", A._Backend(
+        lambda *a, **kw: calls.append(kw["window"]) or triton.fn(*a, **kw), triton.supports, triton.query_subset
+    ))  # fmt: skip
+    out = dem(loc, glo, (3, 3), backend="triton")
+    assert sorted(calls) == ["contiguous", "strided"]
+    torch.testing.assert_close(out, dem(loc, glo, (3, 3), backend="sdpa"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(skip_unread=False), dict(directions="none", fusion="add"),
+                                 dict(residual_norm=False, fusion="add", reduction="avg"), dict(fusion="conv3x3")],
+                         ids=["released", "every-token", "no-attention", "pooled", "conv3x3"])  # fmt: skip
+def test_unknown_backend_names_raise_on_every_path(cfg, monkeypatch):
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    dem = DEM(32, 2, **cfg)
+    loc, glo = _feats(1, (3, 3), 16, 32)
+    with pytest.raises(ValueError, match=r"backend='bogus' is not a registered backend; pass one of \("):
+        dem(loc, glo, (3, 3), backend="bogus")
+    monkeypatch.setenv(A.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=r"\$HRPERC_ATTN_BACKEND='bogus' is not a registered backend"):
+        dem(loc, glo, (3, 3))
+    with pytest.raises(ValueError, match="name='bogus'"):
+        with hrperc.attention_backend("bogus"):
+            pass

@@ -78,3 +78,12 @@ def test_load_refuses_bad_weights(tmp_path):
         load_inf_llava_projector(tmp_path / "nope.safetensors")
     with pytest.raises(TypeError, match="state dict"):
         load_inf_llava_projector(42)
+
+
+def test_projector_errors_name_the_values_and_the_fix():
+    with pytest.raises(ValueError, match=r"in_dim=8 and out_dim=16\. Pass out_dim=8, or a kind"):
+        build_projector("identity", 8, 16)
+    with pytest.raises(ValueError, match=r"kind='conv' is not a known projector; pass one of 'linear', 'identity'"):
+        build_projector("conv", 8, 16)
+    with pytest.raises(TypeError, match=r"entries \['w'\] are not tensors \(str for 'w'\).*Pass model.state_dict\(\)"):
+        load_inf_llava_projector({"w": "not a tensor"})

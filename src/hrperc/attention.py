@@ -26,6 +26,9 @@ Three layers, as in timm/flash-attn:
   (:func:`torch.nn.functional.scaled_dot_product_attention`), and any registered one (the Triton
   kernel registers ``"triton"``). ``backend="auto"`` picks triton for CUDA tensors when it can run,
   else sdpa; ``HRPERC_ATTN_BACKEND=<name>`` or ``with hrperc.attention_backend("<name>"):`` force one.
+  A backend may also register a *query-subset* form (:class:`QuerySubsetFn`: some queries of each
+  window against the whole window), which the DEM's skipping path needs; ``"reference"`` and
+  ``"sdpa"`` have one, the Triton kernel (whole windows only) has not.
 * :func:`window_cross_attention` -- the functional form with q/k/v/out projections (with bias).
 * :class:`WindowCrossAttention` -- the module holding the four ``Linear(D, D)`` (released key order
   ``linears.0..3`` = q, k, v, out) and the released residual + LayerNorm (``ln``).
@@ -65,10 +68,13 @@ __all__ = [
     "available_backends",
     "attention_backend",
     "resolve_backend",
+    "forced_backend",
+    "query_subset_fn",
     "reference_window_attention",
     "sdpa_window_attention",
     "AttentionBackendFn",
     "SupportsFn",
+    "QuerySubsetFn",
 ]
 
 WindowKind = Literal["contiguous", "strided"]
@@ -93,21 +99,40 @@ class AttentionBackendFn(Protocol):
 SupportsFn = Callable[..., "str | None"]
 
 
+class QuerySubsetFn(Protocol):
+    """Optional second form of a backend: ``fn(q, k, v, *, scale) -> Tensor``, windows already gathered.
+
+    ``q``: ``(G, heads, M, head_dim)``, ``M`` queries of each of ``G`` windows (a subset of the window's
+    ``T`` tokens); ``k``, ``v``: ``(G, heads, T, head_dim)``, the whole window. Returns
+    ``softmax(q k^T * scale) v``, ``(G, heads, M, head_dim)``, in ``q``'s dtype, differentiable. The
+    DEM's skipping path (``skip_unread=True``) needs it; a backend without it makes the DEM compute every
+    token through ``fn`` instead.
+    """
+
+    def __call__(self, q, k, v, *, scale): ...
+
+
 @dataclass(frozen=True)
 class _Backend:
     fn: AttentionBackendFn
     supports: SupportsFn
+    query_subset: QuerySubsetFn | None = None
 
 
 _REGISTRY: dict[str, _Backend] = {}
 _FORCED = threading.local()
 
 
-def register_backend(name: str, fn: AttentionBackendFn, supports: SupportsFn | None = None) -> None:
+def register_backend(
+    name: str, fn: AttentionBackendFn, supports: SupportsFn | None = None, *, query_subset: QuerySubsetFn | None = None
+) -> None:
     """Add (or replace) a window-attention backend under ``name``.
 
     ``supports(q, k, v, **kw)`` returns ``None`` when ``fn`` can run the inputs, else a short reason
-    (shown when a forced backend cannot run). The Triton kernel registers itself as ``"triton"``.
+    (shown when a forced backend cannot run). ``query_subset`` (optional, :class:`QuerySubsetFn`)
+    attends a subset of each window's queries; with it, the DEM's skipping path runs on this backend,
+    without it a DEM forced onto this backend computes every token through ``fn``. The Triton kernel
+    registers itself as ``"triton"`` (whole windows only).
 
     Example::
 
@@ -120,7 +145,11 @@ def register_backend(name: str, fn: AttentionBackendFn, supports: SupportsFn | N
         raise ValueError(f"register_backend: name={name!r}; give a non-empty name other than 'auto'.")
     if not callable(fn):
         raise TypeError(f"register_backend: fn for {name!r} must be callable, got {type(fn).__name__}.")
-    _REGISTRY[name] = _Backend(fn, supports or (lambda q, k, v, **kw: None))
+    if query_subset is not None and not callable(query_subset):
+        raise TypeError(
+            f"register_backend: query_subset for {name!r} must be callable or None, got {type(query_subset).__name__}."
+        )
+    _REGISTRY[name] = _Backend(fn, supports or (lambda q, k, v, **kw: None), query_subset)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -145,8 +174,8 @@ def attention_backend(name: str | None):
     """
     if name is not None and name != "auto" and name not in _REGISTRY:
         raise ValueError(
-            f"attention_backend: name={name!r} is not a registered backend; choose one of "
-            f"{available_backends()} or 'auto'."
+            f"attention_backend: name={name!r} is not a registered backend; pass one of "
+            f"{available_backends()}, 'auto' or None."
         )
     previous = getattr(_FORCED, "name", None)
     _FORCED.name = None if name == "auto" else name
@@ -156,30 +185,64 @@ def attention_backend(name: str | None):
         _FORCED.name = previous
 
 
-def resolve_backend(backend: str, q, k, v, **kw) -> str:
-    """The backend name ``window_attention`` will run for these inputs (see :func:`attention_backend`)."""
-    forced = backend if backend != "auto" else getattr(_FORCED, "name", None)
-    source = "backend="
-    if forced is None and backend == "auto":
-        forced = os.environ.get(ENV_VAR) or None
-        source = f"${ENV_VAR}="
-        if forced == "auto":
-            forced = None
-    elif backend == "auto":
-        source = "attention_backend("
+def forced_backend(backend: str | None = "auto") -> str | None:
+    """The backend forced by ``backend=``, else :func:`attention_backend`, else ``$HRPERC_ATTN_BACKEND``; None if none.
+
+    Raises ``ValueError`` for a name that is not registered, saying where it came from.
+
+    Example::
+
+        >>> forced_backend("reference")
+        'reference'
+        >>> with attention_backend("sdpa"):
+        ...     forced_backend("auto")
+        'sdpa'
+    """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(
+            f"window_attention: backend={backend!r} is not a backend name; pass one of {available_backends()} "
+            "or 'auto'."
+        )
+    forced, source = backend, "backend="
+    if backend is None or backend == "auto":
+        forced, source = getattr(_FORCED, "name", None), "attention_backend("
+        if forced is None:
+            forced, source = os.environ.get(ENV_VAR) or None, f"${ENV_VAR}="
+            if forced == "auto":
+                forced = None
+    if forced is not None and forced not in _REGISTRY:
+        raise ValueError(
+            f"window_attention: {source}{forced!r} is not a registered backend; pass one of "
+            f"{available_backends()} or 'auto'."
+        )
+    return forced
+
+
+def resolve_backend(backend: str, q, k, v, *, query_subset: bool = False, **kw) -> str:
+    """The backend name ``window_attention`` will run for these inputs (see :func:`attention_backend`).
+
+    A forced backend (:func:`forced_backend`) is returned if its ``supports`` accepts the inputs, else
+    ``NotImplementedError`` explains why. Unforced (``"auto"``): ``"triton"`` for CUDA tensors it can
+    run, else ``"sdpa"``; with ``query_subset=True`` (the DEM's skipping path, which attends a subset
+    of each window's queries and so needs a :class:`QuerySubsetFn`) always ``"sdpa"``. A forced backend
+    is returned even if it has no ``query_subset`` form: the caller then computes whole windows.
+    """
+    forced = forced_backend(backend)
     if forced is not None:
-        if forced not in _REGISTRY:
-            raise ValueError(
-                f"window_attention: {source}{forced!r} is not a registered backend; choose one of "
-                f"{available_backends()} or 'auto'."
-            )
         reason = _REGISTRY[forced].supports(q, k, v, **kw)
         if reason is not None:
             raise NotImplementedError(_cannot_run(forced, reason, q, k, v, kw))
         return forced
+    if query_subset:
+        return "sdpa"
     if q.is_cuda and "triton" in _REGISTRY and _REGISTRY["triton"].supports(q, k, v, **kw) is None:
         return "triton"
     return "sdpa"
+
+
+def query_subset_fn(name: str) -> QuerySubsetFn | None:
+    """The registered :class:`QuerySubsetFn` of backend ``name``, or None when it attends whole windows only."""
+    return _REGISTRY[name].query_subset
 
 
 def _cannot_run(name, reason, q, k, v, kw) -> str:
@@ -261,12 +324,26 @@ def sdpa_window_attention(q, k, v, *, grid, tile_size, window, q_order, kv_order
     return _from_window(out, grid, tile_size, window, out_order, permute=True)
 
 
+def reference_query_subset(q, k, v, *, scale):
+    """:class:`QuerySubsetFn` of ``"reference"``: plain ``softmax(q k^T * scale) v`` in the inputs' dtype.
+
+    ``q`` ``(G, heads, M, head_dim)``, ``k``/``v`` ``(G, heads, T, head_dim)`` -> ``(G, heads, M, head_dim)``.
+    """
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def sdpa_query_subset(q, k, v, *, scale):
+    """:class:`QuerySubsetFn` of ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`; shapes as
+    :func:`reference_query_subset`."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _always(q, k, v, **kw):
     return None
 
 
-register_backend("reference", reference_window_attention, _always)
-register_backend("sdpa", sdpa_window_attention, _always)
+register_backend("reference", reference_window_attention, _always, query_subset=reference_query_subset)
+register_backend("sdpa", sdpa_window_attention, _always, query_subset=sdpa_query_subset)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +352,7 @@ register_backend("sdpa", sdpa_window_attention, _always)
 
 def _check_choice(value, name, choices, fn):
     if value not in choices:
-        raise ValueError(f"{fn}: {name}={value!r} is not one of {choices}.")
+        raise ValueError(f"{fn}: {name}={value!r} is not a known {name}; pass one of {choices}.")
 
 
 def _tile_from_tokens(t: int, tile_size, fn: str, shape) -> tuple[int, int]:
@@ -345,8 +422,8 @@ def window_attention(
         )
     if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
         raise TypeError(
-            f"{fn}: q/k/v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-            f"{q.device}/{k.device}/{v.device}."
+            f"{fn}: q/k/v must share dtype and device, got dtypes {q.dtype}/{k.dtype}/{v.dtype} on devices "
+            f"{q.device}/{k.device}/{v.device}. Cast and move them together, e.g. k, v = k.to(q), v.to(q)."
         )
     n = gh * gw
     if q.shape[0] % n != 0 or q.shape[0] == 0:
@@ -434,23 +511,27 @@ def window_cross_attention(
     d = query_feats.shape[-1]
     if not isinstance(heads, int) or heads < 1 or d % heads != 0:
         raise ValueError(f"{fn}: heads={heads!r} must be a positive int dividing D={d}; e.g. heads=8 for D=1024.")
-    bn, t, _ = query_feats.shape
-    hd = d // heads
-    q = F.linear(query_feats, q_weight, q_bias).view(bn, t, heads, hd)
-    # k and v read the same input: one matmul against the stacked weights reads it once.
-    kv_w = torch.cat([k_weight, v_weight])
-    kv_b = None if k_bias is None and v_bias is None else torch.cat([_bias(k_bias, k_weight), _bias(v_bias, v_weight)])
-    kv = F.linear(kv_feats, kv_w, kv_b).view(bn, t, 2, heads, hd)
-    out = window_attention(
-        q, kv[:, :, 0], kv[:, :, 1], grid, window=window, q_order=q_order, kv_order=kv_order,
-        out_order=out_order, tile_size=tile_size, scale=scale, backend=backend,
+    out = _project_attend(
+        query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias, v_weight,
+        v_bias, heads=heads, out_order=out_order, tile_size=tile_size, scale=scale, backend=backend,
     )  # fmt: skip
-    out = out.reshape(*out.shape[:2], d)
     return F.linear(out, out_weight, out_bias)
 
 
-def _bias(b, w):
-    return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+def _project_attend(query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias,
+                    v_weight, v_bias, *, heads, out_order, tile_size, scale, backend):  # fmt: skip
+    """Validated inputs -> q/k/v projections -> :func:`window_attention` -> heads merged, before ``out_proj``."""
+    bn, t, d = query_feats.shape
+    hd = d // heads
+    q = F.linear(query_feats, q_weight, q_bias).view(bn, t, heads, hd)
+    # Two matmuls on the same input (no per-call concatenation of the k and v weights).
+    k = F.linear(kv_feats, k_weight, k_bias).view(bn, t, heads, hd)
+    v = F.linear(kv_feats, v_weight, v_bias).view(bn, t, heads, hd)
+    out = window_attention(
+        q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
+        tile_size=tile_size, scale=scale, backend=backend,
+    )  # fmt: skip
+    return out.reshape(*out.shape[:2], d)
 
 
 class WindowCrossAttention(nn.Module):
@@ -494,23 +575,69 @@ class WindowCrossAttention(nn.Module):
         tile_size=None,
         backend: str = "auto",
     ) -> torch.Tensor:
+        """Windowed cross-attention, then ``ln(out_proj(attn) + query)`` (or ``out_proj(attn)`` without ``ln``).
+
+        Args:
+            query_feats: ``(B*N, ht*wt, D)`` stack in ``q_order`` window order of the query map.
+            kv_feats: ``(B*N, ht*wt, D)`` stack in ``kv_order`` window order of the key/value map.
+            grid: ``(gh, gw)`` (or an int), ``N = gh*gw``.
+            window: the window kind attended in, ``"contiguous"`` or ``"strided"``.
+            out_order: ``"map"`` (default) or a window order for the output.
+            tile_size: ``(ht, wt)``; inferred when ``ht*wt`` is a perfect square.
+            backend: :func:`window_attention` backend (``"auto"`` honours :func:`attention_backend` and
+                ``$HRPERC_ATTN_BACKEND``).
+
+        Returns:
+            ``(B, Ht*Wt, D)`` row-major for ``out_order="map"``, else ``(B*N, ht*wt, D)`` in that window
+            order; ``Ht*Wt = N*ht*wt``.
+        """
+        grid, tile_size = self._check(query_feats, kv_feats, grid, tile_size)
+        out = self._attend(query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend)
+        lo = self.linears[3]
+        out = F.linear(out, lo.weight, lo.bias)
+        if self.ln is None:
+            return out
+        return self.ln(out + _reorder_stack(query_feats, grid, tile_size, q_order, out_order))
+
+    def attend(
+        self,
+        query_feats: torch.Tensor,
+        kv_feats: torch.Tensor,
+        grid,
+        *,
+        window: WindowKind,
+        q_order: WindowKind,
+        kv_order: WindowKind,
+        out_order: OutOrder = "map",
+        tile_size=None,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """The attention with heads merged, *before* the output projection; arguments and shapes as :meth:`forward`.
+
+        ``forward`` is ``ln(linears[3](attend(...)) + query)``. The DEM average-pools this output before
+        the (affine) output projection when nothing non-linear follows.
+        """
+        grid, tile_size = self._check(query_feats, kv_feats, grid, tile_size)
+        return self._attend(query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend)
+
+    def _check(self, query_feats, kv_feats, grid, tile_size):
         fn = "WindowCrossAttention"
         grid, tile_size = _check_stacks(query_feats, kv_feats, grid, tile_size, fn)
         if query_feats.shape[-1] != self.dim:
             raise ValueError(
                 f"{fn}: inputs have D={query_feats.shape[-1]} (shape {tuple(query_feats.shape)}) but the module was "
-                f"built with dim={self.dim}."
+                f"built with dim={self.dim}. Pass features of width {self.dim}, or build "
+                f"WindowCrossAttention({query_feats.shape[-1]}, heads=...) for these."
             )
-        lq, lk, lv, lo = self.linears
-        out = window_cross_attention(
-            query_feats, kv_feats, grid, window, q_order, kv_order, q_weight=lq.weight, q_bias=lq.bias,
-            k_weight=lk.weight, k_bias=lk.bias, v_weight=lv.weight, v_bias=lv.bias, out_weight=lo.weight,
-            out_bias=lo.bias, heads=self.heads, out_order=out_order, tile_size=tile_size, backend=backend,
+        return grid, tile_size
+
+    def _attend(self, query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend):
+        lq, lk, lv, _ = self.linears
+        return _project_attend(
+            query_feats, kv_feats, grid, window, q_order, kv_order, lq.weight, lq.bias, lk.weight, lk.bias,
+            lv.weight, lv.bias, heads=self.heads, out_order=out_order, tile_size=tile_size, scale=None,
+            backend=backend,
         )  # fmt: skip
-        if self.ln is None:
-            return out
-        residual = _reorder_stack(query_feats, grid, tile_size, q_order, out_order)
-        return self.ln(out + residual)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, residual_norm={self.residual_norm}"

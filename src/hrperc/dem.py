@@ -17,7 +17,10 @@ global (strided) sub-features in ``stride_crop`` order, both ``(B*N, ht*wt, D)``
 those positions matter, so only their queries, attention rows, output projections, LayerNorms and
 fusions are computed, and only the key/value windows those queries fall in are projected. For the
 released bilinear reduction by 3 that is 1/9 of the queries, and in the strided direction a single
-global window. The result equals the full computation (``skip_unread=False``) to float rounding.
+global window. When the footprint is every token (bilinear by 2, ``reduction="none"``) every token is
+computed directly. Average pooling commutes with affine maps, so with ``avg``/``area`` reduction, an
+affine fusion and ``residual_norm=False`` it is applied before the output projections and the fusion.
+The result equals the full computation (``skip_unread=False``) to float rounding.
 
 Example::
 
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import as_grid, as_pair
-from .attention import WindowCrossAttention, _tile_from_tokens
+from .attention import WindowCrossAttention, _tile_from_tokens, forced_backend, query_subset_fn, resolve_backend
 from .crop import merge
 from .fusion import FUSIONS, Fusion, FusionMode
 from .reduction import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens, reduction_plan
@@ -126,6 +129,7 @@ class _DirPlan(NamedTuple):
 
 class _Plan(NamedTuple):
     key: tuple
+    reads_all: bool  # the footprint is every token: nothing to skip
     read_rows: tuple[int, ...]
     read_cols: tuple[int, ...]
     read_local: tuple[tuple[int, ...], tuple[int, ...]]  # native index shares of read positions, local stack
@@ -164,7 +168,8 @@ def _build_plan(grid, tile, out_hw, mode, windows, directions) -> _Plan:
     glob = direction("global", w_g) if directions in ("both", "global") else None
     loc = direction("local", w_l) if directions in ("both", "local") else None
     key = (grid, tile, out_hw, mode, windows, directions)
-    return _Plan(key, rr, rc, read_shares("contiguous"), read_shares("strided"), glob, loc, red)
+    reads_all = len(rr) == gh * th and len(rc) == gw * tw
+    return _Plan(key, reads_all, rr, rc, read_shares("contiguous"), read_shares("strided"), glob, loc, red)
 
 
 @torch._dynamo.assume_constant_result
@@ -205,7 +210,8 @@ def _make_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=64)
 def _cached_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
-    return _make_indices(plan, device)
+    with torch.inference_mode(False):  # normal tensors even if first built under inference_mode
+        return _make_indices(plan, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,9 +232,23 @@ class DualPerspectiveEnhancement(nn.Module):
     ``fusion="add"`` is Table 6's plain-addition baseline); ``fusion`` (see :mod:`hrperc.fusion`);
     ``reduction`` ``"bilinear"|"avg"|"area"|"none"``; ``skip_unread`` (compute only tokens the
     reduction reads; ``False`` computes every token). The defaults are the released configuration.
-    ``backend`` selects the :func:`hrperc.window_attention` backend of the every-token path; the
-    skipping path attends a subset of queries per window with SDPA (explicit math for
-    ``backend="reference"``), since the windowed kernels take whole windows.
+
+    Which path runs with ``skip_unread=True``: the footprint path (only the read tokens) for a
+    per-token fusion whose reduction reads a strict subset of the tokens (bilinear at a factor >= 3);
+    the every-token path when the reduction reads every token anyway (e.g. bilinear by 2,
+    ``reduction="none"``); and, for ``avg``/``area`` pooling with an affine fusion (``linear_concat``,
+    ``add``, ``weighted_add``) and no LayerNorm after the attention (``residual_norm=False``), pooling
+    *before* the output projections and the fusion (they then run on ``oh*ow`` tokens, not ``Ht*Wt``).
+    All are equal to ``skip_unread=False`` to float rounding.
+
+    Attention backend (``forward(backend=...)``, :func:`hrperc.attention_backend`,
+    ``$HRPERC_ATTN_BACKEND``, in that precedence; unknown names raise): the every-token and pooled
+    paths run :func:`hrperc.window_attention` with it. The footprint path attends a subset of each
+    window's queries, so it needs the backend's query-subset form
+    (:class:`~hrperc.attention.QuerySubsetFn`): ``"sdpa"`` (also what ``"auto"`` uses there, on any
+    device) and ``"reference"`` (plain math) have one. A forced backend without one -- ``"triton"``,
+    whose kernel takes whole windows, or a registered backend given no ``query_subset`` -- makes the
+    module compute every token through that backend instead: forcing a backend always runs it.
 
     Example::
 
@@ -262,7 +282,7 @@ class DualPerspectiveEnhancement(nn.Module):
             ("reduction", reduction, REDUCTIONS),
         ):
             if value not in choices:
-                raise ValueError(f"{fn}: {name}={value!r} is not one of {choices}.")
+                raise ValueError(f"{fn}: {name}={value!r} is not a known {name}; pass one of {choices}.")
         if not isinstance(dim, int) or not isinstance(heads, int) or dim < 1 or heads < 1 or dim % heads:
             raise ValueError(
                 f"{fn}: dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim "
@@ -376,7 +396,11 @@ class DualPerspectiveEnhancement(nn.Module):
             )
         bn, t, d = local_feats.shape
         if d != self.dim:
-            raise ValueError(f"{fn}: features have D={d} (shape {tuple(local_feats.shape)}); module dim={self.dim}.")
+            raise ValueError(
+                f"{fn}: features have D={d} (shape {tuple(local_feats.shape)}) but the module was built with "
+                f"dim={self.dim}; D must equal dim. Pass the features of a ViT of width {self.dim}, or build "
+                f"DualPerspectiveEnhancement(dim={d}, heads=...) for these."
+            )
         n = gh * gw
         if bn % n != 0 or bn == 0:
             raise ValueError(
@@ -387,30 +411,117 @@ class DualPerspectiveEnhancement(nn.Module):
         return (gh, gw), (th, tw)
 
     def forward(self, local_feats, global_feats, grid, tile_size=None, backend: str = "auto") -> torch.Tensor:
+        """Enhance, fuse and reduce one grid's ViT features.
+
+        Args:
+            local_feats: ``(B*N, ht*wt, D)``, the ViT tokens of ``local_crop`` sub-images (CLS dropped);
+                sub-image ``k = i*gw + j`` of image ``b`` at index ``b*N + k``.
+            global_feats: ``(B*N, ht*wt, D)``, the same for ``stride_crop`` sub-images.
+            grid: ``(gh, gw)`` the sub-images were cut with (an int means square), ``N = gh*gw``.
+            tile_size: ``(ht, wt)``; inferred when ``ht*wt`` is a perfect square.
+            backend: attention backend, ``"auto"`` or a registered name (``"reference"``, ``"sdpa"``,
+                ``"triton"``, ...). ``"auto"`` honours :func:`hrperc.attention_backend` and
+                ``$HRPERC_ATTN_BACKEND``; an unknown name raises ``ValueError``. See the class docstring
+                for how a forced backend meets ``skip_unread``.
+
+        Returns:
+            ``(B, T_out, D)`` row-major tokens in the features' dtype: ``T_out = oh*ow`` with
+            ``(oh, ow) = output_size`` (default ``(ht, wt)``), or ``gh*ht * gw*wt`` for ``reduction="none"``.
+        """
         grid, tile = self._check(local_feats, global_feats, grid, tile_size)
-        if self.skip_unread and self._can_skip():
-            return self._forward_read(local_feats, global_feats, grid, tile, backend)
+        forced_backend(backend)  # an unknown name raises here, whichever path runs
+        path = self._path(grid, tile)
+        if path == "pooled":
+            return self._forward_pooled(local_feats, global_feats, grid, tile, backend)
+        if path == "read":
+            subset = self._subset_backend(backend, local_feats, grid, tile)
+            if subset is not False:
+                return self._forward_read(local_feats, global_feats, grid, tile, subset)
         return self._forward_full(local_feats, global_feats, grid, tile, backend)
+
+    def _path(self, grid, tile) -> str:
+        """``"read"`` (footprint tokens only), ``"pooled"`` (pool before the affine maps) or ``"full"``."""
+        if not self.skip_unread or not self._can_skip():
+            return "full"
+        if self._can_pool(grid, tile):
+            return "pooled"
+        return "full" if self._plan(grid, tile).reads_all else "read"
+
+    def _can_pool(self, grid, tile) -> bool:
+        """Average pooling commutes with what follows the attention: no LayerNorm, an affine fusion."""
+        no_norm = self.directions == "none" or not self.residual_norm
+        return self.reduction in ("avg", "area") and no_norm and self.fusion.affine
+
+    def _subset_backend(self, backend, feats, grid, tile):
+        """The :class:`~hrperc.attention.QuerySubsetFn` the skipping path attends with, None when no attention
+        runs (``directions="none"``), or False when the forced backend takes whole windows only (compute all)."""
+        if self.directions == "none":
+            return None
+        query = "global" if self.directions in ("both", "global") else "local"
+        heads = self._attn(query).heads
+        probe = feats.unflatten(-1, (heads, self.dim // heads))  # a view: dtype, device, head_dim for supports()
+        w_g, w_l = self.windows
+        window, q_order, kv_order = (
+            (w_g, "strided", "contiguous") if query == "global" else (w_l, "contiguous", "strided")
+        )
+        name = resolve_backend(
+            backend, probe, probe, probe, query_subset=True, grid=grid, tile_size=tile, window=window,
+            q_order=q_order, kv_order=kv_order, out_order="map", scale=float(probe.shape[-1] ** -0.5),
+        )  # fmt: skip
+        fn = query_subset_fn(name)
+        return False if fn is None else fn
 
     def _forward_full(self, loc, glo, grid, tile, backend):
         """Every token: attention via :func:`hrperc.window_attention` (any backend), maps, fusion, reduction."""
         (gh, gw), (th, tw) = grid, tile
-        w_g, w_l = self.windows
-        kw = dict(out_order="map", tile_size=tile, backend=backend)
-        if self.directions in ("both", "global"):
-            e_glo = self._attn("global")(glo, loc, grid, window=w_g, q_order="strided", kv_order="contiguous", **kw)
-        else:
-            e_glo = merge(glo, grid, "strided", layout="nlc", tile_size=tile)
-        if self.directions in ("both", "local"):
-            e_loc = self._attn("local")(loc, glo, grid, window=w_l, q_order="contiguous", kv_order="strided", **kw)
-        else:
-            e_loc = merge(loc, grid, "contiguous", layout="nlc", tile_size=tile)
+        e_loc, e_glo = self._enhanced_maps(loc, glo, grid, tile, backend, project=True)
         hw = (gh * th, gw * tw)
         fused = self.fusion(e_loc, e_glo, hw=hw)
         return reduce_tokens(fused.reshape(fused.shape[0], hw[0], hw[1], -1), self._out_hw(grid, tile), self.reduction)
 
-    def _forward_read(self, loc, glo, grid, tile, backend):
-        """Only the tokens the reduction reads (see the module docstring); equal to ``_forward_full``."""
+    def _enhanced_maps(self, loc, glo, grid, tile, backend, project: bool):
+        """``(E_loc, E_glo)`` as ``(B, Ht*Wt, D)`` maps; ``project=False`` stops before the output projection."""
+        w_g, w_l = self.windows
+        kw = dict(out_order="map", tile_size=tile, backend=backend)
+        maps = {}
+        for query, window, q_stack, kv_stack, q_order, kv_order in (
+            ("global", w_g, glo, loc, "strided", "contiguous"),
+            ("local", w_l, loc, glo, "contiguous", "strided"),
+        ):
+            if self.directions in ("both", query):
+                attn = self._attn(query)
+                call = attn if project else attn.attend
+                maps[query] = call(q_stack, kv_stack, grid, window=window, q_order=q_order, kv_order=kv_order, **kw)
+            else:  # direction off: the query map passes through un-enhanced
+                maps[query] = merge(q_stack, grid, q_order, layout="nlc", tile_size=tile)
+        return maps["local"], maps["global"]
+
+    def _forward_pooled(self, loc, glo, grid, tile, backend):
+        """Average pooling first, then the output projections and the fusion; equal to ``_forward_full``.
+
+        Each pooled token is a convex combination of map tokens (weights summing to 1), so it commutes
+        with every affine per-token map: ``pool(fuse(out(A_l), out(A_g))) = fuse(out(pool A_l), out(pool A_g))``
+        when there is no LayerNorm after the attention and the fusion is affine (``linear_concat``,
+        ``add``, ``weighted_add``). The output projections and fusion then run on ``oh*ow`` tokens
+        instead of ``Ht*Wt``. Pooling is in float32 (float64 for float64), as in :func:`reduce_tokens`.
+        """
+        (gh, gw), (th, tw) = grid, tile
+        out_hw = self._out_hw(grid, tile)
+        a_loc, a_glo = self._enhanced_maps(loc, glo, grid, tile, backend, project=False)
+        pooled = {}
+        for query, a in (("local", a_loc), ("global", a_glo)):
+            p = reduce_tokens(a.view(a.shape[0], gh * th, gw * tw, -1), out_hw, self.reduction)
+            if self.directions in ("both", query):
+                lo = self._attn(query).linears[3]
+                p = F.linear(p, lo.weight, lo.bias)
+            pooled[query] = p
+        return self.fusion(pooled["local"], pooled["global"])
+
+    def _forward_read(self, loc, glo, grid, tile, subset):
+        """Only the tokens the reduction reads (see the module docstring); equal to ``_forward_full``.
+
+        ``subset``: the :class:`~hrperc.attention.QuerySubsetFn` that attends the gathered queries.
+        """
         plan = self._plan(grid, tile)
         if torch.compiler.is_compiling():
             idx = _make_indices(plan, loc.device)
@@ -427,12 +538,12 @@ class DualPerspectiveEnhancement(nn.Module):
                 continue
             kv_side = "local" if query == "global" else "global"
             enhanced[query] = self._attend_read(
-                self._attn(query), stacks[query], stacks[kv_side], kv_side, dp, idx, name, read, b, n, tile, backend
+                self._attn(query), stacks[query], stacks[kv_side], dp, idx, name, read, b, n, tile, subset
             )
         fused = self.fusion(enhanced["local"], enhanced["global"])
         return apply_reduction_plan(fused, plan.reduction)
 
-    def _attend_read(self, attn, q_stack, kv_stack, kv_side, dp, idx, name, read, b, n, tile, backend):
+    def _attend_read(self, attn, q_stack, kv_stack, dp, idx, name, read, b, n, tile, subset):
         d, h = self.dim, attn.heads
         hd = d // h
         lq, lk, lv, lo = attn.linears
@@ -448,15 +559,10 @@ class DualPerspectiveEnhancement(nn.Module):
             kv_in = kv_stack  # every window, already in window order: no copy
         else:
             kv_in = kv_stack.view(b, n, t, d).index_select(1, kv_index)
-        # k and v read the same tokens: one matmul against the stacked weights reads them once.
-        kv = F.linear(kv_in, torch.cat([lk.weight, lv.weight]), torch.cat([lk.bias, lv.bias]))
-        kv = kv.view(b * nw, t, 2, h, hd)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        if backend == "reference":
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * hd**-0.5, dim=-1)
-            o = probs @ v
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)
+        # Two matmuls on the same tokens (no per-call concatenation of the k and v weights).
+        k = F.linear(kv_in, lk.weight, lk.bias).view(b * nw, t, h, hd).transpose(1, 2)
+        v = F.linear(kv_in, lv.weight, lv.bias).view(b * nw, t, h, hd).transpose(1, 2)
+        o = subset(q, k, v, scale=hd**-0.5)  # (B*nw, h, m, hd)
         o = o.transpose(1, 2).reshape(b, nw * m, d).index_select(1, idx[f"{name}_select"])  # read order
         o = F.linear(o, lo.weight, lo.bias)
         if attn.ln is None:
@@ -502,9 +608,13 @@ class DualPerspectiveEnhancement(nn.Module):
                 f"{fn}: no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
                 f"{sorted(sd)[:8]}. Is this an INF-LLaVA checkpoint (SPEC.md lists the keys)?"
             )
-        for bad in ("pairing", "shared_attention", "residual_norm", "directions", "fusion"):
+        for bad, fixed in _RELEASED_FIXED.items():
             if bad in overrides:
-                raise ValueError(f"{fn}: {bad}= cannot be overridden; released weights fix it.")
+                raise ValueError(
+                    f"{fn}: {bad}={overrides[bad]!r} was passed, but {bad}= cannot be overridden: the released weights "
+                    f"were trained with {bad}={fixed!r}. Drop {bad}= to load them; for another {bad}, build "
+                    f"DualPerspectiveEnhancement(dim, heads, {bad}=...) and train it or load weights of that layout."
+                )
         dem = cls(w.shape[1], heads, device=device, dtype=dtype, **overrides)
         mapped = {("fusion." + k if k.split(".")[0] in ("ffn_crop", "ffn_stride", "ln_fuse") else k): v
                   for k, v in sd.items()}  # fmt: skip
@@ -532,6 +642,12 @@ class DualPerspectiveEnhancement(nn.Module):
                 f"directions='both') has released key names; this module is {self.extra_repr()}."
             )
         return {_RELEASED_NAMES(self)[k]: v for k, v in self.state_dict().items()}
+
+
+#: Options the released weights fix (``from_inf_llava`` refuses to override them), with their released values.
+_RELEASED_FIXED = {
+    "pairing": "released", "shared_attention": True, "residual_norm": True, "directions": "both", "fusion": "released",
+}  # fmt: skip
 
 
 def _RELEASED_NAMES(dem: nn.Module) -> dict[str, str]:  # noqa: N802 - a table, not a function to call often

@@ -51,6 +51,7 @@ class Fusion(nn.Module):
     """Fuse enhanced local and global tokens ``(B, L, D)`` into ``(B, L, D)``; see the module table.
 
     ``forward(local, global_, hw=None)``: ``hw=(Ht, Wt)`` is needed only by ``conv3x3`` (``L = Ht*Wt``).
+    :attr:`per_token` and :attr:`affine` say which DEM shortcuts a mode allows.
 
     Example::
 
@@ -61,7 +62,7 @@ class Fusion(nn.Module):
     def __init__(self, dim: int, mode: FusionMode = "released", *, device=None, dtype=None) -> None:
         super().__init__()
         if mode not in FUSIONS:
-            raise ValueError(f"Fusion: mode={mode!r} is not one of {FUSIONS}.")
+            raise ValueError(f"Fusion: mode={mode!r} is not a known fusion; pass one of {FUSIONS}.")
         need = {"released": 16, "linear_concat": 2}.get(mode, 1)
         if not isinstance(dim, int) or dim < 1 or dim % need:
             raise ValueError(
@@ -87,7 +88,26 @@ class Fusion(nn.Module):
         """True when each output token depends only on the two input tokens at the same position."""
         return self.mode != "conv3x3"
 
+    @property
+    def affine(self) -> bool:
+        """True when the fusion is an affine map per token (``linear_concat``, ``add``, ``weighted_add``).
+
+        Such a fusion commutes with averaging over tokens, which lets the DEM pool before it.
+        """
+        return self.mode in ("linear_concat", "add", "weighted_add")
+
     def forward(self, local: torch.Tensor, global_: torch.Tensor, hw=None) -> torch.Tensor:
+        """Fuse the enhanced local and global tokens.
+
+        Args:
+            local: ``(B, L, D)`` enhanced local map (row-major tokens, or any subset of positions for a
+                per-token mode).
+            global_: ``(B, L, D)`` enhanced global map, same positions.
+            hw: ``(Ht, Wt)`` with ``Ht*Wt = L``; needed only by ``conv3x3``, ignored otherwise.
+
+        Returns:
+            ``(B, L, D)`` in the inputs' dtype.
+        """
         m = self.mode
         if m == "released":
             cat = torch.cat([self.ffn_crop(local), self.ffn_stride(global_)], dim=-1)
@@ -102,9 +122,11 @@ class Fusion(nn.Module):
             return local * global_
         if m == "maxpool":
             return torch.maximum(local, global_)
-        if hw is None or hw[0] * hw[1] != local.shape[1]:
+        if not isinstance(hw, tuple | list) or len(hw) != 2 or hw[0] * hw[1] != local.shape[1]:
             raise ValueError(
-                f"Fusion: mode='conv3x3' needs hw=(Ht, Wt) with Ht*Wt = L = {local.shape[1]}, got hw={hw!r}."
+                f"Fusion: mode='conv3x3' convolves the tokens as a map, so it needs hw=(Ht, Wt) with Ht*Wt = L; the "
+                f"inputs have shape {tuple(local.shape)} (L = {local.shape[1]}) but hw={hw!r}. Pass the map size, "
+                f"e.g. hw=(gh*ht, gw*wt) (the DEM does), or use a per-token mode such as 'linear_concat'."
             )
         b, _, d = local.shape
         x = torch.cat([local, global_], dim=-1).reshape(b, hw[0], hw[1], 2 * d).permute(0, 3, 1, 2)

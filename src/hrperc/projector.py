@@ -49,12 +49,15 @@ def build_projector(kind: str, in_dim: int, out_dim: int, *, device=None, dtype=
         return nn.Linear(in_dim, out_dim, **kw)
     if kind == "identity":
         if in_dim != out_dim:
-            raise ValueError(f"{fn}: kind='identity' needs in_dim == out_dim, got {in_dim} and {out_dim}.")
+            raise ValueError(
+                f"{fn}: kind='identity' needs in_dim == out_dim, got in_dim={in_dim} and out_dim={out_dim}. Pass "
+                f"out_dim={in_dim}, or a kind that changes the width such as 'linear' or 'mlp2x_gelu'."
+            )
         return nn.Identity()
     match = _MLP.match(kind) if isinstance(kind, str) else None
     if match is None or int(match.group(1)) < 1:
         raise ValueError(
-            f"{fn}: kind={kind!r} is not a known projector; use 'linear', 'identity' or 'mlp{{n}}x_gelu' "
+            f"{fn}: kind={kind!r} is not a known projector; pass one of 'linear', 'identity' or 'mlp{{n}}x_gelu' "
             "(n >= 1, e.g. 'mlp2x_gelu' as in LLaVA-1.5 and INF-LLaVA)."
         )
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, **kw)]

@@ -60,7 +60,7 @@ def _f32(x: float) -> float:
 
 def _check_mode(mode, fn):
     if mode not in REDUCTIONS:
-        raise ValueError(f"{fn}: mode={mode!r} is not one of {REDUCTIONS}.")
+        raise ValueError(f"{fn}: mode={mode!r} is not a known reduction; pass one of {REDUCTIONS}.")
 
 
 def _check_sizes(n_in: int, n_out: int, mode: str, fn: str, axis: str) -> None:
@@ -131,7 +131,10 @@ def axis_taps(n_in: int, n_out: int, mode: str) -> tuple[tuple[tuple[int, ...], 
 def _out_size(in_hw, size, mode, fn):
     if size is None:
         if mode != "none":
-            raise ValueError(f"{fn}: mode={mode!r} needs an output size=(oh, ow).")
+            raise ValueError(
+                f"{fn}: mode={mode!r} with size=None; this mode needs an output size. Pass size=(oh, ow), e.g. "
+                "size=(24, 24) for CLIP ViT-L/14-336's token grid, or mode='none' to keep every token."
+            )
         return in_hw
     return as_pair(size, "size", fn)
 
@@ -270,17 +273,41 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _taps(x: torch.Tensor, idx, w, dim: int) -> torch.Tensor:
-    k = len(idx[0])
-    index = torch.tensor(idx, device=x.device)  # (n_out, k)
-    if k == 1 and all(wo[0] == 1.0 for wo in w):
-        if index.shape[0] == x.shape[dim] and all(i[0] == o for o, i in enumerate(idx)):
-            return x
-        return x.index_select(dim, index[:, 0])
-    weight = torch.tensor(w, dtype=x.dtype, device=x.device)
+    if torch.compiler.is_compiling():
+        kind, index, weight = _tap_tensors(idx, w, x.shape[dim], x.device, x.dtype)  # constants in the graph
+    else:
+        kind, index, weight = _cached_tap_tensors(idx, w, x.shape[dim], x.device, x.dtype)
+    if kind == "identity":
+        return x
+    if kind == "select":
+        return x.index_select(dim, index[0])
     shape = [1] * x.ndim
     shape[dim] = len(idx)
     out = None
-    for t in range(k):  # k <= a few taps (2 for bilinear), not a loop over tiles or windows
-        term = x.index_select(dim, index[:, t]) * weight[:, t].reshape(shape)
+    for t in range(len(index)):  # k <= a few taps (2 for bilinear), not a loop over tiles or windows
+        term = x.index_select(dim, index[t]) * weight[t].reshape(shape)
         out = term if out is None else out + term
     return out
+
+
+def _tap_tensors(idx, w, n_in: int, device, dtype):
+    """``(kind, per-tap index tensors, per-tap weight tensors)`` for one axis of a :class:`ReductionPlan`.
+
+    ``kind``: ``"identity"`` (every output reads its own input with weight 1), ``"select"`` (one tap of
+    weight 1: a gather), else ``"weighted"``.
+    """
+    k = len(idx[0])
+    if k == 1 and all(wo[0] == 1.0 for wo in w):
+        if len(idx) == n_in and all(i[0] == o for o, i in enumerate(idx)):
+            return "identity", (), ()
+        return "select", (torch.tensor([i[0] for i in idx], device=device),), ()
+    index = tuple(torch.tensor([i[t] for i in idx], device=device) for t in range(k))
+    weight = tuple(torch.tensor([wo[t] for wo in w], dtype=dtype, device=device) for t in range(k))
+    return "weighted", index, weight
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_tap_tensors(idx, w, n_in: int, device, dtype):
+    """:func:`_tap_tensors`, built once per (axis plan, device, dtype) rather than on every forward."""
+    with torch.inference_mode(False):  # normal tensors even if first built under inference_mode
+        return _tap_tensors(idx, w, n_in, device, dtype)

@@ -69,7 +69,10 @@ def load_state_dict(source: StateDictOrPath, *, allow_pickle: bool = False, fn: 
             break
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise TypeError(f"{fn}: entries {bad[:5]} are not tensors; a state dict maps names to tensors.")
+        raise TypeError(
+            f"{fn}: entries {bad[:5]} are not tensors ({type(sd[bad[0]]).__name__} for {bad[0]!r}); a state dict maps "
+            "names to tensors. Pass model.state_dict(), or drop the non-tensor entries first."
+        )
     return sd
 
 
