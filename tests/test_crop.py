@@ -397,3 +397,18 @@ def test_zero_sizes_refused_by_the_documented_examples_and_permute_windows():
         permute_windows(torch.zeros(4, 0, 8), (2, 2), "contiguous", "strided")
     with pytest.raises(ValueError, match=r"tokens has shape \(4, 4, 0\).*trailing dimension"):
         permute_windows(torch.zeros(4, 4, 0), (2, 2), "contiguous", "strided")
+
+
+def test_permutation_cache_filled_in_inference_mode_still_trains():
+    # A first call under inference_mode must not cache an inference tensor that autograd later saves.
+    from hrperc.crop import _cached_permutation
+
+    _cached_permutation.cache_clear()
+    grid, tile = (2, 3), (3, 2)
+    x = torch.randn(6, 6, 4)
+    with torch.inference_mode():
+        permute_windows(x, grid, "contiguous", "strided", tile_size=tile)
+    xg = x.clone().requires_grad_(True)
+    y = permute_windows(xg, grid, "contiguous", "strided", tile_size=tile)
+    y.square().sum().backward()
+    assert torch.equal(xg.grad, 2 * x)

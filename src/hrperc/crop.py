@@ -305,8 +305,11 @@ def _permutation(gh: int, gw: int, th: int, tw: int, source: str, target: str, d
 @functools.lru_cache(maxsize=64)
 def _cached_permutation(gh, gw, th, tw, source, target, device) -> torch.Tensor:
     # Internal: the cached tensor is shared between calls, so it is only ever read (index_select);
-    # window_permutation hands out a clone, never this object.
-    return _permutation(gh, gw, th, tw, source, target, device)
+    # window_permutation hands out a clone, never this object. Built outside inference mode: a first
+    # call under torch.inference_mode() must not cache an inference tensor that a later training
+    # step's index_select would have to save for backward.
+    with torch.inference_mode(False):
+        return _permutation(gh, gw, th, tw, source, target, device)
 
 
 def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, device=None) -> torch.Tensor:
