@@ -57,6 +57,8 @@ def flops(impl: str, n: int, b: int) -> float:
     from hrperc import DualPerspectiveEnhancement
 
     plan = DualPerspectiveEnhancement(D, HEADS, device="meta")._plan((n, n), (TILE, TILE))
+    if plan.reads_all:  # the module computes every token (e.g. n=2: bilinear by 2 reads all of them)
+        return flops("hrperc_all", n, b)
     read = len(plan.read_rows) * len(plan.read_cols)
     total = 2 * ffn * read / length
     for dp in (plan.glob, plan.loc):
