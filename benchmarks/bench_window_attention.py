@@ -17,16 +17,21 @@ global sub-features, strided order; strided windows; output the recombined map).
 
 Reported per method and direction: median ms, TFLOP/s (forward 4*B*N*H*T^2*D flops, backward 2.5x
 that), modelled bytes moved (docs/kernel.md), % of the device's dense peak, and speed relative to
-``sdpa_pregathered`` measured in the same run. Every method's output is checked against SDPA. Writes
-``bench_window_attention.json`` and ``bench_window_attention.png``. Without a GPU the CPU methods run
-and the fused kernel is reported as not run: it needs a GPU (the CPU interpreter is a correctness path).
+``sdpa_pregathered`` measured in the same run. Every method's output is compared with SDPA. Before any
+timing, the fused kernel's output and q/k/v gradients are held to a float64 reference with
+flash-attention's rule (``|triton - ref64| <= 2 |gather_sdpa - ref64| + atol[dtype] * max(1, |ref64|)``);
+if it fails, the run stops with exit status 1. Writes ``bench_window_attention.json`` and
+``bench_window_attention.png``. Without a GPU the CPU methods run and the fused kernel is reported as
+not run: it needs a GPU (the CPU interpreter is a correctness path).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +49,8 @@ PEAKS = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tb_s": 2.0},
 }
 WINDOW, Q_ORDER, KV_ORDER, OUT_ORDER = "strided", "contiguous", "strided", "map"
+# flash-attention's tolerance rule (as tests/_tolerance.py): absolute slack per dtype, scaled by |ref|.
+ATOL = {"bf16": 1e-2, "fp16": 1e-3, "fp32": 1e-5}
 
 
 def device_peak(device: torch.device, dtype_name: str):
@@ -160,17 +167,58 @@ def make_flex(q, grid, tile, device):
 def bytes_moved(method: str, size: int, lse: int) -> dict[str, int]:
     """Modelled compulsory HBM traffic (bytes); ``size`` is one of q/k/v/o, ``lse`` the fp32 row stats.
 
-    Attention core: forward reads q, k, v and writes o (4 size + lse); backward reads q, k, v, o, dO
-    and writes dq, dk, dv (8 size), plus the delta pass. A gather or scatter of one stack is a read and a
-    write (2 size). Released pairing: q needs a gather, k/v are native, the output is scattered to the map.
+    Attention core: forward reads q, k, v and writes o (4 size + lse). Backward: the delta pass reads o
+    and dO (2 size, writes delta); the dQ and dK/dV kernels read q, k, v, dO and write dq, dk, dv (7 size,
+    read lse and delta): 9 size + 2 lse (o is read once, by the delta pass; dO twice, by two kernels).
+    A gather or scatter of one stack is a read and a write (2 size). Released pairing: q needs a gather,
+    k/v are native, the output is scattered to the map.
     """
-    fwd_core, bwd_core = 4 * size + lse, 8 * size + 2 * lse + 2 * size  # bwd: + delta pass reads o, dO
+    fwd_core, bwd_core = 4 * size + lse, 9 * size + 2 * lse
     if method in ("triton", "sdpa_pregathered"):
         return {"fwd": fwd_core, "bwd": bwd_core}
     if method == "flex":  # q is read in place, the output is in q's order and is scattered to the map
         return {"fwd": fwd_core + 2 * size, "bwd": bwd_core + 4 * size}
     # gather q (2), scatter o (2); backward: gather dO (2), scatter dq back (2)
     return {"fwd": fwd_core + 4 * size, "bwd": bwd_core + 4 * size}
+
+
+def fp64_reference(q, k, v, grid, tile):
+    """Float64 attention in the benchmark's pairing, output as the recombined map (B, L, H, D)."""
+    heads, dim = q.shape[-2:]
+    qw = hrperc.permute_windows(q, grid, Q_ORDER, WINDOW)
+    kw = hrperc.permute_windows(k, grid, KV_ORDER, WINDOW)
+    vw = hrperc.permute_windows(v, grid, KV_ORDER, WINDOW)
+    out = F.scaled_dot_product_attention(qw.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2)).transpose(1, 2)
+    flat = hrperc.merge(out.flatten(2), grid, WINDOW, layout="nlc", tile_size=tile)
+    return flat.unflatten(-1, (heads, dim))
+
+
+def _output_and_grads(fn, q, k, v, grad):
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = fn(*xs)
+    return (out, *torch.autograd.grad(out, xs, grad.to(out.dtype)))
+
+
+def check_accuracy(candidate, baseline, reference, dtype_name: str, name: str = "triton") -> dict:
+    """Hold ``candidate`` (out, dq, dk, dv) to ``reference`` (float64) with flash-attention's rule.
+
+    ``baseline`` is the same computation by the yardstick in the same dtype (gather_sdpa): each tensor
+    must satisfy ``max|cand - ref| <= 2 max|base - ref| + ATOL[dtype] * max(1, max|ref|)``. Returns the
+    errors and bounds per tensor; raises ``AssertionError`` naming every tensor out of tolerance.
+    """
+    report, bad = {}, []
+    for what, cand, base, ref in zip(("out", "dq", "dk", "dv"), candidate, baseline, reference):
+        ref = ref.double()
+        err = (cand.double() - ref).abs().max().item()
+        err_base = (base.double() - ref).abs().max().item()
+        bound = 2 * err_base + ATOL[dtype_name] * max(1.0, ref.abs().max().item())
+        ok = err <= bound  # False for NaN too
+        report[what] = {"max_abs_err_vs_fp64": err, "baseline_err_vs_fp64": err_base, "bound": bound, "ok": ok}
+        if not ok:
+            bad.append(f"{what}: error {err:.3g} > bound {bound:.3g} (gather_sdpa error {err_base:.3g})")
+    if bad:
+        raise AssertionError(f"{name} is out of tolerance vs the float64 reference ({dtype_name}): " + "; ".join(bad))
+    return report
 
 
 def main(argv=None):
@@ -210,6 +258,29 @@ def main(argv=None):
     size = q.numel() * q.element_size()
     lse = args.batch * n * heads * t * 4
     peak = device_peak(device, dtype_name)
+
+    accuracy = None
+    if "triton" in methods:
+        if os.environ.get("HRPERC_TRITON_AUTOTUNE", "1") != "0":
+            print("Note: the first triton calls autotune the forward and both backward kernels (every configuration "
+                  "that fits shared memory is compiled and timed once): this takes a minute or more. "
+                  "HRPERC_TRITON_AUTOTUNE=0 uses one fixed configuration instead (untuned timings).", flush=True)
+        # Correctness first: output and q/k/v gradients against float64, before any timing.
+        grad = torch.randn(args.batch, n * t, heads, dim, device=device, dtype=dtype)  # d(output map)
+        ref64 = _output_and_grads(lambda *xs: fp64_reference(*xs, grid, tile), q.double(), k.double(), v.double(),
+                                  grad)  # fmt: skip
+        baseline = _output_and_grads(methods["gather_sdpa"], q, k, v, grad)
+        fused = _output_and_grads(methods["triton"], q, k, v, grad)
+        try:
+            accuracy = check_accuracy(fused, baseline, ref64, dtype_name)
+        except AssertionError as exc:
+            print(f"FAIL: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from exc
+        print("triton vs float64 (flash-attn rule): "
+              + ", ".join(f"{w} {r['max_abs_err_vs_fp64']:.2e} <= {r['bound']:.2e}" for w, r in accuracy.items()),
+              flush=True)  # fmt: skip
+        del ref64, baseline, fused, grad
+
     reference = methods["gather_sdpa"](q, k, v).float()
 
     rows = []
@@ -261,6 +332,7 @@ def main(argv=None):
             "torch": torch.__version__, "flops_fwd": flops_fwd, "flops_bwd": flops_bwd,
         },  # fmt: skip
         "note": note,
+        "accuracy_vs_fp64": accuracy,
         "targets": "GPU: triton fwd >= 0.8x and bwd >= 0.7x the throughput of sdpa_pregathered (flash backend)",
         "rows": rows,
     }

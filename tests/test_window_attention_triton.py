@@ -7,6 +7,7 @@ small because the interpreter costs milliseconds per program-iteration; the INF-
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,10 +20,21 @@ import hrperc
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+
+import hrperc.kernels  # noqa: E402
 from hrperc.kernels import window_attention as wa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ORDER_NAMES = ("contiguous", "strided", "map")
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_shape(monkeypatch):
+    # On a GPU every new shape would otherwise autotune (compile and time every fitting configuration of
+    # three kernels). The tests check numerics, so one fixed configuration per (dtype, head dim) is
+    # enough; HRPERC_TRITON_AUTOTUNE=1 in the environment tests with autotuning instead.
+    monkeypatch.setenv(wa.AUTOTUNE_ENV, os.environ.get(wa.AUTOTUNE_ENV, "0"))
 
 
 def _make(order, batch, grid, tile, heads, dim, dtype=torch.float64, device=DEVICE):
@@ -67,7 +79,8 @@ def _check_fwd_bwd(grid, tile, heads, dim, dtype, window, q_order, kv_order, out
 
 # Each case: grid, tile (th, tw), heads, head_dim, dtype, window, q_order, kv_order, out_order.
 # Together they cover both window kinds x every source order x every output order x every dtype, the
-# awkward sizes (5x5 = 25 tokens, non-square 3x4 tiles, head dims 40/80, grids 3x1 and 2x3).
+# awkward sizes (5x5 = 25 and 10x10 = 100 tokens, non-square 3x4 tiles, head dims 40/80/96 and the
+# maximum 256, grids 3x1, 1x2 and 2x3) and every tensor in map order. Each runs in <~1 s interpreted.
 CASES = [
     ((3, 1), (5, 5), 1, 16, torch.float32, "strided", "contiguous", "strided", None),  # released: local q
     ((3, 1), (5, 5), 1, 16, torch.float32, "contiguous", "strided", "contiguous", "map"),  # released: glob q
@@ -77,6 +90,15 @@ CASES = [
     ((2, 2), (4, 4), 1, 80, torch.float16, "contiguous", "strided", "map", None),
     ((2, 2), (4, 4), 1, 80, torch.bfloat16, "strided", "map", "contiguous", "contiguous"),
     ((3, 1), (5, 5), 2, 32, torch.bfloat16, "strided", "strided", "strided", "map"),
+    # 100 tokens: two query and two key blocks of 64 in the interpreter, the second ones partial.
+    ((1, 2), (10, 10), 1, 16, torch.float32, "contiguous", "map", "strided", "contiguous"),
+    # Head dim 96 (padded to 128) and 256 (the largest supported), fp32 and one 16-bit dtype each.
+    ((2, 1), (2, 3), 2, 96, torch.float32, "strided", "contiguous", "map", "map"),
+    ((2, 1), (2, 3), 1, 96, torch.float16, "contiguous", "strided", "contiguous", None),
+    ((2, 1), (2, 2), 1, 256, torch.float32, "contiguous", "map", "contiguous", "strided"),
+    ((2, 1), (2, 2), 1, 256, torch.bfloat16, "strided", "contiguous", "strided", "map"),
+    # Every input and the output in map order: the map branch of the index arithmetic for every tensor.
+    ((2, 2), (3, 3), 2, 16, torch.float32, "strided", "map", "map", "map"),
 ]
 
 
@@ -183,6 +205,31 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, g_ref)
 
 
+def _has_cxx_compiler():
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not _has_cxx_compiler(), reason="inductor on CPU needs a C++ compiler")
+def test_torch_compile_fullgraph_default_inductor_backend():
+    # The default backend: inductor generates the code around the op (C++ on CPU, Triton on GPU) and
+    # must keep the custom ops opaque, forward and backward. ~10 s on CPU with a cold inductor cache.
+    q, k, v, *_ = _op_args()
+
+    def block(q, k, v):
+        out = wa.triton_window_attention(q * 2, k.sin(), v, (2, 1), window="contiguous", q_order="strided",
+                                         kv_order="map", out_order="map")  # fmt: skip
+        return (out.float() ** 2).sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = block(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    torch.testing.assert_close(loss, loss_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_errors_name_argument_value_and_fix():
     q = torch.randn(4, 9, 2, 16, device=DEVICE)
     call = wa.triton_window_attention
@@ -214,6 +261,203 @@ def test_cpu_without_interpreter_is_reported_unsupported(monkeypatch):
     with pytest.raises(NotImplementedError, match=r"\(4, 4, 1, 16\) torch.float32"):
         x = torch.zeros(4, 4, 1, 16)
         wa.triton_window_attention(x, x, x, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations: curated, pruned to shared memory before compiling, optionally fixed
+
+
+def _tiling_configs(kernel):
+    """The GPU configuration list of ``kernel`` (the interpreter itself runs one fixed configuration)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in wa._TILINGS[kernel]]  # fmt: skip
+
+
+def _estimate(kernel, config, block_d, elem_size):
+    return wa._smem_bytes(kernel, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages, block_d,
+                          elem_size)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+def test_gpu_configs_are_few_hardware_valid_and_pruned_to_shared_memory(kernel):
+    configs = _tiling_configs(kernel)
+    assert 4 <= len(configs) <= 8
+    for c in configs:
+        for name in ("BLOCK_M", "BLOCK_N"):  # tl.dot on real GPUs: every dim a power of two >= 16
+            block = c.kwargs[name]
+            assert block >= 16 and block & (block - 1) == 0, (name, c)
+        assert c.num_warps in (4, 8) and c.num_stages >= 1
+    for elem_size in (2, 4):
+        for block_d in (16, 32, 64, 128, 256):
+            kept = wa.select_configs(kernel, configs, block_d, elem_size, autotune=True)
+            assert kept, (elem_size, block_d)
+            positions = [configs.index(c) for c in kept]
+            assert positions == sorted(positions)  # order (preference) kept
+            assert all(_estimate(kernel, c, block_d, elem_size) <= wa.SMEM_BUDGET for c in kept)
+            dropped = [c for c in configs if c not in kept]
+            assert all(_estimate(kernel, c, block_d, elem_size) > wa.SMEM_BUDGET for c in dropped)
+            assert wa.select_configs(kernel, configs, block_d, elem_size, autotune=False) == kept[:1]
+    # 16-bit inputs at head dim <= 128 (INF-LLaVA) keep the whole list; fp32 at 256 keeps the fewest.
+    assert wa.select_configs(kernel, configs, 128, 2, autotune=True) == configs
+    n_bf16 = len(wa.select_configs(kernel, configs, 256, 2, autotune=True))
+    assert len(wa.select_configs(kernel, configs, 256, 4, autotune=True)) < n_bf16 < len(configs)
+
+
+# Shared memory of real sm_90 compiles (tests/_compile_sm90.py: Triton's CUDA pipeline, ptxas included,
+# specialised like a launch on contiguous tensors; INF-LLaVA window 24x24, grid 3x3, 8 heads, layout
+# strided/contiguous/strided/map), measured once without a GPU: (kernel, dtype, padded head dim,
+# (BLOCK_M, BLOCK_N, warps, stages), bytes). The largest kept ones, and ones the estimate drops.
+SM90_SHARED_BYTES = [
+    ("fwd", torch.bfloat16, 128, (128, 64, 8, 3), 131072),
+    ("fwd", torch.bfloat16, 128, (128, 128, 8, 2), 163840),
+    ("dq", torch.bfloat16, 128, (64, 128, 8, 2), 163840),
+    ("dkdv", torch.bfloat16, 128, (128, 64, 8, 2), 164864),  # 1 KiB over the estimate: scratch
+    ("dq", torch.bfloat16, 256, (64, 64, 4, 2), 196608),
+    ("dkdv", torch.bfloat16, 256, (64, 64, 4, 2), 197120),
+    ("dkdv", torch.bfloat16, 256, (32, 128, 8, 2), 196864),
+    ("dq", torch.float32, 128, (128, 32, 8, 2), 180224),
+    ("dkdv", torch.float32, 128, (32, 128, 8, 2), 180480),
+    ("fwd", torch.float32, 256, (64, 32, 4, 2), 139520),
+    ("dq", torch.float32, 256, (32, 32, 4, 2), 135168),
+    ("dkdv", torch.float32, 256, (32, 32, 4, 2), 135424),
+    ("fwd", torch.bfloat16, 256, (128, 64, 8, 3), 262144),  # dropped: over 227 KiB
+    ("dkdv", torch.bfloat16, 256, (64, 128, 8, 2), 262656),  # dropped: over 227 KiB
+    ("fwd", torch.bfloat16, 256, (64, 64, 4, 3), 229376),  # dropped: fits, but with 3 KiB to spare
+    ("dq", torch.float32, 128, (128, 64, 8, 2), 229376),  # dropped: fits, but with 3 KiB to spare
+]
+H100_SHARED = 227 * 1024
+
+
+@pytest.mark.parametrize("kernel,dtype,block_d,tiling,shared", SM90_SHARED_BYTES)
+def test_shared_memory_estimate_against_real_sm90_compiles(kernel, dtype, block_d, tiling, shared):
+    bm, bn, warps, stages = tiling
+    estimate = wa._smem_bytes(kernel, bm, bn, stages, block_d, dtype.itemsize)
+    # The estimate may miss scratch buffers, but by less than the headroom left under the H100 limit,
+    # so a kept configuration fits, and one that does not fit is dropped.
+    assert shared <= estimate + (H100_SHARED - wa.SMEM_BUDGET)
+    if estimate <= wa.SMEM_BUDGET:
+        assert shared <= H100_SHARED
+    if shared > H100_SHARED:
+        assert estimate > wa.SMEM_BUDGET
+
+
+@triton.autotune(configs=_tiling_configs("fwd"), key=["BLOCK_D"],
+                 prune_configs_by={"early_config_prune": wa._pruner("fwd")})  # fmt: skip
+@triton.jit
+def _probe_kernel(Q, BLOCK_D: triton.language.constexpr, BLOCK_M: triton.language.constexpr,
+                  BLOCK_N: triton.language.constexpr):  # fmt: skip
+    pass
+
+
+def test_pruner_gets_dtype_and_head_dim_from_a_real_autotuned_launch(monkeypatch):
+    # Through triton.autotune itself (the early_config_prune signature changed across Triton versions):
+    # with autotuning off the pruner leaves one configuration, so Triton launches it without timing.
+    monkeypatch.setenv(wa.AUTOTUNE_ENV, "0")
+    configs = _tiling_configs("fwd")
+    for dtype, block_d in ((torch.float32, 256), (torch.bfloat16, 256), (torch.float16, 64)):
+        _probe_kernel[(1,)](torch.zeros(1, dtype=dtype, device=DEVICE), BLOCK_D=block_d)
+        want = wa.select_configs("fwd", configs, block_d, dtype.itemsize, autotune=False)[0]
+        got = _probe_kernel.best_config
+        assert (got.kwargs, got.num_warps, got.num_stages) == (want.kwargs, want.num_warps, want.num_stages)
+    for kernel, name in ((wa._fwd_kernel, "fwd"), (wa._bwd_dq_kernel, "dq"), (wa._bwd_dkdv_kernel, "dkdv")):
+        assert kernel.early_config_prune.__name__ == f"prune_{name}_configs"
+
+
+def test_autotune_env_switch(monkeypatch):
+    configs = _tiling_configs("dq")
+    prune = wa._pruner("dq")
+    q16 = torch.empty(0, dtype=torch.float16)
+    monkeypatch.delenv(wa.AUTOTUNE_ENV, raising=False)  # default: autotune
+    assert prune(configs, {"Q": q16}, BLOCK_D=64) == configs
+    monkeypatch.setenv(wa.AUTOTUNE_ENV, "0")
+    assert prune(configs, {"Q": q16}, BLOCK_D=64) == configs[:1]
+    monkeypatch.setenv(wa.AUTOTUNE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=r"HRPERC_TRITON_AUTOTUNE='sometimes'.*expected 1"):
+        prune(configs, {"Q": q16}, BLOCK_D=64)
+
+
+@pytest.mark.cuda
+def test_gpu_runs_the_fixed_configuration_when_autotune_is_off(monkeypatch):
+    monkeypatch.setenv(wa.AUTOTUNE_ENV, "0")
+    # A shape no other test uses, so no configuration for it is cached from an autotuned run.
+    _check_fwd_bwd((1, 3), (7, 7), 2, 96, torch.bfloat16, "contiguous", "strided", "contiguous", "map", batch=1)
+    for kernel, name in ((wa._fwd_kernel, "fwd"), (wa._bwd_dq_kernel, "dq"), (wa._bwd_dkdv_kernel, "dkdv")):
+        want = wa.select_configs(name, kernel.configs, 128, 2, autotune=False)[0]
+        got = kernel.best_config
+        assert (got.kwargs, got.num_warps, got.num_stages) == (want.kwargs, want.num_warps, want.num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 64-bit addressing and import failures
+
+
+def test_offsets_past_2_to_the_31_elements_do_not_wrap():
+    # k and v are views into one fp16 buffer of 2**31 + 4096 elements with a head stride of 2**30, so
+    # head 2 starts at element 2**31: head * stride overflows 32-bit arithmetic (the 32-bit kernel read
+    # out of bounds and crashed). torch.empty does not touch the pages, so only a few KiB are resident.
+    grid, heads, dim = (2, 1), 3, 16
+    shape = (2, 4, heads, dim)  # contiguous stacks of 2x2-token windows, (B*N, T, heads, head_dim)
+    try:
+        buf = torch.empty(2**31 + 4096, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as exc:  # e.g. a GPU or an overcommit policy without 4 GiB
+        pytest.skip(f"cannot reserve a 4 GiB buffer: {exc}")
+    strides = (4 * dim, dim, 2**30, 1)
+    k = buf.as_strided(shape, strides, 0)
+    v = buf.as_strided(shape, strides, 1024)
+    k.copy_(torch.randn(shape))
+    v.copy_(torch.randn(shape))
+    q = torch.randn(shape, device=DEVICE, dtype=torch.float16)
+    assert k.storage_offset() + 2 * k.stride(2) >= 2**31
+    kw = dict(window="strided", q_order="contiguous", kv_order="contiguous", out_order="map")
+    grad_out = torch.randn(1, 8, heads, dim, device=DEVICE, dtype=torch.float16)  # the output map, batch 1
+    results = {}
+    for name, fn, tensors in (
+        ("fast", wa.triton_window_attention, (q, k, v)),
+        ("ref_lp", wa.window_attention_reference, [x.contiguous() for x in (q, k, v)]),
+        ("ref64", wa.window_attention_reference, [x.double() for x in (q, k, v)]),
+    ):
+        xs = [x.detach().requires_grad_() for x in tensors]
+        out = fn(*xs, grid, **kw)
+        results[name] = (out, *torch.autograd.grad(out, xs, grad_out.to(out.dtype)))
+    del buf, k, v
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        assert_close_to_reference(results["fast"][i], results["ref_lp"][i], results["ref64"][i], torch.float16,
+                                  name=what)  # fmt: skip
+
+
+def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeypatch):
+    # A broken install can fail with RuntimeError/AttributeError, not just ImportError: "auto" must
+    # fall back to SDPA, keep the reason, and a forced "triton" must report it.
+    kernels = hrperc.kernels
+
+    def broken_import():
+        raise RuntimeError("simulated broken Triton install: driver too old")
+
+    monkeypatch.setattr(kernels, "_import_kernels", broken_import)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", None)
+    (q, k, v), grid = _attention_inputs()
+    kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
+              out_order="strided", scale=0.25)  # fmt: skip
+
+    class LooksLikeCuda(torch.Tensor):  # "auto" only considers the kernel for CUDA tensors
+        is_cuda = True
+
+    q_cuda = q.detach().as_subclass(LooksLikeCuda)
+    assert q_cuda.is_cuda
+    with pytest.warns(RuntimeWarning, match="RuntimeError: simulated broken Triton install"):
+        assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw) == "sdpa"
+    assert kernels.triton_import_error() == "RuntimeError: simulated broken Triton install: driver too old"
+    assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw) == "sdpa"  # remembered, no retry
+    expected = r"(?s)backend 'triton' cannot run.*RuntimeError: simulated broken Triton install.*sdpa: can run"
+    with pytest.raises(NotImplementedError, match=expected):
+        hrperc.attention.resolve_backend("triton", q, k, v, **kw)
+    with pytest.raises(ImportError, match=r"could not import Triton \(RuntimeError: simulated") as info:
+        hrperc.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
+                                       tile_size=(2, 3))  # fmt: skip
+    assert isinstance(info.value.__cause__, RuntimeError)
+    out = hrperc.attention.window_attention(q, k, v, grid, backend="auto", window="strided", q_order="contiguous",
+                                            kv_order="strided", tile_size=(2, 3))  # fmt: skip
+    assert out.shape == q.shape
 
 
 def test_hrperc_imports_without_triton():

@@ -3,7 +3,9 @@
 Triton is imported on first use, not at ``import hrperc``: it decides at import time whether to run
 kernels on the GPU or in its CPU interpreter (``TRITON_INTERPRET=1``), so the variable may still be
 set after ``import hrperc``. Importing this package registers the ``"triton"`` backend of
-:func:`hrperc.window_attention`; ``backend="auto"`` picks it for CUDA tensors.
+:func:`hrperc.window_attention`; ``backend="auto"`` picks it for CUDA tensors. If Triton is installed
+but fails to import (with any exception), ``"auto"`` falls back to SDPA with one ``RuntimeWarning``,
+:func:`triton_import_error` gives the reason, and a forced ``backend="triton"`` raises with it.
 
 Example::
 
@@ -15,24 +17,57 @@ Example::
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
-__all__ = ["HAS_TRITON", "triton_window_attention", "register_triton_backend"]
+__all__ = ["HAS_TRITON", "triton_window_attention", "register_triton_backend", "triton_import_error"]
 
 #: Whether a ``triton`` package is installed (it may still fail to import; the backend then says why).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+# Why importing the kernels failed (first failure, kept so the import is not retried on every call).
+_IMPORT_ERROR: BaseException | None = None
+
+
+def _import_kernels():
+    from . import window_attention
+
+    return window_attention
+
+
+def triton_import_error() -> str | None:
+    """Why the Triton kernels could not be imported (``"RuntimeError: ..."``), or None if they were not tried or loaded.
+
+    A broken Triton install can fail with any exception, not only ``ImportError`` (e.g. a ``RuntimeError``
+    from a driver or compiler mismatch); ``backend="auto"`` then falls back to SDPA and keeps the reason here.
+    """
+    return None if _IMPORT_ERROR is None else f"{type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+
 
 def _kernel_module():
+    global _IMPORT_ERROR
     if not HAS_TRITON:
         raise ImportError(
             "hrperc's fused window-attention kernel needs Triton, which is not installed. Install it with "
             "`pip install triton` (Linux), or use backend='sdpa'."
         )
-    from . import window_attention
-
-    return window_attention
+    if _IMPORT_ERROR is None:
+        try:
+            return _import_kernels()
+        except Exception as exc:  # noqa: BLE001 -- a broken install may raise anything, not just ImportError
+            _IMPORT_ERROR = exc
+            warnings.warn(
+                f"hrperc: the Triton window-attention kernel failed to import ({triton_import_error()}): "
+                "backend='auto' uses SDPA instead and backend='triton' raises. Reinstall Triton to match torch "
+                "and the CUDA driver.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    raise ImportError(
+        f"hrperc's fused window-attention kernel could not import Triton ({triton_import_error()}). Reinstall "
+        "Triton to match torch and the CUDA driver, or use backend='sdpa'."
+    ) from _IMPORT_ERROR
 
 
 def triton_window_attention(

@@ -142,9 +142,12 @@ def _token_offsets(
     """Element offsets (inside one image, one head) of tokens ``t`` of window ``w`` in a tensor in ORDER.
 
     WINDOW: 0 contiguous, 1 strided. ORDER: 0 contiguous stack, 1 strided stack, 2 row-major map.
+    The index arithmetic stays in 32 bits (indices are < N*T); the (window, token) indices are widened
+    to int64 before the stride multiplications, so offsets past 2**31 elements do not wrap.
     """
     if ORDER == WINDOW:
-        off = w * stride_win + t * stride_tok
+        win = w
+        tok = t
     else:
         a = w // GW
         e = w % GW
@@ -157,11 +160,17 @@ def _token_offsets(
             row = a + u * GH
             col = e + v * GW
         if ORDER == 0:
-            off = ((row // TH) * GW + col // TW) * stride_win + ((row % TH) * TW + col % TW) * stride_tok
+            win = (row // TH) * GW + col // TW
+            tok = (row % TH) * TW + col % TW
         elif ORDER == 1:
-            off = ((row % GH) * GW + col % GW) * stride_win + ((row // GH) * TW + col // GW) * stride_tok
+            win = (row % GH) * GW + col % GW
+            tok = (row // GH) * TW + col // GW
         else:
-            off = (row * (GW * TW) + col) * stride_tok
+            tok = row * (GW * TW) + col  # map row; the map has no window stride
+    if ORDER == 2:
+        off = tok.to(tl.int64) * stride_tok
+    else:
+        off = win.to(tl.int64) * stride_win + tok.to(tl.int64) * stride_tok
     return off
 
 
@@ -176,40 +185,119 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return c
 
 
+# Autotuning. Each kernel has a short curated list of flash-attention-style tilings, best first for
+# 16-bit inputs at head dim <= 128 on sm_90: (BLOCK_M, BLOCK_N, num_warps, num_stages). Every block is
+# a power of two >= 32, so every tl.dot dimension is >= 16 on real hardware. Before anything compiles,
+# a shared-memory estimate drops the tilings that cannot fit (see _smem_bytes); the autotuner then
+# compiles and times only what is left, once per autotune key.
+_FWD_TILINGS = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2),
+                (64, 32, 4, 2), (32, 32, 4, 2))  # fmt: skip
+_DQ_TILINGS = ((128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2),
+               (64, 32, 4, 2), (32, 32, 4, 2))  # fmt: skip
+# dK/dV: one program per key block (BLOCK_N), looping over query blocks (BLOCK_M).
+_DKDV_TILINGS = ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2),
+                 (32, 64, 4, 2), (32, 32, 4, 2))  # fmt: skip
+_TILINGS = {"fwd": _FWD_TILINGS, "dq": _DQ_TILINGS, "dkdv": _DKDV_TILINGS}
+# The interpreter's one configuration (the fastest there; stages mean nothing on CPU).
+_INTERPRET_TILING = (64, 64, 4, 1)
+#: Shared-memory budget per program for the estimate. sm_90 allows 227 KiB per block; the rest is
+#: headroom for Triton's scratch buffers (layout conversions, reductions) that the estimate ignores.
+SMEM_BUDGET = 200 * 1024
+#: Environment variable: "0" turns autotuning off and launches one fixed configuration per (dtype, head
+#: dim), the first of the curated list that fits (one compile per kernel and shape instead of up to 7).
+AUTOTUNE_ENV = "HRPERC_TRITON_AUTOTUNE"
+
+
+def _smem_bytes(kernel: str, block_m: int, block_n: int, num_stages: int, block_d: int, elem_size: int) -> int:
+    """Estimate of one program's shared memory: the tiles it loads, the streamed ones times pipeline depth.
+
+    Forward: the query tile once plus ``num_stages`` buffers of the key and value tiles, i.e.
+    ``(BLOCK_M + 2*BLOCK_N*stages) * head_dim * elem_size``. dQ also keeps dO resident
+    (``2*BLOCK_M + 2*BLOCK_N*stages``); dK/dV keeps K and V resident and streams Q and dO
+    (``2*BLOCK_N + 2*BLOCK_M*stages``). ``head_dim`` is the padded BLOCK_D. Real sm_90 compiles
+    (tests/_compile_sm90.py) use 0.6-1.0x of it plus at most 1 KiB of scratch: 16-bit tiles of 64+
+    rows match it to the byte; small tiles and fp32 (not pipelined the same way) use less.
+    """
+    if kernel == "fwd":
+        rows = block_m + 2 * block_n * num_stages
+    elif kernel == "dq":
+        rows = 2 * block_m + 2 * block_n * num_stages
+    elif kernel == "dkdv":
+        rows = 2 * block_n + 2 * block_m * num_stages
+    else:
+        raise ValueError(f"_smem_bytes: kernel={kernel!r} is not one of {tuple(_TILINGS)}.")
+    return rows * block_d * elem_size
+
+
+def _autotune_enabled() -> bool:
+    value = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{AUTOTUNE_ENV}={value!r}: expected 1 (autotune, the default) or 0 (one fixed configuration).")
+
+
+def select_configs(kernel: str, configs, block_d: int, elem_size: int, autotune: bool | None = None) -> list:
+    """The configurations of ``kernel`` ("fwd", "dq", "dkdv") worth compiling for this head dim and dtype.
+
+    Keeps those whose :func:`_smem_bytes` estimate fits :data:`SMEM_BUDGET`, in list order; with
+    autotuning off (``autotune=False``, default from ``HRPERC_TRITON_AUTOTUNE``) only the first of
+    them, a fixed configuration per (element size, padded head dim). Never empty: if nothing fits, the
+    configuration with the smallest estimate.
+    """
+    autotune = _autotune_enabled() if autotune is None else autotune
+
+    def est(c):
+        return _smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d, elem_size)
+
+    kept = [c for c in configs if est(c) <= SMEM_BUDGET] or [min(configs, key=est)]
+    return kept if autotune else kept[:1]
+
+
+def _element_size(x) -> int:
+    if hasattr(x, "element_size"):  # a torch.Tensor (what the launchers pass)
+        return x.element_size()
+    dtype = getattr(x, "dtype", None)  # e.g. a TensorDescriptor or a wrapped tensor
+    if dtype is not None and hasattr(dtype, "itemsize"):
+        return dtype.itemsize
+    return 4  # unknown: assume the widest supported dtype (fp32), the conservative choice
+
+
+def _pruner(kernel: str):
+    """``early_config_prune`` for triton.autotune (3.x signature: ``(configs, named_args, **kwargs)``).
+
+    ``named_args`` holds the positional launch arguments (Q is a tensor: its dtype gives the element
+    size); ``kwargs`` the keyword ones, constexprs included (BLOCK_D, the padded head dim).
+    """
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        if block_d is None:
+            block_d = _MAX_HEAD_DIM  # unknown: assume the largest
+        return select_configs(kernel, configs, int(block_d), _element_size(named_args.get("Q")))
+
+    prune.__name__ = f"prune_{kernel}_configs"
+    return prune
+
+
+def _configs(kernel: str) -> list:
+    tilings = (_INTERPRET_TILING,) if _INTERPRET else _TILINGS[kernel]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tilings
+    ]
+
+
 def _fwd_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-
-
-def _bwd_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    # Large head dims need smaller tiles to fit shared memory (H100: 227 KiB per block).
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if block_d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+    return _configs("fwd")
 
 
 _AUTOTUNE_KEY = ["TH", "TW", "GH", "GW", "BLOCK_D", "WINDOW", "Q_ORDER", "KV_ORDER"]
 
 
-@triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(
+    configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
+)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, qk_scale,
@@ -224,18 +312,19 @@ def _fwd_kernel(
 ):  # fmt: skip
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
-    w = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
+    w = tl.program_id(1) // HEADS  # int32: feeds the index arithmetic, widened in _token_offsets
+    h = (tl.program_id(1) % HEADS).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dl = offs_d.to(tl.int64)  # channel offsets, 64-bit for the stride products
     mask_m = offs_m < T
     mask_d = offs_d < HEAD_DIM
 
     q_ptrs = Q + b * sq_img + h * sq_head
     q_ptrs += _token_offsets(w, offs_m, sq_win, sq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)[:, None]
-    q = tl.load(q_ptrs + offs_d[None, :] * sq_dim, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(q_ptrs + offs_dl[None, :] * sq_dim, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     k_base = K + b * sk_img + h * sk_head
     v_base = V + b * sv_img + h * sv_head
 
@@ -248,8 +337,8 @@ def _fwd_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
         v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
-        k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * sk_dim, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * sv_dim, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + k_off[:, None] + offs_dl[None, :] * sk_dim, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_dl[None, :] * sv_dim, mask=kv_mask, other=0.0)
         # Scores in base 2: qk_scale already holds log2(e), so exp2 gives the natural softmax.
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -265,7 +354,7 @@ def _fwd_kernel(
     tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=mask_m)
     o_ptrs = O + b * so_img + h * so_head
     o_ptrs += _token_offsets(w, offs_m, so_win, so_tok, GH, GW, TH, TW, WINDOW, O_ORDER)[:, None]
-    tl.store(o_ptrs + offs_d[None, :] * so_dim, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(o_ptrs + offs_dl[None, :] * so_dim, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -280,21 +369,24 @@ def _bwd_preprocess_kernel(
     """delta = rowsum(dO * O), per window token and head, in window order (like the LSE)."""
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
-    w = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
+    w = tl.program_id(1) // HEADS  # int32: feeds the index arithmetic, widened in _token_offsets
+    h = (tl.program_id(1) % HEADS).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dl = offs_d.to(tl.int64)  # channel offsets, 64-bit for the stride products
     mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o_off = _token_offsets(w, offs_m, so_win, so_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
     do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
-    o = tl.load(O + b * so_img + h * so_head + o_off[:, None] + offs_d[None, :] * so_dim, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask, other=0.0)
+    o = tl.load(O + b * so_img + h * so_head + o_off[:, None] + offs_dl[None, :] * so_dim, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_dl[None, :] * sdo_dim, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + ((b * (GH * GW) + w) * HEADS + h) * T + offs_m, delta, mask=offs_m < T)
 
 
-@triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(
+    configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
+)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
@@ -311,20 +403,21 @@ def _bwd_dq_kernel(
     """dQ for one query block: dQ = scale * sum_n P * (dP - delta) K, P rebuilt from the saved LSE."""
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
-    w = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
+    w = tl.program_id(1) // HEADS  # int32: feeds the index arithmetic, widened in _token_offsets
+    h = (tl.program_id(1) % HEADS).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dl = offs_d.to(tl.int64)  # channel offsets, 64-bit for the stride products
     mask_m = offs_m < T
     mask_d = offs_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
 
     q_off = _token_offsets(w, offs_m, sq_win, sq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)
-    q = tl.load(Q + b * sq_img + h * sq_head + q_off[:, None] + offs_d[None, :] * sq_dim, mask=mask_md, other=0.0)
+    q = tl.load(Q + b * sq_img + h * sq_head + q_off[:, None] + offs_dl[None, :] * sq_dim, mask=mask_md, other=0.0)
     do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
     do = tl.load(
-        DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask_md, other=0.0
+        DO + b * sdo_img + h * sdo_head + do_off[:, None] + offs_dl[None, :] * sdo_dim, mask=mask_md, other=0.0
     )
     row = ((b * (GH * GW) + w) * HEADS + h) * T + offs_m
     lse = tl.load(LSE + row, mask=mask_m, other=0.0)
@@ -339,8 +432,8 @@ def _bwd_dq_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
         v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
-        k = tl.load(k_base + k_off[:, None] + offs_d[None, :] * sk_dim, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + v_off[:, None] + offs_d[None, :] * sv_dim, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + k_off[:, None] + offs_dl[None, :] * sk_dim, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_dl[None, :] * sv_dim, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
@@ -350,11 +443,13 @@ def _bwd_dq_kernel(
 
     dq *= sm_scale
     dq_off = _token_offsets(w, offs_m, sdq_win, sdq_tok, GH, GW, TH, TW, WINDOW, Q_ORDER)
-    dq_ptrs = DQ + b * sdq_img + h * sdq_head + dq_off[:, None] + offs_d[None, :] * sdq_dim
+    dq_ptrs = DQ + b * sdq_img + h * sdq_head + dq_off[:, None] + offs_dl[None, :] * sdq_dim
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
-@triton.autotune(configs=_bwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(
+    configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
+)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
@@ -372,19 +467,20 @@ def _bwd_dkdv_kernel(
     """dK, dV for one key block, looping over the window's query blocks (transposed products)."""
     T: tl.constexpr = TH * TW
     pid_n = tl.program_id(0)
-    w = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
+    w = tl.program_id(1) // HEADS  # int32: feeds the index arithmetic, widened in _token_offsets
+    h = (tl.program_id(1) % HEADS).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dl = offs_d.to(tl.int64)  # channel offsets, 64-bit for the stride products
     mask_n = offs_n < T
     mask_d = offs_d < HEAD_DIM
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
     k_off = _token_offsets(w, offs_n, sk_win, sk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
     v_off = _token_offsets(w, offs_n, sv_win, sv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
-    k = tl.load(K + b * sk_img + h * sk_head + k_off[:, None] + offs_d[None, :] * sk_dim, mask=mask_nd, other=0.0)
-    v = tl.load(V + b * sv_img + h * sv_head + v_off[:, None] + offs_d[None, :] * sv_dim, mask=mask_nd, other=0.0)
+    k = tl.load(K + b * sk_img + h * sk_head + k_off[:, None] + offs_dl[None, :] * sk_dim, mask=mask_nd, other=0.0)
+    v = tl.load(V + b * sv_img + h * sv_head + v_off[:, None] + offs_dl[None, :] * sv_dim, mask=mask_nd, other=0.0)
     q_base = Q + b * sq_img + h * sq_head
     do_base = DO + b * sdo_img + h * sdo_head
     row_base = ((b * (GH * GW) + w) * HEADS + h) * T
@@ -398,9 +494,9 @@ def _bwd_dkdv_kernel(
         do_off = _token_offsets(w, offs_m, sdo_win, sdo_tok, GH, GW, TH, TW, WINDOW, O_ORDER)
         # Loaded transposed, (BLOCK_D, BLOCK_M), so every product below is a plain dot.
         qT = tl.load(
-            q_base + q_off[None, :] + offs_d[:, None] * sq_dim, mask=mask_d[:, None] & mask_m[None, :], other=0.0
+            q_base + q_off[None, :] + offs_dl[:, None] * sq_dim, mask=mask_d[:, None] & mask_m[None, :], other=0.0
         )
-        do = tl.load(do_base + do_off[:, None] + offs_d[None, :] * sdo_dim, mask=mask_m[:, None] & mask_d[None, :],
+        do = tl.load(do_base + do_off[:, None] + offs_dl[None, :] * sdo_dim, mask=mask_m[:, None] & mask_d[None, :],
                      other=0.0)  # fmt: skip
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
@@ -415,8 +511,8 @@ def _bwd_dkdv_kernel(
     dk *= sm_scale
     dk_off = _token_offsets(w, offs_n, sdk_win, sdk_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
     dv_off = _token_offsets(w, offs_n, sdv_win, sdv_tok, GH, GW, TH, TW, WINDOW, KV_ORDER)
-    dk_ptrs = DK + b * sdk_img + h * sdk_head + dk_off[:, None] + offs_d[None, :] * sdk_dim
-    dv_ptrs = DV + b * sdv_img + h * sdv_head + dv_off[:, None] + offs_d[None, :] * sdv_dim
+    dk_ptrs = DK + b * sdk_img + h * sdk_head + dk_off[:, None] + offs_dl[None, :] * sdk_dim
+    dv_ptrs = DV + b * sdv_img + h * sdv_head + dv_off[:, None] + offs_dl[None, :] * sdv_dim
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
