@@ -327,6 +327,10 @@ def test_combine_none_skips_the_thumbnail_pass():
     assert sub.thumbnail is not None and sub.thumbnail.shape == (2, 16, 32) and sub.encoded == 2 * 11
     concat = HighResEncoder(_vit(), grid=(3, 3), dem=_dem(), combine="concat")
     assert concat.encodes_thumbnail and concat.num_backbone_passes((84, 84)) == 11
+    # The thumbnail is not even resized when it is not encoded.
+    assert with_thumb.subimage_features(images, thumbnail=False).crops.thumbnail is None
+    assert with_thumb.crop(images, thumbnail=False).thumbnail is None
+    assert with_thumb.crop(images).thumbnail.shape == (2, 3, 28, 28)
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ def test_forward_and_gradients_match_float64_reference(case):
 def test_windows_longer_than_one_block(dtype):
     # 9x8 = 72 tokens: more than one query and one key block, the last one partial, so the online
     # softmax rescaling across key blocks and the dq/dk/dv loops over several blocks are exercised.
-    config = wa._fwd_configs()[0].kwargs
+    config = wa._configs("fwd")[0].kwargs
     assert 72 > config["BLOCK_M"] and 72 > config["BLOCK_N"] and 72 % config["BLOCK_N"] != 0
     _check_fwd_bwd((2, 1), (9, 8), 1, 16, dtype, "strided", "contiguous", "strided", "map", batch=1)
 

@@ -211,7 +211,7 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
     _check_nlc_only(tile_size, "tile_size", layout, fn, "tiles")
     check_nonempty(tiles, "tiles", fn, _STACK_DIMS[layout])
     n = gh * gw
-    if tiles.shape[0] % n != 0 or tiles.shape[0] == 0:
+    if tiles.shape[0] % n != 0:
         raise ValueError(
             f"{fn}: tiles has shape {tuple(tiles.shape)}; its first dimension {tiles.shape[0]} must be a "
             f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check the grid or the stack."

@@ -443,11 +443,11 @@ class DualPerspectiveEnhancement(nn.Module):
         """``"read"`` (footprint tokens only), ``"pooled"`` (pool before the affine maps) or ``"full"``."""
         if not self.skip_unread or not self._can_skip():
             return "full"
-        if self._can_pool(grid, tile):
+        if self._can_pool():
             return "pooled"
         return "full" if self._plan(grid, tile).reads_all else "read"
 
-    def _can_pool(self, grid, tile) -> bool:
+    def _can_pool(self) -> bool:
         """Average pooling commutes with what follows the attention: no LayerNorm, an affine fusion."""
         no_norm = self.directions == "none" or not self.residual_norm
         return self.reduction in ("avg", "area") and no_norm and self.fusion.affine

@@ -467,8 +467,14 @@ class DualPerspectiveCrop(nn.Module):
                 f"a whole number in that range (e.g. fill=0), or convert the image to float first."
             )
 
-    def forward(self, images) -> DualCrops:
+    def forward(self, images, thumbnail: bool | None = None) -> DualCrops:
+        """Crop ``images`` (``(B, C, H, W)``, ``(C, H, W)`` or a list of ``(C, H, W)``) into :class:`DualCrops`.
+
+        ``thumbnail`` overrides the module's setting for this call (``False`` skips the resize when the
+        caller will not use the thumbnail).
+        """
         fn = "DualPerspectiveCrop"
+        want_thumb = self.thumbnail if thumbnail is None else bool(thumbnail)
         if isinstance(images, torch.Tensor):
             if images.ndim == 3:
                 images = images.unsqueeze(0)
@@ -503,12 +509,12 @@ class DualPerspectiveCrop(nn.Module):
             canvas = self._to_canvas(img, geo)
             locals_.append(local_crop(canvas, geo.grid))
             strideds.append(stride_crop(canvas, geo.grid))
-            if self.thumbnail:
+            if want_thumb:
                 thumbs.append(self._resize(img, self.tile_size))
             for _ in range(img.shape[0]):
                 geos.append(geo)
                 offsets.append(start)
                 start += geo.num_tiles
         cat = (lambda xs: xs[0]) if len(groups) == 1 else (lambda xs: torch.cat(xs, 0))
-        thumbnail = cat(thumbs) if self.thumbnail else None
-        return DualCrops(cat(locals_), cat(strideds), thumbnail, geos, offsets)
+        thumb_stack = cat(thumbs) if want_thumb else None
+        return DualCrops(cat(locals_), cat(strideds), thumb_stack, geos, offsets)

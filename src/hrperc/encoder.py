@@ -458,7 +458,7 @@ class HighResEncoder(nn.Module):
         pixels = to_pixels(images)
         device = self.backbone.device  # crop and resize where the ViT runs (fast on a GPU)
         pixels = pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
-        crops = self.crop(pixels)
+        crops = self.crop(pixels, thumbnail=with_thumb)  # no thumbnail resize when it is not encoded
         clock.lap("crop")
         geos, offsets = crops.geometries, crops.offsets
         n_total = crops.local.shape[0]

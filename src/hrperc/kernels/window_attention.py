@@ -288,10 +288,6 @@ def _configs(kernel: str) -> list:
     ]
 
 
-def _fwd_configs():
-    return _configs("fwd")
-
-
 _AUTOTUNE_KEY = ["TH", "TW", "GH", "GW", "BLOCK_D", "WINDOW", "Q_ORDER", "KV_ORDER"]
 
 
