@@ -300,8 +300,7 @@ def reference_window_attention(q, k, v, *, grid, tile_size, window, q_order, kv_
     qw = _to_window(q, grid, tile_size, q_order, window).transpose(1, 2)  # (B*N, h, T, d)
     kw = _to_window(k, grid, tile_size, kv_order, window).transpose(1, 2)
     vw = _to_window(v, grid, tile_size, kv_order, window).transpose(1, 2)
-    probs = torch.softmax((qw @ kw.transpose(-1, -2)) * scale, dim=-1)
-    out = (probs @ vw).transpose(1, 2)  # (B*N, T, h, d)
+    out = reference_query_subset(qw, kw, vw, scale=scale).transpose(1, 2)  # (B*N, T, h, d)
     return _from_window(out, grid, tile_size, window, out_order, permute=False)
 
 
@@ -320,7 +319,7 @@ def sdpa_window_attention(q, k, v, *, grid, tile_size, window, q_order, kv_order
     qw = permute_windows(q, grid, q_order, window, tile_size=tile_size).transpose(1, 2)
     kw = permute_windows(k, grid, kv_order, window, tile_size=tile_size).transpose(1, 2)
     vw = permute_windows(v, grid, kv_order, window, tile_size=tile_size).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qw, kw, vw, scale=scale).transpose(1, 2)
+    out = sdpa_query_subset(qw, kw, vw, scale=scale).transpose(1, 2)
     return _from_window(out, grid, tile_size, window, out_order, permute=True)
 
 
