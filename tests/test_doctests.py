@@ -14,6 +14,7 @@ MODULES = {
     "hrperc.dual_crop": (),
     "hrperc.sample": ("PIL", "numpy"),
     "hrperc.viz": ("matplotlib",),  # examples draw a figure
+    "hrperc._cache": (),
     "hrperc.attention": (),
     "hrperc.dem": (),
     "hrperc.fusion": (),

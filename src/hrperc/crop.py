@@ -35,13 +35,13 @@ strided windows without materialising the map. The DEM and the fused kernel gath
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from ._cache import tensor_cache
 from ._validation import as_grid, as_pair, check_ndim, check_nonempty
 
 __all__ = [
@@ -302,14 +302,11 @@ def _permutation(gh: int, gw: int, th: int, tw: int, source: str, target: str, d
     return crop(whole, (gh, gw), target, layout="nlc", size=(gh * th, gw * tw)).reshape(n * t)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_permutation(gh, gw, th, tw, source, target, device) -> torch.Tensor:
     # Internal: the cached tensor is shared between calls, so it is only ever read (index_select);
-    # window_permutation hands out a clone, never this object. Built outside inference mode: a first
-    # call under torch.inference_mode() must not cache an inference tensor that a later training
-    # step's index_select would have to save for backward.
-    with torch.inference_mode(False):
-        return _permutation(gh, gw, th, tw, source, target, device)
+    # window_permutation hands out a clone, never this object.
+    return _permutation(gh, gw, th, tw, source, target, device)
 
 
 def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, device=None) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cache import tensor_cache
 from ._validation import as_grid, as_pair
 from .attention import WindowCrossAttention, _tile_from_tokens, forced_backend, query_subset_fn, resolve_backend
 from .crop import merge
@@ -208,10 +209,9 @@ def _make_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
     return idx
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
-    with torch.inference_mode(False):  # normal tensors even if first built under inference_mode
-        return _make_indices(plan, device)
+    return _make_indices(plan, device)
 
 
 # ----------------------------------------------------------------------------------------------------

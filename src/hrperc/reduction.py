@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._cache import tensor_cache
 from ._validation import as_pair
 
 __all__ = [
@@ -306,8 +307,7 @@ def _tap_tensors(idx, w, n_in: int, device, dtype):
     return "weighted", index, weight
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _cached_tap_tensors(idx, w, n_in: int, device, dtype):
     """:func:`_tap_tensors`, built once per (axis plan, device, dtype) rather than on every forward."""
-    with torch.inference_mode(False):  # normal tensors even if first built under inference_mode
-        return _tap_tensors(idx, w, n_in, device, dtype)
+    return _tap_tensors(idx, w, n_in, device, dtype)
