@@ -185,34 +185,18 @@ def test_opcheck_backward_op():
     torch.library.opcheck(torch.ops.hrperc.window_attention_bwd.default, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    # aot_eager traces the whole graph (dynamo + AOTAutograd through the fake impls and the registered
-    # autograd) without generating C++; the op itself stays opaque, which is what inductor would see too.
-    q, k, v, *_ = _op_args()
-
-    def block(q, k, v):
-        out = wa.triton_window_attention(q * 2, k, v, (2, 1), window="contiguous", q_order="strided",
-                                         kv_order="map", out_order="map")  # fmt: skip
-        return (out.float() ** 2).sum()
-
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    loss_ref = block(q, k, v)
-    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
-    torch.testing.assert_close(loss, loss_ref)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)
-
-
 def _has_cxx_compiler():
     return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and not _has_cxx_compiler(), reason="inductor on CPU needs a C++ compiler")
-def test_torch_compile_fullgraph_default_inductor_backend():
-    # The default backend: inductor generates the code around the op (C++ on CPU, Triton on GPU) and
-    # must keep the custom ops opaque, forward and backward. ~10 s on CPU with a cold inductor cache.
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    # aot_eager traces the whole graph (dynamo + AOTAutograd through the fake impls and the registered
+    # autograd) without generating code; inductor (the default backend) generates the code around the op
+    # (C++ on CPU, Triton on GPU, ~10 s on CPU with a cold cache). Either way the custom ops stay opaque,
+    # forward and backward.
+    if backend == "inductor" and DEVICE == "cpu" and not _has_cxx_compiler():
+        pytest.skip("inductor on CPU needs a C++ compiler")
     q, k, v, *_ = _op_args()
 
     def block(q, k, v):
@@ -220,7 +204,7 @@ def test_torch_compile_fullgraph_default_inductor_backend():
                                          kv_order="map", out_order="map")  # fmt: skip
         return (out.float() ** 2).sum()
 
-    compiled = torch.compile(block, fullgraph=True)
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     loss_ref = block(q, k, v)
