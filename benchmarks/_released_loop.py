@@ -66,7 +66,7 @@ class FullCrossAttentionDEM(nn.Module):
         self.dem = dem
 
     def forward(self, local_feats, global_feats, grid):
-        from hrperc.crop import merge
+        from hrperc.ops.crop import merge
 
         a, h = self.dem.attention, self.dem.heads
         f_loc = merge(local_feats, grid, "contiguous", layout="nlc")

@@ -134,8 +134,8 @@ def _timm_kwargs(depth: int | None) -> dict:
 
 
 def _setup_batching(model_name: str, depth: int | None, device):
-    backbone = hrperc.create_encoder(f"timm:{model_name}", **_timm_kwargs(depth)).to(device)
-    enc = HighResEncoder.inf_llava(backbone, dem=hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8))
+    backbone = hrperc.create_backbone(f"timm:{model_name}", **_timm_kwargs(depth)).to(device)
+    enc = hrperc.create_encoder("inf_llava", backbone, dem=hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8))
     enc = enc.to(device)
     h, w = backbone.image_size
     torch.manual_seed(0)
@@ -211,11 +211,11 @@ def bench_batching(name: str, model_name: str, device, reps: int, chunks, depth:
 
 
 def _setup_preset(depth: int | None, device):
-    backbone = hrperc.create_encoder("timm:vit_large_patch14_clip_336", **_timm_kwargs(depth)).to(device)
+    backbone = hrperc.create_backbone("timm:vit_large_patch14_clip_336", **_timm_kwargs(depth)).to(device)
     torch.manual_seed(0)
     dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8).to(device)
-    skip = HighResEncoder.inf_llava(backbone, dem=dem)
-    full = HighResEncoder.inf_llava(backbone, dem=dem, encode_all=True)
+    skip = hrperc.create_encoder("inf_llava", backbone, dem=dem)
+    full = hrperc.create_encoder("inf_llava", backbone, dem=dem, encode_all=True)
     image = torch.rand(1, 3, 1008, 1008, device=device)
     fns = {PRESET_LABELS[0]: lambda: skip(image, timings=True), PRESET_LABELS[1]: lambda: full(image, timings=True)}
     return backbone, skip, full, image, fns

@@ -86,7 +86,7 @@ def make_methods(q, k, v, grid, tile, device, run_flex: bool):
     batch = q.shape[0] // n
 
     def to_map(out_windows):  # (B*N, T, H, D) in window order -> (B, L, H, D)
-        flat = hrperc.merge(out_windows.flatten(2), grid, WINDOW, layout="nlc", tile_size=tile)
+        flat = hrperc.ops.merge(out_windows.flatten(2), grid, WINDOW, layout="nlc", tile_size=tile)
         return flat.unflatten(-1, (heads, dim))
 
     def sdpa(qw, kw, vw):  # (B*N, T, H, D) each, window order
@@ -109,7 +109,7 @@ def make_methods(q, k, v, grid, tile, device, run_flex: bool):
     def pregathered(q, k, v):
         return sdpa(q_pre, k, v)  # (B*N, H, T, D): no scatter either
 
-    perm_q = hrperc.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device).view(n, t)
+    perm_q = hrperc.ops.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device).view(n, t)
 
     def loop(q, k, v):
         qf = q.reshape(batch, n * t, heads, dim)
@@ -125,7 +125,7 @@ def make_methods(q, k, v, grid, tile, device, run_flex: bool):
     if device.type == "cuda":
 
         def fused(q, k, v):
-            return hrperc.triton_window_attention(q, k, v, grid, window=WINDOW, q_order=Q_ORDER, kv_order=KV_ORDER,
+            return hrperc.attention.kernels.triton_window_attention(q, k, v, grid, window=WINDOW, q_order=Q_ORDER, kv_order=KV_ORDER,
                                                   out_order=OUT_ORDER)  # fmt: skip
 
         methods = {"triton": fused, **methods}
@@ -144,7 +144,7 @@ def make_flex(q, grid, tile, device):
     # Window id of each token, in each stack's own order: window w of the stack in WINDOW order holds
     # positions perm[w*t:(w+1)*t] of the stack in the source order.
     q_win = torch.empty(n * t, dtype=torch.int64, device=device)
-    q_win[hrperc.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device)] = torch.arange(
+    q_win[hrperc.ops.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device)] = torch.arange(
         n * t, device=device
     ) // t
     kv_win = torch.arange(n * t, device=device) // t  # k/v are already in the window order
@@ -158,7 +158,7 @@ def make_flex(q, grid, tile, device):
     def run(q, k, v):
         seq = [x.reshape(batch, n * t, heads, dim).transpose(1, 2) for x in (q, k, v)]
         out = flex(*seq, block_mask=block_mask).transpose(1, 2)  # (B, L, H, D) in q's stack order
-        flat = hrperc.merge(out.reshape(batch * n, t, heads * dim), grid, Q_ORDER, layout="nlc", tile_size=tile)
+        flat = hrperc.ops.merge(out.reshape(batch * n, t, heads * dim), grid, Q_ORDER, layout="nlc", tile_size=tile)
         return flat.unflatten(-1, (heads, dim))
 
     return run
@@ -287,7 +287,7 @@ def main(argv=None):
         with torch.no_grad():
             out = fn(q, k, v)
             if name == "sdpa_pregathered":  # compare in window order
-                out = hrperc.merge(out.transpose(1, 2).flatten(2), grid, WINDOW, layout="nlc", tile_size=tile)
+                out = hrperc.ops.merge(out.transpose(1, 2).flatten(2), grid, WINDOW, layout="nlc", tile_size=tile)
                 out = out.unflatten(-1, (heads, dim))
             row["max_abs_err_vs_gather_sdpa"] = (out.float() - reference).abs().max().item()
         row["fwd_ms"] = bench(lambda fn=fn: fn(q, k, v), device, repeats)

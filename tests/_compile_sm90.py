@@ -28,7 +28,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from hrperc.kernels import window_attention as wa  # noqa: E402
+from hrperc.attention.kernels import window_attention as wa  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM = 232448  # H100 max dynamic shared memory per block (227 KiB)

@@ -11,7 +11,7 @@ from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import attention as A
-from hrperc.crop import crop, merge
+from hrperc.ops.crop import crop, merge
 
 KINDS = ("contiguous", "strided")
 
@@ -118,7 +118,7 @@ def test_cross_attention_functional_matches_manual():
     w = [torch.randn(d, d, dtype=torch.float64) / d**0.5 for _ in range(4)]
     bs = [torch.randn(d, dtype=torch.float64) for _ in range(4)]
     qf, kvf = torch.randn(2 * 4, 9, d, dtype=torch.float64), torch.randn(2 * 4, 9, d, dtype=torch.float64)
-    out = hrperc.window_cross_attention(
+    out = hrperc.attention.window_cross_attention(
         qf, kvf, (2, 2), "strided", "contiguous", "strided", q_weight=w[0], q_bias=bs[0], k_weight=w[1],
         k_bias=bs[1], v_weight=w[2], v_bias=bs[2], out_weight=w[3], out_bias=bs[3], heads=h,
     )  # fmt: skip
@@ -175,7 +175,7 @@ def test_forced_backend_is_actually_called(monkeypatch):
         calls.append(kw)
         return A.sdpa_window_attention(q, k, v, **kw)
 
-    hrperc.register_backend("spy", spy)
+    hrperc.attention.register_backend("spy", spy)
     try:
         q, k, v = _qkv()
         with hrperc.attention_backend("spy"):
@@ -186,7 +186,7 @@ def test_forced_backend_is_actually_called(monkeypatch):
 
 
 def test_forced_backend_that_cannot_run_explains(monkeypatch):
-    hrperc.register_backend("never", A.sdpa_window_attention, lambda q, k, v, **kw: "needs a GPU")
+    hrperc.attention.register_backend("never", A.sdpa_window_attention, lambda q, k, v, **kw: "needs a GPU")
     try:
         q, k, v = _qkv()
         with pytest.raises(NotImplementedError) as err:
@@ -283,7 +283,7 @@ def test_forced_backend_precedence_and_query_subset_forms(monkeypatch):
     norm = dict(grid=(2, 2), tile_size=(2, 2), out_order="contiguous", scale=1.0, **KW)
     assert A.resolve_backend("auto", probe, probe, probe, query_subset=True, **norm) == "sdpa"
     with pytest.raises(TypeError, match="query_subset for 'x' must be callable"):
-        hrperc.register_backend("x", A.sdpa_window_attention, query_subset=3)
+        hrperc.attention.register_backend("x", A.sdpa_window_attention, query_subset=3)
 
 
 def test_attend_is_forward_before_the_output_projection():
@@ -301,7 +301,7 @@ def test_cross_attention_functional_with_missing_biases():
     b = torch.randn(d, dtype=torch.float64)
     qf = torch.randn(4, 4, d, dtype=torch.float64)
     kw = dict(q_weight=w[0], k_weight=w[1], v_weight=w[2], out_weight=w[3], heads=h)
-    out = hrperc.window_cross_attention(qf, qf, (2, 2), "contiguous", "contiguous", "contiguous", v_bias=b, **kw)
+    out = hrperc.attention.window_cross_attention(qf, qf, (2, 2), "contiguous", "contiguous", "contiguous", v_bias=b, **kw)
     q, k, v = (F.linear(qf, wi, bi).view(4, 4, h, d // h) for wi, bi in ((w[0], None), (w[1], None), (w[2], b)))
     att = _literal(q, k, v, (2, 2), (2, 2), "contiguous", "contiguous", "contiguous").reshape(1, 16, d)
     torch.testing.assert_close(out, F.linear(att, w[3]))

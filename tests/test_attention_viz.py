@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hrperc import DualPerspectiveEnhancement, local_merge, stride_merge
-from hrperc.attention_viz import dem_attention, plot_dem_attention
+from hrperc.cli.attention_plot import dem_attention, plot_dem_attention
 
 
 @pytest.mark.parametrize("pairing", ["released", "paper"])

@@ -63,7 +63,7 @@ def test_timm_default_layer_is_second_to_last():
 
 
 def test_timm_normalization_from_pretrained_cfg():
-    bb = create_encoder("timm:vit_base_patch16_clip_224", img_size=32, depth=2, embed_dim=32, num_heads=2)
+    bb = create_backbone("timm:vit_base_patch16_clip_224", img_size=32, depth=2, embed_dim=32, num_heads=2)
     assert bb.mean == pytest.approx(hrperc.backbones.OPENAI_CLIP_MEAN)
     x = torch.rand(2, 3, 32, 32)
     mean = torch.tensor(bb.mean).view(3, 1, 1)
@@ -79,13 +79,13 @@ def test_timm_create_encoder_loads_local_safetensors(tmp_path):
     src = timm.create_model("vit_tiny_patch16_224", **arch).eval()  # with its 1000-class head
     path = tmp_path / "tiny.safetensors"
     save_file(src.state_dict(), str(path))
-    bb = create_encoder("timm:vit_tiny_patch16_224", pretrained=path, layer=-1, **arch)
+    bb = create_backbone("timm:vit_tiny_patch16_224", pretrained=path, layer=-1, **arch)
     assert bb.source == str(path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = _hooked_block_output(src.blocks, 2, lambda: src(x))[:, 1:]
         torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
-    random = create_encoder("timm:vit_tiny_patch16_224", **arch)
+    random = create_backbone("timm:vit_tiny_patch16_224", **arch)
     assert random.source is None
     assert not torch.equal(random.model.pos_embed, bb.model.pos_embed)
 
@@ -153,9 +153,9 @@ def test_open_clip_create_encoder_loads_local_file_and_dir(oc_name, tmp_path):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         ref = _hooked_block_output(src.visual.transformer.resblocks, 2, lambda: src.encode_image(x))[:, 1:]
-        by_file = create_encoder(f"open_clip:{oc_name}", pretrained=str(path))
+        by_file = create_backbone(f"open_clip:{oc_name}", pretrained=str(path))
         torch.testing.assert_close(by_file.features(x), ref, rtol=0, atol=0)
-        by_dir = create_encoder(f"open_clip:local-dir:{tmp_path}")
+        by_dir = create_backbone(f"open_clip:local-dir:{tmp_path}")
         torch.testing.assert_close(by_dir.features(x), ref, rtol=0, atol=0)
     assert by_dir.mean == (0.5, 0.5, 0.5) and by_dir.std == (0.25, 0.25, 0.25)
     assert by_file.mean == pytest.approx(hrperc.backbones.OPENAI_CLIP_MEAN)
@@ -196,7 +196,7 @@ def test_hf_create_encoder_from_local_dir(tmp_path):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         ref = vision(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
-        bb = create_encoder(f"hf:{tmp_path / 'vision'}")
+        bb = create_backbone(f"hf:{tmp_path / 'vision'}")
         torch.testing.assert_close(bb.features(x), ref, rtol=0, atol=0)
     assert bb.mean == (0.1, 0.2, 0.3)
     # A full CLIPModel checkpoint loads its vision tower.
@@ -213,7 +213,7 @@ def test_hf_create_encoder_from_local_dir(tmp_path):
     full.save_pretrained(tmp_path / "full")
     with torch.no_grad():
         ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
-        torch.testing.assert_close(create_encoder(f"hf:{tmp_path / 'full'}").features(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(create_backbone(f"hf:{tmp_path / 'full'}").features(x), ref, rtol=0, atol=0)
 
 
 def test_hf_grad_checkpointing_same_gradients():
@@ -233,36 +233,36 @@ def test_hf_grad_checkpointing_same_gradients():
 # --- errors ------------------------------------------------------------------------------------------
 def test_unknown_names():
     with pytest.raises(ValueError, match="no known family prefix.*open_clip:ViT-L-14-336"):
-        create_encoder("ViT-L-14-336")
+        create_backbone("ViT-L-14-336")
     with pytest.raises(ValueError, match="not a timm model name"):
-        create_encoder("timm:vit_no_such_model")
+        create_backbone("timm:vit_no_such_model")
     with pytest.raises(ValueError, match="not an open_clip model config"):
-        create_encoder("open_clip:ViT-Q-99")
+        create_backbone("open_clip:ViT-Q-99")
     with pytest.raises(ValueError, match="only loads local files"):
-        create_encoder("open_clip:hf-hub:timm/ViT-B-16-SigLIP")
+        create_backbone("open_clip:hf-hub:timm/ViT-B-16-SigLIP")
 
 
 def test_missing_weights_say_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads.*pretrained=None"):
-        create_encoder("timm:vit_tiny_patch16_224", pretrained=tmp_path / "nope.safetensors")
+        create_backbone("timm:vit_tiny_patch16_224", pretrained=tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        create_encoder(f"open_clip:local-dir:{tmp_path}")
+        create_backbone(f"open_clip:local-dir:{tmp_path}")
     pytest.importorskip("transformers")
     with pytest.raises(FileNotFoundError, match="never downloads.*hf:DIR"):
-        create_encoder(f"hf:{tmp_path / 'missing'}")
+        create_backbone(f"hf:{tmp_path / 'missing'}")
 
 
 def test_unsupported_model_class(tmp_path):
     with pytest.raises(TypeError, match="not a supported model class"):
         wrap_backbone(nn.Linear(3, 3))
     with pytest.raises(TypeError, match="not a token ViT"):
-        create_encoder("timm:resnet18")
+        create_backbone("timm:resnet18")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  image_size=28, patch_size=14)
     transformers.ViTModel(cfg).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="supports CLIP and SigLIP"):
-        create_encoder(f"hf:{tmp_path}")
+        create_backbone(f"hf:{tmp_path}")
 
 
 def test_layer_out_of_range_and_wrong_pixels():
@@ -412,7 +412,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     with pytest.raises(ImportError, match=r"needs the 'transformers' package.*pip install"):
-        create_encoder(f"hf:{tmp_path}")
+        create_backbone(f"hf:{tmp_path}")
 
 
 def test_open_clip_local_dir_honours_pretrained(oc_name, tmp_path):
@@ -432,16 +432,16 @@ def test_open_clip_local_dir_honours_pretrained(oc_name, tmp_path):
     with torch.no_grad():
         ref_folder = _hooked_block_output(in_folder.visual.transformer.resblocks, 2, lambda: in_folder.encode_image(x))
         ref_other = _hooked_block_output(other.visual.transformer.resblocks, 2, lambda: other.encode_image(x))
-        by_dir = create_encoder(f"open_clip:local-dir:{folder}")
+        by_dir = create_backbone(f"open_clip:local-dir:{folder}")
         torch.testing.assert_close(by_dir.features(x), ref_folder[:, 1:], rtol=0, atol=0)
-        by_file = create_encoder(f"open_clip:local-dir:{folder}", pretrained=path)
+        by_file = create_backbone(f"open_clip:local-dir:{folder}", pretrained=path)
         torch.testing.assert_close(by_file.features(x), ref_other[:, 1:], rtol=0, atol=0)
     assert by_file.source == str(path)
     (folder / "open_clip_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        create_encoder(f"open_clip:local-dir:{folder}")
+        create_backbone(f"open_clip:local-dir:{folder}")
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        create_encoder(f"open_clip:local-dir:{folder}", pretrained=tmp_path / "missing.bin")
+        create_backbone(f"open_clip:local-dir:{folder}", pretrained=tmp_path / "missing.bin")
 
 
 def test_quickgelu_warnings(tmp_path):
@@ -469,7 +469,7 @@ def test_quickgelu_warnings(tmp_path):
     path = tmp_path / "openai-clip-b16.safetensors"
     save_file(src.state_dict(), str(path))
     with pytest.warns(UserWarning, match="vit_base_patch16_clip_quickgelu_224"):
-        create_encoder("timm:vit_base_patch16_clip_224", pretrained=path, **arch)
+        create_backbone("timm:vit_base_patch16_clip_224", pretrained=path, **arch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        create_encoder("timm:vit_base_patch16_clip_quickgelu_224", pretrained=path, **arch)
+        create_backbone("timm:vit_base_patch16_clip_quickgelu_224", pretrained=path, **arch)

@@ -302,7 +302,7 @@ def test_public_names_are_exported():
          ["(5, 4, 2)", "multiple of N"]),
         (lambda: permute_windows(torch.randn(4, 4, 2), (2, 2), "local", "strided"), ValueError,
          ["source='local'", "Pass one of them"]),
-        (lambda: hrperc.crop(torch.randn(1, 3, 9, 9), (3, 3), "tiles"), ValueError,
+        (lambda: hrperc.ops.crop(torch.randn(1, 3, 9, 9), (3, 3), "tiles"), ValueError,
          ["kind='tiles'", "Pass one of them", "'contiguous'", "'strided'"]),
         (lambda: window_permutation((2, 2), (2, 2), "contiguous", "diagonal"), ValueError,
          ["target='diagonal'", "Pass one of them"]),
@@ -401,7 +401,7 @@ def test_zero_sizes_refused_by_the_documented_examples_and_permute_windows():
 
 def test_permutation_cache_filled_in_inference_mode_still_trains():
     # A first call under inference_mode must not cache an inference tensor that autograd later saves.
-    from hrperc.crop import _cached_permutation
+    from hrperc.ops.crop import _cached_permutation
 
     _cached_permutation.cache_clear()
     grid, tile = (2, 3), (3, 2)

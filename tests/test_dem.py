@@ -12,8 +12,8 @@ from _tolerance import assert_close_to_reference
 import hrperc
 from hrperc import DualPerspectiveEnhancement as DEM
 from hrperc import attention as A
-from hrperc.fusion import FUSIONS
-from hrperc.reduction import REDUCTIONS
+from hrperc.modules.fusion import FUSIONS
+from hrperc.ops.reduce import REDUCTIONS
 
 
 def _randomise(module, std=0.3):
@@ -372,15 +372,15 @@ def test_error_messages_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"D=16 \(shape \(4, 16, 16\)\) but the module was built with dim=32.*"
                                          r"DualPerspectiveEnhancement\(dim=16, heads=\.\.\.\)"):  # fmt: skip
         dem(loc[..., :16], glo[..., :16], (2, 2))
-    fuse = hrperc.Fusion(8, "conv3x3")
+    fuse = hrperc.modules.Fusion(8, "conv3x3")
     with pytest.raises(ValueError, match=r"shape \(2, 4, 8\) \(L = 4\) but hw=None\. Pass the map size"):
         fuse(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
     with pytest.raises(ValueError, match=r"hw=\(3, 3\)"):
         fuse(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), hw=(3, 3))
     with pytest.raises(ValueError, match=r"mode='mean' is not a known reduction; pass one of \('bilinear',"):
-        hrperc.reduce_tokens(torch.zeros(1, 4, 4, 2), (2, 2), "mean")
+        hrperc.ops.reduce_tokens(torch.zeros(1, 4, 4, 2), (2, 2), "mean")
     with pytest.raises(ValueError, match=r"mode='avg' with size=None; .* Pass size=\(oh, ow\)"):
-        hrperc.reduce_tokens(torch.zeros(1, 4, 4, 2), None, "avg")
+        hrperc.ops.reduce_tokens(torch.zeros(1, 4, 4, 2), None, "avg")
 
 
 # ---- which path runs, and the attention backend on each ------------------------------------------
@@ -492,8 +492,8 @@ def spies():
 
         return wrapper
 
-    hrperc.register_backend("spy_windows", counted("windows.fn", A.sdpa_window_attention))
-    hrperc.register_backend("spy_subset", counted("subset.fn", A.sdpa_window_attention),
+    hrperc.attention.register_backend("spy_windows", counted("windows.fn", A.sdpa_window_attention))
+    hrperc.attention.register_backend("spy_subset", counted("subset.fn", A.sdpa_window_attention),
                             query_subset=counted("subset.query_subset", A.sdpa_query_subset))  # fmt: skip
     yield calls
     A._REGISTRY.pop("spy_windows")

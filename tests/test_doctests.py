@@ -11,20 +11,20 @@ import torch
 # Imported by name: ``hrperc.crop`` as an attribute is the ``crop`` function, not the module.
 MODULES = {
     "hrperc.crop": (),
-    "hrperc.dual_crop": (),
-    "hrperc.sample": ("PIL", "numpy"),
-    "hrperc.viz": ("matplotlib",),  # examples draw a figure
+    "hrperc.modules.dual_crop": (),
+    "hrperc.cli.sample": ("PIL", "numpy"),
+    "hrperc.cli.plots": ("matplotlib",),  # examples draw a figure
     "hrperc._cache": (),
     "hrperc.attention": (),
     "hrperc.dem": (),
     "hrperc.fusion": (),
     "hrperc.reduction": (),
     "hrperc.projector": (),
-    "hrperc.weights": ("safetensors",),
+    "hrperc.pretrained._io": ("safetensors",),
     "hrperc.encoder": ("timm",),
     "hrperc.backbones.base": ("timm",),
     "hrperc.backbones.factory": ("timm",),
-    "hrperc.kernels.window_attention": ("cuda",),  # its examples run the kernel on a GPU
+    "hrperc.attention.kernels.window_attention": ("cuda",),  # its examples run the kernel on a GPU
 }
 
 

@@ -631,7 +631,7 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
     ).save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
     dem = hrperc.DualPerspectiveEnhancement(32, heads=8)
-    proj = hrperc.projector.build_projector("mlp2x_gelu", 32, 48)
+    proj = hrperc.modules.build_projector("mlp2x_gelu", 32, 48)
     released = {f"model.spatial_embed.{k}": v for k, v in dem.released_state_dict().items()}
     released |= {f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()}
     released["model.layers.0.other"] = torch.zeros(1)  # ignored

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import hrperc
-from hrperc.projector import build_projector, load_inf_llava_projector
+from hrperc.modules.projector import build_projector
+from hrperc.pretrained.inf_llava import load_projector as load_inf_llava_projector
 
 
 @pytest.mark.parametrize("kind,n_linear", [("linear", 1), ("mlp1x_gelu", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
@@ -57,7 +58,7 @@ def test_load_from_full_checkpoint_ignores_other_modules(tmp_path):
     from safetensors.torch import save_file
 
     save_file(full, str(tmp_path / "ckpt.safetensors"))
-    again = hrperc.load_inf_llava_projector(tmp_path / "ckpt.safetensors")
+    again = hrperc.pretrained.inf_llava.load_projector(tmp_path / "ckpt.safetensors")
     x = torch.randn(2, 16)
     torch.testing.assert_close(again(x), proj(x))
 

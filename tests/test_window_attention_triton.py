@@ -22,8 +22,8 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 
-import hrperc.kernels  # noqa: E402
-from hrperc.kernels import window_attention as wa  # noqa: E402
+import hrperc.attention.kernels  # noqa: E402
+from hrperc.attention.kernels import window_attention as wa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ORDER_NAMES = ("contiguous", "strided", "map")
@@ -412,7 +412,7 @@ def test_offsets_past_2_to_the_31_elements_do_not_wrap():
 def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeypatch):
     # A broken install can fail with RuntimeError/AttributeError, not just ImportError: "auto" must
     # fall back to SDPA, keep the reason, and a forced "triton" must report it.
-    kernels = hrperc.kernels
+    kernels = hrperc.attention.kernels
 
     def broken_import():
         raise RuntimeError("simulated broken Triton install: driver too old")
@@ -436,7 +436,7 @@ def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeyp
     with pytest.raises(NotImplementedError, match=expected):
         hrperc.attention.resolve_backend("triton", q, k, v, **kw)
     with pytest.raises(ImportError, match=r"could not import Triton \(RuntimeError: simulated") as info:
-        hrperc.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
+        hrperc.attention.kernels.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
                                        tile_size=(2, 3))  # fmt: skip
     assert isinstance(info.value.__cause__, RuntimeError)
     out = hrperc.attention.window_attention(q, k, v, grid, backend="auto", window="strided", q_order="contiguous",
@@ -448,7 +448,7 @@ def test_hrperc_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, hrperc\n"
-        "assert not hrperc.HAS_TRITON\n"
+        "assert not hrperc.attention.kernels.HAS_TRITON\n"
         "q = torch.randn(4, 9, 1, 16)\n"
         "kw = dict(window='strided', q_order='contiguous', kv_order='contiguous')\n"
         "assert hrperc.attention.window_attention(q, q, q, (2, 2), **kw).shape == q.shape\n"
@@ -545,7 +545,7 @@ def test_window_cross_attention_module_triton_vs_sdpa():
 
 def test_dem_end_to_end_triton_vs_sdpa():
     # Both directions of the released DEM (fusion + reduction) through the kernel vs through SDPA.
-    dem = hrperc.dem.DualPerspectiveEnhancement(dim=32, heads=2, skip_unread=False, reduction="avg").to(DEVICE)
+    dem = hrperc.modules.dem.DualPerspectiveEnhancement(dim=32, heads=2, skip_unread=False, reduction="avg").to(DEVICE)
     loc, glo = (torch.randn(2 * 4, 9, 32, device=DEVICE) for _ in range(2))
     results = {}
     for backend in ("triton", "sdpa"):

@@ -55,12 +55,12 @@ def build_vision(cfg, released: dict | None = None) -> tuple[nn.Module, int]:
         vit = VisionTransformer(num_classes=0, **{k: val for k, val in v.items() if k != "kind"})
         backbone = hrperc.wrap_backbone(vit)
     elif v["kind"] == "hf":
-        backbone = hrperc.create_encoder(f"hf:{v['path']}")
+        backbone = hrperc.create_backbone(f"hf:{v['path']}")
     else:
         raise ValueError(f"build_vision: vision kind {v['kind']!r} is not 'timm-tiny' or 'hf'.")
     if released is not None:
-        dem = hrperc.DualPerspectiveEnhancement.from_inf_llava(released, heads=cfg.dem.get("heads", 8))
+        dem = hrperc.pretrained.inf_llava.load_dem(released, heads=cfg.dem.get("heads", 8))
     else:
         dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, **cfg.dem)
-    encoder = hrperc.HighResEncoder.inf_llava(backbone, dem=dem, grid=tuple(cfg.grid))
+    encoder = hrperc.create_encoder("inf_llava", backbone, dem=dem, grid=tuple(cfg.grid))
     return encoder, backbone.hidden_size

@@ -380,7 +380,8 @@ def build_inf_llava(cfg: InfLlavaConfig, tokenizer, *, llm_dtype: torch.dtype | 
     DEM/projector weights (``cfg.inf_llava_weights``: ``spatial_embed.*``, ``mm_projector.*``) are loaded
     through ``DualPerspectiveEnhancement.from_inf_llava`` and ``load_inf_llava_projector``.
     """
-    from hrperc.projector import build_projector, load_inf_llava_projector
+    from hrperc.modules.projector import build_projector
+from hrperc.pretrained.inf_llava import load_projector as load_inf_llava_projector
 
     from ._vision import build_vision, released_weights
 

@@ -1,83 +1,52 @@
 """hrperc: high-resolution perception modules for multimodal LLMs (INF-LLaVA and friends).
 
-Pipeline, one module per stage: crop -> encode -> recombine -> enhance -> reduce -> project.
+The pipeline, stage by stage (``docs/architecture.md`` maps each stage to its file)::
+
+    image --crop--> sub-images --backbone--> tokens --recombine + enhance (DEM)--> reduce --> tokens to the LLM
+
+The top level holds one obvious way for each job; everything else lives in the subpackages
+(:mod:`hrperc.ops` pure tensor operations, :mod:`hrperc.modules` layers, :mod:`hrperc.attention`
+attention and its kernels, :mod:`hrperc.backbones`, :mod:`hrperc.recipes`, :mod:`hrperc.pretrained`).
+
+Example::
+
+    >>> import torch, hrperc
+    >>> x = torch.rand(2, 3, 1008, 1008)
+    >>> torch.equal(hrperc.stride_merge(hrperc.stride_crop(x, (3, 3)), (3, 3)), x)
+    True
 """
 
-from .attention import (
-    WindowCrossAttention,
-    attention_backend,
-    available_backends,
-    register_backend,
-    window_attention,
-    window_cross_attention,
-)
-from .backbones import VisionBackbone, create_encoder, wrap_backbone  # also binds hrperc.backbones
-from .crop import (
-    LocalCrop,
-    Recombine,
-    StrideGlobalCrop,
-    crop,
-    local_crop,
-    local_merge,
-    merge,
-    permute_windows,
-    stride_crop,
-    stride_merge,
-    window_permutation,
-)
-from .dem import DualPerspectiveEnhancement
-from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop, candidate_grids, select_grid
-from .encoder import EncoderOutput, HighResEncoder, TokenSegment
-from .fusion import Fusion
-from .kernels import HAS_TRITON, triton_window_attention  # also registers the "triton" attention backend
-from .projector import build_projector, load_inf_llava_projector
-from .reduction import reduce_tokens, reduction_footprint
+from . import attention, backbones, modules, ops, pretrained, recipes  # noqa: F401 - the subpackages, bound
+from .attention import WindowCrossAttention, attention_backend, window_attention
+from .backbones import create_backbone, wrap_backbone
+from .encoder import HighResEncoder
+from .modules import DualPerspectiveCrop, DualPerspectiveEnhancement, LocalCrop, Recombine, StrideGlobalCrop
+from .ops import local_crop, local_merge, permute_windows, stride_crop, stride_merge
+from .recipes import create_encoder, list_recipes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
     # crop / recombine (DCM)
-    "crop",
-    "merge",
     "local_crop",
     "stride_crop",
     "local_merge",
     "stride_merge",
-    "window_permutation",
     "permute_windows",
     "LocalCrop",
     "StrideGlobalCrop",
     "Recombine",
     "DualPerspectiveCrop",
-    "DualCrops",
-    "CropGeometry",
-    "select_grid",
-    "candidate_grids",
-    # backbones (encoder adapters)
-    "backbones",
-    "VisionBackbone",
-    "create_encoder",
-    "wrap_backbone",
-    # drop-in high-resolution encoder
-    "HighResEncoder",
-    "EncoderOutput",
-    "TokenSegment",
-    # fused Triton kernel (lazy: triton is imported on first use)
-    "kernels",
-    "HAS_TRITON",
-    "triton_window_attention",
-    # DEM: windowed cross-attention, fusion, reduction, projector
+    # enhance (DEM)
     "window_attention",
-    "window_cross_attention",
-    "WindowCrossAttention",
     "attention_backend",
-    "available_backends",
-    "register_backend",
+    "WindowCrossAttention",
     "DualPerspectiveEnhancement",
-    "Fusion",
-    "reduce_tokens",
-    "reduction_footprint",
-    "build_projector",
-    "load_inf_llava_projector",
+    # backbones
+    "create_backbone",
+    "wrap_backbone",
+    # the encoder and its named front ends
+    "HighResEncoder",
+    "create_encoder",
+    "list_recipes",
 ]

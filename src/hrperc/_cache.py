@@ -12,7 +12,9 @@ def tensor_cache(maxsize: int):
 
     The tensors are built outside inference mode: a first call under ``torch.inference_mode()`` must
     not cache inference tensors that a later training step would have to save for backward. Callers
-    only read the cached tensors (they are shared between calls).
+    only read the cached tensors (they are shared between calls). Under ``torch.compile`` the function
+    is traced instead of looked up, so its tensors become constants of the graph (a cache hit would
+    hand the compiler an opaque tensor built outside the trace).
 
     Example::
 
@@ -27,11 +29,17 @@ def tensor_cache(maxsize: int):
 
     def decorate(fn):
         @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(fn)
-        def cached(*args):
+        def lookup(*args):
             with torch.inference_mode(False):
                 return fn(*args)
 
+        @functools.wraps(fn)
+        def cached(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            return lookup(*args)
+
+        cached.cache_info, cached.cache_clear = lookup.cache_info, lookup.cache_clear
         return cached
 
     return decorate

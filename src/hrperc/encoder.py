@@ -24,8 +24,8 @@ tokens put back in image order by :func:`~hrperc.local_merge` / :func:`~hrperc.s
 
 Footprint-aware: the DEM's :meth:`required_subimages` says which sub-images its reduction can read
 at all; the others are never encoded and their features are zeros, which gives identical tokens
-(SPEC.md: the released 3x3 reduction reads only the centre strided sub-image, so 11 ViT passes replace
-19). ``encode_all=True`` encodes everything.
+(docs/released.md: the released 3x3 reduction reads only the centre strided sub-image, so 11 ViT passes
+replace 19). ``encode_all=True`` encodes everything.
 
 Pixels: float tensors are taken as RGB in ``[0, 1]``, uint8 tensors and PIL images are converted to
 that; cropping and resizing happen in ``[0, 1]`` space (``fill`` is a ``[0, 1]`` value) and the
@@ -45,23 +45,23 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from .backbones import VisionBackbone, create_encoder, wrap_backbone
-from .crop import local_merge, stride_merge
-from .dual_crop import CropGeometry, DualCrops, DualPerspectiveCrop
+from .backbones import VisionBackbone, create_backbone, wrap_backbone
+from .modules.dual_crop import DualCrops, DualPerspectiveCrop
+from .ops.canvas import CropGeometry
+from .ops.crop import local_merge, stride_merge
+from .ops.pixels import to_pixels
 
-__all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment", "to_pixels"]
+__all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment"]
 
 _COMBINES = ("mean", "concat", "none")
 # CPU chunking budget for max_batch="auto": tokens (rows of every ViT matmul) per backbone call.
-# 2048 = 3 ViT-L/14-336 tiles (577 tokens) or 10 ViT-B/16 tiles (197). Issue 5's targets: >= 0.95x the
-# speed of serial one-tile passes and <= 1.2x their peak memory.
+# 2048 = 3 ViT-L/14-336 tiles (577 tokens) or 10 ViT-B/16 tiles (197). The targets: >= 0.95x the
+# speed of serial one-tile passes and <= 1.2x their peak memory (docs/encoder.md).
 # * Speed: on the project CPU the batched/serial ratio grows with the chunk but is far above 1 after a
 #   few tiles (bench_encoder: ViT-L 7 tiles 1.47x, ViT-B 20 tiles 3.9x; a noisy depth-2 smoke run:
 #   ViT-B 10 tiles 2.9x vs 20 tiles 3.3x), so halving the chunk keeps a wide margin over 0.95x.
@@ -104,9 +104,10 @@ class EncoderOutput:
     """What :class:`HighResEncoder` returns.
 
     ``tokens``: ``(B, T, D)``, images with fewer tokens zero-padded at the end; ``token_mask``:
-    ``(B, T)`` bool, True on real tokens (all True unless the batch is ragged); ``num_tokens``: ``T_b``
-    per image; ``grids``: ``(gh, gw)`` per image; ``geometries``: :class:`CropGeometry` per image;
-    ``layout``: per image, the :class:`TokenSegment` runs that make up its tokens; ``valid_masks``: per
+    ``(B, T)`` bool, True on real tokens (all True unless the batch is ragged); ``geometries``:
+    :class:`~hrperc.ops.canvas.CropGeometry` per image (``grids`` reads them);
+    ``layout``: per image, the :class:`TokenSegment` runs that make up its tokens (``num_tokens``,
+    ``T_b`` per image, is where the last one stops); ``valid_masks``: per
     image, ``(gh*ht, gw*wt)`` bool, True where a canvas token covers image pixels (False on padding
     from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)``, or ``None``
     when no thumbnail was encoded (``thumbnail=False`` or ``combine="none"``);
@@ -116,8 +117,6 @@ class EncoderOutput:
 
     tokens: torch.Tensor
     token_mask: torch.Tensor
-    num_tokens: list[int]
-    grids: list[tuple[int, int]]
     geometries: list[CropGeometry]
     layout: list[tuple[TokenSegment, ...]]
     valid_masks: list[torch.Tensor]
@@ -125,62 +124,20 @@ class EncoderOutput:
     encoded: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def num_tokens(self) -> list[int]:
+        """``T_b``: real tokens of each image (the end of its last segment)."""
+        return [segments[-1].stop for segments in self.layout]
 
-# --- inputs ----------------------------------------------------------------------------------------
-def _one_to_pixels(img, name: str) -> torch.Tensor:
-    fn = "HighResEncoder"
-    if not isinstance(img, torch.Tensor):
-        try:
-            from PIL import Image
-        except ImportError:  # pragma: no cover - Pillow is a dependency
-            Image = None
-        if Image is not None and isinstance(img, Image.Image):
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-            return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-        if isinstance(img, np.ndarray):
-            raise TypeError(
-                f"{fn}: {name} is a numpy array; convert it with torch.from_numpy(a).permute(2, 0, 1) "
-                f"(HWC -> CHW) first."
-            )
-        raise TypeError(f"{fn}: {name} is a {type(img).__name__}; pass a tensor (C, H, W) or a PIL image.")
-    if img.ndim != 3:
-        raise ValueError(f"{fn}: {name} has shape {tuple(img.shape)}; expected one image (C, H, W).")
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    if img.shape[0] != 3:
-        raise ValueError(
-            f"{fn}: {name} has {img.shape[0]} channels (shape {tuple(img.shape)}); expected RGB (3, H, W). "
-            f"Drop the alpha channel (img[:3]) or convert the image to RGB."
-        )
-    if img.dtype == torch.uint8:
-        return img.float().div_(255.0)
-    if not img.is_floating_point():
-        raise TypeError(f"{fn}: {name} has dtype {img.dtype}; pass float images in [0, 1] or uint8 in [0, 255].")
-    return img
-
-
-def to_pixels(images) -> torch.Tensor | list[torch.Tensor]:
-    """Images as float RGB in ``[0, 1]``: a ``(B, 3, H, W)`` tensor, or a list of ``(3, H, W)`` tensors.
-
-    Accepts ``(B, C, H, W)`` / ``(C, H, W)`` float (taken as ``[0, 1]``) or uint8 tensors, PIL images, and
-    lists mixing them (sizes may differ). One-channel images are repeated to RGB.
-    """
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        if images.shape[0] == 0:
-            raise ValueError("HighResEncoder: images has batch size 0; pass at least one image.")
-        first = _one_to_pixels(images[0], "images[0]")  # validates channels and dtype
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        return images.expand(-1, 3, -1, -1) if first.shape[0] == 3 and images.shape[1] == 1 else images
-    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
-        if len(images) == 0:
-            raise ValueError("HighResEncoder: images is an empty list; pass at least one image.")
-        return [_one_to_pixels(img, f"images[{b}]") for b, img in enumerate(images)]
-    return _one_to_pixels(images, "images").unsqueeze(0)
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """``(gh, gw)`` of each image."""
+        return [geo.grid for geo in self.geometries]
 
 
 # --- the module ------------------------------------------------------------------------------------
-def _default_heads(dim: int) -> int:
+def default_heads(dim: int) -> int:
+    """The DEM's head count for width ``dim``: 8 (as released) when it divides ``dim``, else 4, 2, 1."""
     for heads in (8, 4, 2, 1):
         if dim % heads == 0:
             return heads
@@ -190,18 +147,21 @@ def _default_heads(dim: int) -> int:
 class HighResEncoder(nn.Module):
     """High-resolution encoder around any ViT backbone (see module docs for the pipeline and ``T``).
 
+    Named front ends (INF-LLaVA's among them) are built by :func:`hrperc.create_encoder`; this class
+    is the runner they configure, open to custom front ends.
+
     Args:
-        backbone: a :class:`VisionBackbone`, a timm / open_clip / transformers ViT (wrapped with
-            :func:`wrap_backbone`), or a :func:`create_encoder` name such as ``"open_clip:ViT-L-14-336-quickgelu"``.
-        grid: ``(gh, gw)``, ``"auto"`` (best fit under ``max_tiles``) or ``"floor"`` (the paper's rule).
-        max_tiles, min_tiles, fit, mode, antialias, fill, auto_rule: the cropping policy, see
-            :class:`DualPerspectiveCrop`; tiles are the backbone's native ``image_size``.
-        thumbnail: also encode the whole image resized to one tile (for ``combine="mean"/"concat"``;
-            with ``combine="none"`` its tokens would never reach the output, so :meth:`forward` does
-            not encode it and ``EncoderOutput.thumbnail_tokens`` is ``None``).
-        dem: a :class:`DualPerspectiveEnhancement`, ``"default"`` (a fresh one of the backbone's width with
-            the released configuration), or ``None`` (no enhancement; the sub-image tokens are returned).
-        combine: ``"mean"``, ``"concat"`` or ``"none"`` (see the token table).
+        backbone: a :class:`~hrperc.backbones.VisionBackbone`, a timm / open_clip / transformers ViT
+            (wrapped with :func:`~hrperc.wrap_backbone`), or a :func:`~hrperc.create_backbone` name such
+            as ``"open_clip:ViT-L-14-336-quickgelu"``.
+        crop: the cropping front end, a :class:`~hrperc.DualPerspectiveCrop` whose ``tile_size`` is the
+            backbone's native ``image_size`` (grid, fit, resampling, thumbnail); ``None`` (default):
+            ``DualPerspectiveCrop(grid=(3, 3), tile_size=backbone.image_size)``.
+        dem: a :class:`~hrperc.DualPerspectiveEnhancement`, ``"default"`` (a fresh one of the backbone's
+            width with the released configuration), or ``None`` (no enhancement; the sub-image tokens
+            are returned).
+        combine: ``"mean"``, ``"concat"`` or ``"none"`` (see the token table). With ``"none"`` the
+            thumbnail's tokens would never reach the output, so :meth:`forward` does not encode it.
         layer: backbone layer (default: the backbone's, -2).
         max_batch: at most this many sub-images per backbone call. ``"auto"`` (default): 32 on a GPU,
             where batching fills the device; on a CPU about 2048 tokens per call (3 tiles for
@@ -218,10 +178,7 @@ class HighResEncoder(nn.Module):
     def __init__(
         self,
         backbone,
-        grid=(3, 3),
-        max_tiles: int = 9,
-        min_tiles: int = 1,
-        thumbnail: bool = True,
+        crop: DualPerspectiveCrop | None = None,
         dem="default",
         combine: str = "mean",
         layer: int | None = None,
@@ -229,17 +186,24 @@ class HighResEncoder(nn.Module):
         encode_all: bool = False,
         train_backbone: bool = False,
         grad_checkpointing: bool = False,
-        fit: str = "resize",
-        mode: str = "bicubic",
-        antialias: bool = True,
-        fill: float = 0.0,
-        auto_rule: str = "resolution",
     ) -> None:
         super().__init__()
         fn = "HighResEncoder"
         if isinstance(backbone, str):
-            backbone = create_encoder(backbone)
+            backbone = create_backbone(backbone)
         self.backbone: VisionBackbone = wrap_backbone(backbone)
+        if crop is None:
+            crop = DualPerspectiveCrop(grid=(3, 3), tile_size=self.backbone.image_size)
+        elif not isinstance(crop, DualPerspectiveCrop):
+            raise TypeError(
+                f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop (or None for the default 3x3 "
+                f"grid), e.g. crop=DualPerspectiveCrop(grid='auto', tile_size={self.backbone.image_size})."
+            )
+        elif crop.tile_size != self.backbone.image_size:
+            raise ValueError(
+                f"{fn}: crop has tile_size={crop.tile_size} but the backbone takes {self.backbone.image_size} "
+                f"tiles (its native image_size). Build the crop with tile_size={self.backbone.image_size}."
+            )
         if combine not in _COMBINES:
             raise ValueError(f"{fn}: combine={combine!r} is not one of {_COMBINES}.")
         if dem is None and combine == "mean":
@@ -247,10 +211,10 @@ class HighResEncoder(nn.Module):
                 f"{fn}: combine='mean' averages the DEM's tokens with the thumbnail's, but dem=None. Pass "
                 f"dem='default' (or a DualPerspectiveEnhancement), or combine='concat'/'none'."
             )
-        if combine == "mean" and not thumbnail:
+        if combine == "mean" and not crop.thumbnail:
             raise ValueError(
-                f"{fn}: combine='mean' averages with the thumbnail's tokens, but thumbnail=False. Pass "
-                f"thumbnail=True or combine='none'."
+                f"{fn}: combine='mean' averages with the thumbnail's tokens, but the crop has thumbnail=False. "
+                f"Build the crop with thumbnail=True, or pass combine='none'."
             )
         if max_batch != "auto" and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
             raise ValueError(
@@ -261,30 +225,18 @@ class HighResEncoder(nn.Module):
 
             resolve_layer(layer, self.backbone.num_layers, fn)
         self.layer = self.backbone.layer if layer is None else int(layer)
-        self.crop = DualPerspectiveCrop(
-            grid=grid,
-            tile_size=self.backbone.image_size,
-            max_tiles=max_tiles,
-            min_tiles=min_tiles,
-            fit=fit,
-            mode=mode,
-            antialias=antialias,
-            fill=fill,
-            thumbnail=thumbnail,
-            auto_rule=auto_rule,
-        )
+        self.crop = crop
         if isinstance(dem, str) and dem == "default":
-            from .dem import DualPerspectiveEnhancement
+            from .modules.dem import DualPerspectiveEnhancement
 
-            dem = DualPerspectiveEnhancement(self.backbone.hidden_size, heads=_default_heads(self.backbone.hidden_size))
+            dem = DualPerspectiveEnhancement(self.backbone.hidden_size, heads=default_heads(self.backbone.hidden_size))
         elif dem is not None and not isinstance(dem, nn.Module):
             raise TypeError(
                 f"{fn}: dem={type(dem).__name__}; pass a DualPerspectiveEnhancement, 'default' or None. To load "
-                f"released weights use DualPerspectiveEnhancement.from_inf_llava(path)."
+                f"released weights use hrperc.pretrained.inf_llava.load_dem(path)."
             )
         self.dem = dem
         self.combine = combine
-        self.thumbnail = bool(thumbnail)
         self.max_batch = max_batch
         self.encode_all = bool(encode_all)
         self.train_backbone = bool(train_backbone)
@@ -293,51 +245,10 @@ class HighResEncoder(nn.Module):
         if not self.train_backbone:
             self.backbone.eval()
 
-    # --- presets ---------------------------------------------------------------------------------
-    @classmethod
-    def inf_llava(cls, backbone, dem=None, **overrides) -> HighResEncoder:
-        """The released INF-LLaVA front end: 3x3 grid of native tiles (1008 px for ViT-L/14-336),
-        bicubic resizing without antialias (thumbnail included), layer -2, released DEM, mean with the
-        thumbnail: 576 tokens for ViT-L/14-336.
-
-        ``dem``: ``None`` (a fresh released-configuration DEM), a :class:`DualPerspectiveEnhancement`,
-        or a released checkpoint (state dict or path) for ``DualPerspectiveEnhancement.from_inf_llava``.
-
-        Example::
-
-            >>> vit = hrperc.create_encoder(                            # doctest: +SKIP
-            ...     "open_clip:ViT-L-14-336-quickgelu", pretrained="/ckpt/openai-clip-l14-336.bin")
-            >>> enc = HighResEncoder.inf_llava(vit)                     # doctest: +SKIP
-            >>> enc.num_tokens((1008, 1008))                            # doctest: +SKIP
-            576
-
-        The released model uses OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: in open_clip that
-        is the ``ViT-L-14-336-quickgelu`` config (``ViT-L-14-336`` is the GELU variant and gives wrong
-        features with OpenAI weights), in timm ``vit_large_patch14_clip_quickgelu_336``; a Hugging Face
-        ``hf:<dir>`` checkpoint reads the activation from its ``config.json``.
-        """
-        from .dem import DualPerspectiveEnhancement
-
-        if isinstance(backbone, str):
-            backbone = create_encoder(backbone)
-        backbone = wrap_backbone(backbone)
-        if dem is None:
-            dem = DualPerspectiveEnhancement(backbone.hidden_size, heads=_default_heads(backbone.hidden_size))
-        elif not isinstance(dem, nn.Module):
-            dem = DualPerspectiveEnhancement.from_inf_llava(dem)
-        kw = dict(
-            grid=(3, 3),
-            max_tiles=9,
-            thumbnail=True,
-            dem=dem,
-            combine="mean",
-            layer=-2,
-            fit="resize",
-            mode="bicubic",
-            antialias=False,
-        )
-        kw.update(overrides)
-        return cls(backbone, **kw)
+    @property
+    def thumbnail(self) -> bool:
+        """Whether the crop makes a thumbnail (the whole image resized to one tile)."""
+        return self.crop.thumbnail
 
     def extra_repr(self) -> str:
         return (
@@ -515,8 +426,6 @@ class HighResEncoder(nn.Module):
         return EncoderOutput(
             tokens=tokens,
             token_mask=token_mask,
-            num_tokens=counts,
-            grids=[geo.grid for geo in geos],
             geometries=list(geos),
             layout=[self._layout(geo.grid) for geo in geos],
             valid_masks=[geo.valid_mask((ph, pw)) for geo in geos],

@@ -1,11 +1,11 @@
-"""ViT backbones behind one protocol, :class:`VisionBackbone`; build by name with :func:`create_encoder`.
+"""ViT backbones behind one protocol, :class:`VisionBackbone`; build by name with :func:`create_backbone`.
 
 One file per family: ``timm_vit`` (timm), ``open_clip_vit`` (open_clip), ``hf_vit`` (transformers);
 ``base`` holds the protocol, ``factory`` the name-based builder and :func:`wrap_backbone`.
 """
 
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, resolve_layer
-from .factory import create_encoder, wrap_backbone
+from .factory import create_backbone, wrap_backbone
 from .hf_vit import HFBackbone
 from .open_clip_vit import OpenClipBackbone
 from .timm_vit import TimmBackbone
@@ -15,7 +15,7 @@ __all__ = [
     "TimmBackbone",
     "OpenClipBackbone",
     "HFBackbone",
-    "create_encoder",
+    "create_backbone",
     "wrap_backbone",
     "resolve_layer",
     "OPENAI_CLIP_MEAN",

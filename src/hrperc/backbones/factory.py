@@ -21,10 +21,11 @@ Nothing is ever downloaded. ``pretrained=None`` gives random weights (``backbone
 Example::
 
     >>> import hrperc
-    >>> bb = hrperc.create_encoder("timm:vit_base_patch16_224")           # random weights
+    >>> bb = hrperc.create_backbone("timm:vit_base_patch16_224")           # random weights
     >>> bb.image_size, bb.patch_size, bb.hidden_size, bb.num_prefix_tokens
     ((224, 224), (16, 16), 768, 1)
-    >>> bb = hrperc.create_encoder("open_clip:ViT-L-14-336-quickgelu", pretrained="/ckpt/l14-336.bin")  # doctest: +SKIP
+    >>> bb = hrperc.create_backbone(                                                  # doctest: +SKIP
+    ...     "open_clip:ViT-L-14-336-quickgelu", pretrained="/ckpt/l14-336.bin")
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .hf_vit import HFBackbone, hf_vision_transformer
 from .open_clip_vit import OpenClipBackbone, is_open_clip_vit
 from .timm_vit import TimmBackbone, is_timm_vit
 
-__all__ = ["create_encoder", "wrap_backbone"]
+__all__ = ["create_backbone", "wrap_backbone"]
 
 _FAMILIES = {
     "timm": "timm",
@@ -116,7 +117,7 @@ def _warn_quickgelu_open_clip(open_clip, name: str, path: str | None, kw: dict) 
         return
     fix = f"'open_clip:{twin}' (or force_quick_gelu=True)"
     warnings.warn(
-        _QUICKGELU_MSG.format(fn="create_encoder", path=path, family="open_clip", name=name, why=why, fix=fix),
+        _QUICKGELU_MSG.format(fn="create_backbone", path=path, family="open_clip", name=name, why=why, fix=fix),
         UserWarning,
         stacklevel=4,
     )
@@ -137,14 +138,14 @@ def _warn_quickgelu_timm(timm, name: str, path: str | None) -> None:
     else:
         return
     warnings.warn(
-        _QUICKGELU_MSG.format(fn="create_encoder", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'"),
+        _QUICKGELU_MSG.format(fn="create_backbone", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'"),
         UserWarning,
         stacklevel=4,
     )
 
 
 def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
-    fn = "create_encoder"
+    fn = "create_backbone"
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
@@ -173,7 +174,7 @@ def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBack
 
 
 def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
-    fn = "create_encoder"
+    fn = "create_backbone"
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - open_clip is a dependency
@@ -250,7 +251,7 @@ def _read_preprocessor(folder: Path):
 
 
 def _create_hf(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
-    fn = "create_encoder"
+    fn = "create_backbone"
     try:
         import transformers
     except ImportError as e:
@@ -290,7 +291,7 @@ def _create_hf(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbo
     )
 
 
-def create_encoder(
+def create_backbone(
     name: str, pretrained=None, layer: int = -2, mean=None, std=None, **kwargs
 ) -> VisionBackbone:
     """Build a ViT backbone by ``"family:name"`` and wrap it as a :class:`VisionBackbone` (see module docs).
@@ -305,7 +306,7 @@ def create_encoder(
 
     Returns: a :class:`VisionBackbone`; its ``features((N, 3, h, w)) -> (N, ht*wt, D)``.
     """
-    fn = "create_encoder"
+    fn = "create_backbone"
     if not isinstance(name, str):
         raise TypeError(
             f"{fn}: name={name!r} must be a string. {_USAGE} To wrap a model object use wrap_backbone."

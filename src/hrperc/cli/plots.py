@@ -3,18 +3,28 @@
 Example::
 
     >>> import torch, hrperc
-    >>> from hrperc.viz import plot_crops
+    >>> from hrperc.cli.plots import plot_crops
     >>> crops = hrperc.DualPerspectiveCrop(grid=(2, 2), tile_size=64)(torch.rand(1, 3, 128, 128))
     >>> fig = plot_crops(torch.rand(3, 128, 128), crops)      # matplotlib Figure
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from .dual_crop import DualCrops
+from ..modules.dual_crop import DualCrops
 
-__all__ = ["plot_crops", "to_display"]
+__all__ = ["plot_crops", "to_display", "has_matplotlib", "PLOT_EXTRA"]
+
+#: How to get the pictures: the extra that installs matplotlib.
+PLOT_EXTRA = "pip install 'hrperc[plot]'"
+
+
+def has_matplotlib() -> bool:
+    """Whether matplotlib is installed (the pictures need it; nothing else does)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plt():
@@ -24,7 +34,7 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("hrperc.viz needs matplotlib: pip install 'hrperc[plot]' (or matplotlib).") from e
+        raise ImportError(f"hrperc's pictures need matplotlib: {PLOT_EXTRA} (or pip install matplotlib).") from e
     return plt
 
 

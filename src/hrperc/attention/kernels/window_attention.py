@@ -7,21 +7,18 @@ order. These kernels instead read each window's queries, keys and values straigh
 stacks by index arithmetic and write the output straight into the requested order, so no window
 tensor, map, or permutation index is ever materialised.
 
-File order (flash-attn style): plain-torch reference -> ``@triton.jit`` index helper, forward kernel
+File order (flash-attn style; the plain-torch reference is
+:func:`hrperc.attention.reference.reference_window_attention`): ``@triton.jit`` index helper (the
+window maths of :mod:`hrperc.ops.geometry`, compiled), forward kernel
 (online softmax in base 2, log-sum-exp saved) -> backward kernels (``delta = rowsum(dO*O)``, dQ,
 dK/dV; flash-attention-2) -> launchers -> ``torch.library`` custom ops with fake and autograd
 registrations -> typed public function :func:`triton_window_attention`.
 
-Index arithmetic (``grid = (gh, gw)``, tiles ``(th, tw)``, map ``(gh*th, gw*tw)``; window
-``w = a*gw + e``, token ``t = u*tw + v``):
+Index arithmetic: :func:`hrperc.ops.geometry.map_position` and
+:func:`~hrperc.ops.geometry.window_of`, compiled with ``triton.jit`` (see that module's table); a
+row-major map holds position ``(R, C)`` at row ``R*gw*tw + C``.
 
-* map position of token ``t`` of window ``w``: contiguous ``(a*th + u, e*tw + v)``; strided
-  ``(a + u*gh, e + v*gw)``;
-* where map position ``(R, C)`` lives: contiguous stack ``k = (R//th)*gw + C//tw``,
-  ``t = (R%th)*tw + C%tw``; strided stack ``k = (R%gh)*gw + C%gw``, ``t = (R//gh)*tw + C//gw``;
-  row-major map row ``R*gw*tw + C``.
-
-This module needs Triton; ``hrperc.kernels`` imports it only when Triton is installed.
+This module needs Triton; ``hrperc.attention.kernels`` imports it on first use, when Triton is installed.
 """
 
 from __future__ import annotations
@@ -29,29 +26,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from .._validation import as_grid, as_pair
-from ..crop import crop, merge
+from ..._validation import as_grid
+from ...ops import geometry
+from ...ops.geometry import ORDER_CODE as _ORDER_CODE
+from ...ops.geometry import Order, WindowKind, check_kind, check_order, infer_tile_size
 
-__all__ = [
-    "window_attention_reference",
-    "triton_window_attention",
-    "triton_supports",
-    "WINDOW_KINDS",
-    "ORDERS",
-]
+__all__ = ["triton_window_attention", "triton_supports"]
 
-WindowKind = Literal["contiguous", "strided"]
-Order = Literal["contiguous", "strided", "map"]
-
-WINDOW_KINDS = ("contiguous", "strided")
-ORDERS = ("contiguous", "strided", "map")
-_ORDER_CODE = {"contiguous": 0, "strided": 1, "map": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -62,68 +48,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plain-torch reference (any dtype, float64 included). Independent of hrperc.attention on purpose.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _to_window_stack(x, grid, tile_size, order: str, window: str) -> torch.Tensor:
-    """``x`` in ``order`` ((B*N, T, H, D) or map (B, L, H, D)) -> (B*N, T, H, D) in ``window`` order."""
-    gh, gw = grid
-    th, tw = tile_size
-    heads, dim = x.shape[-2:]
-    flat = x.reshape(*x.shape[:2], heads * dim)
-    if order != "map":
-        if order == window:
-            return x
-        flat = merge(flat, grid, order, layout="nlc", tile_size=tile_size)
-    out = crop(flat, grid, window, layout="nlc", size=(gh * th, gw * tw))
-    return out.reshape(out.shape[0], th * tw, heads, dim)
-
-
-def _from_window_stack(x, grid, tile_size, window: str, order: str) -> torch.Tensor:
-    """Inverse of :func:`_to_window_stack`: (B*N, T, H, D) in ``window`` order -> ``order``."""
-    gh, gw = grid
-    th, tw = tile_size
-    heads, dim = x.shape[-2:]
-    if order == window:
-        return x
-    flat = merge(x.reshape(*x.shape[:2], heads * dim), grid, window, layout="nlc", tile_size=tile_size)
-    if order != "map":
-        flat = crop(flat, grid, order, layout="nlc", size=(gh * th, gw * tw))
-    return flat.reshape(*flat.shape[:2], heads, dim)
-
-
-def window_attention_reference(
-    q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None, scale=None
-) -> torch.Tensor:
-    """Plain-torch per-window attention with the exact semantics of :func:`triton_window_attention`.
-
-    Builds the window stacks with ``crop(merge(.))`` and runs softmax attention in the inputs' dtype
-    (float64 gives the ground truth the kernels are tested against). Shapes as in
-    :func:`triton_window_attention`.
-
-    Example::
-
-        >>> q = k = v = torch.randn(4, 9, 2, 16, dtype=torch.float64)   # grid 2x2, 3x3 tokens
-        >>> window_attention_reference(q, k, v, (2, 2), window="strided", q_order="contiguous",
-        ...                            kv_order="strided").shape
-        torch.Size([4, 9, 2, 16])
-    """
-    grid = as_grid(grid, "window_attention_reference")
-    tile_size = _resolve_tile_size(q, grid, q_order, tile_size, "window_attention_reference")
-    out_order = window if out_order is None else out_order
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qw = _to_window_stack(q, grid, tile_size, q_order, window)
-    kw = _to_window_stack(k, grid, tile_size, kv_order, window)
-    vw = _to_window_stack(v, grid, tile_size, kv_order, window)
-    scores = torch.einsum("nqhd,nkhd->nhqk", qw, kw) * scale
-    out = torch.einsum("nhqk,nkhd->nqhd", scores.softmax(dim=-1), vw)
-    return _from_window_stack(out, grid, tile_size, window, out_order)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
+
+
+# The window index maths of hrperc.ops.geometry, compiled: one definition for Python, torch and Triton.
+_window_of = triton.jit(geometry.window_of)
+_map_position = triton.jit(geometry.map_position)
 
 
 @triton.jit
@@ -149,24 +80,11 @@ def _token_offsets(
         win = w
         tok = t
     else:
-        a = w // GW
-        e = w % GW
-        u = t // TW
-        v = t % TW
-        if WINDOW == 0:
-            row = a * TH + u
-            col = e * TW + v
-        else:
-            row = a + u * GH
-            col = e + v * GW
-        if ORDER == 0:
-            win = (row // TH) * GW + col // TW
-            tok = (row % TH) * TW + col % TW
-        elif ORDER == 1:
-            win = (row % GH) * GW + col % GW
-            tok = (row // GH) * TW + col // GW
-        else:
+        row, col = _map_position(w, t, GH, GW, TH, TW, WINDOW)
+        if ORDER == 2:
             tok = row * (GW * TW) + col  # map row; the map has no window stride
+        else:
+            win, tok = _window_of(row, col, GH, GW, TH, TW, ORDER)
     if ORDER == 2:
         off = tok.to(tl.int64) * stride_tok
     else:
@@ -696,15 +614,7 @@ def _resolve_tile_size(q, grid, q_order, tile_size, fn):
             f"N = gh*gw = {n} windows. Pass the grid the map was recombined with."
         )
     tokens = q.shape[1] // n if q_order == "map" else q.shape[1]
-    if tile_size is not None:
-        return as_pair(tile_size, "tile_size", fn)
-    side = int(round(tokens**0.5))
-    if side * side != tokens:
-        raise ValueError(
-            f"{fn}: q has shape {tuple(q.shape)}, i.e. {tokens} tokens per window, which is not a perfect "
-            f"square, so the window's (rows, cols) cannot be inferred. Pass tile_size=(th, tw)."
-        )
-    return side, side
+    return infer_tile_size(tokens, tile_size, fn=fn, shape=tuple(q.shape), what="tokens per window")
 
 
 def _expected_shape(order, batch, n, t, heads, dim):
@@ -722,11 +632,9 @@ def _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, sc
             )
         if x.dtype not in _DTYPES:
             raise TypeError(f"{fn}: {name} has dtype {x.dtype}; the kernel supports {_DTYPES}. Cast the input.")
-    if window not in WINDOW_KINDS:
-        raise ValueError(f"{fn}: window={window!r} is not one of {WINDOW_KINDS}.")
+    check_kind(window, "window", fn)
     for name, order in (("q_order", q_order), ("kv_order", kv_order), ("out_order", out_order)):
-        if order not in ORDERS:
-            raise ValueError(f"{fn}: {name}={order!r} is not one of {ORDERS}.")
+        check_order(order, name, fn)
     if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
         raise ValueError(
             f"{fn}: q, k, v must share dtype and device, got {q.dtype}/{q.device}, {k.dtype}/{k.device}, "
@@ -818,8 +726,7 @@ def triton_window_attention(
     out_order = window if out_order is None else out_order
     if not isinstance(q, torch.Tensor) or q.ndim != 4:
         _validate(q, k, v, grid, window, q_order, kv_order, out_order, (1, 1), scale, fn)
-    if q_order not in ORDERS:
-        raise ValueError(f"{fn}: q_order={q_order!r} is not one of {ORDERS}.")
+    check_order(q_order, "q_order", fn)
     tile_size = _resolve_tile_size(q, grid, q_order, tile_size, fn)
     _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, scale, fn)
     reason = triton_supports(q)

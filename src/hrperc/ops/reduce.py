@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._cache import tensor_cache
-from ._validation import as_pair
+from .._cache import tensor_cache
+from .._validation import as_pair
 
 __all__ = [
     "ReductionMode",
@@ -274,10 +274,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _taps(x: torch.Tensor, idx, w, dim: int) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        kind, index, weight = _tap_tensors(idx, w, x.shape[dim], x.device, x.dtype)  # constants in the graph
-    else:
-        kind, index, weight = _cached_tap_tensors(idx, w, x.shape[dim], x.device, x.dtype)
+    kind, index, weight = _cached_tap_tensors(idx, w, x.shape[dim], x.device, x.dtype)
     if kind == "identity":
         return x
     if kind == "select":

@@ -1,4 +1,5 @@
-"""Vision-to-language projectors with LLaVA's names, and INF-LLaVA's released ``mm_projector`` loader.
+"""Vision-to-language projectors with LLaVA's names (INF-LLaVA's released loader:
+:func:`hrperc.pretrained.inf_llava.load_projector`).
 
 ``build_projector("mlp2x_gelu", 1024, 4096)`` is LLaVA's ``Linear -> GELU -> Linear``;
 ``"mlp{n}x_gelu"`` stacks ``n`` Linears with GELU between; ``"linear"`` is one Linear; ``"identity"``
@@ -19,9 +20,7 @@ import re
 
 from torch import nn
 
-from .weights import check_state_dict, load_state_dict, select_prefixed
-
-__all__ = ["build_projector", "load_inf_llava_projector"]
+__all__ = ["build_projector"]
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -64,32 +63,3 @@ def build_projector(kind: str, in_dim: int, out_dim: int, *, device=None, dtype=
     for _ in range(int(match.group(1)) - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim, **kw)]
     return nn.Sequential(*layers)
-
-
-def load_inf_llava_projector(state_dict_or_path, *, allow_pickle: bool = False, device=None, dtype=None) -> nn.Module:
-    """Build INF-LLaVA's ``mlp2x_gelu`` projector from ``mm_projector.{0,2}.{weight,bias}`` and load it.
-
-    Accepts a state dict or a weight file (safetensors; torch files with ``weights_only=True`` unless
-    ``allow_pickle=True``). Keys may carry any prefix ending in ``mm_projector.``; other keys of a
-    full checkpoint are then ignored. Sizes are read from the weights (1024 -> 4096 as released).
-
-    Example::
-
-        >>> import torch
-        >>> sd = {"model.mm_projector.0.weight": torch.randn(32, 16), "model.mm_projector.0.bias": torch.zeros(32),
-        ...       "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.zeros(32)}
-        >>> load_inf_llava_projector(sd)(torch.randn(1, 5, 16)).shape
-        torch.Size([1, 5, 32])
-    """
-    fn = "load_inf_llava_projector"
-    sd = select_prefixed(load_state_dict(state_dict_or_path, allow_pickle=allow_pickle, fn=fn), "mm_projector.", fn)
-    w0 = sd.get("0.weight")
-    if w0 is None or w0.ndim != 2:
-        raise ValueError(
-            f"{fn}: no 'mm_projector.0.weight' (2-D) in the weights; found keys {sorted(sd)[:8]}. Expected "
-            "mm_projector.{0,2}.{weight,bias} (LLaVA mlp2x_gelu)."
-        )
-    proj = build_projector("mlp2x_gelu", w0.shape[1], w0.shape[0], device=device, dtype=dtype)
-    check_state_dict(sd, {k: v.shape for k, v in proj.state_dict().items()}, fn)
-    proj.load_state_dict(sd, strict=True)
-    return proj

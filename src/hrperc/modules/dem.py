@@ -35,20 +35,20 @@ Example::
 
 from __future__ import annotations
 
-import functools
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cache import tensor_cache
-from ._validation import as_grid, as_pair
-from .attention import WindowCrossAttention, _tile_from_tokens, forced_backend, query_subset_fn, resolve_backend
-from .crop import merge
+from .._validation import as_grid, as_pair
+from ..attention.dispatch import forced_backend, resolve_backend
+from ..attention.module import WindowCrossAttention
+from ..ops.crop import merge
+from ..ops.dem_plan import Plan, plan_for, plan_indices, required_subimages
+from ..ops.geometry import check_window_stacks
+from ..ops.reduce import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens
 from .fusion import FUSIONS, Fusion, FusionMode
-from .reduction import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens, reduction_plan
-from .weights import check_state_dict, load_state_dict, select_prefixed
 
 __all__ = ["DualPerspectiveEnhancement", "PAIRINGS", "DIRECTIONS"]
 
@@ -59,159 +59,6 @@ Directions = Literal["both", "global", "local", "none"]
 
 # Which window kind each direction attends in: (global-as-query, local-as-query).
 _WINDOWS = {"released": ("contiguous", "strided"), "paper": ("strided", "contiguous")}
-_ORDER = {"local": "contiguous", "global": "strided"}  # native window order of each ViT stack
-
-
-# ----------------------------------------------------------------------------------------------------
-# Index plans (pure Python on small per-axis lists; tensors are built from them per device)
-
-
-def _axis_window(r: int, g: int, t: int, kind: str) -> tuple[int, int]:
-    """Map row ``r`` -> (window row, row inside the window) for windows of ``kind``."""
-    return (r // t, r % t) if kind == "contiguous" else (r % g, r // g)
-
-
-def _axis_coord(a: int, u: int, g: int, t: int, kind: str) -> int:
-    return a * t + u if kind == "contiguous" else u * g + a
-
-
-class _Axis(NamedTuple):
-    g: int  # grid size along the axis
-    t: int  # tile size along the axis
-    stride_k: int  # flat-index stride of the sub-image coordinate along this axis
-    stride_u: int  # flat-index stride of the in-tile coordinate along this axis
-
-    def native(self, r: int, order: str) -> int:
-        """This axis' share of the flat (per image) index of map row/col ``r`` in a stack of ``order``."""
-        k, u = _axis_window(r, self.g, self.t, order)
-        return k * self.stride_k + u * self.stride_u
-
-
-class _AxisDir(NamedTuple):
-    slots: tuple[int, ...]  # per (touched window, slot): native index of the query (this axis' share)
-    select: tuple[int, ...]  # per read coordinate: its slot position (this axis' share)
-    kv: tuple[int, ...]  # per (touched window, token): native kv index share
-    windows: tuple[int, ...]  # touched window coordinates
-    m: int  # query slots per window
-
-
-def _groups(read: tuple[int, ...], ax: _Axis, window: str) -> dict[int, list[int]]:
-    """Read coordinates (their positions ``j`` in ``read``) grouped by the window they fall in."""
-    groups: dict[int, list[int]] = {}
-    for j, r in enumerate(read):
-        groups.setdefault(_axis_window(r, ax.g, ax.t, window)[0], []).append(j)
-    return groups
-
-
-def _axis_direction(read, ax: _Axis, window: str, q_order: str, kv_order: str, select_strides) -> _AxisDir:
-    groups = _groups(read, ax, window)
-    touched = tuple(sorted(groups))
-    m = max(len(v) for v in groups.values())
-    slots, pos = [], {}
-    for ia, a in enumerate(touched):
-        js = groups[a] + [groups[a][0]] * (m - len(groups[a]))  # pad with a duplicate query, dropped later
-        for s, j in enumerate(js):
-            slots.append(ax.native(read[j], q_order))
-            pos.setdefault(j, (ia, s))
-    kv = tuple(ax.native(_axis_coord(a, u, ax.g, ax.t, window), kv_order) for a in touched for u in range(ax.t))
-    sw, ss = select_strides
-    select = tuple(pos[j][0] * sw + pos[j][1] * ss for j in range(len(read)))
-    return _AxisDir(tuple(slots), select, kv, touched, m)
-
-
-class _DirPlan(NamedTuple):
-    window: str
-    q_order: str
-    kv_order: str
-    rows: _AxisDir
-    cols: _AxisDir
-    kv_subimages: tuple[int, ...] | None  # kv stack already in window order: which sub-images to take
-
-
-class _Plan(NamedTuple):
-    key: tuple
-    reads_all: bool  # the footprint is every token: nothing to skip
-    read_rows: tuple[int, ...]
-    read_cols: tuple[int, ...]
-    read_local: tuple[tuple[int, ...], tuple[int, ...]]  # native index shares of read positions, local stack
-    read_global: tuple[tuple[int, ...], tuple[int, ...]]
-    glob: _DirPlan | None  # global-as-query direction
-    loc: _DirPlan | None  # local-as-query direction
-    reduction: object  # ReductionPlan
-
-
-@functools.lru_cache(maxsize=64)
-def _build_plan(grid, tile, out_hw, mode, windows, directions) -> _Plan:
-    (gh, gw), (th, tw) = grid, tile
-    t = th * tw
-    red = reduction_plan((gh * th, gw * tw), out_hw, mode)
-    rows_ax = _Axis(gh, th, gw * t, tw)
-    cols_ax = _Axis(gw, tw, t, 1)
-    rr, rc = red.rows, red.cols
-
-    def read_shares(order):
-        return tuple(rows_ax.native(r, order) for r in rr), tuple(cols_ax.native(c, order) for c in rc)
-
-    def direction(query: str, window: str) -> _DirPlan:
-        q_order, kv_order = _ORDER[query], _ORDER["global" if query == "local" else "local"]
-        # Query slots are ordered (row window, col window, row slot, col slot); the flat slot of a read
-        # position is a row share plus a column share.
-        g_r, g_c = _groups(rr, rows_ax, window), _groups(rc, cols_ax, window)
-        m_r, m_c, n_c = max(map(len, g_r.values())), max(map(len, g_c.values())), len(g_c)
-        rows = _axis_direction(rr, rows_ax, window, q_order, kv_order, (n_c * m_r * m_c, m_c))
-        cols = _axis_direction(rc, cols_ax, window, q_order, kv_order, (m_r * m_c, 1))
-        sub = None
-        if kv_order == window:
-            sub = tuple(a * gw + e for a in rows.windows for e in cols.windows)
-        return _DirPlan(window, q_order, kv_order, rows, cols, sub)
-
-    w_g, w_l = windows
-    glob = direction("global", w_g) if directions in ("both", "global") else None
-    loc = direction("local", w_l) if directions in ("both", "local") else None
-    key = (grid, tile, out_hw, mode, windows, directions)
-    reads_all = len(rr) == gh * th and len(rc) == gw * tw
-    return _Plan(key, reads_all, rr, rc, read_shares("contiguous"), read_shares("strided"), glob, loc, red)
-
-
-@torch._dynamo.assume_constant_result
-def _plan_for(grid, tile, out_hw, mode, windows, directions) -> _Plan:
-    return _build_plan(grid, tile, out_hw, mode, windows, directions)
-
-
-def _outer(rows: tuple[int, ...], cols: tuple[int, ...], device) -> torch.Tensor:
-    r = torch.tensor(rows, device=device)
-    c = torch.tensor(cols, device=device)
-    return (r[:, None] + c[None, :]).reshape(-1)
-
-
-def _window_index(rows: _AxisDir, cols: _AxisDir, field: str, per_window_r: int, per_window_c: int, device):
-    """(n_r*n_c*per_r*per_c,) index, window-major (row windows, col windows), then row, col inside."""
-    r = torch.tensor(getattr(rows, field), device=device).view(len(rows.windows), per_window_r)
-    c = torch.tensor(getattr(cols, field), device=device).view(len(cols.windows), per_window_c)
-    return (r[:, None, :, None] + c[None, :, None, :]).reshape(-1)
-
-
-def _make_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
-    idx = {
-        "read_local": _outer(*plan.read_local, device),
-        "read_global": _outer(*plan.read_global, device),
-    }
-    for name, dp in (("glob", plan.glob), ("loc", plan.loc)):
-        if dp is None:
-            continue
-        idx[f"{name}_q"] = _window_index(dp.rows, dp.cols, "slots", dp.rows.m, dp.cols.m, device)
-        idx[f"{name}_select"] = _outer(dp.rows.select, dp.cols.select, device)
-        if dp.kv_subimages is None:
-            t_r, t_c = len(dp.rows.kv) // len(dp.rows.windows), len(dp.cols.kv) // len(dp.cols.windows)
-            idx[f"{name}_kv"] = _window_index(dp.rows, dp.cols, "kv", t_r, t_c, device)
-        else:
-            idx[f"{name}_kv"] = torch.tensor(dp.kv_subimages, device=device)
-    return idx
-
-
-@tensor_cache(maxsize=64)
-def _cached_indices(plan: _Plan, device) -> dict[str, torch.Tensor]:
-    return _make_indices(plan, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,8 +183,8 @@ class DualPerspectiveEnhancement(nn.Module):
         oh, ow = self._out_hw((gh, gw), (th, tw)) or (gh * th, gw * tw)
         return oh * ow
 
-    def _plan(self, grid, tile) -> _Plan:
-        return _plan_for(grid, tile, self._out_hw(grid, tile), self.reduction, self.windows, self.directions)
+    def _plan(self, grid, tile) -> Plan:
+        return plan_for(grid, tile, self._out_hw(grid, tile), self.reduction, self.windows, self.directions)
 
     def required_subimages(self, grid, tile_size) -> tuple[torch.Tensor, torch.Tensor]:
         """Which local and which strided sub-images can reach the output: two ``(N,)`` bool tensors.
@@ -357,58 +204,24 @@ class DualPerspectiveEnhancement(nn.Module):
         n = gh * gw
         if not self._can_skip():
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-        plan = self._plan((gh, gw), (th, tw))
-        need = {"local": torch.zeros(gh, gw, dtype=torch.bool), "global": torch.zeros(gh, gw, dtype=torch.bool)}
-
-        def mark(which: str, rows, cols):
-            order = _ORDER[which]
-            kr = sorted({_axis_window(r, gh, th, order)[0] for r in rows})
-            kc = sorted({_axis_window(c, gw, tw, order)[0] for c in cols})
-            need[which][torch.tensor(kr)[:, None], torch.tensor(kc)[None, :]] = True
-
-        # The tokens at the read positions of both maps (as queries, residuals or passed through).
-        mark("local", plan.read_rows, plan.read_cols)
-        mark("global", plan.read_rows, plan.read_cols)
-        for dp, kv_side in ((plan.glob, "local"), (plan.loc, "global")):
-            if dp is None:
-                continue
-            w = dp.window
-            rows = [_axis_coord(a, u, gh, th, w) for a in dp.rows.windows for u in range(th)]
-            cols = [_axis_coord(a, u, gw, tw, w) for a in dp.cols.windows for u in range(tw)]
-            mark(kv_side, rows, cols)
-        return need["local"].reshape(n), need["global"].reshape(n)
+        return required_subimages(self._plan((gh, gw), (th, tw)))
 
     # -- forward ----------------------------------------------------------------------------------
 
     def _check(self, local_feats, global_feats, grid, tile_size):
         fn = "DualPerspectiveEnhancement"
-        gh, gw = as_grid(grid, fn)
-        for name, t in (("local_feats", local_feats), ("global_feats", global_feats)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 3:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(
-                    f"{fn}: {name} must be a (B*N, ht*wt, D) stack of ViT tokens (CLS dropped), got {got}."
-                )
-        if local_feats.shape != global_feats.shape:
-            raise ValueError(
-                f"{fn}: local_feats {tuple(local_feats.shape)} and global_feats {tuple(global_feats.shape)} must have "
-                "the same shape (B*N, ht*wt, D); they come from the same grid and ViT."
-            )
-        bn, t, d = local_feats.shape
+        grid, tile = check_window_stacks(
+            fn, grid, tile_size, layout="(B*N, ht*wt, D) ViT tokens (CLS dropped)", local_feats=local_feats,
+            global_feats=global_feats,
+        )  # fmt: skip
+        d = local_feats.shape[-1]
         if d != self.dim:
             raise ValueError(
                 f"{fn}: features have D={d} (shape {tuple(local_feats.shape)}) but the module was built with "
                 f"dim={self.dim}; D must equal dim. Pass the features of a ViT of width {self.dim}, or build "
                 f"DualPerspectiveEnhancement(dim={d}, heads=...) for these."
             )
-        n = gh * gw
-        if bn % n != 0 or bn == 0:
-            raise ValueError(
-                f"{fn}: stacks have shape {tuple(local_feats.shape)}; B*N = {bn} is not a positive multiple of "
-                f"N = {gh}*{gw} = {n}. Pass the grid the sub-images were cut with."
-            )
-        th, tw = _tile_from_tokens(t, tile_size, fn, tuple(local_feats.shape))
-        return (gh, gw), (th, tw)
+        return grid, tile
 
     def forward(self, local_feats, global_feats, grid, tile_size=None, backend: str = "auto") -> torch.Tensor:
         """Enhance, fuse and reduce one grid's ViT features.
@@ -464,12 +277,11 @@ class DualPerspectiveEnhancement(nn.Module):
         window, q_order, kv_order = (
             (w_g, "strided", "contiguous") if query == "global" else (w_l, "contiguous", "strided")
         )
-        name = resolve_backend(
+        chosen = resolve_backend(
             backend, probe, probe, probe, query_subset=True, grid=grid, tile_size=tile, window=window,
             q_order=q_order, kv_order=kv_order, out_order="map", scale=float(probe.shape[-1] ** -0.5),
         )  # fmt: skip
-        fn = query_subset_fn(name)
-        return False if fn is None else fn
+        return False if chosen.query_subset is None else chosen.query_subset
 
     def _forward_full(self, loc, glo, grid, tile, backend):
         """Every token: attention via :func:`hrperc.window_attention` (any backend), maps, fusion, reduction."""
@@ -523,10 +335,7 @@ class DualPerspectiveEnhancement(nn.Module):
         ``subset``: the :class:`~hrperc.attention.QuerySubsetFn` that attends the gathered queries.
         """
         plan = self._plan(grid, tile)
-        if torch.compiler.is_compiling():
-            idx = _make_indices(plan, loc.device)
-        else:
-            idx = _cached_indices(plan, loc.device)
+        idx = plan_indices(plan, loc.device)
         n = grid[0] * grid[1]
         b = loc.shape[0] // n
         stacks = {"local": loc.reshape(b, -1, self.dim), "global": glo.reshape(b, -1, self.dim)}
@@ -576,79 +385,3 @@ class DualPerspectiveEnhancement(nn.Module):
             f"fusion={self.fusion.mode!r}, reduction={self.reduction!r}, output_size={self.output_size}, "
             f"skip_unread={self.skip_unread}"
         )
-
-    # -- released checkpoints ---------------------------------------------------------------------
-
-    @classmethod
-    def from_inf_llava(cls, state_dict_or_path, *, heads: int = 8, allow_pickle: bool = False, device=None,
-                       dtype=None, **overrides) -> DualPerspectiveEnhancement:  # fmt: skip
-        """Build the released DEM and load INF-LLaVA weights (``spatial_embed.*`` keys, see SPEC.md).
-
-        ``state_dict_or_path``: a state dict, a ``.safetensors`` file or a torch file (read with
-        ``weights_only=True`` unless ``allow_pickle=True``). Keys may carry any prefix ending in
-        ``spatial_embed.`` (``model.spatial_embed.attention.linears.0.weight``); when such keys exist,
-        every other key (LLM, projector, ViT) is ignored. Without that prefix the dict must hold exactly
-        the DEM keys. ``D`` is read from the weights; ``heads`` (8 as released) cannot be and is an
-        argument. ``overrides`` change non-weight options (e.g. ``skip_unread=False``).
-
-        Example::
-
-            >>> src = DualPerspectiveEnhancement(64, heads=2)
-            >>> sd = {"model.spatial_embed." + k: v for k, v in src.released_state_dict().items()}
-            >>> dem = DualPerspectiveEnhancement.from_inf_llava(sd, heads=2)
-            >>> torch.equal(dem.attention.linears[0].weight, src.attention.linears[0].weight)
-            True
-        """
-        fn = "DualPerspectiveEnhancement.from_inf_llava"
-        loaded = load_state_dict(state_dict_or_path, allow_pickle=allow_pickle, fn=fn)
-        sd = select_prefixed(loaded, "spatial_embed.", fn)
-        w = sd.get("attention.linears.0.weight")
-        if w is None or w.ndim != 2:
-            raise ValueError(
-                f"{fn}: no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
-                f"{sorted(sd)[:8]}. Is this an INF-LLaVA checkpoint (SPEC.md lists the keys)?"
-            )
-        for bad, fixed in _RELEASED_FIXED.items():
-            if bad in overrides:
-                raise ValueError(
-                    f"{fn}: {bad}={overrides[bad]!r} was passed, but {bad}= cannot be overridden: the released weights "
-                    f"were trained with {bad}={fixed!r}. Drop {bad}= to load them; for another {bad}, build "
-                    f"DualPerspectiveEnhancement(dim, heads, {bad}=...) and train it or load weights of that layout."
-                )
-        dem = cls(w.shape[1], heads, device=device, dtype=dtype, **overrides)
-        mapped = {("fusion." + k if k.split(".")[0] in ("ffn_crop", "ffn_stride", "ln_fuse") else k): v
-                  for k, v in sd.items()}  # fmt: skip
-        names = _RELEASED_NAMES(dem)  # module key -> released key, so messages use the checkpoint's names
-        check_state_dict(
-            sd, {names[k]: v.shape for k, v in dem.state_dict().items()}, fn,
-            hint="Keys are relative to 'spatial_embed.'; see SPEC.md 'The released code, fact by fact'.",
-        )  # fmt: skip
-        dem.load_state_dict(mapped, strict=True)
-        return dem
-
-    def released_state_dict(self) -> dict[str, torch.Tensor]:
-        """This module's weights under the released key names (without the ``spatial_embed.`` prefix).
-
-        Only for the released configuration (shared attention, released fusion).
-
-        Example::
-
-            >>> sorted(DualPerspectiveEnhancement(32, 2).released_state_dict())[:2]
-            ['attention.linears.0.bias', 'attention.linears.0.weight']
-        """
-        if not (self.shared_attention and self.fusion.mode == "released" and self.directions == "both"):
-            raise ValueError(
-                "released_state_dict: only the released configuration (shared_attention=True, fusion='released', "
-                f"directions='both') has released key names; this module is {self.extra_repr()}."
-            )
-        return {_RELEASED_NAMES(self)[k]: v for k, v in self.state_dict().items()}
-
-
-#: Options the released weights fix (``from_inf_llava`` refuses to override them), with their released values.
-_RELEASED_FIXED = {
-    "pairing": "released", "shared_attention": True, "residual_norm": True, "directions": "both", "fusion": "released",
-}  # fmt: skip
-
-
-def _RELEASED_NAMES(dem: nn.Module) -> dict[str, str]:  # noqa: N802 - a table, not a function to call often
-    return {k: (k[len("fusion.") :] if k.startswith("fusion.") else k) for k in dem.state_dict()}

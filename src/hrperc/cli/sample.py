@@ -6,7 +6,7 @@ the text and gratings turn to grey, while every local tile or strided sub-image 
 
 Example::
 
-    >>> from hrperc.sample import make_sample_image
+    >>> from hrperc.cli.sample import make_sample_image
     >>> img = make_sample_image()            # PIL.Image, RGB, 1344 x 1008
     >>> img.size
     (1344, 1008)

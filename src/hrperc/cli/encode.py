@@ -1,7 +1,7 @@
-"""``hrperc encode`` and the encoder half of ``hrperc demo`` (wired into :mod:`hrperc.cli`).
+"""``hrperc encode`` and the encoder half of ``hrperc demo``.
 
 ``hrperc encode IMAGE [IMAGE ...] [--backbone NAME] [--weights PATH] [--grid 3x3|auto|floor] ...``
-runs :class:`~hrperc.HighResEncoder` (by default the released INF-LLaVA preset on
+runs a :class:`~hrperc.HighResEncoder` (by default the ``inf_llava`` recipe's settings on
 ``open_clip:ViT-L-14-336-quickgelu``, the config OpenAI's CLIP weights need) over the images with a
 progress bar and prints, per image, the geometry, the ViT passes (encoded / skipped), the token count,
 per-stage timings, and at the end the peak memory. Without ``--weights`` the backbone has random
@@ -18,42 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .args import load_image, parse_grid, parse_max_batch, parse_query
+
 __all__ = ["add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "demo_encoder"]
 
 # INF-LLaVA's tower is OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: open_clip's "-quickgelu" config.
 DEFAULT_BACKBONE = "open_clip:ViT-L-14-336-quickgelu"
 DEMO_BACKBONE = "timm:vit_small_patch14_reg4_dinov2"
-
-
-def _grid(text: str):
-    if text in ("auto", "floor"):
-        return text
-    try:
-        gh, gw = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--grid {text!r}: use 'auto', 'floor' or ROWSxCOLS, e.g. 3x3"
-        ) from None
-    return (gh, gw)
-
-
-def _max_batch(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-batch {text!r}: use 'auto' or a positive integer") from None
-
-
-def _query(text: str):
-    try:
-        r, c = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--query {text!r}: use ROW,COL on the token map, e.g. 36,48"
-        ) from None
-    return (r, c)
 
 
 def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) -> None:
@@ -72,7 +43,7 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) ->
         help="thumbnail + DEM tokens (default: mean; concat with --no-dem, where there is nothing to average)",
     )  # fmt: skip
     p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
-    p.add_argument("--max-batch", type=_max_batch, default="auto", help="sub-images per ViT call (default auto)")
+    p.add_argument("--max-batch", type=parse_max_batch, default="auto", help="sub-images per ViT call (default auto)")
     p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -84,7 +55,7 @@ def add_encode_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
-        "--grid", type=_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS"
+        "--grid", type=parse_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS"
     )
     p.add_argument("--max-tiles", type=int, default=9, help="tile budget for --grid auto (default 9)")
     p.add_argument("--fit", choices=("resize", "pad", "resize_pad"), default="resize")
@@ -97,7 +68,7 @@ def add_demo_encoder_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the encoder half of ``hrperc demo``."""
     _add_encoder_arguments(p, DEMO_BACKBONE)
     p.add_argument(
-        "--query", type=_query, default=None, help="ROW,COL of the DEM query token to draw (default: centre)"
+        "--query", type=parse_query, default=None, help="ROW,COL of the DEM query token to draw (default: centre)"
     )
     p.add_argument(
         "--no-encode", action="store_true", help="only crop; skip the ViT, the DEM and the attention picture"
@@ -113,9 +84,10 @@ def resolve_combine(args) -> str:
 
 def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
     """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias)."""
-    from .backbones import create_encoder
-    from .dem import DualPerspectiveEnhancement
-    from .encoder import HighResEncoder
+    from ..backbones import create_backbone
+    from ..encoder import HighResEncoder
+    from ..modules.dual_crop import DualPerspectiveCrop
+    from ..pretrained.inf_llava import load_dem
 
     if args.no_dem and args.dem_weights:
         raise ValueError("--no-dem and --dem-weights contradict each other; pass one of them.")
@@ -127,14 +99,16 @@ def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: in
     kw = {}
     if tile_size is not None and args.backbone.startswith("timm:"):
         kw["img_size"] = tile_size  # timm ViTs are built at the tile size the crops use
-    backbone = create_encoder(args.backbone, pretrained=args.weights, layer=args.layer, **kw)
+    backbone = create_backbone(args.backbone, pretrained=args.weights, layer=args.layer, **kw)
     dem = None
     if not args.no_dem:
-        dem = DualPerspectiveEnhancement.from_inf_llava(args.dem_weights) if args.dem_weights else "default"
+        dem = load_dem(args.dem_weights) if args.dem_weights else "default"
+    crop = DualPerspectiveCrop(
+        grid=grid, tile_size=backbone.image_size, max_tiles=max_tiles, fit=fit, mode="bicubic", antialias=False
+    )
     enc = HighResEncoder(
-        backbone, grid=grid, max_tiles=max_tiles, fit=fit, dem=dem, combine=resolve_combine(args),
-        max_batch=args.max_batch, encode_all=args.encode_all, mode="bicubic", antialias=False,
-    )  # fmt: skip
+        backbone, crop, dem=dem, combine=resolve_combine(args), max_batch=args.max_batch, encode_all=args.encode_all,
+    )
     dtype = getattr(torch, args.dtype)
     return enc.to(device=args.device, dtype=dtype)
 
@@ -173,8 +147,6 @@ def _describe(enc, out, b: int) -> list[str]:
 def run_encode(args) -> int:
     from tqdm import tqdm
 
-    from .cli import load_image
-
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:  # before building the backbone, which can take a while
         raise FileNotFoundError(f"no image file at {', '.join(map(repr, missing))}")
@@ -206,8 +178,9 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
     """The encoder half of ``hrperc demo``: run the whole front end, print it, draw the DEM attention.
 
     ``enc``: the encoder built from ``args`` (built here when not given)."""
-    from .attention_viz import dem_attention, plot_dem_attention
-    from .crop import local_merge
+    from ..ops.crop import local_merge
+    from .attention_plot import dem_attention, plot_dem_attention
+    from .plots import PLOT_EXTRA, has_matplotlib
 
     if enc is None:
         enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
@@ -237,6 +210,9 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
         dem_attention(enc.dem, sub.local[:n].cpu(), sub.strided[:n].cpu(), geo.grid, (th, tw), query, d)
         for d in directions
     ]
+    if not has_matplotlib():
+        print(f"pictures     attention picture skipped: it needs matplotlib, {PLOT_EXTRA}")
+        return
     canvas = local_merge(sub.crops.local[:n].float().cpu(), geo.grid)[0]
     path = out_dir / "attention.png"
     plot_dem_attention(canvas, atts, bb.patch_size, path=path)

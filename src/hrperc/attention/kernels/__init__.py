@@ -2,10 +2,12 @@
 
 Triton is imported on first use, not at ``import hrperc``: it decides at import time whether to run
 kernels on the GPU or in its CPU interpreter (``TRITON_INTERPRET=1``), so the variable may still be
-set after ``import hrperc``. Importing this package registers the ``"triton"`` backend of
-:func:`hrperc.window_attention`; ``backend="auto"`` picks it for CUDA tensors. If Triton is installed
-but fails to import (with any exception), ``"auto"`` falls back to SDPA with one ``RuntimeWarning``,
-:func:`triton_import_error` gives the reason, and a forced ``backend="triton"`` raises with it.
+set after ``import hrperc``. :data:`TRITON` declares the kernel as a backend of
+:func:`hrperc.window_attention` (``hrperc.attention`` registers it as ``"triton"``): CUDA, or CPU in
+the interpreter; fp16/bf16/fp32; head dim <= 256; whole windows only (no query-subset form);
+``backend="auto"`` picks it for CUDA tensors. If Triton is installed but fails to import (with any
+exception), ``"auto"`` falls back to SDPA with one ``RuntimeWarning``, :func:`triton_import_error`
+gives the reason, and a forced ``backend="triton"`` raises with it.
 
 Example::
 
@@ -21,7 +23,9 @@ import warnings
 
 import torch
 
-__all__ = ["HAS_TRITON", "triton_window_attention", "register_triton_backend", "triton_import_error"]
+from ..backend import AttentionBackend
+
+__all__ = ["HAS_TRITON", "TRITON", "triton_window_attention", "triton_import_error"]
 
 #: Whether a ``triton`` package is installed (it may still fail to import; the backend then says why).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -101,7 +105,8 @@ def triton_window_attention(
     )  # fmt: skip
 
 
-def _supports(q, k, v, **kw) -> str | None:
+def _check(q, k, v, **kw) -> str | None:
+    """What the declared fields cannot say: Triton must import, and a CPU tensor needs the interpreter."""
     try:
         module = _kernel_module()
     except ImportError as exc:
@@ -109,18 +114,16 @@ def _supports(q, k, v, **kw) -> str | None:
     return module.triton_supports(q, k, v, **kw)
 
 
-def _backend(q, k, v, *, grid, tile_size, window, q_order, kv_order, out_order, scale):
+def _backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale):
     return _kernel_module().triton_window_attention(
         q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
         tile_size=tile_size, scale=scale,
     )  # fmt: skip
 
 
-def register_triton_backend() -> None:
-    """Register the fused kernel as the ``"triton"`` backend of :func:`hrperc.window_attention` (idempotent)."""
-    from ..attention import register_backend
-
-    register_backend("triton", _backend, _supports)
-
-
-register_triton_backend()
+#: The fused kernel as a backend (registered as ``"triton"`` by :mod:`hrperc.attention`).
+TRITON = AttentionBackend(
+    "triton", _backend, query_subset=None, devices=("cuda", "cpu"),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256, auto_devices=("cuda",), priority=10,
+    check=_check,
+)  # fmt: skip

@@ -6,13 +6,14 @@ plain reference formula from the DEM's own weights, for one query token only::
     q = W_q x_query + b_q,   K = W_k X_window + b_k       (per head, head_dim = D / heads)
     p = softmax(q K^T / sqrt(head_dim))                   over the ht*wt tokens of the query's window
 
-Two directions (SPEC.md): ``"global"`` -- a token of the global map queries the local map inside its
+Two directions (``docs/dem.md``): ``"global"`` -- a token of the global map queries the local map inside its
 window; ``"local"`` -- a token of the local map queries the global map. The window kind of each comes
 from the DEM's pairing (released: global -> contiguous, local -> strided).
 
 Example::
 
     >>> import torch, hrperc
+    >>> from hrperc.cli.attention_plot import dem_attention
     >>> dem = hrperc.DualPerspectiveEnhancement(32, heads=4)
     >>> loc, glo = torch.randn(9, 16, 32), torch.randn(9, 16, 32)       # grid 3x3, 4x4 tokens per tile
     >>> att = dem_attention(dem, loc, glo, (3, 3), (4, 4), query=(5, 6), direction="local")
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import as_grid, as_pair
-from .crop import local_merge, stride_merge
+from .._validation import as_grid, as_pair
+from ..ops.crop import local_merge, stride_merge
+from ..ops.geometry import window_mask
 
 __all__ = ["DemAttention", "dem_attention", "plot_dem_attention"]
 
@@ -48,16 +50,6 @@ class DemAttention:
     def mean_probs(self) -> torch.Tensor:
         """``(Ht, Wt)``: probabilities averaged over heads."""
         return self.probs.mean(0)
-
-
-def _window_mask(rc, grid, tile, window: str) -> torch.Tensor:
-    (R, C), (gh, gw), (th, tw) = rc, grid, tile
-    rows, cols = torch.arange(gh * th), torch.arange(gw * tw)
-    if window == "contiguous":  # tile (R // th, C // tw) of the map
-        row_in, col_in = rows // th == R // th, cols // tw == C // tw
-    else:  # strided crop of the map: rows R % gh, R % gh + gh, ...
-        row_in, col_in = rows % gh == R % gh, cols % gw == C % gw
-    return row_in[:, None] & col_in[None, :]
 
 
 def dem_attention(dem, local_feats, global_feats, grid, tile_size, query, direction: str = "global") -> DemAttention:
@@ -96,7 +88,7 @@ def dem_attention(dem, local_feats, global_feats, grid, tile_size, query, direct
     loc_map = local_merge(local_feats.float().reshape(n, th, tw, D), (gh, gw), layout="nhwc")[0]
     glo_map = stride_merge(global_feats.float().reshape(n, th, tw, D), (gh, gw), layout="nhwc")[0]
     q_map, kv_map = (glo_map, loc_map) if direction == "global" else (loc_map, glo_map)
-    mask = _window_mask((R, C), (gh, gw), (th, tw), window)
+    mask = window_mask((R, C), (gh, gw), (th, tw), window)
     lq, lk = attn.linears[0], attn.linears[1]
     heads = attn.heads
     hd = D // heads
@@ -117,7 +109,7 @@ def plot_dem_attention(canvas: torch.Tensor, attentions, patch_size, path=None):
     from); ``patch_size``: ViT patch ``(ph, pw)``. The query token is boxed in white, its window outlined,
     and the head-averaged probabilities shown as a heat map on the key tokens. Returns the Figure.
     """
-    from .viz import _plt, to_display
+    from .plots import _plt, to_display
 
     plt = _plt()
     from matplotlib.patches import Rectangle

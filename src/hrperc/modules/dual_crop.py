@@ -59,71 +59,31 @@ Example::
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._validation import as_grid, as_pair
-from .crop import local_crop, stride_crop
+from .._validation import as_grid, as_pair
+from ..ops.canvas import (
+    _RULES,
+    RESIZE_MODES,
+    CropGeometry,
+    _check_fill,
+    _check_tiles,
+    candidate_grids,
+    place_on_canvas,
+    resize_image,
+    select_grid,
+)
+from ..ops.crop import local_crop, stride_crop
 
-__all__ = ["CropGeometry", "DualCrops", "DualPerspectiveCrop", "select_grid", "candidate_grids"]
+__all__ = ["DualCrops", "DualPerspectiveCrop"]
 
 Fit = Literal["resize", "pad", "resize_pad"]
 _FITS = ("resize", "pad", "resize_pad")
-_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
-_RULES = ("resolution", "aspect")
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """Where an image went: enough to map tokens back to pixels and to unpad features.
-
-    ``input_size`` ``(H0, W0)`` of the original image; ``grid`` ``(gh, gw)``; ``tile_size`` ``(h, w)``;
-    ``canvas_size`` ``(gh*h, gw*w)``; ``valid_box`` ``(top, left, height, width)``: the canvas pixels
-    that hold image content (the whole canvas for ``fit="resize"``); ``fit``: the policy used.
-    """
-
-    input_size: tuple[int, int]
-    grid: tuple[int, int]
-    tile_size: tuple[int, int]
-    canvas_size: tuple[int, int]
-    valid_box: tuple[int, int, int, int]
-    fit: str = "resize"
-
-    @property
-    def num_tiles(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Canvas pixels per input pixel, ``(sy, sx)``."""
-        return self.valid_box[2] / self.input_size[0], self.valid_box[3] / self.input_size[1]
-
-    def valid_mask(self, patch: int = 1) -> torch.Tensor:
-        """``(gh*h//patch, gw*w//patch)`` bool map of the canvas cells that overlap image content.
-
-        A token (``patch`` x ``patch`` pixels) counts as valid when any of its pixels is image content,
-        so no image pixel is ever masked away.
-        """
-        patch = as_pair(patch, "patch", "CropGeometry.valid_mask")
-        ph, pw = patch
-        H, W = self.canvas_size
-        if H % ph or W % pw:
-            raise ValueError(
-                f"CropGeometry.valid_mask: canvas {self.canvas_size} is not divisible by patch {patch}. "
-                f"Use the backbone's patch size, which divides the tile size."
-            )
-        top, left, height, width = self.valid_box
-        rows = torch.arange(H // ph)
-        cols = torch.arange(W // pw)
-        row_ok = (rows * ph < top + height) & ((rows + 1) * ph > top)
-        col_ok = (cols * pw < left + width) & ((cols + 1) * pw > left)
-        return row_ok[:, None] & col_ok[None, :]
 
 
 @dataclass
@@ -132,14 +92,23 @@ class DualCrops:
 
     ``local`` and ``strided``: ``(sum_b N_b, C, h, w)``, image ``b``'s sub-image ``k`` at
     ``offsets[b] + k`` (``= b*N + k`` when all images share a grid); ``thumbnail``: ``(B, C, h, w)`` or
-    ``None``; ``geometries``: one :class:`CropGeometry` per image.
+    ``None``; ``geometries``: one :class:`CropGeometry` per image (``grids`` and ``offsets`` are read
+    off them).
     """
 
     local: torch.Tensor
     strided: torch.Tensor
     thumbnail: torch.Tensor | None
     geometries: list[CropGeometry]
-    offsets: list[int]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Stack index of each image's first sub-image: the running sum of the tile counts."""
+        starts, start = [], 0
+        for geo in self.geometries:
+            starts.append(start)
+            start += geo.num_tiles
+        return starts
 
     @property
     def grids(self) -> list[tuple[int, int]]:
@@ -149,79 +118,6 @@ class DualCrops:
     def uniform_grid(self) -> bool:
         return len(set(self.grids)) == 1
 
-
-def candidate_grids(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
-    """All ``(gh, gw)`` with ``min_tiles <= gh*gw <= max_tiles``, ordered by tile count then ``gh``."""
-    grids = [
-        (gh, gw)
-        for gh in range(1, max_tiles + 1)
-        for gw in range(1, max_tiles // gh + 1)
-        if min_tiles <= gh * gw <= max_tiles
-    ]
-    return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
-
-
-def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, rule: str = "resolution"):
-    """Best-fit grid ``(gh, gw)`` for an ``(H0, W0)`` image under ``max_tiles`` (see module docs).
-
-    Example::
-
-        >>> select_grid((1008, 1344), 336, max_tiles=12)
-        (3, 4)
-        >>> select_grid((400, 1600), 336, max_tiles=6, rule="aspect")
-        (1, 4)
-    """
-    fn = "select_grid"
-    H0, W0 = as_pair(image_size, "image_size", fn)
-    h, w = as_pair(tile_size, "tile_size", fn)
-    _check_tiles(max_tiles, min_tiles, fn)
-    grids = candidate_grids(max_tiles, min_tiles)
-    if rule == "resolution":
-
-        def score(g):
-            ch, cw = g[0] * h, g[1] * w
-            s = min(ch / H0, cw / W0)
-            effective = min(int(H0 * s) * int(W0 * s), H0 * W0)
-            return (-effective, ch * cw - effective, g[0] * g[1])
-
-        return min(grids, key=score)
-    if rule == "aspect":
-        target = W0 / H0
-        best, best_diff = grids[0], float("inf")
-        for g in grids:
-            diff = abs(target - g[1] / g[0])
-            if diff < best_diff - 1e-12:
-                best, best_diff = g, diff
-            elif abs(diff - best_diff) <= 1e-12 and H0 * W0 > 0.5 * h * w * g[0] * g[1]:
-                best = g
-        return best
-    raise ValueError(
-        f"{fn}: rule={rule!r} is not one of {_RULES}. Pass one of them: 'resolution' (LLaVA-NeXT's best "
-        f"resolution) or 'aspect' (InternVL's closest aspect ratio)."
-    )
-
-
-def _check_tiles(max_tiles, min_tiles, fn):
-    for name, v in (("max_tiles", max_tiles), ("min_tiles", min_tiles)):
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-            raise TypeError(
-                f"{fn}: {name}={v!r} is a {type(v).__name__}; it must be an integer >= 1 (a tile count). "
-                f"Pass a whole number, e.g. {name}={int(v) if isinstance(v, float) and v.is_integer() else 9}."
-            )
-        if v < 1:
-            raise ValueError(f"{fn}: {name}={v!r}; it must be an integer >= 1 (a tile count). Pass e.g. {name}=1.")
-    if min_tiles > max_tiles:
-        raise ValueError(f"{fn}: min_tiles={min_tiles} > max_tiles={max_tiles}. Lower min_tiles or raise max_tiles.")
-
-
-def _check_fill(fill, fn: str):
-    """``fill`` as a plain Python number (int kept exact), or a TypeError."""
-    if isinstance(fill, torch.Tensor) or not isinstance(fill, numbers.Real):
-        raise TypeError(
-            f"{fn}: fill={fill!r} is a {type(fill).__name__}; it must be a Python number (the padding value). "
-            f"Pass e.g. fill=0 (for a 0-d tensor, fill=t.item())."
-        )
-    return int(fill) if isinstance(fill, numbers.Integral) else float(fill)
 
 
 class DualPerspectiveCrop(nn.Module):
@@ -293,9 +189,10 @@ class DualPerspectiveCrop(nn.Module):
                 f"{fn}: fit={fit!r} is not one of {_FITS}. Pass one of them: 'resize' (stretch to the canvas), "
                 f"'pad' (native pixels, padded) or 'resize_pad' (keep the aspect ratio, then pad)."
             )
-        if mode not in _MODES:
+        if mode not in RESIZE_MODES:
             raise ValueError(
-                f"{fn}: mode={mode!r} is not one of {_MODES}. Pass one of them, e.g. mode='bicubic' (the default)."
+                f"{fn}: mode={mode!r} is not one of {RESIZE_MODES}. Pass one of them, e.g. mode='bicubic' "
+                f"(the default)."
             )
         if auto_rule not in _RULES:
             raise ValueError(
@@ -383,24 +280,7 @@ class DualPerspectiveCrop(nn.Module):
 
     # pixels ---------------------------------------------------------------------------------------
     def _resize(self, img: torch.Tensor, size) -> torch.Tensor:
-        if tuple(img.shape[-2:]) == tuple(size):
-            return img
-        # Resampling in float32 and casting back, as timm does, keeps fp16/bf16 images accurate.
-        kw = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
-        aa = self.antialias and self.mode in ("bilinear", "bicubic")
-        out = F.interpolate(img.float(), size=tuple(size), mode=self.mode, antialias=aa, **kw)
-        return out.to(img.dtype)
-
-    def _to_canvas(self, img: torch.Tensor, geo: CropGeometry) -> torch.Tensor:
-        """``(B, C, H0, W0)`` -> ``(B, C, gh*h, gw*w)`` by the geometry's fit."""
-        if geo.fit == "resize":
-            return self._resize(img, geo.canvas_size)
-        top, left, height, width = geo.valid_box
-        content = img if geo.fit == "pad" else self._resize(img, (height, width))
-        fill = self.fill if img.is_floating_point() or img.is_complex() else int(self.fill)  # validated: whole
-        canvas = img.new_full((*img.shape[:2], *geo.canvas_size), fill)
-        canvas[..., top : top + height, left : left + width] = content
-        return canvas
+        return resize_image(img, size, self.mode, self.antialias)
 
     def _check_image(self, img, name: str, ndim: int, fn: str) -> None:
         if not isinstance(img, torch.Tensor):
@@ -502,19 +382,16 @@ class DualPerspectiveCrop(nn.Module):
             raise TypeError(f"{fn}: images is a {type(images).__name__}; pass a tensor or a list of tensors.")
         self._check_fill_for(groups[0].dtype, fn)
 
-        locals_, strideds, thumbs, geos, offsets, start = [], [], [], [], [], 0
+        locals_, strideds, thumbs, geos = [], [], [], []
         # One iteration per image group (a batched tensor is one group): tiles themselves are vectorized.
         for img in groups:
             geo = self.plan(tuple(img.shape[-2:]))
-            canvas = self._to_canvas(img, geo)
+            canvas = place_on_canvas(img, geo, self.mode, self.antialias, self.fill)
             locals_.append(local_crop(canvas, geo.grid))
             strideds.append(stride_crop(canvas, geo.grid))
             if want_thumb:
                 thumbs.append(self._resize(img, self.tile_size))
-            for _ in range(img.shape[0]):
-                geos.append(geo)
-                offsets.append(start)
-                start += geo.num_tiles
+            geos.extend([geo] * img.shape[0])
         cat = (lambda xs: xs[0]) if len(groups) == 1 else (lambda xs: torch.cat(xs, 0))
         thumb_stack = cat(thumbs) if want_thumb else None
-        return DualCrops(cat(locals_), cat(strideds), thumb_stack, geos, offsets)
+        return DualCrops(cat(locals_), cat(strideds), thumb_stack, geos)

@@ -39,14 +39,13 @@ from typing import Literal
 
 import torch
 from einops import rearrange
-from torch import nn
 
-from ._cache import tensor_cache
-from ._validation import as_grid, as_pair, check_ndim, check_nonempty
+from .._cache import tensor_cache
+from .._validation import as_grid, as_pair, check_ndim, check_nonempty
+from .geometry import WindowKind, check_kind, infer_tile_size
 
 __all__ = [
     "Layout",
-    "WindowKind",
     "local_crop",
     "stride_crop",
     "local_merge",
@@ -55,16 +54,11 @@ __all__ = [
     "merge",
     "window_permutation",
     "permute_windows",
-    "LocalCrop",
-    "StrideGlobalCrop",
-    "Recombine",
 ]
 
 Layout = Literal["nchw", "nhwc", "nlc"]
-WindowKind = Literal["contiguous", "strided"]
 
 _LAYOUTS = ("nchw", "nhwc", "nlc")
-_KINDS = ("contiguous", "strided")
 
 # einops patterns: map side <-> stack side. `i, j` index the sub-image, `h, w` the pixel inside it.
 # Contiguous tiles factor each axis as (i h); strided views factor it as (h i).
@@ -88,12 +82,6 @@ def _check_layout(layout, fn: str) -> None:
         )
 
 
-def _check_kind(kind, name: str, fn: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(
-            f"{fn}: {name}={kind!r} is not one of {_KINDS}. Pass one of them: {name}='contiguous' for local "
-            f"tiles, {name}='strided' for interleaved full-field views."
-        )
 
 
 def _check_nlc_only(value, arg: str, layout: str, fn: str, name: str) -> None:
@@ -129,16 +117,6 @@ _STACK_DIMS = {
 }
 
 
-def _square_side(length: int, what: str, arg: str, fn: str, shape) -> int:
-    side = int(round(length**0.5))
-    if side * side != length:
-        raise ValueError(
-            f"{fn}: input has shape {shape}; {what} {length} is not a perfect square, so its 2D size "
-            f"cannot be inferred. Pass {arg}=(rows, cols)."
-        )
-    return side
-
-
 def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layout = "nchw", size=None):
     """Cut ``x`` into ``N = gh*gw`` sub-images, contiguous (local) or strided (global).
 
@@ -156,7 +134,7 @@ def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layo
         torch.Size([6, 3, 336, 336])
     """
     fn = "local_crop" if kind == "contiguous" else "stride_crop"
-    _check_kind(kind, "kind", "crop")
+    check_kind(kind, "kind", "crop")
     _check_layout(layout, fn)
     gh, gw = as_grid(grid, fn)
     ndim = 3 if layout == "nlc" else 4
@@ -170,14 +148,9 @@ def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layo
         H, W = x.shape[1], x.shape[2]
     else:
         if size is None:
-            side = _square_side(x.shape[1], "token count", "size", fn, tuple(x.shape))
-            H = W = side
+            H, W = infer_tile_size(x.shape[1], fn=fn, shape=tuple(x.shape), arg="size", what="tokens per map")
         else:
-            H, W = as_pair(size, "size", fn)
-            if H * W != x.shape[1]:
-                raise ValueError(
-                    f"{fn}: {shape} but size=({H}, {W}) holds {H * W} tokens. Pass the map's true (rows, cols)."
-                )
+            H, W = infer_tile_size(x.shape[1], size, fn=fn, shape=tuple(x.shape), arg="size", what="tokens per map")
     for dim_name, extent, g, gname in (("height", H, gh, "grid height"), ("width", W, gw, "grid width")):
         if extent % g != 0:
             raise ValueError(
@@ -203,7 +176,7 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
         torch.Size([2, 2304, 1024])
     """
     fn = "local_merge" if kind == "contiguous" else "stride_merge"
-    _check_kind(kind, "kind", "merge")
+    check_kind(kind, "kind", "merge")
     _check_layout(layout, fn)
     gh, gw = as_grid(grid, fn)
     ndim = 3 if layout == "nlc" else 4
@@ -220,15 +193,8 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
         h = tiles.shape[2]
     elif layout == "nhwc":
         h = tiles.shape[1]
-    elif tile_size is None:
-        h = _square_side(tiles.shape[1], "tokens per sub-image", "tile_size", fn, tuple(tiles.shape))
     else:
-        h, w = as_pair(tile_size, "tile_size", fn)
-        if h * w != tiles.shape[1]:
-            raise ValueError(
-                f"{fn}: tiles has shape {tuple(tiles.shape)} but tile_size=({h}, {w}) holds {h * w} tokens. "
-                f"Pass the sub-image's true (rows, cols)."
-            )
+        h, _ = infer_tile_size(tiles.shape[1], tile_size, fn=fn, shape=tuple(tiles.shape))
     src, dst = _PATTERNS[(layout, kind)]
     return rearrange(tiles, f"{dst} -> {src}", i=gh, j=gw, h=h)
 
@@ -328,8 +294,8 @@ def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, 
     """
     gh, gw = as_grid(grid, "window_permutation")
     th, tw = as_pair(tile_size, "tile_size", "window_permutation")
-    _check_kind(source, "source", "window_permutation")
-    _check_kind(target, "target", "window_permutation")
+    check_kind(source, "source", "window_permutation")
+    check_kind(target, "target", "window_permutation")
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _cached_permutation(gh, gw, th, tw, source, target, device).clone()
 
@@ -350,8 +316,8 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
     """
     fn = "permute_windows"
     gh, gw = as_grid(grid, fn)
-    _check_kind(source, "source", fn)
-    _check_kind(target, "target", fn)
+    check_kind(source, "source", fn)
+    check_kind(target, "target", fn)
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(
             f"{fn}: tokens is a {type(tokens).__name__}; expected a torch.Tensor of shape (B*N, T, ...). "
@@ -372,121 +338,10 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
             f"stack was cropped with, and pass whole images' stacks."
         )
     t = tokens.shape[1]
-    if tile_size is None:
-        th = _square_side(t, "tokens per sub-image", "tile_size", fn, tuple(tokens.shape))
-        tw = th
-    else:
-        th, tw = as_pair(tile_size, "tile_size", fn)
-        if th * tw != t:
-            raise ValueError(
-                f"{fn}: tokens has shape {tuple(tokens.shape)}, {t} tokens per sub-image, but "
-                f"tile_size=({th}, {tw}) holds {th * tw}. Pass the sub-image's true (rows, cols)."
-            )
+    th, tw = infer_tile_size(t, tile_size, fn=fn, shape=tuple(tokens.shape))
     if source == target:
         return tokens
-    if torch.compiler.is_compiling():
-        perm = _permutation(gh, gw, th, tw, source, target, tokens.device)
-    else:  # read-only use of the shared cached index: no clone needed
-        perm = _cached_permutation(gh, gw, th, tw, source, target, tokens.device)
+    perm = _cached_permutation(gh, gw, th, tw, source, target, tokens.device)  # read only: no clone needed
     b = tokens.shape[0] // n
     flat = tokens.reshape(b, n * t, *tokens.shape[2:])
     return flat.index_select(1, perm).reshape(tokens.shape)
-
-
-class _GridModule(nn.Module):
-    _size_arg = "size"
-
-    def __init__(self, grid, layout: Layout = "nchw", size=None) -> None:
-        super().__init__()
-        fn = type(self).__name__
-        self.grid = as_grid(grid, fn)
-        _check_layout(layout, fn)
-        self.layout = layout
-        _check_nlc_only(size, self._size_arg, layout, fn, "the input")
-        # The default nlc size (overridable per call); None: inferred from a square token count.
-        self.size = as_pair(size, self._size_arg, fn) if size is not None else None
-
-    def _size(self, size):
-        return self.size if size is None else size
-
-    def extra_repr(self) -> str:
-        extra = f", {self._size_arg}={self.size}" if self.size is not None else ""
-        return f"grid={self.grid}, layout={self.layout!r}{extra}"
-
-
-class LocalCrop(_GridModule):
-    """Module form of :func:`local_crop` holding ``grid``, ``layout`` and (``"nlc"`` only) ``size``.
-
-    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``; with ``layout="nlc"``, ``(B, H*W, C) -> (B*N, h*w, C)``
-    where ``size=(H, W)`` (given here or per call to ``forward``) is needed unless ``H*W`` is square.
-
-    Example::
-
-        >>> LocalCrop((3, 3))(torch.randn(1, 3, 1008, 1008)).shape
-        torch.Size([9, 3, 336, 336])
-        >>> LocalCrop((2, 2), layout="nlc", size=(4, 6))(torch.randn(1, 24, 8)).shape
-        torch.Size([4, 6, 8])
-    """
-
-    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        return local_crop(x, self.grid, layout=self.layout, size=self._size(size))
-
-
-class StrideGlobalCrop(_GridModule):
-    """Module form of :func:`stride_crop` holding ``grid``, ``layout`` and (``"nlc"`` only) ``size``.
-
-    ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``, interleaved full-field views; other layouts as in
-    :class:`LocalCrop`.
-
-    Example::
-
-        >>> x = torch.arange(24).reshape(1, 1, 4, 6)
-        >>> StrideGlobalCrop((2, 3))(x)[4, 0]           # offsets (1, 1)
-        tensor([[ 7, 10],
-                [19, 22]])
-    """
-
-    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        return stride_crop(x, self.grid, layout=self.layout, size=self._size(size))
-
-
-class Recombine(_GridModule):
-    """The 2D-prior recombination as a module: ``(B*N, ht*wt, D) -> (B, gh*ht, gw*wt, D)``.
-
-    ``kind="contiguous"`` places local sub-features as tiles (:func:`local_merge`); ``"strided"``
-    interleaves global sub-features (:func:`stride_merge`). The default ``layout="nlc"`` takes a ViT's
-    token stacks and returns a channels-last map ``(B, Ht, Wt, D)``, with ``tile_size=(ht, wt)``
-    (here or per call; inferred when ``ht*wt`` is square); ``layout="nchw"``/``"nhwc"`` behave like
-    the merge functions and refuse ``tile_size``.
-
-    Example::
-
-        >>> Recombine((3, 3), "strided")(torch.randn(9, 576, 1024), tile_size=(24, 24)).shape
-        torch.Size([1, 72, 72, 1024])
-    """
-
-    _size_arg = "tile_size"
-
-    def __init__(self, grid, kind: WindowKind = "contiguous", layout: Layout = "nlc", tile_size=None) -> None:
-        super().__init__(grid, layout, tile_size)
-        _check_kind(kind, "kind", "Recombine")
-        self.kind = kind
-
-    @property
-    def tile_size(self):
-        return self.size
-
-    def forward(self, tiles: torch.Tensor, tile_size=None) -> torch.Tensor:
-        tile_size = self._size(tile_size)
-        out = merge(tiles, self.grid, self.kind, layout=self.layout, tile_size=tile_size)
-        if self.layout != "nlc":
-            return out
-        gh, gw = self.grid
-        th, tw = as_pair(tile_size, "tile_size", "Recombine") if tile_size is not None else (None, None)
-        if th is None:
-            th = tw = _square_side(tiles.shape[1], "tokens per sub-image", "tile_size", "Recombine", tuple(tiles.shape))
-        return out.view(out.shape[0], gh * th, gw * tw, out.shape[-1])
-
-    def extra_repr(self) -> str:
-        extra = f", tile_size={self.size}" if self.size is not None else ""
-        return f"grid={self.grid}, kind={self.kind!r}, layout={self.layout!r}{extra}"

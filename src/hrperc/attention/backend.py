@@ -1,0 +1,106 @@
+"""What a window-attention backend is: :class:`AttentionBackend`, a function plus what it supports.
+
+A backend declares its capabilities as data (device types, dtypes, the largest head dim, whether it
+has a query-subset form, where ``backend="auto"`` may choose it and with which priority) so the
+dispatcher (:mod:`hrperc.attention.dispatch`) can choose among backends without knowing any by name,
+and can say why each one cannot run given inputs.
+
+Example::
+
+    >>> import torch
+    >>> from hrperc.attention import AttentionBackend
+    >>> from hrperc.attention.reference import reference_window_attention
+    >>> b = AttentionBackend("mine", reference_window_attention, dtypes=(torch.float64,))
+    >>> b.supports(torch.zeros(4, 9, 1, 8))
+    'dtype torch.float32 is not one of (torch.float64,)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["AttentionBackend", "WindowAttentionFn", "QuerySubsetFn"]
+
+
+class WindowAttentionFn(Protocol):
+    """``fn(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale) -> Tensor``.
+
+    The signature of :func:`hrperc.window_attention`. Arguments arrive validated and normalised:
+    ``q, k, v`` are ``(B*N, T, heads, head_dim)`` stacks in ``q_order``/``kv_order`` window order,
+    ``grid``/``tile_size`` int pairs, ``scale`` a float, ``out_order`` one of
+    ``"contiguous"|"strided"|"map"``. Returns ``(B*N, T, heads, head_dim)`` for a window order or
+    ``(B, Ht*Wt, heads, head_dim)`` for ``"map"``, in ``q``'s dtype, differentiable.
+    """
+
+    def __call__(self, q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale): ...
+
+
+class QuerySubsetFn(Protocol):
+    """Optional second form of a backend: ``fn(q, k, v, *, scale) -> Tensor``, windows already gathered.
+
+    ``q``: ``(G, heads, M, head_dim)``, ``M`` queries of each of ``G`` windows (a subset of the window's
+    ``T`` tokens); ``k``, ``v``: ``(G, heads, T, head_dim)``, the whole window. Returns
+    ``softmax(q k^T * scale) v``, ``(G, heads, M, head_dim)``, in ``q``'s dtype, differentiable. The
+    DEM's skipping path needs it; a backend without it makes a DEM forced onto it compute every token.
+    """
+
+    def __call__(self, q, k, v, *, scale): ...
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A window-attention backend and what it supports.
+
+    Args:
+        name: the name ``backend=`` / :func:`~hrperc.attention_backend` / ``$HRPERC_ATTN_BACKEND`` use.
+        fn: the whole-window attention, :class:`WindowAttentionFn`.
+        query_subset: the query-subset form, :class:`QuerySubsetFn`, or ``None``.
+        devices: device types it runs on (``("cuda",)``), ``None`` for any.
+        dtypes: input dtypes it runs on, ``None`` for any.
+        max_head_dim: the largest ``head_dim`` it runs, ``None`` for any.
+        auto_devices: device types on which ``backend="auto"`` may choose it (``None``: any device it
+            supports; ``()``: never chosen automatically, only when forced).
+        priority: among the backends ``"auto"`` may choose that can run the inputs, the highest wins.
+        check: ``check(q, k, v, **kw) -> None | reason`` for conditions the fields cannot state
+            (e.g. an optional package that failed to import); ``None`` when there are none.
+    """
+
+    name: str
+    fn: WindowAttentionFn
+    query_subset: QuerySubsetFn | None = None
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    max_head_dim: int | None = None
+    auto_devices: tuple[str, ...] | None = ()
+    priority: int = 0
+    check: Callable[..., str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name == "auto":
+            raise ValueError(f"AttentionBackend: name={self.name!r}; give a non-empty name other than 'auto'.")
+        if not callable(self.fn):
+            raise TypeError(f"AttentionBackend {self.name!r}: fn must be callable, got {type(self.fn).__name__}.")
+        for field in ("query_subset", "check"):
+            value = getattr(self, field)
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"AttentionBackend {self.name!r}: {field} must be callable or None, got {type(value).__name__}."
+                )
+
+    def supports(self, q: torch.Tensor, k=None, v=None, **kw) -> str | None:
+        """``None`` when this backend can run these inputs, else the reason (shown to users)."""
+        if self.devices is not None and q.device.type not in self.devices:
+            return f"device {q.device.type!r} is not one of {self.devices}"
+        if self.dtypes is not None and q.dtype not in self.dtypes:
+            return f"dtype {q.dtype} is not one of {self.dtypes}"
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            return f"head_dim {q.shape[-1]} exceeds {self.max_head_dim}"
+        return None if self.check is None else self.check(q, k, v, **kw)
+
+    def auto_eligible(self, device_type: str) -> bool:
+        """Whether ``backend="auto"`` may choose this backend for tensors on ``device_type``."""
+        return self.auto_devices is None or device_type in self.auto_devices

@@ -1,0 +1,204 @@
+"""The backend registry and the dispatcher of :func:`hrperc.window_attention`.
+
+Backends are :class:`~hrperc.attention.AttentionBackend` objects, registered by
+:func:`register_backend` and removed by :func:`unregister_backend`. The dispatcher knows none of them
+by name: a forced choice runs (or says why it cannot), and ``"auto"`` takes, among the backends that
+declare the input's device type in ``auto_devices`` and can run the inputs, the one with the highest
+``priority`` (with ``query_subset=True`` only backends that have a query-subset form).
+
+A choice is forced, in this precedence, by an explicit ``backend="name"`` argument, by
+``with attention_backend("name"):`` (scoped to the block, per thread and per async task), or by the
+environment variable ``HRPERC_ATTN_BACKEND``. Unknown names raise ``ValueError``.
+
+Example::
+
+    >>> import torch
+    >>> from hrperc.attention import attention_backend, resolve_backend
+    >>> q = torch.zeros(4, 4, 1, 8)
+    >>> kw = dict(grid=(2, 2), tile_size=(2, 2), window="contiguous", q_order="contiguous",
+    ...           kv_order="contiguous", out_order="contiguous", scale=1.0)
+    >>> resolve_backend("auto", q, q, q, **kw).name
+    'sdpa'
+    >>> with attention_backend("reference"):
+    ...     resolve_backend("auto", q, q, q, **kw).name
+    'reference'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+from .backend import AttentionBackend
+
+__all__ = [
+    "register_backend",
+    "unregister_backend",
+    "available_backends",
+    "get_backend",
+    "attention_backend",
+    "forced_backend",
+    "resolve_backend",
+    "ENV_VAR",
+]
+
+ENV_VAR = "HRPERC_ATTN_BACKEND"
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("hrperc_attention_backend", default=None)
+
+
+def register_backend(backend: AttentionBackend, *, replace: bool = False) -> AttentionBackend:
+    """Add ``backend`` under ``backend.name``; returns it. A taken name raises unless ``replace=True``.
+
+    Example::
+
+        >>> from hrperc.attention import AttentionBackend, register_backend, unregister_backend
+        >>> from hrperc.attention.reference import sdpa_window_attention
+        >>> _ = register_backend(AttentionBackend("sdpa_copy", sdpa_window_attention))
+        >>> "sdpa_copy" in available_backends()
+        True
+        >>> unregister_backend("sdpa_copy")
+    """
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(
+            f"register_backend: backend is a {type(backend).__name__}; pass an AttentionBackend, e.g. "
+            f"register_backend(AttentionBackend('mine', fn, devices=('cuda',)))."
+        )
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(
+            f"register_backend: a backend named {backend.name!r} is already registered. Pick another name, pass "
+            f"replace=True, or unregister_backend({backend.name!r}) first."
+        )
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove the backend ``name``; a name that is not registered raises ``KeyError``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unregister_backend: no backend named {name!r}; registered: {available_backends()}.")
+    del _REGISTRY[name]
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the registered backends, e.g. ``('reference', 'sdpa', 'triton')``."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The registered :class:`~hrperc.attention.AttentionBackend` called ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"get_backend: name={name!r} is not a registered backend; pass one of {available_backends()}.")
+    return _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def attention_backend(name: str | None):
+    """Force a window-attention backend inside a ``with`` block; ``None`` or ``"auto"`` un-forces.
+
+    Scoped to the block (and to this thread or async task); nested blocks restore the outer choice.
+    Takes precedence over ``$HRPERC_ATTN_BACKEND``; an explicit ``backend=`` argument other than
+    ``"auto"`` takes precedence over both.
+
+    Example::
+
+        >>> with attention_backend("reference"):
+        ...     forced_backend()
+        'reference'
+        >>> forced_backend() is None
+        True
+    """
+    if name is not None and name != "auto" and name not in _REGISTRY:
+        raise ValueError(
+            f"attention_backend: name={name!r} is not a registered backend; pass one of "
+            f"{available_backends()}, 'auto' or None."
+        )
+    token = _FORCED.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend(backend: str | None = "auto") -> str | None:
+    """The backend name forced by ``backend=``, else :func:`attention_backend`, else ``$HRPERC_ATTN_BACKEND``.
+
+    ``None`` when nothing is forced. Raises ``ValueError`` for a name that is not registered, saying
+    where it came from.
+
+    Example::
+
+        >>> forced_backend("sdpa")
+        'sdpa'
+    """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(
+            f"window_attention: backend={backend!r} is not a backend name; pass one of {available_backends()} "
+            "or 'auto'."
+        )
+    forced, source = backend, "backend="
+    if backend is None or backend == "auto":
+        forced, source = _FORCED.get(), "attention_backend("
+        if forced is None:
+            forced, source = os.environ.get(ENV_VAR) or None, f"${ENV_VAR}="
+            if forced == "auto":
+                forced = None
+    if forced is not None and forced not in _REGISTRY:
+        raise ValueError(
+            f"window_attention: {source}{forced!r} is not a registered backend; pass one of "
+            f"{available_backends()} or 'auto'."
+        )
+    return forced
+
+
+def resolve_backend(backend: str | None, q, k, v, *, query_subset: bool = False, **kw) -> AttentionBackend:
+    """The backend :func:`hrperc.window_attention` runs for these inputs (see the module docs).
+
+    A forced backend is returned when it can run the inputs, else ``NotImplementedError`` says why,
+    with every registered backend's verdict. A forced backend is returned even without a query-subset
+    form (the DEM then computes whole windows). ``"auto"`` with ``query_subset=True`` only considers
+    backends that have one.
+    """
+    forced = forced_backend(backend)
+    if forced is not None:
+        chosen = _REGISTRY[forced]
+        reason = chosen.supports(q, k, v, **kw)
+        if reason is not None:
+            raise NotImplementedError(_cannot_run(forced, reason, q, k, v, kw))
+        return chosen
+    candidates = [
+        b for b in _REGISTRY.values()
+        if b.auto_eligible(q.device.type) and (b.query_subset is not None or not query_subset)
+    ]  # fmt: skip
+    for b in sorted(candidates, key=lambda b: -b.priority):
+        if b.supports(q, k, v, **kw) is None:
+            return b
+    lines = [f"window_attention: no registered backend can run these inputs automatically ({_describe(q)})."]
+    lines += [f"  {name}: {_verdict(b, q, k, v, kw)}" for name, b in _REGISTRY.items()]
+    lines.append("Register one that can (hrperc.attention.register_backend), or force one with backend=.")
+    raise NotImplementedError("\n".join(lines))
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _verdict(b: AttentionBackend, q, k, v, kw) -> str:
+    reason = b.supports(q, k, v, **kw)
+    if reason is not None:
+        return reason
+    return "can run" if b.auto_eligible(q.device.type) else f"can run when forced (auto_devices={b.auto_devices})"
+
+
+def _cannot_run(name, reason, q, k, v, kw) -> str:
+    lines = [f"window_attention: backend {name!r} cannot run these inputs: {reason}."]
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        lines.append(f"  {label}: {_describe(t)}")
+    lines.append(f"  window={kw.get('window')!r}, grid={kw.get('grid')}, tile_size={kw.get('tile_size')}")
+    for other, b in _REGISTRY.items():
+        r = b.supports(q, k, v, **kw)
+        lines.append(f"  {other}: {'can run' if r is None else r}")
+    lines.append("Pick a backend that can run them, or backend='auto'.")
+    return "\n".join(lines)

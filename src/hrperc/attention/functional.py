@@ -1,0 +1,178 @@
+"""Per-window cross-attention between two recombined token maps (INF-LLaVA DEM, Sec. 4.3.2-4.3.3).
+
+Both maps ``(B, Ht, Wt, D)`` (``Ht = gh*th``) are partitioned the same way into ``N = gh*gw``
+windows of ``th*tw`` tokens, either **contiguous** (the local crop of the map) or **strided** (the
+strided crop); window ``w``'s queries attend to window ``w``'s keys/values only::
+
+    contiguous windows (2x2 grid, 4x4 map)      strided windows (same map)
+    +-----+-----+                               a b a b
+    | a a | b b |                               c d c d
+    | a a | b b |                               a b a b
+    +-----+-----+                               c d c d
+    | c c | d d |
+    | c c | d d |
+    +-----+-----+
+
+The inputs are not maps but the stacks a ViT returns, ``(B*N, th*tw, ...)``, each in one window
+order of its own map (``q_order`` / ``kv_order``): local sub-features are the contiguous windows of
+``F_loc``, strided (global) sub-features the strided windows of ``F_glo``. A stack already in the
+attention's window order is read as is; the other is re-ordered with one gather
+(:func:`hrperc.permute_windows`), never by merging the map and cropping it again.
+
+Three layers, as in timm/flash-attn:
+
+* :func:`window_attention` -- attention core on projected ``(B*N, T, heads, head_dim)`` tensors,
+  dispatched to a registered :class:`~hrperc.attention.AttentionBackend` (:mod:`hrperc.attention.dispatch`):
+  ``"reference"`` (plain math, the definition), ``"sdpa"``
+  (:func:`torch.nn.functional.scaled_dot_product_attention`), ``"triton"`` (the fused kernel) and
+  any you register. ``backend="auto"`` takes the highest-priority backend that may run automatically
+  on the inputs' device and supports them (the kernel on CUDA, else SDPA);
+  ``HRPERC_ATTN_BACKEND=<name>`` or ``with hrperc.attention_backend("<name>"):`` force one.
+* :func:`window_cross_attention` -- the functional form with q/k/v/out projections (with bias).
+* :class:`~hrperc.WindowCrossAttention` (:mod:`hrperc.attention.module`) -- the module holding the
+  four ``Linear(D, D)`` (released key order ``linears.0..3`` = q, k, v, out) and the released
+  residual + LayerNorm (``ln``).
+
+Example::
+
+    >>> import torch, hrperc
+    >>> loc, glo = torch.randn(2 * 4, 16, 32), torch.randn(2 * 4, 16, 32)   # B=2, grid 2x2, 4x4 tiles
+    >>> attn = hrperc.WindowCrossAttention(32, heads=4)
+    >>> out = attn(glo, loc, (2, 2), window="contiguous", q_order="strided", kv_order="contiguous")
+    >>> out.shape                                                         # (B, Ht*Wt, D)
+    torch.Size([2, 64, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.geometry import WindowKind, check_kind, check_order, check_window_stacks
+from .dispatch import resolve_backend
+
+__all__ = ["window_attention", "window_cross_attention", "OutOrder"]
+
+from typing import Literal  # noqa: E402
+
+OutOrder = Literal["contiguous", "strided", "map"]
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid,
+    *,
+    window: WindowKind,
+    q_order: WindowKind,
+    kv_order: WindowKind,
+    out_order: OutOrder | None = None,
+    tile_size=None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention inside each window of kind ``window``, on projected sub-feature stacks.
+
+    ``q, k, v``: ``(B*N, T, heads, head_dim)``, ``T = th*tw`` (``tile_size`` inferred when square),
+    sub-image ``k`` of image ``b`` at ``b*N + k``. ``q`` is in ``q_order`` window order of the query
+    map, ``k``/``v`` in ``kv_order`` order of the key/value map. Window ``w``'s queries attend to window
+    ``w``'s keys/values, no mask, ``scale`` default ``1/sqrt(head_dim)``. Returns
+    ``(B*N, T, heads, head_dim)`` in ``out_order`` window order of the output map (default
+    ``window``), or ``(B, Ht*Wt, heads, head_dim)`` row-major for ``out_order="map"``.
+
+    Example::
+
+        >>> q = k = v = torch.randn(2 * 9, 16, 4, 8)                # B=2, grid 3x3, 4x4 tiles
+        >>> o = window_attention(q, k, v, (3, 3), window="strided", q_order="contiguous",
+        ...                      kv_order="strided", out_order="map")
+        >>> o.shape
+        torch.Size([2, 144, 4, 8])
+    """
+    fn = "window_attention"
+    check_kind(window, "window", fn)
+    check_order(q_order, "q_order", fn, allow_map=False)
+    check_order(kv_order, "kv_order", fn, allow_map=False)
+    out_order = window if out_order is None else check_order(out_order, "out_order", fn)
+    grid, tile_size = check_window_stacks(
+        fn, grid, tile_size, ndim=4, layout="(B*N, T, heads, head_dim)", q=q, k=k, v=v
+    )
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise TypeError(
+            f"{fn}: q/k/v must share dtype and device, got dtypes {q.dtype}/{k.dtype}/{v.dtype} on devices "
+            f"{q.device}/{k.device}/{v.device}. Cast and move them together, e.g. k, v = k.to(q), v.to(q)."
+        )
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=tile_size, scale=scale)
+    chosen = resolve_backend(backend, q, k, v, grid=grid, **kw)
+    return chosen.fn(q, k, v, grid, **kw)
+
+
+def window_cross_attention(
+    query_feats: torch.Tensor,
+    kv_feats: torch.Tensor,
+    grid,
+    window: WindowKind,
+    q_order: WindowKind,
+    kv_order: WindowKind,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    q_bias: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    heads: int,
+    out_order: OutOrder = "map",
+    tile_size=None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Windowed multi-head cross-attention on ViT sub-feature stacks, with q/k/v/out projections.
+
+    ``query_feats``, ``kv_feats``: ``(B*N, ht*wt, D)`` in ``q_order`` / ``kv_order`` window order of
+    their maps (local sub-features: ``"contiguous"``; strided sub-features: ``"strided"``). Weights are
+    ``Linear`` weights ``(D, D)`` (biases ``(D,)``); ``D % heads == 0``. Returns
+    ``out_proj(attention)`` as ``(B, Ht*Wt, D)`` for ``out_order="map"`` (default) or
+    ``(B*N, ht*wt, D)`` in a window order. The projections run on the stacks as given (a projection
+    is per token, so it commutes with the window gather, which then moves ``heads*head_dim`` rows).
+
+    Example::
+
+        >>> D, h = 32, 4
+        >>> w = [torch.randn(D, D) * D**-0.5 for _ in range(4)]
+        >>> x = torch.randn(9, 16, D)                                  # B=1, grid 3x3, 4x4 tiles
+        >>> window_cross_attention(x, x, (3, 3), "strided", "contiguous", "strided", q_weight=w[0],
+        ...     k_weight=w[1], v_weight=w[2], out_weight=w[3], heads=h).shape
+        torch.Size([1, 144, 32])
+    """
+    fn = "window_cross_attention"
+    grid, tile_size = check_window_stacks(
+        fn, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
+    )
+    d = query_feats.shape[-1]
+    if not isinstance(heads, int) or heads < 1 or d % heads != 0:
+        raise ValueError(f"{fn}: heads={heads!r} must be a positive int dividing D={d}; e.g. heads=8 for D=1024.")
+    out = project_attend(
+        query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias, v_weight,
+        v_bias, heads=heads, out_order=out_order, tile_size=tile_size, scale=scale, backend=backend,
+    )  # fmt: skip
+    return F.linear(out, out_weight, out_bias)
+
+
+def project_attend(query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias,
+                   v_weight, v_bias, *, heads, out_order, tile_size, scale, backend):  # fmt: skip
+    """Validated inputs -> q/k/v projections -> :func:`window_attention` -> heads merged, before ``out_proj``."""
+    bn, t, d = query_feats.shape
+    hd = d // heads
+    q = F.linear(query_feats, q_weight, q_bias).view(bn, t, heads, hd)
+    # Two matmuls on the same input (no per-call concatenation of the k and v weights).
+    k = F.linear(kv_feats, k_weight, k_bias).view(bn, t, heads, hd)
+    v = F.linear(kv_feats, v_weight, v_bias).view(bn, t, heads, hd)
+    out = window_attention(
+        q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
+        tile_size=tile_size, scale=scale, backend=backend,
+    )  # fmt: skip
+    return out.reshape(*out.shape[:2], d)
