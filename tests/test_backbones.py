@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hrperc
-from hrperc.backbones import HFBackbone, OpenClipBackbone, TimmBackbone, create_encoder, wrap_backbone
+from hrperc.backbones import HFBackbone, OpenClipBackbone, TimmBackbone, create_backbone, wrap_backbone
 
 
 def _hooked_block_output(blocks, k, run):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hrperc import DualPerspectiveCrop, local_crop, local_merge, select_grid, stride_crop, stride_merge
-from hrperc.ops.canvas import candidate_grids
+from hrperc import DualPerspectiveCrop, local_crop, local_merge, stride_crop, stride_merge
+from hrperc.ops.canvas import candidate_grids, select_grid
 
 # Every error message must say how to fix it, not only what is wrong.
 FIX = re.compile(r"\b(Pass|pass|Use|use|Drop|Add|Resize|Check|Convert|Skip|Raise|Lower|Pick|Fix)\b")

@@ -32,7 +32,7 @@ def test_encode_prints_geometry_tokens_timings_memory(image_file, capsys):
     rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--weights", "/nope.bin"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "hrperc encode: error: create_encoder: pretrained='/nope.bin' does not exist" in err
+    assert "hrperc encode: error:" in err and "pretrained='/nope.bin'" in err
     assert "never downloads" in err and "Traceback" not in err
 
 
@@ -102,3 +102,19 @@ def test_demo_geometry_comes_from_the_backbone(tmp_path, capsys):
     # the crop half and the encoder half agree: 28 px tiles, 2x2 tokens per tile
     assert "tiles 28x28" in text and "tokens       patch 14: 4 per sub-image" in text
     assert "to the LLM: 4 tokens" in text and "tokens     4 x 32: mean(thumbnail, dem) 4 (2x2)" in text
+
+
+def test_demo_without_matplotlib_runs_end_to_end_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    # A plain `pip install hrperc` has no matplotlib: the demo still crops and encodes, and skips the pictures.
+    import hrperc.cli.demo
+    import hrperc.cli.plots
+
+    monkeypatch.setattr(hrperc.cli.demo, "has_matplotlib", lambda: False)
+    monkeypatch.setattr(hrperc.cli.plots, "has_matplotlib", lambda: False)
+    rc = main(["demo", "--out", str(tmp_path), "--backbone", "timm:vit_tiny_patch16_224", "--tile-size", "64",
+               "--max-tiles", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "to the LLM" in out and "time (ms)" in out  # the encoder ran
+    assert "hrperc[plot]" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.png"]  # no pictures drawn

@@ -26,7 +26,7 @@ def _encoder(backbone, **options) -> HighResEncoder:
     """A HighResEncoder with a DualPerspectiveCrop built from the crop options among ``options``."""
     crop = {k: options.pop(k) for k in _CROP_OPTIONS if k in options}
     bb = wrap_backbone(backbone)
-    return _encoder(bb, DualPerspectiveCrop(tile_size=bb.image_size, **crop) if crop else None, **options)
+    return HighResEncoder(bb, DualPerspectiveCrop(tile_size=bb.image_size, **crop) if crop else None, **options)
 
 
 def _dem(dim=32, seed=1, **kw):
@@ -294,13 +294,11 @@ def test_errors_are_clear():
 
 
 def test_auto_chunking_uses_a_cpu_token_budget():
-    from hrperc.encoder import _CPU_TOKENS_PER_CALL
-
-    assert _CPU_TOKENS_PER_CALL == 2048  # was 4096; see the comment at its definition
-    enc = _encoder(_vit(), grid=(3, 3), dem=_dem())
-    assert enc.max_batch == "auto" and enc.chunk_size == 2048 // 17  # 16 patches + 1 class token
+    # Documented: on a CPU about 2048 tokens per call, i.e. 3 ViT-L/14-336 tiles or 10 ViT-B/16 tiles.
     big = _encoder(wrap_backbone(_vit(img=336, patch=14)), dem=None, combine="none")
-    assert big.chunk_size == 3  # ViT-L/14-336 geometry: 577 tokens per tile
+    assert big.max_batch == "auto" and big.chunk_size == 3  # 577 tokens per tile
+    base = _encoder(wrap_backbone(_vit(img=224, patch=16)), dem=None, combine="none")
+    assert base.chunk_size == 10  # 197 tokens per tile
     assert _encoder(_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3
 
 

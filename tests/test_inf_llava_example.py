@@ -632,7 +632,7 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
     tok.save_pretrained(llm_dir)
     dem = hrperc.DualPerspectiveEnhancement(32, heads=8)
     proj = hrperc.modules.build_projector("mlp2x_gelu", 32, 48)
-    released = {f"model.spatial_embed.{k}": v for k, v in dem.released_state_dict().items()}
+    released = {f"model.spatial_embed.{k}": v for k, v in hrperc.pretrained.inf_llava.released_state_dict(dem).items()}
     released |= {f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()}
     released["model.layers.0.other"] = torch.zeros(1)  # ignored
     save_file({k: v.contiguous() for k, v in released.items()}, tmp_path / "inf_llava.safetensors")

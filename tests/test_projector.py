@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hrperc
 from hrperc.modules.projector import build_projector
-from hrperc.pretrained.inf_llava import load_projector as load_inf_llava_projector
+from hrperc.pretrained.inf_llava import load_projector
 
 
 @pytest.mark.parametrize("kind,n_linear", [("linear", 1), ("mlp1x_gelu", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
@@ -52,7 +52,7 @@ def _released(in_dim=16, out_dim=32, prefix="model.mm_projector."):
 def test_load_from_full_checkpoint_ignores_other_modules(tmp_path):
     sd = _released()
     full = {**sd, "model.spatial_embed.ln_fuse.weight": torch.ones(16), "lm_head.weight": torch.zeros(4, 4)}
-    proj = load_inf_llava_projector(full)
+    proj = load_projector(full)
     assert torch.equal(proj[0].weight, sd["model.mm_projector.0.weight"])
     assert torch.equal(proj[2].bias, sd["model.mm_projector.2.bias"])
     from safetensors.torch import save_file
@@ -66,19 +66,19 @@ def test_load_from_full_checkpoint_ignores_other_modules(tmp_path):
 def test_load_refuses_bad_weights(tmp_path):
     bare = _released(prefix="")
     with pytest.raises(ValueError, match=r"missing keys \['2.bias'\]"):
-        load_inf_llava_projector({k: v for k, v in bare.items() if k != "2.bias"})
+        load_projector({k: v for k, v in bare.items() if k != "2.bias"})
     with pytest.raises(ValueError, match=r"unexpected keys \['4.weight'\]"):
-        load_inf_llava_projector({**bare, "4.weight": torch.zeros(1)})
+        load_projector({**bare, "4.weight": torch.zeros(1)})
     bad = dict(bare)
     bad["2.weight"] = torch.zeros(32, 31)
     with pytest.raises(ValueError, match=r"2.weight: checkpoint \(32, 31\) vs module \(32, 32\)"):
-        load_inf_llava_projector(bad)
+        load_projector(bad)
     with pytest.raises(ValueError, match="mm_projector.0.weight"):
-        load_inf_llava_projector({"foo": torch.zeros(1)})
+        load_projector({"foo": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_inf_llava_projector(tmp_path / "nope.safetensors")
+        load_projector(tmp_path / "nope.safetensors")
     with pytest.raises(TypeError, match="state dict"):
-        load_inf_llava_projector(42)
+        load_projector(42)
 
 
 def test_projector_errors_name_the_values_and_the_fix():
@@ -87,4 +87,4 @@ def test_projector_errors_name_the_values_and_the_fix():
     with pytest.raises(ValueError, match=r"kind='conv' is not a known projector; pass one of 'linear', 'identity'"):
         build_projector("conv", 8, 16)
     with pytest.raises(TypeError, match=r"entries \['w'\] are not tensors \(str for 'w'\).*Pass model.state_dict\(\)"):
-        load_inf_llava_projector({"w": "not a tensor"})
+        load_projector({"w": "not a tensor"})

@@ -1,9 +1,9 @@
-"""The vision front end of each configuration: ``hrperc.HighResEncoder.inf_llava`` around a ViT.
+"""The vision front end of each configuration: the ``inf_llava`` recipe (``hrperc.create_encoder``) around a ViT.
 
 ``tiny``: a small random timm ``VisionTransformer`` (sub-images of 32 px, 4 x 4 tokens) with a released-
 configuration DEM of its width; ``llama3-8b``: CLIP ViT-L/14-336 from a local transformers directory and
 the released DEM weights (``spatial_embed.*``) when given. Both: grid 3 x 3, layer -2, thumbnail,
-bilinear token reduction, tokens averaged with the thumbnail's (SPEC.md).
+bilinear token reduction, tokens averaged with the thumbnail's (``docs/released.md``).
 """
 
 from __future__ import annotations

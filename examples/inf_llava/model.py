@@ -378,10 +378,10 @@ def build_inf_llava(cfg: InfLlavaConfig, tokenizer, *, llm_dtype: torch.dtype | 
     memory of a frozen or inference-only LLM). Random parts are drawn from ``cfg.seed``, so rebuilding
     gives the same frozen weights (checkpoints then only need the trained parts). Released INF-LLaVA
     DEM/projector weights (``cfg.inf_llava_weights``: ``spatial_embed.*``, ``mm_projector.*``) are loaded
-    through ``DualPerspectiveEnhancement.from_inf_llava`` and ``load_inf_llava_projector``.
+    through ``hrperc.pretrained.inf_llava.load_dem`` and ``load_projector``.
     """
     from hrperc.modules.projector import build_projector
-from hrperc.pretrained.inf_llava import load_projector as load_inf_llava_projector
+    from hrperc.pretrained.inf_llava import load_projector
 
     from ._vision import build_vision, released_weights
 
@@ -391,7 +391,7 @@ from hrperc.pretrained.inf_llava import load_projector as load_inf_llava_project
         vision, vision_dim = build_vision(cfg, released)
         llm = _build_llm(cfg, tokenizer, llm_dtype)
         if released is not None:
-            projector = load_inf_llava_projector(released)
+            projector = load_projector(released)
         else:
             projector = build_projector("mlp2x_gelu", vision_dim, llm.config.hidden_size)
     return InfLlava(vision, projector, llm, cfg.image_token_id(tokenizer))

@@ -36,7 +36,8 @@ Example::
     >>> import torch, hrperc
     >>> from timm.models.vision_transformer import VisionTransformer
     >>> vit = VisionTransformer(img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2)
-    >>> enc = hrperc.HighResEncoder(vit, grid=(3, 3), dem="default", combine="mean")
+    >>> crop = hrperc.DualPerspectiveCrop(grid=(3, 3), tile_size=28)     # tiles of the ViT's native size
+    >>> enc = hrperc.HighResEncoder(vit, crop, dem="default", combine="mean")
     >>> out = enc(torch.rand(2, 3, 90, 80))
     >>> out.tokens.shape, enc.num_tokens((90, 80))
     (torch.Size([2, 16, 32]), 16)

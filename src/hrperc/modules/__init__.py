@@ -9,6 +9,16 @@
 =============================  ================================================================
 
 (:class:`~hrperc.WindowCrossAttention` lives with the attention backends, in :mod:`hrperc.attention`.)
+
+Example::
+
+    >>> import torch
+    >>> from hrperc.modules import DualPerspectiveCrop, DualPerspectiveEnhancement
+    >>> crops = DualPerspectiveCrop(grid=(2, 2), tile_size=32)(torch.rand(1, 3, 100, 60))
+    >>> crops.local.shape, crops.offsets
+    (torch.Size([4, 3, 32, 32]), [0])
+    >>> DualPerspectiveEnhancement(64, heads=2).num_tokens((2, 2), (4, 4))
+    16
 """
 
 from .crop import LocalCrop, Recombine, StrideGlobalCrop

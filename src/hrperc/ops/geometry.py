@@ -146,6 +146,8 @@ def check_window_stacks(fn: str, grid, tile_size=None, *, ndim: int = 3, layout:
         ((2, 2), (3, 3))
     """
     gh, gw = as_grid(grid, fn)
+    if not stacks:
+        raise TypeError(f"{fn}: check_window_stacks needs at least one stack, passed by name (e.g. q=q).")
     first_name, first = None, None
     for name, t in stacks.items():
         if not isinstance(t, torch.Tensor):
@@ -264,6 +266,11 @@ def window_mask(position, grid, tile_size, kind: str) -> torch.Tensor:
     (gh, gw), (th, tw) = as_grid(grid, "window_mask"), as_pair(tile_size, "tile_size", "window_mask")
     code = KIND_CODE[check_kind(kind, "kind", "window_mask")]
     R, C = as_pair(position, "position", "window_mask", minimum=0)
+    if R >= gh * th or C >= gw * tw:
+        raise ValueError(
+            f"window_mask: position=({R}, {C}) is outside the {gh * th}x{gw * tw} map of grid {(gh, gw)} and tile "
+            f"{(th, tw)}. Pass a position with 0 <= R < {gh * th} and 0 <= C < {gw * tw}."
+        )
     rows, cols = torch.arange(gh * th)[:, None], torch.arange(gw * tw)[None, :]
     target, _ = window_of(R, C, gh, gw, th, tw, code)
     win, _ = window_of(rows, cols, gh, gw, th, tw, code)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 
 import torch
 import triton
@@ -52,9 +53,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ----------------------------------------------------------------------------------------------------
 
 
+def _jit_geometry(fn):
+    """``triton.jit`` of an index function of :mod:`hrperc.ops.geometry` (same code, globals of its own).
+
+    Triton's CPU interpreter refuses a function whose module globals do not hold ``triton.language``
+    (and adds its own names to the globals it runs the function in), so the compiled function gets a
+    copy of geometry's globals with ``tl`` added; geometry itself stays free of Triton.
+    """
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, "tl": tl}, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    return triton.jit(copy)
+
+
 # The window index maths of hrperc.ops.geometry, compiled: one definition for Python, torch and Triton.
-_window_of = triton.jit(geometry.window_of)
-_map_position = triton.jit(geometry.map_position)
+_window_of = _jit_geometry(geometry.window_of)
+_map_position = _jit_geometry(geometry.map_position)
 
 
 @triton.jit
