@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 
 import hrperc
-from hrperc import HighResEncoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET_LABELS = ("skipping (11 passes)", "encode_all (19 passes)")
@@ -135,7 +134,8 @@ def _timm_kwargs(depth: int | None) -> dict:
 
 def _setup_batching(model_name: str, depth: int | None, device):
     backbone = hrperc.create_backbone(f"timm:{model_name}", **_timm_kwargs(depth)).to(device)
-    enc = hrperc.create_encoder("inf_llava", backbone, dem=hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8))
+    dem = hrperc.DualPerspectiveEnhancement(backbone.hidden_size, heads=8)
+    enc = hrperc.create_encoder("inf_llava", backbone, dem=dem)
     enc = enc.to(device)
     h, w = backbone.image_size
     torch.manual_seed(0)

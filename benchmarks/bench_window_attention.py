@@ -125,8 +125,9 @@ def make_methods(q, k, v, grid, tile, device, run_flex: bool):
     if device.type == "cuda":
 
         def fused(q, k, v):
-            return hrperc.attention.kernels.triton_window_attention(q, k, v, grid, window=WINDOW, q_order=Q_ORDER, kv_order=KV_ORDER,
-                                                  out_order=OUT_ORDER)  # fmt: skip
+            return hrperc.attention.kernels.triton_window_attention(
+                q, k, v, grid, window=WINDOW, q_order=Q_ORDER, kv_order=KV_ORDER, out_order=OUT_ORDER
+            )
 
         methods = {"triton": fused, **methods}
     if run_flex:

@@ -1,4 +1,4 @@
-"""A literal, per-window, plain-torch implementation of the released INF-LLaVA DEM, written from SPEC.md.
+"""A literal, per-window, plain-torch implementation of the released INF-LLaVA DEM, written from docs/released.md.
 
 Deliberately naive (Python loops over windows, maps materialised) so it is obviously the spec; the
 parity tests compare hrperc's DEM with it. Weights come as a released-layout state dict (no prefix).

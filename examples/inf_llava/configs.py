@@ -8,10 +8,11 @@ Example::
     >>> tok.convert_tokens_to_ids(cfg.image_token) == cfg.image_token_id(tok)
     True
 
-``llama3-8b`` follows SPEC.md: CLIP ViT-L/14-336 (second-to-last layer, CLS dropped, 576 tokens per
-sub-image), grid 3 x 3 over a 1008 x 1008 canvas, released DEM (8 heads, D = 1024), ``mlp2x_gelu``
-projector 1024 -> 4096, LLaMA-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, vocab 128256,
-rope theta 5e5). It needs local directories, given as arguments or environment variables:
+``llama3-8b`` follows the released model (``docs/released.md``): CLIP ViT-L/14-336 (second-to-last
+layer, CLS dropped, 576 tokens per sub-image), grid 3 x 3 over a 1008 x 1008 canvas, released DEM
+(8 heads, D = 1024), ``mlp2x_gelu`` projector 1024 -> 4096, LLaMA-3-8B (hidden 4096, 32 layers,
+32 heads, 8 KV heads, vocab 128256, rope theta 5e5). It needs local directories, given as arguments
+or environment variables:
 
 * ``INF_LLAVA_LLM_DIR``: a transformers ``LlamaForCausalLM`` checkpoint directory (with its tokenizer);
 * ``INF_LLAVA_CLIP_DIR``: a transformers CLIP ViT-L/14-336 directory;
@@ -119,7 +120,7 @@ LLAMA3_8B = InfLlavaConfig(
     answer_suffix="<|eot_id|>",
 )
 
-# LLaMA-3-8B's shape, checked against the loaded checkpoint (SPEC.md).
+# LLaMA-3-8B's shape, checked against the loaded checkpoint (docs/released.md, fact 14).
 LLAMA3_8B_SHAPE = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,

@@ -13,7 +13,7 @@ global (strided) sub-features in ``stride_crop`` order, both ``(B*N, ht*wt, D)``
 ``LN(out_proj(attn) + query)``, one module shared by both directions. See ``docs/dem.md``.
 
 **Skipping unread work** (``skip_unread=True``, default). The reduction reads only its footprint
-(:func:`hrperc.reduction.reduction_footprint`); with a per-token fusion only the enhanced tokens at
+(:func:`hrperc.ops.reduce.reduction_footprint`); with a per-token fusion only the enhanced tokens at
 those positions matter, so only their queries, attention rows, output projections, LayerNorms and
 fusions are computed, and only the key/value windows those queries fall in are projected. For the
 released bilinear reduction by 3 that is 1/9 of the queries, and in the strided direction a single
@@ -76,7 +76,7 @@ class DualPerspectiveEnhancement(nn.Module):
     ``attention.*``; else ``attention_global.*`` / ``attention_local.*``); ``residual_norm``
     (``LN(out_proj(attn) + query)``); ``directions`` ``"both"|"global"|"local"|"none"`` (Table 4; a
     direction that is off passes its query map through un-enhanced, and ``"none"`` with
-    ``fusion="add"`` is Table 6's plain-addition baseline); ``fusion`` (see :mod:`hrperc.fusion`);
+    ``fusion="add"`` is Table 6's plain-addition baseline); ``fusion`` (see :mod:`hrperc.modules.fusion`);
     ``reduction`` ``"bilinear"|"avg"|"area"|"none"``; ``skip_unread`` (compute only tokens the
     reduction reads; ``False`` computes every token). The defaults are the released configuration.
 

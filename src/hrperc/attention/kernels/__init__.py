@@ -88,7 +88,7 @@ def triton_window_attention(
     tile_size=None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Fused per-window attention; see :func:`hrperc.kernels.window_attention.triton_window_attention`.
+    """Fused per-window attention; see :func:`hrperc.attention.kernels.window_attention.triton_window_attention`.
 
     ``q, k, v``: ``(B*N, T, heads, head_dim)`` stacks in ``q_order``/``kv_order`` window order, or
     ``(B, Ht*Wt, heads, head_dim)`` maps for order ``"map"``; returns the same forms per ``out_order``.
