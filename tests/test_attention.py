@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import re
+import threading
 
 import pytest
 import torch
@@ -11,6 +14,20 @@ from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import attention as A
+from hrperc.attention import (
+    AttentionBackend,
+    available_backends,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
+from hrperc.attention.dispatch import ENV_VAR, forced_backend
+from hrperc.attention.reference import (
+    reference_query_subset,
+    reference_window_attention,
+    sdpa_query_subset,
+    sdpa_window_attention,
+)
 from hrperc.ops.crop import crop, merge
 
 KINDS = ("contiguous", "strided")
@@ -152,49 +169,73 @@ def _qkv():
 
 
 KW = dict(window="contiguous", q_order="contiguous", kv_order="contiguous")
+NORM = dict(grid=(2, 2), tile_size=(2, 2), out_order="contiguous", scale=1.0, **KW)  # resolve_backend's kwargs
+
+
+@pytest.fixture
+def registered():
+    """Register backends for one test (``registered(backend)``); every one is unregistered afterwards."""
+    names = []
+
+    def add(backend):
+        names.append(register_backend(backend).name)
+        return backend
+
+    try:
+        yield add
+    finally:
+        for name in names:
+            if name in available_backends():  # a test may unregister its backends itself
+                unregister_backend(name)
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def _spy(calls, fn=sdpa_window_attention):
+    """A whole-window backend function that records each call's keyword arguments, then runs ``fn``."""
+
+    def spy(q, k, v, grid, **kw):
+        calls.append(dict(kw, grid=grid))
+        return fn(q, k, v, grid, **kw)
+
+    return spy
 
 
 def test_auto_is_sdpa_on_cpu_and_forcing_works(monkeypatch):
     q, k, v = _qkv()
-    norm = dict(grid=(2, 2), tile_size=(2, 2), out_order="contiguous", scale=1.0, **KW)
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
-    assert A.resolve_backend("auto", q, k, v, **norm) == "sdpa"
+    norm = NORM
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert A.resolve_backend("auto", q, k, v, **norm).name == "sdpa"
+    assert A.resolve_backend("auto", q, k, v, **norm) is get_backend("sdpa")  # the registered object itself
     with hrperc.attention_backend("reference"):
-        assert A.resolve_backend("auto", q, k, v, **norm) == "reference"
-        assert A.resolve_backend("sdpa", q, k, v, **norm) == "sdpa"  # explicit argument wins
-    monkeypatch.setenv(A.ENV_VAR, "reference")
-    assert A.resolve_backend("auto", q, k, v, **norm) == "reference"
+        assert A.resolve_backend("auto", q, k, v, **norm).name == "reference"
+        assert A.resolve_backend("sdpa", q, k, v, **norm).name == "sdpa"  # explicit argument wins
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert A.resolve_backend("auto", q, k, v, **norm).name == "reference"
     with hrperc.attention_backend("sdpa"):  # context manager beats the environment
-        assert A.resolve_backend("auto", q, k, v, **norm) == "sdpa"
+        assert A.resolve_backend("auto", q, k, v, **norm).name == "sdpa"
 
 
-def test_forced_backend_is_actually_called(monkeypatch):
+def test_forced_backend_is_actually_called(registered):
     calls = []
-
-    def spy(q, k, v, **kw):
-        calls.append(kw)
-        return A.sdpa_window_attention(q, k, v, **kw)
-
-    hrperc.attention.register_backend("spy", spy)
-    try:
-        q, k, v = _qkv()
-        with hrperc.attention_backend("spy"):
-            hrperc.window_attention(q, k, v, (2, 2), **KW)
-        assert len(calls) == 1 and calls[0]["tile_size"] == (2, 2) and calls[0]["scale"] == pytest.approx(8**-0.5)
-    finally:
-        A._REGISTRY.pop("spy")
+    registered(AttentionBackend("spy", _spy(calls)))
+    q, k, v = _qkv()
+    with hrperc.attention_backend("spy"):
+        hrperc.window_attention(q, k, v, (2, 2), **KW)
+    assert len(calls) == 1 and calls[0]["tile_size"] == (2, 2) and calls[0]["scale"] == pytest.approx(8**-0.5)
+    assert calls[0]["grid"] == (2, 2) and calls[0]["out_order"] == "contiguous"  # normalised before the call
 
 
-def test_forced_backend_that_cannot_run_explains(monkeypatch):
-    hrperc.attention.register_backend("never", A.sdpa_window_attention, lambda q, k, v, **kw: "needs a GPU")
-    try:
-        q, k, v = _qkv()
-        with pytest.raises(NotImplementedError) as err:
-            hrperc.window_attention(q, k, v, (2, 2), backend="never", **KW)
-        msg = str(err.value)
-        assert "needs a GPU" in msg and "(4, 4, 1, 8)" in msg and "torch.float32" in msg and "sdpa: can run" in msg
-    finally:
-        A._REGISTRY.pop("never")
+def test_forced_backend_that_cannot_run_explains(registered):
+    registered(AttentionBackend("never", sdpa_window_attention, check=lambda q, k, v, **kw: "needs a GPU"))
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError) as err:
+        hrperc.window_attention(q, k, v, (2, 2), backend="never", **KW)
+    msg = str(err.value)
+    assert "needs a GPU" in msg and "(4, 4, 1, 8)" in msg and "torch.float32" in msg and "sdpa: can run" in msg
 
 
 def test_unknown_backend_names_are_refused(monkeypatch):
@@ -204,7 +245,7 @@ def test_unknown_backend_names_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="nope"):
         with hrperc.attention_backend("nope"):
             pass
-    monkeypatch.setenv(A.ENV_VAR, "nope")
+    monkeypatch.setenv(ENV_VAR, "nope")
     with pytest.raises(ValueError, match="HRPERC_ATTN_BACKEND"):
         hrperc.window_attention(q, k, v, (2, 2), **KW)
 
@@ -217,7 +258,7 @@ def test_unknown_backend_names_are_refused(monkeypatch):
         (((4, 4, 1, 8),) * 3, dict(out_order="nlc"), "out_order='nlc'"),
         (((4, 4, 8),) * 3, {}, r"\(B\*N, T, heads, head_dim\)"),
         (((4, 4, 1, 8), (4, 9, 1, 8), (4, 9, 1, 8)), {}, "same shape"),
-        (((6, 4, 1, 8),) * 3, {}, "multiple of N = 2\\*2 = 4"),
+        (((6, 4, 1, 8),) * 3, {}, r"dimension 6 .*multiple of N = gh\*gw = 2\*2 = 4"),
         (((4, 6, 1, 8),) * 3, {}, "not a perfect square"),
         (((4, 6, 1, 8),) * 3, dict(tile_size=(2, 2)), "tile_size=\\(2, 2\\) holds 4"),
     ],
@@ -243,7 +284,7 @@ def test_bad_heads_and_mismatched_stacks():
 def test_unknown_option_messages_say_what_to_pass():
     q, k, v = _qkv()
     with pytest.raises(
-        ValueError, match=r"window='diagonal' is not a known window; pass one of \('contiguous', 'strided'\)"
+        ValueError, match=r"window='diagonal' is not a window kind; pass one of \('contiguous', 'strided'\)"
     ):
         hrperc.window_attention(q, k, v, (2, 2), **{**KW, "window": "diagonal"})
     with pytest.raises(
@@ -265,25 +306,211 @@ def test_dtype_and_device_mismatch_names_both_and_the_fix():
 
 
 def test_forced_backend_precedence_and_query_subset_forms(monkeypatch):
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
-    assert A.forced_backend("auto") is None and A.forced_backend(None) is None
-    monkeypatch.setenv(A.ENV_VAR, "reference")
-    assert A.forced_backend("auto") == "reference"
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert forced_backend("auto") is None and forced_backend(None) is None
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert forced_backend("auto") == "reference"
     with hrperc.attention_backend("sdpa"):
-        assert A.forced_backend("auto") == "sdpa" and A.forced_backend("reference") == "reference"
-    monkeypatch.setenv(A.ENV_VAR, "auto")
-    assert A.forced_backend("auto") is None
+        assert forced_backend("auto") == "sdpa" and forced_backend("reference") == "reference"
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert forced_backend("auto") is None
     # Built-ins attend query subsets; unforced, the subset path is sdpa even where "auto" would pick triton.
-    assert A.query_subset_fn("sdpa") is A.sdpa_query_subset and A.query_subset_fn("reference") is not None
-    assert A.query_subset_fn("triton") is None
+    assert get_backend("sdpa").query_subset is sdpa_query_subset
+    assert get_backend("reference").query_subset is reference_query_subset
+    assert get_backend("triton").query_subset is None
     q = torch.randn(3, 2, 5, 8, dtype=torch.float64)  # 5 of each window's 9 queries
     k, v = torch.randn(3, 2, 9, 8, dtype=torch.float64), torch.randn(3, 2, 9, 8, dtype=torch.float64)
-    torch.testing.assert_close(A.sdpa_query_subset(q, k, v, scale=0.3), A.reference_query_subset(q, k, v, scale=0.3))
+    torch.testing.assert_close(sdpa_query_subset(q, k, v, scale=0.3), reference_query_subset(q, k, v, scale=0.3))
     probe = torch.randn(4, 4, 1, 8)
-    norm = dict(grid=(2, 2), tile_size=(2, 2), out_order="contiguous", scale=1.0, **KW)
-    assert A.resolve_backend("auto", probe, probe, probe, query_subset=True, **norm) == "sdpa"
-    with pytest.raises(TypeError, match="query_subset for 'x' must be callable"):
-        hrperc.attention.register_backend("x", A.sdpa_window_attention, query_subset=3)
+    assert A.resolve_backend("auto", probe, probe, probe, query_subset=True, **NORM).name == "sdpa"
+    with pytest.raises(TypeError, match="'x'.*query_subset must be callable"):
+        AttentionBackend("x", sdpa_window_attention, query_subset=3)
+
+
+@pytest.mark.parametrize(
+    "fields,x,names",
+    [
+        (dict(devices=("cuda",)), torch.zeros(4, 4, 1, 8), ["'cpu'", "'cuda'"]),
+        (dict(dtypes=(torch.float64, torch.float16)), torch.zeros(4, 4, 1, 8), ["torch.float32", "torch.float64"]),
+        (dict(max_head_dim=4), torch.zeros(4, 4, 1, 8), ["head_dim", r"\b8\b", r"\b4\b"]),
+    ],
+    ids=["devices", "dtypes", "max_head_dim"],
+)
+def test_declared_fields_refuse_inputs_with_a_reason_naming_the_value(fields, x, names, registered):
+    backend = registered(AttentionBackend("picky", sdpa_window_attention, **fields))
+    reason = backend.supports(x, x, x)
+    assert reason is not None
+    for name in names:
+        assert re.search(name, reason), (name, reason)
+    # Forced, it does not run: the error names the backend, its reason and what can run instead.
+    with pytest.raises(NotImplementedError) as err:
+        hrperc.window_attention(x, x, x, (2, 2), backend="picky", **KW)
+    msg = str(err.value)
+    assert "'picky'" in msg and reason in msg and "sdpa: can run" in msg
+
+
+def test_declared_fields_accept_inputs_within_them_then_ask_check(registered):
+    seen = []
+
+    def check(q, k, v, **kw):
+        seen.append(kw)
+        return None
+
+    fits = registered(AttentionBackend("fits", sdpa_window_attention, devices=("cpu",), dtypes=(torch.float32,),
+                                       max_head_dim=8, check=check))  # fmt: skip
+    q, k, v = _qkv()  # cpu, float32, head_dim 8: the boundary of max_head_dim is allowed
+    assert fits.supports(q, k, v) is None and len(seen) == 1
+    out = hrperc.window_attention(q, k, v, (2, 2), backend="fits", **KW)
+    torch.testing.assert_close(out, hrperc.window_attention(q, k, v, (2, 2), backend="sdpa", **KW))
+    # check= gets the normalised call; a field that refuses is decided before check= is asked.
+    assert seen[-1]["grid"] == (2, 2) and seen[-1]["tile_size"] == (2, 2) and seen[-1]["window"] == "contiguous"
+    n = len(seen)
+    assert "torch.float64" in fits.supports(q.double())
+    assert len(seen) == n
+
+
+def test_auto_picks_by_priority_among_eligible_backends_that_support_the_inputs(registered, no_env):
+    q, k, v = _qkv()
+    calls = []
+    resolve = A.resolve_backend
+    registered(AttentionBackend("cpu_fast", _spy(calls), auto_devices=("cpu",), priority=5))
+    registered(AttentionBackend("cpu_slow", sdpa_window_attention, auto_devices=None, priority=1))
+    # Higher priorities that "auto" must pass over: refuses float32 / not automatic on CPU / only when forced.
+    registered(AttentionBackend("f64_only", sdpa_window_attention, dtypes=(torch.float64,), auto_devices=("cpu",),
+                                priority=50))  # fmt: skip
+    registered(AttentionBackend("cuda_auto", sdpa_window_attention, auto_devices=("cuda",), priority=100))
+    registered(AttentionBackend("forced_only", sdpa_window_attention, priority=1000))
+    assert resolve("auto", q, k, v, **NORM).name == "cpu_fast"
+    out = hrperc.window_attention(q, k, v, (2, 2), **KW)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, hrperc.window_attention(q, k, v, (2, 2), backend="sdpa", **KW))
+    # float64 inputs: the priority-50 backend supports them, so it wins.
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    assert resolve("auto", q64, k64, v64, **NORM).name == "f64_only"
+    # query_subset=True: only backends with a query-subset form compete.
+    assert resolve("auto", q, k, v, query_subset=True, **NORM).name == "sdpa"
+    registered(AttentionBackend("subset_fast", sdpa_window_attention, query_subset=sdpa_query_subset,
+                                auto_devices=("cpu",), priority=3))  # fmt: skip
+    assert resolve("auto", q, k, v, query_subset=True, **NORM).name == "subset_fast"
+    assert resolve("auto", q, k, v, **NORM).name == "cpu_fast"
+    # Forcing still reaches a backend "auto" never picks.
+    assert resolve("forced_only", q, k, v, **NORM).name == "forced_only"
+    unregister_backend("cpu_fast")
+    assert resolve("auto", q, k, v, **NORM).name == "subset_fast"
+    for name in ("subset_fast", "cpu_slow", "f64_only", "cuda_auto", "forced_only"):
+        unregister_backend(name)
+    assert resolve("auto", q, k, v, **NORM).name == "sdpa"
+    assert resolve("auto", q64, k64, v64, **NORM).name == "sdpa"
+    hrperc.window_attention(q, k, v, (2, 2), **KW)
+    assert len(calls) == 1  # the unregistered spy is not called again
+
+
+def test_register_and_unregister_backends():
+    mine = AttentionBackend("mine", sdpa_window_attention)
+    assert register_backend(mine) is mine
+    try:
+        assert "mine" in available_backends() and get_backend("mine") is mine
+        other = AttentionBackend("mine", reference_window_attention, reference_query_subset)
+        with pytest.raises(ValueError) as err:
+            register_backend(other)
+        assert "'mine'" in str(err.value) and "replace=True" in str(err.value)
+        assert get_backend("mine") is mine  # a refused registration changes nothing
+        assert register_backend(other, replace=True) is other and get_backend("mine") is other
+        assert available_backends().count("mine") == 1
+    finally:
+        unregister_backend("mine")
+    assert "mine" not in available_backends()
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="'mine'"):
+        hrperc.window_attention(q, k, v, (2, 2), backend="mine", **KW)
+    with pytest.raises(ValueError, match="'mine'"):
+        get_backend("mine")
+    with pytest.raises(KeyError) as err:
+        unregister_backend("mine")
+    assert "'mine'" in str(err.value) and "'sdpa'" in str(err.value)  # the name, and what is registered
+    with pytest.raises(TypeError) as err:
+        register_backend(sdpa_window_attention)
+    assert "function" in str(err.value) and "AttentionBackend" in str(err.value)
+    with pytest.raises(ValueError, match="'auto'"):
+        AttentionBackend("auto", sdpa_window_attention)
+    with pytest.raises(TypeError, match="'bad'.*fn"):
+        AttentionBackend("bad", None)
+
+
+def test_replace_a_builtin_and_restore_the_original(no_env):
+    original = get_backend("sdpa")
+    names = available_backends()
+    calls = []
+    q, k, v = _qkv()
+    register_backend(dataclasses.replace(original, fn=_spy(calls)), replace=True)
+    try:
+        hrperc.window_attention(q, k, v, (2, 2), **KW)  # "auto" on CPU: the replacement
+        assert len(calls) == 1 and available_backends() == names
+    finally:
+        register_backend(original, replace=True)
+    assert get_backend("sdpa") is original and available_backends() == names
+    hrperc.window_attention(q, k, v, (2, 2), **KW)
+    assert len(calls) == 1
+
+
+def test_attention_backend_nested_blocks_restore_the_outer_choice(no_env):
+    q, k, v = _qkv()
+
+    def chosen():
+        return A.resolve_backend("auto", q, k, v, **NORM).name
+
+    assert forced_backend() is None and chosen() == "sdpa"
+    with hrperc.attention_backend("reference"):
+        assert chosen() == "reference"
+        with hrperc.attention_backend("sdpa"):
+            assert chosen() == "sdpa"
+            for unforce in (None, "auto"):
+                with hrperc.attention_backend(unforce):
+                    assert forced_backend() is None and chosen() == "sdpa"
+                assert forced_backend() == "sdpa"
+        assert chosen() == "reference"
+        with pytest.raises(RuntimeError, match="boom"):
+            with hrperc.attention_backend("sdpa"):
+                raise RuntimeError("boom")
+        assert chosen() == "reference"  # restored after an exception too
+    assert forced_backend() is None and chosen() == "sdpa"
+
+
+def test_attention_backend_choice_is_not_seen_by_another_thread(no_env):
+    q, k, v = _qkv()
+    log, errors = {}, []
+    other_in, main_in = threading.Event(), threading.Event()
+
+    def other():
+        try:
+            log["other before"] = forced_backend()
+            with hrperc.attention_backend("sdpa"):
+                log["other inside"] = forced_backend()
+                other_in.set()
+                assert main_in.wait(timeout=60)
+                log["other while main forces"] = A.resolve_backend("auto", q, k, v, **NORM).name
+            log["other after"] = forced_backend()
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            errors.append(exc)
+        finally:
+            other_in.set()
+
+    with hrperc.attention_backend("reference"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert other_in.wait(timeout=60)
+        log["main while other forces"] = forced_backend()
+        main_in.set()
+        thread.join(timeout=60)
+        assert forced_backend() == "reference"
+    assert not thread.is_alive() and not errors, errors
+    assert log == {
+        "other before": None,  # main's block is open, but not in this thread
+        "other inside": "sdpa",
+        "main while other forces": "reference",
+        "other while main forces": "sdpa",
+        "other after": None,
+    }
 
 
 def test_attend_is_forward_before_the_output_projection():
@@ -301,7 +528,9 @@ def test_cross_attention_functional_with_missing_biases():
     b = torch.randn(d, dtype=torch.float64)
     qf = torch.randn(4, 4, d, dtype=torch.float64)
     kw = dict(q_weight=w[0], k_weight=w[1], v_weight=w[2], out_weight=w[3], heads=h)
-    out = hrperc.attention.window_cross_attention(qf, qf, (2, 2), "contiguous", "contiguous", "contiguous", v_bias=b, **kw)
+    out = hrperc.attention.window_cross_attention(
+        qf, qf, (2, 2), "contiguous", "contiguous", "contiguous", v_bias=b, **kw
+    )
     q, k, v = (F.linear(qf, wi, bi).view(4, 4, h, d // h) for wi, bi in ((w[0], None), (w[1], None), (w[2], b)))
     att = _literal(q, k, v, (2, 2), (2, 2), "contiguous", "contiguous", "contiguous").reshape(1, 16, d)
     torch.testing.assert_close(out, F.linear(att, w[3]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -11,9 +12,12 @@ from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import DualPerspectiveEnhancement as DEM
-from hrperc import attention as A
+from hrperc.attention import AttentionBackend, get_backend, register_backend, unregister_backend
+from hrperc.attention.dispatch import ENV_VAR
+from hrperc.attention.reference import sdpa_query_subset, sdpa_window_attention
 from hrperc.modules.fusion import FUSIONS
 from hrperc.ops.reduce import REDUCTIONS
+from hrperc.pretrained.inf_llava import released_state_dict
 
 
 def _randomise(module, std=0.3):
@@ -69,7 +73,7 @@ def test_released_parity_with_literal_implementation(skip_unread):
 def test_parity_other_grids_and_paper_pairing(grid, tile, pairing):
     dem = _randomise(DEM(32, 4, pairing=pairing))
     loc, glo = _feats(2, grid, tile * tile, 32)
-    ref = released_dem(loc, glo, grid, dem.released_state_dict(), heads=4, pairing=pairing)
+    ref = released_dem(loc, glo, grid, released_state_dict(dem), heads=4, pairing=pairing)
     assert (dem(loc, glo, grid) - ref).abs().max().item() <= 1e-5
 
 
@@ -492,17 +496,21 @@ def spies():
 
         return wrapper
 
-    hrperc.attention.register_backend("spy_windows", counted("windows.fn", A.sdpa_window_attention))
-    hrperc.attention.register_backend("spy_subset", counted("subset.fn", A.sdpa_window_attention),
-                            query_subset=counted("subset.query_subset", A.sdpa_query_subset))  # fmt: skip
-    yield calls
-    A._REGISTRY.pop("spy_windows")
-    A._REGISTRY.pop("spy_subset")
+    register_backend(AttentionBackend("spy_windows", counted("windows.fn", sdpa_window_attention)))
+    try:
+        register_backend(AttentionBackend("spy_subset", counted("subset.fn", sdpa_window_attention),
+                                          query_subset=counted("subset.query_subset", sdpa_query_subset)))  # fmt: skip
+        try:
+            yield calls
+        finally:
+            unregister_backend("spy_subset")
+    finally:
+        unregister_backend("spy_windows")
 
 
 def _force(how, name, monkeypatch):
     """Run a default-config DEM forward with ``name`` forced ``how``; returns the module, inputs, output."""
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     dem = _randomise(DEM(32, 2))  # default: skip_unread=True, released configuration
     loc, glo = _feats(1, (3, 3), 16, 32)
     if how == "argument":
@@ -511,9 +519,9 @@ def _force(how, name, monkeypatch):
         with hrperc.attention_backend(name):
             out = dem(loc, glo, (3, 3))
     else:
-        monkeypatch.setenv(A.ENV_VAR, name)
+        monkeypatch.setenv(ENV_VAR, name)
         out = dem(loc, glo, (3, 3))
-        monkeypatch.delenv(A.ENV_VAR)
+        monkeypatch.delenv(ENV_VAR)
     return dem, (loc, glo), out
 
 
@@ -533,46 +541,53 @@ def test_default_dem_forced_onto_a_whole_window_backend_computes_every_token_wit
 
 
 def test_default_dem_auto_uses_sdpa_subsets_and_forced_reference_uses_no_sdpa(monkeypatch):
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     sdpa_calls, ref_calls = [], []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: sdpa_calls.append(q.shape) or real_sdpa(q, k, v, **kw))  # fmt: skip
-    ref = A._REGISTRY["reference"]
+    ref = get_backend("reference")
 
     def spy_subset(q, k, v, *, scale):
         ref_calls.append(q.shape)
         return ref.query_subset(q, k, v, scale=scale)
 
-    monkeypatch.setitem(A._REGISTRY, "reference", A._Backend(ref.fn, ref.supports, spy_subset))
-    dem = _randomise(DEM(32, 2))
-    loc, glo = _feats(1, (3, 3), 16, 32)
-    auto = dem(loc, glo, (3, 3))
-    assert len(sdpa_calls) == 2 and sum(s[0] * s[2] for s in sdpa_calls) < 2 * 9 * 16  # a subset of the queries
-    sdpa_calls.clear()
-    with hrperc.attention_backend("reference"):
-        forced = dem(loc, glo, (3, 3))
-    assert sdpa_calls == [] and len(ref_calls) == 2
-    torch.testing.assert_close(forced, auto, rtol=1e-5, atol=1e-5)
+    register_backend(dataclasses.replace(ref, query_subset=spy_subset), replace=True)
+    try:
+        dem = _randomise(DEM(32, 2))
+        loc, glo = _feats(1, (3, 3), 16, 32)
+        auto = dem(loc, glo, (3, 3))
+        assert len(sdpa_calls) == 2 and sum(s[0] * s[2] for s in sdpa_calls) < 2 * 9 * 16  # a subset of the queries
+        assert ref_calls == []
+        sdpa_calls.clear()
+        with hrperc.attention_backend("reference"):
+            forced = dem(loc, glo, (3, 3))
+        assert sdpa_calls == [] and len(ref_calls) == 2
+        torch.testing.assert_close(forced, auto, rtol=1e-5, atol=1e-5)
+    finally:
+        register_backend(ref, replace=True)
+    assert get_backend("reference") is ref
 
 
 def test_default_dem_forced_triton_runs_the_kernel(monkeypatch):
     """Forcing "triton" on the default (skipping) DEM runs the kernel on every token (it takes whole windows)."""
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     dem = _randomise(DEM(64, 2), std=0.1)  # head_dim 32
     loc, glo = _feats(1, (3, 3), 16, 64)
     probe = loc.unflatten(-1, (2, 32))
-    reason = A._REGISTRY["triton"].supports(probe, probe, probe)
+    triton = get_backend("triton")
+    reason = triton.supports(probe, probe, probe)
     if reason is not None:
         with pytest.raises(NotImplementedError, match="backend 'triton' cannot run"):
             dem(loc, glo, (3, 3), backend="triton")
         return
     calls = []
-    triton = A._REGISTRY["triton"]
-    monkeypatch.setitem(A._REGISTRY, "triton", A._Backend(
-        lambda *a, **kw: calls.append(kw["window"]) or triton.fn(*a, **kw), triton.supports, triton.query_subset
-    ))  # fmt: skip
-    out = dem(loc, glo, (3, 3), backend="triton")
+    spy = dataclasses.replace(triton, fn=lambda *a, **kw: calls.append(kw["window"]) or triton.fn(*a, **kw))
+    register_backend(spy, replace=True)
+    try:
+        out = dem(loc, glo, (3, 3), backend="triton")
+    finally:
+        register_backend(triton, replace=True)
     assert sorted(calls) == ["contiguous", "strided"]
     torch.testing.assert_close(out, dem(loc, glo, (3, 3), backend="sdpa"), rtol=1e-5, atol=1e-5)
 
@@ -581,12 +596,12 @@ def test_default_dem_forced_triton_runs_the_kernel(monkeypatch):
                                  dict(residual_norm=False, fusion="add", reduction="avg"), dict(fusion="conv3x3")],
                          ids=["released", "every-token", "no-attention", "pooled", "conv3x3"])  # fmt: skip
 def test_unknown_backend_names_raise_on_every_path(cfg, monkeypatch):
-    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     dem = DEM(32, 2, **cfg)
     loc, glo = _feats(1, (3, 3), 16, 32)
     with pytest.raises(ValueError, match=r"backend='bogus' is not a registered backend; pass one of \("):
         dem(loc, glo, (3, 3), backend="bogus")
-    monkeypatch.setenv(A.ENV_VAR, "bogus")
+    monkeypatch.setenv(ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=r"\$HRPERC_ATTN_BACKEND='bogus' is not a registered backend"):
         dem(loc, glo, (3, 3))
     with pytest.raises(ValueError, match="name='bogus'"):

@@ -24,6 +24,7 @@ import triton  # noqa: E402
 
 import hrperc.attention.kernels  # noqa: E402
 from hrperc.attention.kernels import window_attention as wa  # noqa: E402
+from hrperc.attention.reference import reference_window_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ORDER_NAMES = ("contiguous", "strided", "map")
@@ -59,8 +60,8 @@ def _check_fwd_bwd(grid, tile, heads, dim, dtype, window, q_order, kv_order, out
     v64 = _make(kv_order, batch, grid, tile, heads, dim)
     results = {}
     for name, dt, fn in (
-        ("ref64", torch.float64, wa.window_attention_reference),
-        ("ref_lp", dtype, wa.window_attention_reference),
+        ("ref64", torch.float64, reference_window_attention),
+        ("ref_lp", dtype, reference_window_attention),
         ("fast", dtype, wa.triton_window_attention),
     ):
         xs = [x.detach().to(dt).clone().requires_grad_() for x in (q64, k64, v64)]
@@ -397,8 +398,8 @@ def test_offsets_past_2_to_the_31_elements_do_not_wrap():
     results = {}
     for name, fn, tensors in (
         ("fast", wa.triton_window_attention, (q, k, v)),
-        ("ref_lp", wa.window_attention_reference, [x.contiguous() for x in (q, k, v)]),
-        ("ref64", wa.window_attention_reference, [x.double() for x in (q, k, v)]),
+        ("ref_lp", reference_window_attention, [x.contiguous() for x in (q, k, v)]),
+        ("ref64", reference_window_attention, [x.double() for x in (q, k, v)]),
     ):
         xs = [x.detach().requires_grad_() for x in tensors]
         out = fn(*xs, grid, **kw)
@@ -419,25 +420,28 @@ def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeyp
 
     monkeypatch.setattr(kernels, "_import_kernels", broken_import)
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", None)
+    monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
     (q, k, v), grid = _attention_inputs()
     kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
               out_order="strided", scale=0.25)  # fmt: skip
 
     class LooksLikeCuda(torch.Tensor):  # "auto" only considers the kernel for CUDA tensors
         is_cuda = True
+        device = torch.device("cuda")
 
     q_cuda = q.detach().as_subclass(LooksLikeCuda)
-    assert q_cuda.is_cuda
+    assert q_cuda.is_cuda and q_cuda.device.type == "cuda"
+    assert hrperc.attention.get_backend("triton").auto_eligible(q_cuda.device.type)
     with pytest.warns(RuntimeWarning, match="RuntimeError: simulated broken Triton install"):
-        assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw) == "sdpa"
+        assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw).name == "sdpa"
     assert kernels.triton_import_error() == "RuntimeError: simulated broken Triton install: driver too old"
-    assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw) == "sdpa"  # remembered, no retry
+    assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw).name == "sdpa"  # remembered, no retry
     expected = r"(?s)backend 'triton' cannot run.*RuntimeError: simulated broken Triton install.*sdpa: can run"
     with pytest.raises(NotImplementedError, match=expected):
         hrperc.attention.resolve_backend("triton", q, k, v, **kw)
     with pytest.raises(ImportError, match=r"could not import Triton \(RuntimeError: simulated") as info:
-        hrperc.attention.kernels.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
-                                       tile_size=(2, 3))  # fmt: skip
+        kernels.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
+                                        tile_size=(2, 3))  # fmt: skip
     assert isinstance(info.value.__cause__, RuntimeError)
     out = hrperc.attention.window_attention(q, k, v, grid, backend="auto", window="strided", q_order="contiguous",
                                             kv_order="strided", tile_size=(2, 3))  # fmt: skip
@@ -516,11 +520,12 @@ def test_auto_picks_triton_only_for_cuda_and_env_var_forces_it(monkeypatch):
     kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
               out_order="strided", scale=0.25)  # fmt: skip
     resolve = hrperc.attention.resolve_backend
-    assert resolve("auto", q, k, v, **kw) == ("triton" if q.is_cuda else "sdpa")
+    monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
+    assert resolve("auto", q, k, v, **kw).name == ("triton" if q.is_cuda else "sdpa")
     monkeypatch.setenv("HRPERC_ATTN_BACKEND", "triton")
-    assert resolve("auto", q, k, v, **kw) == "triton"
+    assert resolve("auto", q, k, v, **kw).name == "triton"
     with hrperc.attention.attention_backend("sdpa"):
-        assert resolve("auto", q, k, v, **kw) == "sdpa"
+        assert resolve("auto", q, k, v, **kw).name == "sdpa"
     if not q.is_cuda:
         monkeypatch.setattr(wa, "_INTERPRET", False)
         expected = r"(?s)backend 'triton' cannot run.*needs a CUDA GPU.*sdpa: can run"

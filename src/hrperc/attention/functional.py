@@ -1,23 +1,7 @@
 """Per-window cross-attention between two recombined token maps (INF-LLaVA DEM, Sec. 4.3.2-4.3.3).
 
-Both maps ``(B, Ht, Wt, D)`` (``Ht = gh*th``) are partitioned the same way into ``N = gh*gw``
-windows of ``th*tw`` tokens, either **contiguous** (the local crop of the map) or **strided** (the
-strided crop); window ``w``'s queries attend to window ``w``'s keys/values only::
-
-    contiguous windows (2x2 grid, 4x4 map)      strided windows (same map)
-    +-----+-----+                               a b a b
-    | a a | b b |                               c d c d
-    | a a | b b |                               a b a b
-    +-----+-----+                               c d c d
-    | c c | d d |
-    | c c | d d |
-    +-----+-----+
-
-The inputs are not maps but the stacks a ViT returns, ``(B*N, th*tw, ...)``, each in one window
-order of its own map (``q_order`` / ``kv_order``): local sub-features are the contiguous windows of
-``F_loc``, strided (global) sub-features the strided windows of ``F_glo``. A stack already in the
-attention's window order is read as is; the other is re-ordered with one gather
-(:func:`hrperc.permute_windows`), never by merging the map and cropping it again.
+The window kinds, the stack orders and the index maths are described in :mod:`hrperc.attention`
+and :mod:`hrperc.ops.geometry`.
 
 Three layers, as in timm/flash-attn:
 
@@ -36,14 +20,15 @@ Three layers, as in timm/flash-attn:
 Example::
 
     >>> import torch, hrperc
-    >>> loc, glo = torch.randn(2 * 4, 16, 32), torch.randn(2 * 4, 16, 32)   # B=2, grid 2x2, 4x4 tiles
-    >>> attn = hrperc.WindowCrossAttention(32, heads=4)
-    >>> out = attn(glo, loc, (2, 2), window="contiguous", q_order="strided", kv_order="contiguous")
-    >>> out.shape                                                         # (B, Ht*Wt, D)
-    torch.Size([2, 64, 32])
+    >>> q, kv = torch.randn(2 * 4, 16, 2, 8), torch.randn(2 * 4, 16, 2, 8)  # B=2, grid 2x2, 4x4 tiles, 2 heads
+    >>> hrperc.window_attention(q, kv, kv, (2, 2), window="contiguous", q_order="strided",
+    ...                         kv_order="contiguous", out_order="map").shape   # (B, Ht*Wt, heads, head_dim)
+    torch.Size([2, 64, 2, 8])
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +37,6 @@ from ..ops.geometry import WindowKind, check_kind, check_order, check_window_sta
 from .dispatch import resolve_backend
 
 __all__ = ["window_attention", "window_cross_attention", "OutOrder"]
-
-from typing import Literal  # noqa: E402
 
 OutOrder = Literal["contiguous", "strided", "map"]
 
