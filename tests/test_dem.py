@@ -17,7 +17,7 @@ from hrperc.attention.dispatch import ENV_VAR
 from hrperc.attention.reference import sdpa_query_subset, sdpa_window_attention
 from hrperc.modules.fusion import FUSIONS
 from hrperc.ops.reduce import REDUCTIONS
-from hrperc.pretrained.inf_llava import released_state_dict
+from hrperc.pretrained.inf_llava import load_dem, released_state_dict
 
 
 def _randomise(module, std=0.3):
@@ -60,7 +60,7 @@ def test_released_parity_with_literal_implementation(skip_unread):
     full_ckpt = {"model.spatial_embed." + k: v for k, v in sd.items()}
     full_ckpt["model.mm_projector.0.weight"] = torch.randn(8, 64)  # other modules' keys are ignored
     full_ckpt["model.layers.0.mlp.weight"] = torch.randn(3, 3)
-    dem = DEM.from_inf_llava(full_ckpt, heads=2, skip_unread=skip_unread)
+    dem = load_dem(full_ckpt, heads=2, skip_unread=skip_unread)
     loc, glo = _feats(2, (3, 3), 36, 64)
     out = dem(loc, glo, (3, 3))
     ref = released_dem(loc, glo, (3, 3), sd, heads=2)
@@ -77,43 +77,41 @@ def test_parity_other_grids_and_paper_pairing(grid, tile, pairing):
     assert (dem(loc, glo, grid) - ref).abs().max().item() <= 1e-5
 
 
-def test_from_inf_llava_accepts_bare_keys_and_safetensors(tmp_path):
+def test_load_dem_accepts_bare_keys_and_safetensors(tmp_path):
     from safetensors.torch import save_file
 
     sd = _released_weights(32, torch.Generator().manual_seed(2))
-    a = DEM.from_inf_llava(sd, heads=4)
+    a = load_dem(sd, heads=4)
     save_file({"spatial_embed." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dem.safetensors"))
-    b = DEM.from_inf_llava(tmp_path / "dem.safetensors", heads=4)
+    b = load_dem(tmp_path / "dem.safetensors", heads=4)
     torch.save({"spatial_embed." + k: v for k, v in sd.items()}, tmp_path / "dem.bin")
-    c = DEM.from_inf_llava(str(tmp_path / "dem.bin"), heads=4)
+    c = load_dem(str(tmp_path / "dem.bin"), heads=4)
     for m in (b, c):
         for (k1, v1), (k2, v2) in zip(a.state_dict().items(), m.state_dict().items()):
             assert k1 == k2 and torch.equal(v1, v2)
 
 
-def test_from_inf_llava_refuses_pickles_and_bad_dicts(tmp_path):
+def test_load_dem_refuses_pickles_and_bad_dicts(tmp_path):
     sd = _released_weights(32, torch.Generator().manual_seed(3))
     torch.save({"spatial_embed.attention.linears.0.weight": sd["attention.linears.0.weight"], "x": _Opaque()},
                tmp_path / "evil.pt")  # fmt: skip
     with pytest.raises(ValueError, match="allow_pickle=True"):
-        DEM.from_inf_llava(str(tmp_path / "evil.pt"), heads=4)
+        load_dem(str(tmp_path / "evil.pt"), heads=4)
     missing = {k: v for k, v in sd.items() if k != "ln_fuse.bias"}
     with pytest.raises(ValueError, match=r"missing keys \['ln_fuse.bias'\]"):
-        DEM.from_inf_llava(missing, heads=4)
+        load_dem(missing, heads=4)
     with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
-        DEM.from_inf_llava({**sd, "extra.weight": torch.zeros(1)}, heads=4)
+        load_dem({**sd, "extra.weight": torch.zeros(1)}, heads=4)
     bad = dict(sd)
     bad["ffn_crop.2.weight"] = torch.zeros(16, 3)
     with pytest.raises(ValueError, match=r"ffn_crop.2.weight: checkpoint \(16, 3\) vs module \(16, 2\)"):
-        DEM.from_inf_llava(bad, heads=4)
+        load_dem(bad, heads=4)
     with pytest.raises(ValueError, match="attention.linears.0.weight"):
-        DEM.from_inf_llava({"foo": torch.zeros(2)})
-    with pytest.raises(ValueError, match="fusion= cannot be overridden"):
-        DEM.from_inf_llava(sd, heads=4, fusion="add")
-    with pytest.raises(ValueError, match=r"fusion='add' was passed.*trained with fusion='released'\. Drop fusion="):
-        DEM.from_inf_llava(sd, heads=4, fusion="add")
-    with pytest.raises(ValueError, match=r"residual_norm=False was passed.*trained with residual_norm=True"):
-        DEM.from_inf_llava(sd, heads=4, residual_norm=False)
+        load_dem({"foo": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"fusion='add'.*fusion='released'"):
+        load_dem(sd, heads=4, fusion="add")
+    with pytest.raises(ValueError, match=r"residual_norm=False.*residual_norm=True"):
+        load_dem(sd, heads=4, residual_norm=False)
 
 
 class _Opaque:
@@ -342,7 +340,7 @@ def test_bad_inputs():
     loc, glo = _feats(1, (2, 2), 16, 32)
     with pytest.raises(ValueError, match=r"local_feats \(4, 16, 32\) and global_feats \(4, 9, 32\)"):
         dem(loc, glo[:, :9], (2, 2))
-    with pytest.raises(ValueError, match=r"B\*N = 4 is not a positive multiple of N = 3\*3 = 9"):
+    with pytest.raises(ValueError, match=r"first dimension 4.*N = gh\*gw = 3\*3 = 9"):
         dem(loc, glo, (3, 3))
     with pytest.raises(ValueError, match="12 tokens per sub-image is not a perfect square"):
         dem(loc[:, :12], glo[:, :12], (2, 2))
@@ -350,7 +348,7 @@ def test_bad_inputs():
         dem(loc, glo, (2, 2), tile_size=(3, 3))
     with pytest.raises(ValueError, match="D=16"):
         dem(loc[..., :16], glo[..., :16], (2, 2))
-    with pytest.raises(ValueError, match="local_feats must be a"):
+    with pytest.raises(ValueError, match=r"local_feats.*\(16, 32\).*3 dims"):
         dem(loc[0], glo[0], (2, 2))
     with pytest.raises(ValueError, match="mode='avg' pools by an integer factor"):
         DEM(32, 2, reduction="avg", output_size=3)(loc, glo, (2, 2))
