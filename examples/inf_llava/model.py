@@ -383,9 +383,9 @@ def build_inf_llava(cfg: InfLlavaConfig, tokenizer, *, llm_dtype: torch.dtype | 
     from hrperc.modules.projector import build_projector
     from hrperc.pretrained.inf_llava import load_projector
 
-    from ._vision import build_vision, released_weights
+    from ._vision import build_vision
 
-    released = released_weights(cfg.inf_llava_weights) if cfg.inf_llava_weights else None
+    released = cfg.inf_llava_weights or None  # a file or a directory of shards; each loader reads its keys
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vision, vision_dim = build_vision(cfg, released)

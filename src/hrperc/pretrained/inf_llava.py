@@ -26,6 +26,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -80,8 +82,7 @@ def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None,
                 f"were trained with {bad}={fixed!r}. Drop {bad}= to load them; for another {bad}, build "
                 f"DualPerspectiveEnhancement(dim, heads, {bad}=...) and train it or load weights of that layout."
             )
-    loaded = load_state_dict(source, allow_pickle=allow_pickle, fn=fn, keep=_keeper(source, DEM_PREFIX))
-    sd = select_prefixed(loaded, DEM_PREFIX, fn)
+    sd = _load_part(source, DEM_PREFIX, allow_pickle, fn)
     w = sd.get("attention.linears.0.weight")
     if w is None or w.ndim != 2:
         raise ValueError(
@@ -130,8 +131,7 @@ def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=Non
         torch.Size([1, 5, 32])
     """
     fn = "load_projector"
-    loaded = load_state_dict(source, allow_pickle=allow_pickle, fn=fn, keep=_keeper(source, PROJECTOR_PREFIX))
-    sd = select_prefixed(loaded, PROJECTOR_PREFIX, fn)
+    sd = _load_part(source, PROJECTOR_PREFIX, allow_pickle, fn)
     w0 = sd.get("0.weight")
     if w0 is None or w0.ndim != 2:
         raise ValueError(
@@ -144,12 +144,13 @@ def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=Non
     return proj
 
 
-def _keeper(source, marker: str):
-    """For files and shard directories: read only the keys holding ``marker`` (a bare submodule file
-    has none, so it is read whole). In-memory dicts are filtered by :func:`select_prefixed` instead."""
-    if isinstance(source, dict):
-        return None
-    from pathlib import Path
-
-    path = Path(str(source)).expanduser()
-    return (lambda k: marker in k) if path.is_dir() else None
+def _load_part(source, marker: str, allow_pickle: bool, fn: str) -> dict[str, torch.Tensor]:
+    """The keys of one submodule (``marker`` and everything before it removed). From files and shard
+    directories only the tensors under ``marker`` are read; a file without any (a bare submodule
+    state dict) is read whole."""
+    if isinstance(source, Mapping):
+        return select_prefixed(load_state_dict(source, fn=fn), marker, fn)
+    sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn, keep=lambda k: marker in k)
+    if not sd:
+        sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn)
+    return select_prefixed(sd, marker, fn)
