@@ -180,7 +180,7 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
     ``enc``: the encoder built from ``args`` (built here when not given)."""
     from ..ops.crop import local_merge
     from .attention_plot import dem_attention, plot_dem_attention
-    from .plots import PLOT_EXTRA, has_matplotlib
+    from .plots import has_matplotlib
 
     if enc is None:
         enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
@@ -210,8 +210,7 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
         dem_attention(enc.dem, sub.local[:n].cpu(), sub.strided[:n].cpu(), geo.grid, (th, tw), query, d)
         for d in directions
     ]
-    if not has_matplotlib():
-        print(f"pictures     attention picture skipped: it needs matplotlib, {PLOT_EXTRA}")
+    if not has_matplotlib():  # run_demo has said so, with the extra to install
         return
     canvas = local_merge(sub.crops.local[:n].float().cpu(), geo.grid)[0]
     path = out_dir / "attention.png"
