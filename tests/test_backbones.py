@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _messages import raises_naming, warns_naming
 from safetensors.torch import save_file
 from torch import nn
 
@@ -232,49 +233,51 @@ def test_hf_grad_checkpointing_same_gradients():
 
 # --- errors ------------------------------------------------------------------------------------------
 def test_unknown_names():
-    with pytest.raises(ValueError, match="no known family prefix.*open_clip:ViT-L-14-336"):
+    with raises_naming(ValueError, "name='ViT-L-14-336'", "'timm:<model>'", "'open_clip:<model>'", "'hf:<local dir>'",
+                       "open_clip:ViT-L-14-336"):  # fmt: skip
         create_backbone("ViT-L-14-336")
-    with pytest.raises(ValueError, match="not a timm model name"):
+    with raises_naming(ValueError, "'timm:vit_no_such_model'", "timm.list_models("):
         create_backbone("timm:vit_no_such_model")
-    with pytest.raises(ValueError, match="not an open_clip model config"):
+    with raises_naming(ValueError, "'open_clip:ViT-Q-99'", "open_clip.list_models()"):
         create_backbone("open_clip:ViT-Q-99")
-    with pytest.raises(ValueError, match="only loads local files"):
+    with raises_naming(ValueError, "'open_clip:hf-hub:timm/ViT-B-16-SigLIP'", "'open_clip:local-dir:<folder>'"):
         create_backbone("open_clip:hf-hub:timm/ViT-B-16-SigLIP")
 
 
 def test_missing_weights_say_where(tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads.*pretrained=None"):
-        create_backbone("timm:vit_tiny_patch16_224", pretrained=tmp_path / "nope.safetensors")
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    missing = tmp_path / "nope.safetensors"
+    with raises_naming(FileNotFoundError, str(missing), "'vit_tiny_patch16_224'", "pretrained=None"):
+        create_backbone("timm:vit_tiny_patch16_224", pretrained=missing)
+    with raises_naming(FileNotFoundError, str(tmp_path / "open_clip_config.json"), "open_clip_model.safetensors"):
         create_backbone(f"open_clip:local-dir:{tmp_path}")
     pytest.importorskip("transformers")
-    with pytest.raises(FileNotFoundError, match="never downloads.*hf:DIR"):
+    with raises_naming(FileNotFoundError, str(tmp_path / "missing"), "config.json", "'hf:DIR'"):
         create_backbone(f"hf:{tmp_path / 'missing'}")
 
 
 def test_unsupported_model_class(tmp_path):
-    with pytest.raises(TypeError, match="not a supported model class"):
+    with raises_naming(TypeError, "Linear", "VisionTransformer", "CLIPVisionModel", "SiglipVisionModel"):
         wrap_backbone(nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="not a token ViT"):
+    with raises_naming(TypeError, "'timm:resnet18'", "ResNet", "forward_intermediates"):
         create_backbone("timm:resnet18")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  image_size=28, patch_size=14)
     transformers.ViTModel(cfg).save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="supports CLIP and SigLIP"):
+    with raises_naming(TypeError, str(tmp_path), "'vit'", "clip_vision_model", "siglip_vision_model"):
         create_backbone(f"hf:{tmp_path}")
 
 
 def test_layer_out_of_range_and_wrong_pixels():
     bb = wrap_backbone(_tiny_timm())
     x = torch.randn(1, 3, 28, 28)
-    with pytest.raises(ValueError, match=r"layer=4 is out of range for this 3-layer ViT. Pass 1..3 or -3..-1"):
+    with raises_naming(ValueError, "layer=4", "3-layer", "1..3", "-3..-1"):
         bb.features(x, layer=4)
-    with pytest.raises(ValueError, match="layer=-4 is out of range"):
+    with raises_naming(ValueError, "layer=-4", "3-layer", "1..3", "-3..-1"):
         wrap_backbone(_tiny_timm(), layer=-4)
-    with pytest.raises(ValueError, match="layer=0 is the patch embedding"):
+    with raises_naming(ValueError, "layer=0", "1..3", "-3..-1"):
         bb.features(x, layer=0)
-    with pytest.raises(ValueError, match=r"pixels have shape \(1, 3, 32, 32\); expected \(N, 3, 28, 28\)"):
+    with raises_naming(ValueError, "(1, 3, 32, 32)", "(N, 3, 28, 28)", "tile_size=(28, 28)"):
         bb.features(torch.randn(1, 3, 32, 32))
 
 
@@ -411,7 +414,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
-    with pytest.raises(ImportError, match=r"needs the 'transformers' package.*pip install"):
+    with raises_naming(ImportError, "'transformers'", "pip install", "hrperc[hf]"):
         create_backbone(f"hf:{tmp_path}")
 
 
@@ -438,29 +441,42 @@ def test_open_clip_local_dir_honours_pretrained(oc_name, tmp_path):
         torch.testing.assert_close(by_file.features(x), ref_other[:, 1:], rtol=0, atol=0)
     assert by_file.source == str(path)
     (folder / "open_clip_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with raises_naming(FileNotFoundError, str(folder), "open_clip_model.safetensors", "pretrained="):
         create_backbone(f"open_clip:local-dir:{folder}")
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with raises_naming(FileNotFoundError, str(tmp_path / "missing.bin"), "pretrained=None"):
         create_backbone(f"open_clip:local-dir:{folder}", pretrained=tmp_path / "missing.bin")
 
 
-def test_quickgelu_warnings(tmp_path):
+def test_quickgelu_warnings(oc_name, tmp_path):
     import warnings
 
     import open_clip
 
-    from hrperc.backbones.factory import _warn_quickgelu_open_clip
+    # open_clip configs shrunk to the tiny test tower (create_backbone passes **kw on to open_clip), so
+    # the checkpoint of a tiny model loads into them.
+    ckpt = tmp_path / "vit-l-14-336.safetensors"
+    save_file(open_clip.create_model(oc_name).state_dict(), str(ckpt))
+    openai_ckpt = tmp_path / "openai" / "ViT-B-16.safetensors"
+    openai_ckpt.parent.mkdir()
+    openai_ckpt.write_bytes(ckpt.read_bytes())
+    laion_ckpt = tmp_path / "laion2b.safetensors"
+    laion_ckpt.write_bytes(ckpt.read_bytes())
+
+    def load(name, path, **kw):
+        return create_backbone(f"open_clip:{name}", pretrained=path, **_OC_CFG, **kw)
 
     # open_clip: OpenAI's are the only published ViT-L-14-336 weights, and they need QuickGELU
-    with pytest.warns(UserWarning, match="ViT-L-14-336-quickgelu"):
-        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336", "/ckpt/vit-l-14-336.bin", {})
-    with pytest.warns(UserWarning, match="path says 'openai'"):
-        _warn_quickgelu_open_clip(open_clip, "ViT-B-16", "/ckpt/openai/ViT-B-16.bin", {})
+    with warns_naming(UserWarning, str(ckpt), "'ViT-L-14-336'", "'open_clip:ViT-L-14-336-quickgelu'",
+                      "force_quick_gelu=True"):  # fmt: skip
+        load("ViT-L-14-336", ckpt)
+    with warns_naming(UserWarning, str(openai_ckpt), "'ViT-B-16'", "'openai'", "'open_clip:ViT-B-16-quickgelu'",
+                      "force_quick_gelu=True"):  # fmt: skip
+        load("ViT-B-16", openai_ckpt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336-quickgelu", "/ckpt/vit-l-14-336.bin", {})
-        _warn_quickgelu_open_clip(open_clip, "ViT-L-14-336", "/ckpt/vit-l-14-336.bin", {"force_quick_gelu": True})
-        _warn_quickgelu_open_clip(open_clip, "ViT-B-16", "/ckpt/laion2b.bin", {})  # GELU weights exist too
+        load("ViT-L-14-336-quickgelu", ckpt)
+        load("ViT-L-14-336", ckpt, force_quick_gelu=True)
+        load("ViT-B-16", laion_ckpt)  # GELU weights exist too
     # timm: vit_*_clip_* is GELU; a file that says 'openai' gets pointed at vit_*_clip_quickgelu_*
     import timm
 
@@ -468,7 +484,8 @@ def test_quickgelu_warnings(tmp_path):
     src = timm.create_model("vit_base_patch16_clip_224", **arch)
     path = tmp_path / "openai-clip-b16.safetensors"
     save_file(src.state_dict(), str(path))
-    with pytest.warns(UserWarning, match="vit_base_patch16_clip_quickgelu_224"):
+    with warns_naming(UserWarning, str(path), "'vit_base_patch16_clip_224'", "'openai'",
+                      "'timm:vit_base_patch16_clip_quickgelu_224'"):  # fmt: skip
         create_backbone("timm:vit_base_patch16_clip_224", pretrained=path, **arch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import pytest
 import torch
+from _messages import assert_names, raises_naming
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -310,16 +312,13 @@ def test_window_mask_matches_merged_one_hot_stack_and_docstring():
 def test_window_mask_refuses_bad_arguments():
     with pytest.raises(ValueError) as e:
         window_mask((0, 0), (2, 2), (2, 2), "tiles")
-    assert "kind" in str(e.value) and "'tiles'" in str(e.value) and "contiguous" in str(e.value)
-    with pytest.raises(ValueError) as e:
+    assert_names(str(e.value), "kind='tiles'", "('contiguous', 'strided')")
+    with raises_naming(ValueError, "position=(-1, 0)", ">= 0"):
         window_mask((-1, 0), (2, 2), (2, 2), "strided")
-    assert "position" in str(e.value)
-    with pytest.raises(ValueError) as e:
+    with raises_naming(ValueError, "grid=(0, 2)", ">= 1"):
         window_mask((0, 0), (0, 2), (2, 2), "strided")
-    assert "grid" in str(e.value)
-    with pytest.raises(ValueError) as e:
+    with raises_naming(ValueError, "tile_size=(2, 0)", ">= 1"):
         window_mask((0, 0), (2, 2), (2, 0), "strided")
-    assert "tile_size" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,7 +338,7 @@ def test_infer_tile_size_refuses_non_square_counts(tokens, arg):
     with pytest.raises(ValueError) as e:
         infer_tile_size(tokens, fn="caller", arg=arg)
     msg = str(e.value)
-    assert str(tokens) in msg and "not a perfect square" in msg and f"{arg}=" in msg and "caller" in msg
+    assert_names(msg, f"{tokens} tokens", f"{arg}=(rows, cols)", "caller")
 
 
 def test_infer_tile_size_quotes_shape_and_what():
@@ -384,10 +383,10 @@ def test_infer_tile_size_refuses_zero_and_negative_counts(tokens):
 def test_infer_tile_size_refuses_malformed_tile_sizes():
     with pytest.raises(ValueError) as e:
         infer_tile_size(0, (0, 4))
-    assert "tile_size" in str(e.value)
+    assert_names(str(e.value), "tile_size=(0, 4)", ">= 1")
     with pytest.raises(TypeError) as e:
         infer_tile_size(4, (2.0, 2), arg="size")
-    assert "size" in str(e.value)
+    assert_names(str(e.value), "size=(2.0, 2)", "float")
     with pytest.raises(TypeError):
         infer_tile_size(4, "22")
 
@@ -409,7 +408,7 @@ def test_check_window_stacks_refuses_non_tensors():
     with pytest.raises(TypeError) as e:
         check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4, 1), k=[[0.0]])
     msg = str(e.value)
-    assert "demo" in msg and "k" in msg and "list" in msg and "torch.Tensor" in msg
+    assert_names(msg, "demo", re.compile(r"\bk\b"), "list", "torch.Tensor")
     with pytest.raises(TypeError) as e:
         check_window_stacks("demo", (2, 2), query=None)
     assert "query" in str(e.value) and "NoneType" in str(e.value)
@@ -419,7 +418,7 @@ def test_check_window_stacks_refuses_wrong_ndim():
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4))
     msg = str(e.value)
-    assert "q" in msg and "(4, 4)" in msg and "2 dims" in msg and "3 dims" in msg
+    assert_names(msg, re.compile(r"\bq\b"), "(4, 4)", "2 dims", "3 dims")
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 2), ndim=4, layout="(B*N, T, H, Dh)", q=torch.zeros(4, 4, 8))
     msg = str(e.value)
@@ -431,7 +430,7 @@ def test_check_window_stacks_refuses_mismatched_shapes():
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4, 8), k=torch.zeros(4, 4, 8), v=torch.zeros(4, 9, 8))
     msg = str(e.value)
-    assert "q" in msg and "v" in msg and "(4, 4, 8)" in msg and "(4, 9, 8)" in msg and "demo" in msg
+    assert_names(msg, re.compile(r"\bq\b"), re.compile(r"\bv\b"), "(4, 4, 8)", "(4, 9, 8)", "demo")
 
 
 @pytest.mark.parametrize("first", [0, 3, 5, 6])
@@ -439,14 +438,14 @@ def test_check_window_stacks_refuses_first_dim_not_a_positive_multiple_of_n(firs
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 2), local=torch.zeros(first, 4, 1))
     msg = str(e.value)
-    assert "local" in msg and f"({first}, 4, 1)" in msg and "N = gh*gw = 2*2 = 4" in msg and "grid" in msg
+    assert_names(msg, re.compile(r"\blocal\b"), f"({first}, 4, 1)", "N = gh*gw = 2*2 = 4", "grid")
 
 
 def test_check_window_stacks_validates_the_tile_size():
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 1), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
-    assert "6" in msg and "not a perfect square" in msg and "tile_size=" in msg and "(2, 6, 3)" in msg
+    assert_names(msg, "6 tokens", "tile_size=", "(2, 6, 3)", "demo")
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (2, 1), (3, 3), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
@@ -458,10 +457,10 @@ def test_check_window_stacks_validates_the_tile_size():
 def test_check_window_stacks_refuses_bad_grids():
     with pytest.raises(ValueError) as e:
         check_window_stacks("demo", (0, 2), q=torch.zeros(4, 4, 1))
-    assert "grid" in str(e.value)
+    assert_names(str(e.value), "grid=(0, 2)", ">= 1")
     with pytest.raises(TypeError) as e:
         check_window_stacks("demo", (2, 2.5), q=torch.zeros(4, 4, 1))
-    assert "grid" in str(e.value)
+    assert_names(str(e.value), "grid=(2, 2.5)", "float")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,7 +552,7 @@ def test_property_infer_tile_size_square_iff_perfect_square(s, extra):
     assert infer_tile_size(s * s) == (s, s)
     n = s * s + extra
     if extra < 2 * s + 1:  # strictly between s^2 and (s+1)^2
-        with pytest.raises(ValueError, match="not a perfect square"):
+        with raises_naming(ValueError, f"{n} tokens", "tile_size="):
             infer_tile_size(n)
     else:
         side = int(n**0.5 + 0.5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _messages import assert_names
 from safetensors.torch import save_file
 
 import hrperc
@@ -153,7 +154,7 @@ def test_recipe_options_override_crop_and_encoder_settings():
 def test_unknown_recipe_names_the_choices():
     with pytest.raises(ValueError) as err:
         hrperc.create_encoder("llava_2", _vit())
-    assert "llava_2" in str(err.value) and "inf_llava" in str(err.value)
+    assert_names(str(err.value), "recipe='llava_2'", "'inf_llava'")
 
 
 def test_encoder_takes_a_crop_of_the_backbones_tile_size():
@@ -223,8 +224,8 @@ def test_load_dem_refuses_misfits_naming_the_keys(tmp_path):
     assert "ln_fuse.weight" in str(err.value) and "docs/released.md" in str(err.value)
     with pytest.raises(ValueError) as err:
         load_dem(sd, heads=2, pairing="paper")
-    assert "pairing" in str(err.value)
+    assert_names(str(err.value), "pairing='paper'", "pairing='released'")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError) as err:
         load_dem(tmp_path / "empty")
-    assert "empty" in str(err.value)
+    assert_names(str(err.value), str(tmp_path / "empty"), "*.safetensors")
