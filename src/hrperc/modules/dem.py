@@ -10,7 +10,9 @@ global (strided) sub-features in ``stride_crop`` order, both ``(B*N, ht*wt, D)``
 
 ``pairing="released"``: W_g = contiguous, W_l = strided (the authors' code, default);
 ``pairing="paper"``: W_g = strided, W_l = contiguous (eq. 18-25). Released attention:
-``LN(out_proj(attn) + query)``, one module shared by both directions. See ``docs/dem.md``.
+``LN(out_proj(attn) + query)``, one module shared by both directions. See ``docs/dem.md``; the
+released model's facts are in ``docs/released.md`` and its weights load with
+:func:`hrperc.pretrained.inf_llava.load_dem`.
 
 **Skipping unread work** (``skip_unread=True``, default). The reduction reads only its footprint
 (:func:`hrperc.ops.reduce.reduction_footprint`); with a per-token fusion only the enhanced tokens at
@@ -20,7 +22,8 @@ released bilinear reduction by 3 that is 1/9 of the queries, and in the strided 
 global window. When the footprint is every token (bilinear by 2, ``reduction="none"``) every token is
 computed directly. Average pooling commutes with affine maps, so with ``avg``/``area`` reduction, an
 affine fusion and ``residual_norm=False`` it is applied before the output projections and the fusion.
-The result equals the full computation (``skip_unread=False``) to float rounding.
+The result equals the full computation (``skip_unread=False``) to float rounding. The gather indices
+of that path come from :mod:`hrperc.ops.dem_plan`.
 
 Example::
 
