@@ -96,7 +96,7 @@ def test_load_dem_refuses_pickles_and_bad_dicts(tmp_path):
     sd = _released_weights(32, torch.Generator().manual_seed(3))
     torch.save({"spatial_embed.attention.linears.0.weight": sd["attention.linears.0.weight"], "x": _Opaque()},
                tmp_path / "evil.pt")  # fmt: skip
-    with pytest.raises(ValueError, match="allow_pickle=True"):
+    with raises_naming(ValueError, "evil.pt", "is a pickle", "safetensors"):
         load_dem(str(tmp_path / "evil.pt"), heads=4)
     missing = {k: v for k, v in sd.items() if k != "ln_fuse.bias"}
     with pytest.raises(ValueError, match=r"missing keys \['ln_fuse.bias'\]"):

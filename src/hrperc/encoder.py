@@ -171,6 +171,8 @@ class HighResEncoder(nn.Module):
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
         grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
+        check_range: refuse float pixels outside ``[0, 1]`` (a forgotten ``/ 255``, or an image already
+            normalized: the backbone normalizes). ``False`` skips the check, for pixels you know are right.
 
     Input: one image, a ``(B, C, H, W)`` batch, or a list (ragged sizes welcome) of float ``[0, 1]`` /
     uint8 tensors or PIL images. Output: :class:`EncoderOutput`.
@@ -187,6 +189,7 @@ class HighResEncoder(nn.Module):
         encode_all: bool = False,
         train_backbone: bool = False,
         grad_checkpointing: bool = False,
+        check_range: bool = True,
     ) -> None:
         super().__init__()
         fn = "HighResEncoder"
@@ -236,10 +239,19 @@ class HighResEncoder(nn.Module):
                 f"{fn}: dem={type(dem).__name__}; pass a DualPerspectiveEnhancement, 'default' or None. To load "
                 f"released weights use hrperc.pretrained.inf_llava.load_dem(path)."
             )
+        width = getattr(dem, "dim", None)
+        if isinstance(width, int) and not isinstance(width, bool) and width != self.backbone.hidden_size:
+            raise ValueError(
+                f"{fn}: dem has dim={width} but the backbone's tokens have width hidden_size="
+                f"{self.backbone.hidden_size}; they must be equal (found here, before any ViT pass). Build the DEM "
+                f"for this backbone, e.g. DualPerspectiveEnhancement({self.backbone.hidden_size}, heads=...), or "
+                f"use the backbone the DEM was trained with."
+            )
         self.dem = dem
         self.combine = combine
         self.max_batch = max_batch
         self.encode_all = bool(encode_all)
+        self.check_range = bool(check_range)
         self.train_backbone = bool(train_backbone)
         self.backbone.requires_grad_(self.train_backbone)
         self.backbone.set_grad_checkpointing(bool(grad_checkpointing))
@@ -367,10 +379,11 @@ class HighResEncoder(nn.Module):
         clock = _clock or _Clock(False, self.backbone.device)
         everything = self.encode_all if encode_all is None else bool(encode_all)
         with_thumb = self.thumbnail if thumbnail is None else bool(thumbnail) and self.thumbnail
-        pixels = to_pixels(images)
+        # uint8 stays uint8 until it is resized (no full-size float copy)
+        pixels = to_pixels(images, check_range=self.check_range, keep_uint8=True)
         device = self.backbone.device  # crop and resize where the ViT runs (fast on a GPU)
         pixels = pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
-        crops = self.crop(pixels, thumbnail=with_thumb)  # no thumbnail resize when it is not encoded
+        crops = self.crop(pixels, thumbnail=with_thumb, scale_uint8=True)  # no thumbnail resize when not encoded
         clock.lap("crop")
         geos, offsets = crops.geometries, crops.offsets
         n_total = crops.local.shape[0]

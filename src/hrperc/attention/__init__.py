@@ -46,6 +46,7 @@ Example::
 
 from .backend import AttentionBackend, QuerySubsetFn, WindowAttentionFn
 from .dispatch import (
+    BackendUnavailableError,
     attention_backend,
     available_backends,
     get_backend,
@@ -76,4 +77,5 @@ __all__ = [
     "get_backend",
     "attention_backend",
     "resolve_backend",
+    "BackendUnavailableError",
 ]

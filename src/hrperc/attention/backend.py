@@ -67,6 +67,10 @@ class AttentionBackend:
         priority: among the backends ``"auto"`` may choose that can run the inputs, the highest wins.
         check: ``check(q, k, v, **kw) -> None | reason`` for conditions the fields cannot state
             (e.g. an optional package that failed to import); ``None`` when there are none.
+        auto_check: ``auto_check(q, k, v, **kw) -> None | reason``, consulted only by ``backend="auto"``
+            after :meth:`supports` says yes, never for a forced backend: trust that must be earned before
+            ``"auto"`` picks the backend (the Triton kernel's self-check against SDPA). A reason makes
+            ``"auto"`` pass over it; ``None`` when there is nothing to earn.
     """
 
     name: str
@@ -78,13 +82,14 @@ class AttentionBackend:
     auto_devices: tuple[str, ...] | None = ()
     priority: int = 0
     check: Callable[..., str | None] | None = None
+    auto_check: Callable[..., str | None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name == "auto":
             raise ValueError(f"AttentionBackend: name={self.name!r}; give a non-empty name other than 'auto'.")
         if not callable(self.fn):
             raise TypeError(f"AttentionBackend {self.name!r}: fn must be callable, got {type(self.fn).__name__}.")
-        for field in ("query_subset", "check"):
+        for field in ("query_subset", "check", "auto_check"):
             value = getattr(self, field)
             if value is not None and not callable(value):
                 raise TypeError(
@@ -100,6 +105,16 @@ class AttentionBackend:
         if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             return f"head_dim {q.shape[-1]} exceeds {self.max_head_dim}"
         return None if self.check is None else self.check(q, k, v, **kw)
+
+    def auto_supports(self, q: torch.Tensor, k=None, v=None, **kw) -> str | None:
+        """``None`` when ``backend="auto"`` may run these inputs on this backend: :meth:`supports`, then ``auto_check``.
+
+        (``auto_devices`` is checked separately, by :meth:`auto_eligible`.)
+        """
+        reason = self.supports(q, k, v, **kw)
+        if reason is None and self.auto_check is not None:
+            reason = self.auto_check(q, k, v, **kw)
+        return reason
 
     def auto_eligible(self, device_type: str) -> bool:
         """Whether ``backend="auto"`` may choose this backend for tensors on ``device_type``."""

@@ -41,11 +41,20 @@ __all__ = [
     "forced_backend",
     "resolve_backend",
     "ENV_VAR",
+    "BackendUnavailableError",
 ]
 
 ENV_VAR = "HRPERC_ATTN_BACKEND"
 
 _REGISTRY: dict[str, AttentionBackend] = {}
+
+
+class BackendUnavailableError(NotImplementedError):
+    """No backend can run the inputs: the forced one cannot (the message says why), or none ``"auto"`` may pick.
+
+    A ``NotImplementedError``, so ``except NotImplementedError`` still catches it.
+    """
+
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("hrperc_attention_backend", default=None)
 
 
@@ -156,29 +165,31 @@ def forced_backend(backend: str | None = "auto") -> str | None:
 def resolve_backend(backend: str | None, q, k, v, *, query_subset: bool = False, **kw) -> AttentionBackend:
     """The backend :func:`hrperc.window_attention` runs for these inputs (see the module docs).
 
-    A forced backend is returned when it can run the inputs, else ``NotImplementedError`` says why,
-    with every registered backend's verdict. A forced backend is returned even without a query-subset
-    form (the DEM then computes whole windows). ``"auto"`` with ``query_subset=True`` only considers
-    backends that have one.
+    A forced backend is returned when it can run the inputs, else :class:`BackendUnavailableError` (a
+    ``NotImplementedError``) says why, where the choice came from, and every registered backend's verdict.
+    A forced backend is returned even without a query-subset form (the DEM then computes whole windows),
+    and without its ``auto_check`` (e.g. the Triton kernel's self-check). ``"auto"`` with
+    ``query_subset=True`` only considers backends that have one, and takes a backend only when
+    :meth:`~hrperc.attention.AttentionBackend.auto_supports` (``supports``, then ``auto_check``) says yes.
     """
     forced = forced_backend(backend)
     if forced is not None:
         chosen = _REGISTRY[forced]
         reason = chosen.supports(q, k, v, **kw)
         if reason is not None:
-            raise NotImplementedError(_cannot_run(forced, reason, q, k, v, kw))
+            raise BackendUnavailableError(_cannot_run(forced, _forced_source(backend), reason, q, k, v, kw))
         return chosen
     candidates = [
         b for b in _REGISTRY.values()
         if b.auto_eligible(q.device.type) and (b.query_subset is not None or not query_subset)
     ]  # fmt: skip
     for b in sorted(candidates, key=lambda b: -b.priority):
-        if b.supports(q, k, v, **kw) is None:
+        if b.auto_supports(q, k, v, **kw) is None:
             return b
     lines = [f"window_attention: no registered backend can run these inputs automatically ({_describe(q)})."]
     lines += [f"  {name}: {_verdict(b, q, k, v, kw)}" for name, b in _REGISTRY.items()]
     lines.append("Register one that can (hrperc.attention.register_backend), or force one with backend=.")
-    raise NotImplementedError("\n".join(lines))
+    raise BackendUnavailableError("\n".join(lines))
 
 
 def _describe(t) -> str:
@@ -189,16 +200,27 @@ def _verdict(b: AttentionBackend, q, k, v, kw) -> str:
     reason = b.supports(q, k, v, **kw)
     if reason is not None:
         return reason
-    return "can run" if b.auto_eligible(q.device.type) else f"can run when forced (auto_devices={b.auto_devices})"
+    if not b.auto_eligible(q.device.type):
+        return f"can run when forced (auto_devices={b.auto_devices})"
+    reason = b.auto_supports(q, k, v, **kw)
+    return "can run" if reason is None else f"can run when forced (not for auto: {reason})"
 
 
-def _cannot_run(name, reason, q, k, v, kw) -> str:
-    lines = [f"window_attention: backend {name!r} cannot run these inputs: {reason}."]
+def _forced_source(backend) -> str:
+    """Where the forced choice came from, for messages: ``backend=``, ``attention_backend(...)`` or the variable."""
+    if backend is not None and backend != "auto":
+        return "backend="
+    return "attention_backend(...)" if _FORCED.get() is not None else f"${ENV_VAR}"
+
+
+def _cannot_run(name, source, reason, q, k, v, kw) -> str:
+    lines = [f"window_attention: backend {name!r} (forced by {source}) cannot run these inputs: {reason}."]
     for label, t in (("q", q), ("k", k), ("v", v)):
         lines.append(f"  {label}: {_describe(t)}")
     lines.append(f"  window={kw.get('window')!r}, grid={kw.get('grid')}, tile_size={kw.get('tile_size')}")
     for other, b in _REGISTRY.items():
         r = b.supports(q, k, v, **kw)
         lines.append(f"  {other}: {'can run' if r is None else r}")
-    lines.append("Pick a backend that can run them, or backend='auto'.")
+    fix = f" (unset ${ENV_VAR} or set it to 'auto')" if source.startswith("$") else ""
+    lines.append(f"Pick a backend that can run them, or backend='auto'{fix}.")
     return "\n".join(lines)

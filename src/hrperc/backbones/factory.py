@@ -18,6 +18,18 @@ Names carry the family as a prefix, like open_clip's ``hf-hub:`` / ``local-dir:`
 
 Nothing is ever downloaded. ``pretrained=None`` gives random weights (``backbone.source is None``).
 
+Loading is strict. A timm or open_clip checkpoint is read by hrperc's own safe reader (the format from the
+file's first bytes; torch files with ``weights_only=True``; ``{"state_dict": ...}`` / ``{"model": ...}`` /
+``{"module": ...}`` wrappers and a ``module.`` key prefix removed), converted by the family's own
+checkpoint filter (timm's ``checkpoint_filter_fn``, open_clip's ``load_checkpoint`` conversions), and
+must then fit the model exactly: missing keys, unexpected keys, shape mismatches, integer weights for
+float parameters and tensors holding NaN / Inf are listed in one ``ValueError`` naming the file. (A
+timm classifier head the model does not have, ``num_classes=0`` by default, is dropped as timm drops
+it.) ``strict=False`` loads the keys that fit and warns (``UserWarning``) listing what stayed random.
+``hf:`` raises the same way when transformers reports missing, mismatched or unexpected keys (the
+text tower and heads of a full CLIP / SigLIP checkpoint are expected and ignored). ``backbone.source``
+records the file only when weights were loaded.
+
 Example::
 
     >>> import hrperc
@@ -35,8 +47,10 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from .._weights import read_weights, unwrap
 from .base import VisionBackbone
 from .hf_vit import HFBackbone, hf_vision_transformer
 from .open_clip_vit import OpenClipBackbone, is_open_clip_vit
@@ -144,7 +158,114 @@ def _warn_quickgelu_timm(timm, name: str, path: str | None) -> None:
     )
 
 
-def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
+def _short(keys, n: int = 6) -> str:
+    keys = list(keys)
+    return str(keys[:n])[:-1] + (f", ... (+{len(keys) - n} more)]" if len(keys) > n else "]")
+
+
+def _read_checkpoint(path: str, fn: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: content-routed, unwrapped, without a DistributedDataParallel ``module.`` prefix."""
+    sd = unwrap(read_weights(Path(path), fn), fn, repr(path))
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict, path: str, strict: bool, fn: str, what: str) -> bool:
+    """Load ``sd`` into ``model``. Strict: refuse any misfit in one ``ValueError``; else warn.
+
+    Returns whether any tensor was loaded."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    common = [k for k in own if k in sd]
+    mismatched = [k for k in common if tuple(sd[k].shape) != tuple(own[k].shape)]
+    not_float = [
+        k for k in common if k not in mismatched and own[k].is_floating_point() and not sd[k].is_floating_point()
+    ]
+    nonfinite = [
+        k for k in common
+        if k not in mismatched and k not in not_float and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()
+    ]  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {_short(unexpected)}")
+    if mismatched:
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:4]]
+        problems.append(f"{len(mismatched)} shape mismatches [{'; '.join(shapes)}]")
+    if not_float:
+        problems.append(f"{len(not_float)} integer/bool tensors for float weights {_short(not_float)}")
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensors holding NaN or Inf {_short(nonfinite)}")
+    if problems and strict:
+        raise ValueError(
+            f"{fn}: the checkpoint {path!r} does not fit {what} ({len(common)} of {len(own)} model keys match): "
+            f"{', '.join(problems)}. Check that the file holds the weights of this model (same architecture and "
+            "size) and pick the matching model name; pass strict=False only to load the keys that fit and leave "
+            "the rest random."
+        )
+    skip = set(mismatched) | set(not_float) | set(nonfinite)
+    fit = {k: v for k, v in sd.items() if k in own and k not in skip}
+    if problems:
+        random = sorted(set(missing) | skip)
+        warnings.warn(
+            f"{fn}: strict=False: loaded {len(fit)} of {len(own)} tensors of {what} from {path!r}; "
+            f"{len(random)} stayed random {_short(random)}; {len(unexpected)} checkpoint keys were ignored "
+            f"{_short(unexpected)}. Use the checkpoint of this model for all of them.",
+            UserWarning,
+            stacklevel=4,
+        )
+    model.load_state_dict(fit, strict=False)
+    return bool(fit)
+
+
+def _timm_filter(timm, name: str, model: nn.Module, sd: dict) -> dict:
+    """timm's own conversion of a checkpoint for this model (OpenAI CLIP / DINOv2 layouts, pos-embed resampling),
+    then the classifier keys dropped when the model has no such head (as ``timm.create_model`` does)."""
+    import importlib
+
+    module = timm.models._registry._model_to_module.get(name.split(".")[0])
+    filter_fn = None
+    if module:
+        filter_fn = getattr(importlib.import_module(f"timm.models.{module}"), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(sd, model)
+        except TypeError:  # filters of one argument
+            sd = filter_fn(sd)
+    own = model.state_dict()
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    for c in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        for key in (f"{c}.weight", f"{c}.bias"):
+            if key in sd and key not in own:
+                del sd[key]
+    return dict(sd)
+
+
+def _open_clip_filter(model: nn.Module, sd: dict) -> dict:
+    """The conversions ``open_clip.load_checkpoint`` applies before its (strict) ``load_state_dict``."""
+    from open_clip import factory
+
+    sd = factory.convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = factory.convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        param = getattr(model, key, None)
+        if key in sd and param is not None and param.ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(param.shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None and "logit_scale" in sd:
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    position_id_key = "text.transformer.embeddings.position_ids"
+    if position_id_key in sd and not hasattr(model, position_id_key):
+        del sd[position_id_key]
+    factory.resize_pos_embed(sd, model)
+    factory.resize_text_pos_embed(sd, model)
+    return sd
+
+
+def _create_timm(name: str, pretrained, layer: int, mean, std, kw, strict: bool = True) -> VisionBackbone:
     fn = "create_backbone"
     try:
         import timm
@@ -160,20 +281,22 @@ def _create_timm(name: str, pretrained, layer: int, mean, std, kw) -> VisionBack
     if path is not None:
         _warn_quickgelu_timm(timm, name, path)
     kw.setdefault("num_classes", 0)  # the classifier head is never used; its weights are dropped on load
-    if path is not None:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kw)
-    else:
-        model = timm.create_model(name, pretrained=False, **kw)
+    sd = _read_checkpoint(path, fn) if path is not None else None  # a broken file fails before any model is built
+    model = timm.create_model(name, pretrained=False, **kw)  # random; the checkpoint is loaded below, strictly
     if not is_timm_vit(model):
         raise TypeError(
             f"{fn}: 'timm:{name}' builds a {type(model).__name__}, not a token ViT (hrperc needs "
             f"forward_intermediates, num_prefix_tokens, patch_embed and blocks). Pick a ViT, e.g. "
             f"'timm:vit_large_patch14_clip_336'."
         )
+    if path is not None:
+        sd = _timm_filter(timm, name, model, sd)
+        if not _load_into(model, sd, path, strict, fn, f"timm model {name!r}"):
+            path = None
     return TimmBackbone(model, layer=layer, mean=mean, std=std, source=path)
 
 
-def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
+def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw, strict: bool = True) -> VisionBackbone:
     fn = "create_backbone"
     try:
         import open_clip
@@ -191,15 +314,12 @@ def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> Visio
                 f"{fn}: 'open_clip:{name}' needs {folder}/open_clip_config.json plus a checkpoint "
                 f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in that folder."
             )
+        import inspect
+
         if pretrained is not None:
             # open_clip ignores pretrained= for schema names; honour it: the folder's config, this file.
             path = _check_file(pretrained, fn, f"open_clip model {name!r}")
-            import inspect
-
-            if "load_weights" in inspect.signature(open_clip.create_model).parameters:
-                kw = {"load_weights": False, **kw}  # the folder's own checkpoint is not read
-            model = open_clip.create_model(name, **kw)
-            open_clip.load_checkpoint(model, path)
+            weights = path
         else:
             if not any(any(folder.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth")):
                 raise FileNotFoundError(
@@ -208,7 +328,17 @@ def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> Visio
                     f"pretrained=<file>."
                 )
             path = str(folder)
+            weights = open_clip.factory._find_checkpoint_in_dir(folder)
+        if "load_weights" in inspect.signature(open_clip.create_model).parameters:
+            sd = _read_checkpoint(str(weights), fn)
+            model = open_clip.create_model(name, **{"load_weights": False, **kw})  # random; loaded below, strictly
+            what = f"open_clip model {name!r}"
+            if not _load_into(model, _open_clip_filter(model, sd), str(weights), strict, fn, what):
+                path = None
+        else:  # pragma: no cover - old open_clip: its own (strict) loader
             model = open_clip.create_model(name, **kw)
+            if pretrained is not None:
+                open_clip.load_checkpoint(model, path)
     else:
         if name not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if name.lower()[:6] in m.lower()][:8]
@@ -218,7 +348,12 @@ def _create_open_clip(name: str, pretrained, layer: int, mean, std, kw) -> Visio
             )
         path = _check_file(pretrained, fn, f"open_clip model {name!r}")
         _warn_quickgelu_open_clip(open_clip, name, path, kw)
-        model = open_clip.create_model(name, pretrained=path, **kw)
+        sd = _read_checkpoint(path, fn) if path is not None else None  # fails before any model is built
+        model = open_clip.create_model(name, **kw)  # random; the checkpoint is loaded below, strictly
+        if path is not None:
+            sd = _open_clip_filter(model, sd)
+            if not _load_into(model, sd, path, strict, fn, f"open_clip model {name!r}"):
+                path = None
     visual = model.visual
     if is_open_clip_vit(visual):
         return OpenClipBackbone(visual, layer=layer, mean=mean, std=std, source=path)
@@ -250,7 +385,7 @@ def _read_preprocessor(folder: Path):
     return data.get("image_mean"), data.get("image_std")
 
 
-def _create_hf(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbone:
+def _create_hf(name: str, pretrained, layer: int, mean, std, kw, strict: bool = True) -> VisionBackbone:
     fn = "create_backbone"
     try:
         import transformers
@@ -280,7 +415,36 @@ def _create_hf(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbo
             f"{fn}: {str(where)!r} holds a '{config.model_type}' model; hrperc's Hugging Face adapter supports "
             f"CLIP and SigLIP vision towers ({', '.join(sorted(classes))}). Wrap other ViTs through timm."
         )
-    model = getattr(transformers, cls_name).from_pretrained(str(where), local_files_only=True, **kw)
+    # mismatched sizes are reported (and refused below, when strict) instead of transformers' RuntimeError
+    model, info = getattr(transformers, cls_name).from_pretrained(
+        str(where), local_files_only=True, output_loading_info=True, **{"ignore_mismatched_sizes": True, **kw}
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [
+        f"{m[0]}: checkpoint {tuple(m[1])} vs model {tuple(m[2])}" if isinstance(m, tuple) and len(m) == 3 else str(m)
+        for m in info.get("mismatched_keys") or []
+    ]
+    # a full CLIP / SigLIP checkpoint also holds the text tower and the heads: expected, not a misfit
+    other_tower = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(other_tower))
+    if missing or mismatched or unexpected:
+        parts = [f"{len(missing)} missing keys {_short(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys {_short(unexpected)}"] if unexpected else []
+        parts += [f"{len(mismatched)} shape mismatches [{'; '.join(mismatched[:4])}]"] if mismatched else []
+        what = ", ".join(parts)
+        if strict:
+            raise ValueError(
+                f"{fn}: the checkpoint in {str(where)!r} does not fit its {cls_name}: {what}. Check that the folder "
+                "holds the weights its config.json describes; pass strict=False only to keep those tensors random."
+            )
+        random = missing + [m.split(":")[0] for m in mismatched]
+        warnings.warn(
+            f"{fn}: strict=False: loaded the checkpoint in {str(where)!r} into its {cls_name}; {len(random)} tensors "
+            f"stayed random {_short(random)}; {len(unexpected)} checkpoint keys were ignored {_short(unexpected)}. "
+            "Use a checkpoint that fits its config for all of them.",
+            UserWarning,
+            stacklevel=3,
+        )
     file_mean, file_std = _read_preprocessor(folder) if folder.is_dir() else (None, None)
     return HFBackbone(
         model,
@@ -292,7 +456,7 @@ def _create_hf(name: str, pretrained, layer: int, mean, std, kw) -> VisionBackbo
 
 
 def create_backbone(
-    name: str, pretrained=None, layer: int = -2, mean=None, std=None, **kwargs
+    name: str, pretrained=None, layer: int = -2, mean=None, std=None, *, strict: bool = True, **kwargs
 ) -> VisionBackbone:
     """Build a ViT backbone by ``"family:name"`` and wrap it as a :class:`VisionBackbone` (see module docs).
 
@@ -302,6 +466,9 @@ def create_backbone(
             random weights. Never downloads.
         layer: default layer for ``features`` (-2: LLaVA's second-to-last block).
         mean, std: override the normalization the weights come with.
+        strict: refuse (``ValueError``, naming the file, the counts and the first keys) a checkpoint whose
+            keys or shapes do not fit the model exactly; ``False`` loads what fits and warns
+            (``UserWarning``) listing the tensors that stayed random.
         **kwargs: forwarded to ``timm.create_model`` / ``open_clip.create_model`` / ``from_pretrained``.
 
     Returns: a :class:`VisionBackbone`; its ``features((N, 3, h, w)) -> (N, ht*wt, D)``.
@@ -314,8 +481,10 @@ def create_backbone(
     family, sep, model_name = name.partition(":")
     if not sep or family not in _FAMILIES:
         raise ValueError(f"{fn}: name={name!r} has no known family prefix. {_USAGE}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"{fn}: strict={strict!r} is not a bool. Pass strict=True (the default) or strict=False.")
     builder = {"timm": _create_timm, "open_clip": _create_open_clip, "hf": _create_hf}[_FAMILIES[family]]
-    return builder(model_name, pretrained, layer, mean, std, dict(kwargs)).eval()
+    return builder(model_name, pretrained, layer, mean, std, dict(kwargs), strict).eval()
 
 
 def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> VisionBackbone:

@@ -11,7 +11,8 @@ without it they are skipped with one line and everything else runs.
 This package (the command line, the pictures, the generated sample image) is never imported by the
 rest of hrperc.
 
-Errors from the library (bad options, missing files or packages) end the program with a one-line
+Errors from the library (bad options, missing, truncated or foreign files, decompression bombs, missing
+packages, an unavailable device or attention backend) and usage errors end the program with a one-line
 message and exit code 2; ``hrperc --traceback ...`` shows the traceback instead.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import parse_grid
+from .args import parse_grid, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import run_demo
     from .encode import add_demo_encoder_arguments, add_encode_parser
 
-    parser = argparse.ArgumentParser(prog="hrperc", description="High-resolution perception for MLLMs.")
+    parser = _Parser(prog="hrperc", description="High-resolution perception for MLLMs.")
     parser.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="crop a high-resolution image both ways and draw the result")
@@ -37,13 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs", help="folder for the pictures (default: outputs)")
     demo.add_argument("--grid", type=parse_grid, default="auto", help="auto, floor or ROWSxCOLS (default auto)")
     demo.add_argument(
-        "--tile-size", type=int, default=None,
+        "--tile-size", type=positive_int("--tile-size"), default=None,
         help="sub-image side in pixels (default 336; with the encoder: the size a timm ViT is built at, "
         "other backbones use their native size)",
     )  # fmt: skip
-    demo.add_argument("--max-tiles", type=int, default=12, help="tile budget for --grid auto (default 12)")
     demo.add_argument(
-        "--patch-size", type=int, default=None,
+        "--max-tiles", type=positive_int("--max-tiles"), default=12, help="tile budget for --grid auto (default 12)"
+    )
+    demo.add_argument(
+        "--patch-size", type=positive_int("--patch-size"), default=None,
         help="ViT patch size for the token accounting with --no-encode (default 14; otherwise the backbone's)",
     )  # fmt: skip
     add_demo_encoder_arguments(demo)
@@ -52,19 +55,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``hrperc demo: error: ...``), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 # What the library raises for bad input (options, files, missing packages): one line, not a traceback.
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
+# A one-line message longer than this keeps its start (the file, the counts) and its end (the fix).
+_MAX_MESSAGE = 600
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """:data:`_USER_ERRORS` plus the errors of the file readers and the backend dispatcher for bad input.
+
+    Truncated or foreign files: safetensors' ``SafetensorsError``, torch's ``EOFError`` and
+    ``pickle.UnpicklingError``; PIL's ``DecompressionBombError``; a forced attention backend that cannot run
+    (:class:`hrperc.attention.dispatch.BackendUnavailableError`). Each only when its package is importable.
+    """
+    import pickle
+
+    from ..attention.dispatch import BackendUnavailableError
+
+    errors = [*_USER_ERRORS, EOFError, pickle.UnpicklingError, BackendUnavailableError]
+    try:
+        from safetensors import SafetensorsError
+
+        errors.append(SafetensorsError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    try:
+        from PIL.Image import DecompressionBombError
+
+        errors.append(DecompressionBombError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def one_line(exc: BaseException, limit: int = _MAX_MESSAGE) -> str:
+    """``exc``'s message on one line; past ``limit`` characters, its start and end around ``...``."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if len(message) > limit:
+        head, tail = message[: limit * 2 // 3], message[-(limit // 3) :]
+        cut = len(message) - len(head) - len(tail)
+        message = f"{head} ... [{cut} characters cut; hrperc --traceback shows all] ... {tail}"
+    return message
+
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, exit 2) and --help (exit 0)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except _USER_ERRORS as e:
+    except _user_errors() as e:
         if args.traceback:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"hrperc {args.command}: error: {message}", file=sys.stderr)
+        print(f"hrperc {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

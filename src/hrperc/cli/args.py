@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
 from ..ops.pixels import pil_to_pixels
 
-__all__ = ["load_image", "parse_grid", "parse_max_batch", "parse_query"]
+__all__ = [
+    "load_image", "read_image", "parse_grid", "parse_max_batch", "parse_query", "parse_device", "positive_int",
+    "parse_max_image_pixels",
+]
 
 
 def load_image(path) -> torch.Tensor:
-    """Read an image file as a float ``(3, H, W)`` tensor in ``[0, 1]``."""
+    """Read an image file as a float ``(3, H, W)`` tensor in ``[0, 1]``, upright (EXIF orientation applied).
+
+    16-bit and float files are scaled by their mode's range (see :func:`hrperc.ops.pixels.pil_to_pixels`). A
+    file PIL cannot decode (truncated, corrupt, not an image) raises an ``OSError`` naming it; a missing
+    file is PIL's ``FileNotFoundError``, and PIL's decompression-bomb refusal passes through unchanged.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        return pil_to_pixels(im)
+    name = f"image file {str(path)!r}"
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so that a truncated file fails here, with its name
+            return pil_to_pixels(im, name=name)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (OSError, SyntaxError, EOFError) as exc:  # PIL's decode errors (UnidentifiedImageError is an OSError)
+        raise OSError(
+            f"{name} cannot be decoded ({type(exc).__name__}: {exc}): it is truncated, corrupt or not an image "
+            f"format PIL reads. Check the file (re-download or re-export it), or pass another image."
+        ) from exc
 
 
 def parse_grid(text: str):
@@ -47,3 +66,98 @@ def parse_query(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--query {text!r}: use ROW,COL on the token map, e.g. 36,48") from None
     return (r, c)
+
+
+def positive_int(flag: str):
+    """An argparse ``type`` for ``flag`` (e.g. ``"--tile-size"``): a positive integer, else a one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: use a positive integer, e.g. {flag} 336")
+        return value
+
+    parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in its messages
+    return parse
+
+
+def parse_max_image_pixels(text: str):
+    """``--max-image-pixels``: a positive integer (PIL's ``Image.MAX_IMAGE_PIXELS`` for this run), or 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--max-image-pixels {text!r}: use a pixel count, e.g. 400000000, or 0 for no limit"
+        )
+    return value
+
+
+def parse_device(text: str) -> str:
+    """``--device``: a torch device that holds data and is there: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...
+
+    ``meta`` (no data: every timing would be of nothing) is refused, and so are ``cuda``/``mps``/``xpu``
+    when torch finds no such device, up front in one line instead of a traceback at the first tensor.
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"--device {text!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(
+            f"--device {text!r} holds no data (shapes only), so nothing would be computed or timed; use cpu or cuda"
+        )
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise argparse.ArgumentTypeError(
+                f"--device {text!r}: this torch build has no CUDA support (torch {torch.__version__}); use --device "
+                "cpu, or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"--device {text!r}: torch finds no CUDA GPU (no GPU visible, or no NVIDIA driver); use --device cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"--device {text!r}: there are {count} CUDA GPU(s), cuda:0..cuda:{count - 1}; use one of them"
+            )
+    elif device.type in ("mps", "xpu"):
+        module = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+        if module is None or not module.is_available():
+            raise argparse.ArgumentTypeError(
+                f"--device {text!r}: torch finds no {device.type} device; use --device cpu"
+            )
+    return text
+
+
+def read_image(path, max_pixels: int | None = None) -> torch.Tensor:
+    """:func:`load_image` for the command line: ``(3, H, W)`` float in ``[0, 1]``, with PIL's pixel limit.
+
+    ``max_pixels``: ``PIL.Image.MAX_IMAGE_PIXELS`` while reading (``None``: PIL's own, ``0``: no limit).
+    PIL warns above it and refuses twice it as a possible decompression bomb (a small file declaring a huge
+    image); that refusal becomes a ``ValueError`` naming the file, the limit and how to raise it.
+    """
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
+    try:
+        return load_image(path)
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = found.group(1) if found else "N"
+        raise ValueError(
+            f"image file {str(path)!r}: PIL refused it as a possible decompression bomb ({str(exc).rstrip('.')}). "
+            f"The limit is twice PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; if you trust the file, pass "
+            f"--max-image-pixels {count} (its pixel count; 0 for no limit)."
+        ) from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = old

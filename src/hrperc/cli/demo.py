@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .args import load_image
+from .args import read_image
 from .plots import PLOT_EXTRA, has_matplotlib
 
 __all__ = ["run_demo"]
@@ -19,7 +19,7 @@ def run_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.image:
-        image = load_image(args.image)
+        image = read_image(args.image, args.max_image_pixels)
         source = args.image
     else:
         pil = make_sample_image()
@@ -30,6 +30,13 @@ def run_demo(args) -> int:
     if args.no_encode:
         tile = args.tile_size or 336
         ph = pw = args.patch_size or 14
+        if tile % ph:  # a tile must hold whole patches: 336 / 500 would be 0 tokens, 336 / 15 a silent floor
+            divisors = [d for d in range(1, tile + 1) if tile % d == 0 and 8 <= d <= 32] or [tile]
+            raise ValueError(
+                f"--patch-size {ph} does not divide --tile-size {tile}: each tile would hold {tile / ph:.3g} "
+                f"patches a side. Pass a --patch-size that divides {tile} (e.g. {', '.join(map(str, divisors))}) "
+                "or a --tile-size that is a multiple of it."
+            )
         dcm = DualPerspectiveCrop(grid=args.grid, tile_size=tile, max_tiles=args.max_tiles)
     else:
         # Build the encoder first: the crops and the token accounting then use the backbone's own tile and

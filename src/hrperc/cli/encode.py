@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .args import load_image, parse_grid, parse_max_batch, parse_query
+from .args import (
+    parse_device,
+    parse_grid,
+    parse_max_batch,
+    parse_max_image_pixels,
+    parse_query,
+    positive_int,
+    read_image,
+)
 
 __all__ = ["add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "demo_encoder"]
 
@@ -45,7 +53,15 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) ->
     p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
     p.add_argument("--max-batch", type=parse_max_batch, default="auto", help="sub-images per ViT call (default auto)")
     p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N, mps, ... (default: cuda when there is a GPU, else cpu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-image-pixels", type=parse_max_image_pixels, default=None,
+        help="PIL.Image.MAX_IMAGE_PIXELS for this run: PIL refuses images over twice it as possible decompression "
+        "bombs (default: PIL's own; 0: no limit, for trusted files only)",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
 
 
@@ -57,7 +73,9 @@ def add_encode_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--grid", type=parse_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS"
     )
-    p.add_argument("--max-tiles", type=int, default=9, help="tile budget for --grid auto (default 9)")
+    p.add_argument(
+        "--max-tiles", type=positive_int("--max-tiles"), default=9, help="tile budget for --grid auto (default 9)"
+    )
     p.add_argument("--fit", choices=("resize", "pad", "resize_pad"), default="resize")
     _add_encoder_arguments(p, DEFAULT_BACKBONE)
     p.set_defaults(func=run_encode)
@@ -154,9 +172,10 @@ def run_encode(args) -> int:
     print(_weights_line(args))
     print(f"encoder      {enc.extra_repr()}; dem={'none' if enc.dem is None else 'released configuration'}")
     totals: dict[str, float] = {}
-    with torch.inference_mode():
-        for path in tqdm(args.images, desc="encode", unit="image"):
-            image = load_image(path).to(args.device)
+    # The bar only on a terminal (disable=None), and closed on an error, so the error is one line of its own.
+    with torch.inference_mode(), tqdm(args.images, desc="encode", unit="image", disable=None) as bar:
+        for path in bar:
+            image = read_image(path, args.max_image_pixels).to(args.device)
             t0 = time.perf_counter()
             out = enc(image, timings=True)
             wall = time.perf_counter() - t0

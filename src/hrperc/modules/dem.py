@@ -224,7 +224,36 @@ class DualPerspectiveEnhancement(nn.Module):
                 f"dim={self.dim}; D must equal dim. Pass the features of a ViT of width {self.dim}, or build "
                 f"DualPerspectiveEnhancement(dim={d}, heads=...) for these."
             )
+        self._check_dtypes(local_feats, global_feats, fn)
         return grid, tile
+
+    def _check_dtypes(self, local_feats, global_feats, fn: str) -> None:
+        """Features must be floating point, of one dtype, and (outside autocast) of the parameters' dtype."""
+        for name, t in (("local_feats", local_feats), ("global_feats", global_feats)):
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"{fn}: {name} has dtype {t.dtype}; the DEM needs floating-point features (ViT tokens). "
+                    f"Convert them to the module's dtype, e.g. {name}.to({self._param_dtype() or torch.float32})."
+                )
+        if local_feats.dtype != global_feats.dtype:
+            raise TypeError(
+                f"{fn}: local_feats has dtype {local_feats.dtype} but global_feats has dtype {global_feats.dtype}; "
+                f"both must have one dtype. Convert one of them, e.g. global_feats.to(local_feats.dtype)."
+            )
+        if torch.is_autocast_enabled(local_feats.device.type):
+            return  # autocast casts the features and weights of each op itself
+        want = self._param_dtype()
+        if want is not None and local_feats.dtype != want:
+            raise TypeError(
+                f"{fn}: features have dtype {local_feats.dtype} but the module's parameters are {want}; they must "
+                f"match (no silent cast). Convert the features (local_feats.to({want}), global_feats.to({want})) or "
+                f"the module (dem.to({local_feats.dtype})), or use torch.autocast."
+            )
+
+    def _param_dtype(self) -> torch.dtype | None:
+        """The one floating dtype of the parameters, or ``None`` (no parameters, or several dtypes)."""
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else None
 
     def forward(self, local_feats, global_feats, grid, tile_size=None, backend: str = "auto") -> torch.Tensor:
         """Enhance, fuse and reduce one grid's ViT features.
@@ -243,6 +272,11 @@ class DualPerspectiveEnhancement(nn.Module):
         Returns:
             ``(B, T_out, D)`` row-major tokens in the features' dtype: ``T_out = oh*ow`` with
             ``(oh, ow) = output_size`` (default ``(ht, wt)``), or ``gh*ht * gw*wt`` for ``reduction="none"``.
+
+        Raises:
+            TypeError: features that are not floating point, of two dtypes, or (outside ``torch.autocast``)
+                of another dtype than the parameters: nothing is cast silently (``dem.to(dtype)`` or
+                ``feats.to(dtype)``; :class:`hrperc.HighResEncoder` casts the ViT features to the DEM's dtype).
         """
         grid, tile = self._check(local_feats, global_feats, grid, tile_size)
         forced_backend(backend)  # an unknown name raises here, whichever path runs

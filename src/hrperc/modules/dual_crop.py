@@ -15,6 +15,9 @@ crop:
   - ``"resolution"`` (LLaVA-NeXT's ``select_best_resolution``): scale the image to fit each candidate
     canvas keeping its aspect ratio; keep the canvas that preserves the most original pixels
     (``min(scaled area, original area)``), ties broken by the least wasted canvas area, then fewer tiles.
+    Where that degenerates (an image so thin that every canvas truncates its short side to 0 pixels,
+    e.g. 100000 x 20), the untruncated area decides: the grid that holds the image largest, ``(12, 1)``
+    for ``max_tiles=12`` (see :func:`~hrperc.ops.select_grid`).
   - ``"aspect"`` (InternVL's ``find_closest_aspect_ratio``): the grid whose ``gw/gh`` is closest to
     ``W0/H0``; on a tie the larger grid when the image has more than half its pixel count.
 
@@ -73,7 +76,7 @@ from ..ops.canvas import (
     CropGeometry,
     _check_fill,
     _check_tiles,
-    candidate_grids,
+    _cover_tiles,
     place_on_canvas,
     resize_image,
     select_grid,
@@ -131,7 +134,8 @@ class DualPerspectiveCrop(nn.Module):
         fit: ``"resize"``, ``"pad"`` or ``"resize_pad"``.
         mode, antialias: interpolation for resizing (and the thumbnail), computed in float32.
         fill: padding value for ``"pad"``/``"resize_pad"``; must fit the image dtype (a whole number
-            inside ``torch.iinfo`` for integer images), else a ``ValueError``.
+            inside ``torch.iinfo`` for integer images), else a ``ValueError``; ``nan`` and ``inf`` are
+            refused at construction (``ValueError``).
         thumbnail: also return the whole image resized to ``(h, w)``.
         auto_rule: ``"resolution"`` (LLaVA-NeXT) or ``"aspect"`` (InternVL) for ``grid="auto"``.
 
@@ -268,7 +272,11 @@ class DualPerspectiveCrop(nn.Module):
     def _grow_pad_grid(self, need, H0: int, W0: int) -> tuple[int, int]:
         """``grid="auto", fit="pad"``: the smallest grid with ``>= min_tiles`` tiles that holds the image."""
         h, w = self.tile_size
-        fits = [g for g in candidate_grids(self.max_tiles, self.min_tiles) if g[0] >= need[0] and g[1] >= need[1]]
+        # Per row gh >= need_h only the narrowest grid that holds the image and has >= min_tiles can win (the
+        # fewest tiles first); no row beyond a holding grid's tile count can (its grids have more tiles).
+        rows = min(self.max_tiles, _cover_tiles(need[0], need[1], self.min_tiles))
+        fits = [(gh, max(need[1], -(-self.min_tiles // gh))) for gh in range(need[0], rows + 1)]
+        fits = [g for g in fits if g[0] * g[1] <= self.max_tiles]
         if not fits:
             raise ValueError(
                 f"DualPerspectiveCrop: image of size ({H0}, {W0}) needs at least grid {need} with fit='pad', and "
@@ -279,10 +287,11 @@ class DualPerspectiveCrop(nn.Module):
         return min(fits, key=lambda g: (g[0] * g[1], abs(math.log(g[1] * w / (g[0] * h)) - aspect), g[0]))
 
     # pixels ---------------------------------------------------------------------------------------
-    def _resize(self, img: torch.Tensor, size) -> torch.Tensor:
-        return resize_image(img, size, self.mode, self.antialias)
+    def _resize(self, img: torch.Tensor, size, scale_uint8: bool = False) -> torch.Tensor:
+        """``img`` resized to ``size``; ``scale_uint8``: uint8 ``[0, 255]`` in, float32 ``[0, 1]`` out (exact)."""
+        return resize_image(img, size, self.mode, self.antialias, scale_uint8=scale_uint8)
 
-    def _check_image(self, img, name: str, ndim: int, fn: str) -> None:
+    def _check_image(self, img, name: str, ndim: int, fn: str, scale_uint8: bool = False) -> None:
         if not isinstance(img, torch.Tensor):
             raise TypeError(
                 f"{fn}: {name} is a {type(img).__name__}; expected a torch.Tensor. Convert PIL images with "
@@ -316,7 +325,8 @@ class DualPerspectiveCrop(nn.Module):
                 f"{fn}: {name} has shape {tuple(img.shape)}; every size must be positive (>= 1), but its {zero} "
                 f"is 0. Pass a non-empty image (check how it was loaded or cropped before this call)."
             )
-        if not img.is_floating_point() and (self.fit != "pad" or self.thumbnail):
+        uint8_read_as_unit = scale_uint8 and img.dtype == torch.uint8  # resized exactly into float32 [0, 1]
+        if not img.is_floating_point() and not uint8_read_as_unit and (self.fit != "pad" or self.thumbnail):
             why = f"fit={self.fit!r} resizes" if self.fit != "pad" else "thumbnail=True resizes"
             raise TypeError(
                 f"{fn}: {name} has dtype {img.dtype} but {why}, which needs a float image. Convert it "
@@ -347,18 +357,20 @@ class DualPerspectiveCrop(nn.Module):
                 f"a whole number in that range (e.g. fill=0), or convert the image to float first."
             )
 
-    def forward(self, images, thumbnail: bool | None = None) -> DualCrops:
+    def forward(self, images, thumbnail: bool | None = None, *, scale_uint8: bool = False) -> DualCrops:
         """Crop ``images`` (``(B, C, H, W)``, ``(C, H, W)`` or a list of ``(C, H, W)``) into :class:`DualCrops`.
 
         ``thumbnail`` overrides the module's setting for this call (``False`` skips the resize when the
-        caller will not use the thumbnail).
+        caller will not use the thumbnail). ``scale_uint8=True`` reads uint8 images as ``[0, 255]`` pixels:
+        every output is float32 in ``[0, 1]`` (``fill`` in those units), bit-identical to passing
+        ``images.float() / 255`` but without its full-size float copy (what :class:`hrperc.HighResEncoder` does).
         """
         fn = "DualPerspectiveCrop"
         want_thumb = self.thumbnail if thumbnail is None else bool(thumbnail)
         if isinstance(images, torch.Tensor):
             if images.ndim == 3:
                 images = images.unsqueeze(0)
-            self._check_image(images, "images", 4, fn)
+            self._check_image(images, "images", 4, fn, scale_uint8)
             groups = [images]
         elif isinstance(images, Sequence) and not isinstance(images, str):
             if len(images) == 0:
@@ -367,7 +379,7 @@ class DualPerspectiveCrop(nn.Module):
                     f"needed. Pass at least one (C, H, W) image, or skip the call for an empty batch."
                 )
             for b, img in enumerate(images):
-                self._check_image(img, f"images[{b}]", 3, fn)
+                self._check_image(img, f"images[{b}]", 3, fn, scale_uint8)
             first = images[0]
             for b, img in enumerate(images):
                 if img.shape[0] != first.shape[0] or img.dtype != first.dtype or img.device != first.device:
@@ -380,17 +392,18 @@ class DualPerspectiveCrop(nn.Module):
             groups = [img.unsqueeze(0) for img in images]
         else:
             raise TypeError(f"{fn}: images is a {type(images).__name__}; pass a tensor or a list of tensors.")
-        self._check_fill_for(groups[0].dtype, fn)
+        scale = scale_uint8 and groups[0].dtype == torch.uint8  # uint8 in, float32 [0, 1] out
+        self._check_fill_for(torch.float32 if scale else groups[0].dtype, fn)
 
         locals_, strideds, thumbs, geos = [], [], [], []
         # One iteration per image group (a batched tensor is one group): tiles themselves are vectorized.
         for img in groups:
             geo = self.plan(tuple(img.shape[-2:]))
-            canvas = place_on_canvas(img, geo, self.mode, self.antialias, self.fill)
+            canvas = place_on_canvas(img, geo, self.mode, self.antialias, self.fill, scale_uint8=scale)
             locals_.append(local_crop(canvas, geo.grid))
             strideds.append(stride_crop(canvas, geo.grid))
             if want_thumb:
-                thumbs.append(self._resize(img, self.tile_size))
+                thumbs.append(self._resize(img, self.tile_size, scale))
             geos.extend([geo] * img.shape[0])
         cat = (lambda xs: xs[0]) if len(groups) == 1 else (lambda xs: torch.cat(xs, 0))
         thumb_stack = cat(thumbs) if want_thumb else None

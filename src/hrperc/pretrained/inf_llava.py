@@ -10,8 +10,19 @@ are listed in ``docs/released.md``. This module converts between those names and
 * :func:`released_state_dict` -- a DEM's weights under the released names (to export, or to test).
 
 Each accepts a state dict, a weight file (safetensors, or a torch file read with
-``weights_only=True`` unless ``allow_pickle=True``) or a directory of checkpoint shards, of which
-only the shards holding the wanted keys are read.
+``weights_only=True``; the format is read from the file's first bytes) or a directory of checkpoint
+shards, of which only the shards holding the wanted keys are read. Wrapped checkpoints
+(``{"state_dict": ...}``, ``{"model": ...}``, ``{"module": ...}``) are unwrapped.
+
+Before any module is built, the weights are checked against limits and against each other: the
+width read from the weights must be at most :data:`MAX_DEM_DIM` (projector: :data:`MAX_PROJECTOR_IN`
+in, :data:`MAX_PROJECTOR_OUT` out), and every key and shape must fit a module of that width, which is
+built on the ``meta`` device (no memory) for the check. A small file declaring a huge width is thus
+refused without allocating the module. Reading the tensors themselves costs at most the file's size.
+Then the tensors must be floating point (integers and bools are refused, not cast) and finite (NaN and
+Inf are refused). Two copies of the weights (``model.spatial_embed.*`` and ``ema.spatial_embed.*``)
+are refused unless ``prefix=`` picks one. Every refusal is a ``ValueError`` naming the keys
+(``TypeError`` for non-tensor entries; ``FileNotFoundError`` / ``IsADirectoryError`` for paths).
 
 Example::
 
@@ -33,9 +44,18 @@ from torch import nn
 
 from ..modules.dem import DualPerspectiveEnhancement
 from ..modules.projector import build_projector
-from ._io import check_state_dict, load_state_dict, select_prefixed
+from ._io import check_state_dict, list_keys, load_state_dict, select_prefixed
 
-__all__ = ["load_dem", "load_projector", "released_state_dict", "DEM_PREFIX", "PROJECTOR_PREFIX", "RELEASED_OPTIONS"]
+#: Largest DEM width ``D`` accepted from a checkpoint (the released DEM has 1024; ViT-g has 1664).
+MAX_DEM_DIM = 16384
+#: Largest projector input / output width accepted from a checkpoint (vision 1024, LLM 4096 as released).
+MAX_PROJECTOR_IN = 16384
+MAX_PROJECTOR_OUT = 32768
+
+__all__ = [
+    "load_dem", "load_projector", "released_state_dict", "DEM_PREFIX", "PROJECTOR_PREFIX", "RELEASED_OPTIONS",
+    "MAX_DEM_DIM", "MAX_PROJECTOR_IN", "MAX_PROJECTOR_OUT",
+]  # fmt: skip
 
 #: Marker of the DEM's keys in a released checkpoint (any outer prefix before it is accepted).
 DEM_PREFIX = "spatial_embed."
@@ -58,7 +78,7 @@ def _from_released(key: str) -> str:
     return "fusion." + key if key.split(".")[0] in _FUSION_KEYS else key
 
 
-def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None, dtype=None,
+def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None, dtype=None, prefix: str | None = None,
              **overrides) -> DualPerspectiveEnhancement:  # fmt: skip
     """Build the released DEM and load INF-LLaVA weights (``spatial_embed.*`` keys).
 
@@ -67,6 +87,8 @@ def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None,
     every other key (LLM, projector, ViT) is ignored. Without that prefix the dict must hold exactly
     the DEM keys. ``D`` is read from the weights; ``heads`` (8 as released) cannot be and is an
     argument. ``overrides`` change options the weights do not fix (e.g. ``skip_unread=False``).
+    ``prefix`` picks one copy when the checkpoint holds several (``prefix="ema.spatial_embed."``).
+    Limits and checks: see the module docs (``D <= MAX_DEM_DIM``, shapes built on ``meta`` first).
 
     Example::
 
@@ -82,19 +104,33 @@ def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None,
                 f"were trained with {bad}={fixed!r}. Drop {bad}= to load them; for another {bad}, build "
                 f"DualPerspectiveEnhancement(dim, heads, {bad}=...) and train it or load weights of that layout."
             )
-    sd = _load_part(source, DEM_PREFIX, allow_pickle, fn)
+    sd = _load_part(source, DEM_PREFIX, allow_pickle, fn, prefix)
     w = sd.get("attention.linears.0.weight")
     if w is None or w.ndim != 2:
         raise ValueError(
             f"{fn}: no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
             f"{sorted(sd)[:8]}. Is this an INF-LLaVA checkpoint ({_DOCS})?"
         )
-    dem = DualPerspectiveEnhancement(w.shape[1], heads, device=device, dtype=dtype, **overrides)
-    names = {k: _to_released(k) for k in dem.state_dict()}  # messages use the checkpoint's names
+    dim = w.shape[1]
+    if not 1 <= dim <= MAX_DEM_DIM:
+        raise ValueError(
+            f"{fn}: 'spatial_embed.attention.linears.0.weight' has shape {tuple(w.shape)}, declaring a DEM of width "
+            f"D={dim}; the limit is {MAX_DEM_DIM} (the released DEM has 1024). Check that this is an INF-LLaVA "
+            "checkpoint, not a corrupt or hostile file; build DualPerspectiveEnhancement(dim, heads) yourself for a "
+            "wider one."
+        )
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and dim % heads:
+        raise ValueError(
+            f"{fn}: the weights give D={dim} ('spatial_embed.attention.linears.0.weight' {tuple(w.shape)}), which "
+            f"heads={heads} does not divide. Pass the heads the checkpoint was trained with (8 as released)."
+        )
+    # the expected keys and shapes from a module on the meta device: no memory until the weights fit
+    shape_of = DualPerspectiveEnhancement(dim, heads, device="meta", **overrides).state_dict()
     check_state_dict(
-        sd, {names[k]: v.shape for k, v in dem.state_dict().items()}, fn,
+        sd, {_to_released(k): v.shape for k, v in shape_of.items()}, fn,  # messages use the checkpoint's names
         hint=f"Keys are relative to 'spatial_embed.'; {_DOCS}.",
     )  # fmt: skip
+    dem = DualPerspectiveEnhancement(dim, heads, device=device, dtype=dtype, **overrides)
     dem.load_state_dict({_from_released(k): v for k, v in sd.items()}, strict=True)
     return dem
 
@@ -117,11 +153,13 @@ def released_state_dict(dem: DualPerspectiveEnhancement) -> dict[str, torch.Tens
     return {_to_released(k): v for k, v in dem.state_dict().items()}
 
 
-def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=None) -> nn.Module:
+def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=None,
+                   prefix: str | None = None) -> nn.Module:  # fmt: skip
     """Build INF-LLaVA's ``mlp2x_gelu`` projector from ``mm_projector.{0,2}.{weight,bias}`` and load it.
 
     ``source`` as in :func:`load_dem`; keys may carry any prefix ending in ``mm_projector.``; other keys
-    of a full checkpoint are then ignored. Sizes are read from the weights (1024 -> 4096 as released).
+    of a full checkpoint are then ignored. Sizes are read from the weights (1024 -> 4096 as released),
+    at most ``MAX_PROJECTOR_IN`` -> ``MAX_PROJECTOR_OUT``; ``prefix`` picks one copy of several.
 
     Example::
 
@@ -131,26 +169,48 @@ def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=Non
         torch.Size([1, 5, 32])
     """
     fn = "load_projector"
-    sd = _load_part(source, PROJECTOR_PREFIX, allow_pickle, fn)
+    sd = _load_part(source, PROJECTOR_PREFIX, allow_pickle, fn, prefix)
     w0 = sd.get("0.weight")
     if w0 is None or w0.ndim != 2:
         raise ValueError(
             f"{fn}: no 'mm_projector.0.weight' (2-D) in the weights; found keys {sorted(sd)[:8]}. Expected "
             f"mm_projector.{{0,2}}.{{weight,bias}} (LLaVA mlp2x_gelu; {_DOCS})."
         )
-    proj = build_projector("mlp2x_gelu", w0.shape[1], w0.shape[0], device=device, dtype=dtype)
-    check_state_dict(sd, {k: v.shape for k, v in proj.state_dict().items()}, fn)
+    out_dim, in_dim = w0.shape
+    if not (1 <= in_dim <= MAX_PROJECTOR_IN and 1 <= out_dim <= MAX_PROJECTOR_OUT):
+        raise ValueError(
+            f"{fn}: 'mm_projector.0.weight' has shape {tuple(w0.shape)}, declaring a projector {in_dim} -> {out_dim}; "
+            f"the limits are {MAX_PROJECTOR_IN} in and {MAX_PROJECTOR_OUT} out (released: 1024 -> 4096). Check that "
+            "this is a LLaVA checkpoint, not a corrupt or hostile file; use build_projector yourself for a wider one."
+        )
+    shape_of = build_projector("mlp2x_gelu", in_dim, out_dim, device="meta").state_dict()
+    check_state_dict(sd, {k: v.shape for k, v in shape_of.items()}, fn)
+    proj = build_projector("mlp2x_gelu", in_dim, out_dim, device=device, dtype=dtype)
     proj.load_state_dict(sd, strict=True)
     return proj
 
 
-def _load_part(source, marker: str, allow_pickle: bool, fn: str) -> dict[str, torch.Tensor]:
+def _load_part(source, marker: str, allow_pickle: bool, fn: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The keys of one submodule (``marker`` and everything before it removed). From files and shard
     directories only the tensors under ``marker`` are read; a file without any (a bare submodule
     state dict) is read whole."""
     if isinstance(source, Mapping):
-        return select_prefixed(load_state_dict(source, fn=fn), marker, fn)
+        return select_prefixed(load_state_dict(source, fn=fn), marker, fn, prefix)
     sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn, keep=lambda k: marker in k)
-    if not sd:
+    if not sd and prefix is None:
+        # a bare submodule state dict, or a checkpoint without this submodule: when the keys can be listed
+        # without loading (safetensors headers, shard indexes), refuse the latter before reading any tensor
+        keys = list_keys(source, fn)
+        if keys is not None and not any(_bare_key(k, marker) for k in keys):
+            raise ValueError(
+                f"{fn}: {str(source)!r} holds no {marker!r} weights ({len(keys)} keys, e.g. {keys[:5]}). Is this the "
+                f"checkpoint of the model that has them? Pass the INF-LLaVA checkpoint ({_DOCS})."
+            )
         sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn)
-    return select_prefixed(sd, marker, fn)
+    return select_prefixed(sd, marker, fn, prefix)
+
+
+def _bare_key(key: str, marker: str) -> bool:
+    """Whether ``key`` can be a key of the bare submodule (no prefix): its first part is one of the submodule's."""
+    head = key.split(".")[0]
+    return head.isdigit() if marker == PROJECTOR_PREFIX else head in ("attention", "fusion", *_FUSION_KEYS)

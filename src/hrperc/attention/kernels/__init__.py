@@ -9,6 +9,13 @@ the interpreter; fp16/bf16/fp32; head dim <= 256; whole windows only (no query-s
 exception), ``"auto"`` falls back to SDPA with one ``RuntimeWarning``, :func:`triton_import_error`
 gives the reason, and a forced ``backend="triton"`` raises with it.
 
+``"auto"`` does not trust the kernel blindly: on its first use per (device, dtype, head dim, window,
+orders), :func:`triton_self_check` runs it on small inputs (forward and backward) against SDPA and
+caches the verdict; on any error or mismatch ``"auto"`` uses SDPA for those inputs, with one
+``RuntimeWarning`` naming the reason. A forced ``backend="triton"`` skips the self-check. While
+``torch.compile`` traces, an unchecked key cannot be checked (no real tensors), so ``"auto"`` uses SDPA
+there; one eager call first (or ``backend="triton"``) lets compiled code use the kernel.
+
 Example::
 
     >>> import hrperc
@@ -26,7 +33,7 @@ import torch
 
 from ..backend import AttentionBackend
 
-__all__ = ["HAS_TRITON", "TRITON", "triton_window_attention", "triton_import_error"]
+__all__ = ["HAS_TRITON", "TRITON", "triton_window_attention", "triton_import_error", "triton_self_check"]
 
 #: Whether a ``triton`` package is installed (it may still fail to import; the backend then says why).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -115,6 +122,93 @@ def _check(q, k, v, **kw) -> str | None:
     return module.triton_supports(q, k, v, **kw)
 
 
+# The self-check's verdict per (device, dtype, head_dim, window, q_order, kv_order, out_order): None = passed.
+_SELF_CHECKS: dict[tuple, str | None] = {}
+
+# Small self-check inputs: B=1, a 2x2 grid of 5x13 tiles (T = 65: not square, not a power of two, over 64).
+_CHECK_GRID, _CHECK_TILE, _CHECK_HEADS = (2, 2), (5, 13), 2
+
+# |kernel - float64| <= factor * |reference in dtype - float64| + atol * max(1, |float64|): flash-attn's rule,
+# loosened (a self-check must catch a wrong kernel, never flag rounding), as in tests/_tolerance.py.
+_CHECK_FACTOR = 4.0
+_CHECK_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+
+
+def triton_self_check(q, k=None, v=None, *, window, q_order, kv_order, out_order=None, **kw) -> str | None:
+    """``None`` when the kernel matches SDPA, forward and backward, on small inputs like ``q``; else why not.
+
+    The ``auto_check`` of :data:`TRITON`: consulted by ``backend="auto"`` only. Runs once per (device,
+    dtype, head dim, window, q_order, kv_order, out_order) on fresh ``(N, 65, 2, head_dim)`` inputs (a
+    2x2 grid of 5x13 tiles, fixed seed; the global RNG is untouched) and caches the verdict; the first
+    failing verdict of a key warns once (``RuntimeWarning``). ``q`` (``(B*N, T, heads, head_dim)``) only
+    gives the device, dtype and head dim; ``k``, ``v`` and the other keywords are ignored.
+    """
+    out_order = window if out_order is None else out_order
+    key = (q.device, q.dtype, q.shape[-1], window, q_order, kv_order, out_order)
+    if key in _SELF_CHECKS:
+        return _SELF_CHECKS[key]
+    if torch.compiler.is_compiling():  # fake tensors: nothing can run; not cached, the first eager call checks
+        return (
+            "not self-checked yet for these inputs, and the self-check cannot run while torch.compile traces; "
+            "run one eager call first, or force backend='triton'"
+        )
+    reason = _run_self_check(q, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order)
+    _SELF_CHECKS[key] = reason
+    if reason is not None:
+        warnings.warn(
+            f"hrperc: the Triton window-attention kernel failed its self-check against SDPA on {q.device} "
+            f"({q.dtype}, head_dim {q.shape[-1]}, window={window!r}, q_order={q_order!r}, kv_order={kv_order!r}, "
+            f"out_order={out_order!r}): {reason}. backend='auto' uses SDPA for these inputs instead; "
+            "backend='triton' still forces the kernel. Please report this with your GPU, torch and Triton versions.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return reason
+
+
+def _run_self_check(q, *, window, q_order, kv_order, out_order) -> str | None:
+    """Run the kernel and SDPA on small random inputs like ``q``; ``None`` if they agree, else the reason."""
+    from ..reference import reference_window_attention, sdpa_window_attention
+
+    (gh, gw), (th, tw) = _CHECK_GRID, _CHECK_TILE
+    n, t, heads, d = gh * gw, th * tw, _CHECK_HEADS, q.shape[-1]
+    # SDPA takes window-order stacks only; for a "map" input the one definition stands in.
+    oracle = reference_window_attention if "map" in (q_order, kv_order) else sdpa_window_attention
+    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=(th, tw),
+              scale=d**-0.5)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+
+    def make(shape):  # on q's device, in q's dtype
+        return torch.randn(shape, generator=gen).to(q)
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            xs = [make((1, n * t, heads, d) if o == "map" else (n, t, heads, d)) for o in (q_order, kv_order, kv_order)]
+            xs = [x.requires_grad_() for x in xs]
+            out = _kernel_module().triton_window_attention(*xs, _CHECK_GRID, **kw)
+            grad_out = make(tuple(out.shape))
+            got = (out, *torch.autograd.grad(out, xs, grad_out))
+            refs = []
+            for cast in (lambda x: x, torch.Tensor.double):
+                ys = [cast(x.detach()).requires_grad_() for x in xs]
+                o = oracle(*ys, _CHECK_GRID, **kw)
+                refs.append((o, *torch.autograd.grad(o, ys, cast(grad_out))))
+    except Exception as exc:  # noqa: BLE001 -- a failed compile or launch may raise anything
+        return f"it raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    for what, fast, lowp, ref64 in zip(("output", "dq", "dk", "dv"), got, *refs):
+        if fast.shape != ref64.shape:
+            return f"its {what} has shape {tuple(fast.shape)}, SDPA's {tuple(ref64.shape)}"
+        fast, lowp, ref64 = fast.detach().double(), lowp.detach().double(), ref64.detach()
+        if not torch.isfinite(fast).all():
+            return f"its {what} has NaN or Inf values where SDPA's are finite"
+        err = (fast - ref64).abs().max().item()
+        bound = _CHECK_FACTOR * (lowp - ref64).abs().max().item()
+        bound += _CHECK_ATOL.get(q.dtype, 1e-4) * max(1.0, ref64.abs().max().item())
+        if not err <= bound:
+            return f"its {what} differs from SDPA's by {err:.3g} (max abs), over the bound {bound:.3g}"
+    return None
+
+
 def _backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale):
     return _kernel_module().triton_window_attention(
         q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
@@ -126,5 +220,5 @@ def _backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, 
 TRITON = AttentionBackend(
     "triton", _backend, query_subset=None, devices=("cuda", "cpu"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256, auto_devices=("cuda",), priority=10,
-    check=_check,
+    check=_check, auto_check=triton_self_check,
 )  # fmt: skip
