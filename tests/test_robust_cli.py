@@ -43,7 +43,7 @@ def _one_line_error(capsys, argv, *names, prefix=None):
     return lines[0]
 
 
-# ---- item 6: options the demo used to replace or ignore ------------------------------------------------------
+# ---- options the demo used to replace or ignore ------------------------------------------------------
 
 
 @pytest.mark.parametrize("flag", ["--tile-size", "--patch-size", "--max-tiles"])
@@ -110,7 +110,7 @@ def test_grid_usage_errors_are_one_line_too(image_file, capsys):
     capsys.readouterr()
 
 
-# ---- item 10: hostile files, missing devices and backends ------------------------------------------------------
+# ---- hostile files, missing devices and backends ------------------------------------------------------
 
 
 def _png_declaring(path, width, height):

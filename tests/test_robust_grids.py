@@ -1,4 +1,4 @@
-"""Issue 13, items 4, 6 (library), 8, 13: degenerate grids, bounded grid search, non-finite fill, DEM dtypes/width."""
+"""Degenerate grids, bounded grid search, non-finite fill, DEM dtypes/width."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _degenerate(image_size, tile, max_tiles, min_tiles):
     return True
 
 
-# -- item 4: the resolution rule is LLaVA-NeXT's, except where that degenerates -------------------------------
+# -- the resolution rule is LLaVA-NeXT's, except where that degenerates -------------------------------
 def test_resolution_rule_equals_transformers_select_best_resolution_on_ordinary_images():
     sbr = pytest.importorskip("transformers.image_processing_utils").select_best_resolution
     rng = random.Random(13)
@@ -118,7 +118,7 @@ def test_degenerate_cases_agree_with_the_aspect_rule_and_ordinary_ones_are_uncha
     assert seen > 50
 
 
-# -- item 8: the search costs what the image needs, not what max_tiles allows ---------------------------------
+# -- the search costs what the image needs, not what max_tiles allows ---------------------------------
 def test_pruned_search_gives_the_same_grid_as_every_grid():
     rng = random.Random(8)
     for _ in range(300):
@@ -175,7 +175,7 @@ def test_candidate_grids_needs_both_image_and_tile_size_and_a_known_rule():
     assert candidate_grids(4) == [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1)]
 
 
-# -- item 6 (library): a non-finite fill is refused ------------------------------------------------------------
+# -- a non-finite fill is refused ------------------------------------------------------------
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf"), np.float64("nan"), np.float32("inf")])
 @pytest.mark.parametrize("fit", ["pad", "resize_pad", "resize"])
 def test_non_finite_fill_is_refused_at_construction(fill, fit):
@@ -190,7 +190,7 @@ def test_finite_fills_still_work():
     assert DualPerspectiveCrop(fill=np.float32(0.5)).fill == 0.5
 
 
-# -- item 13: DEM dtypes and width ------------------------------------------------------------------------------
+# -- DEM dtypes and width ------------------------------------------------------------------------------
 def _feats(dtype, n=4, d=32):
     torch.manual_seed(0)
     return torch.randn(n, 16, d).to(dtype), torch.randn(n, 16, d).to(dtype)

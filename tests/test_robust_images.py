@@ -1,4 +1,4 @@
-"""Images that used to be read wrong (issue 13, items 2, 3, 9 and 12): 16-bit and float PIL modes, EXIF
+"""Images that used to be read wrong: 16-bit and float PIL modes, EXIF
 orientation, float pixels outside [0, 1], channels-last tensors, resizing without a full-size float32
 copy, and image files that cannot be decoded."""
 
@@ -26,7 +26,7 @@ def _rgb(h=6, w=8, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
-# --- item 2: PIL modes and EXIF orientation ----------------------------------------------------------
+# --- PIL modes and EXIF orientation ----------------------------------------------------------
 def _gradient16(h=5, w=7) -> np.ndarray:
     return np.linspace(0, 65535, h * w).round().astype(np.uint16).reshape(h, w)
 
@@ -128,7 +128,7 @@ def test_no_or_identity_orientation_keeps_the_pixels():
     assert torch.equal(pil_to_pixels(im), want)
 
 
-# --- item 3: float range, channels-last tensors --------------------------------------------------------
+# --- float range, channels-last tensors --------------------------------------------------------
 _BAD_FLOATS = {
     "forgot /255": (lambda x: x * 255, "/ 255"),
     "normalized": (lambda x: (x - 0.48) / 0.27, "normalized"),
@@ -188,9 +188,9 @@ def test_ambiguous_shape_is_read_channels_first_with_a_warning(shape):
         to_pixels(torch.rand(3, 4, 4))
 
 
-# --- item 9: resizing without a full-size float32 copy, bit-identical ------------------------------
+# --- resizing without a full-size float32 copy, bit-identical ------------------------------
 def _old_resize(img, size, mode, antialias):
-    """resize_image before item 9: the whole image converted to float32 at once."""
+    """resize_image as it was: the whole image converted to float32 at once (the reference for chunking)."""
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     aa = antialias and mode in ("bilinear", "bicubic")
     return F.interpolate(img.float(), size=tuple(size), mode=mode, antialias=aa, **kw).to(img.dtype)
@@ -264,7 +264,7 @@ def test_crop_check_image_accepts_uint8_only_when_scaled():
         dcm._check_image(u8, "images", 4, "DualPerspectiveCrop")
 
 
-# --- item 12: image files that cannot be decoded name the file ------------------------------------------
+# --- image files that cannot be decoded name the file ------------------------------------------
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("keep", [0.5, 100, 20, 8])
 def test_truncated_image_file_names_the_file(fmt, keep, tmp_path):

@@ -1,4 +1,4 @@
-"""Hostile and broken weight files (issue 13, items 1, 5, 7, 11, 12): a clear error naming the file, or the right load.
+"""Hostile and broken weight files: a clear error naming the file, or the right load.
 
 Backbone checkpoints load strictly; weight files are routed by their first bytes; a released file's
 shapes are checked against limits and each other before a module is built; wrapped checkpoints unwrap.
@@ -35,7 +35,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-# --- item 11: routed by content, never by name; errors name the file ---------------------------------------------
+# --- routed by content, never by name; errors name the file ---------------------------------------------
 def test_files_are_routed_by_content_not_by_extension(tmp_path):
     dem, sd = _dem_sd()
     full = {"model.spatial_embed." + k: v for k, v in sd.items()}
@@ -145,7 +145,7 @@ def test_a_directory_as_a_weight_file_says_so(tmp_path):
         create_backbone("timm:vit_tiny_patch16_224", pretrained=folder)
 
 
-# --- item 12: wrapped checkpoints ---------------------------------------------------------------------------------
+# --- wrapped checkpoints ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "module", "model_state_dict"])
 def test_wrapped_checkpoints_are_unwrapped(tmp_path, wrapper):
     dem, sd = _dem_sd()
@@ -189,7 +189,7 @@ def _save(tmp_path, sd, name="w.safetensors"):
     return path
 
 
-# --- item 5: two copies, integer / bool weights, NaN / Inf --------------------------------------------------------
+# --- two copies, integer / bool weights, NaN / Inf --------------------------------------------------------
 def test_two_copies_of_the_dem_are_refused_unless_prefix_picks_one(tmp_path):
     dem_a, sd_a = _dem_sd(seed=1)
     dem_b, sd_b = _dem_sd(seed=2)
@@ -239,7 +239,7 @@ def test_nan_and_inf_weights_are_refused(tmp_path, bad):
         load_projector(proj)
 
 
-# --- item 7: shapes checked against limits and each other before a module is built -------------------------------
+# --- shapes checked against limits and each other before a module is built -------------------------------
 @pytest.fixture
 def no_real_build(monkeypatch):
     """Fail if load_dem / load_projector build a module anywhere but on the meta device."""
@@ -302,7 +302,7 @@ def test_dem_and_projector_that_fit_still_load_exactly(tmp_path):
     assert torch.equal(load_projector({"model.mm_projector." + k: v for k, v in proj.state_dict().items()})(x), proj(x))
 
 
-# --- item 1: strict backbone loading -------------------------------------------------------------------------------
+# --- strict backbone loading -------------------------------------------------------------------------------
 _ARCH = dict(img_size=32, patch_size=16, depth=2, embed_dim=32, num_heads=2)
 
 
