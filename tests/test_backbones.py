@@ -490,3 +490,41 @@ def test_quickgelu_warnings(oc_name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_backbone("timm:vit_base_patch16_clip_quickgelu_224", pretrained=path, **arch)
+
+
+# --- towers whose tile is not a multiple of the patch (SigLIP so400m-patch14-384: 27 x 27 patches) -----------
+def _siglip(image_size=30, patch_size=14, seed=0):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=image_size, patch_size=patch_size)  # fmt: skip
+    torch.manual_seed(seed)
+    return SiglipVisionModel(cfg).eval()
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(30, 14), (384, 14), (40, 16)])
+def test_tiles_that_are_not_a_multiple_of_the_patch_keep_whole_patches(image_size, patch_size):
+    model = _siglip(image_size, patch_size)
+    bb = wrap_backbone(model)
+    side = image_size // patch_size
+    assert bb.image_size == (image_size, image_size) and bb.grid_size == (side, side)
+    x = bb.normalize(torch.rand(2, 3, image_size, image_size))
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        got = bb.features(x)
+    assert got.shape == (2, side * side, 32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_encoder_on_a_non_multiple_tile_counts_and_masks_whole_patches():
+    bb = wrap_backbone(_siglip(30, 14))  # 2 x 2 patches per 30-pixel tile, 2 pixels unread
+    enc = hrperc.create_encoder("inf_llava", bb)
+    images = [torch.rand(3, 100, 60), torch.rand(3, 31, 95)]
+    out = enc(images)
+    assert out.num_tokens == [enc.num_tokens(tuple(i.shape[-2:])) for i in images] == [4, 4]
+    assert out.tokens.shape == (2, 4, 32) and all(m.shape == (6, 6) and m.all() for m in out.valid_masks)
+    pad = hrperc.HighResEncoder(bb, hrperc.DualPerspectiveCrop(grid="auto", tile_size=30, fit="pad", max_tiles=4),
+                                dem=None, combine="none")  # fmt: skip
+    mask = pad(torch.rand(3, 30, 40)).valid_masks[0]  # grid (1, 2): content in columns 0..39 of 60
+    # Tile 1's patches cover columns 30..43 and 44..57: the first holds content, the second only padding.
+    assert mask.shape == (2, 4) and mask.tolist() == [[True, True, True, False]] * 2

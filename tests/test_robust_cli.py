@@ -57,10 +57,17 @@ def test_encode_max_tiles_must_be_positive(image_file, capsys):
     _one_line_error(capsys, ["encode", image_file, *TINY, "--max-tiles", "0"], "--max-tiles '0'", "positive integer")
 
 
-@pytest.mark.parametrize("patch, tile", [(500, None), (15, None), (5, 64), (64 + 1, 64)])
-def test_no_encode_patch_size_must_divide_the_tile(tmp_path, capsys, patch, tile):
+@pytest.mark.parametrize("patch, tile", [(500, None), (337, None), (64 + 1, 64)])
+def test_no_encode_patch_larger_than_the_tile_is_refused(tmp_path, capsys, patch, tile):
     argv = ["demo", "--no-encode", "--out", tmp_path, "--patch-size", patch] + (["--tile-size", tile] if tile else [])
-    _one_line_error(capsys, argv, f"--patch-size {patch}", f"--tile-size {tile or 336}", "divide")
+    _one_line_error(capsys, argv, f"--patch-size {patch}", f"--tile-size {tile or 336}", "at most")
+
+
+def test_no_encode_patch_that_does_not_divide_counts_whole_patches(tmp_path, capsys):
+    # As a ViT's patch convolution: 64 // 15 = 4 whole patches a side, the last 4 pixels unread.
+    rc = main(["demo", "--no-encode", "--out", str(tmp_path), "--patch-size", "15", "--tile-size", "64",
+               "--max-tiles", "4"])  # fmt: skip
+    assert rc == 0 and "tokens       patch 15: 16 per sub-image" in capsys.readouterr().out
 
 
 def test_no_encode_patch_size_that_divides_still_runs(tmp_path, capsys):

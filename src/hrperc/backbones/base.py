@@ -69,7 +69,7 @@ class VisionBackbone(nn.Module):
         model: the wrapped module (a timm / open_clip / transformers model).
         image_size: native input ``(h, w)``; every tile must have this size.
         patch_size: ``(ph, pw)``.
-        grid_size: tokens per tile ``(ht, wt) = (h // ph, w // pw)``.
+        grid_size: tokens per tile ``(ht, wt) = (h // ph, w // pw)`` (whole patches; a remainder is unread).
         hidden_size: ``D``.
         num_layers: ``L``, transformer blocks.
         num_prefix_tokens: class + register tokens the model prepends (read off the model).
@@ -102,10 +102,14 @@ class VisionBackbone(nn.Module):
         self.model = model
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
-        if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
+        (h, w), (ph, pw) = self.image_size, self.patch_size
+        if min(ph, pw) < 1 or h < ph or w < pw:
             raise ValueError(
-                f"{fn}: image_size {self.image_size} is not divisible by patch_size {self.patch_size}."
+                f"{fn}: image_size {self.image_size} and patch_size {self.patch_size}: the tile must hold at least "
+                f"one patch. Check the model's config."
             )
+        # A tile that is not a multiple of the patch keeps only whole patches, as the patch convolution
+        # does (SigLIP so400m-patch14-384: 27 x 27 patches, the last 6 pixels of each side unread).
         self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)

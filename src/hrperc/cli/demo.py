@@ -30,12 +30,10 @@ def run_demo(args) -> int:
     if args.no_encode:
         tile = args.tile_size or 336
         ph = pw = args.patch_size or 14
-        if tile % ph:  # a tile must hold whole patches: 336 / 500 would be 0 tokens, 336 / 15 a silent floor
-            divisors = [d for d in range(1, tile + 1) if tile % d == 0 and 8 <= d <= 32] or [tile]
+        if ph > tile:  # no whole patch fits: 0 tokens (a remainder is unread, as a ViT's patch convolution does)
             raise ValueError(
-                f"--patch-size {ph} does not divide --tile-size {tile}: each tile would hold {tile / ph:.3g} "
-                f"patches a side. Pass a --patch-size that divides {tile} (e.g. {', '.join(map(str, divisors))}) "
-                "or a --tile-size that is a multiple of it."
+                f"--patch-size {ph} is larger than --tile-size {tile}: a tile would hold no whole patch, so no "
+                f"tokens. Pass a --patch-size of at most {tile} (e.g. 14), or a larger --tile-size."
             )
         dcm = DualPerspectiveCrop(grid=args.grid, tile_size=tile, max_tiles=args.max_tiles)
     else:

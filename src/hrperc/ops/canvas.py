@@ -58,25 +58,36 @@ class CropGeometry:
         return self.valid_box[2] / self.input_size[0], self.valid_box[3] / self.input_size[1]
 
     def valid_mask(self, patch: int = 1) -> torch.Tensor:
-        """``(gh*h//patch, gw*w//patch)`` bool map of the canvas cells that overlap image content.
+        """``(gh*(h//ph), gw*(w//pw))`` bool map of the tokens that overlap image content.
 
-        A token (``patch`` x ``patch`` pixels) counts as valid when any of its pixels is image content,
-        so no image pixel is ever masked away.
+        Each tile is cut into ``h//ph x w//pw`` patches of ``patch = (ph, pw)`` pixels from its top-left
+        corner, as a ViT's patch convolution does; a tile size that is not a multiple of the patch
+        leaves its last pixels unread (SigLIP so400m-patch14-384: 27 x 27 patches of a 384 tile). A
+        token counts as valid when any of its pixels is image content, so no image pixel that a
+        token reads is ever masked away.
+
+        Example::
+
+            >>> geo = CropGeometry((20, 25), (1, 2), (20, 20), (20, 40), (0, 0, 20, 25), "pad")
+            >>> geo.valid_mask(7).int()                 # 2 x 2 patches of 7 per 20-pixel tile
+            tensor([[1, 1, 1, 0],
+                    [1, 1, 1, 0]], dtype=torch.int32)
         """
-        patch = as_pair(patch, "patch", "CropGeometry.valid_mask")
-        ph, pw = patch
-        H, W = self.canvas_size
-        if H % ph or W % pw:
+        ph, pw = as_pair(patch, "patch", "CropGeometry.valid_mask")
+        (gh, gw), (h, w) = self.grid, self.tile_size
+        if ph > h or pw > w:
             raise ValueError(
-                f"CropGeometry.valid_mask: canvas {self.canvas_size} is not divisible by patch {patch}. "
-                f"Use the backbone's patch size, which divides the tile size."
+                f"CropGeometry.valid_mask: patch=({ph}, {pw}) is larger than the tile {self.tile_size}. Pass "
+                f"the backbone's patch size."
             )
         top, left, height, width = self.valid_box
-        rows = torch.arange(H // ph)
-        cols = torch.arange(W // pw)
-        row_ok = (rows * ph < top + height) & ((rows + 1) * ph > top)
-        col_ok = (cols * pw < left + width) & ((cols + 1) * pw > left)
-        return row_ok[:, None] & col_ok[None, :]
+
+        def covered(g, t, p, start, extent):
+            # Pixel span of each token along one axis: tile i, patch r covers [i*t + r*p, i*t + (r+1)*p).
+            first = (torch.arange(g)[:, None] * t + torch.arange(t // p)[None, :] * p).reshape(-1)
+            return (first < start + extent) & (first + p > start)
+
+        return covered(gh, h, ph, top, height)[:, None] & covered(gw, w, pw, left, width)[None, :]
 
 
 def candidate_grids(max_tiles: int, min_tiles: int = 1, *, image_size=None, tile_size=None, rule: str = "resolution"):
