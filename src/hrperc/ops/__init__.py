@@ -5,6 +5,7 @@
 :mod:`~hrperc.ops.crop`        local / strided crops and their exact merges (three layouts),
                                the direct permutation between window orders
 :mod:`~hrperc.ops.canvas`      grid selection, the :class:`CropGeometry` record, resize and pad
+:mod:`~hrperc.ops.anyres`      LLaVA-NeXT's anyres geometry: best resolution, unpadding, token count
 :mod:`~hrperc.ops.reduce`      token reduction (bilinear / avg / area / none) and its exact footprint
 :mod:`~hrperc.ops.dem_plan`    the DEM's index plan: what its skipping path reads
 :mod:`~hrperc.ops.pixels`      images (tensors, PIL) as float RGB in ``[0, 1]``

@@ -1,0 +1,164 @@
+"""LLaVA-NeXT's "anyres" geometry: the best resolution among grid pinpoints, the resized content, the
+unpadded feature map, and the token count, exactly as the reference code computes them.
+
+An image of ``(H, W)`` pixels gets a canvas from a list of pinpoint resolutions (LLaVA-NeXT's default
+``[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]``, scaled to the tile size): the one
+that keeps the most original pixels when the image is scaled into it keeping its aspect ratio, ties
+broken by the least wasted canvas, then by list order (:func:`select_resolution`). The image is
+resized into the canvas keeping its aspect ratio and centred (:func:`resized_size`), cut into tiles,
+and after the ViT the padding rows or columns of the ``(gh*ht, gw*wt)`` feature map are removed
+(:func:`unpadded_shape`). The tokens an LLM receives are the base view's ``ht*wt`` plus the unpadded
+map's tokens plus one newline slot per unpadded row (:func:`num_tokens`).
+
+**The two readings of the pinpoints** (``tie_break=``). The original LLaVA-1.6 code reads each pinpoint
+as ``(width, height)`` and the image size as ``(width, height)``; transformers reads both as
+``(height, width)``. The list holds both orientations of every non-square pinpoint, so the two agree
+whenever one candidate wins outright; they differ on ties, which every image smaller than one tile on
+both sides produces (every canvas keeps all its pixels, and the two portrait/landscape canvases of the
+same area waste the same): transformers then picks the landscape ``336 x 672`` canvas, the original
+code the portrait ``672 x 336`` one. ``"transformers"`` (the default) matches
+``LlavaNextImageProcessor`` / ``LlavaNextProcessor`` / ``LlavaNextModel``; ``"original"`` matches the
+LLaVA-1.6 research code's grid choice (its unpadding is computed here as transformers does, with
+``round(., 7)`` before truncation, which can differ from the original's plain truncation only when a
+float product lands within 1e-7 of an integer).
+
+Example::
+
+    >>> from hrperc.ops.anyres import LLAVA_NEXT_PINPOINTS, select_resolution, num_tokens
+    >>> select_resolution((200, 300), LLAVA_NEXT_PINPOINTS), select_resolution((200, 300), LLAVA_NEXT_PINPOINTS,
+    ...                                                                          tie_break="original")
+    ((336, 672), (672, 336))
+    >>> num_tokens((1000, 800), LLAVA_NEXT_PINPOINTS, tile_size=336, patch_size=14)     # base + unpadded + newlines
+    2448
+"""
+
+from __future__ import annotations
+
+import math
+
+from .._validation import as_pair
+
+__all__ = [
+    "LLAVA_NEXT_PINPOINTS",
+    "TIE_BREAKS",
+    "select_resolution",
+    "resized_size",
+    "unpadded_shape",
+    "num_tokens",
+]
+
+#: LLaVA-NeXT's default grid pinpoints, ``(height, width)`` as transformers reads them, for 336 px tiles.
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+#: How the pinpoints are read: transformers' ``(height, width)`` or the original code's ``(width, height)``.
+TIE_BREAKS = ("transformers", "original")
+
+
+def _pinpoints(resolutions, fn: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(as_pair(r, "resolutions", fn) for r in resolutions)
+    except TypeError as e:
+        raise TypeError(
+            f"{fn}: resolutions={resolutions!r}; expected a list of (height, width) pairs of ints, e.g. "
+            f"{[list(p) for p in LLAVA_NEXT_PINPOINTS]}."
+        ) from e
+    if not pairs:
+        raise ValueError(f"{fn}: resolutions is empty; pass at least one (height, width) pinpoint.")
+    return pairs
+
+
+def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break: str = "transformers"):
+    """The canvas ``(height, width)`` an ``(H, W)`` image gets among ``resolutions`` (see module docs).
+
+    Exactly ``transformers.image_processing_utils.select_best_resolution`` for ``tie_break="transformers"``,
+    and LLaVA-1.6's ``select_best_resolution`` (pinpoints and image size read as ``(width, height)``) for
+    ``"original"``; both return ``(height, width)`` here.
+
+    Example::
+
+        >>> select_resolution((900, 1600))
+        (672, 672)
+    """
+    fn = "select_resolution"
+    H, W = as_pair(image_size, "image_size", fn)
+    pairs = _pinpoints(resolutions, fn)
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(
+            f"{fn}: tie_break={tie_break!r} is not one of {TIE_BREAKS}. Pass 'transformers' (LlavaNextProcessor's "
+            f"reading, the default) or 'original' (the LLaVA-1.6 research code's)."
+        )
+    if tie_break == "original":  # the same scoring, with each pinpoint read as (width, height)
+        pairs = tuple((b, a) for a, b in pairs)
+    best, best_effective, best_wasted = None, 0, math.inf
+    for height, width in pairs:
+        scale = min(width / W, height / H)
+        effective = min(int(W * scale) * int(H * scale), W * H)
+        wasted = width * height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (height, width), effective, wasted
+    return best  # when every canvas keeps 0 pixels (a side scales below 1 px), the first one, as the reference
+
+
+def resized_size(image_size, canvas) -> tuple[int, int]:
+    """``(h, w)`` of the image resized into ``canvas = (height, width)`` keeping its aspect ratio.
+
+    Exactly transformers' ``get_patch_output_size``: the limiting side fills the canvas, the other is
+    ``min(ceil(side * scale), canvas side)``; the content is then centred on the canvas.
+
+    Example::
+
+        >>> resized_size((1000, 800), (1008, 672))
+        (840, 672)
+    """
+    fn = "resized_size"
+    H, W = as_pair(image_size, "image_size", fn)
+    ch, cw = as_pair(canvas, "canvas", fn)
+    scale_w, scale_h = cw / W, ch / H
+    if scale_w < scale_h:
+        return min(math.ceil(H * scale_w), ch), cw
+    return ch, min(math.ceil(W * scale_h), cw)
+
+
+def unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
+    """``(rows, cols)`` of a ``feature_shape = (gh*ht, gw*wt)`` map of an ``(H, W)`` image after unpadding.
+
+    The rows (or columns) that only hold the padding of the centred content are removed, an equal
+    number from each side, exactly as transformers' ``unpad_image`` and ``LlavaNextProcessor`` compute it.
+
+    Example::
+
+        >>> unpadded_shape((1000, 800), (72, 48))
+        (60, 48)
+    """
+    fn = "unpadded_shape"
+    H, W = as_pair(image_size, "image_size", fn)
+    rows, cols = as_pair(feature_shape, "feature_shape", fn)
+    if W / H > cols / rows:
+        new_rows = int(round(H * (cols / W), 7))
+        rows -= 2 * ((rows - new_rows) // 2)
+    else:
+        new_cols = int(round(W * (rows / H), 7))
+        cols -= 2 * ((cols - new_cols) // 2)
+    return rows, cols
+
+
+def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
+               tie_break: str = "transformers") -> int:  # fmt: skip
+    """Visual tokens of an ``(H, W)`` image under LLaVA-NeXT's anyres: base view + unpadded map + newline slots.
+
+    ``tile_size`` and ``patch_size`` (ints or pairs) give ``ht = tile // patch`` tokens a side; the canvas
+    is ``select_resolution(...)``, cut into ``canvas // tile`` tiles. Equals
+    ``LlavaNextProcessor._get_number_of_features`` (CLS dropped) for ``tie_break="transformers"``.
+
+    Example::
+
+        >>> kw = dict(tile_size=336, patch_size=14)
+        >>> num_tokens((300, 200), **kw), num_tokens((300, 200), tie_break="original", **kw)   # a tie: 2 canvases
+        (984, 1476)
+    """
+    fn = "num_tokens"
+    (th, tw), (ph, pw) = as_pair(tile_size, "tile_size", fn), as_pair(patch_size, "patch_size", fn)
+    canvas_h, canvas_w = select_resolution(image_size, resolutions, tie_break=tie_break)
+    gh, gw = canvas_h // th, canvas_w // tw
+    ht, wt = th // ph, tw // pw
+    rows, cols = unpadded_shape(image_size, (gh * ht, gw * wt))
+    return ht * wt + rows * cols + (rows if newline else 0)
