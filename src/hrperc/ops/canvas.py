@@ -172,7 +172,7 @@ def _search_grids(H0: int, W0: int, h: int, w: int, max_tiles: int, min_tiles: i
 def _aspect_grids(H0: int, W0: int, h: int, w: int, max_tiles: int, min_tiles: int):
     """``"aspect"``: per row ``gh`` the closest ``gw`` is the floor or ceil of ``gh*W0/H0`` (clamped to the
     row's tile range); of those, the grids whose ratio is within a margin (1e-9, widened until no grid lies
-    just outside it) of the closest. The rule's 1e-12 ties are then decided exactly as over every grid.
+    just outside it) of the closest. The rule's exact ties are then decided as over every grid.
 
     Rows beyond ``R`` cannot matter once a grid of the exact ratio exists: nothing beats a 0 difference,
     and a tie replaces it only while ``H0*W0 > 0.5*h*w*gh*gw``, false for ``gh > 2*H0*W0/(h*w)``."""
@@ -270,13 +270,15 @@ def _best_grid(H0: int, W0: int, h: int, w: int, max_tiles: int, min_tiles: int,
             return (-kept, ch * cw - kept, g[0] * g[1])
 
         return min(grids, key=exact)
+    # InternVL's find_closest_aspect_ratio, as transformers' get_optimal_tiled_canvas runs it: grids by tile
+    # count, then columns; exact float comparisons (a tie is an exactly equal difference).
     target = W0 / H0
-    best, best_diff = grids[0], float("inf")
-    for g in grids:
+    best, best_diff = (1, 1), float("inf")
+    for g in sorted(grids, key=lambda g: (g[0] * g[1], g[1])):
         diff = abs(target - g[1] / g[0])
-        if diff < best_diff - 1e-12:
+        if diff < best_diff:
             best, best_diff = g, diff
-        elif abs(diff - best_diff) <= 1e-12 and H0 * W0 > 0.5 * h * w * g[0] * g[1]:
+        elif diff == best_diff and H0 * W0 > 0.5 * h * w * g[0] * g[1]:
             best = g
     return best
 
