@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from hrperc.ops.anyres import LLAVA_NEXT_PINPOINTS, num_tokens, resized_size, select_resolution, unpadded_shape
+from hrperc.ops.anyres import (
+    LLAVA_NEXT_PINPOINTS,
+    ONEVISION_PINPOINTS,
+    num_tokens,
+    resized_size,
+    select_resolution,
+    unpadded_shape,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution  # noqa: E402
@@ -98,3 +105,43 @@ def test_bad_arguments_name_the_value_and_the_fix():
     assert "resolutions" in str(err.value)
     # Every canvas keeps 0 pixels (the short side scales below one pixel): the first one, as the reference does.
     assert select_resolution((1, 100000)) == tuple(select_best_resolution((1, 100000), PINPOINTS)) == (336, 672)
+
+
+def _onevision_processor():
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
+
+    proc = object.__new__(LlavaOnevisionProcessor)  # the counting code only, without a tokenizer
+    proc.image_processor = LlavaOnevisionImageProcessor()
+    proc.num_image_tokens, proc.vision_aspect_ratio, proc.vision_feature_select_strategy = 729, "anyres_max_9", "full"
+    assert [tuple(p) for p in proc.image_processor.image_grid_pinpoints] == list(ONEVISION_PINPOINTS)
+    return proc
+
+
+def test_onevision_num_tokens_equals_the_processor_count_for_every_size():
+    proc = _onevision_processor()
+    shrunk = 0
+    for h, w in _sizes(2500, seed=3) + [(4000, 4000), (2304, 2304), (6000, 300), (300, 6000)]:
+        expected = proc._get_number_of_features(h, w, 384, 384)
+        got = num_tokens((h, w), ONEVISION_PINPOINTS, tile_size=384, patch_size=14, max_tiles=9)
+        assert got == expected, (h, w)
+        plain = num_tokens((h, w), ONEVISION_PINPOINTS, tile_size=384, patch_size=14)
+        shrunk += got < plain
+    assert shrunk > 100  # the cap is exercised, not only the LLaVA-NeXT path
+
+
+def test_shrunk_shape_is_what_the_model_interpolates_to():
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    # pack_image_features: unpad, then interpolate to (rows // ratio, cols // ratio) when ratio > 1.1.
+    model = object.__new__(LlavaOnevisionModel)
+    torch.nn.Module.__init__(model)
+    model.config = transformers.LlavaOnevisionConfig()
+    model.config.vision_config.image_size, model.config.vision_config.patch_size = 384, 14
+    model.config.image_grid_pinpoints = [list(p) for p in ONEVISION_PINPOINTS]
+    for h, w in [(3000, 2000), (2304, 2304), (400, 3000), (500, 500), (1200, 1700)]:
+        ch, cw = select_resolution((h, w), ONEVISION_PINPOINTS)
+        n = (ch // 384) * (cw // 384)
+        feats = [torch.zeros(1 + n, 27 * 27, 1)]
+        packed, lengths = model.pack_image_features(feats, torch.tensor([[h, w]]), image_newline=None)
+        expected = num_tokens((h, w), ONEVISION_PINPOINTS, tile_size=384, patch_size=14, max_tiles=9, newline=False)
+        assert torch.as_tensor(lengths).tolist() == [expected], (h, w)

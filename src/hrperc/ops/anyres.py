@@ -40,15 +40,19 @@ from .._validation import as_pair
 
 __all__ = [
     "LLAVA_NEXT_PINPOINTS",
+    "ONEVISION_PINPOINTS",
     "TIE_BREAKS",
     "select_resolution",
     "resized_size",
     "unpadded_shape",
+    "shrunk_shape",
     "num_tokens",
 ]
 
 #: LLaVA-NeXT's default grid pinpoints, ``(height, width)`` as transformers reads them, for 336 px tiles.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+#: LLaVA-OneVision's 36 pinpoints (``anyres_max_9``): every ``(384*a, 384*b)``, ``a, b`` in 1..6, in its order.
+ONEVISION_PINPOINTS = tuple((384 * a, 384 * b) for a in range(1, 7) for b in range(1, 7))
 #: How the pinpoints are read: transformers' ``(height, width)`` or the original code's ``(width, height)``.
 TIE_BREAKS = ("transformers", "original")
 
@@ -141,13 +145,40 @@ def unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
     return rows, cols
 
 
+def shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
+    """OneVision's ``anyres_max_N`` cap: an unpadded ``(rows, cols)`` map holding more than about ``max_tiles``
+    tiles' worth of tokens is shrunk (bilinear, by the model) to ``(rows // r, cols // r)``.
+
+    ``r = sqrt(rows*cols / (max_tiles * ht*wt))``; the map is left alone unless ``r > 1.1``. Exactly
+    ``LlavaOnevisionProcessor`` / ``LlavaOnevisionModel.pack_image_features``, which use the square
+    ``ht**2`` of the tile's token side.
+
+    Example::
+
+        >>> shrunk_shape((162, 108), (27, 27), 9), shrunk_shape((81, 81), (27, 27), 9)
+        ((99, 66), (81, 81))
+    """
+    fn = "shrunk_shape"
+    rows, cols = as_pair(shape, "shape", fn)
+    ht, _ = as_pair(tile_tokens, "tile_tokens", fn)
+    if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
+        raise ValueError(f"{fn}: max_tiles={max_tiles!r}; pass a positive int (OneVision: 9, 'anyres_max_9').")
+    ratio = math.sqrt(rows * cols / (max_tiles * ht**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
 def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
-               tie_break: str = "transformers") -> int:  # fmt: skip
+               tie_break: str = "transformers", max_tiles: int | None = None) -> int:  # fmt: skip
     """Visual tokens of an ``(H, W)`` image under LLaVA-NeXT's anyres: base view + unpadded map + newline slots.
 
     ``tile_size`` and ``patch_size`` (ints or pairs) give ``ht = tile // patch`` tokens a side; the canvas
     is ``select_resolution(...)``, cut into ``canvas // tile`` tiles. Equals
     ``LlavaNextProcessor._get_number_of_features`` (CLS dropped) for ``tie_break="transformers"``.
+    ``max_tiles`` applies OneVision's ``anyres_max_N`` cap (:func:`shrunk_shape`): with
+    ``ONEVISION_PINPOINTS``, ``tile_size=384``, ``patch_size=14`` and ``max_tiles=9`` it equals
+    ``LlavaOnevisionProcessor._get_number_of_features``.
 
     Example::
 
@@ -161,4 +192,6 @@ def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch
     gh, gw = canvas_h // th, canvas_w // tw
     ht, wt = th // ph, tw // pw
     rows, cols = unpadded_shape(image_size, (gh * ht, gw * wt))
+    if max_tiles is not None:
+        rows, cols = shrunk_shape((rows, cols), (ht, wt), max_tiles)
     return ht * wt + rows * cols + (rows if newline else 0)
