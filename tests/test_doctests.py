@@ -19,7 +19,14 @@ NEEDS = {
     "hrperc.attention.kernels.window_attention": ("cuda",),  # its examples run the kernel on a GPU
 }
 # Modules whose job is not shown by an example (argument parsing, the command's flow).
-NO_EXAMPLES = {"hrperc.cli", "hrperc.cli.args", "hrperc.cli.demo", "hrperc.cli.encode", "hrperc._validation"}
+NO_EXAMPLES = {
+    "hrperc.cli",
+    "hrperc.cli.args",
+    "hrperc.cli.demo",
+    "hrperc.cli.encode",
+    "hrperc._validation",
+    "hrperc.recipes._common",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)

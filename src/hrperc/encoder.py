@@ -53,6 +53,7 @@ from torch import nn
 
 from .backbones import VisionBackbone, create_backbone, wrap_backbone
 from .modules.dual_crop import DualCrops, DualPerspectiveCrop
+from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, slot_mask
 from .ops.canvas import CropGeometry
 from .ops.crop import local_merge, stride_merge
 from .ops.pixels import to_pixels
@@ -71,21 +72,6 @@ _COMBINES = ("mean", "concat", "none")
 #   4096 (auto = 20 ViT-B tiles, i.e. one 19-tile call) peaked at 1.20x serial, on the limit.
 # bench_encoder.py reports this default next to the old 4096-token one (fresh process per config).
 _CPU_TOKENS_PER_CALL = 2048
-
-
-@dataclass(frozen=True)
-class TokenSegment:
-    """A run of tokens in one image's output: ``tokens[b, start:stop]`` is a ``shape`` = ``(rows, cols)``
-    row-major map (``None`` when the DEM's output is not a map) coming from ``source``."""
-
-    source: str
-    start: int
-    stop: int
-    shape: tuple[int, int] | None
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
 
 
 @dataclass
@@ -113,7 +99,8 @@ class EncoderOutput:
     from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)``, or ``None``
     when no thumbnail was encoded (``thumbnail=False`` or ``combine="none"``);
     ``encoded``: how many sub-images went through the ViT and how many were skipped;
-    ``timings``: seconds per stage when ``forward(..., timings=True)``.
+    ``timings``: seconds per stage when ``forward(..., timings=True)``; ``plans``: the
+    :class:`~hrperc.modules.frontend.ViewPlan` of each image under a recipe's front end (else ``None``).
     """
 
     tokens: torch.Tensor
@@ -124,11 +111,19 @@ class EncoderOutput:
     thumbnail_tokens: torch.Tensor | None = None
     encoded: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    plans: list[ViewPlan] | None = None
 
     @property
     def num_tokens(self) -> list[int]:
         """``T_b``: real tokens of each image (the end of its last segment)."""
         return [segments[-1].stop for segments in self.layout]
+
+    @property
+    def slot_mask(self) -> torch.Tensor:
+        """``(B, T)`` bool, True on newline slots (zeros in ``tokens`` unless ``forward(newline=)`` filled
+        them): the positions a LLaVA-NeXT-style model fills with its learned ``image_newline``."""
+        T = self.tokens.shape[1]
+        return torch.stack([slot_mask(segs, T) for segs in self.layout]).to(self.tokens.device)
 
     @property
     def grids(self) -> list[tuple[int, int]]:
@@ -181,9 +176,9 @@ class HighResEncoder(nn.Module):
     def __init__(
         self,
         backbone,
-        crop: DualPerspectiveCrop | None = None,
+        crop: DualPerspectiveCrop | FrontEnd | None = None,
         dem="default",
-        combine: str = "mean",
+        combine: str | None = None,
         layer: int | None = None,
         max_batch: int | str = "auto",
         encode_all: bool = False,
@@ -198,24 +193,50 @@ class HighResEncoder(nn.Module):
         self.backbone: VisionBackbone = wrap_backbone(backbone)
         if crop is None:
             crop = DualPerspectiveCrop(grid=(3, 3), tile_size=self.backbone.image_size)
-        elif not isinstance(crop, DualPerspectiveCrop):
+        elif not isinstance(crop, (DualPerspectiveCrop, FrontEnd)):
             raise TypeError(
                 f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop (or None for the default 3x3 "
-                f"grid), e.g. crop=DualPerspectiveCrop(grid='auto', tile_size={self.backbone.image_size})."
+                f"grid), e.g. crop=DualPerspectiveCrop(grid='auto', tile_size={self.backbone.image_size}), or a "
+                f"recipe's front end (hrperc.create_encoder builds those)."
             )
-        elif crop.tile_size != self.backbone.image_size:
+        elif tuple(crop.tile_size) != tuple(self.backbone.image_size):
             raise ValueError(
                 f"{fn}: crop has tile_size={crop.tile_size} but the backbone takes {self.backbone.image_size} "
                 f"tiles (its native image_size). Build the crop with tile_size={self.backbone.image_size}."
             )
+        self.frontend: FrontEnd | None = crop if isinstance(crop, FrontEnd) else None
+        if self.frontend is not None:
+            if tuple(crop.patch_size) != tuple(self.backbone.patch_size):
+                raise ValueError(
+                    f"{fn}: the front end has patch_size={crop.patch_size} but the backbone's patches are "
+                    f"{self.backbone.patch_size}. Build the front end with patch_size={self.backbone.patch_size}."
+                )
+            if combine is not None:
+                raise ValueError(
+                    f"{fn}: combine={combine!r} applies to a DualPerspectiveCrop; a recipe's front end "
+                    f"({type(crop).__name__}) assembles its own tokens. Leave combine unset."
+                )
+            if isinstance(dem, str) and dem == "default":
+                dem = _recipe_dem(self.backbone) if crop.uses_dem else None
+            elif dem is not None and not crop.uses_dem:
+                raise ValueError(
+                    f"{fn}: a DEM was given but the front end {type(crop).__name__} does not use one. Build the "
+                    f"front end with dcm=True (strided views and the DEM), or pass dem=None."
+                )
+            elif dem is None and crop.uses_dem:
+                raise ValueError(
+                    f"{fn}: the front end {type(crop).__name__} was built with dcm=True and needs a DEM, but dem=None. "
+                    f"Pass dem='default' or a DualPerspectiveEnhancement(..., reduction='none')."
+                )
+        combine = "mean" if combine is None else combine
         if combine not in _COMBINES:
             raise ValueError(f"{fn}: combine={combine!r} is not one of {_COMBINES}.")
-        if dem is None and combine == "mean":
+        if self.frontend is None and dem is None and combine == "mean":
             raise ValueError(
                 f"{fn}: combine='mean' averages the DEM's tokens with the thumbnail's, but dem=None. Pass "
                 f"dem='default' (or a DualPerspectiveEnhancement), or combine='concat'/'none'."
             )
-        if combine == "mean" and not crop.thumbnail:
+        if self.frontend is None and combine == "mean" and not crop.thumbnail:
             raise ValueError(
                 f"{fn}: combine='mean' averages with the thumbnail's tokens, but the crop has thumbnail=False. "
                 f"Build the crop with thumbnail=True, or pass combine='none'."
@@ -248,7 +269,7 @@ class HighResEncoder(nn.Module):
                 f"use the backbone the DEM was trained with."
             )
         self.dem = dem
-        self.combine = combine
+        self.combine = combine if self.frontend is None else None
         self.max_batch = max_batch
         self.encode_all = bool(encode_all)
         self.check_range = bool(check_range)
@@ -260,12 +281,14 @@ class HighResEncoder(nn.Module):
 
     @property
     def thumbnail(self) -> bool:
-        """Whether the crop makes a thumbnail (the whole image resized to one tile)."""
-        return self.crop.thumbnail
+        """Whether the crop makes a thumbnail (the whole image resized to one tile); False for a front end,
+        whose views are listed by its :class:`~hrperc.modules.frontend.ViewPlan`."""
+        return False if self.frontend is not None else self.crop.thumbnail
 
     def extra_repr(self) -> str:
+        head = "" if self.frontend is None else "recipe front end, "
         return (
-            f"combine={self.combine!r}, thumbnail={self.thumbnail}, layer={self.layer}, "
+            f"{head}combine={self.combine!r}, thumbnail={self.thumbnail}, layer={self.layer}, "
             f"max_batch={self.max_batch}, encode_all={self.encode_all}, train_backbone={self.train_backbone}"
         )
 
@@ -320,11 +343,27 @@ class HighResEncoder(nn.Module):
         return tuple(out)
 
     def plan(self, image_size) -> CropGeometry:
-        """The :class:`CropGeometry` an ``(H, W)`` image gets (grid, canvas, valid box); no pixels."""
+        """The :class:`CropGeometry` an ``(H, W)`` image gets (grid, canvas, valid box); no pixels. Under a
+        recipe's front end, the geometry of its high-resolution tiles (:meth:`view_plan` has the rest)."""
+        if self.frontend is not None:
+            return self.frontend.plan(image_size).geometry
         return self.crop.plan(image_size)
 
+    def view_plan(self, image_size) -> ViewPlan:
+        """Under a recipe's front end: the :class:`~hrperc.modules.frontend.ViewPlan` of an ``(H, W)`` image
+        (its views, tile geometry and token layout)."""
+        if self.frontend is None:
+            raise ValueError(
+                "HighResEncoder.view_plan: this encoder runs a DualPerspectiveCrop, not a recipe's front end; "
+                "use plan(image_size) for its geometry and num_tokens(image_size) for its tokens."
+            )
+        return self.frontend.plan(image_size)
+
     def num_tokens(self, image_size) -> int:
-        """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (see the module table)."""
+        """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (see the module table; under a
+        recipe, the reference processor's count of image placeholder tokens, newline slots included)."""
+        if self.frontend is not None:
+            return self.frontend.num_tokens(image_size)
         return self._layout(self.plan(image_size).grid)[-1].stop
 
     def required_subimages(self, grid, encode_all: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,6 +383,8 @@ class HighResEncoder(nn.Module):
 
     def num_backbone_passes(self, image_size) -> int:
         """Sub-images of one ``(H, W)`` image that go through the ViT (``2N+1`` when nothing is skipped)."""
+        if self.frontend is not None:
+            return self.frontend.plan(image_size).views
         local, glob = self.required_subimages(self.plan(image_size).grid)
         return int(local.sum()) + int(glob.sum()) + int(self.encodes_thumbnail)
 
@@ -412,8 +453,22 @@ class HighResEncoder(nn.Module):
             skipped=2 * n_total - n_local - n_global,
         )
 
-    def forward(self, images, timings: bool = False) -> EncoderOutput:
-        """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA)."""
+    def forward(self, images, timings: bool = False, *, project=None, newline=None) -> EncoderOutput:
+        """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA).
+
+        Under a recipe's front end only: ``project`` is a per-token map (``(..., D) -> (..., D')``, e.g. a
+        model's projector) applied where the reference model applies its projector, before any assembly
+        step the reference runs after it (OneVision's shrink); ``newline`` ``(D',)`` fills the newline
+        slots (zeros otherwise; ``EncoderOutput.slot_mask`` marks them).
+        """
+        if self.frontend is not None:
+            return self._forward_frontend(images, timings, project, newline)
+        if project is not None or newline is not None:
+            raise ValueError(
+                "HighResEncoder.forward: project= and newline= apply to a recipe's front end (e.g. "
+                "hrperc.create_encoder('llava_next', ...)); this encoder runs a DualPerspectiveCrop. Project its "
+                "tokens yourself."
+            )
         clock = _Clock(timings, self.backbone.device)
         sub = self.subimage_features(images, thumbnail=self.encodes_thumbnail, _clock=clock)
         geos, offsets = sub.crops.geometries, sub.crops.offsets
@@ -446,6 +501,82 @@ class HighResEncoder(nn.Module):
             thumbnail_tokens=thumb,
             encoded={"encoded": sub.encoded, "skipped": sub.skipped},
             timings=clock.times,
+        )
+
+    def _forward_frontend(self, images, timings: bool, project, newline) -> EncoderOutput:
+        """A recipe's front end: plans, views (per distinct size), one batched ViT pass, assembly (per layout)."""
+        fe, clock = self.frontend, _Clock(timings, self.backbone.device)
+        pixels = to_pixels(images, check_range=self.check_range, keep_uint8=True)
+        device = self.backbone.device
+        if isinstance(pixels, torch.Tensor):  # a batch: one size, one plan
+            pixels = pixels.to(device)
+            sizes = [tuple(pixels.shape[-2:])] * pixels.shape[0]
+        else:
+            pixels = [p.to(device) for p in pixels]
+            sizes = [tuple(p.shape[-2:]) for p in pixels]
+        plans = {size: fe.plan(size) for size in dict.fromkeys(sizes)}
+        B = len(sizes)
+        # Views: images of one size are prepared together.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for b, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(b)
+        view_groups, order = [], []
+        for size, members in by_size.items():
+            batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack([pixels[b] for b in members])
+            view_groups.append(fe.views(batch, plans[size]).flatten(0, 1))
+            order.extend(members)
+        stack = view_groups[0] if len(view_groups) == 1 else torch.cat(view_groups)
+        clock.lap("views")
+
+        feats = self.encode_subimages(stack)  # every view of the whole batch: one batched pass, in chunks
+        clock.lap("backbone")
+
+        # Features back per image, then assembled per layout key.
+        counts = [plans[sizes[b]].views for b in order]
+        starts = dict(zip(order, torch.tensor([0] + counts[:-1]).cumsum(0).tolist()))
+        by_key: dict[tuple, list[int]] = {}
+        for b in range(B):
+            by_key.setdefault(plans[sizes[b]].key, []).append(b)
+        groups = []
+        for members in by_key.values():
+            plan = plans[sizes[members[0]]]
+            if len(by_key) == 1 and order == list(range(B)):
+                group = feats.view(B, plan.views, *feats.shape[1:])
+            else:
+                idx = torch.cat([torch.arange(starts[b], starts[b] + plan.views) for b in members])
+                group = feats[idx.to(feats.device)].view(len(members), plan.views, *feats.shape[1:])
+            if self.dem is not None:  # the DEM computes in its own dtype
+                p = next(self.dem.parameters(), None)
+                group = group.to(p.dtype) if p is not None else group
+            groups.append((members, fe.assemble(group, plan, dem=self.dem, project=project)))
+        clock.lap("assemble")
+
+        per_image = [plans[s].num_tokens for s in sizes]
+        T = max(per_image)
+        if len(groups) == 1:
+            tokens = groups[0][1]
+        else:  # ragged layouts: each group's rows into place (a loop over layouts, not images)
+            rows0 = groups[0][1]
+            tokens = rows0.new_zeros(B, T, rows0.shape[-1])
+            for members, rows in groups:
+                tokens[torch.tensor(members, device=tokens.device), : rows.shape[1]] = rows
+        count_t = torch.tensor(per_image, device=tokens.device)
+        token_mask = torch.arange(T, device=tokens.device)[None, :] < count_t[:, None]
+        layouts = [plans[s].layout for s in sizes]
+        if newline is not None:
+            slots = torch.stack([slot_mask(segs, T) for segs in layouts]).to(tokens.device)
+            tokens = torch.where(slots[..., None], newline.to(tokens.dtype).to(tokens.device), tokens)
+        clock.lap("combine")
+        ph, pw = self.backbone.patch_size
+        return EncoderOutput(
+            tokens=tokens,
+            token_mask=token_mask,
+            geometries=[plans[s].geometry for s in sizes],
+            layout=layouts,
+            valid_masks=[plans[s].geometry.valid_mask((ph, pw)) for s in sizes],
+            encoded={"encoded": int(stack.shape[0]), "skipped": 0},
+            timings=clock.times,
+            plans=[plans[s] for s in sizes],
         )
 
     @staticmethod
@@ -496,6 +627,14 @@ class HighResEncoder(nn.Module):
         if self.combine == "concat" and thumb is not None:
             return torch.cat([thumb.to(hi.dtype), hi], dim=1)
         return hi
+
+
+def _recipe_dem(backbone):
+    """A fresh DEM for a recipe's DCM+DEM upgrade: the released attention and fusion, no reduction (the
+    enhanced map takes the place of the tiles' map, so the recipe's own layout and token count stay)."""
+    from .modules.dem import DualPerspectiveEnhancement
+
+    return DualPerspectiveEnhancement(backbone.hidden_size, heads=default_heads(backbone.hidden_size), reduction="none")
 
 
 class _Clock:

@@ -1,15 +1,27 @@
-"""Hugging Face ``CLIPVisionModel`` and ``SiglipVisionModel`` (or the full CLIP/SigLIP models) as a backbone.
+"""Hugging Face ``CLIPVisionModel``, ``SiglipVisionModel`` (or the full CLIP/SigLIP models) and InternVL's
+vision tower ``InternVLVisionModel`` as a backbone.
 
 Layer ``k`` is ``hidden_states[k]`` of the model's own forward (``hidden_states[0]`` being the
-embeddings), prefix tokens dropped: CLIP has one class token, SigLIP none; the count is read off the
-embeddings (``num_positions - num_patches``). The adapter runs the model's own modules in the model's
-order -- ``embeddings``, CLIP's ``pre_layrnorm``, then only the first ``k`` entries of
-``encoder.layers`` -- instead of the full forward with ``output_hidden_states=True``: the later blocks,
-the final norm and SigLIP's pooling head never run and no other layer's activations are kept, with or
-without gradient checkpointing (the layers checkpoint themselves in transformers >= 4.52, where they
-are ``GradientCheckpointingLayer``; for older layers the adapter wraps each call in
+embeddings), prefix tokens dropped: CLIP and InternVL have one class token, SigLIP none; the count is
+read off the embeddings (``num_positions - num_patches``; InternVL's embeddings always prepend their
+``cls_token``). The adapter runs the model's own modules in the model's order -- ``embeddings``, CLIP's
+``pre_layrnorm``, then only the first ``k`` entries of ``encoder.layers`` (InternVL: ``encoder.layer``)
+-- instead of the full forward with ``output_hidden_states=True``: the later blocks, the final norm and
+SigLIP's pooling head never run and no other layer's activations are kept, with or without gradient
+checkpointing (the layers checkpoint themselves in transformers >= 4.52, where they are
+``GradientCheckpointingLayer``; for older layers the adapter wraps each call in
 ``torch.utils.checkpoint`` as the encoder would). Mean/std come from ``preprocessor_config.json`` when
-loaded from a directory.
+loaded from a directory; otherwise CLIP uses OpenAI CLIP's, SigLIP ``0.5``, InternVL ImageNet's
+(``(0.485, 0.456, 0.406)``, ``(0.229, 0.224, 0.225)``: what InternVL checkpoints'
+``preprocessor_config.json`` hold, although transformers' ``GotOcr2ImageProcessor`` class defaults to
+OpenAI CLIP's) -- pass ``mean``/``std`` to override.
+
+InternVL and the final norm: ``InternVLModel`` takes ``last_hidden_state`` for
+``vision_feature_layer=-1``, i.e. the last block's output passed through the tower's ``layernorm``.
+hrperc reads block outputs before any final norm, so its layer ``-1`` equals that only with the default
+``use_mean_pooling=True`` (``layernorm`` is ``Identity``). With ``use_mean_pooling=False`` the last
+layer's features differ from InternVL's by that final LayerNorm, which hrperc does not apply; other
+layers (``vision_feature_layer=-k``, ``k > 1``, read from ``hidden_states``) are equal either way.
 
 Example::
 
@@ -39,7 +51,11 @@ _SUPPORTED = (
     "CLIPModel",
     "SiglipVisionModel",
     "SiglipModel",
+    "InternVLVisionModel",
 )
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def hf_vision_transformer(model):
@@ -54,6 +70,12 @@ def hf_vision_transformer(model):
     return vision
 
 
+def _encoder_layers(encoder) -> nn.ModuleList:
+    """The encoder's blocks: ``encoder.layers`` (CLIP, SigLIP) or ``encoder.layer`` (InternVL)."""
+    layers = getattr(encoder, "layers", None)
+    return layers if layers is not None else encoder.layer
+
+
 def _is_self_checkpointing(layer) -> bool:
     """True for transformers' ``GradientCheckpointingLayer`` (>= 4.52), which checkpoints its own call."""
     try:
@@ -63,27 +85,34 @@ def _is_self_checkpointing(layer) -> bool:
     return isinstance(layer, GradientCheckpointingLayer)
 
 
-_NEEDS_CAUSAL_MASK: dict[type, bool] = {}
+_LAYER_ARGS: dict[type, int] = {}
 
 
 def _call_layer(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """One encoder layer on ``hidden`` with no attention mask, across transformers versions: 4.x CLIP
-    layers take a positional ``causal_attention_mask`` and return a tuple, 5.x ones a tensor."""
+    """One encoder layer on ``hidden`` with no attention mask, across transformers versions and models:
+    4.x CLIP layers take a positional ``causal_attention_mask`` and return a tuple, 5.x ones a tensor;
+    InternVL layers take ``hidden_states`` only."""
     cls = type(layer)
-    if cls not in _NEEDS_CAUSAL_MASK:
-        _NEEDS_CAUSAL_MASK[cls] = "causal_attention_mask" in inspect.signature(cls.forward).parameters
-    out = layer(hidden, None, None) if _NEEDS_CAUSAL_MASK[cls] else layer(hidden, None)
+    if cls not in _LAYER_ARGS:
+        params = inspect.signature(cls.forward).parameters
+        _LAYER_ARGS[cls] = 2 if "causal_attention_mask" in params else 1 if "attention_mask" in params else 0
+    out = layer(hidden, *([None] * _LAYER_ARGS[cls]))
     return out[0] if isinstance(out, tuple) else out
 
 
+def _pair(value) -> tuple[int, int]:
+    """``image_size`` / ``patch_size`` of a config: an int (CLIP, SigLIP) or a (h, w) list/tuple (InternVL)."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
 class HFBackbone(VisionBackbone):
-    """Adapter for transformers CLIP / SigLIP vision towers (see module docs)."""
+    """Adapter for transformers CLIP / SigLIP / InternVL vision towers (see module docs)."""
 
     family = "hf"
 
-    def __init__(
-        self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
         vision = hf_vision_transformer(model)
         if vision is None:
             raise TypeError(
@@ -92,17 +121,24 @@ class HFBackbone(VisionBackbone):
             )
         cfg = vision.config
         emb = vision.embeddings
-        siglip = "Siglip" in type(vision).__name__
-        default_mean, default_std = (
-            ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if siglip else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        )
+        name = type(vision).__name__
+        if "Siglip" in name:
+            default_mean, default_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        elif "InternVL" in name:
+            default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            default_mean, default_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        if hasattr(emb, "num_positions"):  # CLIP, SigLIP
+            num_prefix = emb.num_positions - emb.num_patches
+        else:  # InternVL: the class token is always prepended, position embeddings or not
+            num_prefix = 1 if getattr(emb, "cls_token", None) is not None else 0
         super().__init__(
             vision,
-            image_size=(cfg.image_size, cfg.image_size),
-            patch_size=(cfg.patch_size, cfg.patch_size),
+            image_size=_pair(cfg.image_size),
+            patch_size=_pair(cfg.patch_size),
             hidden_size=cfg.hidden_size,
-            num_layers=len(vision.encoder.layers),
-            num_prefix_tokens=emb.num_positions - emb.num_patches,
+            num_layers=len(_encoder_layers(vision.encoder)),
+            num_prefix_tokens=num_prefix,
             mean=default_mean if mean is None else mean,
             std=default_std if std is None else std,
             layer=layer,
@@ -130,7 +166,7 @@ class HFBackbone(VisionBackbone):
         # Checkpointing as the model's own forward would do it: only in training mode, with grad on.
         outer_ckpt = bool(getattr(encoder, "gradient_checkpointing", False)) and encoder.training
         outer_ckpt = outer_ckpt and torch.is_grad_enabled()
-        for layer in encoder.layers[:k]:  # blocks after k (and the final norm, SigLIP's head) never run
+        for layer in _encoder_layers(encoder)[:k]:  # blocks after k (and the final norm, SigLIP's head) never run
             if outer_ckpt and not _is_self_checkpointing(layer):
                 from torch.utils.checkpoint import checkpoint
 

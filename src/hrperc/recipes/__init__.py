@@ -1,22 +1,30 @@
 """Named front ends: ``hrperc.create_encoder(recipe, backbone, **options) -> HighResEncoder``.
 
-A recipe is the whole image path of a published system -- how an image is cut into tiles, which
-layer is read, how the tokens are combined -- around any backbone, with that system's defaults.
-Each recipe is one file in this package that registers a builder with :func:`register_recipe`;
-the files are found and imported here, so adding a recipe is adding a file.
+A recipe is the whole image path of a published system -- how an image is cut into views, which
+layer is read, how the tokens are assembled -- around any backbone, with that system's defaults
+(tile size, patch size and normalization come from the backbone). Each recipe is one file in this
+package that registers a builder with :func:`register_recipe`; the files are found and imported
+here, so adding a recipe is adding a file. ``docs/recipes.md`` has the table of views, token counts
+and references, and how to write a recipe.
 
-==============  ==============================================================================
-``inf_llava``   the released INF-LLaVA front end (:mod:`hrperc.recipes.inf_llava`)
-==============  ==============================================================================
+===================  ===========================================================================
+``llava15``          LLaVA-1.5: pad to a square, one tile (:mod:`hrperc.recipes.llava15`)
+``llava_next``       LLaVA-NeXT anyres: base view + pinpoint tiles, unpadding, newline slots
+``llava_onevision``  LLaVA-OneVision ``anyres_max_9``: 36 pinpoints, shrink to 9 tiles' worth
+``internvl``         InternVL: closest-aspect tiles (1..12), thumbnail, pixel shuffle 0.5
+``s2``               S2 multi-scale: scales (1, 2), merged, area-resized, concatenated on channels
+``infimm_hd``        InfiMM-HD: aspect-kept tiles of the ViT's size + a global view
+``inf_llava``        the released INF-LLaVA front end (:mod:`hrperc.recipes.inf_llava`)
+===================  ===========================================================================
 
 Example::
 
     >>> import hrperc
     >>> hrperc.list_recipes()
-    ('inf_llava',)
-    >>> enc = hrperc.create_encoder("inf_llava", "timm:vit_tiny_patch16_224")     # random weights
+    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 's2')
+    >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")     # random weights
     >>> enc.num_tokens((1000, 700))
-    196
+    784
 """
 
 from __future__ import annotations
@@ -65,5 +73,6 @@ def create_encoder(recipe: str, backbone, **options):
 
 
 for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 del _info

@@ -1,0 +1,35 @@
+"""What every recipe file shares: the backbone argument, the encoder options, the DCM+DEM switch."""
+
+from __future__ import annotations
+
+from ..backbones import VisionBackbone, create_backbone, wrap_backbone
+from ..encoder import HighResEncoder
+
+#: The :class:`~hrperc.HighResEncoder` options a recipe passes through.
+ENCODER_OPTIONS = ("layer", "max_batch", "train_backbone", "grad_checkpointing", "check_range")
+
+
+def as_backbone(backbone) -> VisionBackbone:
+    """A :class:`VisionBackbone` from a backbone, a model :func:`~hrperc.wrap_backbone` takes, or a name."""
+    if isinstance(backbone, str):
+        backbone = create_backbone(backbone)
+    return wrap_backbone(backbone)
+
+
+def split_options(recipe: str, options: dict, own: tuple[str, ...]) -> tuple[dict, dict]:
+    """``(front-end options, encoder options)``; an unknown name is refused with the recipe's list."""
+    unknown = sorted(set(options) - set(own) - set(ENCODER_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"create_encoder({recipe!r}): unknown option(s) {unknown}; this recipe takes {sorted(own)} and the "
+            f"encoder options {sorted(ENCODER_OPTIONS)}."
+        )
+    return ({k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in ENCODER_OPTIONS})
+
+
+def build(frontend, backbone: VisionBackbone, dem, layer: int, encoder_options: dict) -> HighResEncoder:
+    """The encoder of a recipe: ``frontend`` around ``backbone``, reading ``layer`` unless overridden."""
+    encoder_options = {"layer": layer, **encoder_options}
+    if dem == "default" and not frontend.uses_dem:
+        dem = None
+    return HighResEncoder(backbone, frontend, dem=dem, **encoder_options)
