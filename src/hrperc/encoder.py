@@ -506,7 +506,7 @@ class HighResEncoder(nn.Module):
     def _forward_frontend(self, images, timings: bool, project, newline) -> EncoderOutput:
         """A recipe's front end: plans, views (per distinct size), one batched ViT pass, assembly (per layout)."""
         fe, clock = self.frontend, _Clock(timings, self.backbone.device)
-        pixels = to_pixels(images, check_range=self.check_range, keep_uint8=True)
+        pixels = to_pixels(images, check_range=self.check_range, keep_uint8=True, one_dtype=False)
         device = self.backbone.device
         if isinstance(pixels, torch.Tensor):  # a batch: one size, one plan
             pixels = pixels.to(device)
@@ -516,12 +516,13 @@ class HighResEncoder(nn.Module):
             sizes = [tuple(p.shape[-2:]) for p in pixels]
         plans = {size: fe.plan(size) for size in dict.fromkeys(sizes)}
         B = len(sizes)
-        # Views: images of one size are prepared together.
-        by_size: dict[tuple[int, int], list[int]] = {}
+        # Views: images of one size (and dtype: uint8 is resized in uint8) are prepared together.
+        by_size: dict[tuple, list[int]] = {}
         for b, size in enumerate(sizes):
-            by_size.setdefault(size, []).append(b)
+            dtype = pixels.dtype if isinstance(pixels, torch.Tensor) else pixels[b].dtype
+            by_size.setdefault((size, dtype), []).append(b)
         view_groups, order = [], []
-        for size, members in by_size.items():
+        for (size, _), members in by_size.items():
             batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack([pixels[b] for b in members])
             view_groups.append(fe.views(batch, plans[size]).flatten(0, 1))
             order.extend(members)

@@ -408,12 +408,13 @@ def _create_hf(name: str, pretrained, layer: int, mean, std, kw, strict: bool = 
         "clip_vision_model": "CLIPVisionModel",
         "siglip": "SiglipVisionModel",
         "siglip_vision_model": "SiglipVisionModel",
+        "internvl_vision": "InternVLVisionModel",
     }
     cls_name = classes.get(config.model_type)
     if cls_name is None:
         raise TypeError(
             f"{fn}: {str(where)!r} holds a '{config.model_type}' model; hrperc's Hugging Face adapter supports "
-            f"CLIP and SigLIP vision towers ({', '.join(sorted(classes))}). Wrap other ViTs through timm."
+            f"CLIP, SigLIP and InternViT vision towers ({', '.join(sorted(classes))}). Wrap other ViTs through timm."
         )
     # mismatched sizes are reported (and refused below, when strict) instead of transformers' RuntimeError
     model, info = getattr(transformers, cls_name).from_pretrained(
@@ -475,9 +476,7 @@ def create_backbone(
     """
     fn = "create_backbone"
     if not isinstance(name, str):
-        raise TypeError(
-            f"{fn}: name={name!r} must be a string. {_USAGE} To wrap a model object use wrap_backbone."
-        )
+        raise TypeError(f"{fn}: name={name!r} must be a string. {_USAGE} To wrap a model object use wrap_backbone.")
     family, sep, model_name = name.partition(":")
     if not sep or family not in _FAMILIES:
         raise ValueError(f"{fn}: name={name!r} has no known family prefix. {_USAGE}")
@@ -491,8 +490,9 @@ def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> Vis
     """Adapt a model object you already built to :class:`VisionBackbone`.
 
     Accepts a timm ViT, an open_clip CLIP model or its ``.visual`` (ViT or timm trunk), a transformers
-    ``CLIPVisionModel`` / ``CLIPModel`` / ``SiglipVisionModel`` / ``SiglipModel``, or a
-    :class:`VisionBackbone` (returned as is).
+    ``CLIPVisionModel`` / ``CLIPModel`` / ``SiglipVisionModel`` / ``SiglipModel`` / ``InternVLVisionModel``
+    (also as the ``vision_tower`` of a LLaVA-family or InternVL model), or a :class:`VisionBackbone`
+    (returned as is).
 
     Example::
 
@@ -516,5 +516,5 @@ def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> Vis
     raise TypeError(
         f"wrap_backbone: {type(model).__name__} is not a supported model class. Supported: timm VisionTransformer "
         f"(and other timm ViTs with forward_intermediates), open_clip CLIP / VisionTransformer, transformers "
-        f"CLIPVisionModel / CLIPModel / SiglipVisionModel / SiglipModel."
+        f"CLIPVisionModel / CLIPModel / SiglipVisionModel / SiglipModel / InternVLVisionModel."
     )

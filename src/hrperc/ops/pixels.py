@@ -215,7 +215,8 @@ def _batch_to_pixels(images: torch.Tensor, check_range: bool, keep_uint8: bool) 
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False) -> torch.Tensor | list[torch.Tensor]:
+def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False,
+              one_dtype: bool = True) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
     """Images as float RGB in ``[0, 1]``: a ``(B, 3, H, W)`` tensor, or a list of ``(3, H, W)`` tensors.
 
     Accepts ``(B, C, H, W)`` / ``(C, H, W)`` float (``[0, 1]``) or uint8 (``[0, 255]``) tensors with ``C`` 1
@@ -228,7 +229,9 @@ def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False) -> 
         keep_uint8: return uint8 tensors (and 8-bit PIL images) as uint8 ``[0, 255]`` instead of dividing by
             255, so that a resize can divide per channel afterwards without a full-size float copy
             (:func:`hrperc.ops.canvas.resize_image` with ``scale_uint8=True`` gives the bit-identical result).
-            A list keeps uint8 only when every item is uint8 (a mixed list is all float32).
+            A list keeps uint8 only when every item is uint8 (a mixed list is all float32), unless
+        one_dtype: ``False`` keeps each list item's own dtype (the recipes prepare uint8 and float images
+            by different steps, as the reference processors do).
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return _batch_to_pixels(images, check_range, keep_uint8)
@@ -236,7 +239,12 @@ def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False) -> 
         if len(images) == 0:
             raise ValueError("HighResEncoder: images is an empty list; pass at least one image.")
         out = [_one_to_pixels(img, f"images[{b}]", check_range, keep_uint8) for b, img in enumerate(images)]
-        if keep_uint8 and any(p.dtype == torch.uint8 for p in out) and any(p.dtype != torch.uint8 for p in out):
+        if (
+            keep_uint8
+            and one_dtype
+            and any(p.dtype == torch.uint8 for p in out)
+            and any(p.dtype != torch.uint8 for p in out)
+        ):
             out = [p.float().div_(255.0) if p.dtype == torch.uint8 else p for p in out]  # one dtype per list
         return out
     return _one_to_pixels(images, "images", check_range, keep_uint8).unsqueeze(0)
