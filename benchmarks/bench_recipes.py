@@ -160,6 +160,18 @@ def bench_row(recipe, rows, dtype_name, width, depth, reps, model, proc) -> dict
     return row
 
 
+def describe(row: dict) -> str:
+    """Two lines for one row: times, speed and memory ratios, token agreement; where the time goes."""
+    t_mem, h_mem = row["transformers_memory"]["rise_mib"], row["hrperc_memory"]["rise_mib"]
+    head = (
+        f"{row['recipe']:16s} {row['rows']:6s} {row['dtype']:8s} transformers {row['transformers_seconds'] * 1e3:8.1f} ms"
+        f"  hrperc {row['hrperc_seconds'] * 1e3:8.1f} ms  speed x{row['speedup']:.2f}  memory rise {t_mem:7.1f} -> "
+        f"{h_mem:7.1f} MiB (x{row['memory_ratio']:.2f})  max|diff| {row['max_abs_diff']:.2e}"
+    )
+    ms = {name: {k: round(v * 1e3, 1) for k, v in row[f"{name}_split"].items()} for name in ("hrperc", "transformers")}
+    return f"{head}\n    split (ms): hrperc {ms['hrperc']}; transformers {ms['transformers']}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 rep, fp32 only, one recipe")
@@ -183,17 +195,7 @@ def main(argv=None) -> int:
             for kind in ("single", "ragged"):
                 row = bench_row(recipe, kind, dtype_name, args.width, args.depth, reps, model, proc)
                 rows.append(row)
-                print(
-                    f"{recipe:16s} {kind:6s} {dtype_name:8s} transformers {row['transformers_seconds'] * 1e3:8.1f} ms  "
-                    f"hrperc {row['hrperc_seconds'] * 1e3:8.1f} ms  speed x{row['speedup']:.2f}  "
-                    f"memory rise {row['transformers_memory']['rise_mib']:7.1f} -> {row['hrperc_memory']['rise_mib']:7.1f}"
-                    f" MiB (x{row['memory_ratio']:.2f})  max|diff| {row['max_abs_diff']:.2e}",
-                    flush=True,
-                )
-                print(f"    hrperc split {json.dumps({k: round(v * 1e3, 1) for k, v in row['hrperc_split'].items()})} ms;"
-                      f" transformers split "
-                      f"{json.dumps({k: round(v * 1e3, 1) for k, v in row['transformers_split'].items()})} ms",
-                      flush=True)  # fmt: skip
+                print(describe(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "width": args.width, "depth": args.depth, "reps": reps}  # fmt: skip
