@@ -164,7 +164,8 @@ def describe(row: dict) -> str:
     """Two lines for one row: times, speed and memory ratios, token agreement; where the time goes."""
     t_mem, h_mem = row["transformers_memory"]["rise_mib"], row["hrperc_memory"]["rise_mib"]
     head = (
-        f"{row['recipe']:16s} {row['rows']:6s} {row['dtype']:8s} transformers {row['transformers_seconds'] * 1e3:8.1f} ms"
+        f"{row['recipe']:16s} {row['rows']:6s} {row['dtype']:8s} "
+        f"transformers {row['transformers_seconds'] * 1e3:8.1f} ms"
         f"  hrperc {row['hrperc_seconds'] * 1e3:8.1f} ms  speed x{row['speedup']:.2f}  memory rise {t_mem:7.1f} -> "
         f"{h_mem:7.1f} MiB (x{row['memory_ratio']:.2f})  max|diff| {row['max_abs_diff']:.2e}"
     )
