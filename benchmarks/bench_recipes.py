@@ -160,6 +160,44 @@ def bench_row(recipe, rows, dtype_name, width, depth, reps, model, proc) -> dict
     return row
 
 
+def bench_inf_llava_dtypes(depth: int, reps: int) -> dict:
+    """The ``inf_llava`` front end in fp32 and in bf16 (``enc.to(torch.bfloat16)``), one 1008 px uint8 image,
+    ViT-L/14-336 (timm, random weights) cut to ``depth`` blocks; ``encode_all`` fp32 (all 19 sub-images,
+    as the released code encodes them) for reference. Tokens of bf16 vs fp32: max abs difference."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_large_patch14_clip_quickgelu_336", pretrained=False, depth=depth, num_classes=0)
+    fp32 = hrperc.create_encoder("inf_llava", vit)
+    bf16 = hrperc.create_encoder("inf_llava", vit, dem=fp32.dem)  # the same weights ...
+    bf16 = copy_to(bf16, torch.bfloat16)  # ... moved to bf16 (a copy: fp32 keeps its weights)
+    every = hrperc.create_encoder("inf_llava", vit, dem=fp32.dem, encode_all=True)
+    image = images_of([(1008, 1008)])[0]
+    fns = {"fp32 (11 passes)": fp32, "bf16 (11 passes)": bf16, "fp32 encode_all (19 passes)": every}
+    secs = {k: [] for k in fns}
+    outs = {}
+    with torch.inference_mode():
+        for enc in fns.values():
+            enc(image)  # warm-up
+        for _ in range(reps):
+            for k, enc in fns.items():
+                t0 = time.perf_counter()
+                outs[k] = enc(image).tokens
+                secs[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    diff = (outs["bf16 (11 passes)"].float() - outs["fp32 (11 passes)"]).abs().max().item()
+    scale = outs["fp32 (11 passes)"].abs().max().item()
+    return {"depth": depth, "seconds": med, "bf16_vs_fp32": med["fp32 (11 passes)"] / med["bf16 (11 passes)"],
+            "bf16_vs_encode_all_fp32": med["fp32 encode_all (19 passes)"] / med["bf16 (11 passes)"],
+            "max_abs_diff": diff, "max_abs_fp32": scale}  # fmt: skip
+
+
+def copy_to(enc, dtype):
+    import copy
+
+    return copy.deepcopy(enc).to(dtype)
+
+
 def describe(row: dict) -> str:
     """Two lines for one row: times, speed and memory ratios, token agreement; where the time goes."""
     t_mem, h_mem = row["transformers_memory"]["rise_mib"], row["hrperc_memory"]["rise_mib"]
@@ -180,10 +218,18 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--inf-llava", action="store_true", help="only the inf_llava fp32-vs-bf16 rows (ViT-L/14-336)")
+    ap.add_argument("--inf-llava-depth", type=int, default=6)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.inf_llava:
+        res = bench_inf_llava_dtypes(args.inf_llava_depth, args.reps)
+        print(json.dumps(res, indent=1))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bench_recipes_inf_llava_bf16.json").write_text(json.dumps(res, indent=1))
         return 0
     torch.manual_seed(0)
     reps, dtypes, recipes = args.reps, ("float32", "bfloat16"), args.recipes

@@ -21,8 +21,8 @@ def split_options(recipe: str, options: dict, own: tuple[str, ...]) -> tuple[dic
     unknown = sorted(set(options) - set(own) - set(ENCODER_OPTIONS))
     if unknown:
         raise TypeError(
-            f"create_encoder({recipe!r}): unknown option(s) {unknown}; this recipe takes {sorted(own)} and the "
-            f"encoder options {sorted(ENCODER_OPTIONS)}."
+            f"create_encoder({recipe!r}): unknown option(s) {unknown}; pass only this recipe's options "
+            f"{sorted(own)} or the encoder options {sorted(ENCODER_OPTIONS)}."
         )
     return ({k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in ENCODER_OPTIONS})
 

@@ -1,0 +1,174 @@
+"""The recipes' public surface: options and refusals, the DCM+DEM upgrade, slots, dtypes, one runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _messages import FIX, raises_naming
+
+import hrperc
+from hrperc import HighResEncoder
+
+RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
+
+
+def _vit(img=56, patch=7, dim=32, depth=2, seed=0):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0)
+
+
+def _images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+
+
+def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
+    assert set(RECIPES) | {"inf_llava"} == set(hrperc.list_recipes())
+    for name in RECIPES:
+        enc = hrperc.create_encoder(name, _vit())
+        assert isinstance(enc, HighResEncoder)
+        assert enc.frontend is not None and enc.dem is None  # no DEM unless dcm=True
+        out = enc(_images([(70, 90)]))
+        assert out.num_tokens == [enc.num_tokens((70, 90))]
+        assert out.plans[0] == enc.view_plan((70, 90))
+        assert not any(p.requires_grad for p in enc.backbone.parameters())  # frozen, as every recipe's default
+
+
+def test_recipe_defaults_read_the_layer_of_the_published_system():
+    layers = {name: hrperc.create_encoder(name, _vit()).layer for name in RECIPES}
+    assert layers == {"llava15": -2, "llava_next": -2, "llava_onevision": -1, "internvl": -1, "s2": -2, "infimm_hd": -1}
+    assert hrperc.create_encoder("llava_next", _vit(), layer=-1).layer == -1  # an option overrides it
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_unknown_options_are_refused_with_the_recipe_s_list(name):
+    with raises_naming(TypeError, name, "'grid_pinpoint'", "layer") as info:
+        hrperc.create_encoder(name, _vit(), grid_pinpoint=[[56, 112]])
+    assert FIX.search(str(info.value))
+
+
+def test_front_end_options_are_checked_at_construction():
+    with raises_naming(ValueError, "(60, 112)", "56"):
+        hrperc.create_encoder("llava_next", _vit(), pinpoints=[(60, 112)])
+    with raises_naming(ValueError, "tie_break='width'"):
+        hrperc.create_encoder("llava_next", _vit(), tie_break="width")
+    with raises_naming(ValueError, "scales=(1, 1.5)"):
+        hrperc.create_encoder("s2", _vit(), scales=(1, 1.5))
+    with raises_naming(ValueError, "downsample=3", "(8, 8)"):
+        hrperc.create_encoder("internvl", _vit(), downsample=3)
+    with raises_naming(ValueError, "max_side=0"):
+        hrperc.create_encoder("infimm_hd", _vit(), max_side=0)
+    with raises_naming(TypeError, "pad='yes'"):
+        hrperc.create_encoder("llava15", _vit(), pad="yes")
+
+
+def test_the_runner_refuses_what_does_not_apply_to_a_front_end():
+    fe = hrperc.create_encoder("llava_next", _vit()).frontend
+    with raises_naming(ValueError, "combine='mean'"):
+        HighResEncoder(_vit(), fe, combine="mean")
+    with raises_naming(ValueError, "dcm=True", "dem=None"):
+        HighResEncoder(_vit(), fe, dem=hrperc.DualPerspectiveEnhancement(32, 2, reduction="none"))
+    with raises_naming(ValueError, "patch_size=(7, 7)", "(8, 8)"):
+        HighResEncoder(_vit(img=56, patch=8), fe, dem=None)
+    dcm = hrperc.create_encoder("llava_next", _vit(), dcm=True).frontend
+    with raises_naming(ValueError, "dcm=True", "dem=None"):
+        HighResEncoder(_vit(), dcm, dem=None)
+    plain = hrperc.create_encoder("inf_llava", _vit())
+    with raises_naming(ValueError, "project=", "newline="):
+        plain(_images([(60, 60)]), project=torch.nn.Identity())
+    with raises_naming(ValueError, "view_plan", "num_tokens"):
+        plain.view_plan((60, 60))
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "internvl"])
+def test_dcm_dem_upgrade_keeps_the_count_and_trains_only_the_dem(name):
+    plain = hrperc.create_encoder(name, _vit())
+    enc = hrperc.create_encoder(name, _vit(), dcm=True)
+    assert enc.dem is not None and enc.dem.reduction == "none"
+    sizes = [(70, 90), (30, 200), (160, 120)]
+    for size in sizes:
+        assert enc.num_tokens(size) == plain.num_tokens(size)
+        grid = plain.view_plan(size).grid
+        assert enc.num_backbone_passes(size) == plain.num_backbone_passes(size) + grid[0] * grid[1]  # + strided
+    out = enc(_images(sizes))
+    assert out.num_tokens == [plain.num_tokens(s) for s in sizes]
+    real = out.tokens[out.token_mask & ~out.slot_mask]
+    real.square().mean().backward()
+    grads = [p.grad for p in enc.dem.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in enc.backbone.parameters())
+    # the DEM changes the tokens of the high-resolution map, not the layout around it
+    ref = plain(_images(sizes))
+    assert torch.equal(out.slot_mask, ref.slot_mask) and torch.equal(out.token_mask, ref.token_mask)
+    assert not torch.allclose(out.tokens.detach(), ref.tokens)
+
+
+def test_slots_are_zero_marked_and_filled_by_newline():
+    enc = hrperc.create_encoder("llava_next", _vit())
+    images = _images([(70, 90), (200, 30)])
+    out = enc(images)
+    for b, segs in enumerate(out.layout):
+        tiles = segs[-1]
+        assert tiles.newline and tiles.length == tiles.shape[0] * (tiles.shape[1] + 1)
+        assert int(out.slot_mask[b].sum()) == tiles.shape[0]  # one slot per row
+    assert out.tokens[out.slot_mask].abs().max() == 0
+    v = torch.randn(32)
+    filled = enc(images, newline=v)
+    assert torch.equal(filled.tokens[filled.slot_mask], v.expand(int(out.slot_mask.sum()), 32))
+    assert torch.equal(filled.tokens[~filled.slot_mask], out.tokens[~out.slot_mask])
+    flat = hrperc.create_encoder("llava_next", _vit(), newline=False)
+    assert flat.num_tokens((70, 90)) == enc.num_tokens((70, 90)) - int(out.slot_mask[0].sum())
+
+
+def test_project_runs_where_the_model_projects_and_changes_the_width():
+    proj = torch.nn.Linear(32, 12)
+    for name in ("llava_next", "llava_onevision", "s2", "internvl"):
+        enc = hrperc.create_encoder(name, _vit())
+        images = _images([(70, 90)])
+        with torch.no_grad():
+            out, projected = enc(images), enc(images, project=proj if name not in ("s2", "internvl") else None)
+        if name in ("llava_next",):  # per-token projection commutes with unpadding: project after = before
+            keep = ~out.slot_mask
+            torch.testing.assert_close(projected.tokens[keep], proj(out.tokens[keep]), atol=1e-6, rtol=0)
+        if name == "llava_onevision":
+            assert projected.tokens.shape[-1] == 12
+    # OneVision shrinks after the projector: a nonlinear projector does not commute with the shrink
+    enc = hrperc.create_encoder("llava_onevision", _vit())
+    big = _images([(700, 700)])
+    assert enc.view_plan((700, 700)).layout[-1].shape != enc.view_plan((700, 700)).info[2]  # the shrink happens
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+    with torch.no_grad():
+        inside, plain = enc(big, project=mlp).tokens, enc(big).tokens
+    assert not torch.allclose(inside, mlp(plain), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_bf16_encoder_runs_in_bf16_close_to_fp32(name):
+    enc = hrperc.create_encoder(name, _vit())
+    images = _images([(70, 90), (40, 100)])
+    with torch.no_grad():
+        ref = enc(images).tokens
+        out = enc.to(torch.bfloat16)(images).tokens
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() <= 0.05 * max(1.0, ref.abs().max().item())
+
+
+def test_float_and_uint8_images_are_prepared_by_their_own_steps():
+    enc = hrperc.create_encoder("llava15", _vit())
+    u8 = _images([(70, 90)])[0]
+    f = u8.float() / 255
+    with torch.no_grad():
+        a, b, both = enc(u8).tokens, enc(f).tokens, enc([u8, f]).tokens
+    torch.testing.assert_close(both[0], a[0], atol=1e-6, rtol=0)  # a mixed list keeps each image's path
+    torch.testing.assert_close(both[1], b[0], atol=1e-6, rtol=0)
+    assert not torch.equal(a, b)  # uint8 is resized in uint8 (rounded), as the processors do
+
+
+def test_batch_tensor_and_list_agree():
+    enc = hrperc.create_encoder("internvl", _vit())
+    x = torch.randint(0, 256, (2, 3, 80, 150), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = enc(x).tokens, enc(list(x)).tokens
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
