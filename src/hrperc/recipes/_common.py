@@ -9,11 +9,12 @@ from ..encoder import HighResEncoder
 ENCODER_OPTIONS = ("layer", "max_batch", "train_backbone", "grad_checkpointing", "check_range")
 
 
-def as_backbone(backbone) -> VisionBackbone:
-    """A :class:`VisionBackbone` from a backbone, a model :func:`~hrperc.wrap_backbone` takes, or a name."""
+def as_backbone(backbone, layer: int) -> VisionBackbone:
+    """A :class:`VisionBackbone` from a backbone, a model :func:`~hrperc.wrap_backbone` takes, or a name;
+    a model is wrapped reading ``layer`` (the recipe's), so a shallow tower need not have LLaVA's -2."""
     if isinstance(backbone, str):
-        backbone = create_backbone(backbone)
-    return wrap_backbone(backbone)
+        return create_backbone(backbone, layer=layer)
+    return wrap_backbone(backbone, layer=layer)
 
 
 def split_options(recipe: str, options: dict, own: tuple[str, ...]) -> tuple[dict, dict]:

@@ -94,5 +94,5 @@ class DynamicTilesFrontEnd(FrontEnd):
 def build_infimm_hd(backbone, **options):
     """InfiMM-HD's dynamic-resolution front end around ``backbone`` (see the module docs)."""
     own, enc = split_options("infimm_hd", options, ("max_side",))
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -1))
     return build(DynamicTilesFrontEnd(bb.image_size, bb.patch_size, max_side=own.get("max_side", 3)), bb, None, -1, enc)

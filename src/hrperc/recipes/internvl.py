@@ -127,7 +127,7 @@ _OWN = ("max_tiles", "min_tiles", "thumbnail", "downsample", "dcm", "dem")
 def build_internvl(backbone, **options):
     """InternVL's dynamic-tiling front end around ``backbone`` (see the module docs)."""
     own, enc = split_options("internvl", options, _OWN)
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -1))
     fe = TilingFrontEnd(bb.image_size, bb.patch_size, max_tiles=own.get("max_tiles", 12),
                         min_tiles=own.get("min_tiles", 1), thumbnail=own.get("thumbnail", True),
                         downsample=own.get("downsample", 2), dcm=own.get("dcm", False))  # fmt: skip

@@ -89,6 +89,6 @@ def mean_colour(backbone) -> tuple[int, int, int]:
 def build_llava15(backbone, **options):
     """LLaVA-1.5's front end around ``backbone`` (see the module docs for the options)."""
     own, enc = split_options("llava15", options, ("pad",))
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -2))
     fe = SquareFrontEnd(bb.image_size, bb.patch_size, pad=own.get("pad", True), colour=mean_colour(bb))
     return build(fe, bb, None, -2, enc)

@@ -139,7 +139,7 @@ _OWN = ("pinpoints", "tie_break", "newline", "dcm", "dem")
 def build_llava_next(backbone, **options):
     """LLaVA-NeXT's anyres front end around ``backbone`` (see the module docs for the options)."""
     own, enc = split_options("llava_next", options, _OWN)
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -2))
     pinpoints = own.get("pinpoints") or scaled_pinpoints(anyres.LLAVA_NEXT_PINPOINTS, 336, bb.image_size[0])
     fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
                         newline=own.get("newline", True), dcm=own.get("dcm", False))  # fmt: skip

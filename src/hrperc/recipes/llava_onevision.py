@@ -38,7 +38,7 @@ _OWN = ("pinpoints", "max_tiles", "tie_break", "newline", "dcm", "dem")
 def build_llava_onevision(backbone, **options):
     """LLaVA-OneVision's ``anyres_max_9`` front end around ``backbone`` (see the module docs)."""
     own, enc = split_options("llava_onevision", options, _OWN)
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -1))
     pinpoints = own.get("pinpoints") or scaled_pinpoints(anyres.ONEVISION_PINPOINTS, 384, bb.image_size[0])
     fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
                         newline=own.get("newline", True), max_tiles=own.get("max_tiles", 9), dcm=own.get("dcm", False),

@@ -106,7 +106,7 @@ class MultiScaleFrontEnd(FrontEnd):
 def build_s2(backbone, **options):
     """S2's multi-scale front end around ``backbone`` (see the module docs)."""
     own, enc = split_options("s2", options, ("scales", "pad"))
-    bb = as_backbone(backbone)
+    bb = as_backbone(backbone, enc.get("layer", -2))
     fe = MultiScaleFrontEnd(bb.image_size, bb.patch_size, scales=own.get("scales", (1, 2)), pad=own.get("pad", True),
                             colour=mean_colour(bb))  # fmt: skip
     return build(fe, bb, None, -2, enc)
