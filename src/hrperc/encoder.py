@@ -71,7 +71,12 @@ _COMBINES = ("mean", "concat", "none")
 #   hidden 27 MiB, attention scores 3 x 16 x 577^2 x 4 B = 61 MiB; weights 1.2 GiB fp32), and the old
 #   4096 (auto = 20 ViT-B tiles, i.e. one 19-tile call) peaked at 1.20x serial, on the limit.
 # bench_encoder.py reports this default next to the old 4096-token one (fresh process per config).
+# * Narrow towers (width < 768) get proportionally more tokens per call, the same activation bytes as a
+#   ViT-B call: there one tile is far from filling the matmuls, and per-call overhead dominates
+#   (bench_recipes: a width-64 InternViT-448 at one 1025-token tile per call ran 0.77x transformers'
+#   single call over 13 tiles). Widths >= 768 (ViT-B, ViT-L, SigLIP so400m, InternViT-300M) are unchanged.
 _CPU_TOKENS_PER_CALL = 2048
+_CPU_FULL_WIDTH = 768
 
 
 @dataclass
@@ -162,7 +167,8 @@ class HighResEncoder(nn.Module):
         max_batch: at most this many sub-images per backbone call. ``"auto"`` (default): 32 on a GPU,
             where batching fills the device; on a CPU about 2048 tokens per call (3 tiles for
             ViT-L/14-336, 10 for ViT-B/16), since one tile already saturates CPU matmuls and larger
-            chunks only add activation memory.
+            chunks only add activation memory; a tower narrower than 768 gets ``768 // width`` times
+            that (the same activation bytes), as one of its tiles leaves the matmuls idle.
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
         grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
@@ -395,12 +401,16 @@ class HighResEncoder(nn.Module):
         if self.max_batch != "auto":
             return self.max_batch
         if self.backbone.device.type == "cpu":
-            return max(1, _CPU_TOKENS_PER_CALL // (self.backbone.num_patches + self.backbone.num_prefix_tokens))
+            tokens = self.backbone.num_patches + self.backbone.num_prefix_tokens
+            budget = _CPU_TOKENS_PER_CALL * max(1, _CPU_FULL_WIDTH // self.backbone.hidden_size)
+            return max(1, budget // tokens)
         return 32
 
     def encode_subimages(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(S, 3, h, w)`` pixels in ``[0, 1]`` -> ``(S, ht*wt, D)`` tokens, in chunks of :attr:`chunk_size`."""
+        """``(S, 3, h, w)`` pixels in ``[0, 1]`` (or uint8 ``[0, 255]``) -> ``(S, ht*wt, D)`` tokens, in chunks
+        of :attr:`chunk_size`. uint8 pixels are converted one chunk at a time (no float copy of the stack)."""
         bb = self.backbone
+
         chunks = pixels.split(self.chunk_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             feats = [bb.features(bb.normalize(c.to(bb.device)), layer=self.layer) for c in chunks]
@@ -526,6 +536,8 @@ class HighResEncoder(nn.Module):
             batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack([pixels[b] for b in members])
             view_groups.append(fe.views(batch, plans[size]).flatten(0, 1))
             order.extend(members)
+        if len({v.dtype for v in view_groups}) > 1:  # uint8 and float views: uint8 to [0, 1] before joining
+            view_groups = [v.float().div_(255.0) if v.dtype == torch.uint8 else v for v in view_groups]
         stack = view_groups[0] if len(view_groups) == 1 else torch.cat(view_groups)
         clock.lap("views")
 

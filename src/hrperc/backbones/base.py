@@ -157,7 +157,8 @@ class VisionBackbone(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[0, 1]`` RGB ``(..., 3, h, w)`` -> ``(x - mean) / std``, computed in float32."""
+        """``[0, 1]`` RGB ``(..., 3, h, w)`` -> ``(x - mean) / std``, computed in float32 (uint8 ``[0, 255]``
+        pixels are divided by 255 first)."""
         if images.shape[-3] != 3:
             raise ValueError(
                 f"{type(self).__name__}.normalize: images have shape {tuple(images.shape)}; expected 3 RGB "
@@ -165,6 +166,8 @@ class VisionBackbone(nn.Module):
             )
         mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=torch.float32).view(3, 1, 1)
+        if images.dtype == torch.uint8:
+            return (images.float().div_(255.0) - mean) / std
         return (images.float() - mean) / std
 
     def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:

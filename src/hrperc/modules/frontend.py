@@ -4,7 +4,7 @@ A :class:`FrontEnd` is what a recipe (:mod:`hrperc.recipes`) plugs into :class:`
 which runs every front end the same way::
 
     image (C, H, W) --plan--> ViewPlan (views, geometry, token layout; no pixels)
-          --views-->   (V, C, th, tw) float [0, 1] tiles of the backbone's size
+          --views-->   (V, C, th, tw) tiles of the backbone's size (uint8 kept until its ViT chunk)
           --backbone, ONE batched pass over all views of the batch (chunked)--> (V, ht*wt, D)
           --assemble--> (T, D') tokens, in the order the reference model feeds its LLM
 
@@ -134,7 +134,8 @@ class FrontEnd(nn.Module):
 
     def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
         """``(b, C, H, W)`` images of ``plan.image_size`` (uint8 or float ``[0, 1]``) ->
-        ``(b, V, C, th, tw)`` float32 ``[0, 1]`` views, in the order :meth:`assemble` reads them."""
+        ``(b, V, C, th, tw)`` views, in the order :meth:`assemble` reads them: uint8 views may stay uint8
+        (the runner converts them one backbone chunk at a time), others are float ``[0, 1]``."""
         raise NotImplementedError
 
     def assemble(self, feats: torch.Tensor, plan: ViewPlan, *, dem=None, project=None) -> torch.Tensor:

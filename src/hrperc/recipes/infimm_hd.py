@@ -77,7 +77,7 @@ class DynamicTilesFrontEnd(FrontEnd):
         ch, cw = geo.canvas_size
         canvas = torch.nn.functional.pad(content, (0, cw - content.shape[-1], 0, ch - content.shape[-2]))
         tiles = local_crop(canvas, geo.grid).unflatten(0, (b, -1))
-        return pp.to_unit(torch.cat([pp.resize(pixels, self.tile_size)[:, None], tiles], 1))
+        return torch.cat([pp.resize(pixels, self.tile_size)[:, None], tiles], 1)
 
     def assemble(self, feats, plan, *, dem=None, project=None):
         b, grid, (ht, wt), D = feats.shape[0], plan.grid, self.tile_tokens, feats.shape[-1]

@@ -99,7 +99,7 @@ class TilingFrontEnd(FrontEnd):
             parts.append(pp.resize(pixels, self.tile_size)[:, None])
         if self.uses_dem:
             parts.append(stride_crop(canvas, grid).unflatten(0, (b, -1)))
-        return pp.to_unit(torch.cat(parts, 1))
+        return torch.cat(parts, 1)
 
     def assemble(self, feats, plan, *, dem=None, project=None):
         b, grid, (ht, wt) = feats.shape[0], plan.grid, self.tile_tokens

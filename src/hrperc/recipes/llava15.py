@@ -70,7 +70,7 @@ class SquareFrontEnd(FrontEnd):
         else:
             edge = min(self.tile_size)
             square = pp.center_crop(pp.resize(pixels, pp.shortest_edge_size(pixels.shape[-2:], edge)), self.tile_size)
-        return pp.to_unit(square)[:, None]
+        return square[:, None]
 
     def assemble(self, feats, plan, *, dem=None, project=None):
         tokens = feats[:, 0]

@@ -104,7 +104,7 @@ class AnyresFrontEnd(FrontEnd):
         parts = [base[:, None], local_crop(canvas, grid).unflatten(0, (b, -1))]
         if self.uses_dem:
             parts.append(stride_crop(canvas, grid).unflatten(0, (b, -1)))
-        return pp.to_unit(torch.cat(parts, 1))
+        return torch.cat(parts, 1)
 
     def assemble(self, feats, plan, *, dem=None, project=None):
         b, grid, (ht, wt) = feats.shape[0], plan.grid, self.tile_tokens
