@@ -14,12 +14,16 @@ cheap ViT), two paths that produce the same tokens:
   unpad / newline / shrink or pixel shuffle);
 * **hrperc**: ``create_encoder(recipe, model.vision_tower)(images, project=projector, newline=...)``.
 
+``--inf-llava``: instead, the ``inf_llava`` front end in fp32 and bf16 (ViT-L/14-336 cut to 6 blocks, one
+1008 px image), the path ``docs/encoder.md`` documents.
+
 Rows: one image (1000 x 800) and a ragged batch of 8 images of different sizes; fp32, and bf16 (both
 models moved with ``.to(torch.bfloat16)``; the processor's float32 pixels are cast for transformers).
 Time: the median of ``--reps`` interleaved calls; hrperc's split (views = resize/pad/crop, backbone,
 assemble) from ``forward(timings=True)``, transformers' split (processor, model). Peak memory: each
 row in a fresh subprocess, the peak resident set during one call over the resident set before it
-(VmHWM after ``clear_refs``), as in ``bench_encoder.py``. The tokens of both paths are compared in
+(VmHWM after ``clear_refs``), as in ``bench_encoder.py``, the median of 3 such processes (one process's
+peak moves by tens of MiB with the allocator's state). The tokens of both paths are compared in
 every row (max abs difference reported). Results: ``benchmarks/results/bench_recipes.json``.
 """
 
@@ -44,6 +48,7 @@ import hrperc  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = ("llava_next", "llava_onevision", "internvl")
 SINGLE = [(1000, 800)]
+MEMORY_RUNS = 3
 RAGGED = [(1000, 800), (480, 640), (1200, 300), (333, 500), (2000, 1500), (200, 150), (768, 1024), (900, 900)]
 
 
@@ -152,10 +157,14 @@ def bench_row(recipe, rows, dtype_name, width, depth, reps, model, proc) -> dict
     for name in ("transformers", "hrperc"):
         spec = dict(recipe=recipe, rows=rows, dtype=dtype_name, width=width, depth=depth, path=name)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory worker {spec} failed:\n{res.stderr[-3000:]}")
-        row[f"{name}_memory"] = json.loads(res.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(MEMORY_RUNS):  # RSS peaks vary with the allocator's state: the median of fresh processes
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory worker {spec} failed:\n{res.stderr[-3000:]}")
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        runs.sort(key=lambda r: r["rise_mib"])
+        row[f"{name}_memory"] = {**runs[len(runs) // 2], "all_rise_mib": [r["rise_mib"] for r in runs]}
     row["memory_ratio"] = row["hrperc_memory"]["rise_mib"] / max(row["transformers_memory"]["rise_mib"], 1e-9)
     return row
 

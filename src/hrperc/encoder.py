@@ -71,12 +71,14 @@ _COMBINES = ("mean", "concat", "none")
 #   hidden 27 MiB, attention scores 3 x 16 x 577^2 x 4 B = 61 MiB; weights 1.2 GiB fp32), and the old
 #   4096 (auto = 20 ViT-B tiles, i.e. one 19-tile call) peaked at 1.20x serial, on the limit.
 # bench_encoder.py reports this default next to the old 4096-token one (fresh process per config).
-# * Narrow towers (width < 768) get proportionally more tokens per call, the same activation bytes as a
-#   ViT-B call: there one tile is far from filling the matmuls, and per-call overhead dominates
-#   (bench_recipes: a width-64 InternViT-448 at one 1025-token tile per call ran 0.77x transformers'
-#   single call over 13 tiles). Widths >= 768 (ViT-B, ViT-L, SigLIP so400m, InternViT-300M) are unchanged.
+# * Narrow towers (width < 768) get up to 4x the tokens per call (768 // width times, at most 4): one of
+#   their tiles is far from filling the matmuls and per-call overhead dominates (a width-64 InternViT-448,
+#   13 tiles of 1025 tokens: 1 tile per call 143 ms, 3 -> 111, 7 -> 102, all 13 at once 116 ms in bf16;
+#   the cap keeps the call's pixels and activations small). Widths >= 768 (ViT-B, ViT-L, SigLIP so400m,
+#   InternViT-300M) are unchanged.
 _CPU_TOKENS_PER_CALL = 2048
 _CPU_FULL_WIDTH = 768
+_CPU_NARROW_FACTOR = 4
 
 
 @dataclass
@@ -168,7 +170,7 @@ class HighResEncoder(nn.Module):
             where batching fills the device; on a CPU about 2048 tokens per call (3 tiles for
             ViT-L/14-336, 10 for ViT-B/16), since one tile already saturates CPU matmuls and larger
             chunks only add activation memory; a tower narrower than 768 gets ``768 // width`` times
-            that (the same activation bytes), as one of its tiles leaves the matmuls idle.
+            that (at most 4x), as one of its tiles leaves the matmuls idle.
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
         grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
@@ -402,7 +404,8 @@ class HighResEncoder(nn.Module):
             return self.max_batch
         if self.backbone.device.type == "cpu":
             tokens = self.backbone.num_patches + self.backbone.num_prefix_tokens
-            budget = _CPU_TOKENS_PER_CALL * max(1, _CPU_FULL_WIDTH // self.backbone.hidden_size)
+            factor = min(_CPU_NARROW_FACTOR, max(1, _CPU_FULL_WIDTH // self.backbone.hidden_size))
+            budget = _CPU_TOKENS_PER_CALL * factor
             return max(1, budget // tokens)
         return 32
 
@@ -411,9 +414,13 @@ class HighResEncoder(nn.Module):
         of :attr:`chunk_size`. uint8 pixels are converted one chunk at a time (no float copy of the stack)."""
         bb = self.backbone
 
-        chunks = pixels.split(self.chunk_size)
+        def encode(chunk: torch.Tensor) -> torch.Tensor:
+            x = bb.normalize(chunk.to(bb.device))  # float32
+            x = x.to(bb.dtype)  # a bf16 / fp16 backbone: the float32 copy is freed here, before the blocks run
+            return bb.features(x, layer=self.layer)
+
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
-            feats = [bb.features(bb.normalize(c.to(bb.device)), layer=self.layer) for c in chunks]
+            feats = [encode(c) for c in pixels.split(self.chunk_size)]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     # --- forward -----------------------------------------------------------------------------------
