@@ -296,13 +296,13 @@ def test_errors_are_clear():
 
 def test_auto_chunking_uses_a_cpu_token_budget():
     # Documented: on a CPU about 2048 tokens per call, i.e. 3 ViT-L/14-336 tiles or 10 ViT-B/16 tiles,
-    # and 768 // width times that (at most 4x) for towers narrower than 768.
+    # and 768 // width times that (at most 8x) for towers narrower than 768.
     big = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=1024, depth=2)), dem=None, combine="none")
     assert big.max_batch == "auto" and big.chunk_size == 3  # 577 tokens per tile
     base = _encoder(wrap_backbone(_vit(img=224, patch=16, dim=768, depth=2)), dem=None, combine="none")
     assert base.chunk_size == 10  # 197 tokens per tile
     narrow = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=64, depth=2)), dem=None, combine="none")
-    assert narrow.chunk_size == 2048 * 4 // 577  # 14 tiles of a width-64 tower
+    assert narrow.chunk_size == 2048 * 8 // 577  # 28 tiles of a width-64 tower
     mid = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=384, depth=2)), dem=None, combine="none")
     assert mid.chunk_size == 2048 * 2 // 577  # width 384: twice the tokens
     assert _encoder(_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3

@@ -71,14 +71,14 @@ _COMBINES = ("mean", "concat", "none")
 #   hidden 27 MiB, attention scores 3 x 16 x 577^2 x 4 B = 61 MiB; weights 1.2 GiB fp32), and the old
 #   4096 (auto = 20 ViT-B tiles, i.e. one 19-tile call) peaked at 1.20x serial, on the limit.
 # bench_encoder.py reports this default next to the old 4096-token one (fresh process per config).
-# * Narrow towers (width < 768) get up to 4x the tokens per call (768 // width times, at most 4): one of
+# * Narrow towers (width < 768) get up to 8x the tokens per call (768 // width times, at most 8): one of
 #   their tiles is far from filling the matmuls and per-call overhead dominates (a width-64 InternViT-448,
-#   13 tiles of 1025 tokens: 1 tile per call 143 ms, 3 -> 111, 7 -> 102, all 13 at once 116 ms in bf16;
-#   the cap keeps the call's pixels and activations small). Widths >= 768 (ViT-B, ViT-L, SigLIP so400m,
-#   InternViT-300M) are unchanged.
+#   13 tiles of 1025 tokens in bf16: 1 tile per call 143 ms, 4 -> 117 ms, 7 -> 110 ms, 13 -> 98 ms in one
+#   interleaved run; the cap keeps the call's pixels and activations bounded). Widths >= 768 (ViT-B,
+#   ViT-L, SigLIP so400m, InternViT-300M) are unchanged.
 _CPU_TOKENS_PER_CALL = 2048
 _CPU_FULL_WIDTH = 768
-_CPU_NARROW_FACTOR = 4
+_CPU_NARROW_FACTOR = 8
 
 
 @dataclass
@@ -170,7 +170,7 @@ class HighResEncoder(nn.Module):
             where batching fills the device; on a CPU about 2048 tokens per call (3 tiles for
             ViT-L/14-336, 10 for ViT-B/16), since one tile already saturates CPU matmuls and larger
             chunks only add activation memory; a tower narrower than 768 gets ``768 // width`` times
-            that (at most 4x), as one of its tiles leaves the matmuls idle.
+            that (at most 8x), as one of its tiles leaves the matmuls idle.
         encode_all: encode sub-images the DEM never reads too (their features are then real, not zeros).
         train_backbone: False (default) freezes the backbone (no grad, eval mode even under ``.train()``).
         grad_checkpointing: recompute backbone blocks in backward (with ``train_backbone=True``).
@@ -278,6 +278,9 @@ class HighResEncoder(nn.Module):
             )
         self.dem = dem
         self.combine = combine if self.frontend is None else None
+        #: The recipe that built this encoder and its options (set by :func:`hrperc.create_encoder`).
+        self.recipe: str | None = None
+        self.recipe_options: dict = {}
         self.max_batch = max_batch
         self.encode_all = bool(encode_all)
         self.check_range = bool(check_range)
@@ -286,6 +289,13 @@ class HighResEncoder(nn.Module):
         self.backbone.set_grad_checkpointing(bool(grad_checkpointing))
         if not self.train_backbone:
             self.backbone.eval()
+
+    @property
+    def token_width(self) -> int:
+        """``D'``: channels of the output tokens (the backbone's width, or a recipe's after a pixel shuffle
+        or a channel concatenation); a projector for these tokens takes ``D'`` inputs."""
+        width = self.backbone.hidden_size
+        return width if self.frontend is None else self.frontend.token_width(width)
 
     @property
     def thumbnail(self) -> bool:

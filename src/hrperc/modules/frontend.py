@@ -125,6 +125,11 @@ class FrontEnd(nn.Module):
         """``(ht, wt)``: backbone tokens per tile side (whole patches)."""
         return self.tile_size[0] // self.patch_size[0], self.tile_size[1] // self.patch_size[1]
 
+    def token_width(self, width: int) -> int:
+        """Channels of the assembled tokens for a backbone of ``width`` channels (``width`` unless the
+        assembly changes it: a pixel shuffle, a channel concatenation)."""
+        return width
+
     def plan(self, image_size) -> ViewPlan:
         raise NotImplementedError
 

@@ -69,7 +69,11 @@ def create_encoder(recipe: str, backbone, **options):
     """
     if recipe not in _RECIPES:
         raise ValueError(f"create_encoder: recipe={recipe!r} is not a known recipe; pass one of {list_recipes()}.")
-    return _RECIPES[recipe](backbone, **options)
+    encoder = _RECIPES[recipe](backbone, **options)
+    # What built it (like timm's pretrained_cfg): integrations save it to rebuild the same front end.
+    encoder.recipe = recipe
+    encoder.recipe_options = {k: v for k, v in options.items() if k != "dem"}
+    return encoder
 
 
 for _info in pkgutil.iter_modules(__path__):

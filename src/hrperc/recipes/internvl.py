@@ -76,6 +76,9 @@ class TilingFrontEnd(FrontEnd):
         self.max_tiles, self.min_tiles, self.thumbnail = max_tiles, min_tiles, bool(thumbnail)
         self.downsample, self.uses_dem = downsample, bool(dcm)
 
+    def token_width(self, width: int) -> int:
+        return width * self.downsample**2
+
     def plan(self, image_size) -> ViewPlan:
         H, W = (int(v) for v in image_size)
         (th, tw), (ht, wt) = self.tile_size, self.tile_tokens

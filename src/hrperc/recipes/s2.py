@@ -56,6 +56,9 @@ class MultiScaleFrontEnd(FrontEnd):
             raise ValueError(f"create_encoder('s2'): S2 takes square tiles; the backbone's are {self.tile_size}.")
         self.scales, self.pad, self.colour = scales, bool(pad), tuple(int(c) for c in colour)
 
+    def token_width(self, width: int) -> int:
+        return width * len(self.scales)
+
     def plan(self, image_size) -> ViewPlan:
         H, W = (int(v) for v in image_size)
         (t, _), (ht, wt) = self.tile_size, self.tile_tokens
