@@ -29,6 +29,7 @@ MAY_IMPORT = {
     "encoder": {"_", "ops", "modules", "backbones"},
     "pretrained": {"_", "ops", "modules"},
     "recipes": {"_", "ops", "modules", "backbones", "encoder", "pretrained"},
+    "integrations": {"_", "ops", "modules", "attention", "backbones", "encoder", "pretrained", "recipes"},
     "cli": {"_", "ops", "modules", "attention", "backbones", "encoder", "pretrained", "recipes"},
 }
 
@@ -117,8 +118,11 @@ def test_layers_import_only_downwards_and_there_are_no_cycles():
             visit(m, [m])
 
 
-def test_the_core_never_imports_the_command_line():
-    code = "import sys, hrperc; print(sorted(m for m in sys.modules if m.startswith('hrperc.cli')))"
+def test_the_core_never_imports_the_command_line_or_the_integrations():
+    code = (
+        "import sys, hrperc; print(sorted(m for m in sys.modules if m.startswith(('hrperc.cli', "
+        "'hrperc.integrations', 'transformers'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

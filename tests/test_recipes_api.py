@@ -76,10 +76,21 @@ def test_the_runner_refuses_what_does_not_apply_to_a_front_end():
     with raises_naming(ValueError, "dcm=True", "dem=None"):
         HighResEncoder(_vit(), dcm, dem=None)
     plain = hrperc.create_encoder("inf_llava", _vit())
-    with raises_naming(ValueError, "project=", "newline="):
-        plain(_images([(60, 60)]), project=torch.nn.Identity())
     with raises_naming(ValueError, "view_plan", "num_tokens"):
         plain.view_plan((60, 60))
+
+
+def test_project_applies_per_token_on_the_dual_perspective_path_too():
+    crop = hrperc.DualPerspectiveCrop(grid="auto", max_tiles=4, tile_size=56)
+    enc = HighResEncoder(_vit(), crop, dem=None, combine="concat")  # tokens per image follow the grid
+    proj = torch.nn.Linear(32, 5)
+    images = _images([(56, 56), (60, 200)])  # grids (1, 1) and (1, 4)
+    with torch.no_grad():
+        out, projected = enc(images), enc(images, project=proj)
+    assert projected.tokens.shape[-1] == 5
+    keep = out.token_mask
+    torch.testing.assert_close(projected.tokens[keep], proj(out.tokens[keep]), atol=1e-6, rtol=0)
+    assert (~keep).any() and projected.tokens[~keep].abs().sum() == 0  # the ragged padding stays zero
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "internvl"])

@@ -483,24 +483,21 @@ class HighResEncoder(nn.Module):
     def forward(self, images, timings: bool = False, *, project=None, newline=None) -> EncoderOutput:
         """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA).
 
-        Under a recipe's front end only: ``project`` is a per-token map (``(..., D) -> (..., D')``, e.g. a
-        model's projector) applied where the reference model applies its projector, before any assembly
-        step the reference runs after it (OneVision's shrink); ``newline`` ``(D',)`` fills the newline
-        slots (zeros otherwise; ``EncoderOutput.slot_mask`` marks them).
+        ``project`` is a per-token map (``(..., D) -> (..., D')``, e.g. a model's projector): under a recipe's
+        front end it runs where the reference model applies its projector, before any assembly step the
+        reference runs after it (OneVision's shrink); otherwise on the combined tokens (padding of a ragged
+        batch stays zero). ``newline`` ``(D',)`` fills the newline slots of a recipe's layout (zeros
+        otherwise; ``EncoderOutput.slot_mask`` marks them; a layout without slots ignores it).
         """
         if self.frontend is not None:
             return self._forward_frontend(images, timings, project, newline)
-        if project is not None or newline is not None:
-            raise ValueError(
-                "HighResEncoder.forward: project= and newline= apply to a recipe's front end (e.g. "
-                "hrperc.create_encoder('llava_next', ...)); this encoder runs a DualPerspectiveCrop. Project its "
-                "tokens yourself."
-            )
         clock = _Clock(timings, self.backbone.device)
         sub = self.subimage_features(images, thumbnail=self.encodes_thumbnail, _clock=clock)
         geos, offsets = sub.crops.geometries, sub.crops.offsets
         local_feats, global_feats, thumb, B = sub.local, sub.strided, sub.thumbnail, len(geos)
         groups = self._enhance(local_feats, global_feats, thumb, geos, offsets)
+        if project is not None:  # per token, before the ragged padding (which stays zero)
+            groups = [(members, project(rows)) for members, rows in groups]
         clock.lap("dem")
 
         counts = [0] * B

@@ -1,0 +1,273 @@
+"""hrperc.integrations.transformers: identity on the four LLaVA-family classes, upgrade, save and restore.
+
+Tiny random models of full image and tile size (widths 32, 1-2 layers), an offline word-level tokenizer,
+the real transformers processors; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+
+import hrperc  # noqa: E402
+from hrperc.integrations.transformers import (  # noqa: E402
+    AttachedProcessor,
+    attach,
+    encoder_from_model,
+    load_front_end,
+    pack_images,
+    save_front_end,
+    unpack_images,
+)
+
+WORDS = "what is in the image describe it a red blue square circle yes no".split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<img>", "</img>", "<IMG_CONTEXT>"]
+TEXTS = ["<image> what is in the image", "describe it <image>"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                     pad_token="<pad>", additional_special_tokens=SPECIALS[4:])  # fmt: skip
+    tok.image_token = "<image>"
+    tok.start_image_token, tok.end_image_token, tok.context_image_token = "<img>", "</img>", "<IMG_CONTEXT>"
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>")]
+    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = ids
+    tok.video_token = "<unk>"
+    return tok
+
+
+def _text_config(tok):
+    return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=len(tok))  # fmt: skip
+
+
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+
+
+def build(family: str, seed: int = 0):
+    """``(model, processor, texts)`` of a tiny random model of ``family`` with its real processor."""
+    tok = _tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(image_size=336, **_VISION),
+                             text_config=_text_config(tok), image_token_id=image_id)  # fmt: skip
+        model = tf.LlavaForConditionalGeneration(cfg)
+        crop = {"height": 336, "width": 336}
+        ip = tf.LlavaImageProcessor(size={"shortest_edge": 336}, crop_size=crop, do_pad=True)
+        proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    elif family == "llava_next":
+        cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(image_size=336, **_VISION),
+                                 text_config=_text_config(tok), image_token_id=image_id)  # fmt: skip
+        model = tf.LlavaNextForConditionalGeneration(cfg)
+        ip = tf.LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        proc = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
+                                     vision_feature_select_strategy="default")  # fmt: skip
+    elif family == "llava_onevision":
+        cfg = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(image_size=384, **_VISION),
+                                      text_config=_text_config(tok), image_token_id=image_id,
+                                      video_token_id=tok.convert_tokens_to_ids("<unk>"))  # fmt: skip
+        model = tf.LlavaOnevisionForConditionalGeneration(cfg)
+        ip = tf.LlavaOnevisionImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        video = tf.LlavaOnevisionVideoProcessor()
+        proc = tf.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=video,
+                                          num_image_tokens=729, vision_feature_select_strategy="full",
+                                          video_token="<unk>")  # fmt: skip
+    else:
+        vcfg = tf.InternVLVisionConfig(image_size=448, **_VISION)
+        cfg = tf.InternVLConfig(
+            vision_config=vcfg, text_config=_text_config(tok), image_token_id=tok.context_image_token_id
+        )
+        model = tf.InternVLForConditionalGeneration(cfg)
+        with torch.no_grad():  # transformers initializes these to zero, which would hide a wrong CLS / position
+            emb = model.model.vision_tower.embeddings
+            emb.cls_token.normal_()
+            emb.position_embeddings.normal_(std=0.1)
+        ip = tf.GotOcr2ImageProcessor(crop_to_patches=True, size={"height": 448, "width": 448}, max_patches=12,
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+        proc = tf.InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=tf.InternVLVideoProcessor(),
+                                    image_seq_length=256)  # fmt: skip
+    if family != "internvl":
+        with torch.no_grad():  # a visible newline: slots that stayed zero would show
+            getattr(model.model, "image_newline", torch.zeros(1)).normal_()
+    texts = [t.replace("<image>", proc.image_token) for t in TEXTS]
+    return model.eval(), proc, texts
+
+
+def _images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+
+
+FAMILIES = ("llava", "llava_next", "llava_onevision", "internvl")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_attach_gives_the_unmodified_model_s_logits(family):
+    model, proc, texts = build(family)
+    images = _images([(300, 500), (700, 400)])
+    ref_inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
+    single = proc(images=images[:1], text=texts[:1], return_tensors="pt")
+    with torch.no_grad():
+        ref, ref_single = model(**ref_inputs).logits, model(**single).logits
+    enc = encoder_from_model(model, proc)
+    assert enc.recipe == hrperc.integrations.transformers.FAMILIES[family]
+    assert enc.backbone.model is model.model.vision_tower  # shared, not copied
+    model, aproc = attach(model, proc, enc)
+    inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True)
+    assert torch.equal(inputs["input_ids"], ref_inputs["input_ids"])  # the same token counts and layout
+    assert torch.equal(inputs["attention_mask"], ref_inputs["attention_mask"])
+    with torch.no_grad():
+        out = model(**inputs).logits
+        out_single = model(**aproc(images=images[:1], text=texts[:1], return_tensors="pt")).logits
+    # the same steps as transformers' default image processor: equal to float rounding
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_single, ref_single, atol=1e-5, rtol=0)
+
+
+def test_identity_holds_for_labels_and_generate():
+    model, proc, texts = build("llava_next")
+    images = _images([(200, 150), (480, 640)])
+    ref_in = proc(images=images, text=texts, return_tensors="pt", padding=True)
+    labels = ref_in["input_ids"].masked_fill(ref_in["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref_loss = model(**ref_in, labels=labels).loss
+    ref_gen = model.generate(**ref_in, max_new_tokens=4, do_sample=False)
+    model, aproc = attach(model, proc, encoder_from_model(model, proc))
+    inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        loss = model(**inputs, labels=labels).loss
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), ref_gen)  # KV cache path too
+
+
+def test_processor_expands_each_image_to_the_encoder_s_count():
+    model, proc, texts = build("llava_next")
+    enc = encoder_from_model(model, proc, dcm=True)
+    model, aproc = attach(model, proc, enc)
+    assert isinstance(aproc, AttachedProcessor)
+    images = _images([(90, 1000), (1000, 90)])
+    inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True)
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts == [enc.num_tokens((90, 1000)), enc.num_tokens((1000, 90))]
+    assert inputs["image_sizes"].tolist() == [[90, 1000], [1000, 90]]
+    with pytest.raises(ValueError, match="placeholder"):
+        aproc(images=images[:1], text=texts, return_tensors="pt", padding=True)
+
+
+def test_pixels_survive_packing_casting_and_devices():
+    images = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8), torch.randint(0, 256, (3, 9, 2), dtype=torch.uint8)]
+    px, sizes = pack_images(images)
+    assert px.dtype == torch.int16 and sizes.tolist() == [[5, 7], [9, 2]]
+    assert all(torch.equal(a, b) for a, b in zip(unpack_images(px), images))
+    floats = [torch.rand(3, 4, 4), images[0]]
+    pf, _ = pack_images(floats)
+    back = unpack_images(pf.to(torch.bfloat16).float())
+    assert back[0].dtype == torch.float32 and back[1].shape == (3, 5, 7)
+    torch.testing.assert_close(back[1], images[0].float() / 255, atol=4e-3, rtol=0)
+    with pytest.raises(ValueError, match="processor"):
+        unpack_images(torch.randn(1, 3, 8, 8) * 3)  # normalized pixels from the original processor
+
+
+def _trainable_only_dem(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.hrperc_front_end.parameters():
+        p.requires_grad_(True)
+
+
+@pytest.mark.parametrize("how", ["inf_llava on llava", "dcm on llava_next"])
+def test_upgrade_trains_only_the_front_end_and_generates(how):
+    family = "llava" if how.startswith("inf_llava") else "llava_next"
+    model, proc, texts = build(family)
+    tower = model.model.vision_tower
+    if family == "llava":
+        ip = proc.image_processor
+        enc = hrperc.create_encoder(
+            "inf_llava", hrperc.backbones.HFBackbone(tower, mean=ip.image_mean, std=ip.image_std)
+        )
+    else:
+        enc = encoder_from_model(model, proc, dcm=True)
+    model, aproc = attach(model, proc, enc)
+    _trainable_only_dem(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.train()
+    inputs = aproc(images=_images([(400, 600), (256, 256)]), text=texts, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("hrperc_front_end.dem.") for k in changed)
+    model.eval()
+    prompt = aproc(images=_images([(300, 300)]), text=texts[:1], return_tensors="pt")
+    gen = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    n = prompt["input_ids"].shape[1]
+    assert gen.shape == (1, n + 3) and torch.equal(gen[:, :n], prompt["input_ids"])  # the prompt, then 3 answers
+
+
+def test_a_wider_encoder_gets_a_new_projector_reported():
+    model, proc, texts = build("llava")
+    enc = hrperc.create_encoder("s2", hrperc.backbones.HFBackbone(model.model.vision_tower))  # 2 x 32 channels
+    with pytest.warns(UserWarning, match="new mlp2x_gelu projector"):
+        model, aproc = attach(model, proc, enc)
+    assert model.hrperc_front_end.projector[0].in_features == 64
+    with torch.no_grad():
+        out = model(**aproc(images=_images([(300, 500)]), text=texts[:1], return_tensors="pt"))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_save_and_restore_give_the_same_logits(tmp_path):
+    model, proc, texts = build("llava_next")
+    model, aproc = attach(model, proc, encoder_from_model(model, proc, dcm=True))
+    with torch.no_grad():
+        for p in model.hrperc_front_end.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained" weights, not the initialization
+    inputs = aproc(images=_images([(300, 500), (700, 400)]), text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    save_front_end(model, tmp_path)
+    saved = set()
+    from safetensors import safe_open
+
+    for f in tmp_path.glob("model*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            saved |= set(fh.keys())
+    assert saved and not any("hrperc" in k for k in saved)  # the model's own checkpoint stays the model's
+    restored = tf.LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
+    restored, rproc = load_front_end(restored, proc, tmp_path)
+    with torch.no_grad():
+        out = restored(**rproc(images=_images([(300, 500), (700, 400)]), text=texts, return_tensors="pt",
+                               padding=True)).logits  # fmt: skip
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_refusals_name_the_problem():
+    model, proc, _ = build("llava")
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        encoder_from_model(torch.nn.Linear(2, 2))
+    model.config.vision_feature_layer = [-2, -1]
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        encoder_from_model(model, proc)
+    model.config.vision_feature_layer = -2
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="CLS"):
+        encoder_from_model(model, proc)
+    model.config.vision_feature_select_strategy = "default"
+    enc = encoder_from_model(model, proc)
+    model, _ = attach(model, proc, enc)
+    with pytest.raises(ValueError, match="already"):
+        attach(model, proc, enc)
+    with pytest.raises(ValueError, match="processor"):
+        model.model.get_image_features(pixel_values=torch.randn(1, 3, 336, 336) * 2)
