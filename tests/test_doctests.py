@@ -26,6 +26,7 @@ NO_EXAMPLES = {
     "hrperc.cli.encode",
     "hrperc._validation",
     "hrperc.recipes._common",
+    "hrperc.integrations",
 }
 
 
