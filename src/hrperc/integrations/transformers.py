@@ -262,7 +262,9 @@ class _FrontEndState(nn.Module):
 
 
 def attach(model, processor, encoder: HighResEncoder, *, projector: nn.Module | None = None):
-    """Run ``encoder`` as ``model``'s image path; returns ``(model, AttachedProcessor)``.
+    """Run ``encoder`` as ``model``'s image path; returns ``(model, AttachedProcessor)`` (``processor=None``:
+    ``(model, None)``, for callers who build ``input_ids`` themselves -- each image placeholder repeated
+    ``encoder.num_tokens((H, W))`` times -- and ``pixel_values`` with :func:`pack_images`).
 
     ``model`` is modified in place (and returned): its ``get_image_features`` runs the encoder, whose tokens
     go through the model's projector -- or, when the encoder's ``token_width`` is not the projector's
@@ -307,7 +309,7 @@ def attach(model, processor, encoder: HighResEncoder, *, projector: nn.Module | 
     ignore = {f"hrperc_front_end.{k}" for k in state.state_dict()}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignore
     inner.get_image_features = types.MethodType(_attached_image_features(family), inner)
-    return model, AttachedProcessor(processor, encoder, family)
+    return model, (None if processor is None else AttachedProcessor(processor, encoder, family))
 
 
 def _attached_image_features(family: str):
