@@ -271,3 +271,32 @@ def test_refusals_name_the_problem():
         attach(model, proc, enc)
     with pytest.raises(ValueError, match="processor"):
         model.model.get_image_features(pixel_values=torch.randn(1, 3, 336, 336) * 2)
+
+
+def test_several_images_in_one_text_and_a_bf16_model():
+    model, proc, _ = build("llava_next")
+    texts = ["<image> what is in the image <image>", "describe it <image>"]
+    images = _images([(300, 500), (200, 150), (700, 400)])
+    ref_in = proc(images=images, text=texts, return_tensors="pt", padding=True)
+    import copy
+
+    with torch.no_grad():
+        ref = model(**ref_in).logits
+        ref16 = copy.deepcopy(model).to(torch.bfloat16)(**ref_in.to(torch.bfloat16)).logits.float()
+    model, aproc = attach(model, proc, encoder_from_model(model, proc))
+    inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True)
+    assert torch.equal(inputs["input_ids"], ref_in["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=1e-5, rtol=0)
+        model.to(torch.bfloat16)
+        inputs16 = inputs.to(torch.bfloat16)  # casts float tensors only: the packed int16 pixels stay exact
+        assert inputs16["pixel_values"].dtype == torch.int16
+        out16 = model(**inputs16).logits.float()
+    torch.testing.assert_close(out16, ref16, atol=1e-2 * max(1.0, ref16.abs().max().item()), rtol=0)
+
+
+def test_onevision_refuses_multi_image_prompts_it_would_encode_differently():
+    model, proc, _ = build("llava_onevision")
+    model, aproc = attach(model, proc, encoder_from_model(model, proc))
+    with pytest.raises(ValueError, match="several images"):
+        aproc(images=_images([(100, 100), (100, 100)]), text=["<image> <image> what"], return_tensors="pt")
