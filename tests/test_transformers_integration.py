@@ -300,3 +300,27 @@ def test_onevision_refuses_multi_image_prompts_it_would_encode_differently():
     model, aproc = attach(model, proc, encoder_from_model(model, proc))
     with pytest.raises(ValueError, match="several images"):
         aproc(images=_images([(100, 100), (100, 100)]), text=["<image> <image> what"], return_tensors="pt")
+
+
+def test_trainer_fine_tunes_the_attached_front_end(tmp_path):
+    pytest.importorskip("accelerate")
+    model, proc, texts = build("llava_next")
+    model, aproc = attach(model, proc, encoder_from_model(model, proc, dcm=True))
+    _trainable_only_dem(model)
+    rows = [{"image": img, "text": texts[i % 2]} for i, img in enumerate(_images([(300, 500), (256, 256)] * 2))]
+
+    def collate(batch):  # the attached processor does the token expansion; labels ignore padding
+        inputs = aproc(images=[r["image"] for r in batch], text=[r["text"] for r in batch], return_tensors="pt",
+                       padding=True)  # fmt: skip
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        return inputs
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                                remove_unused_columns=False, logging_steps=1, disable_tqdm=True)  # fmt: skip
+    trainer = tf.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("hrperc_front_end.dem.") for k in changed)
