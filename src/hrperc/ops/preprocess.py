@@ -11,8 +11,10 @@ image (a uint8 tensor or a PIL image) gives the same pixels as ``LlavaImageProce
 * :func:`center_crop` and :func:`shortest_edge_size` -- the processors' ``center_crop`` and
   ``{"shortest_edge": s}`` resize.
 
-:func:`to_unit` then gives float32 ``[0, 1]`` pixels (``uint8 / 255``); the backbone normalizes them
-(``(x - mean) / std``, equal to the processors' fused ``(x - 255 mean) / (255 std)`` to float rounding).
+The views stay uint8; the backbone normalizes uint8 pixels in the processors' fused form
+``(x - 255 mean) / (255 std)`` (:meth:`hrperc.backbones.VisionBackbone.normalize`), so the pixels the ViT
+sees are the processors' bit for bit. :func:`to_unit` gives float32 ``[0, 1]`` pixels where a step needs
+floats (S2's bicubic rescaling).
 
 All take ``(..., C, H, W)`` tensors. Example::
 
