@@ -4,7 +4,8 @@
 
 For each stage (1: DEM + projector train; 2: + LLM) and thread count, two measurements in one run:
 
-* ``full``: median time of the real training step (``InfLlava.forward`` + backward + AdamW), and tokens/s
+* ``full``: median time of the real training step (the attached ``LlavaForConditionalGeneration``'s forward,
+  the summed token loss, backward, AdamW), and tokens/s
   (all positions the LLM processes: text + visual, batch of 16 glyph samples);
 * ``split``: the same step cut at the two boundaries (ViT features, DEM tokens) with detached leaves, so
   each part's forward and backward can be timed alone: vision front end (crop + frozen ViT, no backward),
@@ -31,44 +32,44 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from inf_llava import build_inf_llava, build_tokenizer, get_config  # noqa: E402
 from inf_llava.data import GlyphTask, collate  # noqa: E402
+from inf_llava.model import encoder_of, model_num_tokens, set_stage, token_loss_sum  # noqa: E402
+
+
+def _inputs(batch) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
 
 
 def _full_step(model, opt, batch):
-    out = model(**batch)
-    out.loss.backward()
+    out = model(**_inputs(batch), use_cache=False)
+    loss_sum, n = token_loss_sum(out.logits, batch["labels"])
+    (loss_sum / n.clamp(min=1)).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return int(out.num_tokens)
+    return int(batch["attention_mask"].sum())
 
 
 def _split_step(model, opt, batch) -> dict[str, float]:
     """One step, timed per part. Same maths as the full step (gradients meet at the detached leaves)."""
-    enc = model.vision
+    from hrperc.integrations.transformers import unpack_images
+
+    enc = encoder_of(model)
     t = [time.perf_counter()]
-    sub = enc.subimage_features(batch["images"])  # crop + frozen ViT (no graph)
+    sub = enc.subimage_features(unpack_images(batch["pixel_values"]))  # crop + frozen ViT (no graph)
     t.append(time.perf_counter())
     ht, wt = enc.tile_tokens
     hi = enc.dem(sub.local, sub.strided, tuple(sub.crops.geometries[0].grid), tile_size=(ht, wt))
     tokens = enc._combine(hi, sub.thumbnail)
     t.append(time.perf_counter())
     leaf = tokens.detach().requires_grad_(True)
-    from inf_llava.model import merge_visual_tokens
-
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    embed = model.llm.get_input_embeddings()
-    text = embed(ids.masked_fill((ids == model.image_token_id) | ~mask.bool(), 0))
-    merged = merge_visual_tokens(text, ids, mask, model.image_token_id, model.projector(leaf), labels=labels)
-    hidden = model.llm.model(
-        inputs_embeds=merged.inputs_embeds,
-        attention_mask=merged.attention_mask,
-        position_ids=merged.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    targets = merged.labels[:, 1:]
-    scored = targets != -100
-    loss = torch.nn.functional.cross_entropy(
-        model.llm.get_output_embeddings()(hidden[:, :-1][scored]).float(), targets[scored]
-    )
+    inner = model.model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds = inner.get_input_embeddings()(ids)
+    visual = inner.multi_modal_projector(leaf).flatten(0, 1).to(embeds.dtype)
+    slots = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, visual)  # what LlavaModel.forward does with the image features
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    loss_sum, n = token_loss_sum(model.lm_head(hidden), batch["labels"])
+    loss = loss_sum / n.clamp(min=1)
     t.append(time.perf_counter())
     loss.backward()
     t.append(time.perf_counter())
@@ -92,12 +93,13 @@ def run(stage: int, threads: int, steps: int, batch_size: int) -> dict:
     cfg = get_config("tiny")
     tok = build_tokenizer(cfg)
     model = build_inf_llava(cfg, tok)
-    model.set_stage(stage)
+    set_stage(model, stage)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     task = GlyphTask(cfg.image_size)
     batches = [
-        collate(task.batch(range(i * batch_size, (i + 1) * batch_size)), tok, cfg) for i in range(steps)
+        collate(task.batch(range(i * batch_size, (i + 1) * batch_size)), tok, cfg, model_num_tokens(model))
+        for i in range(steps)
     ]
     for b in batches[:3]:  # warm-up
         _full_step(model, opt, b)
@@ -116,8 +118,8 @@ def run(stage: int, threads: int, steps: int, batch_size: int) -> dict:
         "threads": threads,
         "batch_size": batch_size,
         "tokens_per_step": statistics.mean(tokens),
-        "visual_tokens_per_image": model.vision.num_tokens(cfg.image_size),
-        "vit_passes_per_image": model.vision.num_backbone_passes(cfg.image_size),
+        "visual_tokens_per_image": encoder_of(model).num_tokens(cfg.image_size),
+        "vit_passes_per_image": encoder_of(model).num_backbone_passes(cfg.image_size),
         "step_s": full,
         "tokens_per_s": statistics.mean(tokens) / full,
         "samples_per_s": batch_size / full,

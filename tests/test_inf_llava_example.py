@@ -1,4 +1,5 @@
-"""The INF-LLaVA example (examples/inf_llava): merge, labels, generation, training stages, resume, DDP/FSDP."""
+"""The INF-LLaVA example (examples/inf_llava): the Llava model with hrperc's front end, labels, generation,
+training stages, resume, DDP/FSDP."""
 
 from __future__ import annotations
 
@@ -20,15 +21,21 @@ from inf_llava import (  # noqa: E402
     IGNORE_INDEX,
     build_inf_llava,
     build_tokenizer,
+    encoder_of,
     get_config,
-    merge_visual_tokens,
-    merge_visual_tokens_reference,
+    llm_parts,
+    model_num_tokens,
+    set_stage,
+    token_loss_sum,
 )
 from inf_llava import train as train_mod  # noqa: E402
-from inf_llava.data import GlyphTask, collate, conversation_ids, encode_prompts  # noqa: E402
-from inf_llava.generate import answer  # noqa: E402
+from inf_llava.data import GlyphTask, collate, conversation_ids, encode_prompts, expand_image_tokens  # noqa: E402
+from inf_llava.generate import answer, generate_ids  # noqa: E402
 
 TRAIN = ROOT / "examples" / "inf_llava" / "train.py"
+# Parameter-name prefixes of the parts of the Llava model.
+TOWER, DEM, PROJECTOR = "model.vision_tower.", "hrperc_front_end.dem.", "model.multi_modal_projector."
+LLM = ("model.language_model.", "lm_head.")
 
 
 def _train(argv, **kwargs):
@@ -80,7 +87,7 @@ def test_offline_tokenizer_has_single_image_token_and_round_trips(cfg, tok):
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
-def test_glyph_task_is_deterministic_and_answers_match_the_picture(cfg, tok):
+def test_glyph_task_is_deterministic_and_answers_match_the_picture(cfg, tok, model):
     from inf_llava.data import COLOURS, ROWS
 
     task = GlyphTask(cfg.image_size, seed=3)
@@ -96,7 +103,7 @@ def test_glyph_task_is_deterministic_and_answers_match_the_picture(cfg, tok):
         assert len(ys) > 0
         assert set((ys * 3 // H).tolist()) == {s.row} and set((xs * 3 // W).tolist()) == {s.column}
         assert s.colour in s.answer or ROWS[s.row] in s.answer
-    batch = collate(task.batch(range(4)), tok, cfg)
+    batch = collate(task.batch(range(4)), tok, cfg, model_num_tokens(model))
     for b in range(4):
         n = int(batch["attention_mask"][b].sum())
         lab = batch["labels"][b, :n]
@@ -106,160 +113,121 @@ def test_glyph_task_is_deterministic_and_answers_match_the_picture(cfg, tok):
         assert (batch["labels"][b, n:] == IGNORE_INDEX).all()
 
 
-# ---- merge ------------------------------------------------------------------------------------------------------
-def _ragged_batch(padding_side, E=6, T=5, image_id=4, seed=0):
-    """3 samples of different lengths with 2, 0 and 3 image placeholders, padded on ``padding_side``."""
-    g = torch.Generator().manual_seed(seed)
-    rows = [[7, image_id, 8, 9, image_id, 10], [7, 11, 12], [7, image_id, image_id, 13, image_id, 14, 15, 16]]
+# ---- the model: transformers' Llava, hrperc's image path -------------------------------------------------------
+def test_model_is_llava_whose_image_path_is_the_hrperc_encoder(cfg, tok, model):
+    """A LlavaForConditionalGeneration (CLIP tower, LLaMA text model); its get_image_features is the attached
+    inf_llava encoder through the model's projector, and collate puts num_tokens placeholders per image."""
+    from transformers import CLIPVisionModel, LlamaModel, LlavaForConditionalGeneration
+
+    import hrperc
+    from hrperc.integrations.transformers import pack_images
+
+    assert type(model) is LlavaForConditionalGeneration
+    assert isinstance(model.model.vision_tower, CLIPVisionModel)
+    assert isinstance(model.model.language_model, LlamaModel)
+    enc = encoder_of(model)
+    assert isinstance(enc, hrperc.HighResEncoder) and enc.recipe == "inf_llava"
+    tower_params = {id(p) for p in model.model.vision_tower.parameters()}
+    assert tower_params and {id(p) for p in enc.backbone.parameters()} <= tower_params  # the model's tower, shared
+    assert model.hrperc_front_end.dem is enc.dem and model.config.image_token_id == cfg.image_token_id(tok)
+    assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, *cfg.image_size, generator=g), torch.rand(3, 70, 120, generator=g)]  # ragged
+    pixel_values, sizes = pack_images(images)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+        for b, image in enumerate(images):
+            ref = enc([image], project=model.model.multi_modal_projector)
+            n = enc.num_tokens(tuple(image.shape[-2:]))
+            assert feats[b].shape == (n, 64) and n == 16
+            torch.testing.assert_close(feats[b], ref.tokens[0, :n], atol=1e-6, rtol=1e-6)
+    samples = GlyphTask(cfg.image_size).batch(range(2))
+    samples[1].image = images[1]
+    batch = collate(samples, tok, cfg, model_num_tokens(model))
+    placeholders = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert placeholders == [enc.num_tokens(tuple(s.image.shape[-2:])) for s in samples]
+    assert (batch["labels"][batch["input_ids"] == model.config.image_token_id] == IGNORE_INDEX).all()
+    assert torch.equal(batch["image_sizes"], torch.tensor([[96, 96], [70, 120]]))
+    # The placeholders are one contiguous run per image, where "<image>" was in the text.
+    ids, _ = conversation_ids(tok, cfg, samples[0].turns)
+    k = ids.index(model.config.image_token_id)
+    row = batch["input_ids"][0].tolist()
+    assert row[:k] == ids[:k] and row[k : k + 16] == [model.config.image_token_id] * 16 and row[k + 16] == ids[k + 1]
+    with pytest.raises(ValueError, match=r"1 image placeholder\(s\).*2 image\(s\)"):
+        expand_image_tokens(ids, ids, model.config.image_token_id, [16, 16])
+
+
+def _multi_image_batch(cfg, tok, model, specs, images):
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of ``(question, n_images, answer)`` specs."""
+    image_id, num_tokens = cfg.image_token_id(tok), model_num_tokens(model)
+    rows, labs, start = [], [], 0
+    for q, k, a in specs:
+        ids, lab = conversation_ids(tok, cfg, [(" ".join([cfg.image_token] * k) + " " + q, a)])
+        counts = [num_tokens(tuple(im.shape[-2:])) for im in images[start : start + k]]
+        ids, lab = expand_image_tokens(ids, lab, image_id, counts)
+        rows.append(ids)
+        labs.append(lab)
+        start += k
     L = max(map(len, rows))
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    labels = torch.full((3, L), IGNORE_INDEX)
-    for b, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-        ids[b, sl] = torch.tensor(r)
-        mask[b, sl] = 1
-        labels[b, sl] = torch.tensor([IGNORE_INDEX if t == image_id or i < 2 else t for i, t in enumerate(r)])
-    text = torch.randn(3, L, E, generator=g)
-    visual = torch.randn(5, T, E, generator=g)
-    vmask = torch.rand(5, T, generator=g) > 0.3
-    vmask[:, 0] = True
-    return text, ids, mask, image_id, visual, vmask, labels
+    ids = torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (L - len(lab)) for lab in labs])
+    return ids, mask, labels, [len(r) for r in rows]
 
 
-@pytest.mark.parametrize("in_side", ["left", "right"])
-@pytest.mark.parametrize("out_side", ["left", "right"])
-@pytest.mark.parametrize("ragged", [False, True])
-def test_merge_matches_loop_reference(in_side, out_side, ragged):
-    text, ids, mask, image_id, visual, vmask, labels = _ragged_batch(in_side)
-    vmask = vmask if ragged else None
-    fast = merge_visual_tokens(text, ids, mask, image_id, visual, vmask, labels, padding_side=out_side)
-    ref = merge_visual_tokens_reference(
-        text, ids, mask, image_id, visual, vmask, labels, padding_side=out_side
-    )
-    for name in ("inputs_embeds", "attention_mask", "position_ids", "labels"):
-        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
-
-
-def test_merge_places_visual_tokens_and_masks_labels():
-    text, ids, mask, image_id, visual, _, labels = _ragged_batch("right", T=4)
-    m = merge_visual_tokens(text, ids, mask, image_id, visual, labels=labels)
-    T = visual.shape[1]
-    # Lengths: real text tokens + T per image; padding after.
-    n_text = ((ids != image_id) & mask.bool()).sum(1)
-    n_img = ((ids == image_id) & mask.bool()).sum(1)
-    assert m.attention_mask.sum(1).tolist() == (n_text + T * n_img).tolist()
-    assert m.inputs_embeds.shape == (3, int((n_text + T * n_img).max()), text.shape[-1])
-    # Sample 0 = [7, img0, 8, 9, img1, 10]: img0 at 1..T, img1 after two text tokens.
-    assert torch.equal(m.inputs_embeds[0, 1 : 1 + T], visual[0])
-    assert torch.equal(m.inputs_embeds[0, 3 + T : 3 + 2 * T], visual[1])
-    assert torch.equal(m.inputs_embeds[0, 1 + T], text[0, 2])
-    # Sample 2 = [7, img2, img3, 13, img4, ...]: images in reading order.
-    assert torch.equal(m.inputs_embeds[2, 1 : 1 + T], visual[2])
-    assert torch.equal(m.inputs_embeds[2, 1 + T : 1 + 2 * T], visual[3])
-    assert torch.equal(m.inputs_embeds[2, 2 + 2 * T : 2 + 3 * T], visual[4])
-    # Labels: -100 on every visual and padding slot; the text labels survive in order.
-    assert (m.labels[m.attention_mask == 0] == IGNORE_INDEX).all()
-    assert (m.labels[0, 1 : 1 + T] == IGNORE_INDEX).all()
-    for b in range(3):
-        kept = m.labels[b][m.labels[b] != IGNORE_INDEX]
-        assert torch.equal(kept, labels[b][labels[b] != IGNORE_INDEX])
-    assert m.position_ids[0, : int(m.attention_mask[0].sum())].tolist() == list(
-        range(int(m.attention_mask[0].sum()))
-    )
-
-
-def test_merge_is_differentiable_in_text_and_visual_tokens():
-    text, ids, mask, image_id, visual, vmask, _ = _ragged_batch("right")
-    text.requires_grad_(True)
-    visual.requires_grad_(True)
-    m = merge_visual_tokens(text, ids, mask, image_id, visual, vmask)
-    m.inputs_embeds.sum().backward()
-    assert torch.equal(visual.grad, vmask[..., None].expand_as(visual).float())
-    is_text = (mask.bool() & (ids != image_id))[..., None].expand_as(text).float()
-    assert torch.equal(text.grad, is_text)
-
-
-def test_merge_rejects_wrong_image_count():
-    text, ids, mask, image_id, visual, _, _ = _ragged_batch("right")
-    with pytest.raises(ValueError, match=r"5 image placeholder\(s\).*4 image\(s\)"):
-        merge_visual_tokens(text, ids, mask, image_id, visual[:4])
-    with raises_naming(ValueError, "E = 6", "(5, 5, 3)"):
-        merge_visual_tokens(text, ids, mask, image_id, visual[..., :3])
-
-
-# ---- model: padded batches, several images ---------------------------------------------------------------------
 def test_padded_multi_image_batch_equals_samples_alone(cfg, tok, model):
-    """Loss and logits of each sample in a padded batch equal those of the sample run alone."""
+    """Loss and logits of each sample in a padded batch (several images per sample) equal those of the
+    sample run alone."""
+    from hrperc.integrations.transformers import pack_images
+
     g = torch.Generator().manual_seed(1)
     specs = [
         ("what is in the image ?", 1, "a red cross"),
         ("where is the blue bar ?", 2, "top left"),
         ("describe the image .", 3, "a green ring at the middle center"),
     ]
-    rows, labs, n_img = [], [], []
-    for q, k, a in specs:
-        ids, lab = conversation_ids(tok, cfg, [(" ".join([cfg.image_token] * k) + " " + q, a)])
-        rows.append(ids)
-        labs.append(lab)
-        n_img.append(k)
-    images = torch.rand(sum(n_img), 3, *cfg.image_size, generator=g)
-    L = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (L - len(lab)) for lab in labs])
+    images = list(torch.rand(6, 3, *cfg.image_size, generator=g))
+    ids, mask, labels, lengths = _multi_image_batch(cfg, tok, model, specs, images)
+    px, sizes = pack_images(images)
     with torch.no_grad():
-        batch = model(ids, mask, images, labels)
+        full_batch = model(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).logits
+        batch_sum, batch_n = token_loss_sum(full_batch, labels)
         alone_sum, alone_n, start = 0.0, 0, 0
-        for b, k in enumerate(n_img):
-            n = len(rows[b])
-            one = model(
-                ids[b : b + 1, :n], mask[b : b + 1, :n], images[start : start + k], labels[b : b + 1, :n]
-            )
-            full_batch = model(ids, mask, images)  # no labels: all logits
-            full_one = model(ids[b : b + 1, :n], mask[b : b + 1, :n], images[start : start + k])
-            n_real = full_one.logits.shape[1]
-            torch.testing.assert_close(
-                full_batch.logits[b, :n_real], full_one.logits[0], atol=1e-5, rtol=1e-5
-            )
-            alone_sum += float(one.loss_sum)
-            alone_n += int(one.num_label_tokens)
+        for b, (_, k, _) in enumerate(specs):
+            n = lengths[b]
+            px_b, sizes_b = pack_images(images[start : start + k])
+            one = model(input_ids=ids[b : b + 1, :n], attention_mask=mask[b : b + 1, :n], pixel_values=px_b,
+                        image_sizes=sizes_b).logits  # fmt: skip
+            torch.testing.assert_close(full_batch[b, :n], one[0], atol=1e-5, rtol=1e-5)
+            s_b, n_b = token_loss_sum(one, labels[b : b + 1, :n])
+            alone_sum += float(s_b)
+            alone_n += int(n_b)
             start += k
-    assert (
-        int(batch.num_label_tokens)
-        == alone_n
-        == sum(len(a) for a in labs) - sum(x == -100 for a in labs for x in a)
-    )
-    assert abs(float(batch.loss_sum) - alone_sum) < 1e-4 * max(1.0, alone_sum)
+    n_answer = sum(len(tok(a, add_special_tokens=False).input_ids) + 1 for _, _, a in specs)  # + EOS
+    assert int(batch_n) == alone_n == n_answer
+    assert abs(float(batch_sum) - alone_sum) < 1e-4 * max(1.0, alone_sum)
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
 def test_generate_with_kv_cache_matches_full_recompute(cfg, tok, model):
+    """transformers' generate (KV cache, left-padded batch) == greedy re-running of the whole sequence."""
     g = torch.Generator().manual_seed(2)
     questions = ["what is in the image ?", "where is the yellow square at the top ?"]
     images = torch.rand(2, 3, *cfg.image_size, generator=g)
-    input_ids, attention_mask = encode_prompts(tok, cfg, questions)
-    assert (attention_mask[0] == 0).any() and (
-        attention_mask[:, -1] == 1
-    ).all()  # left-padded, lengths differ
+    inputs = encode_prompts(tok, cfg, questions, images, model_num_tokens(model))
+    attention_mask = inputs["attention_mask"]
+    assert (attention_mask[0] == 0).any() and (attention_mask[:, -1] == 1).all()  # left-padded, lengths differ
     steps = 6
     with torch.no_grad():
-        cached = model.generate(
-            input_ids,
-            attention_mask,
-            images,
-            max_new_tokens=steps,
-            do_sample=False,
-            min_new_tokens=steps,
-            pad_token_id=tok.pad_token_id,
-        )
+        cached = generate_ids(model, tok, cfg, images, questions, max_new_tokens=steps, min_new_tokens=steps)
         assert cached.shape == (2, steps)
         for b in range(2):
             # Uncached greedy decoding of sample b alone: re-run the whole sequence each step.
             n = int(attention_mask[b].sum())
-            ids = input_ids[b : b + 1, -n:]
+            ids = inputs["input_ids"][b : b + 1, -n:]
+            px = inputs["pixel_values"][b : b + 1]
             for _ in range(steps):
-                logits = model(ids, torch.ones_like(ids), images[b : b + 1]).logits[0, -1]
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px).logits[0, -1]
                 logits[tok.eos_token_id] = -float("inf")  # min_new_tokens
                 ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
             assert ids[0, -steps:].tolist() == cached[b].tolist()
@@ -270,6 +238,9 @@ def test_answer_helper_returns_text_per_question(cfg, tok, model):
         model, tok, cfg, torch.zeros(2, 3, *cfg.image_size), ["what is in the image ?"] * 2, max_new_tokens=3
     )
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # Images of other sizes: each gets its own token count (the encoder fits it to the canvas).
+    texts = answer(model, tok, cfg, [torch.rand(3, 50, 140), torch.rand(3, 96, 96)], ["where ?"] * 2, max_new_tokens=2)
+    assert len(texts) == 2
 
 
 def test_eos_list_stops_at_the_end_of_turn_token(cfg, tok, monkeypatch):
@@ -285,18 +256,20 @@ def test_eos_list_stops_at_the_end_of_turn_token(cfg, tok, monkeypatch):
     # The llama3-8b template's answer suffix names the same token: no duplicate.
     assert eos_token_ids(tok3, cfg.replace(answer_suffix="<|eot_id|>")) == [tok3.eos_token_id, eot]
     m = build_inf_llava(cfg, tok3).eval()
-    ids, mask = encode_prompts(tok3, cfg, ["what is in the image ?"])
     image = torch.rand(1, 3, *cfg.image_size)
     only_eot = [i for i in range(len(tok3)) if i != eot]  # force <|eot_id|> at every step
-    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tok3.pad_token_id, "suppress_tokens": only_eot}
-    assert m.generate(ids, mask, image, **kw).tolist() == [[eot] * 4]  # EOS alone: runs on
-    assert m.generate(ids, mask, image, eos_token_id=eos_token_ids(tok3, cfg), **kw).tolist() == [[eot]]
-    # answer() passes the list by default.
+    kw = {"max_new_tokens": 4, "suppress_tokens": only_eot}
+    q = ["what is in the image ?"]
+    assert generate_ids(m, tok3, cfg, image, q, eos_token_id=tok3.eos_token_id, **kw).tolist() == [[eot] * 4]
+    assert generate_ids(m, tok3, cfg, image, q, **kw).tolist() == [[eot]]  # the list, by default
+    assert generate_ids(m, tok3, cfg, image, q, eos_token_id=eos_token_ids(tok3, cfg), **kw).tolist() == [[eot]]
+    # answer() passes the list to model.generate by default.
     seen = {}
     generate = m.generate
     monkeypatch.setattr(m, "generate", lambda *a, **k: seen.update(k) or generate(*a, **k))
     answer(m, tok3, cfg, image, ["what is in the image ?"], max_new_tokens=2)
     assert seen["eos_token_id"] == [tok3.eos_token_id, eot]
+    assert {"input_ids", "attention_mask", "pixel_values", "image_sizes"} <= set(seen)
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
@@ -304,24 +277,24 @@ def _frozen_and_trained(cfg, tok, ckpt_dir, stage):
     """Compare a freshly built model with one whose trained parts come from ``ckpt_dir``."""
     fresh = build_inf_llava(cfg, tok)
     trained = load_file(Path(ckpt_dir) / "model.safetensors")
-    expected = set(fresh.set_stage(stage))
+    expected = set(set_stage(fresh, stage))
     return fresh, trained, expected
 
 
 def _check_freezing(trained_model, cfg, tok, stage, llm_dtype=None) -> set[str]:
-    """Every frozen tensor of the model ``train`` returns (ViT; in stage 1 also the LLM; buffers too) is
+    """Every frozen tensor of the model ``train`` returns (CLIP; in stage 1 also the LLM; buffers too) is
     bit-identical, dtype included, to a fresh build from the same seed, and every trained one moved.
 
     Returns the names of the frozen tensors checked."""
     fresh = build_inf_llava(cfg, tok, llm_dtype=llm_dtype)
-    trainable = set(fresh.set_stage(stage))
+    trainable = set(set_stage(fresh, stage))
     ref, got = fresh.state_dict(), trained_model.state_dict()
     assert set(got) == set(ref)
     assert {n for n, p in trained_model.named_parameters() if p.requires_grad} == trainable
     frozen = set(ref) - trainable
-    assert any(n.startswith("vision.backbone.") for n in frozen)
-    assert any(n.startswith("llm.") for n in frozen) == (stage == 1)
-    assert not any(n.startswith(("vision.dem.", "projector.")) for n in frozen)
+    assert any(n.startswith(TOWER) for n in frozen)
+    assert any(n.startswith(LLM) for n in frozen) == (stage == 1)
+    assert not any(n.startswith((DEM, PROJECTOR)) for n in frozen)
     changed = sorted(n for n in frozen if got[n].dtype != ref[n].dtype or not torch.equal(got[n].cpu(), ref[n]))
     assert not changed, f"frozen tensors changed in stage {stage}: {changed[:5]} ({len(changed)} in all)"
     still = sorted(n for n in trainable if torch.equal(got[n].cpu().to(ref[n].dtype), ref[n]))
@@ -351,9 +324,8 @@ def test_stage1_trains_dem_and_projector_only(tmp_path, cfg, tok):
     )
     fresh, trained, expected = _frozen_and_trained(cfg, tok, s["checkpoint"], 1)
     assert set(trained) == expected == set(s["trainable"])
-    assert all(
-        n.startswith(("vision.", "projector.")) and not n.startswith("vision.backbone.") for n in expected
-    )
+    assert all(n.startswith((DEM, PROJECTOR)) for n in expected)
+    assert any(n.startswith(DEM) for n in expected) and any(n.startswith(PROJECTOR) for n in expected)
     # Trained parts moved; frozen parts (ViT, LLM) are bit-identical to the seeded build.
     assert all(not torch.equal(trained[n], fresh.state_dict()[n]) for n in expected)
     frozen = _check_freezing(s["model"], cfg, tok, 1)
@@ -386,15 +358,13 @@ def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
     )
     fresh, trained, expected = _frozen_and_trained(cfg, tok, s["checkpoint"], 2)
     assert set(trained) == expected
-    assert any(n.startswith("llm.") for n in expected) and not any(
-        n.startswith("vision.backbone.") for n in expected
-    )
+    assert any(n.startswith(LLM) for n in expected) and not any(n.startswith(TOWER) for n in expected)
     losses = s["losses"]
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0]
     # The frozen ViT of the trained model is untouched (compared with the seeded build); the DEM,
     # projector and LLM all moved, and the checkpoint holds their final values.
     frozen = _check_freezing(s["model"], cfg, tok, 2)
-    assert all(n.startswith("vision.") for n in frozen)
+    assert all(n.startswith(TOWER) for n in frozen)
     final_sd = s["model"].state_dict()
     assert all(torch.equal(trained[n], final_sd[n]) for n in expected)
 
@@ -403,31 +373,29 @@ def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
 def test_freezing_check_catches_broken_freezing(tmp_path, cfg, tok, monkeypatch, leak):
     """The frozen-parameter check above can fail: with the LLM (or the ViT) left trainable in stage 1,
     it does, both on the requires_grad flags and on the weights themselves."""
-    from inf_llava.model import InfLlava
-
-    set_stage = InfLlava.set_stage
-
-    def leaky(self, stage):
-        set_stage(self, stage)
+    def leaky(model, stage):
+        set_stage(model, stage)
         if leak == "llm":
-            self.llm.requires_grad_(True)  # the bug: stage 1 forgets to freeze the LLM
+            for part in llm_parts(model):
+                part.requires_grad_(True)  # the bug: stage 1 forgets to freeze the LLM
         else:
-            self.vision.backbone.requires_grad_(True)  # the bug: the ViT runs with autograd and trains
-            self.vision.train_backbone = True
-        return [n for n, p in self.named_parameters() if p.requires_grad]
+            model.model.vision_tower.requires_grad_(True)  # the bug: the ViT runs with autograd and trains
+            encoder_of(model).train_backbone = True
+        return [n for n, p in model.named_parameters() if p.requires_grad]
 
-    monkeypatch.setattr(InfLlava, "set_stage", leaky)
+    monkeypatch.setattr(train_mod, "set_stage", leaky)
     s = _train(
         ["--stage", "1", "--steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--no-progress"]
         + ["--out", str(tmp_path)],
         return_model=True,
     )
-    monkeypatch.setattr(InfLlava, "set_stage", set_stage)
+    monkeypatch.setattr(train_mod, "set_stage", set_stage)
     m = s["model"]
     with pytest.raises(AssertionError):
         _check_freezing(m, cfg, tok, 1)
     # Even with the flags put back, the weights that moved are caught.
-    (m.llm if leak == "llm" else m.vision.backbone).requires_grad_(False)
+    for part in llm_parts(m) if leak == "llm" else [m.model.vision_tower]:
+        part.requires_grad_(False)
     with pytest.raises(AssertionError, match="frozen tensors changed"):
         _check_freezing(m, cfg, tok, 1)
 
@@ -444,7 +412,8 @@ def test_bf16_two_steps(tmp_path, cfg, tok, stage):
     assert len(s["losses"]) == 2 and all(torch.isfinite(torch.tensor(s["losses"])))
     m = s["model"]
     llm_dtype = torch.bfloat16 if stage == 1 else torch.float32
-    assert {p.dtype for p in m.llm.parameters()} == {llm_dtype}
+    assert {p.dtype for part in llm_parts(m) for p in part.parameters()} == {llm_dtype}
+    assert {p.dtype for p in m.model.vision_tower.parameters()} == {torch.float32}
     assert {p.dtype for p in m.parameters() if p.requires_grad} == {torch.float32}
     _check_freezing(m, cfg, tok, stage, llm_dtype=llm_dtype)
     saved = load_file(Path(s["checkpoint"]) / "model.safetensors")
@@ -492,7 +461,7 @@ def test_resume_with_other_stage_is_refused(tmp_path):
         ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
     )
     checkpoint = tmp_path / "checkpoint-1" / "model.safetensors"
-    with raises_naming(ValueError, str(checkpoint), "21", "'llm.lm_head.weight'", "--stage", "--init-from"):
+    with raises_naming(ValueError, str(checkpoint), "21", "'lm_head.weight'", "--stage", "--init-from"):
         _train(
             [
                 "--stage",
@@ -601,16 +570,21 @@ def test_llama3_config_needs_local_dirs(monkeypatch):
         get_config("llama3-8b")
 
 
-def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, tok):
+def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg):
     """llama3-8b's loading path with toy local directories: HF CLIP dir, LLaMA dir + tokenizer, released
-    spatial_embed/mm_projector weights; a tokenizer without an image token gets LLaVA's -200."""
+    spatial_embed/mm_projector weights (into the DEM and Llava's linear_1 / linear_2); a tokenizer without an
+    image token (LLaMA-3's) uses its first reserved special token, and one with neither is refused."""
+    from inf_llava import LLAMA3_IMAGE_TOKEN
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     import hrperc
 
+    tok = build_tokenizer(cfg)
+    tok.add_tokens([LLAMA3_IMAGE_TOKEN], special_tokens=True)  # as in LLaMA-3's vocabulary
+    reserved = tok.convert_tokens_to_ids(LLAMA3_IMAGE_TOKEN)
     clip_dir, llm_dir = tmp_path / "clip", tmp_path / "llm"
-    CLIPVisionModel(
+    clip = CLIPVisionModel(
         CLIPVisionConfig(
             image_size=28,
             patch_size=14,
@@ -619,8 +593,9 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
             num_hidden_layers=3,
             num_attention_heads=2,
         )
-    ).save_pretrained(clip_dir)
-    LlamaForCausalLM(
+    )
+    clip.save_pretrained(clip_dir)
+    llama = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tok),
             hidden_size=48,
@@ -630,7 +605,8 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
             num_key_value_heads=2,
             pad_token_id=tok.pad_token_id,
         )
-    ).save_pretrained(llm_dir)
+    )
+    llama.save_pretrained(llm_dir)
     tok.save_pretrained(llm_dir)
     dem = hrperc.DualPerspectiveEnhancement(32, heads=8)
     proj = hrperc.modules.build_projector("mlp2x_gelu", 32, 48)
@@ -649,23 +625,35 @@ def test_pretrained_path_loads_local_dirs_and_released_weights(tmp_path, cfg, to
         build_inf_llava(real, build_tokenizer(real))
     toy = real.replace(
         name="llama3-toy",
-        image_token="<im_patch>",
+        image_token="<im_patch>",  # not in the vocabulary, like <image> in LLaMA-3's
         prompt_template="USER : {question} ASSISTANT :",
         answer_suffix="",
     )
     toy_tok = build_tokenizer(toy)
     m = build_inf_llava(toy, toy_tok, llm_dtype=torch.float32).eval()
-    assert m.image_token_id == -200
-    assert torch.equal(m.vision.dem.attention.linears[0].weight, dem.attention.linears[0].weight)
-    assert torch.equal(m.projector[2].weight, proj[2].weight)
-    assert m.vision.num_tokens((84, 84)) == 4 and m.vision.backbone.hidden_size == 32
+    assert m.config.image_token_id == reserved == len(tok) - 1
+    # The pretrained parts are the directories' weights; the released ones are in the DEM and the projector.
+    tower_sd, clip_sd = m.model.vision_tower.state_dict(), clip.state_dict()
+    assert set(tower_sd) == set(clip_sd) and all(torch.equal(tower_sd[k], clip_sd[k]) for k in clip_sd)
+    assert torch.equal(m.model.language_model.layers[1].mlp.up_proj.weight, llama.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(m.lm_head.weight, llama.lm_head.weight)
+    assert torch.equal(m.hrperc_front_end.dem.attention.linears[0].weight, dem.attention.linears[0].weight)
+    assert torch.equal(m.model.multi_modal_projector.linear_1.weight, proj[0].weight)
+    assert torch.equal(m.model.multi_modal_projector.linear_2.bias, proj[2].bias)
+    enc = encoder_of(m)
+    assert enc.num_tokens((84, 84)) == 4 and enc.backbone.hidden_size == 32
     ids, labels = conversation_ids(toy_tok, toy, [("what is in the image ?", "a red cross")])
-    assert ids.count(-200) == 1 and ids[:4] == [toy_tok.bos_token_id, 5, 7, -200]  # <s> USER : <image> ...
-    ids_t, lab_t = torch.tensor([ids]), torch.tensor([labels])
+    assert ids.count(reserved) == 1 and ids[:4] == [toy_tok.bos_token_id, 5, 7, reserved]  # <s> USER : <image> ...
+    batch = collate([GlyphTask((84, 84), glyph_size=5).sample(0)], toy_tok, toy, model_num_tokens(m))
+    assert int((batch["input_ids"] == reserved).sum()) == 4
+    labels = batch.pop("labels")
     with torch.no_grad():
-        out = m(ids_t, torch.ones_like(ids_t), torch.rand(1, 3, 84, 84), lab_t)
-    assert out.logits.shape[0] == int(out.num_label_tokens) == 4 and torch.isfinite(out.loss)
-    assert int(out.num_tokens) == len(ids) - 1 + 4
+        logits = m(**batch).logits
+    loss_sum, n = token_loss_sum(logits, labels)
+    assert logits.shape[:2] == batch["input_ids"].shape and int(n) > 0 and torch.isfinite(loss_sum)
+    # A tokenizer with neither the image token nor LLaMA-3's reserved one: refused, naming the fix.
+    with raises_naming(ValueError, "'<im_patch>'", LLAMA3_IMAGE_TOKEN, "add_tokens", "resize_token_embeddings"):
+        toy.image_token_id(build_tokenizer(cfg))
 
 
 def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
@@ -710,7 +698,7 @@ def test_glyph_eval_honours_seed_and_glyph_size(cfg, monkeypatch):
     assert not torch.equal(images, torch.stack([s.image for s in default]))
 
 
-def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok):
+def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok, model):
     import numpy as np
     from inf_llava.data import build_dataset
     from PIL import Image
@@ -744,12 +732,12 @@ def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok):
     spec = f"llava:{tmp_path / 'data.json'}:{tmp_path / 'img'}"
     data = build_dataset(spec, cfg)
     assert len(data) == 2  # the text-only record is skipped
-    batch = collate(data.batch([0, 1]), tok, cfg)
-    assert isinstance(batch["images"], list) and batch["images"][0].shape == (3, 90, 120)  # ragged sizes
+    batch = collate(data.batch([0, 1]), tok, cfg, model_num_tokens(model))
+    assert batch["image_sizes"].tolist() == [[90, 120], [96, 96]]  # ragged sizes
     image_id = cfg.image_token_id(tok)
     for b, answers in enumerate([["a red cross", "top left"], ["a blue ring"]]):
         ids = batch["input_ids"][b]
-        assert int((ids == image_id).sum()) == 1  # given in turn 1, or added before the first question
+        assert int((ids == image_id).sum()) == 16  # given in turn 1, or added before the first question
         scored = tok.decode(ids[batch["labels"][b] != IGNORE_INDEX]).split("</s>")
         assert [t.strip() for t in scored if t.strip()] == answers
     s = _train(

@@ -1,4 +1,5 @@
-"""INF-LLaVA with a LLaMA-3 LLM (transformers): model, configs, synthetic data, training, generation.
+"""INF-LLaVA with a LLaMA-3 LLM: a transformers ``LlavaForConditionalGeneration`` with hrperc's INF-LLaVA front
+end attached; configs, synthetic data, training, generation.
 
 Put ``examples/`` on ``sys.path`` (the scripts do it themselves) and ``import inf_llava``::
 
@@ -7,28 +8,28 @@ Put ``examples/`` on ``sys.path`` (the scripts do it themselves) and ``import in
     >>> model = build_inf_llava(cfg, build_tokenizer(cfg))
 """
 
-from .configs import CONFIGS, IMAGE_TOKEN_INDEX, InfLlavaConfig, build_tokenizer, get_config
+from .configs import CONFIGS, LLAMA3_IMAGE_TOKEN, InfLlavaConfig, build_tokenizer, get_config
 from .model import (
     IGNORE_INDEX,
-    InfLlava,
-    InfLlavaOutput,
-    MergedInputs,
     build_inf_llava,
-    merge_visual_tokens,
-    merge_visual_tokens_reference,
+    encoder_of,
+    llm_parts,
+    model_num_tokens,
+    set_stage,
+    token_loss_sum,
 )
 
 __all__ = [
     "CONFIGS",
-    "IMAGE_TOKEN_INDEX",
+    "LLAMA3_IMAGE_TOKEN",
     "IGNORE_INDEX",
     "InfLlavaConfig",
     "build_tokenizer",
     "get_config",
-    "InfLlava",
-    "InfLlavaOutput",
-    "MergedInputs",
     "build_inf_llava",
-    "merge_visual_tokens",
-    "merge_visual_tokens_reference",
+    "encoder_of",
+    "llm_parts",
+    "model_num_tokens",
+    "set_stage",
+    "token_loss_sum",
 ]

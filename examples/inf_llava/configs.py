@@ -11,8 +11,10 @@ Example::
 ``llama3-8b`` follows the released model (``docs/released.md``): CLIP ViT-L/14-336 (second-to-last
 layer, CLS dropped, 576 tokens per sub-image), grid 3 x 3 over a 1008 x 1008 canvas, released DEM
 (8 heads, D = 1024), ``mlp2x_gelu`` projector 1024 -> 4096, LLaMA-3-8B (hidden 4096, 32 layers,
-32 heads, 8 KV heads, vocab 128256, rope theta 5e5). It needs local directories, given as arguments
-or environment variables:
+32 heads, 8 KV heads, vocab 128256, rope theta 5e5), assembled as a transformers
+``LlavaForConditionalGeneration``; ``<image>`` in the text stands for the image, with the id of LLaMA-3's
+``<|reserved_special_token_0|>`` (:data:`LLAMA3_IMAGE_TOKEN`). It needs local directories, given as
+arguments or environment variables:
 
 * ``INF_LLAVA_LLM_DIR``: a transformers ``LlamaForCausalLM`` checkpoint directory (with its tokenizer);
 * ``INF_LLAVA_CLIP_DIR``: a transformers CLIP ViT-L/14-336 directory;
@@ -26,10 +28,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["InfLlavaConfig", "CONFIGS", "get_config", "build_tokenizer", "IMAGE_TOKEN_INDEX", "TINY_WORDS"]
+__all__ = ["InfLlavaConfig", "CONFIGS", "get_config", "build_tokenizer", "LLAMA3_IMAGE_TOKEN", "TINY_WORDS"]
 
-# LLaVA's placeholder id for tokenizers that have no image token (never looked up in the embedding).
-IMAGE_TOKEN_INDEX = -200
+# The image placeholder of tokenizers without an ``<image>`` token (LLaMA-3): one of LLaMA-3's reserved
+# special tokens. transformers' Llava embeds every input id, so the placeholder must be a real vocabulary
+# id (LLaVA's -200 cannot be used); a reserved token keeps the vocabulary, the embedding and the lm_head
+# at LLaMA-3-8B's 128256 rows, so released and trained LLM weights load unchanged.
+LLAMA3_IMAGE_TOKEN = "<|reserved_special_token_0|>"
 
 # Vocabulary of the synthetic task (data.py) plus the prompt template's words.
 TINY_WORDS = (
@@ -50,7 +55,7 @@ class InfLlavaConfig:
     name: str
     image_size: tuple[int, int]
     grid: tuple[int, int]
-    # Vision backbone: {"kind": "timm-tiny", ...ViT kwargs} or {"kind": "hf", "path": <CLIP dir>}.
+    # Vision tower: {"kind": "random", **CLIPVisionConfig kwargs} or {"kind": "pretrained", "path": <CLIP dir>}.
     vision: dict = field(default_factory=dict)
     # DEM kwargs (DualPerspectiveEnhancement) for random init; ignored when released weights are loaded.
     dem: dict = field(default_factory=dict)
@@ -69,11 +74,20 @@ class InfLlavaConfig:
         return self.image_size[0] // self.grid[0], self.image_size[1] // self.grid[1]
 
     def image_token_id(self, tokenizer) -> int:
-        """The id the model replaces by visual tokens: the tokenizer's own, else LLaVA's -200."""
-        tid = tokenizer.convert_tokens_to_ids(self.image_token)
-        if tid is None or tid == tokenizer.unk_token_id:
-            return IMAGE_TOKEN_INDEX
-        return int(tid)
+        """The vocabulary id that stands for image tokens (``LlavaConfig.image_token_id``): the tokenizer's
+        ``image_token`` when it has one, else :data:`LLAMA3_IMAGE_TOKEN` (LLaMA-3's first reserved token).
+
+        ``image_token`` in the text is always the marker; only its id differs."""
+        for name in (self.image_token, LLAMA3_IMAGE_TOKEN):
+            tid = tokenizer.convert_tokens_to_ids(name)  # unknown: None or the unk id
+            if tid is not None and tid != tokenizer.unk_token_id:
+                return int(tid)
+        raise ValueError(
+            f"InfLlavaConfig.image_token_id: the tokenizer has neither {self.image_token!r} nor "
+            f"{LLAMA3_IMAGE_TOKEN!r}; transformers' Llava needs the image placeholder to be a real vocabulary id. "
+            f"Add one, e.g. tokenizer.add_tokens([{self.image_token!r}], special_tokens=True), and give the LLM "
+            "that many embedding rows (model.resize_token_embeddings(len(tokenizer)))."
+        )
 
     def replace(self, **changes) -> InfLlavaConfig:
         return dataclasses.replace(self, **changes)
@@ -83,13 +97,14 @@ TINY = InfLlavaConfig(
     name="tiny",
     image_size=(96, 96),
     grid=(3, 3),
-    vision={
-        "kind": "timm-tiny",
-        "img_size": 32,
+    vision={  # a random CLIP vision tower: 32 px sub-images, 4 x 4 tokens each
+        "kind": "random",
+        "image_size": 32,
         "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
+        "hidden_size": 32,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
     },
     dem={"heads": 2},
     llm={
@@ -109,7 +124,7 @@ LLAMA3_8B = InfLlavaConfig(
     name="llama3-8b",
     image_size=(1008, 1008),
     grid=(3, 3),
-    vision={"kind": "hf", "path": None},  # INF_LLAVA_CLIP_DIR
+    vision={"kind": "pretrained", "path": None},  # INF_LLAVA_CLIP_DIR
     dem={"heads": 8},
     llm={"kind": "pretrained", "path": None},  # INF_LLAVA_LLM_DIR
     tokenizer="",  # the LLM directory

@@ -14,10 +14,13 @@ Samples depend only on ``(seed, index)``, so a global batch is the same whatever
 processes that share it. Real instruction data in LLaVA's JSON format (``--data llava:<json>:<image dir>``)
 is read by :class:`LlavaJsonDataset` with the same ``batch(indices)`` interface.
 
-:func:`collate` turns samples (an image and ``turns`` of (question, answer)) into token ids with the
-config's prompt template; the image placeholder becomes ``cfg.image_token_id`` (LLaVA's ``-200`` when
-the tokenizer has no such token), and labels are ``-100`` on the prompts and the padding.
-:func:`encode_prompts` does the same for generation (left padding, no answers).
+:func:`collate` turns samples (an image and ``turns`` of (question, answer)) into the keyword arguments of
+the model (``LlavaForConditionalGeneration``) plus ``labels``: token ids with the config's prompt
+template in which the image placeholder ``cfg.image_token`` becomes ``num_tokens((H, W))`` copies of
+``cfg.image_token_id`` (one per visual token of the image, as transformers' Llava expects), and the
+images packed by ``hrperc.integrations.transformers.pack_images``; labels are ``-100`` on the prompts,
+the image tokens and the padding. :func:`encode_prompts` does the same for generation (left padding,
+no answers).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from hrperc.integrations.transformers import pack_images
+
 from .model import IGNORE_INDEX
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "ConversationSample",
     "tokenize_with_images",
     "conversation_ids",
+    "expand_image_tokens",
     "collate",
     "encode_prompts",
     "build_dataset",
@@ -193,7 +199,8 @@ def build_dataset(spec: str, cfg, glyph_size=None, seed: int = 0):
 
 
 def tokenize_with_images(tokenizer, text: str, image_token: str, image_token_id: int, bos: bool) -> list[int]:
-    """Token ids of ``text`` with every ``image_token`` replaced by ``image_token_id`` (may be -200)."""
+    """Token ids of ``text`` with every ``image_token`` replaced by one ``image_token_id``
+    (:func:`expand_image_tokens` then repeats it to the image's token count)."""
     ids = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     for i, piece in enumerate(text.split(image_token)):
         if i:
@@ -230,6 +237,27 @@ def conversation_ids(tokenizer, cfg, turns, *, with_answers: bool = True) -> tup
     return ids, labels
 
 
+def expand_image_tokens(ids, labels, image_token_id: int, counts) -> tuple[list[int], list[int]]:
+    """Repeat the ``k``-th image placeholder of ``ids`` ``counts[k]`` times (labels ``-100`` there)."""
+    counts = list(counts)
+    found = sum(t == image_token_id for t in ids)
+    if found != len(counts):
+        raise ValueError(
+            f"expand_image_tokens: the text holds {found} image placeholder(s) (id {image_token_id}) but "
+            f"{len(counts)} image(s) were given; put one image token per image in the text."
+        )
+    out_ids, out_labels, k = [], [], 0
+    for t, lab in zip(ids, labels):
+        if t == image_token_id:
+            out_ids += [t] * counts[k]
+            out_labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            out_ids.append(t)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
 def _pad(rows, value, side):
     L = max(map(len, rows))
     return torch.tensor(
@@ -237,24 +265,52 @@ def _pad(rows, value, side):
     )
 
 
-def collate(samples, tokenizer, cfg) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)`` and ``images``.
+def _image_size(image) -> tuple[int, int]:
+    return (image.height, image.width) if hasattr(image, "height") else tuple(int(v) for v in image.shape[-2:])
 
-    ``images``: ``(B, 3, H, W)`` in ``[0, 1]`` when all samples share a size, else a list of
-    ``(3, H_b, W_b)`` (the encoder fits each; the encoder applies its backbone's normalisation).
+
+def collate(samples, tokenizer, cfg, num_tokens) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)``, and ``pixel_values``,
+    ``image_sizes`` (``pack_images`` of the samples' images, any sizes).
+
+    ``num_tokens``: ``(H, W) -> visual tokens`` of the model's encoder (``model_num_tokens(model)``);
+    each sample's image placeholder is repeated that many times. One image per sample.
     """
-    rows, labels = zip(*(conversation_ids(tokenizer, cfg, s.turns) for s in samples))
-    sizes = {tuple(s.image.shape) for s in samples}
-    images = torch.stack([s.image for s in samples]) if len(sizes) == 1 else [s.image for s in samples]
+    image_id = cfg.image_token_id(tokenizer)
+    rows, labels = [], []
+    for s in samples:
+        ids, lab = conversation_ids(tokenizer, cfg, s.turns)
+        ids, lab = expand_image_tokens(ids, lab, image_id, [num_tokens(_image_size(s.image))])
+        rows.append(ids)
+        labels.append(lab)
+    pixel_values, image_sizes = pack_images([s.image for s in samples])
     return {
         "input_ids": _pad(rows, tokenizer.pad_token_id, "right"),
         "attention_mask": _pad([[1] * len(r) for r in rows], 0, "right"),
         "labels": _pad(labels, IGNORE_INDEX, "right"),
-        "images": images,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
     }
 
 
-def encode_prompts(tokenizer, cfg, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask`` ``(B, L)`` of single-turn prompts, for generation."""
-    rows = [conversation_ids(tokenizer, cfg, [(q, "")], with_answers=False)[0] for q in questions]
-    return _pad(rows, tokenizer.pad_token_id, "left"), _pad([[1] * len(r) for r in rows], 0, "left")
+def encode_prompts(tokenizer, cfg, questions: list[str], images, num_tokens) -> dict:
+    """Left-padded ``input_ids`` and ``attention_mask`` ``(B, L)`` of single-turn prompts, one image each
+    (``images``: ``(B, 3, H, W)`` or a list of ``(3, H_b, W_b)``), with ``pixel_values`` and ``image_sizes``:
+    the keyword arguments of ``model.generate``."""
+    images = list(images)
+    if len(images) != len(questions):
+        raise ValueError(
+            f"encode_prompts: got {len(images)} image(s) for {len(questions)} question(s); pass one image per question."
+        )
+    image_id = cfg.image_token_id(tokenizer)
+    rows = []
+    for q, image in zip(questions, images):
+        ids, lab = conversation_ids(tokenizer, cfg, [(q, "")], with_answers=False)
+        rows.append(expand_image_tokens(ids, lab, image_id, [num_tokens(_image_size(image))])[0])
+    pixel_values, image_sizes = pack_images(images)
+    return {
+        "input_ids": _pad(rows, tokenizer.pad_token_id, "left"),
+        "attention_mask": _pad([[1] * len(r) for r in rows], 0, "left"),
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+    }

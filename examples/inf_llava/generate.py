@@ -1,4 +1,4 @@
-"""Answer a question about an image with INF-LLaVA (KV-cached decoding through transformers' ``generate``).
+"""Answer a question about an image with INF-LLaVA (KV-cached decoding: the Llava model's own ``generate``).
 
 Examples (from the repository root)::
 
@@ -10,7 +10,8 @@ Examples (from the repository root)::
         --image photo.jpg --prompt "What is written on the sign?"
 
 With ``tiny`` and no checkpoint the weights are random and the text is meaningless: the run only
-shows that the pipeline (crops, ViT, DEM, projector, merge, cached decoding) works end to end.
+shows that the pipeline (crops, CLIP, DEM, projector, transformers' Llava merge and cached decoding) works
+end to end.
 After training on the glyph task it answers in that task's words (colour, shape, region).
 Images of any size are fitted by the encoder (``HighResEncoder``: bicubic resize to the 3 x 3 canvas).
 """
@@ -29,9 +30,9 @@ import torch
 from inf_llava.checkpoint import load_trained_weights
 from inf_llava.configs import CONFIGS, build_tokenizer, get_config
 from inf_llava.data import encode_prompts
-from inf_llava.model import build_inf_llava
+from inf_llava.model import build_inf_llava, model_num_tokens
 
-__all__ = ["load_image", "answer", "eos_token_ids", "evaluate_glyphs", "main"]
+__all__ = ["load_image", "generate_ids", "answer", "eos_token_ids", "evaluate_glyphs", "main"]
 
 # End-of-turn tokens that end an answer besides the tokenizer's EOS (LLaMA-3: <|end_of_text|> is the EOS,
 # but a chat turn, and our training answers, end with <|eot_id|>).
@@ -67,21 +68,32 @@ def eos_token_ids(tokenizer, cfg=None) -> list[int]:
     return ids
 
 
-def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwargs) -> list[str]:
-    """One answer per ``(image, question)``: ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` or a list of
-    ``(3, H_b, W_b)`` of any sizes; ``questions`` B strings."""
+@torch.no_grad()
+def generate_ids(model, tokenizer, cfg, images, questions: list[str], **generate_kwargs) -> torch.Tensor:
+    """The new token ids ``(B, n_new)`` of ``model.generate`` (transformers' decoding with the KV cache)
+    for one ``(image, question)`` per row; the prompt, which ``generate`` returns first, is cut off.
+
+    ``images``: ``(B, 3, H, W)`` in ``[0, 1]`` or a list of ``(3, H_b, W_b)`` of any sizes. Defaults: greedy,
+    32 new tokens, stop at any of :func:`eos_token_ids`; ``generate_kwargs`` override them.
+    """
     if len(images) != len(questions):
         raise ValueError(
             f"answer: got {len(images)} image(s) for {len(questions)} question(s); pass one image per question."
         )
-    input_ids, attention_mask = encode_prompts(tokenizer, cfg, questions)
+    inputs = encode_prompts(tokenizer, cfg, questions, images, model_num_tokens(model))
     generate_kwargs.setdefault("max_new_tokens", 32)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     generate_kwargs.setdefault("eos_token_id", eos_token_ids(tokenizer, cfg))
     device = next(model.parameters()).device
-    images = images.to(device) if torch.is_tensor(images) else [im.to(device) for im in images]
-    new = model.generate(input_ids.to(device), attention_mask.to(device), images, **generate_kwargs)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    out = model.generate(**inputs, **generate_kwargs)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def answer(model, tokenizer, cfg, images, questions: list[str], **generate_kwargs) -> list[str]:
+    """One answer per ``(image, question)`` (see :func:`generate_ids` for the arguments)."""
+    new = generate_ids(model, tokenizer, cfg, images, questions, **generate_kwargs)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

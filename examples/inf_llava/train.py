@@ -46,7 +46,13 @@ from tqdm.auto import tqdm
 from inf_llava.checkpoint import latest_checkpoint, load_checkpoint, load_trained_weights, save_checkpoint
 from inf_llava.configs import CONFIGS, build_tokenizer, get_config
 from inf_llava.data import build_dataset, collate
-from inf_llava.model import IGNORE_INDEX, build_inf_llava
+from inf_llava.model import (
+    IGNORE_INDEX,
+    build_inf_llava,
+    model_num_tokens,
+    set_stage,
+    token_loss_sum,
+)
 
 __all__ = ["parse_args", "train", "main", "choose_device_backend", "STAGE_LR"]
 
@@ -186,7 +192,7 @@ def _wrap(model, mode: str, device):
         from torch.distributed.fsdp import fully_shard
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        for layer in model.llm.modules():
+        for layer in model.model.language_model.modules():
             if isinstance(layer, LlamaDecoderLayer):
                 fully_shard(layer)
         return fully_shard(model)
@@ -225,7 +231,7 @@ def _sync_context(model, mode: str, last: bool):
 def train(argv=None, *, return_model: bool = False) -> dict:
     """Run one training stage; returns a summary (losses per step, tokens/s, checkpoint path).
 
-    With ``return_model`` the summary also holds ``"model"``: the trained ``InfLlava`` itself (unwrapped
+    With ``return_model`` the summary also holds ``"model"``: the trained ``LlavaForConditionalGeneration`` (unwrapped
     from DDP; for tests and notebooks, single process), every parameter, frozen ones included.
     """
     args = parse_args(argv)
@@ -245,7 +251,8 @@ def train(argv=None, *, return_model: bool = False) -> dict:
     model = build_inf_llava(cfg, tokenizer, llm_dtype=llm_dtype)
     if args.init_from:
         load_trained_weights(args.init_from, model)
-    trainable = model.set_stage(args.stage)
+    trainable = set_stage(model, args.stage)
+    num_tokens = model_num_tokens(model)  # image placeholders per image, for collate
     model.to(device)
     model = _wrap(model, args.dist, device)
 
@@ -272,7 +279,7 @@ def train(argv=None, *, return_model: bool = False) -> dict:
     model.train()
     for step in range(start, args.steps):
         batches = [
-            collate(task.batch(idx), tokenizer, cfg) for idx in _micro_batches(step, args, rank, world)
+            collate(task.batch(idx), tokenizer, cfg, num_tokens) for idx in _micro_batches(step, args, rank, world)
         ]
         # Normalise by the label tokens of the whole global batch, so every split gives the same gradient.
         local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -280,16 +287,16 @@ def train(argv=None, *, return_model: bool = False) -> dict:
         loss_sum = torch.zeros((), device=device)
         n_tokens = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
-            batch = {
-                k: v.to(device) if torch.is_tensor(v) else [x.to(device) for x in v] for k, v in batch.items()
-            }
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
             with _sync_context(model, args.dist, last=i == len(batches) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = model(**batch)
+                    logits = model(**batch, use_cache=False).logits
+                micro_sum, _ = token_loss_sum(logits, labels)
                 # DDP/FSDP average gradients over ranks: multiply by world to get the global-token mean.
-                (out.loss_sum * world / global_targets).backward()
-            loss_sum += out.loss_sum.detach()
-            n_tokens += out.num_tokens
+                (micro_sum * world / global_targets).backward()
+            loss_sum += micro_sum.detach()
+            n_tokens += batch["attention_mask"].sum()  # real positions (text + visual) the LLM processed
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
