@@ -57,6 +57,7 @@ from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, slot_mask
 from .ops.canvas import CropGeometry
 from .ops.crop import local_merge, stride_merge
 from .ops.pixels import to_pixels
+from .ops.preprocess import to_unit
 
 __all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment"]
 
@@ -551,7 +552,7 @@ class HighResEncoder(nn.Module):
             view_groups.append(fe.views(batch, plans[size]).flatten(0, 1))
             order.extend(members)
         if len({v.dtype for v in view_groups}) > 1:  # uint8 and float views: uint8 to [0, 1] before joining
-            view_groups = [v.float().div_(255.0) if v.dtype == torch.uint8 else v for v in view_groups]
+            view_groups = [to_unit(v) for v in view_groups]
         stack = view_groups[0] if len(view_groups) == 1 else torch.cat(view_groups)
         clock.lap("views")
 

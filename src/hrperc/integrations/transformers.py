@@ -47,6 +47,7 @@ from ..encoder import HighResEncoder
 from ..modules.dem import DualPerspectiveEnhancement
 from ..modules.projector import build_projector
 from ..ops.pixels import to_pixels
+from ..ops.preprocess import to_unit
 from ..recipes import create_encoder
 
 __all__ = [
@@ -221,8 +222,7 @@ def pack_images(images) -> tuple[torch.Tensor, torch.Tensor]:
     H, W = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
     out = torch.full((len(pixels), 3, H, W), _PAD, dtype=dtype)
     for b, p in enumerate(pixels):  # one copy per image, in the processor (not a model hot path)
-        out[b, :, : p.shape[-2], : p.shape[-1]] = p.to(dtype) if integer else (p.float() if p.is_floating_point()
-                                                                              else p.float() / 255)  # fmt: skip
+        out[b, :, : p.shape[-2], : p.shape[-1]] = p.to(dtype) if integer else to_unit(p)
     sizes = torch.tensor([list(p.shape[-2:]) for p in pixels], dtype=torch.long)
     return out, sizes
 
