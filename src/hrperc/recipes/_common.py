@@ -31,6 +31,4 @@ def split_options(recipe: str, options: dict, own: tuple[str, ...]) -> tuple[dic
 def build(frontend, backbone: VisionBackbone, dem, layer: int, encoder_options: dict) -> HighResEncoder:
     """The encoder of a recipe: ``frontend`` around ``backbone``, reading ``layer`` unless overridden."""
     encoder_options = {"layer": layer, **encoder_options}
-    if dem == "default" and not frontend.uses_dem:
-        dem = None
-    return HighResEncoder(backbone, frontend, dem=dem, **encoder_options)
+    return HighResEncoder(backbone, frontend, dem=dem, **encoder_options)  # dem="default": a DEM only with dcm=True
