@@ -1,18 +1,23 @@
 """Reading one weight file safely, routed by its content (its first bytes), never by its name.
 
 Shared by ``pretrained/`` (released checkpoints) and ``backbones/`` (ViT checkpoints); imports nothing
-of hrperc. What the first bytes say:
+of hrperc. Each format is recognised by a complete test, in this order (:func:`sniff`):
 
 =================================================  =================================================
-first bytes                                        read as
+content                                            read as
 =================================================  =================================================
-8-byte little-endian header length, then ``{``     safetensors (the header is checked first: its length
-                                                   against the file size, every tensor's byte range
-                                                   against the data that is really there)
+8-byte little-endian header length ``n`` that      safetensors (the header is checked before any
+fits in the file, then ``n`` bytes of a JSON       tensor is read: its length against the file size,
+object ``{...}`` of well-formed tensor entries     every tensor's byte range against the data that is
+                                                   really there)
 ``PK\\x03\\x04``                                   a torch zip file, ``torch.load(weights_only=True)``
-``0x80`` (a pickle protocol opcode)                a legacy torch file, ``torch.load(weights_only=True)``
+``0x80 <2..5>`` (pickle PROTO opcode)             a legacy torch file, ``torch.load(weights_only=True)``
+``{`` after 8 bytes, failing the test above        a broken safetensors file: refused, saying why
 anything else, or an empty file                    refused, naming the file
 =================================================  =================================================
+
+The safetensors test comes first because its length prefix may begin with any byte: a header of
+``0xb80`` bytes starts the file with ``0x80``, the pickle opcode, and is still safetensors.
 
 A torch file that ``weights_only=True`` cannot read holds pickled objects other than tensors; hrperc does
 not execute them, and the message says how to convert the file to safetensors in a trusted environment.
@@ -60,7 +65,25 @@ _CONVERT = (
 
 
 def sniff(path: Path, fn: str) -> str:
-    """``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"`` from the file's first bytes; refuse anything else."""
+    """``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"`` from the file's content; refuse anything else.
+
+    Each format is recognised by a complete test, in this order: a **safetensors** file is one whose
+    first 8 bytes (little-endian) declare a header length ``n`` that fits in the file and whose next
+    ``n`` bytes are a JSON object of well-formed tensor entries (as :func:`safetensors_header` checks);
+    a **torch zip** file (``torch.save``'s default) starts with the zip magic ``PK\\x03\\x04``; a
+    **pickle** (legacy ``torch.save``) is what is left when it starts with the pickle opcode ``PROTO``
+    (``0x80``, then a protocol number from 2 up).
+    The header length is never mistaken for an opcode: a valid safetensors file whose length has the
+    low byte ``0x80`` (one in 32 of them) is safetensors. A file with ``{`` after its first 8 bytes that
+    fails the safetensors test (truncated, corrupt) is still routed to ``"safetensors"``, so that
+    :func:`safetensors_header` says what is wrong with it.
+    """
+    return _route(path, fn)[0]
+
+
+def _route(path: Path, fn: str) -> tuple[str, dict | None]:
+    """:func:`sniff`'s answer, with the checked header ``{key: (dtype, shape)}`` of a valid safetensors file
+    (``None`` for other kinds and for a broken safetensors file)."""
     if path.is_dir():
         raise IsADirectoryError(
             f"{fn}: {str(path)!r} is a directory, not a weight file. Pass the weight file inside it (e.g. "
@@ -73,17 +96,21 @@ def sniff(path: Path, fn: str) -> str:
         raise ValueError(f"{fn}: weight file {str(path)!r} is empty (0 bytes). " + _REFETCH)
     with open(path, "rb") as f:
         head = f.read(9)
+        f.seek(0)
+        try:  # the complete safetensors test first: its length prefix may start with any byte (0x80, 'P', ...)
+            return "safetensors", _read_header(f, size, path, fn)
+        except ValueError:
+            pass
     if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:1] == b"\x80":
-        return "torch-pickle"
-    if len(head) >= 8:
-        if head[8:9] == b"{" or size == 8:  # an 8-byte file: refused by safetensors_header, naming it
-            return "safetensors"
+        return "torch-zip", None
+    if head[8:9] == b"{" or size == 8:  # a broken safetensors file: safetensors_header says what is wrong
+        return "safetensors", None
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        return "torch-pickle", None  # PROTO <n>: how every pickle of protocol 2+ (legacy torch.save) starts
     raise ValueError(
         f"{fn}: {str(path)!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors file (8-byte header "
-        "length, then '{') nor a torch file (zip 'PK' or pickle 0x80). Check that it is a weight file (not an HTML "
-        "error page or an unfinished download) and pass a .safetensors file."
+        "length, then a JSON header '{...}') nor a torch file (zip 'PK' or pickle 0x80 <protocol>). Check that it is "
+        "a weight file (not an HTML error page or an unfinished download) and pass a .safetensors file."
     )
 
 
@@ -91,34 +118,51 @@ def safetensors_header(path: Path, fn: str) -> dict[str, tuple[str, tuple[int, .
     """``{key: (dtype, shape)}`` from a safetensors file's header, without reading any tensor.
 
     The header length is checked against the file size (a truncated file, a file holding only the 8-byte
-    length, a length of ``2**62`` are refused) and every tensor's byte range against the data present.
+    length, a length of ``2**62`` are refused), the header must be a JSON object (``{...}``, padding
+    spaces allowed) whose entries each have a ``dtype`` string, a ``shape`` list of non-negative ints and
+    ``data_offsets`` ``[begin, end]`` inside the data that is really there (``__metadata__`` a mapping of
+    strings). Anything else is a ``ValueError`` naming the file.
     """
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(
-                f"{fn}: safetensors file {str(path)!r} has {size} bytes, fewer than the 8-byte header length: it is "
-                "truncated. " + _REFETCH
-            )
-        n = int.from_bytes(raw, "little")
-        if size == 8:
-            raise ValueError(
-                f"{fn}: safetensors file {str(path)!r} holds only its 8-byte header length ({n}) and no header: it "
-                "is truncated. " + _REFETCH
-            )
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(
-                f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header, but the file has {size} bytes "
-                f"(the limit is {MAX_HEADER_BYTES}): it is truncated or corrupt. " + _REFETCH
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(
-                f"{fn}: safetensors file {str(path)!r} has an unreadable {n}-byte header ({exc}). Check that it is a "
-                "safetensors file, or fetch it again."
-            ) from exc
+        return _read_header(f, path.stat().st_size, path, fn)
+
+
+def _read_header(f, size: int, path: Path, fn: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """:func:`safetensors_header` on an open file at offset 0 (``ValueError`` naming ``path`` when it is not one)."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} has {size} bytes, fewer than the 8-byte header length: it is "
+            "truncated. " + _REFETCH
+        )
+    n = int.from_bytes(raw, "little")
+    if size == 8:
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} holds only its 8-byte header length ({n}) and no header: it "
+            "is truncated. " + _REFETCH
+        )
+    if n > min(size - 8, MAX_HEADER_BYTES):
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header, but the file has {size} bytes "
+            f"(the limit is {MAX_HEADER_BYTES}): it is truncated or corrupt. " + _REFETCH
+        )
+    if n < 2:  # the shortest JSON object, '{}'
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header, too short for a JSON object: it is "
+            "corrupt. " + _REFETCH
+        )
+    if f.read(1) != b"{":  # checked before the (up to MAX_HEADER_BYTES) header is read
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header that does not start with '{{' (a JSON "
+            "object). Check that it is a safetensors file, or fetch it again."
+        )
+    try:
+        header = json.loads(b"{" + f.read(n - 1))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(
+            f"{fn}: safetensors file {str(path)!r} has an unreadable {n}-byte header ({exc}). Check that it is a "
+            "safetensors file, or fetch it again."
+        ) from exc
     if not isinstance(header, dict):
         raise ValueError(
             f"{fn}: safetensors file {str(path)!r} has a header that is not a JSON object. " + _REFETCH
@@ -127,15 +171,21 @@ def safetensors_header(path: Path, fn: str) -> dict[str, tuple[str, tuple[int, .
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise ValueError(
+                    f"{fn}: safetensors file {str(path)!r}: its '__metadata__' ({info!r:.80}) is not a mapping of "
+                    "strings. " + _REFETCH
+                )
             continue
-        try:
-            dtype, shape, (begin, end) = str(info["dtype"]), tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
+        entry = _tensor_entry(info)
+        if entry is None:
             raise ValueError(
-                f"{fn}: safetensors file {str(path)!r}: the header entry of {key!r} is malformed ({info!r:.80}). "
+                f"{fn}: safetensors file {str(path)!r}: the header entry of {key!r} is malformed ({info!r:.80}); "
+                "each needs 'dtype' (a string), 'shape' (non-negative ints) and 'data_offsets' [begin, end]. "
                 + _REFETCH
-            ) from exc
-        if not (0 <= int(begin) <= int(end) <= data) or min(shape, default=0) < 0:
+            )
+        dtype, shape, (begin, end) = entry
+        if not 0 <= begin <= end <= data:
             raise ValueError(
                 f"{fn}: safetensors file {str(path)!r}: tensor {key!r} {shape} needs bytes {begin}..{end} of the data, "
                 f"but the file holds {data} data bytes: it is truncated or corrupt. " + _REFETCH
@@ -144,15 +194,32 @@ def safetensors_header(path: Path, fn: str) -> dict[str, tuple[str, tuple[int, .
     return out
 
 
+def _tensor_entry(info) -> tuple[str, tuple[int, ...], tuple[int, int]] | None:
+    """``(dtype, shape, (begin, end))`` of a well-formed header entry, else None."""
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(info, dict):
+        return None
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        return None
+    if not all(is_int(s) and s >= 0 for s in shape) or len(offsets) != 2 or not all(map(is_int, offsets)):
+        return None
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
 def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None, allow_pickle: bool = False) -> dict:
     """Read one weight file (routed by :func:`sniff`); from safetensors only the ``keep`` keys are read.
 
     Returns what the file holds: a safetensors file gives ``{key: tensor}``; a torch file gives the
     loaded object (a dict, possibly wrapped: see :func:`unwrap`).
     """
-    kind = sniff(path, fn)
+    kind, header = _route(path, fn)
     if kind == "safetensors":
-        header = safetensors_header(path, fn)
+        if header is None:  # not a valid one: this names what is wrong (truncated, not JSON, ...)
+            header = safetensors_header(path, fn)
         from safetensors import safe_open
 
         try:
