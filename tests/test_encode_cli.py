@@ -33,8 +33,8 @@ def test_encode_prints_geometry_tokens_timings_memory(image_file, capsys):
     rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--weights", "/nope.bin"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "hrperc encode: error:" in err and "pretrained='/nope.bin'" in err
-    assert "pretrained=None" in err and "Traceback" not in err  # the fix: random weights
+    assert "hrperc encode: error:" in err and "--weights '/nope.bin'" in err and "does not exist" in err
+    assert "drop --weights" in err and "Traceback" not in err  # the fix: random weights
 
 
 def test_demo_runs_front_end_and_draws_attention(tmp_path, capsys):

@@ -11,9 +11,15 @@ without it they are skipped with one line and everything else runs.
 This package (the command line, the pictures, the generated sample image) is never imported by the
 rest of hrperc.
 
+Every input file (images, ``--weights``, ``--dem-weights``, an ``hf:<dir>`` backbone, ``--out``) is checked
+before any model is built (:mod:`hrperc.cli.inputs`), and the work is bounded before anything is allocated:
+the canvas an image gets is at most what it needs (:mod:`hrperc.cli.limits`; ``--max-canvas-pixels``
+changes the limit), ``--tile-size`` is at most 2048. The output says which weights were loaded, and from
+where (backbone: random or the file; DEM: random or the file).
+
 Errors from the library (bad options, missing, truncated or foreign files, decompression bombs, missing
-packages, an unavailable device or attention backend) and usage errors end the program with a one-line
-message and exit code 2; ``hrperc --traceback ...`` shows the traceback instead.
+packages, an unavailable device or attention backend), the limits and usage errors end the program with a
+one-line message and exit code 2; ``hrperc --traceback ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import sys
 
 from .args import parse_grid, positive_int
+from .limits import MAX_TILE_SIZE
 
 __all__ = ["main", "build_parser"]
 
@@ -38,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs", help="folder for the pictures (default: outputs)")
     demo.add_argument("--grid", type=parse_grid, default="auto", help="auto, floor or ROWSxCOLS (default auto)")
     demo.add_argument(
-        "--tile-size", type=positive_int("--tile-size"), default=None,
-        help="sub-image side in pixels (default 336; with the encoder: the size a timm ViT is built at, "
-        "other backbones use their native size)",
+        "--tile-size", type=positive_int("--tile-size", MAX_TILE_SIZE, "real ViT tiles are 224 to 1024 pixels"),
+        default=None,
+        help=f"sub-image side in pixels, at most {MAX_TILE_SIZE} (default 336; with the encoder: the size a timm ViT "
+        "is built at, other backbones use their native size)",
     )  # fmt: skip
     demo.add_argument(
         "--max-tiles", type=positive_int("--max-tiles"), default=12, help="tile budget for --grid auto (default 12)"

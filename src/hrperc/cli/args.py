@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 
 from ..ops.pixels import pil_to_pixels
+from .inputs import bomb_error, pil_pixel_limit
 
 __all__ = [
     "load_image", "read_image", "parse_grid", "parse_max_batch", "parse_query", "parse_device", "positive_int",
-    "parse_max_image_pixels",
+    "parse_max_image_pixels", "parse_max_canvas_pixels",
 ]
 
 
@@ -39,13 +39,17 @@ def load_image(path) -> torch.Tensor:
 
 
 def parse_grid(text: str):
-    """``--grid``: ``auto``, ``floor`` or ``ROWSxCOLS``."""
+    """``--grid``: ``auto``, ``floor`` or ``ROWSxCOLS`` (both at least 1)."""
     if text in ("auto", "floor"):
         return text
     try:
         gh, gw = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid {text!r}: use 'auto', 'floor' or ROWSxCOLS, e.g. 3x3") from None
+        gh = gw = 0
+    if gh < 1 or gw < 1:
+        raise argparse.ArgumentTypeError(
+            f"--grid {text!r}: use 'auto', 'floor' or ROWSxCOLS with ROWS and COLS at least 1, e.g. 3x3"
+        )
     return (gh, gw)
 
 
@@ -54,9 +58,12 @@ def parse_max_batch(text: str):
     if text == "auto":
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-batch {text!r}: use 'auto' or a positive integer") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-batch {text!r}: use 'auto' or a positive integer, e.g. 16")
+    return value
 
 
 def parse_query(text: str):
@@ -68,8 +75,9 @@ def parse_query(text: str):
     return (r, c)
 
 
-def positive_int(flag: str):
-    """An argparse ``type`` for ``flag`` (e.g. ``"--tile-size"``): a positive integer, else a one-line error."""
+def positive_int(flag: str, maximum: int | None = None, why: str = ""):
+    """An argparse ``type`` for ``flag`` (e.g. ``"--tile-size"``): a positive integer, at most ``maximum`` when
+    given (``why`` says where that limit comes from), else a one-line error naming the flag and the value."""
 
     def parse(text: str) -> int:
         try:
@@ -78,6 +86,11 @@ def positive_int(flag: str):
             value = None
         if value is None or value < 1:
             raise argparse.ArgumentTypeError(f"{flag} {text!r}: use a positive integer, e.g. {flag} 336")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r} is over the limit of {maximum}{f' ({why})' if why else ''}; use at most "
+                f"{flag} {maximum}, e.g. {flag} 336"
+            )
         return value
 
     parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in its messages
@@ -93,6 +106,19 @@ def parse_max_image_pixels(text: str):
     if value < 0:
         raise argparse.ArgumentTypeError(
             f"--max-image-pixels {text!r}: use a pixel count, e.g. 400000000, or 0 for no limit"
+        )
+    return value
+
+
+def parse_max_canvas_pixels(text: str):
+    """``--max-canvas-pixels``: the most canvas pixels an image may get (0: no limit); see :mod:`hrperc.cli.limits`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--max-canvas-pixels {text!r}: use a pixel count, e.g. 50000000, or 0 for no limit"
         )
     return value
 
@@ -146,18 +172,8 @@ def read_image(path, max_pixels: int | None = None) -> torch.Tensor:
     """
     from PIL import Image
 
-    old = Image.MAX_IMAGE_PIXELS
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels or None
-    try:
-        return load_image(path)
-    except Image.DecompressionBombError as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        count = found.group(1) if found else "N"
-        raise ValueError(
-            f"image file {str(path)!r}: PIL refused it as a possible decompression bomb ({str(exc).rstrip('.')}). "
-            f"The limit is twice PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; if you trust the file, pass "
-            f"--max-image-pixels {count} (its pixel count; 0 for no limit)."
-        ) from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    with pil_pixel_limit(max_pixels):
+        try:
+            return load_image(path)
+        except Image.DecompressionBombError as exc:
+            raise bomb_error(path, exc) from exc

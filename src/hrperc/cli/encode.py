@@ -4,9 +4,11 @@
 runs a :class:`~hrperc.HighResEncoder` (by default the ``inf_llava`` recipe's settings on
 ``open_clip:ViT-L-14-336-quickgelu``, the config OpenAI's CLIP weights need) over the images with a
 progress bar and prints, per image, the geometry, the ViT passes (encoded / skipped), the token count,
-per-stage timings, and at the end the peak memory. Without ``--weights`` the backbone has random
-weights, and the output says so. ``--combine`` defaults to ``mean`` with the DEM and ``concat`` with
-``--no-dem``.
+per-stage timings, and at the end the peak memory. It first says which weights were loaded and from
+where: the backbone's (random without ``--weights``; an ``hf:<dir>`` backbone's come from its folder)
+and the DEM's (random without ``--dem-weights``). ``--combine`` defaults to ``mean`` with the DEM and
+``concat`` with ``--no-dem``. Every image header and weight file is checked before the backbone is built,
+and every image's canvas before the first is encoded (see :mod:`hrperc.cli.inputs`, :mod:`hrperc.cli.limits`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,19 @@ from .args import (
     parse_device,
     parse_grid,
     parse_max_batch,
+    parse_max_canvas_pixels,
     parse_max_image_pixels,
     parse_query,
     positive_int,
     read_image,
 )
+from .inputs import check_backbone, check_image_file, check_weights
+from .limits import check_canvas, check_fixed_grid
 
-__all__ = ["add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "demo_encoder"]
+__all__ = [
+    "add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "check_encoder_inputs",
+    "demo_encoder", "weights_lines",
+]
 
 # INF-LLaVA's tower is OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: open_clip's "-quickgelu" config.
 DEFAULT_BACKBONE = "open_clip:ViT-L-14-336-quickgelu"
@@ -61,6 +69,11 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) ->
         "--max-image-pixels", type=parse_max_image_pixels, default=None,
         help="PIL.Image.MAX_IMAGE_PIXELS for this run: PIL refuses images over twice it as possible decompression "
         "bombs (default: PIL's own; 0: no limit, for trusted files only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-canvas-pixels", type=parse_max_canvas_pixels, default=None,
+        help="most canvas pixels (grid x tile) an image may get (default: 16x the image's pixels, at least "
+        "4194304 and at most 33554432; 0: no limit)",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
 
@@ -100,13 +113,9 @@ def resolve_combine(args) -> str:
     return "concat" if args.no_dem else "mean"
 
 
-def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
-    """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias)."""
-    from ..backbones import create_backbone
-    from ..encoder import HighResEncoder
-    from ..modules.dual_crop import DualPerspectiveCrop
-    from ..pretrained.inf_llava import load_dem
-
+def check_encoder_inputs(args) -> None:
+    """The encoder's flags that contradict each other, and every file it reads (an ``hf:<dir>`` backbone,
+    ``--weights``, ``--dem-weights``: see :mod:`hrperc.cli.inputs`), checked before anything is built."""
     if args.no_dem and args.dem_weights:
         raise ValueError("--no-dem and --dem-weights contradict each other; pass one of them.")
     if args.no_dem and args.combine == "mean":
@@ -114,6 +123,24 @@ def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: in
             "--combine mean averages the DEM's tokens with the thumbnail's, but --no-dem turns the DEM off; "
             "use --combine concat (the default with --no-dem) or none."
         )
+    check_backbone(args.backbone)
+    if args.weights:
+        hf = args.backbone.partition(":")[0] in ("hf", "transformers")
+        check_weights(args.weights, "--weights", folder="hf" if hf else "checkpoint")
+    if args.dem_weights:
+        check_weights(args.dem_weights, "--dem-weights", folder="shards")
+
+
+def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
+    """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias).
+
+    The inputs are checked first (:func:`check_encoder_inputs`)."""
+    from ..backbones import create_backbone
+    from ..encoder import HighResEncoder
+    from ..modules.dual_crop import DualPerspectiveCrop
+    from ..pretrained.inf_llava import load_dem
+
+    check_encoder_inputs(args)
     kw = {}
     if tile_size is not None and args.backbone.startswith("timm:"):
         kw["img_size"] = tile_size  # timm ViTs are built at the tile size the crops use
@@ -137,10 +164,23 @@ def _peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
 
 
-def _weights_line(args) -> str:
-    if args.weights:
-        return f"backbone     {args.backbone} weights {args.weights}"
-    return f"backbone     {args.backbone} with RANDOM weights (pass --weights PATH for meaningful features)"
+def weights_lines(args, enc) -> list[str]:
+    """What was loaded, and from where: the backbone's weights (random, or the file or folder they came from,
+    ``backbone.source``) and the DEM's (none, random, or the ``--dem-weights`` file)."""
+    source = enc.backbone.source
+    lines = [
+        f"backbone     {args.backbone}: pretrained weights loaded from {source}"
+        if source is not None
+        else f"backbone     {args.backbone}: RANDOM weights (pass --weights PATH for meaningful features)"
+    ]
+    if enc.dem is None:
+        lines.append("DEM          none (--no-dem)")
+    elif args.dem_weights:
+        n = sum(p.numel() for p in enc.dem.parameters())
+        lines.append(f"DEM          weights loaded from {args.dem_weights} ({n:,} parameters, width {enc.dem.dim})")
+    else:
+        lines.append("DEM          RANDOM weights (pass --dem-weights PATH for the released INF-LLaVA DEM)")
+    return lines
 
 
 def _describe(enc, out, b: int) -> list[str]:
@@ -165,11 +205,15 @@ def _describe(enc, out, b: int) -> list[str]:
 def run_encode(args) -> int:
     from tqdm import tqdm
 
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:  # before building the backbone, which can take a while
-        raise FileNotFoundError(f"no image file at {', '.join(map(repr, missing))}")
+    # Every input before the backbone is built (which can take a while): the images' headers, the weight files.
+    sizes = [check_image_file(path, args.max_image_pixels) for path in args.images]
+    check_fixed_grid(args)
+    check_encoder_inputs(args)
     enc = build_encoder(args, args.grid, args.max_tiles, args.fit)
-    print(_weights_line(args))
+    for path, size in zip(args.images, sizes):  # the canvas of every image, before any is encoded
+        check_canvas(enc.crop, size, f"image file {path!r}", args, tile_flag=False)
+    for line in weights_lines(args, enc):
+        print(line)
     print(f"encoder      {enc.extra_repr()}; dem={'none' if enc.dem is None else 'released configuration'}")
     totals: dict[str, float] = {}
     # The bar only on a terminal (disable=None), and closed on an error, so the error is one line of its own.
@@ -203,7 +247,8 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
 
     if enc is None:
         enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
-    print(_weights_line(args))
+    for line in weights_lines(args, enc):
+        print(line)
     bb = enc.backbone
     print(
         f"             patch {bb.patch_size[0]}, width {bb.hidden_size}, {bb.num_layers} layers, "
