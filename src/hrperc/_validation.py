@@ -7,11 +7,24 @@ Every message names the argument, what was received, the rule, and the fix, e.g.
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["as_pair", "as_grid", "check_ndim", "check_divisible", "check_nonempty"]
+__all__ = [
+    "as_pair",
+    "as_grid",
+    "as_index",
+    "as_int",
+    "as_image_size",
+    "as_bool",
+    "as_sequence",
+    "check_ndim",
+    "check_divisible",
+    "check_nonempty",
+]
 
 
 def as_pair(value, name: str, fn: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -75,3 +88,125 @@ def check_nonempty(x: torch.Tensor, name: str, fn: str, dims) -> None:
 def check_divisible(size: int, by: int, what: str, fn: str, shape, fix: str) -> None:
     if size % by != 0:
         raise ValueError(f"{fn}: {shape}; {what} {size} is not divisible by {by}. {fix}")
+
+
+# --- sizes, counts and switches given by users ----------------------------------------------------
+def as_index(value) -> int | None:
+    """``value`` as a Python int when it is an integer scalar, else ``None``.
+
+    Integer scalars are what Python itself takes as an index (``operator.index``): ints, numpy integers,
+    0-dim integer arrays and tensors. Bools (``True`` is not a size), floats (even ``10.0``), strings and
+    arrays or tensors with any dimension are not.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            return None
+    elif isinstance(value, np.ndarray) and (value.ndim != 0 or value.dtype.kind not in "iu"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def as_int(value, name: str, fn: str, *, minimum: int = 1, example: str | None = None) -> int:
+    """An integer option (``max_tiles=``, ``downsample=``, ...) as a Python int >= ``minimum``.
+
+    Integer scalars are taken (see :func:`as_index`); anything else is a ``TypeError``, a value under
+    ``minimum`` a ``ValueError``, both naming ``name`` and the value.
+    """
+    example = example or f"{name}={max(minimum, 1)}"
+    n = as_index(value)
+    if n is None:
+        raise TypeError(
+            f"{fn}: {name}={value!r} is a {type(value).__name__}; it must be a whole number (an int) >= {minimum}. "
+            f"Pass e.g. {example}."
+        )
+    if n < minimum:
+        raise ValueError(f"{fn}: {name}={value!r}; it must be an integer >= {minimum}. Pass e.g. {example}.")
+    return n
+
+
+def as_image_size(value, fn: str, name: str = "image_size") -> tuple[int, int]:
+    """An image size ``(H, W)`` as two Python ints >= 1.
+
+    Accepted: a tuple, list or ``torch.Size`` of two integer scalars (ints, numpy integers, 0-dim integer
+    tensors; see :func:`as_index`), or a 1-D integer array / tensor of two entries (e.g. a row of a
+    processor's ``image_sizes``). Refused, naming the value: a bare int (``(H, W)`` is two numbers), any
+    other length, bools, floats (``10.7``, but also ``10.0``), strings, and sides < 1 (an image of height 0
+    has no pixels: a size that cannot be an image's is a bug upstream, never a token count).
+    """
+    shown = value
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        integer = value.dtype.kind in "iu" if isinstance(value, np.ndarray) else not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        )
+        if value.ndim != 1 or not integer:
+            raise TypeError(
+                f"{fn}: {name}={value!r} is a {type(value).__name__} of shape {tuple(value.shape)} and dtype "
+                f"{value.dtype}; an image size is two whole numbers (H, W). Pass e.g. {name}=(480, 640), or "
+                f"{name}=tuple(x.tolist()) for a 1-D integer tensor x."
+            )
+        value = value.tolist()
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) != 2:
+        sequence = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        got = f"has length {len(value)}" if sequence else f"is of type {type(value).__name__}"
+        raise TypeError(
+            f"{fn}: {name}={shown!r} {got}; an image size is a pair (H, W) of whole numbers. Pass e.g. "
+            f"{name}=(480, 640) (img.shape[-2:] of a (C, H, W) tensor; (h, h) for a square)."
+        )
+    sides = [as_index(v) for v in value]
+    for v, n in zip(value, sides):
+        if n is None:
+            raise TypeError(
+                f"{fn}: {name}={shown!r}; both sides must be whole numbers (ints), got a {type(v).__name__} "
+                f"({v!r}). Pass integer pixel counts, e.g. {name}=(480, 640) (round or int() a computed size)."
+            )
+    if min(sides) < 1:
+        raise ValueError(
+            f"{fn}: {name}={shown!r}; both sides must be integers >= 1 (an image with a side of "
+            f"{min(sides)} pixels has no pixels to encode). Pass the (H, W) of a non-empty image, e.g. "
+            f"{name}=(480, 640)."
+        )
+    return sides[0], sides[1]
+
+
+def as_bool(value, name: str, fn: str) -> bool:
+    """A switch (``dcm=``, ``newline=``, ``check_range=``, ...) as a Python bool.
+
+    ``True``/``False`` and numpy's ``bool_`` (what a numpy comparison returns) are taken; anything else
+    is a ``TypeError`` naming the option and the value: a string is truthy whatever it says
+    (``"false"`` would turn the option on), and a number, a tensor or ``None`` given for a switch is
+    more likely a mix-up of arguments than a truth value.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"{fn}: {name}={value!r} is a {type(value).__name__}, not a bool; pass {name}=True or {name}=False "
+        f"(a string such as 'false' is truthy; convert a flag read from text or a tensor with an explicit test)."
+    )
+
+
+def as_sequence(value, name: str, fn: str, example: str) -> tuple:
+    """A list option (``pinpoints=``, ``scales=``) as a non-empty tuple.
+
+    Tuples, lists and ranges are taken as they are; numpy arrays and tensors are converted with
+    ``.tolist()`` (their entries are then checked by the caller like any list's). An empty sequence is
+    a ``ValueError`` (it is never read as "use the defaults": leave the option out for those); a
+    string, a set, a generator or a scalar is a ``TypeError``. ``example`` is a valid value for the fix.
+    """
+    shown = value
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.tolist()
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{fn}: {name}={shown!r} is a {type(shown).__name__}; pass a list or tuple, e.g. {name}={example}."
+        )
+    if len(value) == 0:
+        raise ValueError(
+            f"{fn}: {name}={shown!r} is empty; pass at least one entry, e.g. {name}={example}, or leave {name} "
+            f"out for the recipe's default."
+        )
+    return tuple(value)

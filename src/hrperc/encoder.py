@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._validation import as_bool, as_image_size
 from .backbones import VisionBackbone, create_backbone, wrap_backbone
 from .modules.dual_crop import DualCrops, DualPerspectiveCrop
 from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, slot_mask
@@ -197,6 +198,10 @@ class HighResEncoder(nn.Module):
     ) -> None:
         super().__init__()
         fn = "HighResEncoder"
+        # Switches are real bools, checked before anything is built: bool("false") is True.
+        encode_all, check_range = as_bool(encode_all, "encode_all", fn), as_bool(check_range, "check_range", fn)
+        train_backbone = as_bool(train_backbone, "train_backbone", fn)
+        grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing", fn)
         if isinstance(backbone, str):
             backbone = create_backbone(backbone)
         self.backbone: VisionBackbone = wrap_backbone(backbone)
@@ -279,15 +284,19 @@ class HighResEncoder(nn.Module):
             )
         self.dem = dem
         self.combine = combine if self.frontend is None else None
+        if dem is not None and self.frontend is not None:
+            self._check_full_map_dem(fn)
+        elif dem is not None and isinstance(crop.grid, tuple):
+            self._check_mean(crop.grid)  # a fixed grid: a DEM whose count cannot be averaged is refused now
         #: The recipe that built this encoder and its options (set by :func:`hrperc.create_encoder`).
         self.recipe: str | None = None
         self.recipe_options: dict = {}
         self.max_batch = max_batch
-        self.encode_all = bool(encode_all)
-        self.check_range = bool(check_range)
-        self.train_backbone = bool(train_backbone)
+        self.encode_all = encode_all
+        self.check_range = check_range
+        self.train_backbone = train_backbone
         self.backbone.requires_grad_(self.train_backbone)
-        self.backbone.set_grad_checkpointing(bool(grad_checkpointing))
+        self.backbone.set_grad_checkpointing(grad_checkpointing)
         if not self.train_backbone:
             self.backbone.eval()
 
@@ -335,6 +344,32 @@ class HighResEncoder(nn.Module):
                 f"back to ({ht}, {wt}) or combine='concat'."
             )
 
+    def _check_full_map_dem(self, fn: str) -> None:
+        """A recipe's DCM+DEM upgrade puts the DEM's output where the tiles' ``(gh*ht, gw*wt)`` map was: the
+        DEM must return that whole map (``reduction="none"``), for every grid. Checked when the encoder is
+        built, so that a mismatch is never a reshape error in the middle of a forward pass."""
+        ht, wt = self.tile_tokens
+        reduction = getattr(self.dem, "reduction", "none")
+        fix = (
+            f"Build the DEM with reduction='none', e.g. DualPerspectiveEnhancement({self.backbone.hidden_size}, "
+            f"heads=..., reduction='none'), or pass dem='default' (a fresh one)"
+        )
+        if reduction != "none":
+            raise ValueError(
+                f"{fn}: dem has reduction={reduction!r}, but the front end {type(self.frontend).__name__} (dcm=True) "
+                f"puts the DEM's output in place of the tiles' full (gh*ht, gw*wt) token map, which needs "
+                f"reduction='none' (a reduction returns one tile's worth). {fix}."
+            )
+        if callable(getattr(self.dem, "num_tokens", None)):
+            for grid in ((1, 1), (2, 3)):
+                got, want = int(self.dem.num_tokens(grid, (ht, wt))), grid[0] * ht * grid[1] * wt
+                if got != want:
+                    raise ValueError(
+                        f"{fn}: dem.num_tokens({grid}, {(ht, wt)}) = {got}, but the front end "
+                        f"{type(self.frontend).__name__} (dcm=True) needs the whole (gh*ht, gw*wt) map, {want} "
+                        f"tokens, back from the DEM (output_size={getattr(self.dem, 'output_size', None)!r}). {fix}."
+                    )
+
     def _layout(self, grid) -> tuple[TokenSegment, ...]:
         ht, wt = self.tile_tokens
         gh, gw = grid
@@ -363,7 +398,11 @@ class HighResEncoder(nn.Module):
 
     def plan(self, image_size) -> CropGeometry:
         """The :class:`CropGeometry` an ``(H, W)`` image gets (grid, canvas, valid box); no pixels. Under a
-        recipe's front end, the geometry of its high-resolution tiles (:meth:`view_plan` has the rest)."""
+        recipe's front end, the geometry of its high-resolution tiles (:meth:`view_plan` has the rest).
+
+        ``image_size``: two whole numbers >= 1 (ints, numpy or 0-dim tensor integers); anything else is
+        refused here, as in :meth:`view_plan`, :meth:`num_tokens` and :meth:`num_backbone_passes`."""
+        image_size = as_image_size(image_size, "HighResEncoder.plan")
         if self.frontend is not None:
             return self.frontend.plan(image_size).geometry
         return self.crop.plan(image_size)
@@ -376,11 +415,12 @@ class HighResEncoder(nn.Module):
                 "HighResEncoder.view_plan: this encoder runs a DualPerspectiveCrop, not a recipe's front end; "
                 "use plan(image_size) for its geometry and num_tokens(image_size) for its tokens."
             )
-        return self.frontend.plan(image_size)
+        return self.frontend.plan(as_image_size(image_size, "HighResEncoder.view_plan"))
 
     def num_tokens(self, image_size) -> int:
         """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (see the module table; under a
         recipe, the reference processor's count of image placeholder tokens, newline slots included)."""
+        image_size = as_image_size(image_size, "HighResEncoder.num_tokens")
         if self.frontend is not None:
             return self.frontend.num_tokens(image_size)
         return self._layout(self.plan(image_size).grid)[-1].stop
@@ -388,7 +428,7 @@ class HighResEncoder(nn.Module):
     def required_subimages(self, grid, encode_all: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local_needed, global_needed)``, two ``(N,)`` bool masks of the sub-images that are encoded."""
         n = grid[0] * grid[1]
-        everything = self.encode_all if encode_all is None else encode_all
+        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all", "required_subimages")
         if self.dem is None or everything:
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
         local, glob = self.dem.required_subimages(tuple(grid), self.tile_tokens)
@@ -402,6 +442,7 @@ class HighResEncoder(nn.Module):
 
     def num_backbone_passes(self, image_size) -> int:
         """Sub-images of one ``(H, W)`` image that go through the ViT (``2N+1`` when nothing is skipped)."""
+        image_size = as_image_size(image_size, "HighResEncoder.num_backbone_passes")
         if self.frontend is not None:
             return self.frontend.plan(image_size).views
         local, glob = self.required_subimages(self.plan(image_size).grid)
@@ -445,9 +486,10 @@ class HighResEncoder(nn.Module):
         or ``None`` when the module has ``thumbnail=False`` or the ``thumbnail`` argument is False.
         ``encode_all`` overrides the module's setting.
         """
+        fn = "HighResEncoder.subimage_features"
         clock = _clock or _Clock(False, self.backbone.device)
-        everything = self.encode_all if encode_all is None else bool(encode_all)
-        with_thumb = self.thumbnail if thumbnail is None else bool(thumbnail) and self.thumbnail
+        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all", fn)
+        with_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail", fn) and self.thumbnail
         # uint8 stays uint8 until it is resized (no full-size float copy)
         pixels = to_pixels(images, check_range=self.check_range, keep_uint8=True)
         device = self.backbone.device  # crop and resize where the ViT runs (fast on a GPU)
@@ -490,6 +532,7 @@ class HighResEncoder(nn.Module):
         batch stays zero). ``newline`` ``(D',)`` fills the newline slots of a recipe's layout (zeros
         otherwise; ``EncoderOutput.slot_mask`` marks them; a layout without slots ignores it).
         """
+        timings = as_bool(timings, "timings", "HighResEncoder.forward")
         if self.frontend is not None:
             return self._forward_frontend(images, timings, project, newline)
         clock = _Clock(timings, self.backbone.device)

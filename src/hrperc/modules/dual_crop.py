@@ -69,7 +69,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .._validation import as_grid, as_pair
+from .._validation import as_bool, as_grid, as_image_size, as_pair
 from ..ops.canvas import (
     _RULES,
     RESIZE_MODES,
@@ -206,8 +206,9 @@ class DualPerspectiveCrop(nn.Module):
         self.grid = grid
         self.tile_size = as_pair(tile_size, "tile_size", fn)
         self.max_tiles, self.min_tiles = max_tiles, min_tiles
-        self.fit, self.mode, self.antialias, self.fill = fit, mode, antialias, _check_fill(fill, fn)
-        self.thumbnail, self.auto_rule = thumbnail, auto_rule
+        self.fit, self.mode, self.fill = fit, mode, _check_fill(fill, fn)
+        self.antialias, self.thumbnail = as_bool(antialias, "antialias", fn), as_bool(thumbnail, "thumbnail", fn)
+        self.auto_rule = auto_rule
 
     def extra_repr(self) -> str:
         return (
@@ -219,7 +220,7 @@ class DualPerspectiveCrop(nn.Module):
     def plan(self, image_size) -> CropGeometry:
         """The :class:`CropGeometry` an ``(H0, W0)`` image gets; no pixels are touched."""
         fn = "DualPerspectiveCrop"
-        H0, W0 = as_pair(image_size, "image_size", fn)
+        H0, W0 = as_image_size(image_size, f"{fn}.plan")
         h, w = self.tile_size
         if self.grid == "auto" and self.fit != "pad":
             grid = select_grid((H0, W0), (h, w), self.max_tiles, self.min_tiles, self.auto_rule)
@@ -366,7 +367,8 @@ class DualPerspectiveCrop(nn.Module):
         ``images.float() / 255`` but without its full-size float copy (what :class:`hrperc.HighResEncoder` does).
         """
         fn = "DualPerspectiveCrop"
-        want_thumb = self.thumbnail if thumbnail is None else bool(thumbnail)
+        want_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail", fn)
+        scale_uint8 = as_bool(scale_uint8, "scale_uint8", fn)
         if isinstance(images, torch.Tensor):
             if images.ndim == 3:
                 images = images.unsqueeze(0)

@@ -28,11 +28,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .._validation import as_image_size
 from ..ops.canvas import CropGeometry
 
 __all__ = ["FrontEnd", "ViewPlan", "TokenSegment", "make_layout", "slot_mask"]
@@ -111,9 +113,26 @@ class FrontEnd(nn.Module):
 
     ``uses_dem``: whether :meth:`assemble` reads a DEM (a DCM+DEM upgrade; then the views include the
     strided views of the tile grid).
+
+    Every subclass's :meth:`plan` receives a checked size: the base class wraps it so that ``image_size``
+    arrives as a tuple of two Python ints >= 1, and a zero, negative, non-integer (``10.7``, ``True``,
+    ``"10"``) or wrong-length size is refused with a ``ValueError`` / ``TypeError`` naming it (see
+    ``docs/inputs.md``) before any front end's arithmetic sees it.
     """
 
     uses_dem: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        plan = cls.__dict__.get("plan")
+        if plan is not None and not getattr(plan, "_checks_image_size", False):
+
+            @functools.wraps(plan)
+            def checked_plan(self, image_size, *args, **kw):
+                return plan(self, as_image_size(image_size, f"{type(self).__name__}.plan"), *args, **kw)
+
+            checked_plan._checks_image_size = True
+            cls.plan = checked_plan
 
     def __init__(self, tile_size, patch_size) -> None:
         super().__init__()
@@ -131,6 +150,7 @@ class FrontEnd(nn.Module):
         return width
 
     def plan(self, image_size) -> ViewPlan:
+        """The :class:`ViewPlan` of one ``(H, W)`` image (in a subclass: ``image_size`` is already checked)."""
         raise NotImplementedError
 
     def num_tokens(self, image_size) -> int:

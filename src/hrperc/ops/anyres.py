@@ -35,8 +35,12 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from .._validation import as_pair
+import numpy as np
+import torch
+
+from .._validation import as_bool, as_image_size, as_int, as_pair
 
 __all__ = [
     "LLAVA_NEXT_PINPOINTS",
@@ -57,17 +61,27 @@ ONEVISION_PINPOINTS = tuple((384 * a, 384 * b) for a in range(1, 7) for b in ran
 TIE_BREAKS = ("transformers", "original")
 
 
-def _pinpoints(resolutions, fn: str) -> tuple[tuple[int, int], ...]:
+def _pinpoints(resolutions, fn: str, name: str = "resolutions") -> tuple[tuple[int, int], ...]:
+    """``(height, width)`` pinpoints as pairs of Python ints (rows of an array or a tensor taken as pairs)."""
+    example = [list(p) for p in LLAVA_NEXT_PINPOINTS]
+    if isinstance(resolutions, (torch.Tensor, np.ndarray)):
+        resolutions = resolutions.tolist()
+    if not isinstance(resolutions, Sequence) or isinstance(resolutions, (str, bytes)):
+        raise TypeError(
+            f"{fn}: {name}={resolutions!r} is a {type(resolutions).__name__}; pass a list of (height, width) pairs "
+            f"of ints, e.g. {example}."
+        )
     try:
-        pairs = tuple(as_pair(r, "resolutions", fn) for r in resolutions)
+        pairs = tuple(
+            as_pair(r.tolist() if isinstance(r, (torch.Tensor, np.ndarray)) else r, name, fn) for r in resolutions
+        )
     except TypeError as e:
         raise TypeError(
-            f"{fn}: resolutions={resolutions!r}; expected a list of (height, width) pairs of ints, e.g. "
-            f"{[list(p) for p in LLAVA_NEXT_PINPOINTS]}."
+            f"{fn}: {name}={resolutions!r}; expected a list of (height, width) pairs of ints, e.g. {example}."
         ) from e
     if not pairs:
-        raise ValueError(f"{fn}: resolutions is empty; pass at least one (height, width) pinpoint.")
-    return pairs
+        raise ValueError(f"{fn}: {name} is empty; pass at least one (height, width) pinpoint, e.g. {example}.")
+    return tuple((int(h), int(w)) for h, w in pairs)
 
 
 def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break: str = "transformers"):
@@ -83,7 +97,7 @@ def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break
         (672, 672)
     """
     fn = "select_resolution"
-    H, W = as_pair(image_size, "image_size", fn)
+    H, W = as_image_size(image_size, fn)
     pairs = _pinpoints(resolutions, fn)
     if tie_break not in TIE_BREAKS:
         raise ValueError(
@@ -114,7 +128,7 @@ def resized_size(image_size, canvas) -> tuple[int, int]:
         (840, 672)
     """
     fn = "resized_size"
-    H, W = as_pair(image_size, "image_size", fn)
+    H, W = as_image_size(image_size, fn)
     ch, cw = as_pair(canvas, "canvas", fn)
     scale_w, scale_h = cw / W, ch / H
     if scale_w < scale_h:
@@ -134,7 +148,7 @@ def unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
         (60, 48)
     """
     fn = "unpadded_shape"
-    H, W = as_pair(image_size, "image_size", fn)
+    H, W = as_image_size(image_size, fn)
     rows, cols = as_pair(feature_shape, "feature_shape", fn)
     if W / H > cols / rows:
         new_rows = int(round(H * (cols / W), 7))
@@ -159,10 +173,11 @@ def shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
         ((99, 66), (81, 81))
     """
     fn = "shrunk_shape"
-    rows, cols = as_pair(shape, "shape", fn)
+    # 0 rows (or columns) is a real unpadded shape: an image so thin that its content rounds to no token row
+    # on an even token grid (224/16 tiles: 14 x 14) keeps rows % 2 == 0 of them; nothing is shrunk then.
+    rows, cols = as_pair(shape, "shape", fn, minimum=0)
     ht, _ = as_pair(tile_tokens, "tile_tokens", fn)
-    if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
-        raise ValueError(f"{fn}: max_tiles={max_tiles!r}; pass a positive int (OneVision: 9, 'anyres_max_9').")
+    max_tiles = as_int(max_tiles, "max_tiles", fn, example="max_tiles=9 (OneVision's 'anyres_max_9')")
     ratio = math.sqrt(rows * cols / (max_tiles * ht**2))
     if ratio > 1.1:
         return int(rows // ratio), int(cols // ratio)
@@ -188,6 +203,7 @@ def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch
     """
     fn = "num_tokens"
     (th, tw), (ph, pw) = as_pair(tile_size, "tile_size", fn), as_pair(patch_size, "patch_size", fn)
+    newline = as_bool(newline, "newline", fn)
     canvas_h, canvas_w = select_resolution(image_size, resolutions, tie_break=tie_break)
     gh, gw = canvas_h // th, canvas_w // tw
     ht, wt = th // ph, tw // pw

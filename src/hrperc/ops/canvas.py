@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._validation import as_pair
+from .._validation import as_bool, as_image_size, as_pair
 
 __all__ = ["CropGeometry", "candidate_grids", "select_grid", "resize_image", "place_on_canvas", "RESIZE_MODES"]
 
@@ -119,7 +119,7 @@ def candidate_grids(max_tiles: int, min_tiles: int = 1, *, image_size=None, tile
             f"{fn}: image_size={image_size!r}, tile_size={tile_size!r}; pass both (the grids that can win for "
             f"that image) or neither (every grid within the tile counts)."
         )
-    H0, W0 = as_pair(image_size, "image_size", fn)
+    H0, W0 = as_image_size(image_size, fn)
     h, w = as_pair(tile_size, "tile_size", fn)
     _check_rule(rule, fn)
     return list(_search_grids(H0, W0, h, w, int(max_tiles), int(min_tiles), rule))
@@ -241,7 +241,7 @@ def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, r
         (12, 1)
     """
     fn = "select_grid"
-    H0, W0 = as_pair(image_size, "image_size", fn)
+    H0, W0 = as_image_size(image_size, fn)
     h, w = as_pair(tile_size, "tile_size", fn)
     _check_tiles(max_tiles, min_tiles, fn)
     _check_rule(rule, fn)
@@ -333,6 +333,8 @@ def resize_image(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool
         >>> resize_image(torch.rand(1, 3, 10, 20), (5, 10)).shape
         torch.Size([1, 3, 5, 10])
     """
+    antialias = as_bool(antialias, "antialias", "resize_image")
+    scale_uint8 = as_bool(scale_uint8, "scale_uint8", "resize_image")
     if scale_uint8 and img.dtype != torch.uint8:
         raise TypeError(
             f"resize_image: scale_uint8=True reads uint8 pixels, but img has dtype {img.dtype}. Pass "
@@ -385,6 +387,8 @@ def place_on_canvas(img: torch.Tensor, geometry: CropGeometry, mode: str = "bicu
                 [1., 1., 1., 1., 1., 1., 0., 0.],
                 [0., 0., 0., 0., 0., 0., 0., 0.]])
     """
+    antialias = as_bool(antialias, "antialias", "place_on_canvas")
+    scale_uint8 = as_bool(scale_uint8, "scale_uint8", "place_on_canvas")
     if geometry.fit == "resize":
         return resize_image(img, geometry.canvas_size, mode, antialias, scale_uint8=scale_uint8)
     top, left, height, width = geometry.valid_box

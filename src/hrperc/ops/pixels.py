@@ -41,6 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._validation import as_bool, check_nonempty
+
 __all__ = ["to_pixels", "pil_to_pixels"]
 
 _FN = "HighResEncoder"
@@ -170,6 +172,15 @@ def _check_dtype(img: torch.Tensor, name: str) -> None:
         )
 
 
+_EMPTY_FIX = "Check how the image was loaded or cropped, and skip (or drop) empty images before encoding"
+
+
+def _check_sides(img: torch.Tensor, name: str) -> None:
+    """An image with a side of 0 pixels has nothing to encode: refused with its shape, never a token count."""
+    what = [("channel count C", _EMPTY_FIX), ("height H", _EMPTY_FIX), ("width W", _EMPTY_FIX)]
+    check_nonempty(img, name, _FN, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
+
+
 def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch.Tensor:
     if not isinstance(img, torch.Tensor):
         try:
@@ -177,6 +188,11 @@ def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch
         except ImportError:  # pragma: no cover - Pillow is a dependency
             Image = None
         if Image is not None and isinstance(img, Image.Image):
+            if 0 in img.size:
+                raise ValueError(
+                    f"{_FN}: {name} is a PIL image of size {img.size} (width, height); it has no pixels, but both "
+                    f"sides must be >= 1. {_EMPTY_FIX}."
+                )
             return pil_to_pixels(img, check_range=check_range, keep_uint8=keep_uint8, name=name)
         if isinstance(img, np.ndarray):
             raise TypeError(
@@ -186,6 +202,7 @@ def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch
         raise TypeError(f"{_FN}: {name} is a {type(img).__name__}; pass a tensor (C, H, W) or a PIL image.")
     if img.ndim != 3:
         raise ValueError(f"{_FN}: {name} has shape {tuple(img.shape)}; expected one image (C, H, W).")
+    _check_sides(img, name)
     _check_channels(tuple(img.shape), name, batched=False)
     _check_dtype(img, name)
     if img.shape[0] == 1:
@@ -201,6 +218,7 @@ def _batch_to_pixels(images: torch.Tensor, check_range: bool, keep_uint8: bool) 
     shape = tuple(images.shape)
     if shape[0] == 0:
         raise ValueError("HighResEncoder: images has batch size 0; pass at least one image.")
+    _check_sides(images, "images")
     _check_channels(shape, "images", batched=True)
     _check_dtype(images, "images")
     if images.dtype == torch.uint8:
@@ -233,6 +251,8 @@ def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False,
         one_dtype: ``False`` keeps each list item's own dtype (the recipes prepare uint8 and float images
             by different steps, as the reference processors do).
     """
+    check_range = as_bool(check_range, "check_range", "to_pixels")
+    keep_uint8, one_dtype = as_bool(keep_uint8, "keep_uint8", "to_pixels"), as_bool(one_dtype, "one_dtype", "to_pixels")
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return _batch_to_pixels(images, check_range, keep_uint8)
     if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
-from .._validation import as_pair
+from .._validation import as_bool, as_image_size, as_pair
 
 __all__ = ["resize", "pad_to_square", "pad_centred", "center_crop", "shortest_edge_size", "to_unit", "fill_value"]
 
@@ -50,7 +50,7 @@ def resize(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = Tru
     """
     if mode not in _MODES:
         raise ValueError(f"resize: mode={mode!r} is not one of {tuple(_MODES)}.")
-    size = as_pair(size, "size", "resize")
+    size, antialias = as_pair(size, "size", "resize"), as_bool(antialias, "antialias", "resize")
     if tuple(img.shape[-2:]) == size:
         return img
     return tvF.resize(img, list(size), interpolation=_MODES[mode], antialias=antialias)
@@ -92,7 +92,7 @@ def pad_centred(img: torch.Tensor, size, colour=(0, 0, 0)) -> torch.Tensor:
 def shortest_edge_size(image_size, edge: int) -> tuple[int, int]:
     """``(h, w)`` after the processors' ``{"shortest_edge": edge}`` resize: the short side becomes ``edge``,
     the long one ``int(edge * long / short)``."""
-    H, W = as_pair(image_size, "image_size", "shortest_edge_size")
+    H, W = as_image_size(image_size, "shortest_edge_size")
     if W <= H:
         return int(edge * H / W), edge
     return edge, int(edge * W / H)

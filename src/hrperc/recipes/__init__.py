@@ -33,6 +33,9 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
+import numpy as np
+import torch
+
 __all__ = ["create_encoder", "list_recipes", "register_recipe"]
 
 _RECIPES: dict[str, Callable] = {}
@@ -70,10 +73,20 @@ def create_encoder(recipe: str, backbone, **options):
     if recipe not in _RECIPES:
         raise ValueError(f"create_encoder: recipe={recipe!r} is not a known recipe; pass one of {list_recipes()}.")
     encoder = _RECIPES[recipe](backbone, **options)
-    # What built it (like timm's pretrained_cfg): integrations save it to rebuild the same front end.
+    # What built it (like timm's pretrained_cfg): integrations save it to rebuild the same front end. The
+    # builder has checked every option; numpy / tensor values are kept as the plain Python values they stand for.
     encoder.recipe = recipe
-    encoder.recipe_options = {k: v for k, v in options.items() if k != "dem"}
+    encoder.recipe_options = {k: _plain(v) for k, v in options.items() if k != "dem"}
     return encoder
+
+
+def _plain(value):
+    """``value`` with numpy scalars, arrays and tensors as Python scalars and lists (lists and tuples kept)."""
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        return value.tolist() if getattr(value, "ndim", 0) else value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 for _info in pkgutil.iter_modules(__path__):

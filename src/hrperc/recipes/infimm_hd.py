@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .._validation import as_int
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
@@ -44,12 +45,8 @@ class DynamicTilesFrontEnd(FrontEnd):
 
     def __init__(self, tile_size, patch_size, *, max_side: int = 3) -> None:
         super().__init__(tile_size, patch_size)
-        if not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1:
-            raise ValueError(
-                f"create_encoder('infimm_hd'): max_side={max_side!r}; pass a positive int, the most tiles along the "
-                f"long side (InfiMM-HD: 3, i.e. 1344 px of 448 px tiles)."
-            )
-        self.max_side = max_side
+        # the most tiles along the long side (InfiMM-HD: 3, i.e. 1344 px of 448 px tiles)
+        self.max_side = as_int(max_side, "max_side", "create_encoder('infimm_hd')", example="max_side=3")
 
     def content_size(self, image_size) -> tuple[int, int]:
         """``(h, w)`` of the resized content: the long side a whole number of tiles (at most ``max_side``)."""

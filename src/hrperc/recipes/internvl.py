@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from .._validation import as_bool, as_int
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry, select_grid
@@ -64,17 +65,17 @@ class TilingFrontEnd(FrontEnd):
                  downsample: int = 2, dcm: bool = False) -> None:  # fmt: skip
         super().__init__(tile_size, patch_size)
         fn = "create_encoder('internvl')"
-        select_grid((1, 1), self.tile_size, max_tiles, min_tiles, rule="aspect")  # validates the counts
-        if not isinstance(downsample, int) or isinstance(downsample, bool) or downsample < 1:
-            raise ValueError(f"{fn}: downsample={downsample!r}; pass a positive int (InternVL: 2, i.e. scale 0.5).")
+        max_tiles, min_tiles = as_int(max_tiles, "max_tiles", fn), as_int(min_tiles, "min_tiles", fn)
+        select_grid((1, 1), self.tile_size, max_tiles, min_tiles, rule="aspect")  # validates min_tiles <= max_tiles
+        downsample = as_int(downsample, "downsample", fn, example="downsample=2 (InternVL's scale 0.5)")
         ht, wt = self.tile_tokens
         if ht % downsample or wt % downsample:
             raise ValueError(
                 f"{fn}: downsample={downsample} needs the tile's token grid ({ht}, {wt}) to be divisible by "
                 f"{downsample} (InternViT-448/14: 32 x 32). Pass downsample=1, or a backbone with such a grid."
             )
-        self.max_tiles, self.min_tiles, self.thumbnail = max_tiles, min_tiles, bool(thumbnail)
-        self.downsample, self.uses_dem = downsample, bool(dcm)
+        self.max_tiles, self.min_tiles, self.thumbnail = max_tiles, min_tiles, as_bool(thumbnail, "thumbnail", fn)
+        self.downsample, self.uses_dem = downsample, as_bool(dcm, "dcm", fn)
 
     def token_width(self, width: int) -> int:
         return width * self.downsample**2

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import as_bool
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
@@ -41,9 +42,7 @@ class SquareFrontEnd(FrontEnd):
 
     def __init__(self, tile_size, patch_size, *, pad: bool = True, colour=(0, 0, 0)) -> None:
         super().__init__(tile_size, patch_size)
-        if not isinstance(pad, bool):
-            raise TypeError(f"llava15: pad={pad!r}; pass True (pad to a square) or False (centre-crop).")
-        self.pad, self.colour = pad, tuple(int(c) for c in colour)
+        self.pad, self.colour = as_bool(pad, "pad", "create_encoder('llava15')"), tuple(int(c) for c in colour)
 
     def plan(self, image_size) -> ViewPlan:
         H, W = (int(v) for v in image_size)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import as_bool, as_int, as_sequence
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import anyres
 from ..ops import preprocess as pp
@@ -64,7 +65,8 @@ class AnyresFrontEnd(FrontEnd):
         super().__init__(tile_size, patch_size)
         fn = f"create_encoder({name!r})"
         th, tw = self.tile_size
-        pairs = anyres._pinpoints(pinpoints, fn)
+        example = f"[({th}, {2 * tw}), ({2 * th}, {tw})]"
+        pairs = anyres._pinpoints(as_sequence(pinpoints, "pinpoints", fn, example), fn, name="pinpoints")
         bad = [p for p in pairs if p[0] % th or p[1] % tw]
         if bad:
             raise ValueError(
@@ -75,8 +77,10 @@ class AnyresFrontEnd(FrontEnd):
             raise ValueError(f"{fn}: tie_break={tie_break!r} is not one of {anyres.TIE_BREAKS}.")
         if self.tile_tokens[0] != self.tile_tokens[1]:
             raise ValueError(f"{fn}: the backbone's tiles give {self.tile_tokens} tokens; anyres needs square tiles.")
-        self.pinpoints, self.tie_break, self.newline = pairs, tie_break, bool(newline)
-        self.max_tiles, self.uses_dem, self.name = max_tiles, bool(dcm), name
+        if max_tiles is not None:  # None: no shrink (LLaVA-NeXT)
+            max_tiles = as_int(max_tiles, "max_tiles", fn, example="max_tiles=9 (OneVision's anyres_max_9) or None")
+        self.pinpoints, self.tie_break, self.newline = pairs, tie_break, as_bool(newline, "newline", fn)
+        self.max_tiles, self.uses_dem, self.name = max_tiles, as_bool(dcm, "dcm", fn), name
 
     def plan(self, image_size) -> ViewPlan:
         H, W = (int(v) for v in image_size)
@@ -140,7 +144,9 @@ def build_llava_next(backbone, **options):
     """LLaVA-NeXT's anyres front end around ``backbone`` (see the module docs for the options)."""
     own, enc = split_options("llava_next", options, _OWN)
     bb = as_backbone(backbone, enc.get("layer", -2))
-    pinpoints = own.get("pinpoints") or scaled_pinpoints(anyres.LLAVA_NEXT_PINPOINTS, 336, bb.image_size[0])
+    pinpoints = own.get("pinpoints")  # an empty list is refused by the front end, never read as "the defaults"
+    if pinpoints is None:
+        pinpoints = scaled_pinpoints(anyres.LLAVA_NEXT_PINPOINTS, 336, bb.image_size[0])
     fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
                         newline=own.get("newline", True), dcm=own.get("dcm", False))  # fmt: skip
     return build(fe, bb, own.get("dem", "default"), -2, enc)

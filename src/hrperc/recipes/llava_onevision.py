@@ -39,7 +39,9 @@ def build_llava_onevision(backbone, **options):
     """LLaVA-OneVision's ``anyres_max_9`` front end around ``backbone`` (see the module docs)."""
     own, enc = split_options("llava_onevision", options, _OWN)
     bb = as_backbone(backbone, enc.get("layer", -1))
-    pinpoints = own.get("pinpoints") or scaled_pinpoints(anyres.ONEVISION_PINPOINTS, 384, bb.image_size[0])
+    pinpoints = own.get("pinpoints")  # an empty list is refused by the front end, never read as "the defaults"
+    if pinpoints is None:
+        pinpoints = scaled_pinpoints(anyres.ONEVISION_PINPOINTS, 384, bb.image_size[0])
     fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
                         newline=own.get("newline", True), max_tiles=own.get("max_tiles", 9), dcm=own.get("dcm", False),
                         name="llava_onevision")  # fmt: skip
