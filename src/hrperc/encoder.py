@@ -179,6 +179,12 @@ class HighResEncoder(nn.Module):
         check_range: refuse float pixels outside ``[0, 1]`` (a forgotten ``/ 255``, or an image already
             normalized: the backbone normalizes). ``False`` skips the check, for pixels you know are right.
 
+    The switches (``encode_all``, ``train_backbone``, ``grad_checkpointing``, ``check_range``) are bools
+    (numpy's ``bool_`` too); a string such as ``"false"``, a number or a tensor is a ``TypeError``. With a
+    recipe's DCM+DEM front end, a DEM that does not return the whole ``(gh*ht, gw*wt)`` map (a
+    ``reduction`` other than ``"none"``) is refused here, as is, for a fixed grid, a ``combine="mean"``
+    the DEM's token count cannot be averaged with.
+
     Input: one image, a ``(B, C, H, W)`` batch, or a list (ragged sizes welcome) of float ``[0, 1]`` /
     uint8 tensors or PIL images. Output: :class:`EncoderOutput`.
     """

@@ -132,7 +132,8 @@ class DualPerspectiveCrop(nn.Module):
         max_tiles, min_tiles: bounds on ``gh*gw``. ``"auto"`` chooses within them (with ``fit="pad"`` too,
             growing the grid to ``min_tiles``); a fixed or ``"floor"`` grid outside them is refused.
         fit: ``"resize"``, ``"pad"`` or ``"resize_pad"``.
-        mode, antialias: interpolation for resizing (and the thumbnail), computed in float32.
+        mode, antialias: interpolation for resizing (and the thumbnail), computed in float32; ``antialias``
+            is a bool (as ``thumbnail``: a string such as ``"false"`` is a ``TypeError``).
         fill: padding value for ``"pad"``/``"resize_pad"``; must fit the image dtype (a whole number
             inside ``torch.iinfo`` for integer images), else a ``ValueError``; ``nan`` and ``inf`` are
             refused at construction (``ValueError``).
