@@ -1,0 +1,405 @@
+"""A transformers LLaVA-family model's parts, its processor's settings, and the encoder of its image path.
+
+:func:`encoder_from_model` builds the :class:`~hrperc.HighResEncoder` that reproduces the model's image
+path around its own vision tower; :func:`variant` rebuilds an attached encoder with other settings
+(an image-processor option such as ``do_pad=False``, another ``vision_feature_layer``) around the same
+tower and DEM, cached per setting, so that a processor's options and a forward's arguments are honoured
+instead of ignored.
+
+Example::
+
+    >>> hf_blocks(-2, 24), hf_blocks(23, 24), hf_blocks(-1, 27)   # transformers' hidden_states index -> blocks run
+    (23, 23, 27)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+
+from torch import nn
+
+from ...backbones.base import resolve_layer
+from ...backbones.hf_vit import HFBackbone
+from ...encoder import HighResEncoder
+from ...recipes import create_encoder
+from ._pixels import options_key
+
+__all__ = ["FAMILIES", "encoder_from_model", "variant", "hf_blocks", "ProcessorSettings"]
+
+#: transformers ``model_type`` -> the hrperc recipe that reproduces its image path.
+FAMILIES = {
+    "llava": "llava15",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
+    "internvl": "internvl",
+}
+#: The processor option each encoder setting answers to (for messages).
+OPTION_NAMES = {
+    "pad": "do_pad",
+    "mean": "image_mean",
+    "std": "image_std",
+    "min_tiles": "min_patches",
+    "max_tiles": "max_patches",
+    "layer": "vision_feature_layer",
+}
+_PAD_RECIPES = ("llava15", "s2")  # recipes with a pad-to-square setting
+_TILE_RECIPES = ("internvl",)  # recipes with InternVL's min/max tiles
+_BICUBIC = 3  # PIL's code; transformers' processors of the four families resize bicubic, as hrperc does
+_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_MAX_VARIANTS = 32
+
+
+# --- the model's parts -------------------------------------------------------------------------------
+def inner_model(model, fn: str):
+    """``(inner model with vision_tower / projector, family)`` of a supported transformers model."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise TypeError(
+            f"{fn}: model is a {type(model).__name__} (model_type={family!r}); pass one of the LLaVA-family "
+            f"models hrperc integrates: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+            f"LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration (or their *Model)."
+        )
+    inner = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
+    if not hasattr(inner, "vision_tower") or not hasattr(inner, "multi_modal_projector"):
+        raise TypeError(
+            f"{fn}: {type(model).__name__} has no vision_tower / multi_modal_projector; pass the full model."
+        )
+    return inner, family
+
+
+def image_processor(processor):
+    return getattr(processor, "image_processor", processor) if processor is not None else None
+
+
+def text_width(model) -> int:
+    config = model.config
+    text = getattr(config, "text_config", None)
+    return int(getattr(text, "hidden_size", None) or config.hidden_size)
+
+
+def hf_blocks(layer: int, num_layers: int) -> int:
+    """transformers' ``hidden_states[layer]`` (``0``: the embeddings) -> the number of blocks it comes after."""
+    return layer if layer >= 0 else num_layers + 1 + layer
+
+
+def strategy_of(backbone) -> str | None:
+    """The ``vision_feature_select_strategy`` hrperc's tokens equal: ``"default"`` (CLS dropped) for one
+    prefix token, ``"full"`` for none, ``None`` otherwise (neither keeps exactly the patch tokens)."""
+    return {1: "default", 0: "full"}.get(int(getattr(backbone, "num_prefix_tokens", -1)))
+
+
+# --- the processor's settings ---------------------------------------------------------------------------
+def _plain(value):
+    """A setting in comparable form: sizes as dicts of their set fields, sequences as tuples, resampling as
+    PIL's code, tensors / arrays as lists."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple, dict)):
+        return _plain(value.tolist())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if hasattr(value, "__dataclass_fields__"):  # transformers' SizeDict
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__ if getattr(value, k) is not None}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    name = getattr(value, "value", None)
+    if isinstance(name, int):  # PILImageResampling
+        return int(name)
+    if isinstance(name, str) and name.lower() in _RESAMPLE_NAMES:  # torchvision InterpolationMode
+        return _RESAMPLE_NAMES[name.lower()]
+    return repr(value)
+
+
+def same_setting(a, b) -> bool:
+    return _plain(a) == _plain(b)
+
+
+class ProcessorSettings:
+    """The image settings an original processor applies when called without options: its processor-level
+    ``images_kwargs`` defaults (InternVL's ``crop_to_patches=True``, say) over its image processor's
+    attributes."""
+
+    def __init__(self, processor) -> None:
+        self.processor, self.ip = processor, image_processor(processor)
+        self.defaults: dict = {}
+        merge = getattr(processor, "_merge_kwargs", None)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if merge is not None and tokenizer is not None and self.ip is not processor:
+            self.defaults = dict(merge(tokenizer_init_kwargs=getattr(tokenizer, "init_kwargs", {}))["images_kwargs"])
+            self.defaults.pop("return_tensors", None)
+
+    def get(self, name: str, default=None):
+        if name in self.defaults:
+            return self.defaults[name]
+        value = getattr(self.ip, name, None) if self.ip is not None else None
+        return default if value is None else value
+
+    @property
+    def squares(self) -> bool:
+        """Whether ``do_pad`` pads each image to a square (LLaVA's image processor), rather than padding a
+        batch to one size (CLIP's and the others', which does not change an image)."""
+        return self.ip is not None and callable(getattr(self.ip, "pad_to_square", None))
+
+
+def _size_of(value):
+    """A processor size setting -> ``(h, w)``, ``None`` when unset, or the setting itself when it is
+    neither ``height``/``width`` nor ``shortest_edge``."""
+    plain = _plain(value)
+    if not plain:
+        return None
+    if isinstance(plain, dict):
+        if plain.get("height") and plain.get("width"):
+            return int(plain["height"]), int(plain["width"])
+        if plain.get("shortest_edge") and set(plain) <= {"shortest_edge"}:
+            return (int(plain["shortest_edge"]),) * 2
+    return plain
+
+
+def _check_processor(settings: ProcessorSettings, tile, family: str, pad: bool, fn: str) -> None:
+    """The processor's steps must be ones hrperc's recipe reproduces: tiles of the tower's size, bicubic
+    resizing, rescale by 1/255, normalization; LLaVA's centre crop when it does not pad."""
+    tile = tuple(tile)
+    for name in ("size", "crop_size"):
+        if name == "crop_size" and family in ("llava", "llava_next") and not settings.get("do_center_crop", True):
+            continue
+        size = _size_of(settings.get(name))
+        if size is not None and size != tile:
+            raise ValueError(
+                f"{fn}: the processor's {name}={_plain(settings.get(name))} gives tiles other than the vision "
+                f"tower's {tile[0]}x{tile[1]}; the model would see resized tiles hrperc does not reproduce. Use the "
+                f"processor saved with the model."
+            )
+    steps = {"do_resize": True, "do_rescale": True, "do_normalize": True}
+    if family == "llava" and not pad:
+        steps["do_center_crop"] = True
+    for name, needed in steps.items():
+        value = settings.get(name)
+        if value is not None and bool(value) != needed:
+            raise ValueError(
+                f"{fn}: the processor has {name}={value!r}; hrperc's {FAMILIES[family]} recipe always does this step "
+                f"(as the model's processor does by default). Use a processor with {name}={needed}."
+            )
+    factor = settings.get("rescale_factor")
+    if factor is not None and not math.isclose(float(factor), 1 / 255, rel_tol=1e-9):
+        raise ValueError(
+            f"{fn}: the processor has rescale_factor={factor!r}; hrperc reads pixels as value / 255. Use a processor "
+            f"with rescale_factor=1/255."
+        )
+    resample = settings.get("resample")
+    if resample is not None and _plain(resample) != _BICUBIC:
+        raise ValueError(
+            f"{fn}: the processor has resample={resample!r}; hrperc's recipes resize bicubic, as these models' "
+            f"processors do. Use a processor with resample=3 (bicubic)."
+        )
+
+
+def check_internvl_norm(tower, layer: int, num_layers: int, fn: str, what: str) -> None:
+    norm = getattr(tower, "layernorm", None)
+    if hf_blocks(layer, num_layers) == num_layers and layer < 0 and norm is not None and not isinstance(
+        norm, nn.Identity
+    ):
+        raise ValueError(
+            f"{fn}: {what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
+            f"which InternVLModel reads for vision_feature_layer=-1 and hrperc's layer -1 does not include. Use a "
+            f"tower with use_mean_pooling=True (InternVL's checkpoints), or another vision_feature_layer."
+        )
+
+
+# --- encoder_from_model ------------------------------------------------------------------------------
+def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
+    """The :class:`~hrperc.HighResEncoder` that reproduces ``model``'s image path, around its own vision tower.
+
+    Reads the model's config (``vision_feature_layer``, ``vision_feature_select_strategy``,
+    ``image_grid_pinpoints``, ``vision_aspect_ratio``, ``downsample_ratio``) and, when given, the
+    processor's image settings (``image_mean`` / ``image_std``; LLaVA's ``do_pad``, which pads to a square
+    only in LLaVA's own image processor -- a ``CLIPImageProcessor`` resizes the shortest edge and
+    centre-crops; InternVL's ``crop_to_patches`` / ``min_patches`` / ``max_patches``, processor-level
+    defaults included; without a processor, the image-processor class defaults of transformers). The
+    tower is shared, not copied. ``options`` go to :func:`hrperc.create_encoder` and override what was
+    read (e.g. ``dcm=True`` to add the DEM).
+
+    Refused, with the reason: a list of feature layers (concatenated layers), a selection strategy that
+    keeps a CLS token or drops a patch token, a processor whose tiles are not the tower's size or whose
+    steps hrperc does not reproduce (``do_resize=False``, another ``resample``, ``rescale_factor`` or
+    ``do_normalize=False``), and an InternViT whose last layer goes through a final LayerNorm
+    (``use_mean_pooling=False``).
+    """
+    fn = "encoder_from_model"
+    inner, family = inner_model(model, fn)
+    config, tower = model.config, inner.vision_tower
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(
+            f"{fn}: the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's encoders read "
+            f"one layer. Use a model with an int vision_feature_layer."
+        )
+    settings = ProcessorSettings(processor) if processor is not None else None
+    mean = tuple(settings.get("image_mean")) if settings and settings.get("image_mean") is not None else None
+    std = tuple(settings.get("image_std")) if settings and settings.get("image_std") is not None else None
+    backbone = HFBackbone(tower, layer=layer, mean=mean, std=std)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != strategy_of(backbone):
+        prefix = backbone.num_prefix_tokens
+        raise ValueError(
+            f"{fn}: vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
+            f"{'drops its first patch token' if strategy == 'default' else 'keeps the CLS token'}, which hrperc "
+            f"does not reproduce (its encoders return the patch tokens). Use 'default' with CLIP / InternViT and "
+            f"'full' with SigLIP."
+        )
+    recipe = FAMILIES[family]
+    kw: dict = {}
+    if family == "llava":
+        # Only LLaVA's image processor pads to a square; CLIP's do_pad pads a batch to one size (a no-op after
+        # its centre crop), so a CLIPImageProcessor is the resize-shortest-edge + centre-crop path.
+        kw["pad"] = bool(settings.get("do_pad", False)) and settings.squares if settings is not None else False
+    elif family in ("llava_next", "llava_onevision"):
+        pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
+        ip_points = settings.get("image_grid_pinpoints") if settings is not None else None
+        if ip_points is not None and [tuple(p) for p in ip_points] != pinpoints:
+            raise ValueError(
+                f"{fn}: the processor's image_grid_pinpoints {ip_points} differ from the model's {pinpoints}; the "
+                f"model's own code would then unpad with other grids. Use the processor saved with the model."
+            )
+        kw["pinpoints"] = pinpoints
+        if family == "llava_onevision":
+            kw["max_tiles"] = int(
+                str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).replace("anyres_max_", "")
+            )
+    else:  # internvl
+        kw["downsample"] = round(1 / config.downsample_ratio)
+        get = settings.get if settings is not None else (lambda name, default=None: default)
+        crop = get("crop_to_patches", True)
+        kw["max_tiles"] = int(get("max_patches", 12)) if crop else 1
+        kw["min_tiles"] = int(get("min_patches", 1)) if crop else 1
+        check_internvl_norm(tower, layer, backbone.num_layers, fn, f"vision_feature_layer={layer}")
+    if settings is not None:
+        _check_processor(settings, backbone.image_size, family, kw.get("pad", False), fn)
+    kw.update(options)
+    return create_encoder(recipe, backbone, **kw)
+
+
+# --- variants of an attached encoder -----------------------------------------------------------------------
+class ModuleState:
+    """A module's ``requires_grad`` flags, train/eval modes and gradient-checkpointing switches, to
+    :meth:`restore` later: building an encoder around a shared tower sets them, and the tower is the model's."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.grads = [(p, p.requires_grad) for p in module.parameters()]
+        self.modes = [(m, m.training) for m in module.modules()]
+        self.ckpt = [(m, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
+                     for m in module.modules() if "gradient_checkpointing" in m.__dict__]  # fmt: skip
+
+    def restore(self) -> None:
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+        for m, flag in self.modes:
+            m.training = flag
+        for m, flag, func in self.ckpt:
+            m.gradient_checkpointing = flag
+            if func is None:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
+@contextlib.contextmanager
+def kept_state(module: nn.Module):
+    """Run the block, then put ``module``'s :class:`ModuleState` back."""
+    state = ModuleState(module)
+    try:
+        yield
+    finally:
+        state.restore()
+
+
+_VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refuse_setting(fn: str, key: str, value, why: str) -> ValueError:
+    return ValueError(f"{fn}: {OPTION_NAMES.get(key, key)}={value!r}: {why}. Drop {OPTION_NAMES.get(key, key)}.")
+
+
+def _validate_changes(encoder: HighResEncoder, changes: dict, family: str, fn: str) -> dict:
+    """``changes`` (``pad``, ``mean``, ``std``, ``min_tiles``, ``max_tiles``, ``layer``) checked against what
+    ``encoder`` can be rebuilt with; returns them in canonical form."""
+    out: dict = {}
+    for key, value in changes.items():
+        if key == "pad":
+            if not isinstance(value, bool):
+                raise _refuse_setting(fn, key, value, "must be True or False")
+            if encoder.recipe not in _PAD_RECIPES:
+                raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
+                                                      f"pad-to-square setting, only {_PAD_RECIPES} do")  # fmt: skip
+        elif key in ("min_tiles", "max_tiles"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _refuse_setting(fn, key, value, "must be an int >= 1")
+            if encoder.recipe not in _TILE_RECIPES:
+                raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
+                                                      f"InternVL tiling, only {_TILE_RECIPES} do")  # fmt: skip
+        elif key in ("mean", "std"):
+            try:
+                value = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
+            except (TypeError, ValueError):
+                value = []
+            if len(value) != 3 or not all(math.isfinite(v) for v in value) or (key == "std" and min(value) <= 0):
+                raise _refuse_setting(fn, key, changes[key], "must be three finite floats (R, G, B)"
+                                                             + (", all > 0" if key == "std" else ""))  # fmt: skip
+        elif key == "layer":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _refuse_setting(fn, key, value, "must be an int (hrperc's encoders read one layer)")
+        else:
+            raise ValueError(
+                f"{fn}: the encoder setting {key!r} is not one hrperc rebuilds an attached encoder with; the settings "
+                f"are {sorted(OPTION_NAMES)}. Pack the images with the processor attach() returned."
+            )
+        out[key] = value
+    return out
+
+
+def variant(encoder: HighResEncoder, changes: dict, family: str, fn: str) -> HighResEncoder:
+    """``encoder`` rebuilt with ``changes`` (see :func:`_validate_changes`) around the same tower and DEM;
+    ``encoder`` itself for no changes. Variants are cached per encoder and setting."""
+    if not changes:
+        return encoder
+    changes = _validate_changes(encoder, changes, family, fn)
+    key = options_key(changes)
+    cache = _VARIANTS.setdefault(encoder, {})
+    if key in cache:
+        return cache[key]
+    bb = encoder.backbone
+    if encoder.recipe is None or not isinstance(bb, HFBackbone):
+        name = OPTION_NAMES.get(next(iter(changes)), next(iter(changes)))
+        raise ValueError(
+            f"{fn}: {name}={changes[next(iter(changes))]!r} needs the attached encoder rebuilt with it, but it was "
+            f"not built by hrperc.create_encoder around a transformers tower (HFBackbone). Drop {name}, or attach an "
+            f"encoder built by encoder_from_model / create_encoder."
+        )
+    layer = changes.get("layer", encoder.layer)
+    try:
+        blocks = resolve_layer(layer, bb.num_layers, fn)
+    except (TypeError, ValueError) as e:
+        raise _refuse_setting(fn, "layer", layer, f"the tower has {bb.num_layers} layers ({e})") from None
+    if family == "internvl":
+        check_internvl_norm(bb.model, layer, bb.num_layers, fn, f"vision_feature_layer={layer}")
+    options = dict(encoder.recipe_options)
+    options["layer"] = layer if blocks != resolve_layer(encoder.layer, bb.num_layers, fn) else encoder.layer
+    for name in ("pad", "min_tiles", "max_tiles"):
+        if name in changes:
+            options[name] = changes[name]
+    if encoder.dem is not None:
+        options["dem"] = encoder.dem
+    mean, std = changes.get("mean", bb.mean), changes.get("std", bb.std)
+    with kept_state(bb.model):
+        try:
+            built = create_encoder(encoder.recipe, HFBackbone(bb.model, layer=options["layer"], mean=mean, std=std),
+                                   **options)  # fmt: skip
+        except (TypeError, ValueError) as e:
+            names = ", ".join(f"{OPTION_NAMES.get(k, k)}={v!r}" for k, v in changes.items())
+            raise ValueError(f"{fn}: {names} cannot be honoured: {e}") from None
+    if len(cache) >= _MAX_VARIANTS:
+        cache.pop(next(iter(cache)))
+    cache[key] = built
+    return built
