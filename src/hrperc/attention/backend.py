@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["AttentionBackend", "WindowAttentionFn", "QuerySubsetFn"]
+__all__ = ["AttentionBackend", "WindowAttentionFn", "QuerySubsetFn", "check_output"]
 
 
 class WindowAttentionFn(Protocol):
@@ -33,7 +33,8 @@ class WindowAttentionFn(Protocol):
     ``q, k, v`` are ``(B*N, T, heads, head_dim)`` stacks in ``q_order``/``kv_order`` window order,
     ``grid``/``tile_size`` int pairs, ``scale`` a float, ``out_order`` one of
     ``"contiguous"|"strided"|"map"``. Returns ``(B*N, T, heads, head_dim)`` for a window order or
-    ``(B, Ht*Wt, heads, head_dim)`` for ``"map"``, in ``q``'s dtype, differentiable.
+    ``(B, Ht*Wt, heads, head_dim)`` for ``"map"``, in ``q``'s dtype, differentiable. The result is
+    checked after every call (:func:`check_output`): anything else raises, naming the backend.
     """
 
     def __call__(self, q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale): ...
@@ -46,6 +47,7 @@ class QuerySubsetFn(Protocol):
     ``T`` tokens); ``k``, ``v``: ``(G, heads, T, head_dim)``, the whole window. Returns
     ``softmax(q k^T * scale) v``, ``(G, heads, M, head_dim)``, in ``q``'s dtype, differentiable. The
     DEM's skipping path needs it; a backend without it makes a DEM forced onto it compute every token.
+    The result is checked after every call (:func:`check_output`).
     """
 
     def __call__(self, q, k, v, *, scale): ...
@@ -119,3 +121,62 @@ class AttentionBackend:
     def auto_eligible(self, device_type: str) -> bool:
         """Whether ``backend="auto"`` may choose this backend for tensors on ``device_type``."""
         return self.auto_devices is None or device_type in self.auto_devices
+
+
+def check_output(backend: AttentionBackend, out, shape, q: torch.Tensor, *, form: str, layout: str, caller: str):
+    """``out`` when it is what ``backend``'s ``form`` (``"fn"`` / ``"query_subset"``) must return, else raise.
+
+    What it must return: a tensor of exactly ``shape`` (``layout`` names its dims for the message), in
+    ``q``'s dtype (or, under :func:`torch.autocast` for ``q``'s device, the autocast dtype, as the built-in
+    backends give) and on ``q``'s device. A shape that would merely broadcast (``(1, T, heads, head_dim)``)
+    is refused, not spread into a normal-looking wrong result. ``TypeError`` for something other than a
+    tensor or a wrong dtype or device, ``ValueError`` for a wrong shape; the message names the backend,
+    what it returned, what was expected and the fix.
+
+    One shape, dtype and device comparison: nothing measurable on the hot path. Under ``torch.compile``
+    it is decided while tracing (a guard for dynamic shapes), so a correct backend adds no graph break.
+
+    Example::
+
+        >>> b = AttentionBackend("mine", lambda q, k, v, grid, **kw: q[:1])
+        >>> q = torch.zeros(4, 9, 1, 8)
+        >>> check_output(b, b.fn(q, q, q, (2, 2)), q.shape, q, form="fn", layout="(B*N, T, heads, head_dim)",
+        ...              caller="window_attention")
+        Traceback (most recent call last):
+        ...
+        ValueError: window_attention: attention backend 'mine' returned a tensor of shape (1, 9, 1, 8)...(4, 9, 1, 8)...
+    """
+    if isinstance(out, torch.Tensor) and out.shape == shape and out.device == q.device:
+        if out.dtype == q.dtype or _autocast_dtype(q) == out.dtype:
+            return out
+    raise _bad_output(backend, out, shape, q, form, layout, caller)
+
+
+def _autocast_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The dtype :func:`torch.autocast` computes in for ``q``'s device, or None outside autocast."""
+    kind = q.device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except RuntimeError:  # a device type autocast does not know
+        return None
+
+
+def _bad_output(backend, out, shape, q, form, layout, caller) -> Exception:
+    cast = _autocast_dtype(q)
+    dtype = f"{q.dtype}" if cast in (None, q.dtype) else f"{q.dtype} (or {cast}, the autocast dtype)"
+    expected = f"a tensor of shape {tuple(shape)} {layout}, dtype {dtype}, on {q.device}"
+    if isinstance(out, torch.Tensor):
+        got = f"a tensor of shape {tuple(out.shape)}, dtype {out.dtype}, on {out.device}"
+        exc = ValueError if out.shape != shape else TypeError
+    elif isinstance(out, tuple | list):
+        got = f"a {type(out).__name__} of {len(out)} ({', '.join(type(x).__name__ for x in out[:4])})"
+        exc = TypeError
+    else:
+        got = "None" if out is None else f"a {type(out).__name__}"
+        exc = TypeError
+    protocol = "WindowAttentionFn" if form == "fn" else "QuerySubsetFn"
+    return exc(
+        f"{caller}: attention backend {backend.name!r} returned {got} from its {form}; expected {expected} "
+        f"(hrperc.attention.{protocol}). Fix the backend's {form} to return that (one tensor, not a tuple; no "
+        f"broadcasting), or use another backend: backend='auto', or unregister_backend({backend.name!r})."
+    )

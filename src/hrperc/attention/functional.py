@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.geometry import WindowKind, check_kind, check_order, check_window_stacks
+from .backend import check_output
 from .dispatch import resolve_backend
 
 __all__ = ["window_attention", "window_cross_attention", "OutOrder"]
@@ -62,7 +63,9 @@ def window_attention(
     map, ``k``/``v`` in ``kv_order`` order of the key/value map. Window ``w``'s queries attend to window
     ``w``'s keys/values, no mask, ``scale`` default ``1/sqrt(head_dim)``. Returns
     ``(B*N, T, heads, head_dim)`` in ``out_order`` window order of the output map (default
-    ``window``), or ``(B, Ht*Wt, heads, head_dim)`` row-major for ``out_order="map"``.
+    ``window``), or ``(B, Ht*Wt, heads, head_dim)`` row-major for ``out_order="map"``. The backend's
+    result is checked: another shape (one that would broadcast included), dtype or device, or
+    something other than one tensor, raises ``ValueError`` / ``TypeError`` naming the backend.
 
     Example::
 
@@ -88,7 +91,14 @@ def window_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=tile_size, scale=scale)
     chosen = resolve_backend(backend, q, k, v, grid=grid, **kw)
-    return chosen.fn(q, k, v, grid, **kw)
+    out = chosen.fn(q, k, v, grid, **kw)
+    # a registered backend's result is checked, never trusted: a wrong shape would broadcast downstream
+    if out_order == "map":
+        n = grid[0] * grid[1]
+        shape, layout = (q.shape[0] // n, q.shape[1] * n, *q.shape[2:]), "(B, Ht*Wt, heads, head_dim)"
+    else:
+        shape, layout = q.shape, "(B*N, T, heads, head_dim)"
+    return check_output(chosen, out, shape, q, form="fn", layout=layout, caller=fn)
 
 
 def window_cross_attention(

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import as_grid, as_pair
+from ..attention.backend import AttentionBackend, check_output
 from ..attention.dispatch import forced_backend, resolve_backend
 from ..attention.module import WindowCrossAttention
 from ..ops.crop import merge
@@ -302,9 +303,9 @@ class DualPerspectiveEnhancement(nn.Module):
         no_norm = self.directions == "none" or not self.residual_norm
         return self.reduction in ("avg", "area") and no_norm and self.fusion.affine
 
-    def _subset_backend(self, backend, feats, grid, tile):
-        """The :class:`~hrperc.attention.QuerySubsetFn` the skipping path attends with, None when no attention
-        runs (``directions="none"``), or False when the forced backend takes whole windows only (compute all)."""
+    def _subset_backend(self, backend, feats, grid, tile) -> AttentionBackend | None | bool:
+        """The backend whose :class:`~hrperc.attention.QuerySubsetFn` the skipping path attends with, None when no
+        attention runs (``directions="none"``), or False when the forced backend takes whole windows only."""
         if self.directions == "none":
             return None
         query = "global" if self.directions in ("both", "global") else "local"
@@ -318,7 +319,7 @@ class DualPerspectiveEnhancement(nn.Module):
             backend, probe, probe, probe, query_subset=True, grid=grid, tile_size=tile, window=window,
             q_order=q_order, kv_order=kv_order, out_order="map", scale=float(probe.shape[-1] ** -0.5),
         )  # fmt: skip
-        return False if chosen.query_subset is None else chosen.query_subset
+        return False if chosen.query_subset is None else chosen
 
     def _forward_full(self, loc, glo, grid, tile, backend):
         """Every token: attention via :func:`hrperc.window_attention` (any backend), maps, fusion, reduction."""
@@ -369,7 +370,8 @@ class DualPerspectiveEnhancement(nn.Module):
     def _forward_read(self, loc, glo, grid, tile, subset):
         """Only the tokens the reduction reads (see the module docstring); equal to ``_forward_full``.
 
-        ``subset``: the :class:`~hrperc.attention.QuerySubsetFn` that attends the gathered queries.
+        ``subset``: the backend whose :class:`~hrperc.attention.QuerySubsetFn` attends the gathered queries (its
+        result checked as :func:`hrperc.window_attention` checks a backend's).
         """
         plan = self._plan(grid, tile)
         idx = plan_indices(plan, loc.device)
@@ -408,7 +410,11 @@ class DualPerspectiveEnhancement(nn.Module):
         # Two matmuls on the same tokens (no per-call concatenation of the k and v weights).
         k = F.linear(kv_in, lk.weight, lk.bias).view(b * nw, t, h, hd).transpose(1, 2)
         v = F.linear(kv_in, lv.weight, lv.bias).view(b * nw, t, h, hd).transpose(1, 2)
-        o = subset(q, k, v, scale=hd**-0.5)  # (B*nw, h, m, hd)
+        o = subset.query_subset(q, k, v, scale=hd**-0.5)  # (B*nw, h, m, hd)
+        o = check_output(
+            subset, o, q.shape, q, form="query_subset", layout="(G, heads, M, head_dim)",
+            caller="DualPerspectiveEnhancement",
+        )  # fmt: skip
         o = o.transpose(1, 2).reshape(b, nw * m, d).index_select(1, idx[f"{name}_select"])  # read order
         o = F.linear(o, lo.weight, lo.bias)
         if attn.ln is None:
