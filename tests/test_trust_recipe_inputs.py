@@ -315,6 +315,12 @@ def test_integer_options_are_checked_at_build():
         _fix(info)
     assert hrperc.create_encoder("llava_onevision", vit, max_tiles=np.int64(4)).frontend.max_tiles == 4
     assert hrperc.create_encoder("llava_onevision", vit, max_tiles=None).frontend.max_tiles is None
+    for name in ("llava_next", "inf_llava"):  # the runner's max_batch: 'auto' or a whole number >= 1
+        for value in ("4", 2.0, True, 0):
+            with raises_naming(ValueError, f"max_batch={value!r}", "'auto'") as info:
+                hrperc.create_encoder(name, vit, max_batch=value)
+            _fix(info)
+        assert hrperc.create_encoder(name, vit, max_batch=np.int64(4)).chunk_size == 4
 
 
 # --- DCM+DEM mismatches, refused at build ----------------------------------------------------------------

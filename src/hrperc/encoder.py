@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._validation import as_bool, as_image_size
+from ._validation import as_bool, as_image_size, as_index
 from .backbones import VisionBackbone, create_backbone, wrap_backbone
 from .modules.dual_crop import DualCrops, DualPerspectiveCrop
 from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, slot_mask
@@ -261,10 +261,14 @@ class HighResEncoder(nn.Module):
                 f"{fn}: combine='mean' averages with the thumbnail's tokens, but the crop has thumbnail=False. "
                 f"Build the crop with thumbnail=True, or pass combine='none'."
             )
-        if max_batch != "auto" and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise ValueError(
-                f"{fn}: max_batch={max_batch!r}; must be 'auto' or an integer >= 1 (sub-images per ViT call)."
-            )
+        if not (isinstance(max_batch, str) and max_batch == "auto"):
+            n = as_index(max_batch)  # numpy / 0-dim tensor integers are integers; bools, floats, strings are not
+            if n is None or n < 1:
+                raise ValueError(
+                    f"{fn}: max_batch={max_batch!r}; must be 'auto' or an integer >= 1 (sub-images per ViT call). "
+                    f"Pass max_batch='auto' (the default) or e.g. max_batch=8."
+                )
+            max_batch = n
         if layer is not None:
             from .backbones.base import resolve_layer
 

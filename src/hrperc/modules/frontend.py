@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._validation import as_image_size
+from .._validation import as_bool, as_image_size
 from ..ops.canvas import CropGeometry
 
 __all__ = ["FrontEnd", "ViewPlan", "TokenSegment", "make_layout", "slot_mask"]
@@ -65,7 +65,8 @@ def make_layout(*runs) -> tuple[TokenSegment, ...]:
     out, start = [], 0
     for run in runs:
         source, length, shape, *rest = run
-        out.append(TokenSegment(source, start, start + int(length), shape, bool(rest[0]) if rest else False))
+        newline = as_bool(rest[0], "newline", "make_layout") if rest else False
+        out.append(TokenSegment(source, start, start + int(length), shape, newline))
         start += int(length)
     return tuple(out)
 
