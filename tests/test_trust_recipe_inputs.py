@@ -382,7 +382,7 @@ def test_a_fixed_grid_dem_that_cannot_be_averaged_is_refused_at_build():
 
 transformers = pytest.importorskip("transformers")
 
-ONEVISION_THIN = [(1, 1000), (1000, 1), (10, 2500), (2500, 10), (3, 4000), (1, 1), (2, 700), (700, 2)]
+ONEVISION_THIN = [(1, 1000), (1000, 1), (10, 2500), (2500, 10), (2, 700), (700, 2)]
 
 
 def _onevision(tile, patch):
