@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -756,3 +757,206 @@ def test_llava_json_data_multi_turn_labels_and_training(tmp_path, cfg, tok, mode
         ]
     )
     assert len(s["losses"]) == 2 and all(np.isfinite(s["losses"]))
+
+
+# ---- the documented commands, and the scripts' errors ----------------------------------------------------------
+DOC = ROOT / "docs" / "inf_llava.md"
+
+
+def _doc_commands(section: str) -> list[list[str]]:
+    """The commands of the first bash block under ``section`` in docs/inf_llava.md, as argv lists
+    (continuation lines joined, ``VAR=value`` prefixes dropped)."""
+    import shlex
+
+    text = DOC.read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(section) :], flags=re.S).group(1)
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+            argv.pop(0)
+        if argv:
+            commands.append(argv)
+    return commands
+
+
+def _shrunk(argv: list[str]) -> list[str]:
+    """A documented command at test size: 2 steps (and the checkpoint names that follow), 2 scored samples."""
+    out = []
+    for i, a in enumerate(argv):
+        if i and argv[i - 1] in ("--steps", "--eval-glyphs"):
+            a = "2"
+        out.append(re.sub(r"checkpoint-\d+", "checkpoint-2", a))
+    return out
+
+
+def test_documented_tiny_commands_run_top_to_bottom(tmp_path, monkeypatch, capsys):
+    """docs/inf_llava.md's 'tiny, on a CPU' block, in order, in an empty folder (2 steps each): the generate
+    command writes the sample image the next one reads, and prints the answer the doc quotes. The torchrun
+    lines are parsed (their 2-process runs: test_two_process_run_matches_single_process). Then the doc's
+    first python block runs as written."""
+    from inf_llava import generate as gen
+    from inf_llava.generate import SAMPLE_INDEX
+
+    monkeypatch.chdir(tmp_path)
+    commands = _doc_commands("### tiny, on a CPU")
+    assert [c[0] for c in commands] == ["python"] * 4 + ["torchrun"] * 2
+    for argv in commands:
+        argv = _shrunk(argv)
+        script = next(a for a in argv if a.endswith(".py"))
+        args = argv[argv.index(script) + 1 :]
+        assert (ROOT / script).is_file(), script
+        if argv[0] == "torchrun":
+            parsed = train_mod.parse_args(args)
+            assert parsed.dist in ("ddp", "fsdp") and parsed.steps == 2
+        elif script.endswith("train.py"):
+            train_mod.main([*args, "--device", "cpu", "--batch-size", "2", "--no-progress"])
+        else:
+            texts = gen.main([*args, "--device", "cpu", "--max-new-tokens", "3"])
+            assert len(texts) == 1
+    out = capsys.readouterr().out
+    assert "wrote glyph.png" in out
+    assert "the answer to 'describe the image .' is 'a green square at the bottom right'" in out  # quoted in the doc
+    assert "glyph.png | describe the image . ->" in out and "glyph.png | what is in the image ? ->" in out
+    assert "exact-match accuracy" in out
+    cfg = get_config("tiny")
+    from inf_llava.data import GlyphTask
+
+    sample = GlyphTask(cfg.image_size).sample(SAMPLE_INDEX)
+    assert (sample.colour, sample.shape, sample.row, sample.column) == ("green", "square", 2, 2)  # as the doc says
+    assert torch.allclose(gen.load_image(tmp_path / "glyph.png"), sample.image, atol=0.5 / 255)
+    assert (tmp_path / "runs" / "tiny-s2" / "checkpoint-2" / "model.safetensors").is_file()
+    text = DOC.read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    namespace: dict = {}
+    monkeypatch.chdir(ROOT)  # the snippet puts "examples" on sys.path, relative to the repository root
+    exec(compile(snippet, str(DOC), "exec"), namespace)
+    assert namespace["new_ids"].shape[0] == 1 and 1 <= namespace["new_ids"].shape[1] <= 8
+
+
+def test_sample_image_is_written_kept_and_never_overwrites(tmp_path, cfg):
+    import numpy as np
+    from inf_llava.data import GlyphTask
+    from inf_llava.generate import SAMPLE_INDEX, load_image, write_sample_image
+    from PIL import Image
+
+    path = tmp_path / "new" / "dir" / "glyph.png"  # parents are created
+    sample, wrote = write_sample_image(path, cfg, seed=3, glyph_size=6)
+    want = GlyphTask(cfg.image_size, glyph_size=6, seed=3).sample(SAMPLE_INDEX)
+    assert wrote and sample.answer == want.answer
+    assert torch.allclose(load_image(path), want.image, atol=0.5 / 255)
+    stamp = path.stat().st_mtime_ns
+    assert write_sample_image(path, cfg, seed=3, glyph_size=6)[1] is False  # the same image: kept
+    for seed, glyph in ((0, 6), (3, None), (4, 6)):  # another sample at that path: refused, left as it is
+        with raises_naming(FileExistsError, str(path), "--image", "another --sample-image"):
+            write_sample_image(path, cfg, seed=seed, glyph_size=glyph)
+    other = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(other)
+    before = other.read_bytes()
+    with raises_naming(FileExistsError, str(other), "is not glyph sample"):
+        write_sample_image(other, cfg)
+    (tmp_path / "notes.txt").write_text("mine")
+    with raises_naming(FileExistsError, "notes.txt"):
+        write_sample_image(tmp_path / "notes.txt", cfg)
+    assert other.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    assert path.stat().st_mtime_ns == stamp
+    with raises_naming(IsADirectoryError, str(tmp_path), "file name"):
+        write_sample_image(tmp_path, cfg)
+
+
+def _bad_inputs(tmp_path):
+    """Files for the error cases: a non-image, a garbage checkpoint, a checkpoint directory without optimizer."""
+    (tmp_path / "page.png").write_text("<html>not found</html>")
+    bad = tmp_path / "bad-ckpt"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
+    half = tmp_path / "half-ckpt"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"")
+    (tmp_path / "ann.json").write_text("[{not json")
+    (tmp_path / "img").mkdir()
+    return tmp_path
+
+
+TRAIN_ERRORS = [
+    (["--steps", "0"], ["--steps '0'", "positive integer"]),
+    (["--batch-size", "-2"], ["--batch-size '-2'"]),
+    (["--micro-batch-size", "0"], ["--micro-batch-size '0'"]),
+    (["--lr", "nan"], ["--lr 'nan'", "finite number"]),
+    (["--lr", "-1"], ["--lr '-1'"]),
+    (["--warmup-ratio", "1.5"], ["--warmup-ratio '1.5'", "0 to 1"]),
+    (["--save-every", "-1"], ["--save-every '-1'"]),
+    (["--glyph-size", "33"], ["--glyph-size 33", "96x96", "--glyph-size 32"]),
+    (["--init-from", "{d}/nope"], ["--init-from", "nope", "Check the path"]),
+    (["--init-from", "{d}/bad-ckpt"], ["--init-from", "bad-ckpt", "not a readable safetensors file"]),
+    (["--init-from", "{d}/page.png"], ["--init-from", "page.png", "safetensors"]),
+    (["--resume", "{d}/half-ckpt"], ["--resume", "half-ckpt", "optimizer.safetensors", "trainer_state.json"]),
+    (["--resume", "{d}/half-ckpt/model.safetensors"], ["--resume", "is a file", "--resume auto"]),
+    (["--data", "llava:{d}/nope.json:{d}/img"], ["--data", "nope.json", "llava:<annotations.json>"]),
+    (["--data", "llava:{d}/ann.json:{d}/nope"], ["--data", "image folder", "nope"]),
+    (["--data", "llava:{d}/ann.json:{d}/img"], ["--data", "not valid JSON", "Check the file"]),
+    (["--data", "shapes"], ["data='shapes'", "'glyphs'"]),
+    (["--out", "{d}/page.png"], ["--out", "page.png", "is a file"]),
+    (["--config", "llama3-8b", "--llm-dir", "{d}/nope", "--clip-dir", "{d}"], ["--llm-dir", "nope", "Check the path"]),
+    (["--config", "llama3-8b", "--llm-dir", "{d}", "--clip-dir", "{d}"], ["--llm-dir", "config.json"]),
+    (["--batch-size", "3", "--micro-batch-size", "2"], ["--batch-size 3", "micro-batches of 2"]),
+]
+
+GENERATE_ERRORS = [
+    (["--image", "{d}/nope.png", "--prompt", "q"], ["--image", "nope.png", "Check the path"]),
+    (["--image", "{d}", "--prompt", "q"], ["--image", "is a directory"]),
+    (["--image", "{d}/page.png", "--prompt", "q"], ["--image", "page.png", "cannot be read as an image"]),
+    (["--image", "{d}/page.png"], ["--prompt is given 0 time(s) for 1 image(s)"]),
+    (["--sample-image", "{d}/s.png", "--image", "{d}/page.png"], ["--prompt is given 0 time(s) for 2 image(s)"]),
+    ([], ["--image", "--sample-image", "--eval-glyphs"]),
+    (["--checkpoint", "{d}/nope", "--eval-glyphs", "1"], ["--checkpoint", "nope"]),
+    (["--checkpoint", "{d}/img", "--eval-glyphs", "1"], ["--checkpoint", "lacks model.safetensors"]),
+    (["--checkpoint", "{d}/bad-ckpt", "--eval-glyphs", "1"], ["--checkpoint", "not a readable safetensors file"]),
+    (["--sample-image", "{d}/page.png"], ["--sample-image", "page.png", "is not glyph sample", "--image"]),
+    (["--sample-image", "{d}/img"], ["--sample-image", "is a directory"]),
+    (["--sample-image", "{d}/page.png/x.png"], ["--sample-image", "is a file"]),
+    (["--eval-glyphs", "-1"], ["--eval-glyphs '-1'"]),
+    (["--eval-glyphs", "1", "--max-new-tokens", "0"], ["--max-new-tokens '0'"]),
+    (["--eval-glyphs", "1", "--glyph-size", "40"], ["--glyph-size 40", "--glyph-size 32"]),
+    (["--eval-glyphs", "1", "--device", "bogus"], ["--device 'bogus'", "cpu"]),
+]
+
+
+@pytest.mark.parametrize(
+    "script, argv, names",
+    [("train", a, n) for a, n in TRAIN_ERRORS] + [("generate", a, n) for a, n in GENERATE_ERRORS],
+)
+def test_scripts_refuse_bad_arguments_and_paths_in_one_line_before_building(tmp_path, capsys, monkeypatch, script,
+                                                                           argv, names):  # fmt: skip
+    from _messages import FIX, assert_names
+    from inf_llava import generate as gen
+
+    def fail(*a, **k):
+        raise AssertionError("the model was built before the inputs were checked")
+
+    monkeypatch.setattr(train_mod, "build_inf_llava", fail)
+    monkeypatch.setattr(gen, "build_inf_llava", fail)
+    d = _bad_inputs(tmp_path)
+    argv = [a.format(d=d) for a in argv]
+    main = train_mod.main if script == "train" else gen.main
+    extra = ["--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")] if script == "train" else []
+    if script == "train" and "--out" in argv:
+        extra = extra[:3]
+    with pytest.raises(SystemExit) as info:
+        main([*extra, *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{script}.py: error: ") and f"{script}.py: {script}.py" not in lines[0], lines[0]
+    assert_names(lines[0], *names)
+    assert FIX.search(lines[0]) or "use " in lines[0], lines[0]
+
+
+def test_scripts_traceback_flag_raises_the_error(tmp_path):
+    from inf_llava import generate as gen
+
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        gen.main(["--image", str(tmp_path / "nope.png"), "--prompt", "q", "--traceback"])
+    with pytest.raises(FileNotFoundError, match="--init-from"):
+        train_mod.main(["--init-from", str(tmp_path / "nope"), "--out", str(tmp_path), "--traceback"])

@@ -23,6 +23,10 @@ and 2 processes x 1 micro-batch take the same steps.
 
 The data (``--data glyphs``) is the synthetic high-resolution task of ``data.py``, generated on the
 fly from the sample index, so any rank can make its share and a resumed run sees the same samples.
+
+Every path (``--init-from``, ``--resume``, ``--data llava:...``, ``--out``, the ``llama3-8b`` directories) is
+checked before the model is built; a bad argument or path ends the script with one line on stderr and
+exit code 2 (``--traceback`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -53,15 +57,27 @@ from inf_llava.model import (
     set_stage,
     token_loss_sum,
 )
+from inf_llava.script import (
+    Parser,
+    check_checkpoint,
+    check_model_paths,
+    check_out_dir,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_script,
+)
 
-__all__ = ["parse_args", "train", "main", "choose_device_backend", "STAGE_LR"]
+__all__ = ["parse_args", "check_inputs", "train", "main", "choose_device_backend", "STAGE_LR"]
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = Parser(
+        prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     p.add_argument(
@@ -70,15 +86,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-dir", help="llama3-8b: local transformers CLIP ViT-L/14-336 directory")
     p.add_argument("--weights", help="llama3-8b: released INF-LLaVA DEM + projector weights (file or dir)")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch per optimizer step")
+    p.add_argument("--steps", type=positive_int("--steps"), default=300, help="optimizer steps")
     p.add_argument(
-        "--micro-batch-size", type=int, default=None, help="per process and forward (default: all)"
+        "--batch-size", type=positive_int("--batch-size", "16"), default=16, help="global batch per optimizer step"
     )
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument(
+        "--micro-batch-size", type=positive_int("--micro-batch-size", "4"), default=None,
+        help="per process and forward (default: all)",
+    )  # fmt: skip
+    p.add_argument("--lr", type=positive_float("--lr"), default=None, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
+    p.add_argument("--warmup-ratio", type=fraction("--warmup-ratio"), default=0.03)
+    p.add_argument("--weight-decay", type=nonnegative_float("--weight-decay"), default=0.0)
+    p.add_argument(
+        "--max-grad-norm", type=nonnegative_float("--max-grad-norm", "1.0"), default=1.0, help="0: no clipping"
+    )
     p.add_argument(
         "--precision",
         default="auto",
@@ -99,14 +120,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="process-group backend for ddp/fsdp; auto: nccl on GPUs, gloo on CPU",
     )
     p.add_argument("--out", default="runs/inf_llava", help="checkpoint directory")
-    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument(
+        "--save-every", type=nonnegative_int("--save-every", "500"), default=0,
+        help="also save every N steps (0: only at the end)",
+    )  # fmt: skip
     p.add_argument("--resume", default=None, help="'auto' (latest under --out) or a checkpoint directory")
     p.add_argument("--init-from", default=None, help="load trained weights (e.g. stage 1's) before training")
     p.add_argument(
         "--data", default="glyphs", help="'glyphs' (synthetic) or 'llava:<annotations.json>:<image dir>'"
     )
     p.add_argument("--seed", type=int, default=0, help="data seed")
-    p.add_argument("--glyph-size", type=int, default=None, help="glyph side in pixels (default: canvas / 8)")
+    p.add_argument(
+        "--glyph-size", type=positive_int("--glyph-size", "12"), default=None,
+        help="glyph side in pixels (default: canvas / 8)",
+    )  # fmt: skip
     p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
     p.add_argument(
         "--dump-params",
@@ -114,7 +141,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="test hook: each rank writes its local trainable parameters to DIR/rank<r>.safetensors",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error (default: one line)")
     return p.parse_args(argv)
+
+
+def check_inputs(args, cfg) -> None:
+    """Every path the run reads or writes, before any model is built: the config's local directories and
+    weights, ``--init-from``, ``--resume``, ``--data llava:...``, ``--out``, ``--summary-json``."""
+    check_model_paths(cfg)
+    if args.init_from:
+        check_checkpoint(args.init_from, "--init-from")
+    if args.resume and args.resume != "auto":
+        check_checkpoint(args.resume, "--resume", resume=True)
+    if args.data == "glyphs" and args.glyph_size and 3 * args.glyph_size > min(cfg.image_size):
+        raise ValueError(
+            f"--glyph-size {args.glyph_size}: three glyphs must fit across the {cfg.image_size[1]}x{cfg.image_size[0]} "
+            f"canvas of config {cfg.name!r}; use at most --glyph-size {min(cfg.image_size) // 3}."
+        )
+    if args.data != "glyphs":
+        kind, _, rest = args.data.partition(":")
+        json_path, _, folder = rest.partition(":")
+        if kind == "llava" and json_path and folder:
+            for path, what in ((Path(json_path), "annotations JSON file"), (Path(folder), "image folder")):
+                if not path.exists():
+                    raise FileNotFoundError(
+                        f"--data {args.data!r}: there is no {what} at {str(path)!r}. Check the path "
+                        "(--data llava:<annotations.json>:<image folder>)."
+                    )
+            if not Path(folder).is_dir():
+                raise NotADirectoryError(f"--data {args.data!r}: {folder!r} is not a folder. Pass the image folder.")
+    check_out_dir(args.out, "--out")
+    if args.summary_json:
+        if Path(args.summary_json).is_dir():
+            raise IsADirectoryError(f"--summary-json {args.summary_json!r} is a directory. Pass a file name.")
+        check_out_dir(Path(args.summary_json).parent, "--summary-json")
 
 
 def choose_device_backend(
@@ -241,9 +301,17 @@ def train(argv=None, *, return_model: bool = False) -> dict:
     ):
         raise ValueError(
             f"train.py: --batch-size {args.batch_size} must split evenly over {world} process(es) and then into "
-            f"micro-batches of {args.micro_batch_size}; pick sizes with batch_size % (world * micro) == 0."
+            f"micro-batches of {args.micro_batch_size}; use sizes with batch_size % (world * micro) == 0."
         )
     cfg = get_config(args.config, llm_dir=args.llm_dir, clip_dir=args.clip_dir, weights=args.weights)
+    check_inputs(args, cfg)
+    # The data before the model: a bad --data / --glyph-size fails in a second, not after the build.
+    try:
+        task = build_dataset(args.data, cfg, glyph_size=args.glyph_size, seed=args.seed)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"--data {args.data!r}: the annotations file is not valid JSON ({exc}). Check the file."
+        ) from exc
     tokenizer = build_tokenizer(cfg)
     bf16 = _use_bf16(args.precision, device)
     # Stage 1 never updates the LLM: keep it in bf16 when computing in bf16 (half the memory).
@@ -271,7 +339,6 @@ def train(argv=None, *, return_model: bool = False) -> dict:
         meta = load_checkpoint(resume, model, optimizer, scheduler)
         start, losses = int(meta["step"]), list(meta.get("losses", []))
 
-    task = build_dataset(args.data, cfg, glyph_size=args.glyph_size, seed=args.seed)
     bar = tqdm(
         total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}"
     )
@@ -356,7 +423,9 @@ def _dump_local_params(model, out_dir, rank: int) -> None:
 
 
 def main(argv=None) -> None:
-    summary = train(argv)
+    """``train`` as a script: a bad argument or path ends it with one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    summary = run_script(train, argv, "train.py", traceback="--traceback" in argv)
     if not summary["losses"]:
         return
     if summary["rank"] == 0:
