@@ -247,13 +247,15 @@ def demo_encoder(args, image: torch.Tensor, out_dir: Path, enc=None) -> None:
 
     if enc is None:
         enc = build_encoder(args, args.grid, args.max_tiles, tile_size=args.tile_size)
-    for line in weights_lines(args, enc):
-        print(line)
+    backbone_line, *dem_lines = weights_lines(args, enc)
     bb = enc.backbone
+    print(backbone_line)
     print(
         f"             patch {bb.patch_size[0]}, width {bb.hidden_size}, {bb.num_layers} layers, "
         f"{bb.num_prefix_tokens} prefix tokens (read off the model), layer {enc.layer}"
     )
+    for line in dem_lines:
+        print(line)
     with torch.inference_mode():
         out = enc(image.to(args.device), timings=True)
         for line in _describe(enc, out, 0):
