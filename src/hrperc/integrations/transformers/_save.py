@@ -367,11 +367,12 @@ def _validate(config, model, inner, family: str) -> dict:
     dem = config["dem"]
     uses_dem = recipe == "inf_llava" or options.get("dcm") is True
     if dem is None:
-        _need(not uses_dem, f'"dem" is null but recipe {recipe!r} with these options runs a DEM, whose weights would '
-                            f"then be random")  # fmt: skip
+        _need(not uses_dem, f'"dem" is null but recipe {recipe!r} with "options" {config["options"]} runs a DEM, '
+                            f"whose weights would then be random")  # fmt: skip
         dem_kw = None
     else:
-        _need(uses_dem, f'"dem" is set but recipe {recipe!r} with these options runs no DEM')
+        _need(uses_dem, f'"dem" is set but recipe {recipe!r} with "options" {config["options"]} runs no DEM (a DEM '
+                        f'runs in recipe "inf_llava" and with "dcm": true)')  # fmt: skip
         dem_kw = _check_dem(dem, tower.hidden_size)
     proj = config["projector"]
     proj = None if proj is None else _check_projector(proj, text_width(model), legacy)
