@@ -120,14 +120,15 @@ def test_auto_falls_back_to_sdpa_with_one_warning_when_the_self_check_fails(monk
 
     def spy(*a, **kw):
         ran.append(True)
-        return sdpa.fn(*(x.as_subclass(torch.Tensor) for x in a[:3]), *a[3:], **kw)
+        out = sdpa.fn(*(x.as_subclass(torch.Tensor) for x in a[:3]), *a[3:], **kw)
+        return out.as_subclass(LooksLikeCuda)  # on q's device, as a real CUDA backend's output (checked)
 
     monkeypatch.setitem(hrperc.attention.dispatch._REGISTRY, "sdpa", dataclasses.replace(sdpa, fn=spy))
     kw = dict(window="strided", q_order="contiguous", kv_order="strided", tile_size=(2, 3), scale=0.25)
     out = hrperc.window_attention(q, k, v, KW["grid"], backend="auto", **kw)
     assert ran == [True]
     plain = [x.as_subclass(torch.Tensor) for x in (q, k, v)]
-    torch.testing.assert_close(out, sdpa.fn(*plain, KW["grid"], out_order="strided", **kw), rtol=0, atol=0)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), sdpa.fn(*plain, KW["grid"], out_order="strided", **kw), rtol=0, atol=0)
 
 
 def test_the_verdict_is_per_dtype_head_dim_and_orders(monkeypatch):
