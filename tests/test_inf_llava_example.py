@@ -481,7 +481,8 @@ def test_resume_with_other_stage_is_refused(tmp_path):
 
 
 # ---- distributed ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# Two processes cost ~15 s each on 2 cores: DDP runs in the default suite, FSDP with the slow tests.
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_process_run_matches_single_process(tmp_path, mode):
     """2 processes x 1 micro-batch == 1 process x 2 micro-batches (same global batch), step for step.
 
