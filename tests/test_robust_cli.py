@@ -8,11 +8,11 @@ not only one example.
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from _files import png_declaring
 from _messages import assert_names
 from PIL import Image
 
@@ -120,21 +120,11 @@ def test_grid_usage_errors_are_one_line_too(image_file, capsys):
 # ---- hostile files, missing devices and backends ------------------------------------------------------
 
 
-def _png_declaring(path, width, height):
-    """A tiny PNG whose header declares ``width x height`` (PIL refuses it before decoding a pixel)."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-                     + chunk(b"IEND", b""))  # fmt: skip
-    return path
 
 
 @pytest.mark.parametrize("size", [(20000, 20000), (100000, 2000), (14000, 13000)])
 def test_decompression_bomb_is_one_line_naming_the_file_and_limit(tmp_path, capsys, size):
-    bomb = _png_declaring(tmp_path / "bomb.png", *size)
+    bomb = png_declaring(tmp_path / "bomb.png", *size)
     assert bomb.stat().st_size < 50_000
     limit = Image.MAX_IMAGE_PIXELS
     line = _one_line_error(capsys, ["demo", "--no-encode", "--out", tmp_path, bomb], repr(str(bomb)),
@@ -145,7 +135,7 @@ def test_decompression_bomb_is_one_line_naming_the_file_and_limit(tmp_path, caps
 
 
 def test_decompression_bomb_in_encode(tmp_path, capsys, image_file):
-    bomb = _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    bomb = png_declaring(tmp_path / "bomb.png", 20000, 20000)
     _one_line_error(capsys, ["encode", image_file, bomb, *TINY, "--grid", "1x1"], repr(str(bomb)), "--max-image-pixels")
 
 
@@ -232,6 +222,6 @@ def test_long_messages_keep_their_start_and_end():
 
 
 def test_traceback_flag_still_shows_the_exception(tmp_path):
-    bomb = _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    bomb = png_declaring(tmp_path / "bomb.png", 20000, 20000)
     with pytest.raises(ValueError, match="decompression bomb"):
         main(["--traceback", "demo", "--no-encode", "--out", str(tmp_path), str(bomb)])

@@ -128,7 +128,8 @@ def test_auto_falls_back_to_sdpa_with_one_warning_when_the_self_check_fails(monk
     out = hrperc.window_attention(q, k, v, KW["grid"], backend="auto", **kw)
     assert ran == [True]
     plain = [x.as_subclass(torch.Tensor) for x in (q, k, v)]
-    torch.testing.assert_close(out.as_subclass(torch.Tensor), sdpa.fn(*plain, KW["grid"], out_order="strided", **kw), rtol=0, atol=0)
+    expected = sdpa.fn(*plain, KW["grid"], out_order="strided", **kw)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
 
 
 def test_the_verdict_is_per_dtype_head_dim_and_orders(monkeypatch):

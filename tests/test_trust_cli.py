@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import struct
-import zlib
 
 import numpy as np
 import pytest
+from _files import png_declaring
 from _messages import FIX, assert_names
 from PIL import Image
 
@@ -73,16 +73,6 @@ def _error_line(capsys, argv, *names):
     return lines[0]
 
 
-def _png_declaring(path, width, height):
-    """A tiny PNG whose header declares ``width x height`` (nothing in it is ever decoded here)."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))  # fmt: skip
-    return path
 
 
 # ---- the canvas limit ---------------------------------------------------------------------------------------
@@ -156,7 +146,7 @@ def test_encode_bounds_every_image_before_encoding_any(tmp_path, capsys, image_f
         raise AssertionError("encoded before every canvas was checked")
 
     monkeypatch.setattr(hrperc.HighResEncoder, "forward", fail)
-    big = _png_declaring(tmp_path / "big.png", 6000, 6000)  # only its header is read
+    big = png_declaring(tmp_path / "big.png", 6000, 6000)  # only its header is read
     # fit pad keeps native pixels: 27x27 tiles of 224 for a 6000x6000 image, over the cap
     _error_line(capsys, ["encode", image_file, big, *TINY, "--grid", "auto", "--fit", "pad", "--max-tiles", "1000"],
                 repr(str(big)), "6048x6048 canvas", f"{MAX_CANVAS_PIXELS:,}", "--fit resize")  # fmt: skip
@@ -221,7 +211,7 @@ def _bad_images(tmp_path):
     bad_crc[30] ^= 0xFF  # a byte inside IHDR: its checksum no longer matches
     (tmp_path / "crc.png").write_bytes(bytes(bad_crc))
     (tmp_path / "empty.jpg").write_bytes(b"")
-    _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    png_declaring(tmp_path / "bomb.png", 20000, 20000)
     return {
         "missing.png": ["does not exist"],
         "folder.png": ["is a directory"],

@@ -97,30 +97,31 @@ def positive_int(flag: str, maximum: int | None = None, why: str = ""):
     return parse
 
 
-def parse_max_image_pixels(text: str):
-    """``--max-image-pixels``: a positive integer (PIL's ``Image.MAX_IMAGE_PIXELS`` for this run), or 0 for no limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"--max-image-pixels {text!r}: use a pixel count, e.g. 400000000, or 0 for no limit"
-        )
-    return value
+def _pixel_count(flag: str, example: int, doc: str):
+    """An argparse ``type`` for ``flag``: a pixel count >= 0 (0: no limit)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: use a pixel count, e.g. {example}, or 0 for no limit")
+        return value
+
+    parse.__doc__ = doc
+    parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in its messages
+    return parse
 
 
-def parse_max_canvas_pixels(text: str):
-    """``--max-canvas-pixels``: the most canvas pixels an image may get (0: no limit); see :mod:`hrperc.cli.limits`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"--max-canvas-pixels {text!r}: use a pixel count, e.g. 50000000, or 0 for no limit"
-        )
-    return value
+parse_max_image_pixels = _pixel_count(
+    "--max-image-pixels", 400000000,
+    "``--max-image-pixels``: a positive integer (PIL's ``Image.MAX_IMAGE_PIXELS`` for this run), or 0 for no limit.",
+)  # fmt: skip
+parse_max_canvas_pixels = _pixel_count(
+    "--max-canvas-pixels", 50000000,
+    "``--max-canvas-pixels``: the most canvas pixels an image may get (0: no limit); see :mod:`hrperc.cli.limits`.",
+)  # fmt: skip
 
 
 def parse_device(text: str) -> str:
