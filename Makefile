@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hrperc-installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all typecheck bench install clean
 
-$(STAMP): pyproject.toml
+# _version.py too: the installed metadata (importlib.metadata.version) is built from it.
+$(STAMP): pyproject.toml src/hrperc/_version.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -25,6 +26,10 @@ test: $(STAMP)
 ## Everything, including the slow interpreter tests at INF-LLaVA size.
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+## Static types of the package (mypy; settings in pyproject.toml's [tool.mypy]).
+typecheck: $(STAMP)
+	$(BIN)/mypy src/hrperc
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_crop.py

@@ -1,0 +1,26 @@
+"""hrperc's version is written once (``src/hrperc/_version.py``); the package metadata is built from it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+import hrperc
+import hrperc._version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_version_attribute_is_the_installed_metadata():
+    # A mismatch means the installed metadata is stale: reinstall (`make install` does when _version.py changes).
+    assert hrperc.__version__ == importlib.metadata.version("hrperc") == hrperc._version.__version__
+
+
+def test_pyproject_reads_the_version_from_the_module():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]  # no second copy
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hrperc._version.__version__"}
