@@ -528,3 +528,93 @@ def test_encoder_on_a_non_multiple_tile_counts_and_masks_whole_patches():
     mask = pad(torch.rand(3, 30, 40)).valid_masks[0]  # grid (1, 2): content in columns 0..39 of 60
     # Tile 1's patches cover columns 30..43 and 44..57: the first holds content, the second only padding.
     assert mask.shape == (2, 4) and mask.tolist() == [[True, True, True, False]] * 2
+
+
+# --- views of other sizes: accepts() and features() at sizes other than the native one --------------------------
+def _oc_tiny(oc_name):
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.create_model(oc_name).eval()
+
+
+@pytest.mark.parametrize(
+    "make, dynamic",
+    [
+        (lambda oc: _tiny_timm(), False),
+        (lambda oc: _tiny_timm(dynamic_img_size=True), True),
+        (lambda oc: _tiny_timm(dynamic_img_size=True, reg_tokens=2, patch_size=4), True),
+        (_oc_tiny, False),
+        (lambda oc: _hf_vision("clip"), True),
+        (lambda oc: _hf_vision("siglip"), True),
+        (lambda oc: _siglip(30, 14), True),  # native 30 is not a multiple of 14: accepted as the native size only
+    ],
+    ids=["timm", "timm-dynamic", "timm-dynamic-p4-reg", "open_clip", "hf-clip", "hf-siglip", "hf-siglip-30"],
+)
+def test_accepts_the_native_size_and_other_sizes_only_when_the_model_resizes(make, dynamic, oc_name):
+    bb = wrap_backbone(make(oc_name))
+    (h, w), (ph, pw) = bb.image_size, bb.patch_size
+    assert bb.dynamic_size is dynamic
+    assert bb.accepts((h, w)) and bb.accepts([h, w]) and bb.accepts(torch.Size([h, w]))
+    for size in [(2 * ph, 3 * pw), (5 * ph, pw), (h + 2 * ph - h % ph, w - w % pw)]:
+        assert bb.accepts(size) is dynamic, size
+    for size in [(2 * ph + 1, 2 * pw), (2 * ph, 3 * pw - 1)]:  # not whole patches: refused by every backbone
+        assert bb.accepts(size) is False, size
+
+
+@pytest.mark.parametrize("size", ["224", 224, (224,), (224, 224, 3), (224.0, 224), (True, 28), None])
+def test_accepts_refuses_what_is_not_a_size(size):
+    bb = wrap_backbone(_tiny_timm(dynamic_img_size=True))
+    with raises_naming(TypeError, f"size={size!r}", "(h, w)", "size=("):
+        bb.accepts(size)
+
+
+@pytest.mark.parametrize("size", [(0, 28), (28, -7)])
+def test_accepts_refuses_empty_sizes(size):
+    with raises_naming(ValueError, f"size={size!r}", ">= 1", "size=("):
+        wrap_backbone(_tiny_timm()).accepts(size)
+
+
+@pytest.mark.parametrize(
+    "kw, prefix", [({}, 1), ({"reg_tokens": 3}, 4), ({"class_token": False, "global_pool": "avg"}, 0)]
+)
+@pytest.mark.parametrize("size", [(56, 28), (14, 49), (35, 35)])
+def test_timm_dynamic_views_of_other_sizes_match_block_output(kw, prefix, size):
+    vit = _tiny_timm(dynamic_img_size=True, **kw)
+    bb = wrap_backbone(vit, layer=-2)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ref = _hooked_block_output(vit.blocks, 2, lambda: vit(x))[:, prefix:]
+        got = bb.features(x)
+    assert got.shape == (2, (size[0] // 7) * (size[1] // 7), 32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, prefix, patch", [("clip", 1, 14), ("siglip", 0, 7)])
+@pytest.mark.parametrize("cells", [(4, 2), (1, 3), (3, 3)])
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_hf_views_of_other_sizes_match_interpolated_hidden_states(kind, prefix, patch, cells, layer):
+    model = _hf_vision(kind)
+    bb = wrap_backbone(model)
+    x = torch.randn(2, 3, cells[0] * patch, cells[1] * patch)
+    with torch.no_grad():
+        out = model(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True)
+        got = bb.features(x, layer=layer)
+    assert got.shape == (2, cells[0] * cells[1], 32)
+    torch.testing.assert_close(got, out.hidden_states[layer][:, prefix:], rtol=0, atol=0)
+
+
+def test_views_a_backbone_does_not_accept_are_refused(oc_name):
+    fixed = wrap_backbone(_tiny_timm())
+    for bb in (fixed, wrap_backbone(_oc_tiny(oc_name))):
+        (h, w) = bb.image_size
+        with raises_naming(ValueError, f"(1, 3, {2 * h}, {w})", f"(N, 3, {h}, {w})", f"tile_size={bb.image_size}"):
+            bb.features(torch.randn(1, 3, 2 * h, w))
+    dynamic = [wrap_backbone(_tiny_timm(dynamic_img_size=True)), wrap_backbone(_hf_vision("clip"))]
+    for bb in dynamic:
+        (h, w), (ph, pw) = bb.image_size, bb.patch_size
+        for shape in [(1, 3, h + 1, w), (1, 3, 2 * ph, 2 * pw - 2)]:
+            with raises_naming(ValueError, str(shape), f"multiple of {ph}", f"({h}, {w})", "Resize"):
+                bb.features(torch.randn(*shape))
+        with raises_naming(ValueError, "(1, 1, 28, 28)"):
+            bb.features(torch.randn(1, 1, 28, 28))

@@ -70,6 +70,21 @@ def test_internvl_matches_hidden_states(sizes, pos, mean_pooling):
             torch.testing.assert_close(model.layernorm(last), out.last_hidden_state[:, 1:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("pos", [True, False], ids=["abs_pos", "no_pos"])
+@pytest.mark.parametrize("size", [(56, 28), (14, 42), (42, 42)])
+def test_internvl_views_of_other_sizes_match_hidden_states(pos, size):
+    model = _tiny_internvl(use_absolute_position_embeddings=pos)
+    bb = wrap_backbone(model)
+    assert bb.dynamic_size and bb.accepts(size) and not bb.accepts((size[0] + 1, size[1]))
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)  # InternVL resamples its embeddings itself
+        for k in (1, -1):
+            got = bb.features(x, layer=k)
+            assert got.shape == (2, (size[0] // 14) * (size[1] // 14), 32)
+            torch.testing.assert_close(got, out.hidden_states[k][:, 1:], rtol=0, atol=1e-6)
+
+
 def test_internvl_mean_std_defaults_and_overrides():
     model = _tiny_internvl()
     bb = HFBackbone(model)

@@ -5,6 +5,11 @@ layer, prefix (class / register) tokens removed::
 
     pixels (N, 3, h, w)  --features(pixels, layer)-->  tokens (N, ht*wt, D),  (ht, wt) = (h // p, w // p)
 
+Views of other sizes: :meth:`VisionBackbone.accepts` says whether ``features`` runs a view of ``(h, w)``
+pixels -- the native ``image_size`` always; other sizes only for a model that resizes its position
+embeddings (``dynamic_size``: a timm ViT built with ``dynamic_img_size=True``, a transformers CLIP /
+SigLIP / InternVL tower), and then whole multiples of the patch only.
+
 Layers are numbered like Hugging Face's ``hidden_states``: layer ``k`` (1..L) is the output of the
 ``k``-th transformer block, before any final norm; negative numbers count from the end, so ``-1`` is
 the last block and ``-2`` (LLaVA's choice, the default) the second-to-last.
@@ -50,6 +55,16 @@ def resolve_layer(layer, num_layers: int, fn: str) -> int:
     return layer if layer > 0 else num_layers + 1 + layer
 
 
+def _size_pair(size, fn: str) -> tuple[int, int]:
+    """``size`` as ``(h, w)``: two positive ints (a tuple, list or ``torch.Size``)."""
+    pair = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else ()
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{fn}: size={size!r}; expected (h, w), two ints in pixels. Pass e.g. size=(336, 336).")
+    if min(pair) < 1:
+        raise ValueError(f"{fn}: size={size!r}; both sides must be >= 1 pixel. Pass e.g. size=(336, 336).")
+    return int(pair[0]), int(pair[1])
+
+
 def _as_triple(value, name: str, fn: str) -> tuple[float, float, float]:
     try:
         out = tuple(float(v) for v in value)
@@ -76,12 +91,15 @@ class VisionBackbone(nn.Module):
         mean, std: per-channel normalization of ``[0, 1]`` RGB pixels the weights expect.
         layer: default layer for :meth:`features`.
         source: where the weights came from (a path), or ``None`` for random initialization.
+        dynamic_size: whether the model resizes its position embeddings, so that :meth:`features` also
+            runs views other than ``image_size`` (whole multiples of the patch; see :meth:`accepts`).
 
     Subclasses implement ``_patch_tokens(pixels, k) -> (N, ht*wt, D)``, the output of block ``k``
     (1-based) without prefix tokens, and ``_set_grad_checkpointing(enable)``.
     """
 
     family = "generic"
+    dynamic_size = False  # adapters set it from the model they wrap
 
     def __init__(
         self,
@@ -151,6 +169,30 @@ class VisionBackbone(nn.Module):
             f"num_prefix_tokens={self.num_prefix_tokens}, layer={self.layer}, source={self.source!r}"
         )
 
+    def accepts(self, size) -> bool:
+        """Whether :meth:`features` runs views of ``size = (h, w)`` pixels.
+
+        The native :attr:`image_size` always. Another size only when :attr:`dynamic_size` is set (a timm
+        ViT built with ``dynamic_img_size=True``; a transformers CLIP / SigLIP / InternVL tower, whose
+        position embeddings are interpolated), and then only whole multiples of the patch: such a view
+        gives ``(h // ph) * (w // pw)`` tokens. open_clip towers and fixed-size timm ViTs take their
+        native size only. ``size`` must be two positive ints (``TypeError`` / ``ValueError`` otherwise).
+
+        Example::
+
+            >>> import hrperc
+            >>> from timm.models.vision_transformer import VisionTransformer
+            >>> vit = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2,
+            ...                         dynamic_img_size=True)
+            >>> bb = hrperc.wrap_backbone(vit)
+            >>> bb.accepts((28, 28)), bb.accepts((42, 56)), bb.accepts((30, 28))
+            (True, True, False)
+        """
+        h, w = _size_pair(size, f"{type(self).__name__}.accepts")
+        if (h, w) == self.image_size:
+            return True
+        return bool(self.dynamic_size) and h % self.patch_size[0] == 0 and w % self.patch_size[1] == 0
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward (only matters when the backbone is trained)."""
         self._set_grad_checkpointing(bool(enable))
@@ -174,24 +216,33 @@ class VisionBackbone(nn.Module):
     def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Patch tokens of one layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
 
-        Prefix (class and register) tokens are removed. ``layer`` defaults to ``self.layer``. Pixels are
-        cast to the backbone's parameter dtype; the output has that dtype.
+        ``(h, w)`` is the native :attr:`image_size`, or any size :meth:`accepts` (then ``(ht, wt) =
+        (h // ph, w // pw)``). Prefix (class and register) tokens are removed. ``layer`` defaults to
+        ``self.layer``. Pixels are cast to the backbone's parameter dtype; the output has that dtype.
         """
         fn = f"{type(self).__name__}.features"
         if not isinstance(pixels, torch.Tensor):
             raise TypeError(f"{fn}: pixels must be a torch.Tensor (N, 3, h, w), got {type(pixels).__name__}.")
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != self.image_size:
+        size = tuple(pixels.shape[-2:])
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or min(size) < 1 or not self.accepts(size):
+            (h, w), (ph, pw) = self.image_size, self.patch_size
+            if self.dynamic_size:
+                raise ValueError(
+                    f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, h, w) with h a multiple of "
+                    f"{ph} and w a multiple of {pw} (whole patches), or the native size ({h}, {w}). Resize or "
+                    f"crop the views to whole patches."
+                )
             raise ValueError(
-                f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, {self.image_size[0]}, "
-                f"{self.image_size[1]}), the backbone's native size. Crop with tile_size={self.image_size} "
-                f"(HighResEncoder does this)."
+                f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, {h}, {w}), the backbone's native "
+                f"size. Crop with tile_size={self.image_size} (HighResEncoder does this)."
             )
         k = resolve_layer(self.layer if layer is None else layer, self.num_layers, fn)
         tokens = self._patch_tokens(pixels.to(self.dtype), k)
-        if tokens.shape[1] != self.num_patches:
+        grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+        if tokens.shape[1] != grid[0] * grid[1]:
             raise RuntimeError(
                 f"{fn}: the {self.family} model returned {tokens.shape[1]} tokens per tile, expected "
-                f"{self.num_patches} patch tokens ({self.grid_size}); its prefix-token count "
+                f"{grid[0] * grid[1]} patch tokens ({grid}); its prefix-token count "
                 f"({self.num_prefix_tokens}) was misread. Please report this model class."
             )
         return tokens

@@ -16,6 +16,10 @@ loaded from a directory; otherwise CLIP uses OpenAI CLIP's, SigLIP ``0.5``, Inte
 ``preprocessor_config.json`` hold, although transformers' ``GotOcr2ImageProcessor`` class defaults to
 OpenAI CLIP's) -- pass ``mean``/``std`` to override.
 
+Other view sizes: the three towers resample their position embeddings (CLIP and SigLIP when the
+embeddings are called with ``interpolate_pos_encoding=True``, which the adapter passes for a view other
+than the native size only; InternVL always), so ``accepts`` any whole multiple of the patch.
+
 InternVL and the final norm: ``InternVLModel`` takes ``last_hidden_state`` for
 ``vision_feature_layer=-1``, i.e. the last block's output passed through the tower's ``layernorm``.
 hrperc reads block outputs before any final norm, so its layer ``-1`` equals that only with the default
@@ -144,6 +148,9 @@ class HFBackbone(VisionBackbone):
             layer=layer,
             source=source,
         )
+        self.dynamic_size = hasattr(emb, "interpolate_pos_encoding")
+        # CLIP / SigLIP resample only when asked; InternVL's embeddings always do and take no such argument.
+        self._interpolate_arg = "interpolate_pos_encoding" in inspect.signature(emb.forward).parameters
 
     def _set_grad_checkpointing(self, enable: bool) -> None:
         # What PreTrainedModel.gradient_checkpointing_enable does, applied to the vision tower only.
@@ -158,7 +165,10 @@ class HFBackbone(VisionBackbone):
 
     def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
         vision = self.model
-        hidden = vision.embeddings(pixels)
+        if self._interpolate_arg and tuple(pixels.shape[-2:]) != self.image_size:
+            hidden = vision.embeddings(pixels, interpolate_pos_encoding=True)
+        else:  # the native size: exactly the model's own default call
+            hidden = vision.embeddings(pixels)
         pre_norm = getattr(vision, "pre_layrnorm", None)  # CLIP (sic); SigLIP has no pre-norm
         if pre_norm is not None:
             hidden = pre_norm(hidden)

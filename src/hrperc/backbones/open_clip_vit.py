@@ -4,6 +4,8 @@ Tokens come from open_clip's ``forward_intermediates(indices=[k-1], output_fmt="
 intermediates_only=True, stop_early=True)``: conv patch embedding, class token, positional embedding,
 ``ln_pre``, then the first ``k`` residual blocks; ``ln_post`` and the projection are not applied (LLaVA
 reads the un-normalized block output). The prefix-token count is read off the positional embedding.
+open_clip's tower adds a positional embedding of its native grid and cannot resample it, so the
+adapter runs the native size only (``accepts``).
 open_clip models whose tower is a timm trunk (``TimmModel``, e.g. SigLIP) are adapted through
 :class:`~hrperc.backbones.TimmBackbone` with open_clip's preprocessing mean/std.
 

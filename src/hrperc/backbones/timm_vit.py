@@ -3,6 +3,8 @@
 Tokens come from timm's own ``forward_intermediates(indices=[k-1], output_fmt="NLC",
 intermediates_only=True, stop_early=True)``, which drops the ``model.num_prefix_tokens`` class and
 register tokens and stops after the requested block. Mean/std come from the model's pretrained config.
+A model built with ``dynamic_img_size=True`` resamples its position embeddings to each input, so
+the adapter also runs views other than the native size (whole multiples of the patch; ``accepts``).
 
 Example::
 
@@ -65,6 +67,7 @@ class TimmBackbone(VisionBackbone):
             layer=layer,
             source=source,
         )
+        self.dynamic_size = bool(getattr(model, "dynamic_img_size", False))
 
     def _set_grad_checkpointing(self, enable: bool) -> None:
         self.model.set_grad_checkpointing(enable)
