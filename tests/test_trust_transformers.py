@@ -297,7 +297,7 @@ def test_llava_15_with_a_clip_image_processor_equals_the_original(do_pad):
     images = _images([(300, 500), (700, 400)])
     ref = _logits(model, proc(images=images, text=texts, return_tensors="pt", padding=True))
     encoder = encoder_from_model(model, proc)
-    assert encoder.frontend.pad is False  # CLIP's processor resizes the shortest edge and centre-crops
+    assert encoder.recipe_options["pad"] is False  # CLIP's processor resizes the shortest edge and centre-crops
     model, aproc = attach(model, proc, encoder)
     out = _logits(model, aproc(images=images, text=texts, return_tensors="pt", padding=True))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

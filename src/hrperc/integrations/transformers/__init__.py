@@ -40,7 +40,8 @@ Example::
 from __future__ import annotations
 
 from ._attach import AttachedProcessor, attach
-from ._model import FAMILIES, encoder_from_model
+from ._families import FAMILIES
+from ._model import encoder_from_model
 from ._pixels import pack_images, unpack_images
 from ._save import load_front_end, save_front_end
 

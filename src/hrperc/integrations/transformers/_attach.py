@@ -30,17 +30,8 @@ from torch import nn
 
 from ...encoder import HighResEncoder
 from ...modules.projector import build_projector
-from ._model import (
-    FAMILIES,
-    ProcessorSettings,
-    _plain,
-    hf_blocks,
-    inner_model,
-    same_setting,
-    strategy_of,
-    text_width,
-    variant,
-)
+from ._families import FAMILIES, Family, family_of, recipe_setting, recipes_with
+from ._model import ProcessorSettings, _plain, hf_blocks, inner_model, same_setting, strategy_of, text_width, variant
 from ._pixels import pack_images, read_packed
 
 __all__ = ["attach", "AttachedProcessor", "owns_parameters", "projector_widths"]
@@ -89,7 +80,7 @@ class _FrontEndState(nn.Module):
 class _Attachment:
     """What an attached model's image path needs: the encoder, the family, the trainable parts."""
 
-    def __init__(self, encoder: HighResEncoder, family: str, state: _FrontEndState, foreign: bool) -> None:
+    def __init__(self, encoder: HighResEncoder, family: Family, state: _FrontEndState, foreign: bool) -> None:
         self.encoder, self.family, self.state, self.foreign = encoder, family, state, foreign
 
 
@@ -173,7 +164,7 @@ def attach(model, processor, encoder: HighResEncoder, *, projector: nn.Module | 
     ignore = {f"hrperc_front_end.{k}" for k in state.state_dict()}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignore
     inner.get_image_features = types.MethodType(_attached_image_features(family), inner)
-    return model, (None if processor is None else AttachedProcessor(processor, encoder, family))
+    return model, (None if processor is None else AttachedProcessor(processor, encoder, family.model_type))
 
 
 # --- the model's side ---------------------------------------------------------------------------------------
@@ -220,7 +211,7 @@ def _image_sizes_check(packed, image_sizes, fn: str) -> None:
         )
 
 
-def _run(self, pixel_values, image_sizes, layer, strategy, family: str):
+def _run(self, pixel_values, image_sizes, layer, strategy, family: Family):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     fn = "attached get_image_features"
@@ -236,7 +227,7 @@ def _run(self, pixel_values, image_sizes, layer, strategy, family: str):
     def project(x):  # the encoder's tokens (its DEM's dtype) into the projector's dtype
         return projector(x if dtype is None else x.to(dtype))
 
-    newline = getattr(self, "image_newline", None)
+    newline = getattr(self, family.newline, None) if family.newline is not None else None
     groups: dict[str, list[int]] = {}
     for b, p in enumerate(packed):  # images packed with other processor options run that front end
         groups.setdefault(p.options_key, []).append(b)
@@ -246,14 +237,14 @@ def _run(self, pixel_values, image_sizes, layer, strategy, family: str):
         out = run([packed[b].image for b in indices], project=project, newline=newline)
         for i, b in enumerate(indices):
             feats[b] = out.tokens[i, : out.num_tokens[i]]
-    pooled = torch.cat(feats)[None] if family == "internvl" else feats
+    pooled = torch.cat(feats)[None] if family.features == "one_sequence" else feats
     return BaseModelOutputWithPooling(pooler_output=pooled)
 
 
-def _attached_image_features(family: str):
-    """``get_image_features`` with the family's own parameter order (LLaVA-NeXT / OneVision pass
-    ``image_sizes`` second, positionally)."""
-    if family in ("llava_next", "llava_onevision"):
+def _attached_image_features(family: Family):
+    """``get_image_features`` with the family's own parameter order (``image_sizes_second``: LLaVA-NeXT /
+    OneVision pass ``image_sizes`` second, positionally)."""
+    if family.image_sizes_second:
 
         def get_image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None,
                                vision_feature_select_strategy=None, **kwargs):  # fmt: skip
@@ -298,14 +289,15 @@ class AttachedProcessor:
     """
 
     def __init__(self, processor, encoder: HighResEncoder, family: str) -> None:
-        if family not in FAMILIES:
+        entry = family_of(family)
+        if entry is None:
             raise ValueError(f"AttachedProcessor: family={family!r}; pass one of {sorted(FAMILIES)}.")
-        self.processor, self.encoder, self.family = processor, encoder, family
+        self.processor, self.encoder, self.family, self._family = processor, encoder, family, entry
         self.image_token = processor.image_token
         self.settings = ProcessorSettings(processor)
 
     def __getattr__(self, name):
-        if name in ("processor", "encoder", "family", "image_token", "settings"):
+        if name in ("processor", "encoder", "family", "_family", "image_token", "settings"):
             raise AttributeError(name)
         return getattr(self.processor, name)
 
@@ -329,7 +321,6 @@ class AttachedProcessor:
     def _image_changes(self, given: dict, fn: str) -> tuple[dict, object]:
         """The caller's image options -> ``(encoder changes, device)``; refuses what cannot be honoured."""
         enc, settings, changes, device = self.encoder, self.settings, {}, None
-        frontend = enc.frontend
         tiles = {k: given.pop(k) for k in ("crop_to_patches", "min_patches", "max_patches") if k in given}
         for key, value in given.items():
             own = settings.get(key)
@@ -340,15 +331,15 @@ class AttachedProcessor:
             elif key == "do_pad":
                 if not isinstance(value, bool):
                     raise TypeError(f"{fn}: do_pad={value!r}; pass True or False.")
-                if self.family != "llava" or not settings.squares:
+                if not self._family.square_pad or not settings.squares:
                     continue  # pads a batch to one size (CLIP's, LLaVA-NeXT's patches): no image changes
-                if enc.recipe in ("llava15", "s2"):
-                    if value != frontend.pad:
+                if enc.recipe in recipes_with("pad"):
+                    if value != recipe_setting(enc, "pad"):
                         changes["pad"] = value
                 elif value != bool(own):
                     raise ValueError(
                         f"{fn}: do_pad={value!r}: the attached encoder (recipe {enc.recipe!r}) has no pad-to-square "
-                        f"setting to honour it with (llava15 and s2 have). Drop do_pad."
+                        f"setting to honour it with ({' and '.join(recipes_with('pad'))} have). Drop do_pad."
                     )
             elif key in ("image_mean", "image_std"):
                 name = "mean" if key == "image_mean" else "std"
@@ -386,9 +377,8 @@ class AttachedProcessor:
         if not isinstance(crop, bool):
             raise TypeError(f"{fn}: crop_to_patches={crop!r}; pass True or False.")
         target = (lo, hi) if crop else (1, 1)
-        frontend = self.encoder.frontend
-        if self.encoder.recipe == "internvl":
-            current = (frontend.min_tiles, frontend.max_tiles)
+        if self.encoder.recipe in recipes_with("min_tiles"):
+            current = (recipe_setting(self.encoder, "min_tiles"), recipe_setting(self.encoder, "max_tiles"))
             return {} if target == current else {"min_tiles": target[0], "max_tiles": target[1]}
         own_crop = get("crop_to_patches", True)
         own = (get("min_patches", 1), get("max_patches", 12)) if own_crop else (1, 1)
@@ -396,7 +386,7 @@ class AttachedProcessor:
             names = ", ".join(f"{k}={v!r}" for k, v in tiles.items())
             raise ValueError(
                 f"{fn}: {names}: the attached encoder (recipe {self.encoder.recipe!r}) has no InternVL tiling to "
-                f"honour them with (the internvl recipe has). Drop them."
+                f"honour them with (the {' and '.join(recipes_with('min_tiles'))} recipe has). Drop them."
             )
         return {}
 
@@ -406,13 +396,14 @@ class AttachedProcessor:
 
     def encoder_for(self, changes: dict | None = None) -> HighResEncoder:
         """The encoder that runs images processed with ``changes`` (``{}``: the attached encoder)."""
-        return variant(self.encoder, changes or {}, self.family, "AttachedProcessor")
+        return variant(self.encoder, changes or {}, self._family, "AttachedProcessor")
 
     def replacement(self, image_size, encoder: HighResEncoder | None = None) -> str:
         """The text that stands for one image of ``(H, W)`` pixels."""
         n = (encoder or self.encoder).num_tokens(tuple(int(v) for v in image_size))
-        if self.family == "internvl":
-            return f"{self.processor.start_image_token}{self.image_token * n}{self.processor.end_image_token}"
+        if self._family.image_brackets is not None:
+            start, end = (getattr(self.processor, name) for name in self._family.image_brackets)
+            return f"{start}{self.image_token * n}{end}"
         return self.image_token * n
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
@@ -445,12 +436,9 @@ class AttachedProcessor:
                     f"{fn}: the text holds {found} image placeholder(s) {self.image_token!r} but {len(flat)} image(s) "
                     f"were given; pass one placeholder per image, in order."
                 )
-            if self.family == "llava_onevision" and any(t.count(self.image_token) > 1 for t in texts):
-                raise ValueError(
-                    f"{fn}: a text holds several images; LLaVA-OneVision encodes multi-image prompts another way "
-                    f"(one square view each), which hrperc's llava_onevision recipe does not reproduce. Pass one "
-                    f"image per text."
-                )
+            why = self._family.several_images
+            if why is not None and any(t.count(self.image_token) > 1 for t in texts):
+                raise ValueError(f"{fn}: a text holds several images; {why}. Pass one image per text.")
             sizes = data["image_sizes"].tolist() if flat else []
             replacements = iter([self.replacement(s, encoder) for s in sizes])
             expanded = []

@@ -1,10 +1,10 @@
 """A transformers LLaVA-family model's parts, its processor's settings, and the encoder of its image path.
 
 :func:`encoder_from_model` builds the :class:`~hrperc.HighResEncoder` that reproduces the model's image
-path around its own vision tower; :func:`variant` rebuilds an attached encoder with other settings
-(an image-processor option such as ``do_pad=False``, another ``vision_feature_layer``) around the same
-tower and DEM, cached per setting, so that a processor's options and a forward's arguments are honoured
-instead of ignored.
+path around its own vision tower, as the model's :class:`~hrperc.integrations.transformers._families.Family`
+entry says; :func:`variant` rebuilds an attached encoder with other settings (an image-processor option
+such as ``do_pad=False``, another ``vision_feature_layer``) around the same tower and DEM, cached per
+setting, so that a processor's options and a forward's arguments are honoured instead of ignored.
 
 Example::
 
@@ -24,17 +24,11 @@ from ...backbones.base import resolve_layer
 from ...backbones.hf_vit import HFBackbone
 from ...encoder import HighResEncoder
 from ...recipes import create_encoder
+from ._families import FAMILIES, TABLE, Family, family_of, hf_blocks, recipes_with
 from ._pixels import options_key
 
 __all__ = ["FAMILIES", "encoder_from_model", "variant", "hf_blocks", "ProcessorSettings"]
 
-#: transformers ``model_type`` -> the hrperc recipe that reproduces its image path.
-FAMILIES = {
-    "llava": "llava15",
-    "llava_next": "llava_next",
-    "llava_onevision": "llava_onevision",
-    "internvl": "internvl",
-}
 #: The processor option each encoder setting answers to (for messages).
 OPTION_NAMES = {
     "pad": "do_pad",
@@ -44,23 +38,21 @@ OPTION_NAMES = {
     "max_tiles": "max_patches",
     "layer": "vision_feature_layer",
 }
-_PAD_RECIPES = ("llava15", "s2")  # recipes with a pad-to-square setting
-_TILE_RECIPES = ("internvl",)  # recipes with InternVL's min/max tiles
 _BICUBIC = 3  # PIL's code; transformers' processors of the four families resize bicubic, as hrperc does
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 _MAX_VARIANTS = 32
 
 
 # --- the model's parts -------------------------------------------------------------------------------
-def inner_model(model, fn: str):
-    """``(inner model with vision_tower / projector, family)`` of a supported transformers model."""
+def inner_model(model, fn: str) -> tuple[nn.Module, Family]:
+    """``(inner model with vision_tower / projector, its Family)`` of a supported transformers model."""
     config = getattr(model, "config", None)
-    family = getattr(config, "model_type", None)
-    if family not in FAMILIES:
+    model_type = getattr(config, "model_type", None)
+    family = family_of(model_type)
+    if family is None:
         raise TypeError(
-            f"{fn}: model is a {type(model).__name__} (model_type={family!r}); pass one of the LLaVA-family "
-            f"models hrperc integrates: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-            f"LlavaOnevisionForConditionalGeneration, InternVLForConditionalGeneration (or their *Model)."
+            f"{fn}: model is a {type(model).__name__} (model_type={model_type!r}); pass one of the LLaVA-family "
+            f"models hrperc integrates: {', '.join(f.model_class for f in TABLE)} (or their *Model)."
         )
     inner = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
     if not hasattr(inner, "vision_tower") or not hasattr(inner, "multi_modal_projector"):
@@ -78,11 +70,6 @@ def text_width(model) -> int:
     config = model.config
     text = getattr(config, "text_config", None)
     return int(getattr(text, "hidden_size", None) or config.hidden_size)
-
-
-def hf_blocks(layer: int, num_layers: int) -> int:
-    """transformers' ``hidden_states[layer]`` (``0``: the embeddings) -> the number of blocks it comes after."""
-    return layer if layer >= 0 else num_layers + 1 + layer
 
 
 def strategy_of(backbone) -> str | None:
@@ -158,12 +145,12 @@ def _size_of(value):
     return plain
 
 
-def _check_processor(settings: ProcessorSettings, tile, family: str, pad: bool, fn: str) -> None:
+def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: bool, fn: str) -> None:
     """The processor's steps must be ones hrperc's recipe reproduces: tiles of the tower's size, bicubic
-    resizing, rescale by 1/255, normalization; LLaVA's centre crop when it does not pad."""
+    resizing, rescale by 1/255, normalization; the centre crop when a square-padding family does not pad."""
     tile = tuple(tile)
     for name in ("size", "crop_size"):
-        if name == "crop_size" and family in ("llava", "llava_next") and not settings.get("do_center_crop", True):
+        if name == "crop_size" and family.crop_size_with_center_crop and not settings.get("do_center_crop", True):
             continue
         size = _size_of(settings.get(name))
         if size is not None and size != tile:
@@ -173,13 +160,13 @@ def _check_processor(settings: ProcessorSettings, tile, family: str, pad: bool, 
                 f"processor saved with the model."
             )
     steps = {"do_resize": True, "do_rescale": True, "do_normalize": True}
-    if family == "llava" and not pad:
+    if family.square_pad and not pad:
         steps["do_center_crop"] = True
     for name, needed in steps.items():
         value = settings.get(name)
         if value is not None and bool(value) != needed:
             raise ValueError(
-                f"{fn}: the processor has {name}={value!r}; hrperc's {FAMILIES[family]} recipe always does this step "
+                f"{fn}: the processor has {name}={value!r}; hrperc's {family.recipe} recipe always does this step "
                 f"(as the model's processor does by default). Use a processor with {name}={needed}."
             )
     factor = settings.get("rescale_factor")
@@ -193,18 +180,6 @@ def _check_processor(settings: ProcessorSettings, tile, family: str, pad: bool, 
         raise ValueError(
             f"{fn}: the processor has resample={resample!r}; hrperc's recipes resize bicubic, as these models' "
             f"processors do. Use a processor with resample=3 (bicubic)."
-        )
-
-
-def check_internvl_norm(tower, layer: int, num_layers: int, fn: str, what: str) -> None:
-    norm = getattr(tower, "layernorm", None)
-    if hf_blocks(layer, num_layers) == num_layers and layer < 0 and norm is not None and not isinstance(
-        norm, nn.Identity
-    ):
-        raise ValueError(
-            f"{fn}: {what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
-            f"which InternVLModel reads for vision_feature_layer=-1 and hrperc's layer -1 does not include. Use a "
-            f"tower with use_mean_pooling=True (InternVL's checkpoints), or another vision_feature_layer."
         )
 
 
@@ -249,36 +224,12 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
             f"does not reproduce (its encoders return the patch tokens). Use 'default' with CLIP / InternViT and "
             f"'full' with SigLIP."
         )
-    recipe = FAMILIES[family]
-    kw: dict = {}
-    if family == "llava":
-        # Only LLaVA's image processor pads to a square; CLIP's do_pad pads a batch to one size (a no-op after
-        # its centre crop), so a CLIPImageProcessor is the resize-shortest-edge + centre-crop path.
-        kw["pad"] = bool(settings.get("do_pad", False)) and settings.squares if settings is not None else False
-    elif family in ("llava_next", "llava_onevision"):
-        pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
-        ip_points = settings.get("image_grid_pinpoints") if settings is not None else None
-        if ip_points is not None and [tuple(p) for p in ip_points] != pinpoints:
-            raise ValueError(
-                f"{fn}: the processor's image_grid_pinpoints {ip_points} differ from the model's {pinpoints}; the "
-                f"model's own code would then unpad with other grids. Use the processor saved with the model."
-            )
-        kw["pinpoints"] = pinpoints
-        if family == "llava_onevision":
-            kw["max_tiles"] = int(
-                str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).replace("anyres_max_", "")
-            )
-    else:  # internvl
-        kw["downsample"] = round(1 / config.downsample_ratio)
-        get = settings.get if settings is not None else (lambda name, default=None: default)
-        crop = get("crop_to_patches", True)
-        kw["max_tiles"] = int(get("max_patches", 12)) if crop else 1
-        kw["min_tiles"] = int(get("min_patches", 1)) if crop else 1
-        check_internvl_norm(tower, layer, backbone.num_layers, fn, f"vision_feature_layer={layer}")
+    kw = family.recipe_options(config, settings, fn)
+    family.check_tower(tower, layer, backbone.num_layers, fn, f"vision_feature_layer={layer}")
     if settings is not None:
         _check_processor(settings, backbone.image_size, family, kw.get("pad", False), fn)
     kw.update(options)
-    return create_encoder(recipe, backbone, **kw)
+    return create_encoder(family.recipe, backbone, **kw)
 
 
 # --- variants of an attached encoder -----------------------------------------------------------------------
@@ -322,7 +273,7 @@ def _refuse_setting(fn: str, key: str, value, why: str) -> ValueError:
     return ValueError(f"{fn}: {OPTION_NAMES.get(key, key)}={value!r}: {why}. Drop {OPTION_NAMES.get(key, key)}.")
 
 
-def _validate_changes(encoder: HighResEncoder, changes: dict, family: str, fn: str) -> dict:
+def _validate_changes(encoder: HighResEncoder, changes: dict, fn: str) -> dict:
     """``changes`` (``pad``, ``mean``, ``std``, ``min_tiles``, ``max_tiles``, ``layer``) checked against what
     ``encoder`` can be rebuilt with; returns them in canonical form."""
     out: dict = {}
@@ -330,15 +281,17 @@ def _validate_changes(encoder: HighResEncoder, changes: dict, family: str, fn: s
         if key == "pad":
             if not isinstance(value, bool):
                 raise _refuse_setting(fn, key, value, "must be True or False")
-            if encoder.recipe not in _PAD_RECIPES:
+            has = recipes_with(key)
+            if encoder.recipe not in has:
                 raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
-                                                      f"pad-to-square setting, only {_PAD_RECIPES} do")  # fmt: skip
+                                                      f"pad-to-square setting, only {has} do")  # fmt: skip
         elif key in ("min_tiles", "max_tiles"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise _refuse_setting(fn, key, value, "must be an int >= 1")
-            if encoder.recipe not in _TILE_RECIPES:
+            has = recipes_with(key)
+            if encoder.recipe not in has:
                 raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
-                                                      f"InternVL tiling, only {_TILE_RECIPES} do")  # fmt: skip
+                                                      f"InternVL tiling, only {has} do")  # fmt: skip
         elif key in ("mean", "std"):
             try:
                 value = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
@@ -359,12 +312,12 @@ def _validate_changes(encoder: HighResEncoder, changes: dict, family: str, fn: s
     return out
 
 
-def variant(encoder: HighResEncoder, changes: dict, family: str, fn: str) -> HighResEncoder:
+def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> HighResEncoder:
     """``encoder`` rebuilt with ``changes`` (see :func:`_validate_changes`) around the same tower and DEM;
     ``encoder`` itself for no changes. Variants are cached per encoder and setting."""
     if not changes:
         return encoder
-    changes = _validate_changes(encoder, changes, family, fn)
+    changes = _validate_changes(encoder, changes, fn)
     key = options_key(changes)
     cache = _VARIANTS.setdefault(encoder, {})
     if key in cache:
@@ -382,8 +335,7 @@ def variant(encoder: HighResEncoder, changes: dict, family: str, fn: str) -> Hig
         blocks = resolve_layer(layer, bb.num_layers, fn)
     except (TypeError, ValueError) as e:
         raise _refuse_setting(fn, "layer", layer, f"the tower has {bb.num_layers} layers ({e})") from None
-    if family == "internvl":
-        check_internvl_norm(bb.model, layer, bb.num_layers, fn, f"vision_feature_layer={layer}")
+    family.check_tower(bb.model, layer, bb.num_layers, fn, f"vision_feature_layer={layer}")
     options = dict(encoder.recipe_options)
     options["layer"] = layer if blocks != resolve_layer(encoder.layer, bb.num_layers, fn) else encoder.layer
     for name in ("pad", "min_tiles", "max_tiles"):

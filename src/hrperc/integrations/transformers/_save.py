@@ -197,7 +197,7 @@ def save_front_end(model, directory) -> Path:
     config = {
         "format": _FORMAT,
         "version": _VERSION,
-        "family": family,
+        "family": family.model_type,
         "recipe": encoder.recipe,
         "options": _jsonable(encoder.recipe_options),
         "backbone": {"layer": encoder.layer, "mean": list(encoder.backbone.mean), "std": list(encoder.backbone.std)},
@@ -436,7 +436,7 @@ def load_front_end(model, processor, directory):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(config_path, f"not valid JSON ({e})") from None
     try:
-        plan = _validate(config, model, inner, family)
+        plan = _validate(config, model, inner, family.model_type)
     except _Bad as e:
         raise bad(config_path, str(e)) from None
     # The weight file's names and shapes against modules built on the meta device (no memory).

@@ -1,0 +1,189 @@
+"""The transformers model families hrperc integrates: one :class:`Family` entry each, in :data:`TABLE`.
+
+Everything the integration decides by family is read from the entry of the model's ``model_type`` -- the
+recipe that reproduces its image path, how its config and processor give that recipe's options, which
+processor steps and options it has, the text that stands for one image, how the features go back to the
+model -- so no other module of the integration names a family. Adding a family is one entry here plus
+the recipe it names (a file under ``hrperc/recipes``); ``docs/transformers.md`` walks through it.
+
+:data:`RECIPE_SETTINGS` is the same for the recipe settings an image-processor option rebuilds an
+attached encoder with (``pad``, ``min_tiles``, ``max_tiles``): which recipes have them, and their defaults.
+
+Example::
+
+    >>> family_of("internvl").recipe, family_of("internvl").features
+    ('internvl', 'one_sequence')
+    >>> [f.model_type for f in TABLE if f.square_pad]
+    ['llava']
+    >>> hf_blocks(-2, 24), hf_blocks(23, 24), hf_blocks(-1, 27)   # transformers' hidden_states index -> blocks run
+    (23, 23, 27)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting",
+           "hf_blocks"]  # fmt: skip
+
+# A reader: (model config, ProcessorSettings or None, fn) -> recipe options read from them.
+Reader = Callable[[object, object, str], dict]
+# A tower check: (vision tower, vision_feature_layer, number of layers, fn, what) -> None, or a ValueError.
+TowerCheck = Callable[[nn.Module, int, int, str, str], None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the integration needs to know of one transformers model family.
+
+    ``model_type``: the config's ``model_type``; ``recipe``: the hrperc recipe that reproduces its image
+    path; ``model_class``: its ``*ForConditionalGeneration`` class (for messages); ``options``: readers,
+    in order, of the recipe's options from the model config and the processor settings (``None``
+    without a processor); ``tower_checks``: refusals of towers (or layers) the recipe does not reproduce,
+    run at ``encoder_from_model`` and for every ``vision_feature_layer`` a forward asks for.
+
+    Processor: ``square_pad`` -- its image processor's ``do_pad`` may pad each image to a square (LLaVA's),
+    read into the recipe's ``pad`` and honoured at the attached processor's call; without padding it
+    centre-crops, so ``do_center_crop`` must stay on. ``crop_size_with_center_crop`` -- ``crop_size`` is
+    used only with ``do_center_crop`` (not checked against the tile when that is off).
+
+    Text and features: ``image_brackets`` -- the processor's attributes holding the tokens written around
+    each image's placeholders (InternVL's ``<img>`` / ``</img>``), ``None`` for none; ``several_images`` --
+    why a text with several images is refused (``None``: accepted); ``image_sizes_second`` -- its
+    ``get_image_features`` takes ``image_sizes`` as the second positional argument; ``features`` --
+    ``"per_image"`` (a list of ``(n_i, D)``) or ``"one_sequence"`` (all images' tokens concatenated,
+    ``(1, sum n_i, D)``); ``newline`` -- the inner model's attribute holding the newline embedding the
+    encoder's newline slots get (``None``: no newline slots).
+    """
+
+    model_type: str
+    recipe: str
+    model_class: str
+    options: tuple[Reader, ...] = ()
+    tower_checks: tuple[TowerCheck, ...] = ()
+    square_pad: bool = False
+    crop_size_with_center_crop: bool = False
+    image_brackets: tuple[str, str] | None = None
+    several_images: str | None = None
+    image_sizes_second: bool = False
+    features: str = "per_image"
+    newline: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.features not in ("per_image", "one_sequence"):
+            raise ValueError(
+                f"Family: features={self.features!r} for {self.model_type!r}; use 'per_image' or 'one_sequence'."
+            )
+
+    def recipe_options(self, config, settings, fn: str) -> dict:
+        """The recipe's options read from ``config`` and ``settings`` (in the readers' order)."""
+        kw: dict = {}
+        for read in self.options:
+            kw.update(read(config, settings, fn))
+        return kw
+
+    def check_tower(self, tower: nn.Module, layer: int, num_layers: int, fn: str, what: str) -> None:
+        for check in self.tower_checks:
+            check(tower, layer, num_layers, fn, what)
+
+
+def hf_blocks(layer: int, num_layers: int) -> int:
+    """transformers' ``hidden_states[layer]`` (``0``: the embeddings) -> the number of blocks it comes after."""
+    return layer if layer >= 0 else num_layers + 1 + layer
+
+
+# --- readers: config and processor -> recipe options ----------------------------------------------------------
+def _square_pad(config, settings, fn: str) -> dict:
+    # Only LLaVA's image processor pads to a square; CLIP's do_pad pads a batch to one size (a no-op after
+    # its centre crop), so a CLIPImageProcessor is the resize-shortest-edge + centre-crop path.
+    return {"pad": bool(settings.get("do_pad", False)) and settings.squares if settings is not None else False}
+
+
+def _pinpoints(config, settings, fn: str) -> dict:
+    pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
+    ip_points = settings.get("image_grid_pinpoints") if settings is not None else None
+    if ip_points is not None and [tuple(p) for p in ip_points] != pinpoints:
+        raise ValueError(
+            f"{fn}: the processor's image_grid_pinpoints {ip_points} differ from the model's {pinpoints}; the "
+            f"model's own code would then unpad with other grids. Use the processor saved with the model."
+        )
+    return {"pinpoints": pinpoints}
+
+
+def _anyres_max(config, settings, fn: str) -> dict:
+    return {"max_tiles": int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).replace("anyres_max_", ""))}
+
+
+def _pixel_shuffle(config, settings, fn: str) -> dict:
+    return {"downsample": round(1 / config.downsample_ratio)}
+
+
+def _processor_tiles(config, settings, fn: str) -> dict:
+    get = settings.get if settings is not None else (lambda name, default=None: default)
+    crop = get("crop_to_patches", True)
+    return {"max_tiles": int(get("max_patches", 12)) if crop else 1, "min_tiles": int(get("min_patches", 1)) if crop
+            else 1}  # fmt: skip
+
+
+# --- tower checks ------------------------------------------------------------------------------------------
+def _no_final_layernorm(tower, layer: int, num_layers: int, fn: str, what: str) -> None:
+    norm = getattr(tower, "layernorm", None)
+    if hf_blocks(layer, num_layers) == num_layers and layer < 0 and norm is not None and not isinstance(
+        norm, nn.Identity
+    ):
+        raise ValueError(
+            f"{fn}: {what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
+            f"which InternVLModel reads for vision_feature_layer=-1 and hrperc's layer -1 does not include. Use a "
+            f"tower with use_mean_pooling=True (InternVL's checkpoints), or another vision_feature_layer."
+        )
+
+
+# --- the table ---------------------------------------------------------------------------------------------
+TABLE: tuple[Family, ...] = (
+    Family("llava", "llava15", "LlavaForConditionalGeneration", options=(_square_pad,), square_pad=True,
+           crop_size_with_center_crop=True),
+    Family("llava_next", "llava_next", "LlavaNextForConditionalGeneration", options=(_pinpoints,),
+           crop_size_with_center_crop=True, image_sizes_second=True, newline="image_newline"),
+    Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
+           options=(_pinpoints, _anyres_max), image_sizes_second=True, newline="image_newline",
+           several_images="LLaVA-OneVision encodes multi-image prompts another way (one square view each), which "
+                          "hrperc's llava_onevision recipe does not reproduce"),
+    Family("internvl", "internvl", "InternVLForConditionalGeneration", options=(_pixel_shuffle, _processor_tiles),
+           tower_checks=(_no_final_layernorm,), image_brackets=("start_image_token", "end_image_token"),
+           features="one_sequence"),
+)  # fmt: skip
+_BY_TYPE = {f.model_type: f for f in TABLE}
+#: transformers ``model_type`` -> the hrperc recipe that reproduces its image path.
+FAMILIES = {f.model_type: f.recipe for f in TABLE}
+
+
+def family_of(model_type) -> Family | None:
+    """The :class:`Family` of a ``model_type``; ``None`` when hrperc does not integrate it."""
+    return _BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+
+
+# --- recipe settings the attached processor can change ----------------------------------------------------------
+#: Recipe setting -> ``{recipe: its default}`` for the recipes that have it (the value an encoder runs when
+#: its ``recipe_options`` do not name the setting; the recipes' own defaults, checked by the tests).
+RECIPE_SETTINGS: dict[str, dict[str, object]] = {
+    "pad": {"llava15": True, "s2": True},  # pad to a square (else resize the shortest edge + centre-crop)
+    "min_tiles": {"internvl": 1},  # InternVL's tiling
+    "max_tiles": {"internvl": 12},
+}
+
+
+def recipes_with(setting: str) -> tuple[str, ...]:
+    """The recipes that have ``setting`` (see :data:`RECIPE_SETTINGS`)."""
+    return tuple(RECIPE_SETTINGS[setting])
+
+
+def recipe_setting(encoder, setting: str):
+    """The value of ``setting`` that ``encoder`` (built by ``create_encoder``) runs with: its
+    ``recipe_options``, else its recipe's default; ``None`` when its recipe has no such setting."""
+    defaults = RECIPE_SETTINGS[setting]
+    if encoder.recipe not in defaults:
+        return None
+    return encoder.recipe_options.get(setting, defaults[encoder.recipe])
