@@ -278,6 +278,77 @@ def test_bad_hf_folders_and_out_paths_are_refused_before_any_model_is_built(tmp_
     _error_line(capsys, ["demo", "--out", image_file / "sub", *TINY], f"--out {str(image_file / 'sub')!r}", "is a file")
 
 
+def _tiny_clip_folder(folder, capsys):
+    """A 2-layer CLIP vision tower (the CLI takes layer -2) saved in ``folder``; its ``model.safetensors``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    transformers.CLIPVisionModel(cfg).save_pretrained(folder)
+    capsys.readouterr()  # transformers' progress bar
+    return folder / "model.safetensors"
+
+
+def _edit_safetensors_header(data: bytes, edit) -> bytes:
+    """``data`` with ``edit(header)`` applied to its JSON header (padded to 8 bytes, as safetensors writes)."""
+    import json
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _first_tensor(header):
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+@pytest.mark.parametrize("how", ["truncated", "header only", "html page", "empty"])
+def test_a_broken_safetensors_file_in_an_hf_folder_is_refused_before_any_model_is_built(
+    tmp_path, capsys, image_file, no_build, how
+):
+    weights = _tiny_clip_folder(tmp_path / "clip", capsys)
+    data = weights.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    weights.write_bytes({"truncated": data[: len(data) * 2 // 3], "header only": data[: 8 + n],
+                         "html page": b"<html>rate limited</html>", "empty": b""}[how])  # fmt: skip
+    backbone = f"hf:{tmp_path / 'clip'}"
+    _error_line(capsys, ["encode", image_file, "--backbone", backbone], f"--backbone {backbone!r}", str(weights))
+    # the same folder as --weights (the backbone's own folder is then not read)
+    _error_line(capsys, ["encode", image_file, "--backbone", backbone, "--weights", tmp_path / "clip"], "--weights",
+                str(weights))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: _first_tensor(h).update(dtype="XX"),  # a dtype safetensors does not know
+        lambda h: _first_tensor(h).update(shape=[3, 1000]),  # a shape its bytes do not hold
+    ],
+    ids=["unknown dtype", "shape over its bytes"],
+)
+@pytest.mark.parametrize("command", ["encode", "demo"])
+def test_a_safetensors_file_only_safetensors_refuses_is_one_line(tmp_path, capsys, image_file, edit, command):
+    # The header parses and fits the file, so the CLI's own check lets it through; safetensors itself refuses
+    # it from inside transformers' loader: that SafetensorError is one line, exit code 2, with the fix.
+    weights = _tiny_clip_folder(tmp_path / "clip", capsys)
+    weights.write_bytes(_edit_safetensors_header(weights.read_bytes(), edit))
+    argv = ["encode", image_file] if command == "encode" else ["demo", "--out", tmp_path / "out"]
+    line = _error_line(capsys, [*argv, "--backbone", f"hf:{tmp_path / 'clip'}", "--grid", "1x1"], "safetensors",
+                       "truncated, corrupt or not a safetensors file", "hf: folder")  # fmt: skip
+    assert "Error while deserializing" in line  # safetensors' own reason is kept
+
+
+def test_with_weights_the_hf_backbone_folder_s_own_weights_are_not_read(tmp_path, capsys, image_file):
+    # --weights replaces the folder's weights: a broken file there is not loaded, so it is not refused either.
+    broken = _tiny_clip_folder(tmp_path / "clip", capsys)
+    broken.write_bytes(b"<html>rate limited</html>")
+    _tiny_clip_folder(tmp_path / "good", capsys)
+    argv = ["encode", image_file, "--backbone", f"hf:{tmp_path / 'clip'}", "--weights", tmp_path / "good"]
+    assert main([str(a) for a in [*argv, "--grid", "1x1"]]) == 0, capsys.readouterr().err
+
+
 # ---- what was loaded -----------------------------------------------------------------------------------------
 
 

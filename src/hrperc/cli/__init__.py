@@ -80,7 +80,8 @@ _MAX_MESSAGE = 600
 def _user_errors() -> tuple[type[BaseException], ...]:
     """:data:`_USER_ERRORS` plus the errors of the file readers and the backend dispatcher for bad input.
 
-    Truncated or foreign files: safetensors' ``SafetensorsError``, torch's ``EOFError`` and
+    Truncated or foreign files: safetensors' ``SafetensorError`` (raised from inside other libraries' loaders,
+    e.g. transformers' ``from_pretrained`` of an ``hf:`` folder), torch's ``EOFError`` and
     ``pickle.UnpicklingError``; PIL's ``DecompressionBombError``; a forced attention backend that cannot run
     (:class:`hrperc.attention.dispatch.BackendUnavailableError`). Each only when its package is importable.
     """
@@ -88,13 +89,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from ..attention.dispatch import BackendUnavailableError
 
-    errors = [*_USER_ERRORS, EOFError, pickle.UnpicklingError, BackendUnavailableError]
-    try:
-        from safetensors import SafetensorsError
-
-        errors.append(SafetensorsError)
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        pass
+    errors: list[type[BaseException]] = [*_USER_ERRORS, EOFError, pickle.UnpicklingError, BackendUnavailableError]
+    safetensors_error = _safetensors_error()
+    if safetensors_error is not None:
+        errors.append(safetensors_error)
     try:
         from PIL.Image import DecompressionBombError
 
@@ -104,9 +102,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _safetensors_error() -> type[BaseException] | None:
+    """``safetensors.SafetensorError`` (what safetensors raises for a malformed file), or None without it."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return None
+    return SafetensorError
+
+
+def _explain(exc: BaseException) -> str:
+    """The message of ``exc``, with what it means and the fix where the raising library gives neither."""
+    error = _safetensors_error()
+    if error is not None and isinstance(exc, error):
+        # safetensors names neither the file nor a fix ("Error while deserializing header: ...")
+        return (
+            f"a safetensors weight file could not be read (safetensors: {exc}): it is truncated, corrupt or not a "
+            "safetensors file. Check the weight files the backbone loads (an hf: folder's *.safetensors, --weights): "
+            "fetch them again."
+        )
+    return str(exc)
+
+
 def one_line(exc: BaseException, limit: int = _MAX_MESSAGE) -> str:
-    """``exc``'s message on one line; past ``limit`` characters, its start and end around ``...``."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    """``exc``'s message (with the fix, where the raising library gives none) on one line; past ``limit``
+    characters, its start and end around ``...``."""
+    message = " ".join(_explain(exc).split()) or type(exc).__name__
     if len(message) > limit:
         head, tail = message[: limit * 2 // 3], message[-(limit // 3) :]
         cut = len(message) - len(head) - len(tail)

@@ -123,7 +123,7 @@ def check_encoder_inputs(args) -> None:
             "--combine mean averages the DEM's tokens with the thumbnail's, but --no-dem turns the DEM off; "
             "use --combine concat (the default with --no-dem) or none."
         )
-    check_backbone(args.backbone)
+    check_backbone(args.backbone, weights=not args.weights)  # --weights replaces the folder's
     if args.weights:
         hf = args.backbone.partition(":")[0] in ("hf", "transformers")
         check_weights(args.weights, "--weights", folder="hf" if hf else "checkpoint")

@@ -119,6 +119,15 @@ def _sniff_file(path: Path, flag: str) -> None:
         safetensors_header(path, flag)
 
 
+def _sniff_hf_folder(folder: Path, flag: str) -> None:
+    """The safetensors files of a ``save_pretrained`` folder (``model.safetensors`` or its shards), each
+    header checked against its file size: transformers' loader would stop on a truncated or foreign one
+    with a message that names no file."""
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.is_file():
+            _sniff_file(f, flag)
+
+
 def check_weights(path, flag: str, *, folder: str) -> None:
     """Check the weights named by ``flag`` (``--weights``, ``--dem-weights``) before any model is built.
 
@@ -140,6 +149,7 @@ def check_weights(path, flag: str, *, folder: str) -> None:
                     f"{flag} {str(path)!r} is a folder without config.json; an hf: backbone loads a save_pretrained "
                     f"folder (config.json and model.safetensors). Pass that folder. {drop}"
                 )
+            _sniff_hf_folder(p, flag)
             return
         if folder == "checkpoint":
             found = [p / n for n in _WEIGHT_NAMES if (p / n).is_file()]
@@ -168,9 +178,10 @@ def check_weights(path, flag: str, *, folder: str) -> None:
     _sniff_file(p, flag)
 
 
-def check_backbone(name: str) -> None:
+def check_backbone(name: str, *, weights: bool = True) -> None:
     """Check the folder of an ``hf:<dir>`` backbone that names a local path (a hub id in the local cache
-    is left to transformers), before anything is built."""
+    is left to transformers), before anything is built: ``config.json``, and with ``weights`` (the folder's
+    weights are loaded: no ``--weights``) the header of each ``*.safetensors`` file in it."""
     family, _, rest = name.partition(":")
     if family not in ("hf", "transformers") or not rest:
         return
@@ -192,6 +203,8 @@ def check_backbone(name: str) -> None:
         raise FileNotFoundError(
             f"--backbone {name!r}: the folder {rest!r} has no config.json. Pass the folder save_pretrained wrote."
         )
+    if weights:
+        _sniff_hf_folder(p, f"--backbone {name!r}")
 
 
 def check_out_dir(path) -> None:
