@@ -618,3 +618,190 @@ def test_views_a_backbone_does_not_accept_are_refused(oc_name):
                 bb.features(torch.randn(*shape))
         with raises_naming(ValueError, "(1, 1, 28, 28)"):
             bb.features(torch.randn(1, 1, 28, 28))
+
+
+# --- the family registry -----------------------------------------------------------------------------------------
+@pytest.fixture
+def registry(monkeypatch):
+    """The family registry, restored after the test."""
+    from hrperc.backbones import factory
+
+    monkeypatch.setattr(factory, "_FAMILIES", dict(factory._FAMILIES))
+    return factory
+
+
+def test_the_three_families_are_registered_with_their_aliases(oc_name, tmp_path):
+    families = hrperc.backbones.list_families()
+    assert [(f.prefix, f.aliases) for f in families] == [
+        ("timm", ()), ("open_clip", ("open-clip", "openclip")), ("hf", ("transformers",))
+    ]
+    for prefix in ("timm", "open_clip", "open-clip", "openclip"):
+        name = "vit_tiny_patch16_224" if prefix == "timm" else oc_name
+        bb = create_backbone(f"{prefix}:{name}")
+        assert bb.family == ("timm" if prefix == "timm" else "open_clip") and not bb.training
+    _hf_vision("siglip").save_pretrained(tmp_path)
+    for prefix in ("hf", "transformers"):
+        assert isinstance(create_backbone(f"{prefix}:{tmp_path}"), HFBackbone)
+
+
+def test_a_registered_family_is_built_by_name_and_wraps_its_models(registry):
+    calls = []
+
+    def create(name, pretrained, *, layer, mean, std, strict, **kwargs):
+        calls.append((name, pretrained, layer, strict, kwargs))
+        return wrap_backbone(_tiny_timm(), layer=layer, mean=mean, std=std)
+
+    class Tower(nn.Module):
+        pass
+
+    def wrap(model, *, layer, mean, std):
+        return wrap_backbone(_tiny_timm(), layer=layer) if isinstance(model, Tower) else None
+
+    family = hrperc.backbones.register_family("toy", create, wrap=wrap, aliases=("toy-vit",), usage="'toy:<x>'",
+                                              supports="Tower")  # fmt: skip
+    assert family in hrperc.backbones.list_families() and family.prefix == "toy"
+    bb = create_backbone("toy-vit:small:v2", pretrained="/w.bin", layer=-1, strict=False, depth=9)
+    assert calls == [("small:v2", "/w.bin", -1, False, {"depth": 9})]
+    assert not bb.training and bb.layer == -1
+    assert isinstance(wrap_backbone(Tower(), layer=1), TimmBackbone)
+    with raises_naming(TypeError, "Linear", "Tower", "timm VisionTransformer", "CLIPVisionModel"):
+        wrap_backbone(nn.Linear(2, 2))
+    with raises_naming(ValueError, "name='nope:x'", "'toy:<x>'", "'timm:<model>'", "'hf:<local dir>'"):
+        create_backbone("nope:x")
+
+
+def test_register_family_refuses_taken_and_malformed_prefixes(registry):
+    def create(name, pretrained, **kw):
+        raise AssertionError("never called")
+
+    for prefix, aliases in [("timm", ()), ("mine", ("openclip",)), ("transformers", ("x",))]:
+        taken = prefix if prefix != "mine" else "openclip"
+        with raises_naming(ValueError, f"{taken!r}", "Pick another prefix"):
+            hrperc.backbones.register_family(prefix, create, aliases=aliases)
+    for prefix, aliases in [("", ()), ("a:b", ()), (3, ()), ("ok", ["list"]), ("ok", ("",))]:
+        with raises_naming(TypeError, f"prefix={prefix!r}", f"aliases={aliases!r}", "Pass"):
+            hrperc.backbones.register_family(prefix, create, aliases=aliases)
+    for bad in [dict(create="create"), dict(create=create, wrap=3)]:
+        with raises_naming(TypeError, "create=", "wrap=", "Pass"):
+            hrperc.backbones.register_family("fine", **bad)
+    assert "fine" not in [f.prefix for f in hrperc.backbones.list_families()]
+
+
+def test_backbones_use_no_private_names_of_timm_open_clip_or_transformers():
+    """No ``from timm.models._registry import ...``, ``open_clip.factory._x`` or ``transformers._x`` in the adapters."""
+    import ast
+    from pathlib import Path
+
+    libraries = ("timm", "open_clip", "transformers")
+    found = []
+    for path in sorted(Path(hrperc.backbones.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = {}  # local name -> library module path, from the imports
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in libraries:
+                parts = node.module.split(".") + [a.name for a in node.names]
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if any(p.startswith("_") for p in parts)]  # fmt: skip
+                aliases.update({a.asname or a.name: node.module for a in node.names})
+            elif isinstance(node, ast.Import):
+                aliases.update({(a.asname or a.name).split(".")[0]: a.name for a in node.names})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and str(aliases.get(root.id, "")).split(".")[0] in libraries:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
+
+
+# --- open_clip checkpoints: hrperc's reader, open_clip's conversions --------------------------------------------
+def _oc_config(tmp_path, name, **vision):
+    import open_clip
+
+    cfg = json.loads(json.dumps(_OC_CFG))
+    cfg["vision_cfg"].update(vision)
+    folder = tmp_path / f"cfg_{name}"
+    folder.mkdir()
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return name
+
+
+@pytest.mark.parametrize("case", ["plain", "scalar logit_scale", "other image size", "custom text tower"])
+def test_open_clip_checkpoints_load_as_open_clips_own_loader_loads_them(oc_name, tmp_path, case):
+    import open_clip
+
+    torch.manual_seed(7)
+    target = oc_name
+    if case == "other image size":  # a 42-pixel checkpoint into the 28-pixel config: open_clip resamples pos-embed
+        src = open_clip.create_model(_oc_config(tmp_path, "hrperc-test-tiny-42", image_size=42))
+    else:
+        src = open_clip.create_model(oc_name)
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    if case == "scalar logit_scale":
+        sd["logit_scale"] = sd["logit_scale"].reshape(())
+    if case == "custom text tower":  # an old-layout (CLIP) checkpoint into a CustomTextCLIP config
+        name = "hrperc-test-tiny-custom-text"
+        folder = tmp_path / "cfg_custom"
+        folder.mkdir()
+        (folder / f"{name}.json").write_text(json.dumps(_OC_CFG | {"custom_text": True}))
+        open_clip.add_model_config(folder)
+        target = name
+    path = tmp_path / "ckpt.safetensors"
+    save_file(sd, str(path))
+    bb = create_backbone(f"open_clip:{target}", pretrained=path)
+    ref = open_clip.create_model(target)
+    open_clip.load_checkpoint(ref, str(path))
+    assert bb.source == str(path)
+    got = bb.model.state_dict()
+    want = ref.visual.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_open_clip_tower_with_more_prefix_tokens_strips_them_all():
+    from open_clip.transformer import VisionTransformer
+
+    class Registers(VisionTransformer):  # a class token plus two register tokens, all with positions
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.registers = nn.Parameter(torch.randn(2, self.conv1.out_channels))
+            grid = self.grid_size[0] * self.grid_size[1]
+            self.positional_embedding = nn.Parameter(torch.randn(grid + 3, self.conv1.out_channels))
+
+        def _embeds(self, x):
+            x = self.conv1(x).flatten(2).transpose(1, 2)
+            prefix = torch.cat([self.class_embedding[None], self.registers]).expand(x.shape[0], -1, -1)
+            return self.ln_pre(torch.cat([prefix, x], dim=1) + self.positional_embedding)
+
+    torch.manual_seed(0)
+    vit = Registers(image_size=28, patch_size=7, width=32, layers=3, heads=2, mlp_ratio=2.0).eval()
+    bb = OpenClipBackbone(vit, layer=-2)
+    assert bb.num_prefix_tokens == 3
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = _hooked_block_output(vit.transformer.resblocks, 2, lambda: vit(x))[:, 3:]
+        got = bb.features(x)
+    assert got.shape == (2, 16, 32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("files, chosen", [
+    (["b.bin", "a.pth", "z.safetensors"], "z.safetensors"),
+    (["a.bin", "c.bin"], "a.bin"),
+    (["model.safetensors", "open_clip_pytorch_model.bin", "x.safetensors"], "open_clip_pytorch_model.bin"),
+    (["pytorch_model.bin", "model.pth", "a.safetensors"], "pytorch_model.bin"),
+])  # fmt: skip
+def test_open_clip_local_dir_picks_the_checkpoint_open_clip_would(oc_name, tmp_path, files, chosen):
+    import open_clip
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": _OC_CFG}))
+    for i, name in enumerate(files):
+        torch.manual_seed(i)
+        save_file(open_clip.create_model(oc_name).state_dict(), str(tmp_path / name))
+    bb = create_backbone(f"open_clip:local-dir:{tmp_path}")  # every file is safetensors: read by content
+    torch.manual_seed(files.index(chosen))
+    want = open_clip.create_model(oc_name).visual.state_dict()
+    got = bb.model.state_dict()
+    assert bb.source == str(tmp_path) and all(torch.equal(got[k], want[k]) for k in want)

@@ -1,7 +1,10 @@
 """ViT backbones behind one protocol, :class:`VisionBackbone`; build by name with :func:`create_backbone`.
 
-One file per family: ``timm_vit`` (timm), ``open_clip_vit`` (open_clip), ``hf_vit`` (transformers);
-``base`` holds the protocol, ``factory`` the name-based builder and :func:`wrap_backbone`.
+One file per family: ``timm_vit`` (timm), ``open_clip_vit`` (open_clip), ``hf_vit`` (transformers), each
+with its adapter, its ``create`` function (checkpoint filter, warnings) and its ``wrap`` probe, registered
+with :func:`register_family` under its prefix (``timm:``, ``open_clip:``, ``hf:``). ``base`` holds the
+protocol, ``factory`` the family registry, the name parsing, :func:`create_backbone` and
+:func:`wrap_backbone`; ``_loading`` the strict checkpoint loading every family shares.
 
 Example::
 
@@ -12,10 +15,12 @@ Example::
 """
 
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, resolve_layer
-from .factory import create_backbone, wrap_backbone
-from .hf_vit import HFBackbone
-from .open_clip_vit import OpenClipBackbone
-from .timm_vit import TimmBackbone
+from .factory import BackboneFamily, create_backbone, list_families, register_family, wrap_backbone
+
+# Importing a family module registers it; wrap_backbone asks the families in this order.
+from .timm_vit import TimmBackbone  # isort: skip
+from .open_clip_vit import OpenClipBackbone  # isort: skip
+from .hf_vit import HFBackbone  # isort: skip
 
 __all__ = [
     "VisionBackbone",
@@ -24,6 +29,9 @@ __all__ = [
     "HFBackbone",
     "create_backbone",
     "wrap_backbone",
+    "register_family",
+    "list_families",
+    "BackboneFamily",
     "resolve_layer",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",

@@ -1,5 +1,5 @@
 """Hugging Face ``CLIPVisionModel``, ``SiglipVisionModel`` (or the full CLIP/SigLIP models) and InternVL's
-vision tower ``InternVLVisionModel`` as a backbone.
+vision tower ``InternVLVisionModel`` as a backbone, and the ``hf:`` family: ``create_backbone("hf:<dir>")``.
 
 Layer ``k`` is ``hidden_states[k]`` of the model's own forward (``hidden_states[0]`` being the
 embeddings), prefix tokens dropped: CLIP and InternVL have one class token, SigLIP none; the count is
@@ -27,6 +27,13 @@ hrperc reads block outputs before any final norm, so its layer ``-1`` equals tha
 layer's features differ from InternVL's by that final LayerNorm, which hrperc does not apply; other
 layers (``vision_feature_layer=-k``, ``k > 1``, read from ``hidden_states``) are equal either way.
 
+``hf:<dir>`` (or ``pretrained=<dir>``) loads the folder's vision tower with ``from_pretrained(dir,
+local_files_only=True)``: ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``InternVLVisionModel`` by the
+config's ``model_type`` (a full CLIP / SigLIP checkpoint gives its vision tower; its text tower and heads
+are expected, not a misfit). What transformers reports missing, unexpected or mismatched is refused
+(``strict=True``) or warned about by ``backbones._loading``. Mean/std come from the folder's
+``preprocessor_config.json`` when it has one.
+
 Example::
 
     >>> import torch, hrperc
@@ -41,11 +48,15 @@ Example::
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._loading import check_loading_info, missing_package
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone
+from .factory import register_family
 
 __all__ = ["HFBackbone", "hf_vision_transformer"]
 
@@ -153,12 +164,28 @@ class HFBackbone(VisionBackbone):
         self._interpolate_arg = "interpolate_pos_encoding" in inspect.signature(emb.forward).parameters
 
     def _set_grad_checkpointing(self, enable: bool) -> None:
-        # What PreTrainedModel.gradient_checkpointing_enable does, applied to the vision tower only.
+        from transformers import PreTrainedModel
+
+        model = self.model
+        if isinstance(model, PreTrainedModel):  # the tower's own switch (transformers 5: every tower is one)
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the older one warns there
+                if enable:
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.activation_checkpointing_disable()
+            elif enable:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            return
+        # transformers 4 keeps the tower of a full model in a plain module (CLIPVisionTransformer) that has no
+        # public switch: set what gradient_checkpointing_enable sets (its private checkpoint function
+        # included), on the tower only.
         from functools import partial
 
         from torch.utils.checkpoint import checkpoint
 
-        for module in self.model.modules():
+        for module in model.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
                 module.gradient_checkpointing = enable
@@ -184,3 +211,79 @@ class HFBackbone(VisionBackbone):
             else:
                 hidden = _call_layer(layer, hidden)
         return hidden[:, self.num_prefix_tokens :]
+
+
+# --- the hf: family ----------------------------------------------------------------------------------------
+# config.model_type -> the transformers class that loads its vision tower
+_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "internvl_vision": "InternVLVisionModel",
+}
+# a full CLIP / SigLIP checkpoint also holds the text tower and the heads: expected, not a misfit
+_OTHER_TOWER = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
+def _read_preprocessor(folder: Path):
+    cfg = folder / "preprocessor_config.json"
+    if not cfg.is_file():
+        return None, None
+    data = json.loads(cfg.read_text())
+    return data.get("image_mean"), data.get("image_std")
+
+
+def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> HFBackbone:
+    """``create_backbone("hf:<dir>", ...)`` (see the module docs)."""
+    fn = "create_backbone"
+    try:
+        import transformers
+    except ImportError as e:
+        raise missing_package("transformers", "'hrperc[hf]' (or: pip install transformers)", fn) from e
+    where = pretrained if pretrained is not None else name
+    if not where:
+        raise ValueError(f"{fn}: 'hf:' needs a local folder, e.g. 'hf:/models/clip-vit-large-patch14-336'.")
+    folder = Path(str(where)).expanduser()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{fn}: no Hugging Face model at {str(where)!r} (needs config.json and model.safetensors from "
+            f"save_pretrained). hrperc never downloads: run `huggingface-cli download <repo> --local-dir DIR` "
+            f"and pass 'hf:DIR'."
+        ) from e
+    cls_name = _CLASSES.get(config.model_type)
+    if cls_name is None:
+        raise TypeError(
+            f"{fn}: {str(where)!r} holds a '{config.model_type}' model; hrperc's Hugging Face adapter supports "
+            f"CLIP, SigLIP and InternViT vision towers ({', '.join(sorted(_CLASSES))}). Wrap other ViTs through timm."
+        )
+    # mismatched sizes are reported (and refused below, when strict) instead of transformers' RuntimeError
+    model, info = getattr(transformers, cls_name).from_pretrained(
+        str(where), local_files_only=True, output_loading_info=True, **{"ignore_mismatched_sizes": True, **kwargs}
+    )
+    check_loading_info(info, str(where), cls_name, strict=strict, fn=fn, ignore=_OTHER_TOWER)
+    file_mean, file_std = _read_preprocessor(folder) if folder.is_dir() else (None, None)
+    return HFBackbone(
+        model,
+        layer=layer,
+        mean=mean if mean is not None else file_mean,
+        std=std if std is not None else file_std,
+        source=str(where),
+    )
+
+
+def wrap(model: nn.Module, *, layer: int, mean, std) -> HFBackbone | None:
+    """``wrap_backbone``'s probe: a supported transformers vision model, else ``None``."""
+    return HFBackbone(model, layer=layer, mean=mean, std=std) if hf_vision_transformer(model) is not None else None
+
+
+register_family(
+    "hf",
+    create,
+    wrap=wrap,
+    aliases=("transformers",),
+    usage="'hf:<local dir>'",
+    supports="transformers CLIPVisionModel / CLIPModel / SiglipVisionModel / SiglipModel / InternVLVisionModel",
+)

@@ -1,4 +1,5 @@
-"""open_clip ``VisionTransformer`` (``model.visual``) as a backbone.
+"""open_clip ``VisionTransformer`` (``model.visual``) as a backbone, and the ``open_clip:`` family:
+``create_backbone("open_clip:<config>", pretrained=<file>)`` or ``"open_clip:local-dir:<folder>"``.
 
 Tokens come from open_clip's ``forward_intermediates(indices=[k-1], output_fmt="NLC",
 intermediates_only=True, stop_early=True)``: conv patch embedding, class token, positional embedding,
@@ -8,6 +9,14 @@ open_clip's tower adds a positional embedding of its native grid and cannot resa
 adapter runs the native size only (``accepts``).
 open_clip models whose tower is a timm trunk (``TimmModel``, e.g. SigLIP) are adapted through
 :class:`~hrperc.backbones.TimmBackbone` with open_clip's preprocessing mean/std.
+
+Loading: hrperc reads the checkpoint with its safe reader (``backbones._loading``: format from the
+content, ``weights_only=True``, wrappers removed), hands the state dict to open_clip's own conversions
+(the public helpers ``open_clip.load_checkpoint`` applies: third-party layouts, the old text-tower
+layout, position embeddings resampled), then loads it strictly. ``local-dir:`` folders are read with
+open_clip's config (``create_model(..., load_weights=False)``) and hrperc's loader; ``hf-hub:`` names are
+refused (hrperc never downloads). A GELU config given OpenAI-looking weights warns that its
+``-quickgelu`` twin is the one they need.
 
 Example::
 
@@ -20,10 +29,16 @@ Example::
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ._loading import checkpoint_path, load_strict, missing_package, read_checkpoint, warn_quickgelu
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone
+from .factory import register_family
+from .timm_vit import TimmBackbone, is_timm_vit
 
 __all__ = ["OpenClipBackbone", "is_open_clip_vit"]
 
@@ -69,12 +84,180 @@ class OpenClipBackbone(VisionBackbone):
         self.model.set_grad_checkpointing(enable)
 
     def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
-        if self.num_prefix_tokens == 1:  # what open_clip's forward_intermediates assumes
-            out = self.model.forward_intermediates(
-                pixels, indices=[k - 1], output_fmt="NLC", intermediates_only=True, stop_early=True
+        out = self.model.forward_intermediates(
+            pixels, indices=[k - 1], output_fmt="NLC", intermediates_only=True, stop_early=True
+        )["image_intermediates"][0]
+        # open_clip strips one prefix token (its class token); a layout with more leaves the others first.
+        return out if self.num_prefix_tokens == 1 else out[:, self.num_prefix_tokens - 1 :]
+
+
+def _timm_trunk_backbone(visual, layer, mean, std, source, fn, name) -> TimmBackbone:
+    """An open_clip tower built on a timm trunk (``TimmModel``): the trunk, with open_clip's mean/std."""
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None or not is_timm_vit(trunk):
+        raise TypeError(
+            f"{fn}: open_clip model {name!r} has a {type(visual).__name__} image tower, which is not a ViT "
+            f"hrperc can read patch tokens from. Pick a ViT config, e.g. 'open_clip:ViT-L-14-336-quickgelu'."
+        )
+    pp = getattr(visual, "preprocess_cfg", None) or {}
+    return TimmBackbone(
+        trunk,
+        layer=layer,
+        mean=mean if mean is not None else pp.get("mean"),
+        std=std if std is not None else pp.get("std"),
+        source=source,
+    )
+
+
+# --- the open_clip: family ---------------------------------------------------------------------------------
+def _warn_quickgelu(open_clip, name: str, path: str, kwargs: dict) -> None:
+    """Warn when weights go into a GELU open_clip config whose QuickGELU twin is what they most likely need:
+    the only weights published for this architecture are OpenAI's, or the file name says 'openai'."""
+    if kwargs.get("force_quick_gelu") or name.endswith("-quickgelu"):
+        return
+    twin = f"{name}-quickgelu"
+    if twin not in open_clip.list_models():
+        return
+    if (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        return
+    if set(open_clip.list_pretrained_tags_by_model(name)) == {"openai"}:
+        why = f"OpenAI's are the only weights published for {name!r}"
+    elif "openai" in Path(path).name.lower() or "openai" in str(Path(path).parent).lower():
+        why = "the path says 'openai'"
+    else:
+        return
+    fix = f"'open_clip:{twin}' (or force_quick_gelu=True)"
+    warn_quickgelu(fn="create_backbone", path=path, family="open_clip", name=name, why=why, fix=fix, stacklevel=5)
+
+
+def _convert(model: nn.Module, sd: dict) -> dict:
+    """What ``open_clip.load_checkpoint`` does to a state dict before its ``load_state_dict``.
+
+    open_clip has no public function that converts a state dict held in memory: ``load_checkpoint(model,
+    path)`` reads the file itself, picking the reader by the file's name (a safetensors file named
+    ``.bin`` fails there) and unwrapping only ``{"state_dict": ...}``. So hrperc reads the file and hands
+    the dict to the public helpers ``load_checkpoint`` calls; the three small fixes it writes inline
+    (scalar vs 1-d ``logit_scale`` / ``logit_bias``, a missing ``logit_bias``, stale text ``position_ids``)
+    are repeated here. ``tests/test_backbones.py`` checks that the weights equal ``load_checkpoint``'s.
+    """
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    try:
+        from open_clip.convert import convert_state_dict  # third-party layouts (MobileCLIP)
+    except ImportError:  # pragma: no cover - open_clip without that module has no such layouts
+        pass
+    else:
+        sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        param = getattr(model, key, None)
+        if key in sd and param is not None and param.ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(param.shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None and "logit_scale" in sd:
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    position_id_key = "text.transformer.embeddings.position_ids"
+    if position_id_key in sd and not hasattr(model, position_id_key):
+        del sd[position_id_key]
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    return sd
+
+
+# How open_clip's create_model('local-dir:...') picks a folder's checkpoint (a private helper of its factory,
+# with no public equivalent): the first of these names, else the first file by name, safetensors first.
+_FOLDER_ORDER = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+
+
+def _folder_checkpoint(folder: Path) -> str | None:
+    files = sorted(p for ext in ("safetensors", "bin", "pth") for p in folder.glob(f"*.{ext}"))
+    if not files:
+        return None
+    preferred = [folder / name for name in _FOLDER_ORDER if folder / name in files]
+    return str(preferred[0] if preferred else sorted(files, key=lambda p: p.suffix != ".safetensors")[0])
+
+
+def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> VisionBackbone:
+    """``create_backbone("open_clip:<name>", ...)`` (see the module docs)."""
+    fn = "create_backbone"
+    try:
+        import open_clip
+    except ImportError as e:  # pragma: no cover - open_clip is a dependency
+        raise missing_package("open_clip", "open_clip_torch", fn) from e
+    what = f"open_clip model {name!r}"
+    if name.startswith("hf-hub:"):
+        raise ValueError(
+            f"{fn}: 'open_clip:{name}' would download from the Hugging Face hub; hrperc only loads local files. "
+            f"Download the repo yourself and pass 'open_clip:local-dir:<folder>'."
+        )
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(
+                f"{fn}: 'open_clip:{name}' needs {folder}/open_clip_config.json plus a checkpoint "
+                f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in that folder."
             )
-            return out["image_intermediates"][0]
-        # Future layouts with more prefix tokens: run the same stages and strip them ourselves.
-        x = self.model._embeds(pixels)
-        _, inter = self.model.transformer.forward_intermediates(x, indices=[k - 1], stop_early=True)
-        return inter[0][:, self.num_prefix_tokens :]
+        if "load_weights" not in inspect.signature(open_clip.create_model).parameters:  # pragma: no cover
+            raise ValueError(
+                f"{fn}: this open_clip ({open_clip.__version__}) cannot build 'open_clip:{name}' without loading "
+                "its weights itself. Use a newer open_clip_torch (pip install -U open_clip_torch)."
+            )
+        kwargs = {"load_weights": False, **kwargs}  # random; the checkpoint is loaded below, strictly
+        if pretrained is not None:  # open_clip ignores pretrained= for schema names; honour it: this file
+            path = weights = checkpoint_path(pretrained, fn, what)
+        else:
+            weights = _folder_checkpoint(folder)
+            if weights is None:
+                raise FileNotFoundError(
+                    f"{fn}: 'open_clip:{name}' has open_clip_config.json but no checkpoint "
+                    f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in {folder}; add it, or pass "
+                    f"pretrained=<file>."
+                )
+            path = str(folder)
+    else:
+        if name not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if name.lower()[:6] in m.lower()][:8]
+            raise ValueError(
+                f"{fn}: 'open_clip:{name}' is not an open_clip model config. "
+                f"{'Close names: ' + ', '.join(close) + '. ' if close else ''}See open_clip.list_models()."
+            )
+        path = weights = checkpoint_path(pretrained, fn, what)
+        if path is not None:
+            _warn_quickgelu(open_clip, name, path, kwargs)
+    sd = read_checkpoint(weights, fn) if weights is not None else None  # a broken file fails before any model
+    model = open_clip.create_model(name, **kwargs)  # random; the checkpoint is loaded below, strictly
+    if sd is not None and not load_strict(model, _convert(model, sd), weights, strict=strict, fn=fn, what=what):
+        path = None  # nothing loaded: no source recorded
+    visual = model.visual
+    if is_open_clip_vit(visual):
+        return OpenClipBackbone(visual, layer=layer, mean=mean, std=std, source=path)
+    return _timm_trunk_backbone(visual, layer, mean, std, path, fn, name)
+
+
+def wrap(model: nn.Module, *, layer: int, mean, std) -> VisionBackbone | None:
+    """``wrap_backbone``'s probe: an open_clip CLIP model or its ``.visual`` (a ViT, or a timm trunk), else ``None``."""
+    visual = getattr(model, "visual", model)
+    if is_open_clip_vit(visual):
+        return OpenClipBackbone(visual, layer=layer, mean=mean, std=std)
+    if hasattr(visual, "trunk") and is_timm_vit(visual.trunk):
+        return _timm_trunk_backbone(visual, layer, mean, std, None, "wrap_backbone", type(model).__name__)
+    return None
+
+
+register_family(
+    "open_clip",
+    create,
+    wrap=wrap,
+    aliases=("open-clip", "openclip"),
+    usage="'open_clip:<model>'",
+    supports="open_clip CLIP / VisionTransformer",
+)

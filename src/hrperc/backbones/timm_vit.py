@@ -1,10 +1,18 @@
-"""timm ViTs (``VisionTransformer``, ``Eva``, ... anything with ``forward_intermediates``) as a backbone.
+"""timm ViTs (``VisionTransformer``, ``Eva``, ... anything with ``forward_intermediates``) as a backbone,
+and the ``timm:`` family: ``create_backbone("timm:<model>", pretrained=<file>)``.
 
 Tokens come from timm's own ``forward_intermediates(indices=[k-1], output_fmt="NLC",
 intermediates_only=True, stop_early=True)``, which drops the ``model.num_prefix_tokens`` class and
 register tokens and stops after the requested block. Mean/std come from the model's pretrained config.
 A model built with ``dynamic_img_size=True`` resamples its position embeddings to each input, so
 the adapter also runs views other than the native size (whole multiples of the patch; ``accepts``).
+
+``timm:<model>`` builds ``timm.create_model(<model>, pretrained=False, num_classes=0, **kwargs)`` and
+loads ``pretrained=`` strictly (``backbones._loading``) after timm's own conversion of the checkpoint:
+the ``checkpoint_filter_fn`` of the module that defines the model (OpenAI CLIP / DINOv2 layouts,
+position embeddings resampled), then the classifier keys dropped when the model has no head, as
+``timm.create_model`` does. A ``vit_*_clip_*`` (GELU) config given OpenAI-looking weights warns that
+``vit_*_clip_quickgelu_*`` is the one they need.
 
 Example::
 
@@ -18,10 +26,14 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
+from ._loading import checkpoint_path, load_strict, missing_package, read_checkpoint, warn_quickgelu
 from .base import VisionBackbone
+from .factory import register_family
 
 __all__ = ["TimmBackbone", "is_timm_vit"]
 
@@ -77,3 +89,88 @@ class TimmBackbone(VisionBackbone):
             pixels, indices=[k - 1], output_fmt="NLC", intermediates_only=True, stop_early=True, norm=False
         )
         return out[0]
+
+
+# --- the timm: family --------------------------------------------------------------------------------------
+def _warn_quickgelu(timm, name: str, path: str) -> None:
+    """timm: ``vit_*_clip_*`` is GELU, ``vit_*_clip_quickgelu_*`` QuickGELU; warn for OpenAI-looking weights."""
+    arch, _, tag = name.partition(".")
+    if "_clip_" not in arch or "quickgelu" in arch:
+        return
+    twin = arch.replace("_clip_", "_clip_quickgelu_", 1)
+    if not timm.is_model(twin):
+        return
+    if tag == "openai":
+        why = "the tag '.openai' names OpenAI's weights"
+    elif "openai" in str(path).lower():
+        why = "the path says 'openai'"
+    else:
+        return
+    warn_quickgelu(fn="create_backbone", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'",
+                   stacklevel=5)  # fmt: skip
+
+
+def _checkpoint_filter(timm, name: str, model: nn.Module, sd: dict) -> dict:
+    """timm's own conversion of a checkpoint for this model (OpenAI CLIP / DINOv2 layouts, pos-embed resampling),
+    then the classifier keys dropped when the model has no such head (as ``timm.create_model`` does)."""
+    # The filter is a public function of the module that registers the model; model_entrypoint is public API.
+    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(sd, model)
+        except TypeError:  # filters of one argument
+            sd = filter_fn(sd)
+    own = model.state_dict()
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    for c in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        for key in (f"{c}.weight", f"{c}.bias"):
+            if key in sd and key not in own:
+                del sd[key]
+    return dict(sd)
+
+
+def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> TimmBackbone:
+    """``create_backbone("timm:<name>", ...)`` (see the module docs)."""
+    fn = "create_backbone"
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise missing_package("timm", "timm", fn) from e
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
+        hint = f"Close names: {', '.join(close)}. " if close else ""
+        raise ValueError(
+            f"{fn}: 'timm:{name}' is not a timm model name. {hint}List them with timm.list_models('*vit*')."
+        )
+    what = f"timm model {name!r}"
+    path = checkpoint_path(pretrained, fn, what)
+    if path is not None:
+        _warn_quickgelu(timm, name, path)
+    kwargs.setdefault("num_classes", 0)  # the classifier head is never used; its weights are dropped on load
+    sd = read_checkpoint(path, fn) if path is not None else None  # a broken file fails before any model is built
+    model = timm.create_model(name, pretrained=False, **kwargs)  # random; the checkpoint is loaded below, strictly
+    if not is_timm_vit(model):
+        raise TypeError(
+            f"{fn}: 'timm:{name}' builds a {type(model).__name__}, not a token ViT (hrperc needs "
+            f"forward_intermediates, num_prefix_tokens, patch_embed and blocks). Pick a ViT, e.g. "
+            f"'timm:vit_large_patch14_clip_336'."
+        )
+    if sd is not None and not load_strict(model, _checkpoint_filter(timm, name, model, sd), path, strict=strict,
+                                          fn=fn, what=what):  # fmt: skip
+        path = None  # nothing loaded: no source recorded
+    return TimmBackbone(model, layer=layer, mean=mean, std=std, source=path)
+
+
+def wrap(model: nn.Module, *, layer: int, mean, std) -> TimmBackbone | None:
+    """``wrap_backbone``'s probe: a timm token ViT, else ``None``."""
+    return TimmBackbone(model, layer=layer, mean=mean, std=std) if is_timm_vit(model) else None
+
+
+register_family(
+    "timm",
+    create,
+    wrap=wrap,
+    usage="'timm:<model>'",
+    supports="timm VisionTransformer (and other timm ViTs with forward_intermediates)",
+)
