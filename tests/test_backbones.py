@@ -204,10 +204,22 @@ def test_hf_create_encoder_from_local_dir(tmp_path):
     torch.manual_seed(3)
     full = transformers.CLIPModel(
         transformers.CLIPConfig(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=28, patch_size=14),
-            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             vocab_size=64, max_position_embeddings=8),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            text_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=64,
+                max_position_embeddings=8,
+            ),
             projection_dim=8,
         )
     ).eval()
@@ -261,8 +273,9 @@ def test_unsupported_model_class(tmp_path):
     with raises_naming(TypeError, "'timm:resnet18'", "ResNet", "forward_intermediates"):
         create_backbone("timm:resnet18")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=28, patch_size=14)
+    cfg = transformers.ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     transformers.ViTModel(cfg).save_pretrained(tmp_path)
     with raises_naming(TypeError, str(tmp_path), "'vit'", "clip_vision_model", "siglip_vision_model"):
         create_backbone(f"hf:{tmp_path}")
@@ -633,7 +646,9 @@ def registry(monkeypatch):
 def test_the_three_families_are_registered_with_their_aliases(oc_name, tmp_path):
     families = hrperc.backbones.list_families()
     assert [(f.prefix, f.aliases) for f in families] == [
-        ("timm", ()), ("open_clip", ("open-clip", "openclip")), ("hf", ("transformers",))
+        ("timm", ()),
+        ("open_clip", ("open-clip", "openclip")),
+        ("hf", ("transformers",)),
     ]
     for prefix in ("timm", "open_clip", "open-clip", "openclip"):
         name = "vit_tiny_patch16_224" if prefix == "timm" else oc_name

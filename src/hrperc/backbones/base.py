@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _as_triple(value, name: str, fn: str) -> tuple[float, float, float]:
         raise ValueError(f"{fn}: {name}={value!r}; expected three per-channel floats (R, G, B).")
     if name == "std" and min(out) <= 0:
         raise ValueError(f"{fn}: std={value!r}; every entry must be > 0.")
-    return out  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 class VisionBackbone(nn.Module):
@@ -100,6 +101,7 @@ class VisionBackbone(nn.Module):
 
     family = "generic"
     dynamic_size = False  # adapters set it from the model they wrap
+    model: Any  # another library's module: its attributes are that library's, not nn.Module's
 
     def __init__(
         self,

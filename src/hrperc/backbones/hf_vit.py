@@ -187,8 +187,8 @@ class HFBackbone(VisionBackbone):
 
         for module in model.modules():
             if hasattr(module, "gradient_checkpointing"):
-                module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-                module.gradient_checkpointing = enable
+                setattr(module, "_gradient_checkpointing_func", partial(checkpoint, use_reentrant=False))  # noqa: B010
+                setattr(module, "gradient_checkpointing", enable)  # noqa: B010
 
     def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
         vision = self.model

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,10 +57,8 @@ class OpenClipBackbone(VisionBackbone):
 
     family = "open_clip"
 
-    def __init__(
-        self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None
-    ) -> None:
-        visual = getattr(model, "visual", model)
+    def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
+        visual: Any = getattr(model, "visual", model)  # open_clip's attributes, not nn.Module's
         if not is_open_clip_vit(visual):
             raise TypeError(
                 f"OpenClipBackbone: {type(visual).__name__} is not an open_clip VisionTransformer. For open_clip "
@@ -235,8 +234,9 @@ def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwar
             _warn_quickgelu(open_clip, name, path, kwargs)
     sd = read_checkpoint(weights, fn) if weights is not None else None  # a broken file fails before any model
     model = open_clip.create_model(name, **kwargs)  # random; the checkpoint is loaded below, strictly
-    if sd is not None and not load_strict(model, _convert(model, sd), weights, strict=strict, fn=fn, what=what):
-        path = None  # nothing loaded: no source recorded
+    if weights is not None and sd is not None:
+        if not load_strict(model, _convert(model, sd), weights, strict=strict, fn=fn, what=what):
+            path = None  # nothing loaded: no source recorded
     visual = model.visual
     if is_open_clip_vit(visual):
         return OpenClipBackbone(visual, layer=layer, mean=mean, std=std, source=path)

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,9 +41,7 @@ __all__ = ["TimmBackbone", "is_timm_vit"]
 
 def is_timm_vit(model) -> bool:
     """True for timm token ViTs: ``forward_intermediates``, ``num_prefix_tokens``, ``patch_embed``, ``blocks``."""
-    return all(
-        hasattr(model, a) for a in ("forward_intermediates", "num_prefix_tokens", "patch_embed", "blocks")
-    )
+    return all(hasattr(model, a) for a in ("forward_intermediates", "num_prefix_tokens", "patch_embed", "blocks"))
 
 
 class TimmBackbone(VisionBackbone):
@@ -50,9 +49,7 @@ class TimmBackbone(VisionBackbone):
 
     family = "timm"
 
-    def __init__(
-        self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
         if not is_timm_vit(model):
             raise TypeError(
                 f"TimmBackbone: {type(model).__name__} is not a timm token ViT (needs forward_intermediates, "
@@ -60,20 +57,17 @@ class TimmBackbone(VisionBackbone):
             )
         from timm.data import resolve_model_data_config
 
-        cfg = resolve_model_data_config(model)
-        patch = tuple(model.patch_embed.patch_size)
-        size = (
-            tuple(model.patch_embed.img_size)
-            if model.patch_embed.img_size is not None
-            else cfg["input_size"][1:]
-        )
+        vit: Any = model  # timm's attributes, not nn.Module's
+        cfg = resolve_model_data_config(vit)
+        patch = tuple(vit.patch_embed.patch_size)
+        size = tuple(vit.patch_embed.img_size) if vit.patch_embed.img_size is not None else cfg["input_size"][1:]
         super().__init__(
             model,
             image_size=size,
             patch_size=patch,
-            hidden_size=getattr(model, "embed_dim", None) or model.num_features,
-            num_layers=len(model.blocks),
-            num_prefix_tokens=model.num_prefix_tokens,
+            hidden_size=getattr(vit, "embed_dim", None) or vit.num_features,
+            num_layers=len(vit.blocks),
+            num_prefix_tokens=vit.num_prefix_tokens,
             mean=cfg["mean"] if mean is None else mean,
             std=cfg["std"] if std is None else std,
             layer=layer,
@@ -156,9 +150,9 @@ def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwar
             f"forward_intermediates, num_prefix_tokens, patch_embed and blocks). Pick a ViT, e.g. "
             f"'timm:vit_large_patch14_clip_336'."
         )
-    if sd is not None and not load_strict(model, _checkpoint_filter(timm, name, model, sd), path, strict=strict,
-                                          fn=fn, what=what):  # fmt: skip
-        path = None  # nothing loaded: no source recorded
+    if path is not None and sd is not None:
+        if not load_strict(model, _checkpoint_filter(timm, name, model, sd), path, strict=strict, fn=fn, what=what):
+            path = None  # nothing loaded: no source recorded
     return TimmBackbone(model, layer=layer, mean=mean, std=std, source=path)
 
 
