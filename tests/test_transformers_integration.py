@@ -16,6 +16,7 @@ from _hf_tiny import FAMILIES, _images, build  # noqa: E402
 import hrperc  # noqa: E402
 from hrperc.integrations.transformers import (  # noqa: E402
     AttachedProcessor,
+    _families,
     attach,
     encoder_from_model,
     load_front_end,
@@ -238,3 +239,79 @@ def test_trainer_fine_tunes_the_attached_front_end(tmp_path):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("hrperc_front_end.dem.") for k in changed)
+
+
+# --- the per-family table ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_entry_matches_the_transformers_classes(family):
+    import inspect
+
+    model, proc, _ = build(family)
+    entry = _families.family_of(family)
+    assert entry.model_type == model.config.model_type and entry.model_class == type(model).__name__
+    params = list(inspect.signature(type(model.model).get_image_features).parameters)
+    assert params[1] == "pixel_values" and (params[2] == "image_sizes") == entry.image_sizes_second
+    assert hasattr(model.model, entry.newline or "image_newline") == (entry.newline is not None)
+    for name in entry.image_brackets or ():
+        assert isinstance(getattr(proc, name), str)  # the processor holds the token written around an image
+    assert hrperc.integrations.transformers.FAMILIES[family] == entry.recipe in hrperc.list_recipes()
+
+
+def test_no_module_but_the_table_names_a_family():
+    import ast
+    import pathlib
+
+    names = {f.model_type for f in _families.TABLE}
+    for path in pathlib.Path(_families.__file__).parent.glob("*.py"):
+        if path.name == "_families.py":
+            continue
+        found = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+                 and n.value in names]  # fmt: skip
+        assert not found, f"{path.name} names the families {found}: put what it decides in _families.TABLE"
+
+
+def _tokens(encoder):
+    with torch.no_grad():
+        return encoder(_images([(40, 70)])).tokens
+
+
+@pytest.mark.parametrize("setting, recipe", [(s, r) for s, rs in _families.RECIPE_SETTINGS.items() for r in rs])
+def test_the_recipe_settings_table_holds_the_recipes_defaults(setting, recipe):
+    model, _, _ = build("llava")
+    tower = hrperc.backbones.HFBackbone(model.model.vision_tower)
+    default = _families.RECIPE_SETTINGS[setting][recipe]
+    other = (not default) if isinstance(default, bool) else default + 1
+    sizes = [(300, 500), (100, 5000), (336, 336)]
+    plain = hrperc.create_encoder(recipe, tower)
+    assert _families.recipe_setting(plain, setting) == default
+    counts, tokens = [plain.num_tokens(s) for s in sizes], _tokens(plain)
+    same = hrperc.create_encoder(recipe, tower, **{setting: default})
+    assert [same.num_tokens(s) for s in sizes] == counts and torch.equal(_tokens(same), tokens)
+    changed = hrperc.create_encoder(recipe, tower, **{setting: other})  # the setting shows in counts or tokens
+    assert _families.recipe_setting(changed, setting) == other
+    assert [changed.num_tokens(s) for s in sizes] != counts or not torch.equal(_tokens(changed), tokens)
+
+
+def test_a_new_family_is_a_table_entry(monkeypatch):
+    """A model_type hrperc did not know runs once its entry is in the table (here: LLaVA-NeXT's, renamed, with
+    a multi-image rule), and every module reads the entry."""
+    import dataclasses
+
+    model, proc, texts = build("llava_next")
+    model.config.model_type = "hrperc_test_next"
+    with pytest.raises(TypeError, match="hrperc_test_next"):
+        encoder_from_model(model, proc)
+    entry = dataclasses.replace(_families.family_of("llava_next"), model_type="hrperc_test_next",
+                                several_images="the test family takes one image per text")  # fmt: skip
+    monkeypatch.setitem(_families._BY_TYPE, entry.model_type, entry)
+    enc = encoder_from_model(model, proc)
+    assert enc.recipe == "llava_next" and enc.recipe_options["pinpoints"] == [
+        tuple(p) for p in model.config.image_grid_pinpoints
+    ]
+    model, aproc = attach(model, proc, enc)
+    images = _images([(300, 500), (200, 150)])
+    ref = proc(images=images, text=texts, return_tensors="pt", padding=True)
+    assert torch.equal(aproc(images=images, text=texts, return_tensors="pt", padding=True)["input_ids"],
+                       ref["input_ids"])  # fmt: skip
+    with pytest.raises(ValueError, match="the test family takes one image per text"):
+        aproc(images=images, text=[f"{texts[0]} {proc.image_token}"], return_tensors="pt")

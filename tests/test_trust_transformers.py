@@ -263,6 +263,26 @@ def test_an_encoder_of_another_model_s_tower_is_refused_unless_meant(family, tmp
 
 
 # --- image-processor options at the attached processor's call ----------------------------------------------------
+OPTION_SIZES = [(150, 250), (350, 200)]
+
+
+@pytest.fixture(scope="module")
+def unmodified_logits():
+    """``family -> logits`` of the unmodified model (``build(family)``, the same weights every time) on images of
+    ``OPTION_SIZES`` and both texts, without options: a pure function of the family, computed once per module
+    on a model of its own (no test's model is shared)."""
+    cache: dict = {}
+
+    def get(family):
+        if family not in cache:
+            model, proc, texts = build(family)
+            inputs = proc(images=_images(OPTION_SIZES), text=texts, return_tensors="pt", padding=True)
+            cache[family] = _logits(model, inputs)
+        return cache[family]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "family, options",
     [
@@ -276,12 +296,12 @@ def test_an_encoder_of_another_model_s_tower_is_refused_unless_meant(family, tmp
         ("llava", {"size": {"shortest_edge": 336}, "resample": 3, "device": "cpu"}),  # equal to its own: no change
     ],
 )
-def test_processor_options_are_honoured_like_the_original(family, options):
+def test_processor_options_are_honoured_like_the_original(family, options, unmodified_logits):
     model, proc, texts = build(family)
-    images = _images([(150, 250), (350, 200)])
+    images = _images(OPTION_SIZES)
     ref_in = proc(images=images, text=texts, return_tensors="pt", padding=True, **options)
     ref = _logits(model, ref_in)
-    own = _logits(model, proc(images=images, text=texts, return_tensors="pt", padding=True))
+    own = unmodified_logits(family)
     model, aproc = attach(model, proc, encoder_from_model(model, proc))
     inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True, **options)
     assert torch.equal(inputs["input_ids"], ref_in["input_ids"])  # the token count follows the options

@@ -2,7 +2,8 @@
 
 Four model classes (and their ``*Model`` bases): ``LlavaForConditionalGeneration``,
 ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration`` and
-``InternVLForConditionalGeneration``. Three calls (``docs/transformers.md`` has the walk-through):
+``InternVLForConditionalGeneration``, one entry each in the family table (:mod:`._families`: a new family
+is an entry there plus its recipe). Three calls (``docs/transformers.md`` has the walk-through):
 
 * :func:`encoder_from_model` -- the :class:`~hrperc.HighResEncoder` of the model's own front end (the
   recipe of its family, its vision tower shared, its layer, CLS, pinpoints, tiling and normalization);

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -237,25 +238,24 @@ def _run(self, pixel_values, image_sizes, layer, strategy, family: Family):
         out = run([packed[b].image for b in indices], project=project, newline=newline)
         for i, b in enumerate(indices):
             feats[b] = out.tokens[i, : out.num_tokens[i]]
-    pooled = torch.cat(feats)[None] if family.features == "one_sequence" else feats
+    pooled: Any = torch.cat(feats)[None] if family.features == "one_sequence" else feats
     return BaseModelOutputWithPooling(pooler_output=pooled)
 
 
 def _attached_image_features(family: Family):
     """``get_image_features`` with the family's own parameter order (``image_sizes_second``: LLaVA-NeXT /
     OneVision pass ``image_sizes`` second, positionally)."""
-    if family.image_sizes_second:
 
-        def get_image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None,
-                               vision_feature_select_strategy=None, **kwargs):  # fmt: skip
-            return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
+    def sizes_second(self, pixel_values, image_sizes=None, vision_feature_layer=None,
+                     vision_feature_select_strategy=None, **kwargs):  # fmt: skip
+        return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
 
-    else:
+    def sizes_last(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                   image_sizes=None, **kwargs):  # fmt: skip
+        return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
 
-        def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
-                               image_sizes=None, **kwargs):  # fmt: skip
-            return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
-
+    get_image_features = sizes_second if family.image_sizes_second else sizes_last
+    get_image_features.__name__ = get_image_features.__qualname__ = "get_image_features"
     return get_image_features
 
 
@@ -320,7 +320,8 @@ class AttachedProcessor:
 
     def _image_changes(self, given: dict, fn: str) -> tuple[dict, object]:
         """The caller's image options -> ``(encoder changes, device)``; refuses what cannot be honoured."""
-        enc, settings, changes, device = self.encoder, self.settings, {}, None
+        enc, settings, device = self.encoder, self.settings, None
+        changes: dict[str, Any] = {}
         tiles = {k: given.pop(k) for k in ("crop_to_patches", "min_patches", "max_patches") if k in given}
         for key, value in given.items():
             own = settings.get(key)

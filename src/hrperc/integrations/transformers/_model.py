@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from typing import Any
 
 from torch import nn
 
@@ -44,7 +45,7 @@ _MAX_VARIANTS = 32
 
 
 # --- the model's parts -------------------------------------------------------------------------------
-def inner_model(model, fn: str) -> tuple[nn.Module, Family]:
+def inner_model(model, fn: str) -> tuple[Any, Family]:
     """``(inner model with vision_tower / projector, its Family)`` of a supported transformers model."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -248,12 +249,12 @@ class ModuleState:
             p.requires_grad_(flag)
         for m, flag in self.modes:
             m.training = flag
-        for m, flag, func in self.ckpt:
-            m.gradient_checkpointing = flag
+        for m, on, func in self.ckpt:
+            setattr(m, "gradient_checkpointing", on)  # noqa: B010  (nn.Module's typing refuses plain attributes)
             if func is None:
                 m.__dict__.pop("_gradient_checkpointing_func", None)
             else:
-                m._gradient_checkpointing_func = func
+                setattr(m, "_gradient_checkpointing_func", func)  # noqa: B010
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def _linear(m: nn.Module, bias: bool = True) -> bool:
     return type(m) is nn.Linear and (m.bias is not None) == bias
 
 
-def _layer_entry(m: nn.Module) -> dict | None:
+def _layer_entry(m: Any) -> dict | None:  # Any: the type checks below pick the attributes
     kind = type(m)
     if kind is nn.Linear:
         return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
@@ -97,8 +98,8 @@ def describe_projector(projector: nn.Module) -> dict:
     if type(projector) is nn.Sequential and len(projector) > 0:
         entries = [_layer_entry(m) for m in projector]
         if all(e is not None for e in entries):
-            w_in, w_out = projector_widths(projector)
-            return {"kind": "sequential", "in": w_in, "out": w_out, "layers": entries}
+            p_in, p_out = projector_widths(projector)
+            return {"kind": "sequential", "in": p_in, "out": p_out, "layers": entries}
     raise ValueError(
         f"save_front_end: the projector (model.hrperc_front_end.projector) is a {type(projector).__name__} that hrperc "
         f"cannot describe, so load_front_end could never rebuild it. Build it with hrperc.modules.projector."
