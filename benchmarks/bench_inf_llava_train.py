@@ -58,7 +58,7 @@ def _split_step(model, opt, batch) -> dict[str, float]:
     t.append(time.perf_counter())
     ht, wt = enc.tile_tokens
     hi = enc.dem(sub.local, sub.strided, tuple(sub.crops.geometries[0].grid), tile_size=(ht, wt))
-    tokens = enc._combine(hi, sub.thumbnail)
+    tokens = enc.front_end.combine_tokens(hi, sub.thumbnail)
     t.append(time.perf_counter())
     leaf = tokens.detach().requires_grad_(True)
     inner = model.model

@@ -164,11 +164,11 @@ def test_llava_next_count_and_canvas_equal_the_processor_for_every_size():
         plan = enc.view_plan((h, w))
         assert plan.num_tokens == enc.num_tokens((h, w)) == expected, (h, w)
         canvas = tuple(select_best_resolution((h, w), pinpoints))
-        assert plan.info[0] == canvas and plan.grid == (canvas[0] // 336, canvas[1] // 336), (h, w)
+        assert plan.anyres.canvas == canvas and plan.grid == (canvas[0] // 336, canvas[1] // 336), (h, w)
         assert plan.views == 1 + plan.grid[0] * plan.grid[1], (h, w)
     # images under one tile on both sides: every canvas keeps all pixels; transformers' tie-break (landscape)
     small = [(h, w) for h in range(1, 336, 23) for w in range(1, 336, 29)]
-    assert {enc.view_plan(s).info[0] for s in small} == {(336, 672)}
+    assert {enc.plan(s).anyres.canvas for s in small} == {(336, 672)}
 
 
 def test_onevision_count_and_canvas_equal_the_processor_for_every_size():
@@ -182,8 +182,8 @@ def test_onevision_count_and_canvas_equal_the_processor_for_every_size():
         plan = enc.view_plan((h, w))
         assert plan.num_tokens == enc.num_tokens((h, w)) == expected, (h, w)
         canvas = tuple(select_best_resolution((h, w), pinpoints))
-        assert plan.info[0] == canvas and plan.grid == (canvas[0] // 384, canvas[1] // 384), (h, w)
-        rows, cols = plan.info[2]
+        assert plan.anyres.canvas == canvas and plan.grid == (canvas[0] // 384, canvas[1] // 384), (h, w)
+        rows, cols = plan.anyres.unpadded
         shrunk += plan.layout[-1].shape[0] < rows
     assert shrunk > 100  # the anyres_max_9 shrink is exercised
 
@@ -197,7 +197,7 @@ def test_unpadded_shape_equals_the_model_unpad_image(recipe):
         plan = enc.view_plan((h, w))
         gh, gw = plan.grid
         features = torch.zeros(1, 1, 1).expand(1, gh * ht, gw * ht)
-        assert plan.info[2] == tuple(unpad(features, (h, w)).shape[1:]), (h, w)
+        assert plan.anyres.unpadded == tuple(unpad(features, (h, w)).shape[1:]), (h, w)
 
 
 def test_internvl_count_grid_and_views_equal_the_processor_for_every_size():

@@ -247,7 +247,7 @@ def test_llava_next_ragged_batch_equals_pack_image_features(llava_next):
         assert enc.num_tokens(size) == n == _next_count(*size), size
         assert out.token_mask[b].tolist() == [True] * n + [False] * (max(lens) - n)
         assert out.slot_mask[b, :n].tolist() == (marks[b][:, 0] == 1).tolist() and not out.slot_mask[b, n:].any()
-        assert marks[b][:, 0].sum() == out.plans[b].key[2]  # one newline per unpadded row
+        assert marks[b][:, 0].sum() == out.plans[b].anyres.unpadded[0]  # one newline per unpadded row
         err = _max_abs(out.tokens[b, :n], packed[b])
         assert err <= FEATURE_ATOL, f"llava_next {size}: tokens differ from pack_image_features by {err:.3g}"
         assert _max_abs(filled.tokens[b, :n], packed_nl[b]) <= FEATURE_ATOL

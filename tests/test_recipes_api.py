@@ -75,9 +75,10 @@ def test_the_runner_refuses_what_does_not_apply_to_a_front_end():
     dcm = hrperc.create_encoder("llava_next", _vit(), dcm=True).frontend
     with raises_naming(ValueError, "dcm=True", "dem=None"):
         HighResEncoder(_vit(), dcm, dem=None)
-    plain = hrperc.create_encoder("inf_llava", _vit())
-    with raises_naming(ValueError, "view_plan", "num_tokens"):
-        plain.view_plan((60, 60))
+    with raises_naming(ValueError, "subimage_features", "AnyresFrontEnd", "forward"):
+        hrperc.create_encoder("llava_next", _vit()).subimage_features(_images([(60, 60)]))
+    plain = hrperc.create_encoder("inf_llava", _vit())  # one kind of plan for every front end
+    assert plain.view_plan((60, 60)) == plain.plan((60, 60)) and plain.plan((60, 60)).grid == (3, 3)
 
 
 def test_project_applies_per_token_on_the_dual_perspective_path_too():
@@ -148,7 +149,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
     # OneVision shrinks after the projector: a nonlinear projector does not commute with the shrink
     enc = hrperc.create_encoder("llava_onevision", _vit())
     big = _images([(700, 700)])
-    assert enc.view_plan((700, 700)).layout[-1].shape != enc.view_plan((700, 700)).info[2]  # the shrink happens
+    assert enc.plan((700, 700)).anyres.shape != enc.plan((700, 700)).anyres.unpadded  # the shrink happens
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
     with torch.no_grad():
         inside, plain = enc(big, project=mlp).tokens, enc(big).tokens

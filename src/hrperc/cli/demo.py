@@ -88,7 +88,7 @@ def run_demo(args) -> int:
         print(f"             after DEM + reduction to {th}x{tw}: {per_view}; mean with thumbnail: {per_view} "
               f"tokens to the LLM (concat: {2 * per_view})")
     else:
-        layout = ", ".join(f"{seg.source} {seg.length}" for seg in enc._layout(geo.grid))
+        layout = ", ".join(f"{seg.source} {seg.length}" for seg in enc.plan(geo.input_size).layout)
         print(f"             to the LLM: {enc.num_tokens(geo.input_size)} tokens ({layout}; combine={enc.combine!r})")
     if not has_matplotlib():
         print(f"pictures     skipped: they need matplotlib, {PLOT_EXTRA}")

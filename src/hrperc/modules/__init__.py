@@ -4,6 +4,8 @@
 :mod:`~hrperc.modules.crop`    :class:`LocalCrop`, :class:`StrideGlobalCrop`, :class:`Recombine`
 :mod:`~hrperc.modules.dual_crop`  :class:`DualPerspectiveCrop` (INF-LLaVA's DCM front door), :class:`DualCrops`
 :mod:`~hrperc.modules.dem`     :class:`DualPerspectiveEnhancement` (the DEM)
+:mod:`~hrperc.modules.frontend`  :class:`FrontEnd`, :class:`ViewPlan`: the contract every front end meets
+:mod:`~hrperc.modules.dual_front_end`  :class:`DualFrontEnd`: INF-LLaVA's front end (crops, DEM, combine)
 :mod:`~hrperc.modules.fusion`  :class:`Fusion`: the fusions of the two enhanced maps
 :mod:`~hrperc.modules.projector`  :func:`build_projector`: LLaVA's vision-to-language projectors
 =============================  ================================================================
@@ -24,6 +26,8 @@ Example::
 from .crop import LocalCrop, Recombine, StrideGlobalCrop
 from .dem import DualPerspectiveEnhancement
 from .dual_crop import DualCrops, DualPerspectiveCrop
+from .dual_front_end import DualFrontEnd
+from .frontend import FrontEnd, ViewPlan
 from .fusion import Fusion
 from .projector import build_projector
 
@@ -34,6 +38,9 @@ __all__ = [
     "DualPerspectiveCrop",
     "DualCrops",
     "DualPerspectiveEnhancement",
+    "FrontEnd",
+    "ViewPlan",
+    "DualFrontEnd",
     "Fusion",
     "build_projector",
 ]

@@ -54,7 +54,7 @@ from ..ops.geometry import check_window_stacks
 from ..ops.reduce import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens
 from .fusion import FUSIONS, Fusion, FusionMode
 
-__all__ = ["DualPerspectiveEnhancement", "PAIRINGS", "DIRECTIONS"]
+__all__ = ["DualPerspectiveEnhancement", "PAIRINGS", "DIRECTIONS", "default_heads"]
 
 PAIRINGS = ("released", "paper")
 DIRECTIONS = ("both", "global", "local", "none")
@@ -63,6 +63,14 @@ Directions = Literal["both", "global", "local", "none"]
 
 # Which window kind each direction attends in: (global-as-query, local-as-query).
 _WINDOWS = {"released": ("contiguous", "strided"), "paper": ("strided", "contiguous")}
+
+
+def default_heads(dim: int) -> int:
+    """The DEM's head count for width ``dim``: 8 (as released) when it divides ``dim``, else 4, 2, 1."""
+    for heads in (8, 4, 2, 1):
+        if dim % heads == 0:
+            return heads
+    return 1  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------------

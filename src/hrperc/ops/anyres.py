@@ -8,7 +8,9 @@ broken by the least wasted canvas, then by list order (:func:`select_resolution`
 resized into the canvas keeping its aspect ratio and centred (:func:`resized_size`), cut into tiles,
 and after the ViT the padding rows or columns of the ``(gh*ht, gw*wt)`` feature map are removed
 (:func:`unpadded_shape`). The tokens an LLM receives are the base view's ``ht*wt`` plus the unpadded
-map's tokens plus one newline slot per unpadded row (:func:`num_tokens`).
+map's tokens plus one newline slot per unpadded row: :func:`anyres_plan` derives all of it once, as an
+:class:`AnyresPlan` (what the ``llava_next`` / ``llava_onevision`` front ends plan with), and
+:func:`num_tokens` is its count.
 
 **The two readings of the pinpoints** (``tie_break=``). The original LLaVA-1.6 code reads each pinpoint
 as ``(width, height)`` and the image size as ``(width, height)``; transformers reads both as
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +53,8 @@ __all__ = [
     "resized_size",
     "unpadded_shape",
     "shrunk_shape",
+    "AnyresPlan",
+    "anyres_plan",
     "num_tokens",
 ]
 
@@ -184,6 +189,54 @@ def shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
     return rows, cols
 
 
+@dataclass(frozen=True)
+class AnyresPlan:
+    """The anyres numbers of one image: ``canvas`` ``(height, width)`` and its ``grid`` ``(gh, gw)`` of tiles;
+    ``tile_tokens`` ``(ht, wt)``; ``unpadded``: the ``(rows, cols)`` map left after unpadding; ``shape``: the
+    map the LLM gets (``unpadded``, or OneVision's shrink of it); ``newline``: a slot after every row."""
+
+    canvas: tuple[int, int]
+    grid: tuple[int, int]
+    tile_tokens: tuple[int, int]
+    unpadded: tuple[int, int]
+    shape: tuple[int, int]
+    newline: bool
+
+    @property
+    def base_tokens(self) -> int:
+        """The base view's tokens, ``ht*wt``."""
+        return self.tile_tokens[0] * self.tile_tokens[1]
+
+    @property
+    def map_tokens(self) -> int:
+        """The map's tokens, newline slots included: ``rows * (cols + newline)``."""
+        return self.shape[0] * (self.shape[1] + self.newline)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base_tokens + self.map_tokens
+
+
+def anyres_plan(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
+                tie_break: str = "transformers", max_tiles: int | None = None) -> AnyresPlan:  # fmt: skip
+    """The :class:`AnyresPlan` of an ``(H, W)`` image (arguments as :func:`num_tokens`).
+
+    Example::
+
+        >>> p = anyres_plan((1000, 800), tile_size=336, patch_size=14)
+        >>> p.canvas, p.grid, p.unpadded, p.num_tokens
+        ((672, 672), (2, 2), (48, 38), 2448)
+    """
+    fn = "anyres_plan"
+    (th, tw), (ph, pw) = as_pair(tile_size, "tile_size", fn), as_pair(patch_size, "patch_size", fn)
+    newline = as_bool(newline, "newline", fn)
+    canvas = select_resolution(image_size, resolutions, tie_break=tie_break)
+    grid, tile_tokens = (canvas[0] // th, canvas[1] // tw), (th // ph, tw // pw)
+    unpadded = unpadded_shape(image_size, (grid[0] * tile_tokens[0], grid[1] * tile_tokens[1]))
+    shape = unpadded if max_tiles is None else shrunk_shape(unpadded, tile_tokens, max_tiles)
+    return AnyresPlan(canvas, grid, tile_tokens, unpadded, shape, newline)
+
+
 def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
                tie_break: str = "transformers", max_tiles: int | None = None) -> int:  # fmt: skip
     """Visual tokens of an ``(H, W)`` image under LLaVA-NeXT's anyres: base view + unpadded map + newline slots.
@@ -193,7 +246,7 @@ def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch
     ``LlavaNextProcessor._get_number_of_features`` (CLS dropped) for ``tie_break="transformers"``.
     ``max_tiles`` applies OneVision's ``anyres_max_N`` cap (:func:`shrunk_shape`): with
     ``ONEVISION_PINPOINTS``, ``tile_size=384``, ``patch_size=14`` and ``max_tiles=9`` it equals
-    ``LlavaOnevisionProcessor._get_number_of_features``.
+    ``LlavaOnevisionProcessor._get_number_of_features``. The count of :func:`anyres_plan`.
 
     Example::
 
@@ -201,13 +254,5 @@ def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch
         >>> num_tokens((300, 200), **kw), num_tokens((300, 200), tie_break="original", **kw)   # a tie: 2 canvases
         (984, 1476)
     """
-    fn = "num_tokens"
-    (th, tw), (ph, pw) = as_pair(tile_size, "tile_size", fn), as_pair(patch_size, "patch_size", fn)
-    newline = as_bool(newline, "newline", fn)
-    canvas_h, canvas_w = select_resolution(image_size, resolutions, tie_break=tie_break)
-    gh, gw = canvas_h // th, canvas_w // tw
-    ht, wt = th // ph, tw // pw
-    rows, cols = unpadded_shape(image_size, (gh * ht, gw * wt))
-    if max_tiles is not None:
-        rows, cols = shrunk_shape((rows, cols), (ht, wt), max_tiles)
-    return ht * wt + rows * cols + (rows if newline else 0)
+    return anyres_plan(image_size, resolutions, tile_size=tile_size, patch_size=patch_size, newline=newline,
+                       tie_break=tie_break, max_tiles=max_tiles).num_tokens  # fmt: skip

@@ -1,12 +1,16 @@
-"""What every recipe file shares: the backbone argument, the encoder options, the DCM+DEM switch."""
+"""What every recipe file shares: the backbone argument, the options (declared once), the runner."""
 
 from __future__ import annotations
+
+import inspect
 
 from ..backbones import VisionBackbone, create_backbone, wrap_backbone
 from ..encoder import HighResEncoder
 
 #: The :class:`~hrperc.HighResEncoder` options a recipe passes through.
 ENCODER_OPTIONS = ("layer", "max_batch", "train_backbone", "grad_checkpointing", "check_range")
+#: ... and those of a recipe with a DCM+DEM upgrade (``dcm=True``): the DEM too.
+DCM_ENCODER_OPTIONS = (*ENCODER_OPTIONS, "dem")
 
 
 def as_backbone(backbone, layer: int) -> VisionBackbone:
@@ -17,18 +21,28 @@ def as_backbone(backbone, layer: int) -> VisionBackbone:
     return wrap_backbone(backbone, layer=layer)
 
 
-def split_options(recipe: str, options: dict, own: tuple[str, ...]) -> tuple[dict, dict]:
-    """``(front-end options, encoder options)``; an unknown name is refused with the recipe's list."""
-    unknown = sorted(set(options) - set(own) - set(ENCODER_OPTIONS))
+def options_of(cls, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The options ``cls`` declares: the keyword parameters of its constructor (the one place their names
+    and defaults are written), less ``tile_size`` / ``patch_size`` (the backbone's) and ``leave_out``."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters.values()
+    skip = {"self", "tile_size", "patch_size", *leave_out}
+    return tuple(p.name for p in params if p.kind in kinds and p.name not in skip)
+
+
+def split_options(recipe: str, options: dict, own: tuple[str, ...],
+                  encoder: tuple[str, ...] = ENCODER_OPTIONS) -> tuple[dict, dict]:  # fmt: skip
+    """``(the recipe's options, encoder options)``; an unknown name is refused with the recipe's list."""
+    unknown = sorted(set(options) - set(own) - set(encoder))
     if unknown:
         raise TypeError(
             f"create_encoder({recipe!r}): unknown option(s) {unknown}; pass only this recipe's options "
-            f"{sorted(own)} or the encoder options {sorted(ENCODER_OPTIONS)}."
+            f"{sorted(own)} or the encoder options {sorted(encoder)}."
         )
-    return ({k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in ENCODER_OPTIONS})
+    return {k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in encoder}
 
 
-def build(frontend, backbone: VisionBackbone, dem, layer: int, encoder_options: dict) -> HighResEncoder:
-    """The encoder of a recipe: ``frontend`` around ``backbone``, reading ``layer`` unless overridden."""
-    encoder_options = {"layer": layer, **encoder_options}
-    return HighResEncoder(backbone, frontend, dem=dem, **encoder_options)  # dem="default": a DEM only with dcm=True
+def build(front_end, backbone: VisionBackbone, encoder_options: dict) -> HighResEncoder:
+    """The encoder of a recipe: ``front_end`` around ``backbone`` (``encoder_options`` hold its ``layer`` and,
+    for a DCM+DEM upgrade, ``dem``; without ``dem`` the runner's ``"default"`` applies)."""
+    return HighResEncoder(backbone, front_end, **encoder_options)

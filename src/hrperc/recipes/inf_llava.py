@@ -6,13 +6,14 @@ second-to-last layer (CLS dropped), the released DEM with its bilinear reduction
 token grid, and the mean with the thumbnail's tokens: 576 tokens for ViT-L/14-336. Only 11 of the
 19 sub-images are encoded; the other 8 cannot reach the output.
 
-Options: ``dem`` -- ``None`` (a fresh released-configuration DEM), a
-:class:`~hrperc.DualPerspectiveEnhancement`, or a released checkpoint (a state dict, a file or a
-directory of shards, loaded by :func:`hrperc.pretrained.inf_llava.load_dem`); crop options
-(``grid``, ``max_tiles``, ``min_tiles``, ``fit``, ``mode``, ``antialias``, ``fill``, ``thumbnail``,
-``auto_rule``; see :class:`~hrperc.DualPerspectiveCrop`) and encoder options (``combine``, ``layer``,
-``max_batch``, ``encode_all``, ``train_backbone``, ``grad_checkpointing``; see
-:class:`~hrperc.HighResEncoder`) override the released values.
+Options: ``dem`` -- ``"default"`` (a fresh released-configuration DEM), a
+:class:`~hrperc.DualPerspectiveEnhancement`, a released checkpoint (a state dict, a file or a
+directory of shards, loaded by :func:`hrperc.pretrained.inf_llava.load_dem`), or ``None`` (no DEM, as
+everywhere: then ``combine="concat"`` or ``"none"``); crop options (the keyword arguments of
+:class:`~hrperc.DualPerspectiveCrop`: ``grid``, ``max_tiles``, ``min_tiles``, ``fit``, ``mode``,
+``antialias``, ``fill``, ``thumbnail``, ``auto_rule``) and encoder options (``combine``, ``layer``,
+``max_batch``, ``encode_all``, ``train_backbone``, ``grad_checkpointing``, ``check_range``; see
+:class:`~hrperc.HighResEncoder`) override the released values; any other name is refused.
 
 The released model uses OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: in open_clip that is
 the ``ViT-L-14-336-quickgelu`` config (``ViT-L-14-336`` is the GELU variant and gives wrong features
@@ -34,11 +35,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..backbones import create_backbone, wrap_backbone
-from ..encoder import HighResEncoder, default_heads
-from ..modules.dem import DualPerspectiveEnhancement
+from ..encoder import HighResEncoder
 from ..modules.dual_crop import DualPerspectiveCrop
 from ..pretrained.inf_llava import load_dem
 from . import register_recipe
+from ._common import ENCODER_OPTIONS, options_of, split_options
 
 __all__ = ["build", "CROP", "ENCODER"]
 
@@ -46,19 +47,15 @@ __all__ = ["build", "CROP", "ENCODER"]
 CROP = dict(grid=(3, 3), max_tiles=9, thumbnail=True, fit="resize", mode="bicubic", antialias=False)
 #: The released encoder settings.
 ENCODER = dict(combine="mean", layer=-2)
-_CROP_OPTIONS = ("grid", "max_tiles", "min_tiles", "fit", "mode", "antialias", "fill", "thumbnail", "auto_rule")
 
 
 @register_recipe("inf_llava")
-def build(backbone, dem=None, **options) -> HighResEncoder:
+def build(backbone, dem="default", **options) -> HighResEncoder:
     """The released INF-LLaVA front end around ``backbone`` (see the module docs for the options)."""
-    if isinstance(backbone, str):
-        backbone = create_backbone(backbone)
-    backbone = wrap_backbone(backbone)
-    if dem is None:
-        dem = DualPerspectiveEnhancement(backbone.hidden_size, heads=default_heads(backbone.hidden_size))
-    elif not isinstance(dem, nn.Module):
+    crop_kw, enc_kw = split_options("inf_llava", options, options_of(DualPerspectiveCrop),
+                                    (*ENCODER_OPTIONS, "combine", "encode_all"))  # fmt: skip
+    backbone = wrap_backbone(create_backbone(backbone) if isinstance(backbone, str) else backbone)
+    if dem is not None and not isinstance(dem, nn.Module) and not (isinstance(dem, str) and dem == "default"):
         dem = load_dem(dem)
-    crop_kw = {**CROP, **{k: options.pop(k) for k in _CROP_OPTIONS if k in options}}
-    crop = DualPerspectiveCrop(tile_size=backbone.image_size, **crop_kw)
-    return HighResEncoder(backbone, crop, dem=dem, **{**ENCODER, **options})
+    crop = DualPerspectiveCrop(tile_size=backbone.image_size, **{**CROP, **crop_kw})
+    return HighResEncoder(backbone, crop, dem=dem, **{**ENCODER, **enc_kw})

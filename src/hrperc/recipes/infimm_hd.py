@@ -13,13 +13,13 @@ through the shared ViT together with a downsampled view of the whole image::
 Tokens: ``ht*wt * (1 + gh*gw)``; the tiles' run is the row-major map of the whole canvas (padding
 tokens included, marked False in ``EncoderOutput.valid_masks``).
 
-Options: ``max_side`` (3), ``layer`` (-1) and the encoder options.
+Options: :class:`DynamicTilesFrontEnd`'s ``max_side`` (3), ``layer`` (-1) and the encoder options.
 
 Example::
 
     >>> import hrperc
     >>> enc = hrperc.create_encoder("infimm_hd", "timm:vit_tiny_patch16_224")
-    >>> enc.view_plan((600, 1000)).grid, enc.num_tokens((600, 1000))
+    >>> enc.plan((600, 1000)).grid, enc.num_tokens((600, 1000))
     ((2, 3), 1372)
 """
 
@@ -35,7 +35,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge
 from . import register_recipe
-from ._common import as_backbone, build, split_options
+from ._common import as_backbone, build, options_of, split_options
 
 __all__ = ["build_infimm_hd", "DynamicTilesFrontEnd"]
 
@@ -59,13 +59,13 @@ class DynamicTilesFrontEnd(FrontEnd):
         return min(n * tw, max(1, round(H * n * tw / W))), n * tw
 
     def plan(self, image_size) -> ViewPlan:
-        H, W = (int(v) for v in image_size)
+        H, W = image_size
         (th, tw), (ht, wt) = self.tile_size, self.tile_tokens
         h, w = self.content_size((H, W))
         gh, gw = math.ceil(h / th), math.ceil(w / tw)
         geo = CropGeometry((H, W), (gh, gw), (th, tw), (gh * th, gw * tw), (0, 0, h, w), "resize_pad")
         layout = make_layout(("global", ht * wt, (ht, wt)), ("tiles", gh * gw * ht * wt, (gh * ht, gw * wt)))
-        return ViewPlan((H, W), 1 + gh * gw, geo, layout, key=(gh, gw))
+        return ViewPlan((H, W), 1 + gh * gw, geo, layout)
 
     def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
         b = pixels.shape[0]
@@ -76,7 +76,7 @@ class DynamicTilesFrontEnd(FrontEnd):
         tiles = local_crop(canvas, geo.grid).unflatten(0, (b, -1))
         return torch.cat([pp.resize(pixels, self.tile_size)[:, None], tiles], 1)
 
-    def assemble(self, feats, plan, *, dem=None, project=None):
+    def assemble(self, feats, plan, *, project=None):
         b, grid, (ht, wt), D = feats.shape[0], plan.grid, self.tile_tokens, feats.shape[-1]
         n = grid[0] * grid[1]
         fmap = local_merge(feats[:, 1:].reshape(b * n, ht, wt, D), grid, layout="nhwc").flatten(1, 2)
@@ -90,6 +90,7 @@ class DynamicTilesFrontEnd(FrontEnd):
 @register_recipe("infimm_hd")
 def build_infimm_hd(backbone, **options):
     """InfiMM-HD's dynamic-resolution front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("infimm_hd", options, ("max_side",))
-    bb = as_backbone(backbone, enc.get("layer", -1))
-    return build(DynamicTilesFrontEnd(bb.image_size, bb.patch_size, max_side=own.get("max_side", 3)), bb, None, -1, enc)
+    own, enc = split_options("infimm_hd", options, options_of(DynamicTilesFrontEnd))
+    enc.setdefault("layer", -1)
+    bb = as_backbone(backbone, enc["layer"])
+    return build(DynamicTilesFrontEnd(bb.image_size, bb.patch_size, **own), bb, enc)

@@ -18,8 +18,9 @@ at ``(2i + di, 2j + dj)``, as ``InternVLModel.pixel_shuffle`` computes it.
 one with ``reduction="none"``), whose enhanced map is cut back into the tiles before the shuffle: the
 same views, layout and count.
 
-Options: ``max_tiles`` (12), ``min_tiles`` (1), ``thumbnail`` (True), ``downsample`` (2: the shuffle's
-factor, ``1`` turns it off), ``dcm``, ``dem``, ``layer`` (default -1) and the encoder options.
+Options: the keyword arguments of :class:`TilingFrontEnd` (``max_tiles`` 12, ``min_tiles`` 1,
+``thumbnail`` True, ``downsample`` 2: the shuffle's factor, ``1`` turns it off; ``dcm``), ``dem``,
+``layer`` (default -1) and the encoder options.
 
 Example::
 
@@ -27,13 +28,15 @@ Example::
     >>> from timm.models.vision_transformer import VisionTransformer
     >>> vit = VisionTransformer(img_size=56, patch_size=7, embed_dim=32, depth=2, num_heads=2)   # 8 x 8 tokens
     >>> enc = hrperc.create_encoder("internvl", vit)
-    >>> enc.view_plan((480, 640)).grid, enc.num_tokens((480, 640))          # 12 tiles + thumbnail, 16 each
+    >>> enc.plan((480, 640)).grid, enc.num_tokens((480, 640))          # 12 tiles + thumbnail, 16 each
     ((3, 4), 208)
     >>> enc(torch.rand(3, 480, 640)).tokens.shape                           # width 4 * 32 after the shuffle
     torch.Size([1, 208, 128])
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -44,9 +47,9 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry, select_grid
 from ..ops.crop import local_crop, stride_crop
 from . import register_recipe
-from ._common import as_backbone, build, split_options
+from ._common import DCM_ENCODER_OPTIONS, as_backbone, build, options_of, split_options
 
-__all__ = ["build_internvl", "TilingFrontEnd", "pixel_shuffle"]
+__all__ = ["build_internvl", "TilingFrontEnd", "TilingPlan", "pixel_shuffle"]
 
 
 def pixel_shuffle(tokens: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -56,6 +59,14 @@ def pixel_shuffle(tokens: torch.Tensor, factor: int = 2) -> torch.Tensor:
     ``(di, dj, d)`` order.
     """
     return rearrange(tokens, "b (i di) (j dj) d -> b i j (di dj d)", di=factor, dj=factor)
+
+
+@dataclass(frozen=True)
+class TilingPlan(ViewPlan):
+    """An InternVL image's plan: the ``gh*gw`` tiles, then the thumbnail when ``thumbnail`` (only for more
+    than one tile), then (``dcm=True``) the tiles' strided views."""
+
+    thumbnail: bool
 
 
 class TilingFrontEnd(FrontEnd):
@@ -80,8 +91,8 @@ class TilingFrontEnd(FrontEnd):
     def token_width(self, width: int) -> int:
         return width * self.downsample**2
 
-    def plan(self, image_size) -> ViewPlan:
-        H, W = (int(v) for v in image_size)
+    def plan(self, image_size) -> TilingPlan:
+        H, W = image_size
         (th, tw), (ht, wt) = self.tile_size, self.tile_tokens
         gh, gw = select_grid((H, W), (th, tw), self.max_tiles, self.min_tiles, rule="aspect")
         n = gh * gw
@@ -93,25 +104,27 @@ class TilingFrontEnd(FrontEnd):
             runs.append(("thumbnail", per, (ht // f, wt // f)))
         geo = CropGeometry((H, W), (gh, gw), (th, tw), (gh * th, gw * tw), (0, 0, gh * th, gw * tw), "resize")
         views = n + thumb + (n if self.uses_dem else 0)
-        return ViewPlan((H, W), views, geo, make_layout(*runs), key=(gh, gw, thumb))
+        return TilingPlan((H, W), views, geo, make_layout(*runs), thumb)
 
-    def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
+    def views(self, pixels: torch.Tensor, plan: TilingPlan) -> torch.Tensor:
         b, grid = pixels.shape[0], plan.grid
         canvas = pp.resize(pixels, plan.geometry.canvas_size)
         parts = [local_crop(canvas, grid).unflatten(0, (b, -1))]
-        if plan.key[2]:
+        if plan.thumbnail:
             parts.append(pp.resize(pixels, self.tile_size)[:, None])
         if self.uses_dem:
             parts.append(stride_crop(canvas, grid).unflatten(0, (b, -1)))
         return torch.cat(parts, 1)
 
-    def assemble(self, feats, plan, *, dem=None, project=None):
+    def assemble(self, feats, plan: TilingPlan, *, project=None):
         b, grid, (ht, wt) = feats.shape[0], plan.grid, self.tile_tokens
-        n, D, thumb = grid[0] * grid[1], feats.shape[-1], plan.key[2]
+        n, D, thumb = grid[0] * grid[1], feats.shape[-1], plan.thumbnail
+        if self.uses_dem:  # the DEM computes in its own dtype
+            feats = self.in_dem_dtype(feats)
         own = feats[:, : n + thumb]
         if self.uses_dem:
             tiles, strided = feats[:, :n].flatten(0, 1), feats[:, n + thumb :].flatten(0, 1)
-            fmap = dem(tiles, strided, grid, tile_size=(ht, wt))  # (b, gh*ht*gw*wt, D) row-major map
+            fmap = self.dem(tiles, strided, grid, tile_size=(ht, wt))  # (b, gh*ht*gw*wt, D) row-major map
             enhanced = local_crop(fmap, grid, layout="nlc", size=(grid[0] * ht, grid[1] * wt)).unflatten(0, (b, n))
             own = torch.cat([enhanced, own[:, n:]], 1)
         views = own.shape[1]
@@ -124,15 +137,10 @@ class TilingFrontEnd(FrontEnd):
                 f"downsample={self.downsample}, dcm={self.uses_dem}")  # fmt: skip
 
 
-_OWN = ("max_tiles", "min_tiles", "thumbnail", "downsample", "dcm", "dem")
-
-
 @register_recipe("internvl")
 def build_internvl(backbone, **options):
     """InternVL's dynamic-tiling front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("internvl", options, _OWN)
-    bb = as_backbone(backbone, enc.get("layer", -1))
-    fe = TilingFrontEnd(bb.image_size, bb.patch_size, max_tiles=own.get("max_tiles", 12),
-                        min_tiles=own.get("min_tiles", 1), thumbnail=own.get("thumbnail", True),
-                        downsample=own.get("downsample", 2), dcm=own.get("dcm", False))  # fmt: skip
-    return build(fe, bb, own.get("dem", "default"), -1, enc)
+    own, enc = split_options("internvl", options, options_of(TilingFrontEnd), DCM_ENCODER_OPTIONS)
+    enc.setdefault("layer", -1)
+    bb = as_backbone(backbone, enc["layer"])
+    return build(TilingFrontEnd(bb.image_size, bb.patch_size, **own), bb, enc)

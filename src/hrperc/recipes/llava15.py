@@ -9,7 +9,7 @@ Exactly ``LlavaImageProcessor(do_pad=True)`` (transformers' default torchvision 
 576 tokens for CLIP ViT-L/14-336. ``pad=False`` is the CLIP processor's path instead (LLaVA-1.5 trained
 with ``image_aspect_ratio="pad"``, the default here): resize the shortest edge to the tile, then centre-crop.
 
-Options: ``pad`` (default True), ``layer`` (default -2) and the encoder options of
+Options: ``pad`` (:class:`SquareFrontEnd`'s, default True), ``layer`` (default -2) and the encoder options of
 :class:`~hrperc.HighResEncoder` (``max_batch``, ``train_backbone``, ``grad_checkpointing``, ``check_range``).
 
 Example::
@@ -29,7 +29,7 @@ from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from . import register_recipe
-from ._common import as_backbone, build, split_options
+from ._common import as_backbone, build, options_of, split_options
 
 __all__ = ["build_llava15", "SquareFrontEnd"]
 
@@ -45,7 +45,7 @@ class SquareFrontEnd(FrontEnd):
         self.pad, self.colour = as_bool(pad, "pad", "create_encoder('llava15')"), tuple(int(c) for c in colour)
 
     def plan(self, image_size) -> ViewPlan:
-        H, W = (int(v) for v in image_size)
+        H, W = image_size
         th, tw = self.tile_size
         ht, wt = self.tile_tokens
         if self.pad:
@@ -61,7 +61,7 @@ class SquareFrontEnd(FrontEnd):
         else:
             box, fit = (0, 0, th, tw), "crop"
         geo = CropGeometry((H, W), (1, 1), (th, tw), (th, tw), box, fit)
-        return ViewPlan((H, W), 1, geo, make_layout(("image", ht * wt, (ht, wt))), key=("square",))
+        return ViewPlan((H, W), 1, geo, make_layout(("image", ht * wt, (ht, wt))))
 
     def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
         if self.pad:
@@ -71,7 +71,7 @@ class SquareFrontEnd(FrontEnd):
             square = pp.center_crop(pp.resize(pixels, pp.shortest_edge_size(pixels.shape[-2:], edge)), self.tile_size)
         return square[:, None]
 
-    def assemble(self, feats, plan, *, dem=None, project=None):
+    def assemble(self, feats, plan, *, project=None):
         tokens = feats[:, 0]
         return tokens if project is None else project(tokens)
 
@@ -87,7 +87,7 @@ def mean_colour(backbone) -> tuple[int, int, int]:
 @register_recipe("llava15")
 def build_llava15(backbone, **options):
     """LLaVA-1.5's front end around ``backbone`` (see the module docs for the options)."""
-    own, enc = split_options("llava15", options, ("pad",))
-    bb = as_backbone(backbone, enc.get("layer", -2))
-    fe = SquareFrontEnd(bb.image_size, bb.patch_size, pad=own.get("pad", True), colour=mean_colour(bb))
-    return build(fe, bb, None, -2, enc)
+    own, enc = split_options("llava15", options, options_of(SquareFrontEnd, leave_out=("colour",)))
+    enc.setdefault("layer", -2)
+    bb = as_backbone(backbone, enc["layer"])
+    return build(SquareFrontEnd(bb.image_size, bb.patch_size, colour=mean_colour(bb), **own), bb, enc)

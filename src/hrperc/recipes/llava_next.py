@@ -20,18 +20,22 @@ its ``image_newline`` (``forward(newline=...)``).
 go through the ViT too, the DEM (``dem=``, default a fresh one with ``reduction="none"``) enhances the
 tiles' map with them, and the enhanced map takes the tiles' place -- the same layout, the same count.
 
-Options: ``pinpoints`` (``(height, width)`` pairs, multiples of the tile), ``tie_break``, ``newline``
-(default True), ``dcm``, ``dem``, ``layer`` (default -2) and the encoder options.
+Options: the keyword arguments of :class:`AnyresFrontEnd` (``pinpoints``: ``(height, width)`` pairs,
+multiples of the tile; ``tie_break``, ``newline``, ``dcm``), ``dem``, ``layer`` (default -2) and the
+encoder options.
 
 Example::
 
     >>> import hrperc
     >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")    # 224 px tiles
-    >>> enc.num_tokens((480, 640)), enc.view_plan((480, 640)).grid
-    (834, (2, 2))
+    >>> plan = enc.plan((480, 640))
+    >>> plan.num_tokens, plan.grid, plan.anyres.unpadded                           # base 196 + 22 x (28 + 1)
+    (834, (2, 2), (22, 28))
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +47,9 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge, stride_crop
 from . import register_recipe
-from ._common import as_backbone, build, split_options
+from ._common import DCM_ENCODER_OPTIONS, as_backbone, build, options_of, split_options
 
-__all__ = ["build_llava_next", "AnyresFrontEnd", "scaled_pinpoints"]
+__all__ = ["build_llava_next", "AnyresFrontEnd", "AnyresViewPlan", "scaled_pinpoints"]
 
 
 def scaled_pinpoints(pinpoints, reference_tile: int, tile: int) -> tuple[tuple[int, int], ...]:
@@ -53,11 +57,21 @@ def scaled_pinpoints(pinpoints, reference_tile: int, tile: int) -> tuple[tuple[i
     return tuple((h * tile // reference_tile, w * tile // reference_tile) for h, w in pinpoints)
 
 
+@dataclass(frozen=True)
+class AnyresViewPlan(ViewPlan):
+    """An anyres image's plan: ``anyres``, its :class:`~hrperc.ops.anyres.AnyresPlan` (canvas, grid,
+    unpadded and output map shapes); the views are the base view, the ``gh*gw`` tiles, then (``dcm=True``)
+    their strided views; the canvas and the centred content are ``geometry.canvas_size`` / ``valid_box``."""
+
+    anyres: anyres.AnyresPlan
+
+
 class AnyresFrontEnd(FrontEnd):
     """LLaVA-NeXT's anyres views and packing (OneVision's with ``max_tiles``); see :mod:`hrperc.recipes.llava_next`.
 
     ``max_tiles``: OneVision's ``anyres_max_N`` bilinear shrink of the unpadded map (after ``project``, as
-    the model does); ``None`` for LLaVA-NeXT.
+    the model does); ``None`` for LLaVA-NeXT. ``dcm=True``: the strided views of the canvas too, and the
+    front end's DEM (``self.dem``, ``reduction="none"``) enhances the tiles' map with them.
     """
 
     def __init__(self, tile_size, patch_size, pinpoints, *, tie_break: str = "transformers", newline: bool = True,
@@ -82,46 +96,41 @@ class AnyresFrontEnd(FrontEnd):
         self.pinpoints, self.tie_break, self.newline = pairs, tie_break, as_bool(newline, "newline", fn)
         self.max_tiles, self.uses_dem, self.name = max_tiles, as_bool(dcm, "dcm", fn), name
 
-    def plan(self, image_size) -> ViewPlan:
-        H, W = (int(v) for v in image_size)
-        (th, tw), (ht, wt) = self.tile_size, self.tile_tokens
-        canvas = anyres.select_resolution((H, W), self.pinpoints, tie_break=self.tie_break)
-        gh, gw = canvas[0] // th, canvas[1] // tw
-        rh, rw = anyres.resized_size((H, W), canvas)
-        rows, cols = anyres.unpadded_shape((H, W), (gh * ht, gw * wt))
-        out = rows, cols
-        if self.max_tiles is not None:
-            out = anyres.shrunk_shape(out, (ht, wt), self.max_tiles)
-        n = gh * gw
-        geo = CropGeometry((H, W), (gh, gw), (th, tw), canvas, ((canvas[0] - rh) // 2, (canvas[1] - rw) // 2, rh, rw),
+    def plan(self, image_size) -> AnyresViewPlan:
+        H, W = image_size
+        a = anyres.anyres_plan((H, W), self.pinpoints, tile_size=self.tile_size, patch_size=self.patch_size,
+                               newline=self.newline, tie_break=self.tie_break, max_tiles=self.max_tiles)  # fmt: skip
+        (ch, cw), (rh, rw) = a.canvas, anyres.resized_size((H, W), a.canvas)
+        geo = CropGeometry((H, W), a.grid, self.tile_size, a.canvas, ((ch - rh) // 2, (cw - rw) // 2, rh, rw),
                            "resize_pad")  # fmt: skip
-        map_tokens = out[0] * (out[1] + self.newline)
-        layout = make_layout(("base", ht * wt, (ht, wt)), ("tiles", map_tokens, out, self.newline))
-        key = (gh, gw, rows, cols, *out)
-        return ViewPlan((H, W), 1 + n * (1 + self.uses_dem), geo, layout, key, info=(canvas, (rh, rw), (rows, cols)))
+        ht, wt = self.tile_tokens
+        layout = make_layout(("base", a.base_tokens, (ht, wt)), ("tiles", a.map_tokens, a.shape, self.newline))
+        n = a.grid[0] * a.grid[1]
+        return AnyresViewPlan((H, W), 1 + n * (1 + self.uses_dem), geo, layout, a)
 
-    def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
-        b, grid = pixels.shape[0], plan.grid
-        canvas_size, content = plan.info[0], plan.info[1]
+    def views(self, pixels: torch.Tensor, plan: AnyresViewPlan) -> torch.Tensor:
+        b, grid, geo = pixels.shape[0], plan.grid, plan.geometry
         base = pp.resize(pixels, self.tile_size)
-        canvas = pp.pad_centred(pp.resize(pixels, content), canvas_size)
+        canvas = pp.pad_centred(pp.resize(pixels, geo.valid_box[2:]), geo.canvas_size)
         parts = [base[:, None], local_crop(canvas, grid).unflatten(0, (b, -1))]
         if self.uses_dem:
             parts.append(stride_crop(canvas, grid).unflatten(0, (b, -1)))
         return torch.cat(parts, 1)
 
-    def assemble(self, feats, plan, *, dem=None, project=None):
+    def assemble(self, feats, plan: AnyresViewPlan, *, project=None):
         b, grid, (ht, wt) = feats.shape[0], plan.grid, self.tile_tokens
         n, D = grid[0] * grid[1], feats.shape[-1]
+        if self.uses_dem:  # the DEM computes in its own dtype
+            feats = self.in_dem_dtype(feats)
         base, tiles = feats[:, 0], feats[:, 1 : 1 + n].flatten(0, 1)
         if self.uses_dem:
             strided = feats[:, 1 + n :].flatten(0, 1)
-            fmap = dem(tiles, strided, grid, tile_size=(ht, wt)).view(b, grid[0] * ht, grid[1] * wt, D)
+            fmap = self.dem(tiles, strided, grid, tile_size=(ht, wt)).view(b, grid[0] * ht, grid[1] * wt, D)
         else:
             fmap = local_merge(tiles.view(b * n, ht, wt, D), grid, layout="nhwc")
         if project is not None:
             base, fmap = project(base), project(fmap)
-        _, _, rows, cols, out_rows, out_cols = plan.key
+        (rows, cols), (out_rows, out_cols) = plan.anyres.unpadded, plan.anyres.shape
         top, left = (fmap.shape[1] - rows) // 2, (fmap.shape[2] - cols) // 2
         fmap = fmap[:, top : top + rows, left : left + cols]
         if (out_rows, out_cols) != (rows, cols):  # OneVision's anyres_max_N: bilinear, on projected features
@@ -136,17 +145,21 @@ class AnyresFrontEnd(FrontEnd):
         return f"{head}{cap}, dcm={self.uses_dem}"
 
 
-_OWN = ("pinpoints", "tie_break", "newline", "dcm", "dem")
+def build_anyres(recipe: str, backbone, options: dict, *, layer: int, pinpoints, reference_tile: int,
+                 leave_out: tuple[str, ...] = (), **fixed):  # fmt: skip
+    """An anyres recipe: ``options`` split by :class:`AnyresFrontEnd`'s signature (less ``leave_out``), its
+    default ``pinpoints`` given for ``reference_tile`` px tiles, ``fixed`` front-end arguments on top."""
+    own, enc = split_options(recipe, options, options_of(AnyresFrontEnd, leave_out=("name", *leave_out)),
+                             DCM_ENCODER_OPTIONS)  # fmt: skip
+    enc.setdefault("layer", layer)
+    bb = as_backbone(backbone, enc["layer"])
+    if own.get("pinpoints") is None:  # an empty list is refused by the front end, never read as "the defaults"
+        own["pinpoints"] = scaled_pinpoints(pinpoints, reference_tile, bb.image_size[0])
+    return build(AnyresFrontEnd(bb.image_size, bb.patch_size, name=recipe, **fixed, **own), bb, enc)
 
 
 @register_recipe("llava_next")
 def build_llava_next(backbone, **options):
     """LLaVA-NeXT's anyres front end around ``backbone`` (see the module docs for the options)."""
-    own, enc = split_options("llava_next", options, _OWN)
-    bb = as_backbone(backbone, enc.get("layer", -2))
-    pinpoints = own.get("pinpoints")  # an empty list is refused by the front end, never read as "the defaults"
-    if pinpoints is None:
-        pinpoints = scaled_pinpoints(anyres.LLAVA_NEXT_PINPOINTS, 336, bb.image_size[0])
-    fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
-                        newline=own.get("newline", True), dcm=own.get("dcm", False))  # fmt: skip
-    return build(fe, bb, own.get("dem", "default"), -2, enc)
+    return build_anyres("llava_next", backbone, options, layer=-2, pinpoints=anyres.LLAVA_NEXT_PINPOINTS,
+                        reference_tile=336, leave_out=("max_tiles",))  # fmt: skip

@@ -11,14 +11,15 @@ token count and ``LlavaOnevisionModel.pack_image_features`` before the projector
   features, so ``forward(project=...)`` applies the projector first;
 * one newline slot per row of the (shrunk) map, after a base view of ``ht*wt`` tokens.
 
-Options: ``pinpoints``, ``max_tiles`` (default 9; ``None`` turns the shrink off), ``tie_break``,
-``newline``, ``dcm``, ``dem``, ``layer`` (default -1) and the encoder options.
+Options: the keyword arguments of :class:`~hrperc.recipes.llava_next.AnyresFrontEnd` (``pinpoints``,
+``max_tiles``: default 9 here, ``None`` turns the shrink off; ``tie_break``, ``newline``, ``dcm``), ``dem``,
+``layer`` (default -1) and the encoder options.
 
 Example::
 
     >>> import hrperc
     >>> enc = hrperc.create_encoder("llava_onevision", "timm:vit_tiny_patch16_224")
-    >>> enc.num_tokens((2000, 3000)), enc.view_plan((2000, 3000)).grid     # shrunk from (112, 168)
+    >>> enc.num_tokens((2000, 3000)), enc.plan((2000, 3000)).grid     # shrunk from (112, 168)
     (1964, (4, 6))
 """
 
@@ -26,23 +27,14 @@ from __future__ import annotations
 
 from ..ops import anyres
 from . import register_recipe
-from ._common import as_backbone, build, split_options
-from .llava_next import AnyresFrontEnd, scaled_pinpoints
+from .llava_next import build_anyres
 
 __all__ = ["build_llava_onevision"]
-
-_OWN = ("pinpoints", "max_tiles", "tie_break", "newline", "dcm", "dem")
 
 
 @register_recipe("llava_onevision")
 def build_llava_onevision(backbone, **options):
     """LLaVA-OneVision's ``anyres_max_9`` front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("llava_onevision", options, _OWN)
-    bb = as_backbone(backbone, enc.get("layer", -1))
-    pinpoints = own.get("pinpoints")  # an empty list is refused by the front end, never read as "the defaults"
-    if pinpoints is None:
-        pinpoints = scaled_pinpoints(anyres.ONEVISION_PINPOINTS, 384, bb.image_size[0])
-    fe = AnyresFrontEnd(bb.image_size, bb.patch_size, pinpoints, tie_break=own.get("tie_break", "transformers"),
-                        newline=own.get("newline", True), max_tiles=own.get("max_tiles", 9), dcm=own.get("dcm", False),
-                        name="llava_onevision")  # fmt: skip
-    return build(fe, bb, own.get("dem", "default"), -1, enc)
+    options.setdefault("max_tiles", 9)  # anyres_max_9 (the front end's own default, None, is LLaVA-NeXT's)
+    return build_anyres("llava_onevision", backbone, options, layer=-1, pinpoints=anyres.ONEVISION_PINPOINTS,
+                        reference_tile=384)  # fmt: skip

@@ -14,8 +14,8 @@ Default scales ``(1, 2)``: 576 tokens of width ``2D`` for CLIP ViT-L/14-336. S2 
 normalized image; hrperc resizes ``[0, 1]`` pixels and normalizes after, the same to float rounding
 (a bicubic resize is an affine map whose weights sum to one).
 
-Options: ``scales`` (positive ints, e.g. ``(1, 2, 3)``), ``pad`` (default True), ``layer`` (-2) and the
-encoder options.
+Options: :class:`MultiScaleFrontEnd`'s ``scales`` (positive ints, e.g. ``(1, 2, 3)``) and ``pad`` (default
+True), ``layer`` (-2) and the encoder options.
 
 Example::
 
@@ -36,7 +36,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge
 from . import register_recipe
-from ._common import as_backbone, build, split_options
+from ._common import as_backbone, build, options_of, split_options
 from .llava15 import mean_colour
 
 __all__ = ["build_s2", "MultiScaleFrontEnd"]
@@ -64,7 +64,7 @@ class MultiScaleFrontEnd(FrontEnd):
         return width * len(self.scales)
 
     def plan(self, image_size) -> ViewPlan:
-        H, W = (int(v) for v in image_size)
+        H, W = image_size
         (t, _), (ht, wt) = self.tile_size, self.tile_tokens
         top = max(self.scales)
         side = top * t
@@ -77,7 +77,7 @@ class MultiScaleFrontEnd(FrontEnd):
         geo = CropGeometry((H, W), (top, top), (t, t), (side, side), box, "pad" if self.pad else "crop")
         s0 = self.scales[0]
         layout = make_layout(("scales", s0 * ht * s0 * wt, (s0 * ht, s0 * wt)))
-        return ViewPlan((H, W), sum(s * s for s in self.scales), geo, layout, key=("s2",))
+        return ViewPlan((H, W), sum(s * s for s in self.scales), geo, layout)
 
     def views(self, pixels: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
         b, t = pixels.shape[0], self.tile_size[0]
@@ -93,7 +93,7 @@ class MultiScaleFrontEnd(FrontEnd):
             parts.append(local_crop(x, (s, s)).unflatten(0, (b, -1)))
         return torch.cat(parts, 1)
 
-    def assemble(self, feats, plan, *, dem=None, project=None):
+    def assemble(self, feats, plan, *, project=None):
         b, (ht, wt), D = feats.shape[0], self.tile_tokens, feats.shape[-1]
         s0 = self.scales[0]
         maps, start = [], 0
@@ -112,8 +112,7 @@ class MultiScaleFrontEnd(FrontEnd):
 @register_recipe("s2")
 def build_s2(backbone, **options):
     """S2's multi-scale front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("s2", options, ("scales", "pad"))
-    bb = as_backbone(backbone, enc.get("layer", -2))
-    fe = MultiScaleFrontEnd(bb.image_size, bb.patch_size, scales=own.get("scales", (1, 2)), pad=own.get("pad", True),
-                            colour=mean_colour(bb))  # fmt: skip
-    return build(fe, bb, None, -2, enc)
+    own, enc = split_options("s2", options, options_of(MultiScaleFrontEnd, leave_out=("colour",)))
+    enc.setdefault("layer", -2)
+    bb = as_backbone(backbone, enc["layer"])
+    return build(MultiScaleFrontEnd(bb.image_size, bb.patch_size, colour=mean_colour(bb), **own), bb, enc)
