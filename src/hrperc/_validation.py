@@ -157,13 +157,15 @@ def as_image_size(value, fn: str, name: str = "image_size") -> tuple[int, int]:
             f"{fn}: {name}={shown!r} {got}; an image size is a pair (H, W) of whole numbers. Pass e.g. "
             f"{name}=(480, 640) (img.shape[-2:] of a (C, H, W) tensor; (h, h) for a square)."
         )
-    sides = [as_index(v) for v in value]
-    for v, n in zip(value, sides):
+    sides: list[int] = []
+    for v in value:
+        n = as_index(v)
         if n is None:
             raise TypeError(
                 f"{fn}: {name}={shown!r}; both sides must be whole numbers (ints), got a {type(v).__name__} "
                 f"({v!r}). Pass integer pixel counts, e.g. {name}=(480, 640) (round or int() a computed size)."
             )
+        sides.append(n)
     if min(sides) < 1:
         raise ValueError(
             f"{fn}: {name}={shown!r}; both sides must be integers >= 1 (an image with a side of "

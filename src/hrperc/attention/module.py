@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,7 +84,7 @@ class WindowCrossAttention(nn.Module):
         """
         grid, tile_size = self._check(query_feats, kv_feats, grid, tile_size)
         out = self._attend(query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend)
-        lo = self.linears[3]
+        lo = typing.cast(nn.Linear, self.linears[3])  # a ModuleList item is typed as a Module
         out = F.linear(out, lo.weight, lo.bias)
         if self.ln is None:
             return out

@@ -17,6 +17,7 @@ import argparse
 import resource
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,9 @@ from .args import (
 )
 from .inputs import check_backbone, check_image_file, check_weights
 from .limits import check_canvas, check_fixed_grid
+
+if TYPE_CHECKING:
+    from ..modules.dual_crop import Fit
 
 __all__ = [
     "add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "check_encoder_inputs",
@@ -131,7 +135,7 @@ def check_encoder_inputs(args) -> None:
         check_weights(args.dem_weights, "--dem-weights", folder="shards")
 
 
-def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: int | None = None):
+def build_encoder(args, grid, max_tiles: int, fit: Fit = "resize", tile_size: int | None = None):
     """A :class:`HighResEncoder` from CLI flags; released INF-LLaVA resampling (bicubic, no antialias).
 
     The inputs are checked first (:func:`check_encoder_inputs`)."""
@@ -141,7 +145,7 @@ def build_encoder(args, grid, max_tiles: int, fit: str = "resize", tile_size: in
     from ..pretrained.inf_llava import load_dem
 
     check_encoder_inputs(args)
-    kw = {}
+    kw: dict[str, Any] = {}
     if tile_size is not None and args.backbone.startswith("timm:"):
         kw["img_size"] = tile_size  # timm ViTs are built at the tile size the crops use
     backbone = create_backbone(args.backbone, pretrained=args.weights, layer=args.layer, **kw)

@@ -77,7 +77,8 @@ def _axis_direction(read, ax: _Axis, window: str, q_order: str, kv_order: str, s
     groups = _groups(read, ax, window)
     touched = tuple(sorted(groups))
     m = max(len(v) for v in groups.values())
-    slots, pos = [], {}
+    slots: list[int] = []
+    pos: dict[int, tuple[int, int]] = {}  # read position j -> (touched window, slot)
     for ia, a in enumerate(touched):
         js = groups[a] + [groups[a][0]] * (m - len(groups[a]))  # pad with a duplicate query, dropped later
         for s, j in enumerate(js):

@@ -81,14 +81,14 @@ ORDER_CODE = {"contiguous": 0, "strided": 1, "map": 2}
 _KIND_FIX = "'contiguous' for local tiles, 'strided' for interleaved full-field views"
 
 
-def check_kind(value, name: str, fn: str) -> str:
+def check_kind(value, name: str, fn: str) -> WindowKind:
     """``value`` if it is a window kind, else a ``ValueError`` naming ``name`` and the choices."""
     if value not in WINDOW_KINDS:
         raise ValueError(f"{fn}: {name}={value!r} is not a window kind; pass one of {WINDOW_KINDS} ({_KIND_FIX}).")
     return value
 
 
-def check_order(value, name: str, fn: str, *, allow_map: bool = True) -> str:
+def check_order(value, name: str, fn: str, *, allow_map: bool = True) -> Order:
     """``value`` if it is an order (a window kind, or ``"map"`` when ``allow_map``), else a ``ValueError``."""
     choices = ORDERS if allow_map else WINDOW_KINDS
     if value not in choices:
@@ -148,7 +148,7 @@ def check_window_stacks(fn: str, grid, tile_size=None, *, ndim: int = 3, layout:
     gh, gw = as_grid(grid, fn)
     if not stacks:
         raise TypeError(f"{fn}: check_window_stacks needs at least one stack, passed by name (e.g. q=q).")
-    first_name, first = None, None
+    first_name, first = next(iter(stacks.items()))  # checked first in the loop, before any comparison
     for name, t in stacks.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} is a {type(t).__name__}; expected a torch.Tensor of shape {layout}.")
@@ -157,9 +157,7 @@ def check_window_stacks(fn: str, grid, tile_size=None, *, ndim: int = 3, layout:
                 f"{fn}: {name} has shape {tuple(t.shape)} ({t.ndim} dims); expected {ndim} dims {layout}."
                 + (" Split heads first, e.g. x.unflatten(-1, (heads, -1))." if ndim == 4 else "")
             )
-        if first is None:
-            first_name, first = name, t
-        elif t.shape != first.shape:
+        if t.shape != first.shape:
             raise ValueError(
                 f"{fn}: {first_name} {tuple(first.shape)} and {name} {tuple(t.shape)} must have the same shape "
                 f"{layout}: both describe maps cut into the same windows."

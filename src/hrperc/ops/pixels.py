@@ -73,8 +73,8 @@ def _check_unit_range(x: torch.Tensor, name: str) -> None:
     """``ValueError`` unless every value of the float tensor ``x`` is in ``[0, 1]`` (no NaN, no inf)."""
     if x.numel() == 0:
         return
-    lo, hi = torch.aminmax(x.detach())
-    lo, hi = float(lo), float(hi)
+    extremes = torch.aminmax(x.detach())
+    lo, hi = float(extremes.min), float(extremes.max)
     if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
         raise _range_error(name, lo, hi)
 
@@ -181,13 +181,17 @@ def _check_sides(img: torch.Tensor, name: str) -> None:
     check_nonempty(img, name, _FN, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
 
 
+def _is_pil_image(img) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return False
+    return isinstance(img, Image.Image)
+
+
 def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch.Tensor:
     if not isinstance(img, torch.Tensor):
-        try:
-            from PIL import Image
-        except ImportError:  # pragma: no cover - Pillow is a dependency
-            Image = None
-        if Image is not None and isinstance(img, Image.Image):
+        if _is_pil_image(img):
             if 0 in img.size:
                 raise ValueError(
                     f"{_FN}: {name} is a PIL image of size {img.size} (width, height); it has no pixels, but both "

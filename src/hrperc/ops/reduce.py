@@ -281,10 +281,9 @@ def _taps(x: torch.Tensor, idx, w, dim: int) -> torch.Tensor:
         return x.index_select(dim, index[0])
     shape = [1] * x.ndim
     shape[dim] = len(idx)
-    out = None
-    for t in range(len(index)):  # k <= a few taps (2 for bilinear), not a loop over tiles or windows
-        term = x.index_select(dim, index[t]) * weight[t].reshape(shape)
-        out = term if out is None else out + term
+    out = x.index_select(dim, index[0]) * weight[0].reshape(shape)
+    for t in range(1, len(index)):  # k <= a few taps (2 for bilinear), not a loop over tiles or windows
+        out = out + x.index_select(dim, index[t]) * weight[t].reshape(shape)
     return out
 
 

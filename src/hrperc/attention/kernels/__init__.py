@@ -191,7 +191,7 @@ def _run_self_check(q, *, window, q_order, kv_order, out_order) -> str | None:
             refs = []
             for cast in (lambda x: x, torch.Tensor.double):
                 ys = [cast(x.detach()).requires_grad_() for x in xs]
-                o = oracle(*ys, _CHECK_GRID, **kw)
+                o = oracle(ys[0], ys[1], ys[2], _CHECK_GRID, **kw)
                 refs.append((o, *torch.autograd.grad(o, ys, cast(grad_out))))
     except Exception as exc:  # noqa: BLE001 -- a failed compile or launch may raise anything
         return f"it raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
