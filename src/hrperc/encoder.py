@@ -397,12 +397,11 @@ class HighResEncoder(nn.Module):
             by_key.setdefault(plan.batch_key, []).append(b)
         rows, thumbs = [], []
         for members in by_key.values():
-            g = where[members[0]][0]
-            if members == view_groups[g]:  # the whole view group, in order (a uniform batch: no copy)
-                group = feats[g]
-            else:
+            if len(view_groups) == 1 and len(by_key) == 1:  # a uniform batch: the stack as it is, no copy
+                group = feats[0]
+            else:  # each image's features copied out, in batch order
                 group = tuple(torch.cat([feats[where[b][0]][p][where[b][1]][None] for b in members])
-                              for p in range(len(feats[g])))  # fmt: skip
+                              for p in range(len(feats[where[members[0]][0]])))  # fmt: skip
             group_in = group if tupled else group[0]
             kw = {"pixels": [pixels[b] for b in members]} if fe.needs_pixels else {}
             tokens = fe.assemble(group_in, plans[members[0]], project=project, **kw)
