@@ -261,8 +261,9 @@ def stride_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_siz
     return merge(tiles, grid, "strided", layout=layout, tile_size=tile_size)
 
 
-def _permutation(gh: int, gw: int, th: int, tw: int, source: WindowKind, target: WindowKind,
-                 device=None) -> torch.Tensor:
+def _permutation(
+    gh: int, gw: int, th: int, tw: int, source: WindowKind, target: WindowKind, device=None
+) -> torch.Tensor:
     n, t = gh * gw, th * tw
     ids = torch.arange(n * t, device=device).view(n, t, 1)
     whole = merge(ids, (gh, gw), source, layout="nlc", tile_size=(th, tw))
