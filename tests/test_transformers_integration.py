@@ -163,8 +163,9 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     restored = tf.LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
     restored, rproc = load_front_end(restored, proc, tmp_path)
     with torch.no_grad():
-        out = restored(**rproc(images=_images([(300, 500), (700, 400)]), text=texts, return_tensors="pt",
-                               padding=True)).logits  # fmt: skip
+        out = restored(
+            **rproc(images=_images([(300, 500), (700, 400)]), text=texts, return_tensors="pt", padding=True)
+        ).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
@@ -225,15 +226,25 @@ def test_trainer_fine_tunes_the_attached_front_end(tmp_path):
     rows = [{"image": img, "text": texts[i % 2]} for i, img in enumerate(_images([(300, 500), (256, 256)] * 2))]
 
     def collate(batch):  # the attached processor does the token expansion; labels ignore padding
-        inputs = aproc(images=[r["image"] for r in batch], text=[r["text"] for r in batch], return_tensors="pt",
-                       padding=True)  # fmt: skip
+        inputs = aproc(
+            images=[r["image"] for r in batch], text=[r["text"] for r in batch], return_tensors="pt", padding=True
+        )
         inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         return inputs
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                                learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
-                                remove_unused_columns=False, logging_steps=1, disable_tqdm=True)  # fmt: skip
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = tf.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
@@ -265,8 +276,9 @@ def test_no_module_but_the_table_names_a_family():
     for path in pathlib.Path(_families.__file__).parent.glob("*.py"):
         if path.name == "_families.py":
             continue
-        found = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
-                 and n.value in names]  # fmt: skip
+        found = [
+            n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and n.value in names
+        ]
         assert not found, f"{path.name} names the families {found}: put what it decides in _families.TABLE"
 
 
@@ -301,8 +313,11 @@ def test_a_new_family_is_a_table_entry(monkeypatch):
     model.config.model_type = "hrperc_test_next"
     with pytest.raises(TypeError, match="hrperc_test_next"):
         encoder_from_model(model, proc)
-    entry = dataclasses.replace(_families.family_of("llava_next"), model_type="hrperc_test_next",
-                                several_images="the test family takes one image per text")  # fmt: skip
+    entry = dataclasses.replace(
+        _families.family_of("llava_next"),
+        model_type="hrperc_test_next",
+        several_images="the test family takes one image per text",
+    )
     monkeypatch.setitem(_families._BY_TYPE, entry.model_type, entry)
     enc = encoder_from_model(model, proc)
     assert enc.recipe == "llava_next" and enc.recipe_options["pinpoints"] == [
@@ -311,7 +326,8 @@ def test_a_new_family_is_a_table_entry(monkeypatch):
     model, aproc = attach(model, proc, enc)
     images = _images([(300, 500), (200, 150)])
     ref = proc(images=images, text=texts, return_tensors="pt", padding=True)
-    assert torch.equal(aproc(images=images, text=texts, return_tensors="pt", padding=True)["input_ids"],
-                       ref["input_ids"])  # fmt: skip
+    assert torch.equal(
+        aproc(images=images, text=texts, return_tensors="pt", padding=True)["input_ids"], ref["input_ids"]
+    )
     with pytest.raises(ValueError, match="the test family takes one image per text"):
         aproc(images=images, text=[f"{texts[0]} {proc.image_token}"], return_tensors="pt")

@@ -91,8 +91,9 @@ def test_a_narrow_integer_cast_is_refused_naming_the_dtype(dtype):
         unpack_images(px.to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32,
-                                   torch.int64])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64]
+)
 def test_casts_that_keep_the_header_give_the_same_images(dtype):
     images = _images([(30, 50), (7, 2), (1, 1)])
     px, sizes = pack_images(images)
@@ -201,16 +202,24 @@ def test_forward_honours_another_vision_feature_layer(family, layer):
     torch.testing.assert_close(_logits(model, inputs), own, atol=1e-5, rtol=0)  # the encoder itself is unchanged
     strategy = model.config.vision_feature_select_strategy
     equal = model.config.vision_feature_layer
-    torch.testing.assert_close(_logits(model, inputs, vision_feature_layer=equal,
-                                       vision_feature_select_strategy=strategy), own, atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        _logits(model, inputs, vision_feature_layer=equal, vision_feature_select_strategy=strategy),
+        own,
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("family", ["llava_next", "internvl"])
 def test_generate_honours_another_vision_feature_layer(family):
     model, proc, texts = build(family)
     images = _images([(200, 260)])
-    ref = model.generate(**proc(images=images, text=texts[:1], return_tensors="pt"), vision_feature_layer=1,
-                         max_new_tokens=3, do_sample=False)  # fmt: skip
+    ref = model.generate(
+        **proc(images=images, text=texts[:1], return_tensors="pt"),
+        vision_feature_layer=1,
+        max_new_tokens=3,
+        do_sample=False,
+    )
     model, aproc = attach(model, proc, encoder_from_model(model, proc))
     inputs = aproc(images=images, text=texts[:1], return_tensors="pt")
     assert torch.equal(model.generate(**inputs, vision_feature_layer=1, max_new_tokens=3, do_sample=False), ref)
@@ -220,8 +229,11 @@ def test_generate_honours_another_vision_feature_layer(family):
     "family, kwargs, fragments",
     [
         ("llava", {"vision_feature_select_strategy": "full"}, ("vision_feature_select_strategy='full'", "'default'")),
-        ("llava_onevision", {"vision_feature_select_strategy": "default"},
-         ("vision_feature_select_strategy='default'", "'full'")),
+        (
+            "llava_onevision",
+            {"vision_feature_select_strategy": "default"},
+            ("vision_feature_select_strategy='default'", "'full'"),
+        ),
         ("internvl", {"vision_feature_layer": [-2, -1]}, ("vision_feature_layer=[-2, -1]", "vision_feature_layer=-1")),
         ("llava", {"vision_feature_layer": 0}, ("vision_feature_layer=0", "vision_feature_layer=-2")),
         ("llava_next", {"vision_feature_layer": 5}, ("vision_feature_layer=5", "vision_feature_layer=-2")),
@@ -244,17 +256,21 @@ def test_feature_arguments_the_encoder_cannot_honour_are_refused(family, kwargs,
 def test_an_encoder_of_another_model_s_tower_is_refused_unless_meant(family, tmp_path):
     model_a, proc, texts = build(family, seed=0)
     model_b, _, _ = build(family, seed=1)
-    for encoder in (encoder_from_model(model_a, proc),
-                    hrperc.create_encoder(hrperc.integrations.transformers.FAMILIES[family],
-                                          copy.deepcopy(model_b.model.vision_tower))):  # fmt: skip
+    for encoder in (
+        encoder_from_model(model_a, proc),
+        hrperc.create_encoder(
+            hrperc.integrations.transformers.FAMILIES[family], copy.deepcopy(model_b.model.vision_tower)
+        ),
+    ):
         with raises_naming(ValueError, "vision tower", "foreign_tower=True", FIX):
             attach(model_b, proc, encoder)
         assert _not_attached(model_b)
     with raises_naming(TypeError, "foreign_tower='yes'", FIX):
         attach(model_b, proc, encoder_from_model(model_a, proc), foreign_tower="yes")
     model_b, aproc = attach(model_b, proc, encoder_from_model(model_a, proc), foreign_tower=True)
-    assert torch.isfinite(_logits(model_b, aproc(images=_images([(100, 120)]), text=texts[:1],
-                                                 return_tensors="pt"))).all()  # fmt: skip
+    assert torch.isfinite(
+        _logits(model_b, aproc(images=_images([(100, 120)]), text=texts[:1], return_tensors="pt"))
+    ).all()
     with raises_naming(ValueError, "foreign_tower=True", "tower", FIX):
         save_front_end(model_b, tmp_path)
     assert not list(tmp_path.iterdir())
@@ -369,8 +385,9 @@ def test_options_an_upgraded_encoder_has_no_setting_for_are_refused():
     with raises_naming(ValueError, "do_pad=False", "inf_llava", "Drop do_pad"):
         aproc(images=_images([(300, 500)]), text=texts[:1], do_pad=False)
     model, proc, texts = build("internvl")
-    tower = hrperc.backbones.HFBackbone(model.model.vision_tower, layer=-1, mean=proc.image_processor.image_mean,
-                                        std=proc.image_processor.image_std)  # fmt: skip
+    tower = hrperc.backbones.HFBackbone(
+        model.model.vision_tower, layer=-1, mean=proc.image_processor.image_mean, std=proc.image_processor.image_std
+    )
     with pytest.warns(UserWarning, match="new mlp2x_gelu projector"):
         model, aproc = attach(model, proc, hrperc.create_encoder("llava_next", tower))
     with raises_naming(ValueError, "max_patches=4", "llava_next", "Drop"):
@@ -406,8 +423,9 @@ def test_videos_and_audio_are_refused():
 @pytest.mark.parametrize(
     "projector",
     [
-        lambda: torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 48), torch.nn.GELU("tanh"),
-                                    torch.nn.Linear(48, 32, bias=False)),  # fmt: skip
+        lambda: torch.nn.Sequential(
+            torch.nn.LayerNorm(64), torch.nn.Linear(64, 48), torch.nn.GELU("tanh"), torch.nn.Linear(48, 32, bias=False)
+        ),
         lambda: hrperc.modules.projector.build_projector("linear", 64, 32),
         lambda: hrperc.modules.projector.build_projector("mlp3x_gelu", 64, 32),
     ],
@@ -428,8 +446,10 @@ def test_a_custom_projector_is_saved_and_restored(projector, tmp_path):
 def test_projectors_of_the_wrong_widths_are_refused_and_opaque_ones_are_not_saved(tmp_path):
     model, proc, _ = build("llava")
     enc = hrperc.create_encoder("s2", hrperc.backbones.HFBackbone(model.model.vision_tower))
-    for proj, fragments in ((torch.nn.Linear(64, 33), ("output width 33", "32")),
-                            (torch.nn.Linear(48, 32), ("input width 48", "64"))):  # fmt: skip
+    for proj, fragments in (
+        (torch.nn.Linear(64, 33), ("output width 33", "32")),
+        (torch.nn.Linear(48, 32), ("input width 48", "64")),
+    ):
         with raises_naming(ValueError, "projector", *fragments, FIX):
             attach(model, proc, enc, projector=proj)
         assert _not_attached(model)
@@ -513,10 +533,14 @@ JSON_CORRUPTIONS = {
     "options not a dict": (lambda p: _edit_json(p, _set("options", value=[1])), "options"),
     "option as text": (lambda p: _edit_json(p, _set("options", "dcm", value="yes")), "dcm"),
     "option unknown": (lambda p: _edit_json(p, _set("options", "zoom", value=2)), "zoom"),
-    "projector wrong width": (lambda p: _edit_json(p, _set("projector", value={"kind": "linear", "in": 32,
-                                                                                "out": 33})), "33"),  # fmt: skip
-    "projector deep": (lambda p: _edit_json(p, _set("projector", value={"kind": "mlp999x_gelu", "in": 32,
-                                                                         "out": 32})), "mlp999x_gelu"),  # fmt: skip
+    "projector wrong width": (
+        lambda p: _edit_json(p, _set("projector", value={"kind": "linear", "in": 32, "out": 33})),
+        "33",
+    ),
+    "projector deep": (
+        lambda p: _edit_json(p, _set("projector", value={"kind": "mlp999x_gelu", "in": 32, "out": 32})),
+        "mlp999x_gelu",
+    ),
 }
 
 
@@ -557,8 +581,10 @@ WEIGHT_CORRUPTIONS = {
     "extra tensor": (lambda p: _rewrite_weights(p, lambda t: t.update(extra=torch.zeros(2))), "extra"),
     "missing tensor": (lambda p: _rewrite_weights(p, lambda t: t.pop(_first(t))), "missing"),
     "wrong shape": (lambda p: _rewrite_weights(p, lambda t: t.update({_first(t): torch.zeros(3, 3)})), "shape"),
-    "integer tensor": (lambda p: _rewrite_weights(
-        p, lambda t: t.update({_first(t): t[_first(t)].to(torch.int32)})), "floating-point"),  # fmt: skip
+    "integer tensor": (
+        lambda p: _rewrite_weights(p, lambda t: t.update({_first(t): t[_first(t)].to(torch.int32)})),
+        "floating-point",
+    ),
     "nan": (lambda p: _rewrite_weights(p, lambda t: t[_first(t)].fill_(float("nan"))), "NaN"),
 }
 

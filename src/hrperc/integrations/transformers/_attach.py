@@ -85,8 +85,9 @@ class _Attachment:
         self.encoder, self.family, self.state, self.foreign = encoder, family, state, foreign
 
 
-def attach(model, processor, encoder: HighResEncoder, *, projector: nn.Module | None = None,
-           foreign_tower: bool = False):  # fmt: skip
+def attach(
+    model, processor, encoder: HighResEncoder, *, projector: nn.Module | None = None, foreign_tower: bool = False
+):
     """Run ``encoder`` as ``model``'s image path; returns ``(model, AttachedProcessor)`` (``processor=None``:
     ``(model, None)``, for callers who build ``input_ids`` themselves -- each image placeholder repeated
     ``encoder.num_tokens((H, W))`` times -- and ``pixel_values`` with :func:`pack_images`).
@@ -246,12 +247,14 @@ def _attached_image_features(family: Family):
     """``get_image_features`` with the family's own parameter order (``image_sizes_second``: LLaVA-NeXT /
     OneVision pass ``image_sizes`` second, positionally)."""
 
-    def sizes_second(self, pixel_values, image_sizes=None, vision_feature_layer=None,
-                     vision_feature_select_strategy=None, **kwargs):  # fmt: skip
+    def sizes_second(
+        self, pixel_values, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
         return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
 
-    def sizes_last(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
-                   image_sizes=None, **kwargs):  # fmt: skip
+    def sizes_last(
+        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
+    ):
         return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
 
     get_image_features = sizes_second if family.image_sizes_second else sizes_last

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting",
-           "hf_blocks"]  # fmt: skip
+__all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting", "hf_blocks"]
 
 # A reader: (model config, ProcessorSettings or None, fn) -> recipe options read from them.
 Reader = Callable[[object, object, str], dict]
@@ -124,15 +123,20 @@ def _pixel_shuffle(config, settings, fn: str) -> dict:
 def _processor_tiles(config, settings, fn: str) -> dict:
     get = settings.get if settings is not None else (lambda name, default=None: default)
     crop = get("crop_to_patches", True)
-    return {"max_tiles": int(get("max_patches", 12)) if crop else 1, "min_tiles": int(get("min_patches", 1)) if crop
-            else 1}  # fmt: skip
+    return {
+        "max_tiles": int(get("max_patches", 12)) if crop else 1,
+        "min_tiles": int(get("min_patches", 1)) if crop else 1,
+    }
 
 
 # --- tower checks ------------------------------------------------------------------------------------------
 def _no_final_layernorm(tower, layer: int, num_layers: int, fn: str, what: str) -> None:
     norm = getattr(tower, "layernorm", None)
-    if hf_blocks(layer, num_layers) == num_layers and layer < 0 and norm is not None and not isinstance(
-        norm, nn.Identity
+    if (
+        hf_blocks(layer, num_layers) == num_layers
+        and layer < 0
+        and norm is not None
+        and not isinstance(norm, nn.Identity)
     ):
         raise ValueError(
             f"{fn}: {what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
@@ -143,18 +147,45 @@ def _no_final_layernorm(tower, layer: int, num_layers: int, fn: str, what: str) 
 
 # --- the table ---------------------------------------------------------------------------------------------
 TABLE: tuple[Family, ...] = (
-    Family("llava", "llava15", "LlavaForConditionalGeneration", options=(_square_pad,), square_pad=True,
-           crop_size_with_center_crop=True),
-    Family("llava_next", "llava_next", "LlavaNextForConditionalGeneration", options=(_pinpoints,),
-           crop_size_with_center_crop=True, image_sizes_second=True, newline="image_newline"),
-    Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-           options=(_pinpoints, _anyres_max), image_sizes_second=True, newline="image_newline",
-           several_images="LLaVA-OneVision encodes multi-image prompts another way (one square view each), which "
-                          "hrperc's llava_onevision recipe does not reproduce"),
-    Family("internvl", "internvl", "InternVLForConditionalGeneration", options=(_pixel_shuffle, _processor_tiles),
-           tower_checks=(_no_final_layernorm,), image_brackets=("start_image_token", "end_image_token"),
-           features="one_sequence"),
-)  # fmt: skip
+    Family(
+        "llava",
+        "llava15",
+        "LlavaForConditionalGeneration",
+        options=(_square_pad,),
+        square_pad=True,
+        crop_size_with_center_crop=True,
+    ),
+    Family(
+        "llava_next",
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
+        options=(_pinpoints,),
+        crop_size_with_center_crop=True,
+        image_sizes_second=True,
+        newline="image_newline",
+    ),
+    Family(
+        "llava_onevision",
+        "llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
+        options=(_pinpoints, _anyres_max),
+        image_sizes_second=True,
+        newline="image_newline",
+        several_images=(
+            "LLaVA-OneVision encodes multi-image prompts another way (one square view each), which hrperc's "
+            "llava_onevision recipe does not reproduce"
+        ),
+    ),
+    Family(
+        "internvl",
+        "internvl",
+        "InternVLForConditionalGeneration",
+        options=(_pixel_shuffle, _processor_tiles),
+        tower_checks=(_no_final_layernorm,),
+        image_brackets=("start_image_token", "end_image_token"),
+        features="one_sequence",
+    ),
+)
 _BY_TYPE = {f.model_type: f for f in TABLE}
 #: transformers ``model_type`` -> the hrperc recipe that reproduces its image path.
 FAMILIES = {f.model_type: f.recipe for f in TABLE}

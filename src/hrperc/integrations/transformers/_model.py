@@ -241,8 +241,11 @@ class ModuleState:
     def __init__(self, module: nn.Module) -> None:
         self.grads = [(p, p.requires_grad) for p in module.parameters()]
         self.modes = [(m, m.training) for m in module.modules()]
-        self.ckpt = [(m, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
-                     for m in module.modules() if "gradient_checkpointing" in m.__dict__]  # fmt: skip
+        self.ckpt = [
+            (m, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
+            for m in module.modules()
+            if "gradient_checkpointing" in m.__dict__
+        ]
 
     def restore(self) -> None:
         for p, flag in self.grads:
@@ -284,23 +287,35 @@ def _validate_changes(encoder: HighResEncoder, changes: dict, fn: str) -> dict:
                 raise _refuse_setting(fn, key, value, "must be True or False")
             has = recipes_with(key)
             if encoder.recipe not in has:
-                raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
-                                                      f"pad-to-square setting, only {has} do")  # fmt: skip
+                raise _refuse_setting(
+                    fn,
+                    key,
+                    value,
+                    f"the attached encoder (recipe {encoder.recipe!r}) has no pad-to-square setting, only {has} do",
+                )
         elif key in ("min_tiles", "max_tiles"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise _refuse_setting(fn, key, value, "must be an int >= 1")
             has = recipes_with(key)
             if encoder.recipe not in has:
-                raise _refuse_setting(fn, key, value, f"the attached encoder (recipe {encoder.recipe!r}) has no "
-                                                      f"InternVL tiling, only {has} do")  # fmt: skip
+                raise _refuse_setting(
+                    fn,
+                    key,
+                    value,
+                    f"the attached encoder (recipe {encoder.recipe!r}) has no InternVL tiling, only {has} do",
+                )
         elif key in ("mean", "std"):
             try:
                 value = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
             except (TypeError, ValueError):
                 value = []
             if len(value) != 3 or not all(math.isfinite(v) for v in value) or (key == "std" and min(value) <= 0):
-                raise _refuse_setting(fn, key, changes[key], "must be three finite floats (R, G, B)"
-                                                             + (", all > 0" if key == "std" else ""))  # fmt: skip
+                raise _refuse_setting(
+                    fn,
+                    key,
+                    changes[key],
+                    "must be three finite floats (R, G, B)" + (", all > 0" if key == "std" else ""),
+                )
         elif key == "layer":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise _refuse_setting(fn, key, value, "must be an int (hrperc's encoders read one layer)")
@@ -347,8 +362,9 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> 
     mean, std = changes.get("mean", bb.mean), changes.get("std", bb.std)
     with kept_state(bb.model):
         try:
-            built = create_encoder(encoder.recipe, HFBackbone(bb.model, layer=options["layer"], mean=mean, std=std),
-                                   **options)  # fmt: skip
+            built = create_encoder(
+                encoder.recipe, HFBackbone(bb.model, layer=options["layer"], mean=mean, std=std), **options
+            )
         except (TypeError, ValueError) as e:
             names = ", ".join(f"{OPTION_NAMES.get(k, k)}={v!r}" for k, v in changes.items())
             raise ValueError(f"{fn}: {names} cannot be honoured: {e}") from None

@@ -136,15 +136,24 @@ def read_packed(pixel_values, fn: str = "attached get_image_features") -> list[P
         )
     shape = tuple(pixel_values.shape)
     if pixel_values.ndim != 4 or shape[1] != 3:
-        raise _refuse(fn, f"pixel_values has shape {shape}, not the (B, 3, 1 + H, W) packed images of the "
-                          f"processor attach() returned (the original processor's are normalized tiles)")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values has shape {shape}, not the (B, 3, 1 + H, W) packed images of the "
+            f"processor attach() returned (the original processor's are normalized tiles)",
+        )
     if pixel_values.dtype in (torch.uint8, torch.int8, torch.bool) or pixel_values.is_complex():
-        raise _refuse(fn, f"pixel_values is {pixel_values.dtype}; a cast to {pixel_values.dtype} destroyed the "
-                          f"packed images' header (values -255..255), so their sizes cannot be read")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values is {pixel_values.dtype}; a cast to {pixel_values.dtype} destroyed the "
+            f"packed images' header (values -255..255), so their sizes cannot be read",
+        )
     B, _, rows, cols = shape
     if B == 0 or rows < 2 or cols < HEADER_LENGTH:
-        raise _refuse(fn, f"pixel_values has shape {shape}: too small to hold packed images (a header row of at least "
-                          f"{HEADER_LENGTH} values, then the pixels)")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values has shape {shape}: too small to hold packed images (a header row of at least "
+            f"{HEADER_LENGTH} values, then the pixels)",
+        )
     row0 = pixel_values[:, :, 0, :].detach().to("cpu", torch.float64)  # (B, 3, W): small
     integer = not pixel_values.is_floating_point()
     out = []
@@ -161,8 +170,11 @@ def read_packed(pixel_values, fn: str = "attached get_image_features") -> list[P
                     f"the top or left, or one rescaled, resized or cast to another integer type",
                 )
         if not (torch.equal(head[0], head[1]) and torch.equal(head[0], head[2])):
-            raise _refuse(fn, f"pixel_values[{b}]'s header row differs between its channels: the tensor was changed "
-                              f"per channel after packing")  # fmt: skip
+            raise _refuse(
+                fn,
+                f"pixel_values[{b}]'s header row differs between its channels: the tensor was changed "
+                f"per channel after packing",
+            )
         values = head[0]
         out.append(_read_one(pixel_values, b, values, rows, cols, integer, fn))
     return out
@@ -175,21 +187,33 @@ def _short(values) -> str:
 def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     body = values[len(MAGIC) : _FIXED].tolist()
     if any(v != int(v) or not 0 <= v <= 255 for v in body):
-        raise _refuse(fn, f"pixel_values[{b}]'s header holds {_short(body)} after the magic values; a header holds "
-                          f"bytes 0..255 there (the tensor was changed after packing)")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values[{b}]'s header holds {_short(body)} after the magic values; a header holds "
+            f"bytes 0..255 there (the tensor was changed after packing)",
+        )
     body = [int(v) for v in body]
     version, kind = body[0], body[1]
     if version != _VERSION:
-        raise _refuse(fn, f"pixel_values[{b}] has header version {version}; this hrperc reads version {_VERSION} "
-                          f"(pack the images with this hrperc's processor)")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values[{b}] has header version {version}; this hrperc reads version {_VERSION} "
+            f"(pack the images with this hrperc's processor)",
+        )
     if kind not in (_KIND_UINT8, _KIND_UNIT):
-        raise _refuse(fn, f"pixel_values[{b}]'s header has pixel kind {kind}; 1 (uint8 values) or 2 ([0, 1] floats) "
-                          f"are the packed kinds")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values[{b}]'s header has pixel kind {kind}; 1 (uint8 values) or 2 ([0, 1] floats) "
+            f"are the packed kinds",
+        )
     h, w, n = _number(body[2:5]), _number(body[5:8]), _number(body[8:10])
     end = _FIXED + n
     if end + 1 > cols:
-        raise _refuse(fn, f"pixel_values[{b}]'s header declares {n} bytes of options but the tensor has {cols} "
-                          f"columns: it was cropped on the right")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values[{b}]'s header declares {n} bytes of options but the tensor has {cols} "
+            f"columns: it was cropped on the right",
+        )
     data = values[_FIXED:end].tolist()
     if any(v != int(v) or not 0 <= v <= 255 for v in data):
         raise _refuse(fn, f"pixel_values[{b}]'s header options are not bytes: the tensor was changed after packing")
@@ -198,8 +222,11 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     if h < 1 or w < 1:
         raise _refuse(fn, f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels")
     if 1 + h > rows or w > cols:
-        raise _refuse(fn, f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels but the tensor holds "
-                          f"{rows - 1}x{cols}: it was cropped")  # fmt: skip
+        raise _refuse(
+            fn,
+            f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels but the tensor holds "
+            f"{rows - 1}x{cols}: it was cropped",
+        )
     key = bytes(int(v) for v in data).decode("utf-8", errors="replace")
     try:
         options = json.loads(key) if key else {}
@@ -213,17 +240,26 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
         whole = integer or bool((img == img.round()).all())
         if not whole or lo < 0 or hi > 255:
             why = "" if whole else ", not whole numbers"
-            raise _refuse(fn, f"pixel_values[{b}] holds uint8 pixels but its values run from {lo:g} to {hi:g}{why}: "
-                              f"the tensor was changed after packing")  # fmt: skip
+            raise _refuse(
+                fn,
+                f"pixel_values[{b}] holds uint8 pixels but its values run from {lo:g} to {hi:g}{why}: "
+                f"the tensor was changed after packing",
+            )
         image = img.to(torch.uint8)
     else:
         if integer:
-            raise _refuse(fn, f"pixel_values is {pixel_values.dtype} but image {b} was packed as float [0, 1] pixels: "
-                              f"a cast to an integer type rounded them away")  # fmt: skip
+            raise _refuse(
+                fn,
+                f"pixel_values is {pixel_values.dtype} but image {b} was packed as float [0, 1] pixels: "
+                f"a cast to an integer type rounded them away",
+            )
         lo, hi = float(img.min()), float(img.max())
         if not (0 <= lo and hi <= 1):
-            raise _refuse(fn, f"pixel_values[{b}] holds [0, 1] pixels but its values run from {lo:g} to {hi:g}: the "
-                              f"tensor was changed after packing")  # fmt: skip
+            raise _refuse(
+                fn,
+                f"pixel_values[{b}] holds [0, 1] pixels but its values run from {lo:g} to {hi:g}: the "
+                f"tensor was changed after packing",
+            )
         image = img.float()
     return PackedImage(image, options, key)
 

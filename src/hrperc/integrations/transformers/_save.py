@@ -46,8 +46,18 @@ __all__ = ["save_front_end", "load_front_end", "describe_projector"]
 
 _FRONT_END_FILE, _CONFIG_FILE = "hrperc_front_end.safetensors", "hrperc_front_end.json"
 _FORMAT, _VERSION = "hrperc-front-end", 1
-_DEM_KEYS = ("dim", "heads", "pairing", "shared_attention", "residual_norm", "directions", "reduction",
-             "skip_unread", "fusion", "output_size")  # fmt: skip
+_DEM_KEYS = (
+    "dim",
+    "heads",
+    "pairing",
+    "shared_attention",
+    "residual_norm",
+    "directions",
+    "reduction",
+    "skip_unread",
+    "fusion",
+    "output_size",
+)
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 _MAX_MLP_DEPTH = 16
 _MAX_WIDTH = 65536  # widths in a custom projector; the weight file's shapes bound the memory further
@@ -68,8 +78,13 @@ def _layer_entry(m: Any) -> dict | None:  # Any: the type checks below pick the 
     if kind is nn.Linear:
         return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     if kind is nn.LayerNorm and len(m.normalized_shape) == 1:
-        return {"type": "LayerNorm", "dim": int(m.normalized_shape[0]), "eps": float(m.eps),
-                "affine": bool(m.elementwise_affine), "bias": getattr(m, "bias", None) is not None}  # fmt: skip
+        return {
+            "type": "LayerNorm",
+            "dim": int(m.normalized_shape[0]),
+            "eps": float(m.eps),
+            "affine": bool(m.elementwise_affine),
+            "bias": getattr(m, "bias", None) is not None,
+        }
     if kind is nn.GELU:
         return {"type": "GELU", "approximate": m.approximate}
     if kind in (nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity):
@@ -92,8 +107,14 @@ def describe_projector(projector: nn.Module) -> dict:
         layers = list(projector)
         w_in, w_out = layers[0].in_features, layers[0].out_features
         tail = layers[1:]
-        if all(type(g) is nn.GELU and g.approximate == "none" and _linear(lin) and lin.in_features == w_out
-               and lin.out_features == w_out for g, lin in zip(tail[0::2], tail[1::2])):  # fmt: skip
+        if all(
+            type(g) is nn.GELU
+            and g.approximate == "none"
+            and _linear(lin)
+            and lin.in_features == w_out
+            and lin.out_features == w_out
+            for g, lin in zip(tail[0::2], tail[1::2])
+        ):
             return {"kind": f"mlp{len(layers) // 2 + 1}x_gelu", "in": w_in, "out": w_out}
     if type(projector) is nn.Sequential and len(projector) > 0:
         entries = [_layer_entry(m) for m in projector]
@@ -113,8 +134,9 @@ def _build_layer(entry: dict, device) -> nn.Module:
     if kind == "Linear":
         return nn.Linear(entry["in"], entry["out"], bias=entry["bias"], device=device)
     if kind == "LayerNorm":
-        return nn.LayerNorm(entry["dim"], eps=entry["eps"], elementwise_affine=entry["affine"], bias=entry["bias"],
-                            device=device)  # fmt: skip
+        return nn.LayerNorm(
+            entry["dim"], eps=entry["eps"], elementwise_affine=entry["affine"], bias=entry["bias"], device=device
+        )
     if kind == "GELU":
         return nn.GELU(approximate=entry["approximate"])
     if kind == "Dropout":
@@ -242,12 +264,20 @@ def _check_keys(value, keys, where: str, optional=()) -> None:
 def _check_dem(dem: dict, width: int) -> dict:
     _check_keys(dem, _DEM_KEYS, '"dem"')
     dim, heads = dem["dim"], dem["heads"]
-    _need(_is_int(dim) and dim == width, f'"dem.dim" is {dim!r} but the model\'s vision tower has width {width} '
-                                         f"(the DEM enhances the tower's tokens)")  # fmt: skip
-    _need(_is_int(heads) and 1 <= heads <= dim and dim % heads == 0,
-          f'"dem.heads" is {heads!r}; it must be an int >= 1 dividing dim={dim}')  # fmt: skip
-    for key, choices in (("pairing", PAIRINGS), ("directions", DIRECTIONS), ("fusion", FUSIONS),
-                         ("reduction", REDUCTIONS)):  # fmt: skip
+    _need(
+        _is_int(dim) and dim == width,
+        f"\"dem.dim\" is {dim!r} but the model's vision tower has width {width} (the DEM enhances the tower's tokens)",
+    )
+    _need(
+        _is_int(heads) and 1 <= heads <= dim and dim % heads == 0,
+        f'"dem.heads" is {heads!r}; it must be an int >= 1 dividing dim={dim}',
+    )
+    for key, choices in (
+        ("pairing", PAIRINGS),
+        ("directions", DIRECTIONS),
+        ("fusion", FUSIONS),
+        ("reduction", REDUCTIONS),
+    ):
         _need(isinstance(dem[key], str) and dem[key] in choices, f'"dem.{key}" is {dem[key]!r}, not one of {choices}')
     for key in ("shared_attention", "residual_norm", "skip_unread"):
         _need(isinstance(dem[key], bool), f'"dem.{key}" is {dem[key]!r}, not true / false')
@@ -264,8 +294,10 @@ def _check_dem(dem: dict, width: int) -> dict:
 def _check_projector(proj, out_width: int, legacy: bool) -> dict:
     if legacy and isinstance(proj, dict) and set(proj) == {"width", "out"}:
         proj = {"kind": "mlp2x_gelu", "in": proj["width"], "out": proj["out"]}
-    _need(isinstance(proj, dict) and isinstance(proj.get("kind"), str), f'"projector" is {proj!r}, not an object '
-                                                                        f'with a "kind"')  # fmt: skip
+    _need(
+        isinstance(proj, dict) and isinstance(proj.get("kind"), str),
+        f'"projector" is {proj!r}, not an object with a "kind"',
+    )
     kind = proj["kind"]
     if kind == "identity":
         _check_keys(proj, ("kind",), '"projector"')
@@ -275,14 +307,21 @@ def _check_projector(proj, out_width: int, legacy: bool) -> dict:
     else:
         _check_keys(proj, ("kind", "in", "out"), '"projector"')
         match = _MLP.match(kind)
-        _need(kind == "linear" or (match is not None and 1 <= int(match.group(1)) <= _MAX_MLP_DEPTH),
-              f'"projector.kind" is {kind!r}; one of "linear", "identity", "mlp{{n}}x_gelu" (n in 1..{_MAX_MLP_DEPTH}) '
-              f'or "sequential"')  # fmt: skip
+        _need(
+            kind == "linear" or (match is not None and 1 <= int(match.group(1)) <= _MAX_MLP_DEPTH),
+            f'"projector.kind" is {kind!r}; one of "linear", "identity", "mlp{{n}}x_gelu" (n in 1..{_MAX_MLP_DEPTH}) '
+            f'or "sequential"',
+        )
     for key in ("in", "out"):
-        _need(_is_int(proj[key]) and 1 <= proj[key] <= _MAX_WIDTH, f'"projector.{key}" is {proj[key]!r}; it must be '
-                                                                     f"an int in 1..{_MAX_WIDTH}")  # fmt: skip
-    _need(proj["out"] == out_width, f'"projector.out" is {proj["out"]} but the LLM\'s hidden size is {out_width}; the '
-                                    f"projector's tokens go into the LLM")  # fmt: skip
+        _need(
+            _is_int(proj[key]) and 1 <= proj[key] <= _MAX_WIDTH,
+            f'"projector.{key}" is {proj[key]!r}; it must be an int in 1..{_MAX_WIDTH}',
+        )
+    _need(
+        proj["out"] == out_width,
+        f'"projector.out" is {proj["out"]} but the LLM\'s hidden size is {out_width}; the '
+        f"projector's tokens go into the LLM",
+    )
     if kind == "sequential":
         _check_layers(proj["layers"], proj["in"], proj["out"])
     return proj
@@ -346,9 +385,11 @@ def _validate(config, model, inner, family: str) -> dict:
     else:
         _check_keys(config, ("format", "version", *keys), "the JSON")
         _need(config["format"] == _FORMAT, f'"format" is {config["format"]!r}, not {_FORMAT!r}')
-        _need(_is_int(config["version"]) and config["version"] == _VERSION,
-              f'"version" is {config["version"]!r}; this hrperc reads version {_VERSION}')  # fmt: skip
-    _need(config["family"] == family, f'the front end was saved from a {config["family"]!r} model, not {family!r}')
+        _need(
+            _is_int(config["version"]) and config["version"] == _VERSION,
+            f'"version" is {config["version"]!r}; this hrperc reads version {_VERSION}',
+        )
+    _need(config["family"] == family, f"the front end was saved from a {config['family']!r} model, not {family!r}")
     recipe = config["recipe"]
     _need(isinstance(recipe, str) and recipe in list_recipes(), f'"recipe" is {recipe!r}, not one of {list_recipes()}')
     options = _check_options(config["options"])
@@ -368,17 +409,30 @@ def _validate(config, model, inner, family: str) -> dict:
     dem = config["dem"]
     uses_dem = recipe == "inf_llava" or options.get("dcm") is True
     if dem is None:
-        _need(not uses_dem, f'"dem" is null but recipe {recipe!r} with "options" {config["options"]} runs a DEM, '
-                            f"whose weights would then be random")  # fmt: skip
+        _need(
+            not uses_dem,
+            f'"dem" is null but recipe {recipe!r} with "options" {config["options"]} runs a DEM, '
+            f"whose weights would then be random",
+        )
         dem_kw = None
     else:
-        _need(uses_dem, f'"dem" is set but recipe {recipe!r} with "options" {config["options"]} runs no DEM (a DEM '
-                        f'runs in recipe "inf_llava" and with "dcm": true)')  # fmt: skip
+        _need(
+            uses_dem,
+            f'"dem" is set but recipe {recipe!r} with "options" {config["options"]} runs no DEM (a DEM '
+            f'runs in recipe "inf_llava" and with "dcm": true)',
+        )
         dem_kw = _check_dem(dem, tower.hidden_size)
     proj = config["projector"]
     proj = None if proj is None else _check_projector(proj, text_width(model), legacy)
-    return {"recipe": recipe, "options": options, "layer": layer, "mean": bb["mean"], "std": bb["std"],
-            "dem": None if dem is None else (dem["dim"], dem["heads"], dem_kw), "projector": proj}  # fmt: skip
+    return {
+        "recipe": recipe,
+        "options": options,
+        "layer": layer,
+        "mean": bb["mean"],
+        "std": bb["std"],
+        "dem": None if dem is None else (dem["dim"], dem["heads"], dem_kw),
+        "projector": proj,
+    }
 
 
 def _weight_shapes(path: Path) -> dict:
@@ -449,14 +503,19 @@ def load_front_end(model, processor, directory):
     expected = {k: tuple(v.shape) for k, v in _FrontEndState(meta_dem, meta_projector).state_dict().items()}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
-        raise bad(weights_path, f"its tensors do not match {_CONFIG_FILE}: missing {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
-                                f"{' ...' if len(extra) > 5 else ''}")  # fmt: skip
+        raise bad(
+            weights_path,
+            f"its tensors do not match {_CONFIG_FILE}: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}",
+        )
     shapes = [(k, found[k][0], expected[k]) for k in expected if found[k][0] != expected[k]]
     if shapes:
         k, got, want = shapes[0]
-        raise bad(weights_path, f"{k} has shape {list(got)} but {_CONFIG_FILE} describes {list(want)} "
-                                f"({len(shapes)} mismatched)")  # fmt: skip
+        raise bad(
+            weights_path,
+            f"{k} has shape {list(got)} but {_CONFIG_FILE} describes {list(want)} ({len(shapes)} mismatched)",
+        )
     not_float = [k for k, (_, dtype) in found.items() if dtype not in ("F16", "BF16", "F32", "F64")]
     if not_float:
         raise bad(weights_path, f"{not_float[:5]} are not floating-point tensors")
@@ -482,14 +541,18 @@ def _build_and_attach(model, processor, inner, plan, weights_path, config_path, 
     except (TypeError, ValueError) as e:
         raise bad(config_path, f'recipe {plan["recipe"]!r} refuses "options" {plan["options"]}: {e}') from None
     if encoder.dem is not dem:
-        raise bad(config_path, f'recipe {plan["recipe"]!r} with these options does not run the saved DEM')
+        raise bad(config_path, f"recipe {plan['recipe']!r} with these options does not run the saved DEM")
     width, expected = encoder.token_width, projector_widths(inner.multi_modal_projector)[0]
     if projector is None and expected is not None and expected != width:
-        raise bad(config_path, f'"projector" is null but the encoder\'s tokens have width {width} and the model\'s '
-                               f"projector takes {expected}")  # fmt: skip
+        raise bad(
+            config_path,
+            f"\"projector\" is null but the encoder's tokens have width {width} and the model's "
+            f"projector takes {expected}",
+        )
     if projector is not None and plan["projector"].get("in", width) != width:
-        raise bad(config_path, f'"projector.in" is {plan["projector"]["in"]} but the encoder\'s tokens have width '
-                               f"{width}")  # fmt: skip
+        raise bad(
+            config_path, f'"projector.in" is {plan["projector"]["in"]} but the encoder\'s tokens have width {width}'
+        )
     weights = load_file(str(weights_path))
     bad_values = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if bad_values:
