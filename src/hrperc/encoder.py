@@ -195,7 +195,8 @@ class HighResEncoder(nn.Module):
         #: The recipe that built this encoder and its options (set by :func:`hrperc.create_encoder`).
         self.recipe: str | None = None
         self.recipe_options: dict = {}
-        self.max_batch, self.check_range, self.train_backbone = max_batch, check_range, train_backbone
+        self.max_batch: int | str = max_batch
+        self.check_range, self.train_backbone = check_range, train_backbone
         self._encode_all = encode_all
         bb.requires_grad_(train_backbone)
         bb.set_grad_checkpointing(grad_checkpointing)
@@ -279,7 +280,7 @@ class HighResEncoder(nn.Module):
     # --- the ViT -----------------------------------------------------------------------------------------
     def _chunk(self, size) -> int:
         """Views of ``size = (h, w)`` per backbone call: ``max_batch``, or its ``"auto"`` value."""
-        if self.max_batch != "auto":
+        if isinstance(self.max_batch, int):
             return self.max_batch
         bb = self.backbone
         tokens = (size[0] // bb.patch_size[0]) * (size[1] // bb.patch_size[1])
@@ -315,7 +316,7 @@ class HighResEncoder(nn.Module):
         """Every view of the batch through the backbone: one stack per view shape (parts in order, then the
         groups), chunked. ``groups``: per image group, parts ``(b, V, C, h, w)``; returns the same structure
         of ``(b, V, t, D)`` features and the number of views encoded."""
-        by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         for p in range(max(len(parts) for parts in groups)):
             for g, parts in enumerate(groups):
                 if p < len(parts):
@@ -465,7 +466,7 @@ class _Clock:
     """Stage timings for ``forward(timings=True)``; synchronizes CUDA so the numbers mean something."""
 
     def __init__(self, enabled: bool, device) -> None:
-        self.enabled, self.device, self.times = enabled, torch.device(device), {}
+        self.enabled, self.device, self.times = enabled, torch.device(device), dict[str, float]()
         self._last = self._now() if enabled else 0.0
 
     def _now(self) -> float:

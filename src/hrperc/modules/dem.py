@@ -50,7 +50,7 @@ from ..attention.dispatch import forced_backend, resolve_backend
 from ..attention.module import WindowCrossAttention
 from ..ops.crop import merge
 from ..ops.dem_plan import Plan, plan_for, plan_indices, required_subimages
-from ..ops.geometry import check_window_stacks
+from ..ops.geometry import WindowKind, check_window_stacks
 from ..ops.reduce import REDUCTIONS, ReductionMode, apply_reduction_plan, reduce_tokens
 from .fusion import FUSIONS, Fusion, FusionMode
 
@@ -62,7 +62,10 @@ Pairing = Literal["released", "paper"]
 Directions = Literal["both", "global", "local", "none"]
 
 # Which window kind each direction attends in: (global-as-query, local-as-query).
-_WINDOWS = {"released": ("contiguous", "strided"), "paper": ("strided", "contiguous")}
+_WINDOWS: dict[str, tuple[WindowKind, WindowKind]] = {
+    "released": ("contiguous", "strided"),
+    "paper": ("strided", "contiguous"),
+}
 
 
 def default_heads(dim: int) -> int:
@@ -168,7 +171,7 @@ class DualPerspectiveEnhancement(nn.Module):
     # -- configuration helpers ------------------------------------------------------------------
 
     @property
-    def windows(self) -> tuple[str, str]:
+    def windows(self) -> tuple[WindowKind, WindowKind]:
         """Window kinds of (global-as-query, local-as-query) under the configured pairing."""
         return _WINDOWS[self.pairing]
 
@@ -342,10 +345,11 @@ class DualPerspectiveEnhancement(nn.Module):
         w_g, w_l = self.windows
         kw = dict(out_order="map", tile_size=tile, backend=backend)
         maps = {}
-        for query, window, q_stack, kv_stack, q_order, kv_order in (
+        runs: tuple[tuple[str, WindowKind, torch.Tensor, torch.Tensor, WindowKind, WindowKind], ...] = (
             ("global", w_g, glo, loc, "strided", "contiguous"),
             ("local", w_l, loc, glo, "contiguous", "strided"),
-        ):
+        )
+        for query, window, q_stack, kv_stack, q_order, kv_order in runs:
             if self.directions in ("both", query):
                 attn = self._attn(query)
                 call = attn if project else attn.attend

@@ -41,6 +41,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,11 +83,13 @@ class SubimageFeatures:
     skipped: int
 
 
-class DualFrontEnd(FrontEnd):
+class DualFrontEnd(FrontEnd[DualPlan]):
     """INF-LLaVA's front end (see the module docs): ``crop`` (a :class:`~hrperc.DualPerspectiveCrop`),
     ``combine`` (``"mean"``, ``"concat"`` or ``"none"``; with ``"none"`` the thumbnail is not encoded),
     ``encode_all`` (encode the sub-images the DEM never reads too). The DEM is ``self.dem`` (``None``: no
     enhancement, the sub-image maps are returned), set by :class:`~hrperc.HighResEncoder`."""
+
+    tile_size: tuple[int, int]  # always set: the backbone's tile
 
     def __init__(self, crop: DualPerspectiveCrop, patch_size, *, combine: str = "mean", encode_all: bool = False,
                  fn: str = "DualFrontEnd") -> None:  # fmt: skip
@@ -138,7 +141,7 @@ class DualFrontEnd(FrontEnd):
             self._check_mean(self.crop.grid, dem)
 
     def _check_mean(self, grid, dem=None) -> None:
-        dem = self.dem if dem is None else dem
+        dem = self.held_dem() if dem is None else dem
         (ht, wt), got = self.tile_tokens, int(dem.num_tokens(grid, self.tile_tokens))
         if self.combine == "mean" and got != ht * wt:
             raise ValueError(
@@ -153,7 +156,8 @@ class DualFrontEnd(FrontEnd):
         everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all", "required_subimages")
         if self.dem is None or everything:
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-        local, glob = self.dem.required_subimages(tuple(grid), self.tile_tokens)
+        dem: Any = self.held_dem()  # a DEM module, or your own with num_tokens / required_subimages
+        local, glob = dem.required_subimages(tuple(grid), self.tile_tokens)
         return torch.as_tensor(local, dtype=torch.bool).cpu(), torch.as_tensor(glob, dtype=torch.bool).cpu()
 
     # --- the contract ----------------------------------------------------------------------------------
@@ -161,9 +165,10 @@ class DualFrontEnd(FrontEnd):
         (ht, wt), (gh, gw) = self.tile_tokens, grid
         per, segs = ht * wt, []
         with_thumb = self.combine == "concat" and self.thumbnail
-        if self.dem is not None:
+        dem: Any = self.dem
+        if dem is not None:
             self._check_mean(grid)
-            t = int(self.dem.num_tokens(grid, self.tile_tokens))
+            t = int(dem.num_tokens(grid, self.tile_tokens))
             shape = (ht, wt) if t == per else (gh * ht, gw * wt) if t == gh * gw * per else None
             if self.combine == "mean":
                 segs.append(("mean(thumbnail, dem)", t, shape))
@@ -221,6 +226,9 @@ class DualFrontEnd(FrontEnd):
     def combine_tokens(self, hi: torch.Tensor, thumb: torch.Tensor | None) -> torch.Tensor:
         """``hi`` ``(b, T_hi, D)`` and ``thumb`` ``(b, ht*wt, D)`` -> ``(b, T, D)`` by ``combine``."""
         if self.combine == "mean":
+            if thumb is None:
+                raise ValueError("DualFrontEnd.combine_tokens: combine='mean' averages with the thumbnail's tokens, "
+                                 "but thumb=None. Pass the thumbnail's tokens (subimage_features' thumbnail).")
             return (hi + thumb.to(hi.dtype)) / 2
         if self.combine == "concat" and thumb is not None:
             return torch.cat([thumb.to(hi.dtype), hi], dim=1)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -159,10 +160,13 @@ def check_dem_width(dem, width: int, fn: str) -> None:
         )
 
 
-class FrontEnd(nn.Module):
-    """Base class of the front ends (see the module docs). Subclasses set ``tile_size`` ``(th, tw)`` (the
-    size of their tiles, or ``None`` when the views have no fixed size) and ``patch_size``, and implement
-    :meth:`plan`, :meth:`views` and :meth:`assemble`.
+PlanT = TypeVar("PlanT", bound=ViewPlan)
+
+
+class FrontEnd(nn.Module, Generic[PlanT]):
+    """Base class of the front ends (see the module docs), generic in its plan type (``FrontEnd[DualPlan]``).
+    Subclasses set ``tile_size`` ``(th, tw)`` (the size of their tiles, or ``None`` when the views have no
+    fixed size) and ``patch_size``, and implement :meth:`plan`, :meth:`views` and :meth:`assemble`.
 
     ``uses_dem``: whether :meth:`assemble` runs a DEM (a DCM+DEM upgrade, ``dcm=True``: the views then
     include the strided views of the tile grid, and the DEM is ``self.dem``). ``needs_pixels``: whether
@@ -176,6 +180,10 @@ class FrontEnd(nn.Module):
 
     uses_dem: bool = False
     needs_pixels: bool = False
+    #: ``(th, tw)``; ``None`` for a front end whose views have no fixed size (then no :attr:`tile_tokens`).
+    tile_size: tuple[int, int] | None
+    patch_size: tuple[int, int]
+    dem: nn.Module | None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,18 +194,20 @@ class FrontEnd(nn.Module):
             def checked_plan(self, image_size, *args, **kw):
                 return plan(self, as_image_size(image_size, f"{type(self).__name__}.plan"), *args, **kw)
 
-            checked_plan._checks_image_size = True
-            cls.plan = checked_plan
+            checked_plan._checks_image_size = True  # type: ignore[attr-defined]
+            cls.plan = checked_plan  # type: ignore[method-assign]
 
     def __init__(self, tile_size, patch_size) -> None:
         super().__init__()
-        self.tile_size = None if tile_size is None else tuple(tile_size)
-        self.patch_size = tuple(patch_size)
-        self.dem: nn.Module | None = None
+        self.tile_size = None if tile_size is None else (int(tile_size[0]), int(tile_size[1]))
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        self.dem = None
 
     @property
     def tile_tokens(self) -> tuple[int, int]:
         """``(ht, wt)``: backbone tokens per tile side (whole patches)."""
+        if self.tile_size is None:
+            raise ValueError(f"{type(self).__name__}: tile_tokens of a front end without a tile size (tile_size=None).")
         return self.tile_size[0] // self.patch_size[0], self.tile_size[1] // self.patch_size[1]
 
     def token_width(self, width: int) -> int:
@@ -282,13 +292,21 @@ class FrontEnd(nn.Module):
                         f"{getattr(dem, 'output_size', None)!r}). {fix}."
                     )
 
+    def held_dem(self) -> nn.Module:
+        """``self.dem``, which a front end that runs a DEM always holds (:meth:`check_dem` saw to it)."""
+        if self.dem is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: runs a DEM but holds none. Build the encoder with HighResEncoder(dem=...)."
+            )
+        return self.dem
+
     def in_dem_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the dtype of the DEM's parameters (a DEM without parameters computes in ``x``'s)."""
-        p = next(self.dem.parameters(), None)
+        p = None if self.dem is None else next(self.dem.parameters(), None)
         return x if p is None else x.to(p.dtype)
 
     # --- the contract ------------------------------------------------------------------------------------
-    def plan(self, image_size) -> ViewPlan:
+    def plan(self, image_size) -> PlanT:
         """The :class:`ViewPlan` of one ``(H, W)`` image (in a subclass: ``image_size`` is already checked)."""
         raise NotImplementedError
 
@@ -296,7 +314,7 @@ class FrontEnd(nn.Module):
         """Tokens :meth:`assemble` returns for one ``(H, W)`` image (slots included)."""
         return self.plan(image_size).num_tokens
 
-    def views(self, pixels: torch.Tensor, plan: ViewPlan):
+    def views(self, pixels: torch.Tensor, plan: PlanT):
         """``(b, C, H, W)`` images of ``plan.image_size`` (uint8 or float ``[0, 1]``) -> ``(b, V, C, h, w)``
         views (or a tuple of such parts), in the order :meth:`assemble` reads them: uint8 views may stay
         uint8 (the runner converts them one backbone chunk at a time), others are float ``[0, 1]``. Any
@@ -304,12 +322,12 @@ class FrontEnd(nn.Module):
         it resizes its position embeddings)."""
         raise NotImplementedError
 
-    def assemble(self, feats, plan: ViewPlan, *, project=None) -> torch.Tensor:
+    def assemble(self, feats, plan: PlanT, *, project=None) -> torch.Tensor:
         """``(b, V, t, D)`` features (or a tuple, one per part of :meth:`views`) of ``b`` images sharing
         ``plan.batch_key`` -> ``(b, T, D')`` tokens."""
         raise NotImplementedError
 
-    def extras(self, feats, plan: ViewPlan) -> dict[str, torch.Tensor]:
+    def extras(self, feats, plan: PlanT) -> dict[str, torch.Tensor]:
         """Side outputs of ``b`` images, ``name -> (b, ...)`` (e.g. ``"thumbnail_tokens"``); none by default."""
         return {}
 

@@ -57,7 +57,7 @@ class CropGeometry:
         """Canvas pixels per input pixel, ``(sy, sx)``."""
         return self.valid_box[2] / self.input_size[0], self.valid_box[3] / self.input_size[1]
 
-    def valid_mask(self, patch: int = 1) -> torch.Tensor:
+    def valid_mask(self, patch: int | tuple[int, int] = 1) -> torch.Tensor:
         """``(gh*(h//ph), gw*(w//pw))`` bool map of the tokens that overlap image content.
 
         Each tile is cut into ``h//ph x w//pw`` patches of ``patch = (ph, pw)`` pixels from its top-left

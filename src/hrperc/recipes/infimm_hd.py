@@ -43,6 +43,8 @@ __all__ = ["build_infimm_hd", "DynamicTilesFrontEnd"]
 class DynamicTilesFrontEnd(FrontEnd):
     """Aspect-kept tiles of the ViT's size plus a global view (see :mod:`hrperc.recipes.infimm_hd`)."""
 
+    tile_size: tuple[int, int]  # always set: the backbone's tile
+
     def __init__(self, tile_size, patch_size, *, max_side: int = 3) -> None:
         super().__init__(tile_size, patch_size)
         # the most tiles along the long side (InfiMM-HD: 3, i.e. 1344 px of 448 px tiles)

@@ -69,8 +69,10 @@ class TilingPlan(ViewPlan):
     thumbnail: bool
 
 
-class TilingFrontEnd(FrontEnd):
+class TilingFrontEnd(FrontEnd[TilingPlan]):
     """InternVL's tiles + thumbnail + pixel shuffle (see :mod:`hrperc.recipes.internvl`)."""
+
+    tile_size: tuple[int, int]  # always set: the backbone's tile
 
     def __init__(self, tile_size, patch_size, *, max_tiles: int = 12, min_tiles: int = 1, thumbnail: bool = True,
                  downsample: int = 2, dcm: bool = False) -> None:  # fmt: skip
@@ -124,7 +126,7 @@ class TilingFrontEnd(FrontEnd):
         own = feats[:, : n + thumb]
         if self.uses_dem:
             tiles, strided = feats[:, :n].flatten(0, 1), feats[:, n + thumb :].flatten(0, 1)
-            fmap = self.dem(tiles, strided, grid, tile_size=(ht, wt))  # (b, gh*ht*gw*wt, D) row-major map
+            fmap = self.held_dem()(tiles, strided, grid, tile_size=(ht, wt))  # (b, gh*ht*gw*wt, D) row-major map
             enhanced = local_crop(fmap, grid, layout="nlc", size=(grid[0] * ht, grid[1] * wt)).unflatten(0, (b, n))
             own = torch.cat([enhanced, own[:, n:]], 1)
         views = own.shape[1]

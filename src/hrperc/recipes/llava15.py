@@ -40,6 +40,8 @@ class SquareFrontEnd(FrontEnd):
     ``colour``: the padding in ``[0, 255]`` (LLaVA: ``int(255 * mean)`` of the backbone's mean).
     """
 
+    tile_size: tuple[int, int]  # always set: the backbone's tile
+
     def __init__(self, tile_size, patch_size, *, pad: bool = True, colour=(0, 0, 0)) -> None:
         super().__init__(tile_size, patch_size)
         self.pad, self.colour = as_bool(pad, "pad", "create_encoder('llava15')"), tuple(int(c) for c in colour)
@@ -79,7 +81,7 @@ class SquareFrontEnd(FrontEnd):
         return f"{super().extra_repr()}, pad={self.pad}, colour={self.colour}"
 
 
-def mean_colour(backbone) -> tuple[int, int, int]:
+def mean_colour(backbone) -> tuple[int, ...]:
     """LLaVA's padding colour: ``int(255 * mean)`` per channel of the backbone's normalization mean."""
     return tuple(int(m * 255) for m in backbone.mean)
 

@@ -66,13 +66,15 @@ class AnyresViewPlan(ViewPlan):
     anyres: anyres.AnyresPlan
 
 
-class AnyresFrontEnd(FrontEnd):
+class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
     """LLaVA-NeXT's anyres views and packing (OneVision's with ``max_tiles``); see :mod:`hrperc.recipes.llava_next`.
 
     ``max_tiles``: OneVision's ``anyres_max_N`` bilinear shrink of the unpadded map (after ``project``, as
     the model does); ``None`` for LLaVA-NeXT. ``dcm=True``: the strided views of the canvas too, and the
     front end's DEM (``self.dem``, ``reduction="none"``) enhances the tiles' map with them.
     """
+
+    tile_size: tuple[int, int]  # always set: the backbone's tile
 
     def __init__(self, tile_size, patch_size, pinpoints, *, tie_break: str = "transformers", newline: bool = True,
                  max_tiles: int | None = None, dcm: bool = False, name: str = "llava_next") -> None:  # fmt: skip
@@ -125,7 +127,7 @@ class AnyresFrontEnd(FrontEnd):
         base, tiles = feats[:, 0], feats[:, 1 : 1 + n].flatten(0, 1)
         if self.uses_dem:
             strided = feats[:, 1 + n :].flatten(0, 1)
-            fmap = self.dem(tiles, strided, grid, tile_size=(ht, wt)).view(b, grid[0] * ht, grid[1] * wt, D)
+            fmap = self.held_dem()(tiles, strided, grid, tile_size=(ht, wt)).view(b, grid[0] * ht, grid[1] * wt, D)
         else:
             fmap = local_merge(tiles.view(b * n, ht, wt, D), grid, layout="nhwc")
         if project is not None:

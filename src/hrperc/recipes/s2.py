@@ -45,6 +45,8 @@ __all__ = ["build_s2", "MultiScaleFrontEnd"]
 class MultiScaleFrontEnd(FrontEnd):
     """S2's multi-scale views and channel concatenation (see :mod:`hrperc.recipes.s2`)."""
 
+    tile_size: tuple[int, int]  # always set: the backbone's tile
+
     def __init__(self, tile_size, patch_size, *, scales=(1, 2), pad: bool = True, colour=(0, 0, 0)) -> None:
         super().__init__(tile_size, patch_size)
         fn = "create_encoder('s2')"
