@@ -1,8 +1,10 @@
 """hrperc: high-resolution perception modules for multimodal LLMs (INF-LLaVA and friends).
 
-The pipeline, stage by stage (``docs/architecture.md`` maps each stage to its file)::
+The pipeline, stage by stage (``docs/architecture.md`` maps each stage to its file): one runner,
+:class:`HighResEncoder`, and a front end that plans, cuts and assembles (INF-LLaVA's, a recipe's, yours)::
 
-    image --crop--> sub-images --backbone--> tokens --recombine + enhance (DEM)--> reduce --> tokens to the LLM
+    image --plan + views (crop)--> sub-images --backbone, one batched pass--> tokens
+          --assemble (recombine + enhance (DEM) + reduce + combine)--> tokens to the LLM
 
 The top level holds one obvious way for each job; everything else lives in the subpackages
 (:mod:`hrperc.ops` pure tensor operations, :mod:`hrperc.modules` layers, :mod:`hrperc.attention`
