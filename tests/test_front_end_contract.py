@@ -306,6 +306,8 @@ def encoders():
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_plan_is_a_frozen_dataclass_with_named_fields(encoders, name):
     enc = encoders[name]
+    if name != "inf_llava":  # INF-LLaVA's settings read None / False off another front end (InternVL has a thumbnail)
+        assert (enc.combine, enc.thumbnail, enc.encodes_thumbnail, enc.encode_all) == (None, False, False, False)
     for size in [(70, 90), (30, 300), (500, 41)]:
         plan = enc.plan(size)
         assert isinstance(plan, ViewPlan) and dataclasses.is_dataclass(plan)

@@ -213,13 +213,16 @@ class HighResEncoder(nn.Module):
 
     dem = property(lambda self: self.front_end.dem, doc="The front end's DEM (``None`` without one).")
     frontend = property(lambda self: self.front_end, doc="The front end (:attr:`front_end`, its older name).")
-    # INF-LLaVA's settings, read off its front end (None / False for another front end).
-    combine = property(lambda self: getattr(self.front_end, "combine", None), doc="``combine`` of INF-LLaVA.")
-    thumbnail = property(lambda self: getattr(self.front_end, "thumbnail", False), doc="The crop makes a thumbnail.")
-    encodes_thumbnail = property(lambda self: getattr(self.front_end, "encodes_thumbnail", False),
+    # INF-LLaVA's settings, read off its DualFrontEnd (None / False for another front end).
+    combine = property(lambda self: self._dual("combine", None), doc="INF-LLaVA's ``combine``.")
+    thumbnail = property(lambda self: self._dual("thumbnail", False), doc="Whether the crop makes a thumbnail.")
+    encodes_thumbnail = property(lambda self: self._dual("encodes_thumbnail", False),
                                  doc="Whether :meth:`forward` runs a thumbnail through the ViT.")  # fmt: skip
-    encode_all = property(lambda self: getattr(self.front_end, "encode_all", self._encode_all),
+    encode_all = property(lambda self: self._dual("encode_all", self._encode_all),
                           doc="Whether sub-images the DEM never reads are encoded too.")  # fmt: skip
+
+    def _dual(self, name: str, default):
+        return getattr(self.front_end, name) if isinstance(self.front_end, DualFrontEnd) else default
 
     @property
     def crop(self):
