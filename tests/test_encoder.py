@@ -11,6 +11,7 @@ from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import DualPerspectiveCrop, DualPerspectiveEnhancement, HighResEncoder, wrap_backbone
+from hrperc.recipes._common import options_of
 
 
 def _vit(img=28, patch=7, dim=32, depth=2, seed=0):
@@ -20,7 +21,7 @@ def _vit(img=28, patch=7, dim=32, depth=2, seed=0):
     return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0)
 
 
-_CROP_OPTIONS = ("grid", "max_tiles", "min_tiles", "fit", "mode", "antialias", "fill", "thumbnail", "auto_rule")
+_CROP_OPTIONS = options_of(DualPerspectiveCrop)  # grid, max_tiles, ..., auto_rule: its signature
 
 
 def _encoder(backbone, **options) -> HighResEncoder:

@@ -278,7 +278,10 @@ def test_dem_none_means_no_dem_everywhere():
                   lambda: HighResEncoder(vit, DualPerspectiveCrop(tile_size=28), dem=None)):  # fmt: skip
         with raises_naming(ValueError, "combine='mean'", "dem=None", "dem='default'"):
             build()
-    assert hrperc.create_encoder("llava_next", _vit(img=56), dem=None).dem is None
+    for name in ("llava15", "llava_next", "s2"):  # dem=None is taken by every recipe (a rebuild passes encoder.dem)
+        assert hrperc.create_encoder(name, _vit(img=56), dem=None).dem is None
+    with raises_naming(ValueError, "does not use one", "dem=None"):
+        hrperc.create_encoder("llava15", _vit(img=56), dem=DualPerspectiveEnhancement(32, 4, reduction="none"))
     with raises_naming(ValueError, "dcm=True", "dem=None"):
         hrperc.create_encoder("llava_next", _vit(img=56), dcm=True, dem=None)
 

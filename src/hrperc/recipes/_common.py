@@ -7,10 +7,10 @@ import inspect
 from ..backbones import VisionBackbone, create_backbone, wrap_backbone
 from ..encoder import HighResEncoder
 
-#: The :class:`~hrperc.HighResEncoder` options a recipe passes through.
-ENCODER_OPTIONS = ("layer", "max_batch", "train_backbone", "grad_checkpointing", "check_range")
-#: ... and those of a recipe with a DCM+DEM upgrade (``dcm=True``): the DEM too.
-DCM_ENCODER_OPTIONS = (*ENCODER_OPTIONS, "dem")
+#: The :class:`~hrperc.HighResEncoder` options a recipe passes through. ``dem``: a recipe's DCM+DEM upgrade
+#: (``dcm=True``) takes a DEM; ``None`` (no DEM) and ``"default"`` are taken by every recipe, so that an
+#: encoder can be rebuilt from ``recipe_options`` plus ``dem=encoder.dem``.
+ENCODER_OPTIONS = ("layer", "max_batch", "train_backbone", "grad_checkpointing", "check_range", "dem")
 
 
 def as_backbone(backbone, layer: int) -> VisionBackbone:
@@ -43,6 +43,6 @@ def split_options(recipe: str, options: dict, own: tuple[str, ...],
 
 
 def build(front_end, backbone: VisionBackbone, encoder_options: dict) -> HighResEncoder:
-    """The encoder of a recipe: ``front_end`` around ``backbone`` (``encoder_options`` hold its ``layer`` and,
-    for a DCM+DEM upgrade, ``dem``; without ``dem`` the runner's ``"default"`` applies)."""
+    """The encoder of a recipe: ``front_end`` around ``backbone`` (``encoder_options`` hold its ``layer``, and
+    ``dem`` when given; without it the runner's ``"default"`` applies)."""
     return HighResEncoder(backbone, front_end, **encoder_options)

@@ -47,7 +47,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge, stride_crop
 from . import register_recipe
-from ._common import DCM_ENCODER_OPTIONS, as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, options_of, split_options
 
 __all__ = ["build_llava_next", "AnyresFrontEnd", "AnyresViewPlan", "scaled_pinpoints"]
 
@@ -151,8 +151,7 @@ def build_anyres(recipe: str, backbone, options: dict, *, layer: int, pinpoints,
                  leave_out: tuple[str, ...] = (), **fixed):  # fmt: skip
     """An anyres recipe: ``options`` split by :class:`AnyresFrontEnd`'s signature (less ``leave_out``), its
     default ``pinpoints`` given for ``reference_tile`` px tiles, ``fixed`` front-end arguments on top."""
-    own, enc = split_options(recipe, options, options_of(AnyresFrontEnd, leave_out=("name", *leave_out)),
-                             DCM_ENCODER_OPTIONS)  # fmt: skip
+    own, enc = split_options(recipe, options, options_of(AnyresFrontEnd, leave_out=("name", *leave_out)))
     enc.setdefault("layer", layer)
     bb = as_backbone(backbone, enc["layer"])
     if own.get("pinpoints") is None:  # an empty list is refused by the front end, never read as "the defaults"
