@@ -169,6 +169,27 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+def test_an_inf_llava_front_end_without_a_dem_never_gets_a_random_one(tmp_path):
+    # dem=None (combine="concat") is a front end of its own: another feature layer at forward time and a
+    # save/restore must keep it DEM-free, not add a fresh random DEM.
+    model, proc, texts = build("llava")
+    encoder = hrperc.create_encoder("inf_llava", model.model.vision_tower, dem=None, combine="concat")
+    model, aproc = attach(model, proc, encoder, projector=torch.nn.Linear(encoder.token_width, 32))
+    inputs = aproc(images=_images([(300, 500)]), text=texts[:1], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        again = model(**inputs, vision_feature_layer=-2).logits
+    assert model.hrperc_front_end.dem is None
+    torch.testing.assert_close(again, ref, atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    save_front_end(model, tmp_path)
+    restored, rproc = load_front_end(tf.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval(), proc, tmp_path)
+    with torch.no_grad():
+        out = restored(**rproc(images=_images([(300, 500)]), text=texts[:1], return_tensors="pt")).logits
+    assert restored.hrperc_front_end.dem is None
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
 def test_refusals_name_the_problem():
     model, proc, _ = build("llava")
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):

@@ -24,3 +24,15 @@ def test_pyproject_reads_the_version_from_the_module():
     assert "version" not in project["project"]  # no second copy
     assert "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hrperc._version.__version__"}
+
+
+def test_the_version_is_written_once():
+    import re
+
+    package = ROOT / "src" / "hrperc"
+    writers = [
+        p.relative_to(package).as_posix()
+        for p in sorted(package.rglob("*.py"))
+        if re.search(r"^__version__\s*=", p.read_text(), re.MULTILINE)
+    ]
+    assert writers == ["_version.py"]

@@ -19,14 +19,13 @@ Example::
 """
 
 from . import attention, backbones, modules, ops, pretrained, recipes  # noqa: F401 - the subpackages, bound
+from ._version import __version__ as __version__
 from .attention import WindowCrossAttention, attention_backend, window_attention
 from .backbones import create_backbone, wrap_backbone
 from .encoder import HighResEncoder
 from .modules import DualPerspectiveCrop, DualPerspectiveEnhancement, LocalCrop, Recombine, StrideGlobalCrop
 from .ops import local_crop, local_merge, permute_windows, stride_crop, stride_merge
 from .recipes import create_encoder, list_recipes
-
-__version__ = "0.1.0"
 
 __all__ = [
     # crop / recombine (DCM)

@@ -357,8 +357,7 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> 
     for name in ("pad", "min_tiles", "max_tiles"):
         if name in changes:
             options[name] = changes[name]
-    if encoder.dem is not None:
-        options["dem"] = encoder.dem
+    options["dem"] = encoder.dem  # the same DEM, or None: never a fresh random one
     mean, std = changes.get("mean", bb.mean), changes.get("std", bb.std)
     with kept_state(bb.model):
         try:

@@ -407,10 +407,13 @@ def _validate(config, model, inner, family: str) -> dict:
         ok = isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) and (key == "mean" or min(v) > 0)
         _need(ok, f'"backbone.{key}" is {v!r}; it must be three finite numbers' + (" > 0" if key == "std" else ""))
     dem = config["dem"]
+    # A DEM runs in "inf_llava" (unless built with dem=None and a combine other than "mean") and with "dcm": true.
+    # A null "dem" becomes dem=None: never a fresh random DEM in place of saved weights.
     uses_dem = recipe == "inf_llava" or options.get("dcm") is True
+    needs_dem = options.get("dcm") is True or (recipe == "inf_llava" and options.get("combine", "mean") == "mean")
     if dem is None:
         _need(
-            not uses_dem,
+            not needs_dem,
             f'"dem" is null but recipe {recipe!r} with "options" {config["options"]} runs a DEM, '
             f"whose weights would then be random",
         )
@@ -533,9 +536,7 @@ def _build_and_attach(model, processor, inner, plan, weights_path, config_path, 
 
     dem, projector = _modules(plan, None)
     backbone = HFBackbone(inner.vision_tower, layer=plan["layer"], mean=plan["mean"], std=plan["std"])
-    options = dict(plan["options"])
-    if dem is not None:
-        options["dem"] = dem
+    options = dict(plan["options"], dem=dem)  # None: no DEM (a recipe that needs one refuses)
     try:
         encoder = create_encoder(plan["recipe"], backbone, **options)
     except (TypeError, ValueError) as e:
