@@ -7,19 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _messages import raises_naming
+from _models import vit as tiny_vit
 from _tolerance import assert_close_to_reference
 
 import hrperc
 from hrperc import DualPerspectiveCrop, DualPerspectiveEnhancement, HighResEncoder, wrap_backbone
 from hrperc.recipes._common import options_of
-
-
-def _vit(img=28, patch=7, dim=32, depth=2, seed=0):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0)
-
 
 _CROP_OPTIONS = options_of(DualPerspectiveCrop)  # grid, max_tiles, ..., auto_rule: its signature
 
@@ -75,7 +68,7 @@ def _reference(enc: HighResEncoder, image: torch.Tensor) -> torch.Tensor:
 # --- batched == serial -------------------------------------------------------------------------------
 @pytest.mark.parametrize("combine, dem", [("mean", "dem"), ("concat", "dem"), ("none", "dem"), ("concat", None)])
 def test_batched_skipping_equals_plain_reference(combine, dem):
-    enc = _encoder(_vit(), grid=(3, 3), dem=_dem() if dem else None, combine=combine, max_batch=7)
+    enc = _encoder(tiny_vit(), grid=(3, 3), dem=_dem() if dem else None, combine=combine, max_batch=7)
     images = torch.rand(2, 3, 90, 80)
     with torch.no_grad():
         out = enc(images)
@@ -85,7 +78,7 @@ def test_batched_skipping_equals_plain_reference(combine, dem):
 
 
 def test_ragged_batch_equals_each_image_alone():
-    enc = _encoder(_vit(), grid="auto", max_tiles=6, dem=_dem(), combine="concat", max_batch=5)
+    enc = _encoder(tiny_vit(), grid="auto", max_tiles=6, dem=_dem(), combine="concat", max_batch=5)
     images = [torch.rand(3, 30, 100), torch.rand(3, 90, 80), torch.rand(3, 57, 57)]
     with torch.no_grad():
         out = enc(images)
@@ -100,7 +93,7 @@ def test_ragged_batch_equals_each_image_alone():
 
 
 def test_ragged_token_counts_are_padded_and_masked():
-    enc = _encoder(_vit(), grid="auto", max_tiles=6, dem=None, combine="none")
+    enc = _encoder(tiny_vit(), grid="auto", max_tiles=6, dem=None, combine="none")
     with torch.no_grad():
         out = enc([torch.rand(3, 28, 28), torch.rand(3, 60, 90)])
     assert out.num_tokens == [2 * 1 * 16, 2 * 6 * 16]
@@ -114,19 +107,19 @@ def test_chunking_does_not_change_tokens(max_batch):
     dem = _dem()
     images = torch.rand(2, 3, 84, 84)
     with torch.no_grad():
-        ref = _encoder(_vit(), grid=(3, 3), dem=dem, max_batch=1000)(images).tokens
-        got = _encoder(_vit(), grid=(3, 3), dem=dem, max_batch=max_batch)(images).tokens
+        ref = _encoder(tiny_vit(), grid=(3, 3), dem=dem, max_batch=1000)(images).tokens
+        got = _encoder(tiny_vit(), grid=(3, 3), dem=dem, max_batch=max_batch)(images).tokens
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_against_float64_reference(dtype):
-    vit, dem = _vit(), _dem()
+    vit, dem = tiny_vit(), _dem()
     images = torch.rand(1, 3, 84, 84)
     encs = {}
     for dt in (dtype, torch.float64):
         encs[dt] = _encoder(
-            wrap_backbone(_vit()).to(dt), grid=(3, 3), dem=_dem().to(dt), combine="mean", max_batch=8
+            wrap_backbone(tiny_vit()).to(dt), grid=(3, 3), dem=_dem().to(dt), combine="mean", max_batch=8
         )
         encs[dt].backbone.load_state_dict(wrap_backbone(vit).state_dict())
         encs[dt].dem.load_state_dict(dem.state_dict())
@@ -141,8 +134,8 @@ def test_low_precision_against_float64_reference(dtype):
 # --- footprint ---------------------------------------------------------------------------------------
 def test_released_footprint_skips_eight_strided_subimages_with_identical_tokens():
     dem = _dem()
-    skip = _encoder(_vit(), grid=(3, 3), dem=dem)
-    full = _encoder(_vit(), grid=(3, 3), dem=dem, encode_all=True)
+    skip = _encoder(tiny_vit(), grid=(3, 3), dem=dem)
+    full = _encoder(tiny_vit(), grid=(3, 3), dem=dem, encode_all=True)
     images = torch.rand(2, 3, 84, 84)
     with torch.no_grad():
         a, b = skip(images), full(images)
@@ -159,7 +152,7 @@ def test_released_footprint_skips_eight_strided_subimages_with_identical_tokens(
 )
 def test_footprint_follows_the_dem_reduction(grid, reduction, passes):
     # tiles of 8x8 tokens so that 2x2, 3x3 and 4x4 grids all reduce by an integer factor
-    enc = _encoder(_vit(img=32, patch=4), grid=grid, max_tiles=16, dem=_dem(reduction=reduction))
+    enc = _encoder(tiny_vit(img=32, patch=4), grid=grid, max_tiles=16, dem=_dem(reduction=reduction))
     assert enc.num_backbone_passes((64, 64)) == passes
     with torch.no_grad():
         image = torch.rand(1, 3, 64, 64)
@@ -188,7 +181,7 @@ def test_num_tokens_matches_forward(options, grid):
     dem = options.pop("dem")
     dem = {"dem": _dem(), "none_reduction": _dem(reduction="none"), None: None}[dem]
     kw = dict(grid="floor", fit="pad") if grid == "floor_pad" else dict(grid=grid)
-    enc = _encoder(_vit(), max_tiles=42, dem=dem, **options, **kw)
+    enc = _encoder(tiny_vit(), max_tiles=42, dem=dem, **options, **kw)
     with torch.no_grad():
         out = enc([torch.rand(3, h, w) for h, w in _SIZES])
     expected = [enc.num_tokens(s) for s in _SIZES]
@@ -201,7 +194,7 @@ def test_num_tokens_matches_forward(options, grid):
 
 
 def test_num_tokens_formula_for_vit_l_geometry():
-    vit = _vit(img=336, patch=14, dim=32, depth=2)  # ViT-L/14-336 geometry, tiny width
+    vit = tiny_vit(img=336, patch=14, dim=32, depth=2)  # ViT-L/14-336 geometry, tiny width
     enc = hrperc.create_encoder("inf_llava", vit, dem=_dem())
     assert enc.num_tokens((1008, 1008)) == 576 and enc.num_tokens((480, 640)) == 576
     assert enc.plan((480, 640)).canvas_size == (1008, 1008)
@@ -211,7 +204,7 @@ def test_num_tokens_formula_for_vit_l_geometry():
 
 
 def test_inf_llava_preset_configuration():
-    enc = hrperc.create_encoder("inf_llava", _vit(img=42, patch=14), dem=_dem())
+    enc = hrperc.create_encoder("inf_llava", tiny_vit(img=42, patch=14), dem=_dem())
     assert (enc.crop.grid, enc.crop.mode, enc.crop.antialias, enc.crop.fit) == ((3, 3), "bicubic", False, "resize")
     assert (enc.combine, enc.layer, enc.thumbnail, enc.encode_all) == ("mean", -2, True, False)
     assert enc.dem.pairing == "released" and enc.dem.reduction == "bilinear"
@@ -220,7 +213,7 @@ def test_inf_llava_preset_configuration():
         out = enc(image)
         torch.testing.assert_close(out.tokens[0], _reference(enc, image), rtol=1e-5, atol=1e-5)
     assert out.tokens.shape == (1, 9, 32)
-    fresh = hrperc.create_encoder("inf_llava", _vit(img=42, patch=14))
+    fresh = hrperc.create_encoder("inf_llava", tiny_vit(img=42, patch=14))
     assert isinstance(fresh.dem, DualPerspectiveEnhancement) and fresh.dem.dim == 32
 
 
@@ -228,7 +221,7 @@ def test_inf_llava_preset_configuration():
 def test_uint8_pil_and_float_inputs_agree():
     from PIL import Image
 
-    enc = _encoder(_vit(), grid=(2, 2), max_tiles=4, dem=_dem())
+    enc = _encoder(tiny_vit(), grid=(2, 2), max_tiles=4, dem=_dem())
     arr = np.random.default_rng(0).integers(0, 256, size=(60, 70, 3), dtype=np.uint8)
     as_uint8 = torch.from_numpy(arr).permute(2, 0, 1)
     with torch.no_grad():
@@ -241,7 +234,7 @@ def test_uint8_pil_and_float_inputs_agree():
 
 
 def test_valid_masks_mark_padding():
-    enc = _encoder(_vit(), grid="auto", fit="pad", max_tiles=4, dem=None, combine="none")
+    enc = _encoder(tiny_vit(), grid="auto", fit="pad", max_tiles=4, dem=None, combine="none")
     with torch.no_grad():
         out = enc(torch.rand(3, 28, 40))  # grid 1x2, canvas 28x56, image in the left 40 columns
     assert out.grids == [(1, 2)]
@@ -251,7 +244,7 @@ def test_valid_masks_mark_padding():
 
 # --- training ----------------------------------------------------------------------------------------
 def test_frozen_backbone_by_default_and_dem_trains():
-    enc = _encoder(_vit(), grid=(2, 2), max_tiles=4, dem=_dem()).train()
+    enc = _encoder(tiny_vit(), grid=(2, 2), max_tiles=4, dem=_dem()).train()
     assert not enc.backbone.training and enc.dem.training
     assert not any(p.requires_grad for p in enc.backbone.parameters())
     enc(torch.rand(1, 3, 56, 56)).tokens.square().sum().backward()
@@ -264,7 +257,7 @@ def test_train_backbone_with_grad_checkpointing_same_gradients():
     images = torch.rand(1, 3, 56, 56)
     grads = []
     for ckpt in (False, True):
-        enc = _encoder(_vit(), grid=(2, 2), max_tiles=4, dem=_dem(), train_backbone=True,
+        enc = _encoder(tiny_vit(), grid=(2, 2), max_tiles=4, dem=_dem(), train_backbone=True,
                              grad_checkpointing=ckpt, max_batch=3).train()
         assert enc.backbone.training and enc.backbone.model.grad_checkpointing == ckpt
         enc(images).tokens.square().sum().backward()
@@ -276,7 +269,7 @@ def test_train_backbone_with_grad_checkpointing_same_gradients():
 
 # --- errors ------------------------------------------------------------------------------------------
 def test_errors_are_clear():
-    vit = _vit()
+    vit = tiny_vit()
     with raises_naming(ValueError, "(20, 100)", "(28, 28)", "fit='pad'"):
         _encoder(vit, grid="floor", dem=None, combine="none")(torch.rand(3, 20, 100))
     with raises_naming(ValueError, "combine='mean'", "dem=None", "dem='default'", "combine='concat'"):
@@ -298,15 +291,15 @@ def test_errors_are_clear():
 def test_auto_chunking_uses_a_cpu_token_budget():
     # Documented: on a CPU about 2048 tokens per call, i.e. 3 ViT-L/14-336 tiles or 10 ViT-B/16 tiles,
     # and 768 // width times that (at most 8x) for towers narrower than 768.
-    big = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=1024, depth=2)), dem=None, combine="none")
+    big = _encoder(wrap_backbone(tiny_vit(img=336, patch=14, dim=1024, depth=2)), dem=None, combine="none")
     assert big.max_batch == "auto" and big.chunk_size == 3  # 577 tokens per tile
-    base = _encoder(wrap_backbone(_vit(img=224, patch=16, dim=768, depth=2)), dem=None, combine="none")
+    base = _encoder(wrap_backbone(tiny_vit(img=224, patch=16, dim=768, depth=2)), dem=None, combine="none")
     assert base.chunk_size == 10  # 197 tokens per tile
-    narrow = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=64, depth=2)), dem=None, combine="none")
+    narrow = _encoder(wrap_backbone(tiny_vit(img=336, patch=14, dim=64, depth=2)), dem=None, combine="none")
     assert narrow.chunk_size == 2048 * 8 // 577  # 28 tiles of a width-64 tower
-    mid = _encoder(wrap_backbone(_vit(img=336, patch=14, dim=384, depth=2)), dem=None, combine="none")
+    mid = _encoder(wrap_backbone(tiny_vit(img=336, patch=14, dim=384, depth=2)), dem=None, combine="none")
     assert mid.chunk_size == 2048 * 2 // 577  # width 384: twice the tokens
-    assert _encoder(_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3
+    assert _encoder(tiny_vit(), max_batch=3, dem=None, combine="none").chunk_size == 3
 
 
 # --- audit follow-ups --------------------------------------------------------------------------------
@@ -315,22 +308,22 @@ def test_parameter_free_dem(combine):
     # Table 6's plain-addition baseline: no attention, fusion by addition -> a DEM with no parameters.
     dem = DualPerspectiveEnhancement(32, heads=4, directions="none", fusion="add")
     assert next(dem.parameters(), None) is None
-    enc = _encoder(_vit(), grid=(3, 3), dem=dem, combine=combine, max_batch=5)
+    enc = _encoder(tiny_vit(), grid=(3, 3), dem=dem, combine=combine, max_batch=5)
     images = torch.rand(2, 3, 84, 84)
     with torch.no_grad():
         out = enc(images)
         for b in range(2):
             torch.testing.assert_close(out.tokens[b], _reference(enc, images[b]), rtol=1e-5, atol=1e-5)
     assert out.tokens.shape[1] == enc.num_tokens((84, 84))
-    half = _encoder(wrap_backbone(_vit()).to(torch.bfloat16), grid=(3, 3), dem=dem, combine=combine)
+    half = _encoder(wrap_backbone(tiny_vit()).to(torch.bfloat16), grid=(3, 3), dem=dem, combine=combine)
     with torch.no_grad():
         assert half(images).tokens.dtype == torch.bfloat16  # computes in the backbone's dtype
 
 
 def test_combine_none_skips_the_thumbnail_pass():
     images = torch.rand(2, 3, 84, 84)
-    with_thumb = _encoder(_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=True)
-    without = _encoder(_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=False)
+    with_thumb = _encoder(tiny_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=True)
+    without = _encoder(tiny_vit(), grid=(3, 3), dem=_dem(), combine="none", thumbnail=False)
     assert not with_thumb.encodes_thumbnail
     assert with_thumb.num_backbone_passes((84, 84)) == without.num_backbone_passes((84, 84)) == 10
     with torch.no_grad():
@@ -340,7 +333,7 @@ def test_combine_none_skips_the_thumbnail_pass():
     assert a.thumbnail_tokens is None
     torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
     assert sub.thumbnail is not None and sub.thumbnail.shape == (2, 16, 32) and sub.encoded == 2 * 11
-    concat = _encoder(_vit(), grid=(3, 3), dem=_dem(), combine="concat")
+    concat = _encoder(tiny_vit(), grid=(3, 3), dem=_dem(), combine="concat")
     assert concat.encodes_thumbnail and concat.num_backbone_passes((84, 84)) == 11
     # The thumbnail is not even resized when it is not encoded.
     assert with_thumb.subimage_features(images, thumbnail=False).crops.thumbnail is None
@@ -364,7 +357,7 @@ def test_num_tokens_matches_forward_more_policies(crop, options):
     dem = {"dem": lambda: _dem(), "output_size": lambda: _dem(output_size=(3, 5)), None: lambda: None}[
         options.pop("dem")
     ]()
-    enc = _encoder(_vit(), max_tiles=12, dem=dem, **options, **crop)
+    enc = _encoder(tiny_vit(), max_tiles=12, dem=dem, **options, **crop)
     sizes = [(28, 28), (20, 100), (100, 20), (57, 83), (141, 29)]
     with torch.no_grad():
         out = enc([torch.rand(3, h, w) for h, w in sizes])

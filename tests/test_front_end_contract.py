@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import vit as tiny_vit
 
 import hrperc
 from hrperc import DualPerspectiveCrop, DualPerspectiveEnhancement, HighResEncoder, wrap_backbone
@@ -22,14 +23,6 @@ from hrperc.ops import anyres
 from hrperc.ops import preprocess as pp
 from hrperc.ops.canvas import CropGeometry
 from hrperc.recipes._common import options_of
-
-
-def _vit(img=28, patch=7, dim=32, depth=2, seed=0, dynamic=False):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0,
-                             dynamic_img_size=dynamic)  # fmt: skip
 
 
 class Native(FrontEnd):
@@ -77,7 +70,7 @@ SIZES = [(30, 40), (57, 22), (31, 40), (10, 10), (100, 9), (40, 30), (56, 56)]
 # --- a native-resolution front end ---------------------------------------------------------------------------
 @pytest.mark.parametrize("uint8", [False, True])
 def test_native_front_end_ragged_batch_equals_each_image_alone(uint8):
-    enc = HighResEncoder(_vit(dynamic=True), Native((7, 7)), max_batch=4)
+    enc = HighResEncoder(tiny_vit(dynamic=True), Native((7, 7)), max_batch=4)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) if uint8 else
               torch.rand(3, h, w, generator=g) for h, w in SIZES]  # fmt: skip
@@ -99,7 +92,7 @@ def test_native_front_end_ragged_batch_equals_each_image_alone(uint8):
 
 @pytest.mark.parametrize("max_batch", [1, 2, 64])
 def test_one_backbone_call_per_view_shape_and_chunk(max_batch):
-    enc = HighResEncoder(_vit(dynamic=True), Native((7, 7)), max_batch=max_batch)
+    enc = HighResEncoder(tiny_vit(dynamic=True), Native((7, 7)), max_batch=max_batch)
     calls = _spy(enc)
     # uint8 and float images of one view shape share the call (uint8 joined in [0, 1])
     images = [torch.rand(3, h, w) for h, w in SIZES] + [torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)]
@@ -130,7 +123,7 @@ def test_views_of_two_sizes_in_one_front_end():
             small, large = feats
             return torch.cat([small[:, 0], large[:, 0]], 1)
 
-    bb = wrap_backbone(_vit(dynamic=True))
+    bb = wrap_backbone(tiny_vit(dynamic=True))
     enc = HighResEncoder(bb, TwoScales(bb.image_size, bb.patch_size))
     calls = _spy(enc)
     images = [torch.rand(3, 50, 70), torch.rand(3, 90, 40), torch.rand(3, 50, 70)]
@@ -144,7 +137,7 @@ def test_views_of_two_sizes_in_one_front_end():
 
 
 def test_views_the_backbone_does_not_take_are_refused():
-    fixed = _vit()  # a timm ViT without dynamic_img_size: its native 28 x 28 only
+    fixed = tiny_vit()  # a timm ViT without dynamic_img_size: its native 28 x 28 only
     enc = HighResEncoder(fixed, Native((7, 7)))
     with raises_naming(ValueError, "Native", "(28, 42)", "(28, 28)", "dynamic_img_size=True") as info:
         enc(torch.rand(3, 30, 40))
@@ -152,14 +145,15 @@ def test_views_the_backbone_does_not_take_are_refused():
     assert enc(torch.rand(3, 28, 28)).num_tokens == [16]  # its native size runs
     for bad in ((42, 42), (30, 30)):
         with raises_naming(ValueError, f"tile_size={bad}", "(28, 28)"):
-            HighResEncoder(_vit(), DualPerspectiveCrop(grid=(2, 2), tile_size=bad), dem=None, combine="concat")
+            HighResEncoder(tiny_vit(), DualPerspectiveCrop(grid=(2, 2), tile_size=bad), dem=None, combine="concat")
     with raises_naming(ValueError, "tile_size=(30, 30)", "(28, 28)", "(7, 7)"):  # not whole patches
-        HighResEncoder(_vit(dynamic=True), DualPerspectiveCrop(grid=(2, 2), tile_size=30), dem=None, combine="concat")
+        crop = DualPerspectiveCrop(grid=(2, 2), tile_size=30)
+        HighResEncoder(tiny_vit(dynamic=True), crop, dem=None, combine="concat")
 
 
 @pytest.mark.parametrize("tile", [21, 42])
 def test_dual_perspective_tiles_of_another_size_run_where_the_backbone_takes_them(tile):
-    enc = HighResEncoder(_vit(dynamic=True), DualPerspectiveCrop(grid=(2, 2), tile_size=tile), dem=None,
+    enc = HighResEncoder(tiny_vit(dynamic=True), DualPerspectiveCrop(grid=(2, 2), tile_size=tile), dem=None,
                          combine="concat")  # fmt: skip
     calls = _spy(enc)
     with torch.no_grad():
@@ -196,7 +190,7 @@ class MeanColour(FrontEnd):
 
 
 def test_assemble_reads_the_pixels_and_the_front_end_holds_everything_but_the_backbone():
-    bb = wrap_backbone(_vit())
+    bb = wrap_backbone(tiny_vit())
     fe = MeanColour(bb.image_size, bb.patch_size, 32)
     enc = HighResEncoder(bb, fe)
     images = [torch.rand(3, 40, 50), torch.randint(0, 256, (3, 20, 90), dtype=torch.uint8), torch.rand(3, 40, 50)]
@@ -212,10 +206,10 @@ def test_assemble_reads_the_pixels_and_the_front_end_holds_everything_but_the_ba
 
 
 @pytest.mark.parametrize("build", [
-    lambda: hrperc.create_encoder("inf_llava", _vit()),
-    lambda: HighResEncoder(_vit(), DualPerspectiveCrop(grid="auto", tile_size=28), combine="concat"),
-    lambda: hrperc.create_encoder("llava_next", _vit(img=56), dcm=True),
-    lambda: hrperc.create_encoder("internvl", _vit(img=56), dcm=True),
+    lambda: hrperc.create_encoder("inf_llava", tiny_vit()),
+    lambda: HighResEncoder(tiny_vit(), DualPerspectiveCrop(grid="auto", tile_size=28), combine="concat"),
+    lambda: hrperc.create_encoder("llava_next", tiny_vit(img=56), dcm=True),
+    lambda: hrperc.create_encoder("internvl", tiny_vit(img=56), dcm=True),
 ], ids=["inf_llava", "dual-concat", "llava_next+dcm", "internvl+dcm"])  # fmt: skip
 def test_the_front_end_owns_its_dem_and_older_state_dicts_load(build):
     enc = build()
@@ -243,7 +237,7 @@ def test_the_front_end_owns_its_dem_and_older_state_dicts_load(build):
 
 
 def test_assigning_encoder_dem_gives_the_front_end_a_checked_dem():
-    enc = hrperc.create_encoder("inf_llava", _vit())
+    enc = hrperc.create_encoder("inf_llava", tiny_vit())
     new = DualPerspectiveEnhancement(32, 4)
     enc.dem = new
     assert enc.dem is new and enc.front_end.dem is new and "dem" not in enc._modules
@@ -256,17 +250,17 @@ def test_assigning_encoder_dem_gives_the_front_end_a_checked_dem():
     with raises_naming(TypeError, "dem=str", "'default'"):
         enc.dem = "/no/such/checkpoint"
     assert enc.dem is new  # every refusal left it as it was
-    dcm = hrperc.create_encoder("llava_next", _vit(img=56), dcm=True)
+    dcm = hrperc.create_encoder("llava_next", tiny_vit(img=56), dcm=True)
     with raises_naming(ValueError, "reduction='bilinear'", "reduction='none'"):
         dcm.dem = DualPerspectiveEnhancement(32, 4)
     with raises_naming(ValueError, "dcm=True", "dem=None"):
         dcm.dem = None
     with raises_naming(ValueError, "does not use one", "dcm=True"):
-        hrperc.create_encoder("llava_next", _vit(img=56)).dem = DualPerspectiveEnhancement(32, 4, reduction="none")
+        hrperc.create_encoder("llava_next", tiny_vit(img=56)).dem = DualPerspectiveEnhancement(32, 4, reduction="none")
 
 
 def test_dem_none_means_no_dem_everywhere():
-    vit = _vit()
+    vit = tiny_vit()
     images = [torch.rand(3, 60, 50), torch.rand(3, 28, 90)]
     plain = HighResEncoder(vit, DualPerspectiveCrop(grid=(3, 3), tile_size=28, mode="bicubic", antialias=False),
                            dem=None, combine="concat")  # fmt: skip
@@ -279,11 +273,11 @@ def test_dem_none_means_no_dem_everywhere():
         with raises_naming(ValueError, "combine='mean'", "dem=None", "dem='default'"):
             build()
     for name in ("llava15", "llava_next", "s2"):  # dem=None is taken by every recipe (a rebuild passes encoder.dem)
-        assert hrperc.create_encoder(name, _vit(img=56), dem=None).dem is None
+        assert hrperc.create_encoder(name, tiny_vit(img=56), dem=None).dem is None
     with raises_naming(ValueError, "does not use one", "dem=None"):
-        hrperc.create_encoder("llava15", _vit(img=56), dem=DualPerspectiveEnhancement(32, 4, reduction="none"))
+        hrperc.create_encoder("llava15", tiny_vit(img=56), dem=DualPerspectiveEnhancement(32, 4, reduction="none"))
     with raises_naming(ValueError, "dcm=True", "dem=None"):
-        hrperc.create_encoder("llava_next", _vit(img=56), dcm=True, dem=None)
+        hrperc.create_encoder("llava_next", tiny_vit(img=56), dcm=True, dem=None)
 
 
 def test_a_front_end_whose_tokens_are_not_its_plan_is_refused():
@@ -291,7 +285,7 @@ def test_a_front_end_whose_tokens_are_not_its_plan_is_refused():
         def assemble(self, feats, plan, *, project=None):
             return feats[:, 0, 1:]  # one token short of the layout
 
-    enc = HighResEncoder(_vit(dynamic=True), Short((7, 7)))
+    enc = HighResEncoder(tiny_vit(dynamic=True), Short((7, 7)))
     with raises_naming(RuntimeError, "Short.assemble", "(1, 15, 32)", "16 tokens", "(1, 16, D)"):
         enc(torch.rand(3, 28, 28))
 
@@ -302,7 +296,7 @@ RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm
 
 @pytest.fixture(scope="module")
 def encoders():
-    vit = _vit(img=56)
+    vit = tiny_vit(img=56)
     return {name: hrperc.create_encoder(name, vit) for name in RECIPES}
 
 
@@ -355,7 +349,7 @@ def test_a_recipe_s_options_are_its_front_end_s_signature(encoders, name):
 
 
 def test_timings_name_the_runner_s_stages():
-    for enc in (hrperc.create_encoder("inf_llava", _vit()), HighResEncoder(_vit(dynamic=True), Native((7, 7)))):
+    for enc in (hrperc.create_encoder("inf_llava", tiny_vit()), HighResEncoder(tiny_vit(dynamic=True), Native((7, 7)))):
         with torch.no_grad():
             out = enc(torch.rand(3, 40, 50), timings=True)
         assert list(out.timings) == ["views", "backbone", "assemble", "combine"]

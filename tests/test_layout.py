@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _messages import assert_names
+from _models import vit as tiny_vit
 from safetensors.torch import save_file
 
 import hrperc
@@ -128,16 +129,9 @@ def test_the_core_never_imports_the_command_line_or_the_integrations():
 
 
 # --- recipes -------------------------------------------------------------------------------------------
-def _vit(img=28, patch=7, dim=32):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=2, num_heads=2, num_classes=0)
-
-
 def test_inf_llava_recipe_is_the_released_front_end():
     assert "inf_llava" in hrperc.list_recipes()
-    enc = hrperc.create_encoder("inf_llava", _vit())
+    enc = hrperc.create_encoder("inf_llava", tiny_vit())
     crop = enc.crop
     assert (crop.grid, crop.tile_size, crop.max_tiles, crop.fit) == ((3, 3), (28, 28), 9, "resize")
     assert (crop.mode, crop.antialias, crop.thumbnail) == ("bicubic", False, True)
@@ -150,19 +144,19 @@ def test_inf_llava_recipe_is_the_released_front_end():
 
 
 def test_recipe_options_override_crop_and_encoder_settings():
-    enc = hrperc.create_encoder("inf_llava", _vit(), grid=(2, 2), max_tiles=4, combine="concat", encode_all=True)
+    enc = hrperc.create_encoder("inf_llava", tiny_vit(), grid=(2, 2), max_tiles=4, combine="concat", encode_all=True)
     assert enc.crop.grid == (2, 2) and enc.combine == "concat" and enc.encode_all
     assert enc.crop.mode == "bicubic" and not enc.crop.antialias  # the rest stays released
 
 
 def test_unknown_recipe_names_the_choices():
     with pytest.raises(ValueError) as err:
-        hrperc.create_encoder("llava_2", _vit())
+        hrperc.create_encoder("llava_2", tiny_vit())
     assert_names(str(err.value), "recipe='llava_2'", "'inf_llava'")
 
 
 def test_encoder_takes_a_crop_of_the_backbones_tile_size():
-    vit = _vit()
+    vit = tiny_vit()
     with pytest.raises(ValueError) as err:
         hrperc.HighResEncoder(vit, hrperc.DualPerspectiveCrop(grid=(2, 2), tile_size=336))
     assert "(336, 336)" in str(err.value) and "(28, 28)" in str(err.value) and "tile_size" in str(err.value)
@@ -175,7 +169,7 @@ def test_encoder_takes_a_crop_of_the_backbones_tile_size():
 
 
 def test_derived_state_follows_the_geometries():
-    enc = hrperc.HighResEncoder(_vit(), hrperc.DualPerspectiveCrop(grid="auto", tile_size=28, max_tiles=4))
+    enc = hrperc.HighResEncoder(tiny_vit(), hrperc.DualPerspectiveCrop(grid="auto", tile_size=28, max_tiles=4))
     out = enc([torch.rand(3, 28, 28), torch.rand(3, 56, 56), torch.rand(3, 28, 56)])
     assert out.grids == [g.grid for g in out.geometries] == [(1, 1), (2, 2), (1, 2)]
     assert out.num_tokens == [int(m.sum()) for m in out.token_mask] == [enc.num_tokens(g.input_size)

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import vit as tiny_vit
 from einops import rearrange
 
 import hrperc
@@ -65,14 +66,6 @@ def _internvl(image_size=448, patch_size=14):
         patch_size=patch_size,
     )
     return modeling_internvl.InternVLVisionModel(cfg).eval()
-
-
-def _vit(tile=56, patch=7):
-    """A tiny timm ViT with a small tile, for the tests that run pixels."""
-    torch.manual_seed(0)
-    return timm_vit.VisionTransformer(
-        img_size=tile, patch_size=patch, embed_dim=32, depth=2, num_heads=2, class_token=True
-    ).eval()
 
 
 def _sizes(tile, n=2000, seed=0, ties=()):
@@ -294,7 +287,7 @@ def _s2_input(img, bb, side, pad=True):
 @torch.no_grad()
 def test_s2_equals_the_s2_wrapper(scales, kind):
     t = 56 if kind == "timm" else 28
-    model = _vit(t) if kind == "timm" else _clip(image_size=t, patch_size=7, hidden=32)
+    model = tiny_vit(t, num_classes=1000).eval() if kind == "timm" else _clip(image_size=t, patch_size=7, hidden=32)
     enc = hrperc.create_encoder("s2", model, scales=scales)
     bb = enc.backbone
     if kind == "timm":  # features already drop the CLS
@@ -326,7 +319,7 @@ def test_s2_equals_the_s2_wrapper(scales, kind):
 
 @torch.no_grad()
 def test_s2_without_padding_equals_the_s2_wrapper_on_the_centre_crop():
-    enc = hrperc.create_encoder("s2", _vit(56), scales=(1, 2), pad=False)
+    enc = hrperc.create_encoder("s2", tiny_vit(56, num_classes=1000).eval(), scales=(1, 2), pad=False)
     bb = enc.backbone
     img = torch.randint(0, 256, (3, 70, 150), dtype=torch.uint8)
     ref = s2_forward(
@@ -338,7 +331,7 @@ def test_s2_without_padding_equals_the_s2_wrapper_on_the_centre_crop():
 # --- 3. InfiMM-HD by its properties ----------------------------------------------------------------------
 @pytest.mark.parametrize("tile,max_side", [(56, 3), (448, 3), (56, 2)])
 def test_infimm_hd_plan_properties_over_many_sizes(tile, max_side):
-    model = _vit(56) if tile == 56 else _internvl()
+    model = tiny_vit(56, num_classes=1000).eval() if tile == 56 else _internvl()
     enc = hrperc.create_encoder("infimm_hd", model, max_side=max_side)
     ht = tile // (7 if tile == 56 else 14)
     for H, W in _sizes(tile, n=2000, seed=5):
@@ -364,7 +357,7 @@ def test_infimm_hd_plan_properties_over_many_sizes(tile, max_side):
 
 @torch.no_grad()
 def test_infimm_hd_tokens_are_the_global_view_and_the_canvas_tiles():
-    enc = hrperc.create_encoder("infimm_hd", _vit(56))
+    enc = hrperc.create_encoder("infimm_hd", tiny_vit(56, num_classes=1000).eval())
     bb, t, p, ht = enc.backbone, 56, 7, 8
     g = torch.Generator().manual_seed(2)
     sizes = [(50, 130), (170, 60), (56, 56), (200, 200), (20, 300), (113, 57)]
@@ -411,7 +404,7 @@ def _counting(enc):
 @pytest.mark.parametrize("recipe", RECIPES)
 @torch.no_grad()
 def test_ragged_batch_equals_per_image_calls_in_one_pass_and_chunks(recipe):
-    model = _vit(56)
+    model = tiny_vit(56, num_classes=1000).eval()
     g = torch.Generator().manual_seed(3)
     sizes = [(50, 70), (120, 45), (50, 70), (200, 260), (30, 30), (60, 180)]
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]

@@ -5,18 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import vit as tiny_vit
 
 import hrperc
 from hrperc import HighResEncoder
 
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
-
-
-def _vit(img=56, patch=7, dim=32, depth=2, seed=0):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0)
 
 
 def _images(sizes, seed=0):
@@ -27,7 +21,7 @@ def _images(sizes, seed=0):
 def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
     assert set(RECIPES) | {"inf_llava"} == set(hrperc.list_recipes())
     for name in RECIPES:
-        enc = hrperc.create_encoder(name, _vit())
+        enc = hrperc.create_encoder(name, tiny_vit(56))
         assert isinstance(enc, HighResEncoder)
         assert enc.frontend is not None and enc.dem is None  # no DEM unless dcm=True
         out = enc(_images([(70, 90)]))
@@ -37,53 +31,53 @@ def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
 
 
 def test_recipe_defaults_read_the_layer_of_the_published_system():
-    layers = {name: hrperc.create_encoder(name, _vit()).layer for name in RECIPES}
+    layers = {name: hrperc.create_encoder(name, tiny_vit(56)).layer for name in RECIPES}
     assert layers == {"llava15": -2, "llava_next": -2, "llava_onevision": -1, "internvl": -1, "s2": -2, "infimm_hd": -1}
-    assert hrperc.create_encoder("llava_next", _vit(), layer=-1).layer == -1  # an option overrides it
+    assert hrperc.create_encoder("llava_next", tiny_vit(56), layer=-1).layer == -1  # an option overrides it
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_unknown_options_are_refused_with_the_recipe_s_list(name):
     with raises_naming(TypeError, name, "'grid_pinpoint'", "layer") as info:
-        hrperc.create_encoder(name, _vit(), grid_pinpoint=[[56, 112]])
+        hrperc.create_encoder(name, tiny_vit(56), grid_pinpoint=[[56, 112]])
     assert FIX.search(str(info.value))
 
 
 def test_front_end_options_are_checked_at_construction():
     with raises_naming(ValueError, "(60, 112)", "56"):
-        hrperc.create_encoder("llava_next", _vit(), pinpoints=[(60, 112)])
+        hrperc.create_encoder("llava_next", tiny_vit(56), pinpoints=[(60, 112)])
     with raises_naming(ValueError, "tie_break='width'"):
-        hrperc.create_encoder("llava_next", _vit(), tie_break="width")
+        hrperc.create_encoder("llava_next", tiny_vit(56), tie_break="width")
     with raises_naming(ValueError, "scales=(1, 1.5)"):
-        hrperc.create_encoder("s2", _vit(), scales=(1, 1.5))
+        hrperc.create_encoder("s2", tiny_vit(56), scales=(1, 1.5))
     with raises_naming(ValueError, "downsample=3", "(8, 8)"):
-        hrperc.create_encoder("internvl", _vit(), downsample=3)
+        hrperc.create_encoder("internvl", tiny_vit(56), downsample=3)
     with raises_naming(ValueError, "max_side=0"):
-        hrperc.create_encoder("infimm_hd", _vit(), max_side=0)
+        hrperc.create_encoder("infimm_hd", tiny_vit(56), max_side=0)
     with raises_naming(TypeError, "pad='yes'"):
-        hrperc.create_encoder("llava15", _vit(), pad="yes")
+        hrperc.create_encoder("llava15", tiny_vit(56), pad="yes")
 
 
 def test_the_runner_refuses_what_does_not_apply_to_a_front_end():
-    fe = hrperc.create_encoder("llava_next", _vit()).frontend
+    fe = hrperc.create_encoder("llava_next", tiny_vit(56)).frontend
     with raises_naming(ValueError, "combine='mean'"):
-        HighResEncoder(_vit(), fe, combine="mean")
+        HighResEncoder(tiny_vit(56), fe, combine="mean")
     with raises_naming(ValueError, "dcm=True", "dem=None"):
-        HighResEncoder(_vit(), fe, dem=hrperc.DualPerspectiveEnhancement(32, 2, reduction="none"))
+        HighResEncoder(tiny_vit(56), fe, dem=hrperc.DualPerspectiveEnhancement(32, 2, reduction="none"))
     with raises_naming(ValueError, "patch_size=(7, 7)", "(8, 8)"):
-        HighResEncoder(_vit(img=56, patch=8), fe, dem=None)
-    dcm = hrperc.create_encoder("llava_next", _vit(), dcm=True).frontend
+        HighResEncoder(tiny_vit(img=56, patch=8), fe, dem=None)
+    dcm = hrperc.create_encoder("llava_next", tiny_vit(56), dcm=True).frontend
     with raises_naming(ValueError, "dcm=True", "dem=None"):
-        HighResEncoder(_vit(), dcm, dem=None)
+        HighResEncoder(tiny_vit(56), dcm, dem=None)
     with raises_naming(ValueError, "subimage_features", "AnyresFrontEnd", "forward"):
-        hrperc.create_encoder("llava_next", _vit()).subimage_features(_images([(60, 60)]))
-    plain = hrperc.create_encoder("inf_llava", _vit())  # one kind of plan for every front end
+        hrperc.create_encoder("llava_next", tiny_vit(56)).subimage_features(_images([(60, 60)]))
+    plain = hrperc.create_encoder("inf_llava", tiny_vit(56))  # one kind of plan for every front end
     assert plain.view_plan((60, 60)) == plain.plan((60, 60)) and plain.plan((60, 60)).grid == (3, 3)
 
 
 def test_project_applies_per_token_on_the_dual_perspective_path_too():
     crop = hrperc.DualPerspectiveCrop(grid="auto", max_tiles=4, tile_size=56)
-    enc = HighResEncoder(_vit(), crop, dem=None, combine="concat")  # tokens per image follow the grid
+    enc = HighResEncoder(tiny_vit(56), crop, dem=None, combine="concat")  # tokens per image follow the grid
     proj = torch.nn.Linear(32, 5)
     images = _images([(56, 56), (60, 200)])  # grids (1, 1) and (1, 4)
     with torch.no_grad():
@@ -96,8 +90,8 @@ def test_project_applies_per_token_on_the_dual_perspective_path_too():
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "internvl"])
 def test_dcm_dem_upgrade_keeps_the_count_and_trains_only_the_dem(name):
-    plain = hrperc.create_encoder(name, _vit())
-    enc = hrperc.create_encoder(name, _vit(), dcm=True)
+    plain = hrperc.create_encoder(name, tiny_vit(56))
+    enc = hrperc.create_encoder(name, tiny_vit(56), dcm=True)
     assert enc.dem is not None and enc.dem.reduction == "none"
     sizes = [(70, 90), (30, 200), (160, 120)]
     for size in sizes:
@@ -118,7 +112,7 @@ def test_dcm_dem_upgrade_keeps_the_count_and_trains_only_the_dem(name):
 
 
 def test_slots_are_zero_marked_and_filled_by_newline():
-    enc = hrperc.create_encoder("llava_next", _vit())
+    enc = hrperc.create_encoder("llava_next", tiny_vit(56))
     images = _images([(70, 90), (200, 30)])
     out = enc(images)
     for b, segs in enumerate(out.layout):
@@ -130,14 +124,14 @@ def test_slots_are_zero_marked_and_filled_by_newline():
     filled = enc(images, newline=v)
     assert torch.equal(filled.tokens[filled.slot_mask], v.expand(int(out.slot_mask.sum()), 32))
     assert torch.equal(filled.tokens[~filled.slot_mask], out.tokens[~out.slot_mask])
-    flat = hrperc.create_encoder("llava_next", _vit(), newline=False)
+    flat = hrperc.create_encoder("llava_next", tiny_vit(56), newline=False)
     assert flat.num_tokens((70, 90)) == enc.num_tokens((70, 90)) - int(out.slot_mask[0].sum())
 
 
 def test_project_runs_where_the_model_projects_and_changes_the_width():
     proj = torch.nn.Linear(32, 12)
     for name in ("llava_next", "llava_onevision", "s2", "internvl"):
-        enc = hrperc.create_encoder(name, _vit())
+        enc = hrperc.create_encoder(name, tiny_vit(56))
         images = _images([(70, 90)])
         with torch.no_grad():
             out, projected = enc(images), enc(images, project=proj if name not in ("s2", "internvl") else None)
@@ -147,7 +141,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
         if name == "llava_onevision":
             assert projected.tokens.shape[-1] == 12
     # OneVision shrinks after the projector: a nonlinear projector does not commute with the shrink
-    enc = hrperc.create_encoder("llava_onevision", _vit())
+    enc = hrperc.create_encoder("llava_onevision", tiny_vit(56))
     big = _images([(700, 700)])
     assert enc.plan((700, 700)).anyres.shape != enc.plan((700, 700)).anyres.unpadded  # the shrink happens
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
@@ -158,7 +152,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_a_bf16_encoder_runs_in_bf16_close_to_fp32(name):
-    enc = hrperc.create_encoder(name, _vit())
+    enc = hrperc.create_encoder(name, tiny_vit(56))
     images = _images([(70, 90), (40, 100)])
     with torch.no_grad():
         ref = enc(images).tokens
@@ -168,7 +162,7 @@ def test_a_bf16_encoder_runs_in_bf16_close_to_fp32(name):
 
 
 def test_float_and_uint8_images_are_prepared_by_their_own_steps():
-    enc = hrperc.create_encoder("llava15", _vit())
+    enc = hrperc.create_encoder("llava15", tiny_vit(56))
     u8 = _images([(70, 90)])[0]
     f = u8.float() / 255
     with torch.no_grad():
@@ -179,7 +173,7 @@ def test_float_and_uint8_images_are_prepared_by_their_own_steps():
 
 
 def test_batch_tensor_and_list_agree():
-    enc = hrperc.create_encoder("internvl", _vit())
+    enc = hrperc.create_encoder("internvl", tiny_vit(56))
     x = torch.randint(0, 256, (2, 3, 80, 150), dtype=torch.uint8)
     with torch.no_grad():
         a, b = enc(x).tokens, enc(list(x)).tokens

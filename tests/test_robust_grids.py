@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import vit as tiny_vit
 
 from hrperc import DualPerspectiveCrop, DualPerspectiveEnhancement, HighResEncoder, wrap_backbone
 from hrperc.ops.canvas import candidate_grids, select_grid
@@ -232,16 +233,9 @@ def test_dem_refuses_two_feature_dtypes_and_accepts_matching_or_autocast():
         assert dem(loc.bfloat16(), glo.bfloat16(), grid=(2, 2)).shape == ref.shape
 
 
-def _vit(dim=32):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=28, patch_size=7, embed_dim=dim, depth=2, num_heads=2, num_classes=0)
-
-
 @pytest.mark.parametrize("dem_dim", [48, 16])
 def test_encoder_checks_the_dem_width_at_construction(dem_dim):
-    bb = wrap_backbone(_vit(32))
+    bb = wrap_backbone(tiny_vit(dim=32))
     with raises_naming(ValueError, f"dim={dem_dim}", "hidden_size=32", "DualPerspectiveEnhancement(32"):
         HighResEncoder(bb, dem=DualPerspectiveEnhancement(dem_dim, heads=4))
     enc = HighResEncoder(bb, DualPerspectiveCrop(grid=(2, 2), tile_size=28), dem=DualPerspectiveEnhancement(32, 4))

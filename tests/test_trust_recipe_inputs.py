@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import vit as tiny_vit
 
 import hrperc
 from hrperc import HighResEncoder
@@ -32,16 +33,9 @@ RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm
 SIZE_METHODS = ("num_tokens", "view_plan", "plan", "num_backbone_passes")
 
 
-def _vit(img=28, patch=7, dim=32, depth=2, seed=0):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=2, num_classes=0)
-
-
 @pytest.fixture(scope="module")
 def encoders():
-    vit = _vit()
+    vit = tiny_vit()
     return {name: hrperc.create_encoder(name, vit) for name in RECIPES}
 
 
@@ -162,7 +156,7 @@ def test_images_with_a_zero_side_are_refused_by_forward(encoders, name):
 def test_empty_pil_images_are_refused():
     from PIL import Image
 
-    enc = hrperc.create_encoder("llava_next", _vit())
+    enc = hrperc.create_encoder("llava_next", tiny_vit())
     for wh in [(0, 10), (10, 0), (0, 0)]:
         with raises_naming(ValueError, "images[0]", f"size {wh}") as info:
             enc([Image.new("RGB", wh)])
@@ -205,7 +199,7 @@ NOT_BOOLS = ["false", "True", "", 0, 1, None, 1.0, torch.tensor(True), np.array(
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_switch_of_every_recipe_must_be_a_bool(name):
-    vit = _vit()
+    vit = tiny_vit()
     for option in SWITCHES[name] + ENCODER_SWITCHES:
         for value in NOT_BOOLS:
             with raises_naming(TypeError, f"{option}={value!r}", "True", "False") as info:
@@ -214,7 +208,7 @@ def test_every_switch_of_every_recipe_must_be_a_bool(name):
 
 
 def test_dcm_false_as_a_string_never_turns_the_dem_on():
-    vit = _vit()
+    vit = tiny_vit()
     for name in ("llava_next", "llava_onevision", "internvl"):
         plain = hrperc.create_encoder(name, vit)
         for value in ("false", "False", "0", "no"):
@@ -229,7 +223,7 @@ def test_dcm_false_as_a_string_never_turns_the_dem_on():
 
 
 def test_the_runner_and_the_crop_refuse_non_bool_switches():
-    vit = _vit()
+    vit = tiny_vit()
     for option in ("encode_all", "check_range", "train_backbone", "grad_checkpointing"):
         for value in ("false", 0, torch.tensor(False)):
             with raises_naming(TypeError, f"{option}={value!r}", "HighResEncoder"):
@@ -261,7 +255,7 @@ def test_ops_switches_must_be_bools():
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_empty_pinpoints_are_refused_not_the_defaults(name):
-    vit = _vit()
+    vit = tiny_vit()
     for empty in ([], (), np.empty((0, 2), dtype=np.int64), torch.empty(0, 2, dtype=torch.long)):
         with raises_naming(ValueError, "pinpoints=", "empty") as info:
             hrperc.create_encoder(name, vit, pinpoints=empty)
@@ -273,7 +267,7 @@ def test_empty_pinpoints_are_refused_not_the_defaults(name):
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
 def test_pinpoints_as_arrays_and_tensors_are_the_same_pinpoints(name):
-    vit = _vit()
+    vit = tiny_vit()
     pins = [(28, 56), (56, 28), (56, 56), (28, 84)]
     ref = hrperc.create_encoder(name, vit, pinpoints=pins)
     sizes = [(10, 10), (60, 200), (200, 60), (90, 90)]
@@ -286,7 +280,7 @@ def test_pinpoints_as_arrays_and_tensors_are_the_same_pinpoints(name):
 
 
 def test_s2_scales_empty_refused_arrays_converted():
-    vit = _vit()
+    vit = tiny_vit()
     for empty in ((), [], np.array([], dtype=np.int64)):
         with raises_naming(ValueError, "scales=", "empty"):
             hrperc.create_encoder("s2", vit, scales=empty)
@@ -301,7 +295,7 @@ def test_s2_scales_empty_refused_arrays_converted():
 
 
 def test_integer_options_are_checked_at_build():
-    vit = _vit()
+    vit = tiny_vit()
     cases = [
         ("llava_onevision", "max_tiles", "9", TypeError), ("llava_onevision", "max_tiles", 0, ValueError),
         ("llava_onevision", "max_tiles", 2.5, TypeError), ("internvl", "max_tiles", "12", TypeError),
@@ -331,7 +325,7 @@ REDUCING = [dict(reduction="bilinear"), dict(reduction="avg"), dict(reduction="a
 
 @pytest.mark.parametrize("name", DCM_RECIPES)
 def test_a_reducing_dem_is_refused_when_the_encoder_is_built(name):
-    vit = _vit()
+    vit = tiny_vit()
     for kw in REDUCING:
         dem = hrperc.DualPerspectiveEnhancement(32, 4, **kw)
         with raises_naming(ValueError, f"reduction={kw['reduction']!r}", "reduction='none'", "dcm=True") as info:
@@ -348,7 +342,7 @@ def test_a_reducing_dem_is_refused_when_the_encoder_is_built(name):
 
 @pytest.mark.parametrize("name", DCM_RECIPES)
 def test_other_dem_mismatches_are_refused_at_build(name):
-    vit = _vit()
+    vit = tiny_vit()
     with raises_naming(ValueError, "dim=16", "hidden_size=32"):  # the width
         hrperc.create_encoder(name, vit, dcm=True, dem=hrperc.DualPerspectiveEnhancement(16, 2, reduction="none"))
 
@@ -364,7 +358,7 @@ def test_other_dem_mismatches_are_refused_at_build(name):
 
 
 def test_a_fixed_grid_dem_that_cannot_be_averaged_is_refused_at_build():
-    vit = _vit()
+    vit = tiny_vit()
     for grid, kw in [((3, 3), dict(reduction="none")), ((2, 2), dict(output_size=(2, 2))), ((1, 2), dict())]:
         dem = hrperc.DualPerspectiveEnhancement(32, 4, **kw)
         if kw == {}:  # the released reduction gives one tile's worth: averaged with the thumbnail, built
