@@ -74,8 +74,10 @@ class FullCrossAttentionDEM(nn.Module):
         b, length, d = f_loc.shape
 
         def attend(q_in, kv_in):
-            q, k, v = (a.linears[i](x).view(b, length, h, d // h).transpose(1, 2) for i, x in
-                       ((0, q_in), (1, kv_in), (2, kv_in)))  # fmt: skip
+            q, k, v = (
+                a.linears[i](x).view(b, length, h, d // h).transpose(1, 2)
+                for i, x in ((0, q_in), (1, kv_in), (2, kv_in))
+            )
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, d)
             return a.ln(a.linears[3](o) + q_in)
 
@@ -83,6 +85,7 @@ class FullCrossAttentionDEM(nn.Module):
         fused = self.dem.fusion(e_loc, e_glo)
         th = int(round(local_feats.shape[1] ** 0.5))
         hw = (grid[0] * th, grid[1] * th)
-        out = F.interpolate(fused.view(b, *hw, d).permute(0, 3, 1, 2).float(), size=(th, th), mode="bilinear",
-                            align_corners=False)  # fmt: skip
+        out = F.interpolate(
+            fused.view(b, *hw, d).permute(0, 3, 1, 2).float(), size=(th, th), mode="bilinear", align_corners=False
+        )
         return out.permute(0, 2, 3, 1).reshape(b, th * th, d)

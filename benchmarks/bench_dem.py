@@ -167,8 +167,20 @@ def child(impl: str, n: int, b: int, dtype_name: str, device: str, budget: float
 
 
 def run_child(impl, n, b, dtype, device, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, str(n), str(b), dtype, device,
-           "--budget", str(args.budget), "--reps", str(args.reps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        str(n),
+        str(b),
+        dtype,
+        device,
+        "--budget",
+        str(args.budget),
+        "--reps",
+        str(args.reps),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         return {"impl": impl, "n": n, "batch": b, "dtype": dtype, "device": device, "error": res.stderr[-800:]}
@@ -204,8 +216,14 @@ def main(argv=None) -> None:
                 for impl in args.impls:
                     gflop = flops(impl, n, b) / 1e9
                     if gflop > args.max_gflop:
-                        row = {"impl": impl, "n": n, "batch": b, "dtype": dtype, "device": device,
-                               "skipped": f"{gflop:.0f} GFLOP > --max-gflop {args.max_gflop:.0f}"}  # fmt: skip
+                        row = {
+                            "impl": impl,
+                            "n": n,
+                            "batch": b,
+                            "dtype": dtype,
+                            "device": device,
+                            "skipped": f"{gflop:.0f} GFLOP > --max-gflop {args.max_gflop:.0f}",
+                        }
                     else:
                         row = run_child(impl, n, b, dtype, device, args)
                     row["gflop_fwd"] = gflop
@@ -237,9 +255,11 @@ def main(argv=None) -> None:
 def _line(r) -> str:
     if "fwd_s" not in r:
         return f"{r['impl']:>10} n={r['n']} B={r['batch']}: {r.get('skipped') or r.get('error', '')[-300:]}"
-    return (f"{r['impl']:>10} n={r['n']} B={r['batch']} {r['dtype']}: fwd {r['fwd_s'] * 1e3:8.1f} ms  fwd+bwd "
-            f"{r['fwd_bwd_s'] * 1e3:8.1f} ms  peak {r['fwd_peak_mib']:7.0f}/{r['fwd_bwd_peak_mib']:7.0f} MiB  "
-            f"{r['gflop_fwd']:7.1f} GFLOP  {r['gflops_fwd']:6.1f} GFLOP/s")  # fmt: skip
+    return (
+        f"{r['impl']:>10} n={r['n']} B={r['batch']} {r['dtype']}: fwd {r['fwd_s'] * 1e3:8.1f} ms  fwd+bwd "
+        f"{r['fwd_bwd_s'] * 1e3:8.1f} ms  peak {r['fwd_peak_mib']:7.0f}/{r['fwd_bwd_peak_mib']:7.0f} MiB  "
+        f"{r['gflop_fwd']:7.1f} GFLOP  {r['gflops_fwd']:6.1f} GFLOP/s"
+    )
 
 
 def _add_ratios(rows):
@@ -254,10 +274,16 @@ def _add_ratios(rows):
 
 
 def _table(rows, peaks) -> str:
-    head = ("| impl | n | B | fwd ms | fwd+bwd ms | x loop fwd | x loop f+b | peak MiB fwd | peak MiB f+b | "
-            "mem/loop f+b | GFLOP fwd | GFLOP/s fwd | % matmul peak |")  # fmt: skip
-    out = ["matmul peak (same run): " + ", ".join(f"{k}: {v:.0f} GFLOP/s" for k, v in peaks.items()), "", head,
-           "|" + "---|" * 13]  # fmt: skip
+    head = (
+        "| impl | n | B | fwd ms | fwd+bwd ms | x loop fwd | x loop f+b | peak MiB fwd | peak MiB f+b | "
+        "mem/loop f+b | GFLOP fwd | GFLOP/s fwd | % matmul peak |"
+    )
+    out = [
+        "matmul peak (same run): " + ", ".join(f"{k}: {v:.0f} GFLOP/s" for k, v in peaks.items()),
+        "",
+        head,
+        "|" + "---|" * 13,
+    ]
     for r in rows:
         if "fwd_s" not in r:
             out.append(f"| {r['impl']} | {r['n']} | {r['batch']} | {r.get('skipped') or 'error'} |")

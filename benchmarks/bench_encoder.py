@@ -105,8 +105,12 @@ def measure_memory_here(fn, device) -> dict:
         fn()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-        return {"peak_mib": peak, "rise_mib": peak - before, "baseline_mib": before,
-                "peak_method": "torch.cuda.max_memory_allocated"}  # fmt: skip
+        return {
+            "peak_mib": peak,
+            "rise_mib": peak - before,
+            "baseline_mib": before,
+            "peak_method": "torch.cuda.max_memory_allocated",
+        }
     resettable = _reset_peak()
     before = _status_mib("VmRSS")
     fn()
@@ -114,9 +118,13 @@ def measure_memory_here(fn, device) -> dict:
         peak, method = _status_mib("VmHWM"), "VmHWM after clear_refs=5 (peak RSS during the call)"
     else:  # process-lifetime peak: includes model construction, so it can only over-state the call's peak
         peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss (process lifetime)"
-    return {"peak_mib": peak, "rise_mib": max(peak - before, 0.0), "baseline_mib": before,
-            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_method": method}  # fmt: skip
+    return {
+        "peak_mib": peak,
+        "rise_mib": max(peak - before, 0.0),
+        "baseline_mib": before,
+        "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_method": method,
+    }
 
 
 def measure_memory(spec: dict) -> dict:
@@ -197,9 +205,15 @@ def bench_batching(name: str, model_name: str, device, reps: int, chunks, depth:
         r["speed_vs_serial"] = rows["serial"]["seconds"] / r["seconds"]
         r["memory_vs_serial"] = r["peak_mib"] / rows["serial"]["peak_mib"]
         r["rise_vs_serial"] = r["rise_mib"] / max(rows["serial"]["rise_mib"], 1e-9)
-    out = {"model": model_name, "depth": backbone.num_layers, "subimages": S,
-           "tokens_per_subimage": backbone.num_patches + backbone.num_prefix_tokens,
-           "default_max_batch": default, "configs": configs, "rows": rows}  # fmt: skip
+    out = {
+        "model": model_name,
+        "depth": backbone.num_layers,
+        "subimages": S,
+        "tokens_per_subimage": backbone.num_patches + backbone.num_prefix_tokens,
+        "default_max_batch": default,
+        "configs": configs,
+        "rows": rows,
+    }
     print(f"\n{name} ({model_name}, {backbone.num_layers} blocks), {S} sub-images, auto max_batch={default}")
     print(f"  {'config':<24} {'ms':>9} {'x serial':>9} {'peak MiB':>9} {'x serial':>9} {'rise MiB':>9} {'x serial':>9}")
     for key, r in rows.items():
@@ -252,15 +266,21 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
         if "assemble" in sec:  # the one runner: the DEM (and the combine) run in the front end's assemble stage
             sec["dem"] = sec.pop("assemble")
         total = sum(sec.values())
-        entry = {"seconds": sec, "vit": sec["backbone"] / total, "dem": sec["dem"] / total,
-                 "rest": (total - sec["backbone"] - sec["dem"]) / total}  # fmt: skip
+        entry = {
+            "seconds": sec,
+            "vit": sec["backbone"] / total,
+            "dem": sec["dem"] / total,
+            "rest": (total - sec["backbone"] - sec["dem"]) / total,
+        }
         if backbone.num_layers != 24:  # truncated ViT-L: scale the ViT time to the 23 blocks layer -2 runs
             vit_full = sec["backbone"] * 23 / blocks_run
             total_full = total - sec["backbone"] + vit_full
             entry["extrapolated_24_blocks"] = {
-                "vit": vit_full / total_full, "dem": sec["dem"] / total_full,
-                "rest": (total - sec["backbone"] - sec["dem"]) / total_full, "seconds": total_full,
-            }  # fmt: skip
+                "vit": vit_full / total_full,
+                "dem": sec["dem"] / total_full,
+                "rest": (total - sec["backbone"] - sec["dem"]) / total_full,
+                "seconds": total_full,
+            }
         shares[label] = entry
     speedup = rows["encode_all (19 passes)"]["seconds"] / rows["skipping (11 passes)"]["seconds"]
     speedup_24 = None
@@ -287,9 +307,16 @@ def bench_preset(device, reps: int, depth: int | None) -> dict:
                 f"  {'':<10} at 24 blocks:  ViT {100 * e['vit']:.1f}%, DEM {100 * e['dem']:.1f}%, "
                 f"rest {100 * e['rest']:.1f}% (ViT time scaled per block)"
             )
-    return {"tokens": list(a.tokens.shape), "depth": backbone.num_layers, "rows": rows, "speedup_skipping": speedup,
-            "speedup_skipping_24_blocks": speedup_24, "max_abs_diff": max_diff, "shares": shares,
-            "passes": {"skipping": a.encoded, "encode_all": b.encoded}}  # fmt: skip
+    return {
+        "tokens": list(a.tokens.shape),
+        "depth": backbone.num_layers,
+        "rows": rows,
+        "speedup_skipping": speedup,
+        "speedup_skipping_24_blocks": speedup_24,
+        "max_abs_diff": max_diff,
+        "shares": shares,
+        "passes": {"skipping": a.encoded, "encode_all": b.encoded},
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -315,6 +342,7 @@ def plot(results: dict, path: Path) -> None:
     shares = results["preset"]["shares"]
     labels = list(shares)
     bottom = [0.0] * len(labels)
+
     def part_seconds(sec: dict, part: str) -> float:
         if part == "vit":
             return sec["backbone"]
@@ -340,10 +368,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None, help="timed calls per configuration (CPU 2, GPU 10)")
     p.add_argument(
-        "--depth", type=int, default=None,
+        "--depth",
+        type=int,
+        default=None,
         help="transformer blocks of both ViTs (default: all on GPU, 3 on CPU, where a full ViT-L pass takes "
         "many seconds; per-block cost and batching ratios do not depend on depth)",
-    )  # fmt: skip
+    )
     p.add_argument("--quick", action="store_true", help="ViT-B only, one repetition (a smoke run)")
     p.add_argument("--preset-only", action="store_true", help="only the released preset (e.g. with --depth 24)")
     p.add_argument("--out", default=str(RESULTS))

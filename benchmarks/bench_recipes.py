@@ -58,24 +58,41 @@ def build(recipe: str, width: int, depth: int, seed: int = 0):
 
     torch.manual_seed(seed)
     vis = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth, num_attention_heads=4)
-    text = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    text = tf.Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     if recipe == "llava_next":
-        cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(image_size=336, patch_size=14, **vis),
-                                 text_config=text, image_token_id=255)  # fmt: skip
+        cfg = tf.LlavaNextConfig(
+            vision_config=tf.CLIPVisionConfig(image_size=336, patch_size=14, **vis),
+            text_config=text,
+            image_token_id=255,
+        )
         model = tf.LlavaNextForConditionalGeneration(cfg)
         proc = tf.LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     elif recipe == "llava_onevision":
-        cfg = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(image_size=384, patch_size=14, **vis),
-                                      text_config=text, image_token_id=255)  # fmt: skip
+        cfg = tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(image_size=384, patch_size=14, **vis),
+            text_config=text,
+            image_token_id=255,
+        )
         model = tf.LlavaOnevisionForConditionalGeneration(cfg)
         proc = tf.LlavaOnevisionImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     else:
         vcfg = tf.InternVLVisionConfig(image_size=448, patch_size=14, **vis)
         cfg = tf.InternVLConfig(vision_config=vcfg, text_config=text, image_token_id=255)
         model = tf.InternVLForConditionalGeneration(cfg)
-        proc = tf.GotOcr2ImageProcessor(crop_to_patches=True, size={"height": 448, "width": 448}, max_patches=12,
-                                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+        proc = tf.GotOcr2ImageProcessor(
+            crop_to_patches=True,
+            size={"height": 448, "width": 448},
+            max_patches=12,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
     return model.eval(), proc
 
 
@@ -94,8 +111,9 @@ def paths(recipe: str, model, proc, dtype):
         t1 = time.perf_counter()
         pixels = batch["pixel_values"].to(dtype)
         if recipe == "internvl":
-            feats = inner.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
-                                             vision_feature_select_strategy="default").pooler_output  # fmt: skip
+            feats = inner.get_image_features(
+                pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"
+            ).pooler_output
             out = list(feats.split(batch["num_patches"].tolist() if "num_patches" in batch else [len(feats)]))
             out = [f.flatten(0, 1) for f in out]
         else:
@@ -148,8 +166,15 @@ def bench_row(recipe, rows, dtype_name, width, depth, reps, model, proc) -> dict
                 mine = out
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, mine))
     same_len = all(a.shape == b.shape for a, b in zip(ref, mine))
-    row = {"recipe": recipe, "rows": rows, "dtype": dtype_name, "images": len(images), "same_shapes": same_len,
-           "max_abs_diff": diff, "tokens": [int(t.shape[0]) for t in mine]}  # fmt: skip
+    row = {
+        "recipe": recipe,
+        "rows": rows,
+        "dtype": dtype_name,
+        "images": len(images),
+        "same_shapes": same_len,
+        "max_abs_diff": diff,
+        "tokens": [int(t.shape[0]) for t in mine],
+    }
     for name in secs:
         row[f"{name}_seconds"] = statistics.median(secs[name])
         row[f"{name}_split"] = {k: v / reps for k, v in split[name].items()}
@@ -196,9 +221,14 @@ def bench_inf_llava_dtypes(depth: int, reps: int) -> dict:
     med = {k: statistics.median(v) for k, v in secs.items()}
     diff = (outs["bf16 (11 passes)"].float() - outs["fp32 (11 passes)"]).abs().max().item()
     scale = outs["fp32 (11 passes)"].abs().max().item()
-    return {"depth": depth, "seconds": med, "bf16_vs_fp32": med["fp32 (11 passes)"] / med["bf16 (11 passes)"],
-            "bf16_vs_encode_all_fp32": med["fp32 encode_all (19 passes)"] / med["bf16 (11 passes)"],
-            "max_abs_diff": diff, "max_abs_fp32": scale}  # fmt: skip
+    return {
+        "depth": depth,
+        "seconds": med,
+        "bf16_vs_fp32": med["fp32 (11 passes)"] / med["bf16 (11 passes)"],
+        "bf16_vs_encode_all_fp32": med["fp32 encode_all (19 passes)"] / med["bf16 (11 passes)"],
+        "max_abs_diff": diff,
+        "max_abs_fp32": scale,
+    }
 
 
 def copy_to(enc, dtype):
@@ -253,8 +283,14 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(describe(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "width": args.width, "depth": args.depth, "reps": reps}  # fmt: skip
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "width": args.width,
+        "depth": args.depth,
+        "reps": reps,
+    }
     if not args.quick:
         (RESULTS / "bench_recipes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0

@@ -145,9 +145,9 @@ def make_flex(q, grid, tile, device):
     # Window id of each token, in each stack's own order: window w of the stack in WINDOW order holds
     # positions perm[w*t:(w+1)*t] of the stack in the source order.
     q_win = torch.empty(n * t, dtype=torch.int64, device=device)
-    q_win[hrperc.ops.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device)] = torch.arange(
-        n * t, device=device
-    ) // t
+    q_win[hrperc.ops.window_permutation(grid, tile, Q_ORDER, WINDOW, device=device)] = (
+        torch.arange(n * t, device=device) // t
+    )
     kv_win = torch.arange(n * t, device=device) // t  # k/v are already in the window order
 
     def same_window(b, h, q_idx, kv_idx):
@@ -187,7 +187,15 @@ def fp64_reference(q, k, v, grid, tile):
     """Float64 attention in the benchmark's pairing, output as the recombined map (B, L, H, D): the
     library's plain-torch reference backend (the spec), so the benchmark checks against the same math."""
     return hrperc.window_attention(
-        q, k, v, grid, window=WINDOW, q_order=Q_ORDER, kv_order=KV_ORDER, out_order="map", tile_size=tile,
+        q,
+        k,
+        v,
+        grid,
+        window=WINDOW,
+        q_order=Q_ORDER,
+        kv_order=KV_ORDER,
+        out_order="map",
+        tile_size=tile,
         backend="reference",
     )
 
@@ -261,13 +269,15 @@ def main(argv=None):
     accuracy = None
     if "triton" in methods:
         if os.environ.get("HRPERC_TRITON_AUTOTUNE", "1") != "0":
-            print("Note: the first triton calls autotune the forward and both backward kernels (every configuration "
-                  "that fits shared memory is compiled and timed once): this takes a minute or more. "
-                  "HRPERC_TRITON_AUTOTUNE=0 uses one fixed configuration instead (untuned timings).", flush=True)
+            print(
+                "Note: the first triton calls autotune the forward and both backward kernels (every configuration "
+                "that fits shared memory is compiled and timed once): this takes a minute or more. "
+                "HRPERC_TRITON_AUTOTUNE=0 uses one fixed configuration instead (untuned timings).",
+                flush=True,
+            )
         # Correctness first: output and q/k/v gradients against float64, before any timing.
         grad = torch.randn(args.batch, n * t, heads, dim, device=device, dtype=dtype)  # d(output map)
-        ref64 = _output_and_grads(lambda *xs: fp64_reference(*xs, grid, tile), q.double(), k.double(), v.double(),
-                                  grad)  # fmt: skip
+        ref64 = _output_and_grads(lambda *xs: fp64_reference(*xs, grid, tile), q.double(), k.double(), v.double(), grad)
         baseline = _output_and_grads(methods["gather_sdpa"], q, k, v, grad)
         fused = _output_and_grads(methods["triton"], q, k, v, grad)
         try:
@@ -275,9 +285,11 @@ def main(argv=None):
         except AssertionError as exc:
             print(f"FAIL: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from exc
-        print("triton vs float64 (flash-attn rule): "
-              + ", ".join(f"{w} {r['max_abs_err_vs_fp64']:.2e} <= {r['bound']:.2e}" for w, r in accuracy.items()),
-              flush=True)  # fmt: skip
+        print(
+            "triton vs float64 (flash-attn rule): "
+            + ", ".join(f"{w} {r['max_abs_err_vs_fp64']:.2e} <= {r['bound']:.2e}" for w, r in accuracy.items()),
+            flush=True,
+        )
         del ref64, baseline, fused, grad
 
     reference = methods["gather_sdpa"](q, k, v).float()
@@ -325,11 +337,23 @@ def main(argv=None):
 
     result = {
         "config": {
-            "batch": args.batch, "grid": grid, "tile": tile, "heads": heads, "head_dim": dim, "dtype": dtype_name,
-            "window": WINDOW, "q_order": Q_ORDER, "kv_order": KV_ORDER, "out_order": OUT_ORDER,
-            "device": peak["device"] if peak else "cpu", "peak": peak, "repeats": repeats,
-            "torch": torch.__version__, "flops_fwd": flops_fwd, "flops_bwd": flops_bwd,
-        },  # fmt: skip
+            "batch": args.batch,
+            "grid": grid,
+            "tile": tile,
+            "heads": heads,
+            "head_dim": dim,
+            "dtype": dtype_name,
+            "window": WINDOW,
+            "q_order": Q_ORDER,
+            "kv_order": KV_ORDER,
+            "out_order": OUT_ORDER,
+            "device": peak["device"] if peak else "cpu",
+            "peak": peak,
+            "repeats": repeats,
+            "torch": torch.__version__,
+            "flops_fwd": flops_fwd,
+            "flops_bwd": flops_bwd,
+        },
         "note": note,
         "accuracy_vs_fp64": accuracy,
         "targets": "GPU: triton fwd >= 0.8x and bwd >= 0.7x the throughput of sdpa_pregathered (flash backend)",
@@ -344,8 +368,10 @@ def main(argv=None):
     for r in rows:
         bwd = f"{r['bwd_ms']:9.3f}" if "bwd_ms" in r else f"{'n/a':>9s}"
         bx = f"{r['bwd_speed_vs_pregathered_sdpa']:7.2f}" if "bwd_ms" in r else f"{'n/a':>7s}"
-        print(f"{r['method']:18s} {r['fwd_ms']:9.3f} {bwd} {r['fwd_speed_vs_pregathered_sdpa']:7.2f} {bx} "
-              f"{r['fwd_tflops']:9.2f} {r['max_abs_err_vs_gather_sdpa']:9.2e}")  # fmt: skip
+        print(
+            f"{r['method']:18s} {r['fwd_ms']:9.3f} {bwd} {r['fwd_speed_vs_pregathered_sdpa']:7.2f} {bx} "
+            f"{r['fwd_tflops']:9.2f} {r['max_abs_err_vs_gather_sdpa']:9.2e}"
+        )
     print(f"wrote {out_dir / 'bench_window_attention.json'} and .png")
     return result
 
@@ -367,12 +393,15 @@ def plot(rows, config, note, path):
         label = f"{r['fwd_speed_vs_pregathered_sdpa']:.2f}x"
         ax.text(x - 0.2, r["fwd_ms"], label, ha="center", va="bottom", fontsize=8)
         if "bwd_ms" in r:
-            ax.text(x + 0.2, r["bwd_ms"], f"{r['bwd_speed_vs_pregathered_sdpa']:.2f}x", ha="center", va="bottom",
-                    fontsize=8)  # fmt: skip
+            ax.text(
+                x + 0.2, r["bwd_ms"], f"{r['bwd_speed_vs_pregathered_sdpa']:.2f}x", ha="center", va="bottom", fontsize=8
+            )
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("ms (median); labels: speed vs sdpa_pregathered")
-    title = (f"window attention, {config['device']}, {config['dtype']}, B={config['batch']}, grid {config['grid']}, "
-             f"{config['tile'][0]}x{config['tile'][1]} tokens, {config['heads']}x{config['head_dim']}")  # fmt: skip
+    title = (
+        f"window attention, {config['device']}, {config['dtype']}, B={config['batch']}, grid {config['grid']}, "
+        f"{config['tile'][0]}x{config['tile'][1]} tokens, {config['heads']}x{config['head_dim']}"
+    )
     ax.set_title(title, fontsize=9)
     if note:
         fig.text(0.01, 0.01, "CPU run: the fused Triton kernel needs a GPU and is not shown.", fontsize=8)

@@ -67,8 +67,9 @@ def _encoder_outputs(name: str, enc, out: dict) -> None:
         out[f"{name}/batch/tokens"] = enc(torch.stack(_images([(70, 120)] * 3, 3, False))).tokens.detach()
 
     def counts() -> None:
-        out[f"{name}/num_tokens"] = torch.tensor([enc.num_tokens((h, w)) for h in (1, 7, 28, 50, 99, 200, 640)
-                                                  for w in (1, 9, 28, 61, 140, 333, 1000)])  # fmt: skip
+        out[f"{name}/num_tokens"] = torch.tensor(
+            [enc.num_tokens((h, w)) for h in (1, 7, 28, 50, 99, 200, 640) for w in (1, 9, 28, 61, 140, 333, 1000)]
+        )
 
     _attempt(f"{name}/ragged/u8", lambda: ragged(True))
     _attempt(f"{name}/ragged/f32", lambda: ragged(False))
@@ -112,8 +113,9 @@ def inf_llava(out: dict) -> None:
     _encoder_outputs("inf_llava/no-dem", enc, out)
     vit = _vit(28, 7, seed=0)
     torch.manual_seed(3)
-    enc = hrperc.HighResEncoder(vit, hrperc.DualPerspectiveCrop(grid=(3, 3), tile_size=28), dem="default",
-                                encode_all=True)  # fmt: skip
+    enc = hrperc.HighResEncoder(
+        vit, hrperc.DualPerspectiveCrop(grid=(3, 3), tile_size=28), dem="default", encode_all=True
+    )
     _encoder_outputs("inf_llava/encode_all", enc, out)
 
 
@@ -124,12 +126,23 @@ def kernel(out: dict) -> None:
         for grid, tile, heads, dim in (((2, 2), (3, 3), 2, 16), ((2, 3), (3, 4), 1, 32)):
             g = torch.Generator().manual_seed(7)
             n = grid[0] * grid[1]
-            q, k, v = (torch.randn(2 * n, tile[0] * tile[1], heads, dim, generator=g).to(dtype).requires_grad_()
-                       for _ in range(3))  # fmt: skip
+            q, k, v = (
+                torch.randn(2 * n, tile[0] * tile[1], heads, dim, generator=g).to(dtype).requires_grad_()
+                for _ in range(3)
+            )
             for backend in ("triton", "sdpa", "reference"):
                 try:
-                    o = hrperc.window_attention(q, k, v, grid, backend=backend, tile_size=tile, window="strided",
-                                                q_order="contiguous", kv_order="strided")  # fmt: skip
+                    o = hrperc.window_attention(
+                        q,
+                        k,
+                        v,
+                        grid,
+                        backend=backend,
+                        tile_size=tile,
+                        window="strided",
+                        q_order="contiguous",
+                        kv_order="strided",
+                    )
                 except Exception as e:  # noqa: BLE001 -- a backend unavailable here is skipped on both trees
                     print(f"kernel: {backend} {dtype} skipped ({type(e).__name__}: {str(e)[:80]})")
                     continue
@@ -179,8 +192,10 @@ def main(argv=None) -> int:
     missing, extra = sorted(set(ref) - set(out)), sorted(set(out) - set(ref))
     differ = [k for k in sorted(set(ref) & set(out)) if not torch.equal(ref[k], out[k])]
     equal = len(set(ref) & set(out)) - len(differ)
-    print(f"{equal} of {len(ref)} outputs bit-for-bit equal; {len(differ)} differ, {len(missing)} missing, "
-          f"{len(extra)} new")  # fmt: skip
+    print(
+        f"{equal} of {len(ref)} outputs bit-for-bit equal; {len(differ)} differ, {len(missing)} missing, "
+        f"{len(extra)} new"
+    )
     for k in differ:
         a, b = ref[k], out[k]
         gap = (a.double() - b.double()).abs().max().item() if a.shape == b.shape else f"{a.shape} vs {b.shape}"

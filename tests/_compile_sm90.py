@@ -79,17 +79,25 @@ def compile_one(kernel, dtype, meta, cfg, head_dim, layout):
             else:
                 sig[name] = kind
                 attrs.update({(i,): BaseBackend.parse_attr(key)} if key else {})
-    src = ASTSource(jitfn, sig, constexprs={(jitfn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs=attrs)  # fmt: skip
+    src = ASTSource(jitfn, sig, constexprs={(jitfn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     opts = {"num_warps": cfg.num_warps if cfg else 4, "num_stages": cfg.num_stages if cfg else 1}
     return triton.compile(src, target=TARGET, options=opts)
 
 
 def meta_for(dtype, head_dim, layout):
     window, qo, ko, oo = layout
-    return dict(GH=GRID[0], GW=GRID[1], TH=TILE[0], TW=TILE[1], WINDOW=CODE[window], Q_ORDER=CODE[qo],
-                KV_ORDER=CODE[ko], O_ORDER=CODE[oo], PRECISION="ieee" if dtype == "fp32" else "tf32",
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)))  # fmt: skip
+    return dict(
+        GH=GRID[0],
+        GW=GRID[1],
+        TH=TILE[0],
+        TW=TILE[1],
+        WINDOW=CODE[window],
+        Q_ORDER=CODE[qo],
+        KV_ORDER=CODE[ko],
+        O_ORDER=CODE[oo],
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
 
 
 def main(argv):
@@ -112,8 +120,19 @@ def main(argv):
                 except Exception as exc:  # noqa: BLE001
                     failures.append((name, dtype, head_dim, window, str(cfg), repr(exc)[:300]))
                     shared = None
-                print(name, dtype, head_dim, window, cfg.kwargs, cfg.num_warps, cfg.num_stages, "shared", shared,
-                      f"{time.time() - t0:.1f}s", flush=True)  # fmt: skip
+                print(
+                    name,
+                    dtype,
+                    head_dim,
+                    window,
+                    cfg.kwargs,
+                    cfg.num_warps,
+                    cfg.num_stages,
+                    "shared",
+                    shared,
+                    f"{time.time() - t0:.1f}s",
+                    flush=True,
+                )
         pre = wa._bwd_preprocess_kernel
         m = {k: v for k, v in meta.items() if k in pre.arg_names}
         m["BLOCK_M"] = 64

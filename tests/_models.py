@@ -10,8 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def vit(img: int = 28, *, patch: int = 7, dim: int = 32, depth: int = 2, heads: int = 2, seed: int = 0,
-        num_classes: int = 0, dynamic: bool = False):  # fmt: skip
+def vit(
+    img: int = 28,
+    *,
+    patch: int = 7,
+    dim: int = 32,
+    depth: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+    num_classes: int = 0,
+    dynamic: bool = False,
+):
     """A ``timm`` ``VisionTransformer`` of ``img`` x ``img`` tiles, seeded.
 
     Args:
@@ -38,5 +47,12 @@ def vit(img: int = 28, *, patch: int = 7, dim: int = 32, depth: int = 2, heads: 
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    return VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                             num_classes=num_classes, dynamic_img_size=dynamic)  # fmt: skip
+    return VisionTransformer(
+        img_size=img,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_classes=num_classes,
+        dynamic_img_size=dynamic,
+    )

@@ -61,8 +61,18 @@ def test_backends_match_literal_every_order(window, q_order, kv_order, backend):
     q, k, v = (torch.randn(2 * 6, 6, 2, 4, dtype=torch.float64) for _ in range(3))
     ref = _literal(q, k, v, grid, tile, window, q_order, kv_order)
     for out_order in ("map", "contiguous", "strided"):
-        out = hrperc.window_attention(q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order,
-                                      out_order=out_order, tile_size=tile, backend=backend)  # fmt: skip
+        out = hrperc.window_attention(
+            q,
+            k,
+            v,
+            grid,
+            window=window,
+            q_order=q_order,
+            kv_order=kv_order,
+            out_order=out_order,
+            tile_size=tile,
+            backend=backend,
+        )
         if out_order != "map":
             out = merge(out.reshape(12, 6, -1), grid, out_order, layout="nlc", tile_size=tile).view(ref.shape)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -71,8 +81,9 @@ def test_backends_match_literal_every_order(window, q_order, kv_order, backend):
 def test_default_out_order_is_window():
     q = torch.randn(9, 16, 1, 8)
     out = hrperc.window_attention(q, q, q, (3, 3), window="strided", q_order="contiguous", kv_order="contiguous")
-    full = hrperc.window_attention(q, q, q, (3, 3), window="strided", q_order="contiguous", kv_order="contiguous",
-                                   out_order="map")  # fmt: skip
+    full = hrperc.window_attention(
+        q, q, q, (3, 3), window="strided", q_order="contiguous", kv_order="contiguous", out_order="map"
+    )
     torch.testing.assert_close(out, crop(full.reshape(1, 144, 8), (3, 3), "strided", layout="nlc").view(out.shape))
 
 
@@ -108,17 +119,26 @@ def test_gradcheck_float64():
     for backend in ("reference", "sdpa"):
         assert torch.autograd.gradcheck(
             lambda a, b, c, backend=backend: hrperc.window_attention(
-                a, b, c, (2, 2), window="strided", q_order="contiguous", kv_order="strided", out_order="map",
-                backend=backend),
+                a,
+                b,
+                c,
+                (2, 2),
+                window="strided",
+                q_order="contiguous",
+                kv_order="strided",
+                out_order="map",
+                backend=backend,
+            ),
             (q, k, v),
             fast_mode=True,
-        )  # fmt: skip
+        )
 
 
 def test_grid_1x1_is_plain_attention():
     q, k, v = (torch.randn(3, 20, 2, 8) for _ in range(3))
-    out = hrperc.window_attention(q, k, v, 1, window="strided", q_order="contiguous", kv_order="strided",
-                                  tile_size=(4, 5))  # fmt: skip
+    out = hrperc.window_attention(
+        q, k, v, 1, window="strided", q_order="contiguous", kv_order="strided", tile_size=(4, 5)
+    )
     plain = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, plain)
 
@@ -137,11 +157,26 @@ def test_cross_attention_functional_matches_manual():
     bs = [torch.randn(d, dtype=torch.float64) for _ in range(4)]
     qf, kvf = torch.randn(2 * 4, 9, d, dtype=torch.float64), torch.randn(2 * 4, 9, d, dtype=torch.float64)
     out = hrperc.attention.window_cross_attention(
-        qf, kvf, (2, 2), "strided", "contiguous", "strided", q_weight=w[0], q_bias=bs[0], k_weight=w[1],
-        k_bias=bs[1], v_weight=w[2], v_bias=bs[2], out_weight=w[3], out_bias=bs[3], heads=h,
-    )  # fmt: skip
-    q, k, v = (F.linear(x, wi, bi).view(8, 9, h, d // h) for x, wi, bi in ((qf, w[0], bs[0]), (kvf, w[1], bs[1]),
-                                                                            (kvf, w[2], bs[2])))  # fmt: skip
+        qf,
+        kvf,
+        (2, 2),
+        "strided",
+        "contiguous",
+        "strided",
+        q_weight=w[0],
+        q_bias=bs[0],
+        k_weight=w[1],
+        k_bias=bs[1],
+        v_weight=w[2],
+        v_bias=bs[2],
+        out_weight=w[3],
+        out_bias=bs[3],
+        heads=h,
+    )
+    q, k, v = (
+        F.linear(x, wi, bi).view(8, 9, h, d // h)
+        for x, wi, bi in ((qf, w[0], bs[0]), (kvf, w[1], bs[1]), (kvf, w[2], bs[2]))
+    )
     att = _literal(q, k, v, (2, 2), (3, 3), "strided", "contiguous", "strided").reshape(2, 36, d)
     torch.testing.assert_close(out, F.linear(att, w[3], bs[3]))
 
@@ -352,8 +387,11 @@ def test_declared_fields_accept_inputs_within_them_then_ask_check(registered):
         seen.append(kw)
         return None
 
-    fits = registered(AttentionBackend("fits", sdpa_window_attention, devices=("cpu",), dtypes=(torch.float32,),
-                                       max_head_dim=8, check=check))  # fmt: skip
+    fits = registered(
+        AttentionBackend(
+            "fits", sdpa_window_attention, devices=("cpu",), dtypes=(torch.float32,), max_head_dim=8, check=check
+        )
+    )
     q, k, v = _qkv()  # cpu, float32, head_dim 8: the boundary of max_head_dim is allowed
     assert fits.supports(q, k, v) is None and len(seen) == 1
     out = hrperc.window_attention(q, k, v, (2, 2), backend="fits", **KW)
@@ -372,8 +410,9 @@ def test_auto_picks_by_priority_among_eligible_backends_that_support_the_inputs(
     registered(AttentionBackend("cpu_fast", _spy(calls), auto_devices=("cpu",), priority=5))
     registered(AttentionBackend("cpu_slow", sdpa_window_attention, auto_devices=None, priority=1))
     # Higher priorities that "auto" must pass over: refuses float32 / not automatic on CPU / only when forced.
-    registered(AttentionBackend("f64_only", sdpa_window_attention, dtypes=(torch.float64,), auto_devices=("cpu",),
-                                priority=50))  # fmt: skip
+    registered(
+        AttentionBackend("f64_only", sdpa_window_attention, dtypes=(torch.float64,), auto_devices=("cpu",), priority=50)
+    )
     registered(AttentionBackend("cuda_auto", sdpa_window_attention, auto_devices=("cuda",), priority=100))
     registered(AttentionBackend("forced_only", sdpa_window_attention, priority=1000))
     assert resolve("auto", q, k, v, **NORM).name == "cpu_fast"
@@ -385,8 +424,11 @@ def test_auto_picks_by_priority_among_eligible_backends_that_support_the_inputs(
     assert resolve("auto", q64, k64, v64, **NORM).name == "f64_only"
     # query_subset=True: only backends with a query-subset form compete.
     assert resolve("auto", q, k, v, query_subset=True, **NORM).name == "sdpa"
-    registered(AttentionBackend("subset_fast", sdpa_window_attention, query_subset=sdpa_query_subset,
-                                auto_devices=("cpu",), priority=3))  # fmt: skip
+    registered(
+        AttentionBackend(
+            "subset_fast", sdpa_window_attention, query_subset=sdpa_query_subset, auto_devices=("cpu",), priority=3
+        )
+    )
     assert resolve("auto", q, k, v, query_subset=True, **NORM).name == "subset_fast"
     assert resolve("auto", q, k, v, **NORM).name == "cpu_fast"
     # Forcing still reaches a backend "auto" never picks.

@@ -28,8 +28,16 @@ def test_probs_reproduce_attention_output(pairing, direction, query):
     q_feats, kv_feats = (glo, loc) if direction == "global" else (loc, glo)
     q_order, kv_order = ("strided", "contiguous") if direction == "global" else ("contiguous", "strided")
     with torch.no_grad():
-        full = attn(q_feats, kv_feats, grid, window=att.window, q_order=q_order, kv_order=kv_order,
-                    out_order="map", tile_size=tile)[0, query[0] * 10 + query[1]]
+        full = attn(
+            q_feats,
+            kv_feats,
+            grid,
+            window=att.window,
+            q_order=q_order,
+            kv_order=kv_order,
+            out_order="map",
+            tile_size=tile,
+        )[0, query[0] * 10 + query[1]]
         lm = local_merge(loc.reshape(6, 4, 5, D), grid, layout="nhwc")[0]
         gm = stride_merge(glo.reshape(6, 4, 5, D), grid, layout="nhwc")[0]
         qm, kvm = (gm, lm) if direction == "global" else (lm, gm)

@@ -245,8 +245,14 @@ def test_hf_grad_checkpointing_same_gradients():
 
 # --- errors ------------------------------------------------------------------------------------------
 def test_unknown_names():
-    with raises_naming(ValueError, "name='ViT-L-14-336'", "'timm:<model>'", "'open_clip:<model>'", "'hf:<local dir>'",
-                       "open_clip:ViT-L-14-336"):  # fmt: skip
+    with raises_naming(
+        ValueError,
+        "name='ViT-L-14-336'",
+        "'timm:<model>'",
+        "'open_clip:<model>'",
+        "'hf:<local dir>'",
+        "open_clip:ViT-L-14-336",
+    ):
         create_backbone("ViT-L-14-336")
     with raises_naming(ValueError, "'timm:vit_no_such_model'", "timm.list_models("):
         create_backbone("timm:vit_no_such_model")
@@ -299,10 +305,15 @@ def test_open_clip_with_timm_trunk_uses_timm_adapter(tmp_path):
 
     cfg = {
         "embed_dim": 16,
-        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "image_size": 32},
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 32,
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-    }  # fmt: skip
+    }
     (tmp_path / "hrperc-test-timm-tower.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)
     model = open_clip.create_model("hrperc-test-timm-tower").eval()
@@ -479,11 +490,18 @@ def test_quickgelu_warnings(oc_name, tmp_path):
         return create_backbone(f"open_clip:{name}", pretrained=path, **_OC_CFG, **kw)
 
     # open_clip: OpenAI's are the only published ViT-L-14-336 weights, and they need QuickGELU
-    with warns_naming(UserWarning, str(ckpt), "'ViT-L-14-336'", "'open_clip:ViT-L-14-336-quickgelu'",
-                      "force_quick_gelu=True"):  # fmt: skip
+    with warns_naming(
+        UserWarning, str(ckpt), "'ViT-L-14-336'", "'open_clip:ViT-L-14-336-quickgelu'", "force_quick_gelu=True"
+    ):
         load("ViT-L-14-336", ckpt)
-    with warns_naming(UserWarning, str(openai_ckpt), "'ViT-B-16'", "'openai'", "'open_clip:ViT-B-16-quickgelu'",
-                      "force_quick_gelu=True"):  # fmt: skip
+    with warns_naming(
+        UserWarning,
+        str(openai_ckpt),
+        "'ViT-B-16'",
+        "'openai'",
+        "'open_clip:ViT-B-16-quickgelu'",
+        "force_quick_gelu=True",
+    ):
         load("ViT-B-16", openai_ckpt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -497,8 +515,9 @@ def test_quickgelu_warnings(oc_name, tmp_path):
     src = timm.create_model("vit_base_patch16_clip_224", **arch)
     path = tmp_path / "openai-clip-b16.safetensors"
     save_file(src.state_dict(), str(path))
-    with warns_naming(UserWarning, str(path), "'vit_base_patch16_clip_224'", "'openai'",
-                      "'timm:vit_base_patch16_clip_quickgelu_224'"):  # fmt: skip
+    with warns_naming(
+        UserWarning, str(path), "'vit_base_patch16_clip_224'", "'openai'", "'timm:vit_base_patch16_clip_quickgelu_224'"
+    ):
         create_backbone("timm:vit_base_patch16_clip_224", pretrained=path, **arch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -509,8 +528,14 @@ def test_quickgelu_warnings(oc_name, tmp_path):
 def _siglip(image_size=30, patch_size=14, seed=0):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                             image_size=image_size, patch_size=patch_size)  # fmt: skip
+    cfg = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
     torch.manual_seed(seed)
     return SiglipVisionModel(cfg).eval()
 
@@ -536,8 +561,9 @@ def test_encoder_on_a_non_multiple_tile_counts_and_masks_whole_patches():
     out = enc(images)
     assert out.num_tokens == [enc.num_tokens(tuple(i.shape[-2:])) for i in images] == [4, 4]
     assert out.tokens.shape == (2, 4, 32) and all(m.shape == (6, 6) and m.all() for m in out.valid_masks)
-    pad = hrperc.HighResEncoder(bb, hrperc.DualPerspectiveCrop(grid="auto", tile_size=30, fit="pad", max_tiles=4),
-                                dem=None, combine="none")  # fmt: skip
+    pad = hrperc.HighResEncoder(
+        bb, hrperc.DualPerspectiveCrop(grid="auto", tile_size=30, fit="pad", max_tiles=4), dem=None, combine="none"
+    )
     mask = pad(torch.rand(3, 30, 40)).valid_masks[0]  # grid (1, 2): content in columns 0..39 of 60
     # Tile 1's patches cover columns 30..43 and 44..57: the first holds content, the second only padding.
     assert mask.shape == (2, 4) and mask.tolist() == [[True, True, True, False]] * 2
@@ -672,8 +698,9 @@ def test_a_registered_family_is_built_by_name_and_wraps_its_models(registry):
     def wrap(model, *, layer, mean, std):
         return wrap_backbone(_tiny_timm(), layer=layer) if isinstance(model, Tower) else None
 
-    family = hrperc.backbones.register_family("toy", create, wrap=wrap, aliases=("toy-vit",), usage="'toy:<x>'",
-                                              supports="Tower")  # fmt: skip
+    family = hrperc.backbones.register_family(
+        "toy", create, wrap=wrap, aliases=("toy-vit",), usage="'toy:<x>'", supports="Tower"
+    )
     assert family in hrperc.backbones.list_families() and family.prefix == "toy"
     bb = create_backbone("toy-vit:small:v2", pretrained="/w.bin", layer=-1, strict=False, depth=9)
     assert calls == [("small:v2", "/w.bin", -1, False, {"depth": 9})]
@@ -715,8 +742,11 @@ def test_backbones_use_no_private_names_of_timm_open_clip_or_transformers():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in libraries:
                 parts = node.module.split(".") + [a.name for a in node.names]
-                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
-                          if any(p.startswith("_") for p in parts)]  # fmt: skip
+                found += [
+                    f"{path.name}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if any(p.startswith("_") for p in parts)
+                ]
                 aliases.update({a.asname or a.name: node.module for a in node.names})
             elif isinstance(node, ast.Import):
                 aliases.update({(a.asname or a.name).split(".")[0]: a.name for a in node.names})
@@ -802,12 +832,15 @@ def test_open_clip_tower_with_more_prefix_tokens_strips_them_all():
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("files, chosen", [
-    (["b.bin", "a.pth", "z.safetensors"], "z.safetensors"),
-    (["a.bin", "c.bin"], "a.bin"),
-    (["model.safetensors", "open_clip_pytorch_model.bin", "x.safetensors"], "open_clip_pytorch_model.bin"),
-    (["pytorch_model.bin", "model.pth", "a.safetensors"], "pytorch_model.bin"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "files, chosen",
+    [
+        (["b.bin", "a.pth", "z.safetensors"], "z.safetensors"),
+        (["a.bin", "c.bin"], "a.bin"),
+        (["model.safetensors", "open_clip_pytorch_model.bin", "x.safetensors"], "open_clip_pytorch_model.bin"),
+        (["pytorch_model.bin", "model.pth", "a.safetensors"], "pytorch_model.bin"),
+    ],
+)
 def test_open_clip_local_dir_picks_the_checkpoint_open_clip_would(oc_name, tmp_path, files, chosen):
     import open_clip
 

@@ -81,10 +81,16 @@ def test_crop_of_merge_is_identity(p):
     n = p["gh"] * p["gw"]
     h, w = p["h"], p["w"]
     layout = p["layout"]
-    stack_shape = {"nchw": (p["b"] * n, p["c"], h, w), "nhwc": (p["b"] * n, h, w, p["c"]),
-                   "nlc": (p["b"] * n, h * w, p["c"])}[layout]
-    t = torch.arange(torch.Size(stack_shape).numel()).reshape(stack_shape).to(
-        p["dtype"] if p["dtype"] not in (torch.uint8,) else torch.int64)
+    stack_shape = {
+        "nchw": (p["b"] * n, p["c"], h, w),
+        "nhwc": (p["b"] * n, h, w, p["c"]),
+        "nlc": (p["b"] * n, h * w, p["c"]),
+    }[layout]
+    t = (
+        torch.arange(torch.Size(stack_shape).numel())
+        .reshape(stack_shape)
+        .to(p["dtype"] if p["dtype"] not in (torch.uint8,) else torch.int64)
+    )
     crop_fn, merge_fn = CROPS[p["kind"]]
     H, W = p["gh"] * h, p["gw"] * w
     ckw, mkw = _kw(layout, H, W, h, w)
@@ -92,8 +98,15 @@ def test_crop_of_merge_is_identity(p):
     assert torch.equal(crop_fn(whole, (p["gh"], p["gw"]), layout=layout, **ckw), t)
 
 
-@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3),
-       st.sampled_from(["contiguous", "strided"]), st.sampled_from(LAYOUTS))
+@given(
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.sampled_from(["contiguous", "strided"]),
+    st.sampled_from(LAYOUTS),
+)
 def test_crop_is_a_bijection_on_pixels(gh, gw, h, w, c, kind, layout):
     H, W, n = gh * h, gw * w, gh * gw
     x = _map(layout, 2, c, H, W, torch.int64)  # arange: every element distinct
@@ -150,8 +163,14 @@ def test_layouts_agree_with_each_other():
         assert torch.equal(b.reshape(b.shape[0], -1, 5), c), kind
 
 
-@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3),
-       st.sampled_from([("contiguous", "strided"), ("strided", "contiguous"), ("strided", "strided")]))
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.sampled_from([("contiguous", "strided"), ("strided", "contiguous"), ("strided", "strided")]),
+)
 def test_permutation_equals_merge_then_crop(gh, gw, th, tw, b, kinds):
     source, target = kinds
     grid, n = (gh, gw), gh * gw
@@ -212,8 +231,9 @@ def test_modules_take_the_nlc_size_argument():
     ref = local_crop(x, (2, 3), layout="nlc", size=(6, 9))
     assert torch.equal(LocalCrop((2, 3), layout="nlc", size=(6, 9))(x), ref)
     assert torch.equal(LocalCrop((2, 3), layout="nlc")(x, size=(6, 9)), ref)
-    assert torch.equal(StrideGlobalCrop((2, 3), layout="nlc", size=(6, 9))(x),
-                       stride_crop(x, (2, 3), layout="nlc", size=(6, 9)))
+    assert torch.equal(
+        StrideGlobalCrop((2, 3), layout="nlc", size=(6, 9))(x), stride_crop(x, (2, 3), layout="nlc", size=(6, 9))
+    )
     tokens = torch.randn(6, 12, 4)
     rec = Recombine((2, 3), "strided", tile_size=(3, 4))
     assert rec(tokens).shape == (1, 6, 12, 4) and rec.tile_size == (3, 4)
@@ -253,7 +273,8 @@ def test_compile_fullgraph_aot_eager_modules(layout, module):
         x = torch.randn(_COMPILE_STACK[layout])
     else:
         m = {"LocalCrop": LocalCrop, "StrideGlobalCrop": StrideGlobalCrop}[module](
-            (2, 3), layout=layout, size=(8, 9) if nlc else None)
+            (2, 3), layout=layout, size=(8, 9) if nlc else None
+        )
         x = torch.randn(_COMPILE_MAP[layout])
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     got, ref = compiled(x), m(x)
@@ -276,8 +297,17 @@ def test_compile_fullgraph_traces_crops_and_permutation():
 
 
 def test_public_names_are_exported():
-    for name in ["local_crop", "stride_crop", "local_merge", "stride_merge", "permute_windows", "LocalCrop",
-                 "StrideGlobalCrop", "Recombine", "DualPerspectiveCrop"]:
+    for name in [
+        "local_crop",
+        "stride_crop",
+        "local_merge",
+        "stride_merge",
+        "permute_windows",
+        "LocalCrop",
+        "StrideGlobalCrop",
+        "Recombine",
+        "DualPerspectiveCrop",
+    ]:
         assert name in hrperc.__all__ and hasattr(hrperc, name)
     for name in ["crop", "merge", "window_permutation", "local_crop", "permute_windows"]:
         assert name in hrperc.ops.__all__ and hasattr(hrperc.ops, name)
@@ -288,58 +318,117 @@ def test_public_names_are_exported():
     "call, exc, words",
     [
         (lambda: local_crop(torch.randn(3, 9, 9), (3, 3)), ValueError, ["x has shape (3, 9, 9)", "4 dims"]),
-        (lambda: local_crop(torch.randn(2, 3, 1000, 1008), (3, 3)), ValueError,
-         ["(2, 3, 1000, 1008)", "height 1000", "grid height 3"]),
+        (
+            lambda: local_crop(torch.randn(2, 3, 1000, 1008), (3, 3)),
+            ValueError,
+            ["(2, 3, 1000, 1008)", "height 1000", "grid height 3"],
+        ),
         (lambda: stride_crop(torch.randn(1, 3, 9, 10), (3, 3)), ValueError, ["width 10", "grid width 3"]),
         (lambda: local_crop(torch.randn(1, 3, 9, 9), (0, 3)), ValueError, ["grid=(0, 3)", ">= 1"]),
         (lambda: local_crop(torch.randn(1, 3, 9, 9), (1.5, 3)), TypeError, ["grid=(1.5, 3)", "float", "grid=(3, 3)"]),
         (lambda: local_crop(torch.randn(1, 3, 9, 9), "3x3"), TypeError, ["grid='3x3'"]),
-        (lambda: local_merge(torch.randn(10, 3, 3, 3), (3, 3)), ValueError,
-         ["(10, 3, 3, 3)", "N = gh*gw = 3*3 = 9"]),
-        (lambda: local_merge(torch.randn(9, 30, 3), (3, 3), layout="nlc"), ValueError,
-         ["(9, 30, 3)", "30", "tile_size=(rows, cols)"]),
-        (lambda: local_crop(torch.randn(1, 3, 9, 9), (3, 3), layout="nwhc"), ValueError,
-         ["layout='nwhc'", "('nchw', 'nhwc', 'nlc')"]),
+        (lambda: local_merge(torch.randn(10, 3, 3, 3), (3, 3)), ValueError, ["(10, 3, 3, 3)", "N = gh*gw = 3*3 = 9"]),
+        (
+            lambda: local_merge(torch.randn(9, 30, 3), (3, 3), layout="nlc"),
+            ValueError,
+            ["(9, 30, 3)", "30", "tile_size=(rows, cols)"],
+        ),
+        (
+            lambda: local_crop(torch.randn(1, 3, 9, 9), (3, 3), layout="nwhc"),
+            ValueError,
+            ["layout='nwhc'", "('nchw', 'nhwc', 'nlc')"],
+        ),
         (lambda: local_crop([[1.0]], (1, 1)), TypeError, ["torch.Tensor", "list"]),
-        (lambda: permute_windows(torch.randn(5, 4, 2), (2, 2), "contiguous", "strided"), ValueError,
-         ["(5, 4, 2)", "N = gh*gw = 2*2 = 4"]),
-        (lambda: permute_windows(torch.randn(4, 4, 2), (2, 2), "local", "strided"), ValueError,
-         ["source='local'", "'contiguous'", "'strided'"]),
-        (lambda: hrperc.ops.crop(torch.randn(1, 3, 9, 9), (3, 3), "tiles"), ValueError,
-         ["kind='tiles'", "'contiguous'", "'strided'"]),
-        (lambda: window_permutation((2, 2), (2, 2), "contiguous", "diagonal"), ValueError,
-         ["target='diagonal'", "'contiguous'", "'strided'"]),
+        (
+            lambda: permute_windows(torch.randn(5, 4, 2), (2, 2), "contiguous", "strided"),
+            ValueError,
+            ["(5, 4, 2)", "N = gh*gw = 2*2 = 4"],
+        ),
+        (
+            lambda: permute_windows(torch.randn(4, 4, 2), (2, 2), "local", "strided"),
+            ValueError,
+            ["source='local'", "'contiguous'", "'strided'"],
+        ),
+        (
+            lambda: hrperc.ops.crop(torch.randn(1, 3, 9, 9), (3, 3), "tiles"),
+            ValueError,
+            ["kind='tiles'", "'contiguous'", "'strided'"],
+        ),
+        (
+            lambda: window_permutation((2, 2), (2, 2), "contiguous", "diagonal"),
+            ValueError,
+            ["target='diagonal'", "'contiguous'", "'strided'"],
+        ),
         (lambda: Recombine((2, 2), "interleaved"), ValueError, ["kind='interleaved'", "'contiguous'", "'strided'"]),
         # first dimension not a multiple of N: every merge and layout
-        (lambda: stride_merge(torch.randn(10, 3, 3, 3), (3, 3)), ValueError,
-         ["stride_merge", "(10, 3, 3, 3)", "N = gh*gw = 3*3 = 9", "grid"]),
-        (lambda: local_merge(torch.randn(7, 3, 3, 2), (2, 3), layout="nhwc"), ValueError,
-         ["(7, 3, 3, 2)", "N = gh*gw = 2*3 = 6"]),
-        (lambda: stride_merge(torch.randn(5, 4, 8), (2, 2), layout="nlc"), ValueError,
-         ["(5, 4, 8)", "N = gh*gw = 2*2 = 4"]),
-        (lambda: local_merge(torch.randn(8, 9, 8), (2, 2), layout="nlc", tile_size=(2, 4)), ValueError,
-         ["tile_size=(2, 4)", "8", "9 tokens", "(8, 9, 8)"]),
-        (lambda: local_crop(torch.randn(1, 20, 8), (2, 2), layout="nlc"), ValueError,
-         ["(1, 20, 8)", "20", "size=(rows, cols)"]),
+        (
+            lambda: stride_merge(torch.randn(10, 3, 3, 3), (3, 3)),
+            ValueError,
+            ["stride_merge", "(10, 3, 3, 3)", "N = gh*gw = 3*3 = 9", "grid"],
+        ),
+        (
+            lambda: local_merge(torch.randn(7, 3, 3, 2), (2, 3), layout="nhwc"),
+            ValueError,
+            ["(7, 3, 3, 2)", "N = gh*gw = 2*3 = 6"],
+        ),
+        (
+            lambda: stride_merge(torch.randn(5, 4, 8), (2, 2), layout="nlc"),
+            ValueError,
+            ["(5, 4, 8)", "N = gh*gw = 2*2 = 4"],
+        ),
+        (
+            lambda: local_merge(torch.randn(8, 9, 8), (2, 2), layout="nlc", tile_size=(2, 4)),
+            ValueError,
+            ["tile_size=(2, 4)", "8", "9 tokens", "(8, 9, 8)"],
+        ),
+        (
+            lambda: local_crop(torch.randn(1, 20, 8), (2, 2), layout="nlc"),
+            ValueError,
+            ["(1, 20, 8)", "20", "size=(rows, cols)"],
+        ),
         # permute_windows: wrong types and shapes
-        (lambda: permute_windows([[1.0]], (1, 1), "contiguous", "strided"), TypeError,
-         ["tokens", "list", "torch.Tensor", "torch.as_tensor(tokens)"]),
-        (lambda: permute_windows(torch.randn(4), (2, 2), "contiguous", "strided"), ValueError,
-         ["tokens has shape (4,)", "1 dims", "2 dims", "reshape"]),
-        (lambda: permute_windows(torch.randn(4, 6, 2), (2, 2), "contiguous", "strided", tile_size=(2, 2)), ValueError,
-         ["(4, 6, 2)", "6 tokens", "tile_size=(2, 2)"]),
+        (
+            lambda: permute_windows([[1.0]], (1, 1), "contiguous", "strided"),
+            TypeError,
+            ["tokens", "list", "torch.Tensor", "torch.as_tensor(tokens)"],
+        ),
+        (
+            lambda: permute_windows(torch.randn(4), (2, 2), "contiguous", "strided"),
+            ValueError,
+            ["tokens has shape (4,)", "1 dims", "2 dims", "reshape"],
+        ),
+        (
+            lambda: permute_windows(torch.randn(4, 6, 2), (2, 2), "contiguous", "strided", tile_size=(2, 2)),
+            ValueError,
+            ["(4, 6, 2)", "6 tokens", "tile_size=(2, 2)"],
+        ),
         # size=/tile_size= belong to layout='nlc' only
-        (lambda: local_crop(torch.randn(1, 3, 9, 9), (3, 3), size=(9, 9)), ValueError,
-         ["size=(9, 9)", "layout='nchw'", "layout='nlc'", "Drop size="]),
-        (lambda: stride_crop(torch.randn(1, 9, 9, 3), (3, 3), layout="nhwc", size=(9, 9)), ValueError,
-         ["size=(9, 9)", "layout='nhwc'", "layout='nlc'"]),
-        (lambda: local_merge(torch.randn(9, 3, 3, 3), (3, 3), tile_size=(3, 3)), ValueError,
-         ["tile_size=(3, 3)", "layout='nchw'", "layout='nlc'", "Drop tile_size="]),
-        (lambda: stride_merge(torch.randn(9, 3, 3, 3), (3, 3), layout="nhwc", tile_size=(3, 3)), ValueError,
-         ["tile_size=(3, 3)", "layout='nhwc'", "layout='nlc'"]),
+        (
+            lambda: local_crop(torch.randn(1, 3, 9, 9), (3, 3), size=(9, 9)),
+            ValueError,
+            ["size=(9, 9)", "layout='nchw'", "layout='nlc'", "Drop size="],
+        ),
+        (
+            lambda: stride_crop(torch.randn(1, 9, 9, 3), (3, 3), layout="nhwc", size=(9, 9)),
+            ValueError,
+            ["size=(9, 9)", "layout='nhwc'", "layout='nlc'"],
+        ),
+        (
+            lambda: local_merge(torch.randn(9, 3, 3, 3), (3, 3), tile_size=(3, 3)),
+            ValueError,
+            ["tile_size=(3, 3)", "layout='nchw'", "layout='nlc'", "Drop tile_size="],
+        ),
+        (
+            lambda: stride_merge(torch.randn(9, 3, 3, 3), (3, 3), layout="nhwc", tile_size=(3, 3)),
+            ValueError,
+            ["tile_size=(3, 3)", "layout='nhwc'", "layout='nlc'"],
+        ),
         (lambda: LocalCrop((3, 3), size=(9, 9)), ValueError, ["LocalCrop", "size=(9, 9)", "layout='nlc'"]),
-        (lambda: Recombine((3, 3), layout="nchw", tile_size=(3, 3)), ValueError,
-         ["Recombine", "tile_size=(3, 3)", "layout='nlc'"]),
+        (
+            lambda: Recombine((3, 3), layout="nchw", tile_size=(3, 3)),
+            ValueError,
+            ["Recombine", "tile_size=(3, 3)", "layout='nlc'"],
+        ),
     ],
 )
 def test_errors_name_the_values_and_the_fix(call, exc, words):
@@ -352,17 +441,33 @@ def test_errors_name_the_values_and_the_fix(call, exc, words):
 
 # -- zero sizes: refused with the argument, the shape, the rule and the fix --------------------------------
 _ZERO_MAPS = {
-    "nchw": [((0, 3, 9, 9), "batch size B"), ((1, 0, 9, 9), "channel count C"), ((1, 3, 0, 9), "height H"),
-             ((1, 3, 9, 0), "width W")],
-    "nhwc": [((0, 9, 9, 3), "batch size B"), ((1, 0, 9, 3), "height H"), ((1, 9, 0, 3), "width W"),
-             ((1, 9, 9, 0), "channel count C")],
+    "nchw": [
+        ((0, 3, 9, 9), "batch size B"),
+        ((1, 0, 9, 9), "channel count C"),
+        ((1, 3, 0, 9), "height H"),
+        ((1, 3, 9, 0), "width W"),
+    ],
+    "nhwc": [
+        ((0, 9, 9, 3), "batch size B"),
+        ((1, 0, 9, 3), "height H"),
+        ((1, 9, 0, 3), "width W"),
+        ((1, 9, 9, 0), "channel count C"),
+    ],
     "nlc": [((0, 81, 3), "batch size B"), ((1, 0, 3), "token count H*W"), ((1, 81, 0), "channel count C")],
 }
 _ZERO_STACKS = {
-    "nchw": [((0, 3, 3, 3), "first dimension B*N"), ((9, 0, 3, 3), "channel count C"), ((9, 3, 0, 3), "height h"),
-             ((9, 3, 3, 0), "width w")],
-    "nhwc": [((0, 3, 3, 3), "first dimension B*N"), ((9, 0, 3, 3), "height h"), ((9, 3, 0, 3), "width w"),
-             ((9, 3, 3, 0), "channel count C")],
+    "nchw": [
+        ((0, 3, 3, 3), "first dimension B*N"),
+        ((9, 0, 3, 3), "channel count C"),
+        ((9, 3, 0, 3), "height h"),
+        ((9, 3, 3, 0), "width w"),
+    ],
+    "nhwc": [
+        ((0, 3, 3, 3), "first dimension B*N"),
+        ((9, 0, 3, 3), "height h"),
+        ((9, 3, 0, 3), "width w"),
+        ((9, 3, 3, 0), "channel count C"),
+    ],
     "nlc": [((0, 9, 3), "first dimension B*N"), ((9, 0, 3), "token count h*w"), ((9, 9, 0), "channel count C")],
 }
 

@@ -69,8 +69,10 @@ def test_released_parity_with_literal_implementation(skip_unread):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("grid,tile,pairing", [((2, 2), 4, "released"), ((4, 4), 3, "released"),
-                                               ((3, 2), 5, "paper"), ((1, 1), 4, "released")])  # fmt: skip
+@pytest.mark.parametrize(
+    "grid,tile,pairing",
+    [((2, 2), 4, "released"), ((4, 4), 3, "released"), ((3, 2), 5, "paper"), ((1, 1), 4, "released")],
+)
 def test_parity_other_grids_and_paper_pairing(grid, tile, pairing):
     dem = _randomise(DEM(32, 4, pairing=pairing))
     loc, glo = _feats(2, grid, tile * tile, 32)
@@ -94,8 +96,10 @@ def test_load_dem_accepts_bare_keys_and_safetensors(tmp_path):
 
 def test_load_dem_refuses_pickles_and_bad_dicts(tmp_path):
     sd = _released_weights(32, torch.Generator().manual_seed(3))
-    torch.save({"spatial_embed.attention.linears.0.weight": sd["attention.linears.0.weight"], "x": _Opaque()},
-               tmp_path / "evil.pt")  # fmt: skip
+    torch.save(
+        {"spatial_embed.attention.linears.0.weight": sd["attention.linears.0.weight"], "x": _Opaque()},
+        tmp_path / "evil.pt",
+    )
     with raises_naming(ValueError, "evil.pt", "is a pickle", "safetensors"):
         load_dem(str(tmp_path / "evil.pt"), heads=4)
     missing = {k: v for k, v in sd.items() if k != "ln_fuse.bias"}
@@ -279,8 +283,9 @@ def test_torch_compile_fullgraph(skip):
     torch.testing.assert_close(compiled(loc, glo, (3, 3)), dem(loc, glo, (3, 3)))
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(residual_norm=False, fusion="linear_concat", reduction="avg")],
-                         ids=["released", "pooled"])  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(residual_norm=False, fusion="linear_concat", reduction="avg")], ids=["released", "pooled"]
+)
 def test_torch_compile_fullgraph_aot_eager_with_backward(cfg):
     """AOT autograd traces forward and backward (fake tensors, functionalisation) without a graph break."""
     torch._dynamo.reset()
@@ -412,8 +417,9 @@ def test_average_pooling_runs_before_the_affine_maps(monkeypatch, fusion, reduct
     loc, glo = _feats(2, (2, 4), 16, 32)
     widths = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: widths.append(x.shape[:-1].numel()) or
-                        real_linear(x, w, b))  # fmt: skip
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, w, b=None: widths.append(x.shape[:-1].numel()) or real_linear(x, w, b)
+    )
     xs = [x.clone().requires_grad_() for x in (loc, glo)]
     fast = dem(*xs, (2, 4))
     monkeypatch.undo()
@@ -494,8 +500,13 @@ def spies():
 
     register_backend(AttentionBackend("spy_windows", counted("windows.fn", sdpa_window_attention)))
     try:
-        register_backend(AttentionBackend("spy_subset", counted("subset.fn", sdpa_window_attention),
-                                          query_subset=counted("subset.query_subset", sdpa_query_subset)))  # fmt: skip
+        register_backend(
+            AttentionBackend(
+                "spy_subset",
+                counted("subset.fn", sdpa_window_attention),
+                query_subset=counted("subset.query_subset", sdpa_query_subset),
+            )
+        )
         try:
             yield calls
         finally:
@@ -540,8 +551,11 @@ def test_default_dem_auto_uses_sdpa_subsets_and_forced_reference_uses_no_sdpa(mo
     monkeypatch.delenv(ENV_VAR, raising=False)
     sdpa_calls, ref_calls = [], []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: sdpa_calls.append(q.shape) or real_sdpa(q, k, v, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: sdpa_calls.append(q.shape) or real_sdpa(q, k, v, **kw),
+    )
     ref = get_backend("reference")
 
     def spy_subset(q, k, v, *, scale):
@@ -588,9 +602,17 @@ def test_default_dem_forced_triton_runs_the_kernel(monkeypatch):
     torch.testing.assert_close(out, dem(loc, glo, (3, 3), backend="sdpa"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(skip_unread=False), dict(directions="none", fusion="add"),
-                                 dict(residual_norm=False, fusion="add", reduction="avg"), dict(fusion="conv3x3")],
-                         ids=["released", "every-token", "no-attention", "pooled", "conv3x3"])  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(skip_unread=False),
+        dict(directions="none", fusion="add"),
+        dict(residual_norm=False, fusion="add", reduction="avg"),
+        dict(fusion="conv3x3"),
+    ],
+    ids=["released", "every-token", "no-attention", "pooled", "conv3x3"],
+)
 def test_unknown_backend_names_raise_on_every_path(cfg, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     dem = DEM(32, 2, **cfg)

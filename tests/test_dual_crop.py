@@ -74,8 +74,9 @@ def test_auto_grid_respects_budget_and_is_a_candidate(H, W, max_tiles, rule):
 @given(st.integers(1, 4), st.integers(1, 4))
 def test_auto_grid_picks_the_exact_grid_for_exact_sizes(gh, gw):
     assert select_grid((gh * 336, gw * 336), 336, max_tiles=16) == (gh, gw)
-    assert select_grid((gh * 336, gw * 336), 336, max_tiles=16, rule="aspect")[1] / \
-        select_grid((gh * 336, gw * 336), 336, max_tiles=16, rule="aspect")[0] == pytest.approx(gw / gh)
+    assert select_grid((gh * 336, gw * 336), 336, max_tiles=16, rule="aspect")[1] / select_grid(
+        (gh * 336, gw * 336), 336, max_tiles=16, rule="aspect"
+    )[0] == pytest.approx(gw / gh)
 
 
 def test_auto_grid_prefers_aspect_for_wide_images():
@@ -123,8 +124,17 @@ def test_fill_is_checked_against_the_image_dtype(fill, dtype, words):
     assert FIX.search(msg), msg
 
 
-@pytest.mark.parametrize("fill, dtype", [(255.0, torch.uint8), (-7, torch.int8), (2**62, torch.int64),
-                                         (1, torch.bool), (-1.5, torch.float16), (0.25, torch.float32)])
+@pytest.mark.parametrize(
+    "fill, dtype",
+    [
+        (255.0, torch.uint8),
+        (-7, torch.int8),
+        (2**62, torch.int64),
+        (1, torch.bool),
+        (-1.5, torch.float16),
+        (0.25, torch.float32),
+    ],
+)
 def test_representable_fill_is_used_exactly(fill, dtype):
     img = torch.ones(3, 5, 6, dtype=dtype)
     out = DualPerspectiveCrop(grid=(1, 1), tile_size=8, fit="pad", fill=fill, thumbnail=False)([img])
@@ -185,12 +195,21 @@ def test_min_tiles_grows_the_auto_pad_grid_and_keeps_pixels():
     "kwargs, size, words",
     [
         (dict(grid=(1, 2), min_tiles=4), None, ["grid=(1, 2)", "2 tiles", "min_tiles=4", "Lower min_tiles"]),
-        (dict(grid="floor", min_tiles=4, max_tiles=9), (60, 40),
-         ["(60, 40)", "grid (2, 1)", "2 tiles", "min_tiles=4", "grid='auto'"]),
-        (dict(grid="floor", fit="pad", min_tiles=4, max_tiles=9), (20, 40),
-         ["(20, 40)", "grid (1, 2)", "2 tiles", "min_tiles=4"]),
-        (dict(grid="auto", fit="pad", min_tiles=5, max_tiles=5), (50, 50),
-         ["(50, 50)", "grid (2, 2)", "min_tiles=5", "max_tiles=5", "Lower min_tiles", "raise max_tiles"]),
+        (
+            dict(grid="floor", min_tiles=4, max_tiles=9),
+            (60, 40),
+            ["(60, 40)", "grid (2, 1)", "2 tiles", "min_tiles=4", "grid='auto'"],
+        ),
+        (
+            dict(grid="floor", fit="pad", min_tiles=4, max_tiles=9),
+            (20, 40),
+            ["(20, 40)", "grid (1, 2)", "2 tiles", "min_tiles=4"],
+        ),
+        (
+            dict(grid="auto", fit="pad", min_tiles=5, max_tiles=5),
+            (50, 50),
+            ["(50, 50)", "grid (2, 2)", "min_tiles=5", "max_tiles=5", "Lower min_tiles", "raise max_tiles"],
+        ),
     ],
 )
 def test_min_tiles_outside_a_fixed_or_floor_grid_is_refused(kwargs, size, words):
@@ -227,9 +246,16 @@ def test_floor_refuses_an_image_smaller_than_a_tile_and_names_the_fix(fit):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(grid=(2, 3)), dict(grid="auto", max_tiles=6), dict(grid="auto", max_tiles=6, auto_rule="aspect"),
-     dict(grid="floor", max_tiles=16), dict(grid=(2, 3), fit="resize_pad"), dict(grid="auto", fit="resize_pad"),
-     dict(grid="auto", fit="pad", max_tiles=16), dict(grid="floor", fit="pad", max_tiles=16)],
+    [
+        dict(grid=(2, 3)),
+        dict(grid="auto", max_tiles=6),
+        dict(grid="auto", max_tiles=6, auto_rule="aspect"),
+        dict(grid="floor", max_tiles=16),
+        dict(grid=(2, 3), fit="resize_pad"),
+        dict(grid="auto", fit="resize_pad"),
+        dict(grid="auto", fit="pad", max_tiles=16),
+        dict(grid="floor", fit="pad", max_tiles=16),
+    ],
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )
 @pytest.mark.parametrize("size", [(13, 17), (40, 100), (75, 60)])
@@ -264,42 +290,97 @@ def test_no_policy_drops_a_pixel(kwargs, size):
         (lambda: DualPerspectiveCrop(fit="crop"), None, ValueError, ["fit='crop'"]),
         (lambda: DualPerspectiveCrop(tile_size=0), None, ValueError, ["tile_size=0"]),
         (lambda: DualPerspectiveCrop(tile_size=-3), None, ValueError, ["tile_size=-3"]),
-        (lambda: DualPerspectiveCrop(grid="floor"), lambda m: m(torch.rand(1, 3, 200, 500)), ValueError,
-         ["(200, 500)", "(336, 336)", "fit='pad'"]),
-        (lambda: DualPerspectiveCrop(grid=(1, 1), fit="pad", tile_size=28),
-         lambda m: m(torch.rand(1, 3, 30, 20)), ValueError,
-         ["(30, 20)", "(28, 28)", "grid (1, 1)", "fit='pad'", "fit='resize'"]),
-        (lambda: DualPerspectiveCrop(grid="auto", fit="pad", tile_size=28, max_tiles=4),
-         lambda m: m(torch.rand(1, 3, 100, 100)), ValueError, ["max_tiles=4"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.zeros(1, 3, 40, 40, dtype=torch.uint8)), TypeError,
-         ["torch.uint8", "float", "fit='resize'"]),
+        (
+            lambda: DualPerspectiveCrop(grid="floor"),
+            lambda m: m(torch.rand(1, 3, 200, 500)),
+            ValueError,
+            ["(200, 500)", "(336, 336)", "fit='pad'"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(grid=(1, 1), fit="pad", tile_size=28),
+            lambda m: m(torch.rand(1, 3, 30, 20)),
+            ValueError,
+            ["(30, 20)", "(28, 28)", "grid (1, 1)", "fit='pad'", "fit='resize'"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(grid="auto", fit="pad", tile_size=28, max_tiles=4),
+            lambda m: m(torch.rand(1, 3, 100, 100)),
+            ValueError,
+            ["max_tiles=4"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m(torch.zeros(1, 3, 40, 40, dtype=torch.uint8)),
+            TypeError,
+            ["torch.uint8", "float", "fit='resize'"],
+        ),
         (lambda: DualPerspectiveCrop(), lambda m: m([]), ValueError, ["images", "0 images"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(0, 3, 40, 40)), ValueError,
-         ["images has shape (0, 3, 40, 40)", "0 images", "batch size 0"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(2, 3, 0, 40)), ValueError,
-         ["images has shape (2, 3, 0, 40)", ">= 1", "height H is 0"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(3, 40, 40), torch.rand(0, 40, 40)]), ValueError,
-         ["images[1]", "(0, 40, 40)", "channel count C is 0"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(3, 40, 40), torch.rand(1, 40, 40)]), ValueError,
-         ["images[1]", "(1, 40, 40)", "images[0]", "(3, 40, 40)"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m(torch.rand(40, 40)), ValueError,
-         ["(40, 40)", "2 dims", "(B, C, H, W)", "(C, H, W)", "img.unsqueeze(0)"]),
-        (lambda: DualPerspectiveCrop(), lambda m: m([torch.rand(1, 3, 40, 40)]), ValueError,
-         ["images[0]", "(1, 3, 40, 40)", "img.squeeze(0)"]),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m(torch.rand(0, 3, 40, 40)),
+            ValueError,
+            ["images has shape (0, 3, 40, 40)", "0 images", "batch size 0"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m(torch.rand(2, 3, 0, 40)),
+            ValueError,
+            ["images has shape (2, 3, 0, 40)", ">= 1", "height H is 0"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m([torch.rand(3, 40, 40), torch.rand(0, 40, 40)]),
+            ValueError,
+            ["images[1]", "(0, 40, 40)", "channel count C is 0"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m([torch.rand(3, 40, 40), torch.rand(1, 40, 40)]),
+            ValueError,
+            ["images[1]", "(1, 40, 40)", "images[0]", "(3, 40, 40)"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m(torch.rand(40, 40)),
+            ValueError,
+            ["(40, 40)", "2 dims", "(B, C, H, W)", "(C, H, W)", "img.unsqueeze(0)"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(),
+            lambda m: m([torch.rand(1, 3, 40, 40)]),
+            ValueError,
+            ["images[0]", "(1, 3, 40, 40)", "img.squeeze(0)"],
+        ),
         (lambda: DualPerspectiveCrop(), lambda m: m("img.png"), TypeError, ["str"]),
         (lambda: DualPerspectiveCrop(fit="crop"), None, ValueError, ["fit='crop'", "('resize', 'pad', 'resize_pad')"]),
-        (lambda: DualPerspectiveCrop(mode="lanczos"), None, ValueError,
-         ["mode='lanczos'", "'bicubic'", "'bilinear'", "'area'"]),
-        (lambda: DualPerspectiveCrop(auto_rule="best"), None, ValueError,
-         ["auto_rule='best'", "('resolution', 'aspect')"]),
-        (lambda: select_grid((100, 100), 28, rule="best"), None, ValueError,
-         ["rule='best'", "('resolution', 'aspect')"]),
+        (
+            lambda: DualPerspectiveCrop(mode="lanczos"),
+            None,
+            ValueError,
+            ["mode='lanczos'", "'bicubic'", "'bilinear'", "'area'"],
+        ),
+        (
+            lambda: DualPerspectiveCrop(auto_rule="best"),
+            None,
+            ValueError,
+            ["auto_rule='best'", "('resolution', 'aspect')"],
+        ),
+        (
+            lambda: select_grid((100, 100), 28, rule="best"),
+            None,
+            ValueError,
+            ["rule='best'", "('resolution', 'aspect')"],
+        ),
         (lambda: DualPerspectiveCrop(max_tiles=9.0), None, TypeError, ["max_tiles=9.0", "float", "max_tiles=9"]),
         (lambda: DualPerspectiveCrop(min_tiles="2"), None, TypeError, ["min_tiles='2'", "str", ">= 1"]),
         (lambda: DualPerspectiveCrop(max_tiles=0), None, ValueError, ["max_tiles=0", ">= 1"]),
         (lambda: DualPerspectiveCrop(min_tiles=5, max_tiles=4), None, ValueError, ["min_tiles=5 > max_tiles=4"]),
-        (lambda: DualPerspectiveCrop(grid="floor", max_tiles=4, tile_size=28), lambda m: m(torch.rand(1, 3, 90, 90)),
-         ValueError, ["(90, 90)", "grid (3, 3)", "max_tiles=4", "grid='auto'"]),
+        (
+            lambda: DualPerspectiveCrop(grid="floor", max_tiles=4, tile_size=28),
+            lambda m: m(torch.rand(1, 3, 90, 90)),
+            ValueError,
+            ["(90, 90)", "grid (3, 3)", "max_tiles=4", "grid='auto'"],
+        ),
     ],
 )
 def test_errors_name_the_values(make, call, exc, words):

@@ -20,8 +20,19 @@ def image_file(tmp_path):
 
 def test_encode_prints_geometry_tokens_timings_memory(image_file, capsys):
     # the CLI builds the named model at its default size (224); a 2x2 grid keeps this quick
-    rc = main(["encode", str(image_file), str(image_file), "--backbone", "timm:vit_tiny_patch16_224",
-               "--grid", "2x2", "--max-tiles", "4"])  # fmt: skip
+    rc = main(
+        [
+            "encode",
+            str(image_file),
+            str(image_file),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--grid",
+            "2x2",
+            "--max-tiles",
+            "4",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "RANDOM weights" in text
@@ -38,8 +49,21 @@ def test_encode_prints_geometry_tokens_timings_memory(image_file, capsys):
 
 
 def test_demo_runs_front_end_and_draws_attention(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path), "--backbone", "timm:vit_tiny_patch16_224", "--tile-size", "64",
-               "--patch-size", "16", "--max-tiles", "6"])  # fmt: skip
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--tile-size",
+            "64",
+            "--patch-size",
+            "16",
+            "--max-tiles",
+            "6",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert (tmp_path / "crops.png").stat().st_size > 1000
@@ -51,12 +75,16 @@ def test_demo_runs_front_end_and_draws_attention(tmp_path, capsys):
 def test_cli_errors_are_one_line_with_exit_code_2(image_file, capsys):
     cases = [
         (["encode", str(image_file), "--backbone", "vit_tiny"], ["name='vit_tiny'", "'timm:<model>'"]),
-        (["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--no-dem", "--combine", "mean"],
-         ["--combine mean", "--no-dem", "--combine concat"]),
+        (
+            ["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--no-dem", "--combine", "mean"],
+            ["--combine mean", "--no-dem", "--combine concat"],
+        ),
         (["encode", "/nope.png", "--backbone", "timm:vit_tiny_patch16_224"], ["'/nope.png'"]),
-        (["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--layer", "40"],
-         ["layer=40", "1..12", "-12..-1"]),
-    ]  # fmt: skip
+        (
+            ["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--layer", "40"],
+            ["layer=40", "1..12", "-12..-1"],
+        ),
+    ]
     for argv, names in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -67,22 +95,58 @@ def test_cli_errors_are_one_line_with_exit_code_2(image_file, capsys):
 
 
 def test_encode_no_dem_defaults_to_concat(image_file, capsys):
-    rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--grid", "2x2",
-               "--max-tiles", "4", "--no-dem"])  # fmt: skip
+    rc = main(
+        [
+            "encode",
+            str(image_file),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--grid",
+            "2x2",
+            "--max-tiles",
+            "4",
+            "--no-dem",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "combine='concat'" in text and "dem=none" in text
     assert "tokens     1764 x 192: thumbnail 196 (14x14), local 784 (28x28), global 784 (28x28)" in text
-    rc = main(["encode", str(image_file), "--backbone", "timm:vit_tiny_patch16_224", "--grid", "2x2",
-               "--max-tiles", "4", "--no-dem", "--combine", "none"])  # fmt: skip
+    rc = main(
+        [
+            "encode",
+            str(image_file),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--grid",
+            "2x2",
+            "--max-tiles",
+            "4",
+            "--no-dem",
+            "--combine",
+            "none",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "tokens     1568 x 192: local 784 (28x28), global 784 (28x28)" in text
     assert "ViT passes 8 of 9" in text  # the thumbnail never reaches the tokens with combine none
 
 
 def test_demo_no_dem(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path), "--backbone", "timm:vit_tiny_patch16_224", "--tile-size", "64",
-               "--max-tiles", "6", "--no-dem"])  # fmt: skip
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--tile-size",
+            "64",
+            "--max-tiles",
+            "6",
+            "--no-dem",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert (tmp_path / "crops.png").is_file() and not (tmp_path / "attention.png").exists()
@@ -93,11 +157,25 @@ def test_demo_no_dem(tmp_path, capsys):
 
 def test_demo_geometry_comes_from_the_backbone(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path / "clip")
-    rc = main(["demo", "--out", str(tmp_path / "out"), "--backbone", f"hf:{tmp_path / 'clip'}", "--tile-size", "64",
-               "--patch-size", "16", "--max-tiles", "4"])  # fmt: skip
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "out"),
+            "--backbone",
+            f"hf:{tmp_path / 'clip'}",
+            "--tile-size",
+            "64",
+            "--patch-size",
+            "16",
+            "--max-tiles",
+            "4",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "--tile-size 64 ignored" in text and "has 28x28 tiles" in text
@@ -114,8 +192,19 @@ def test_demo_without_matplotlib_runs_end_to_end_and_names_the_extra(tmp_path, c
 
     monkeypatch.setattr(hrperc.cli.demo, "has_matplotlib", lambda: False)
     monkeypatch.setattr(hrperc.cli.plots, "has_matplotlib", lambda: False)
-    rc = main(["demo", "--out", str(tmp_path), "--backbone", "timm:vit_tiny_patch16_224", "--tile-size", "64",
-               "--max-tiles", "4"])  # fmt: skip
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--backbone",
+            "timm:vit_tiny_patch16_224",
+            "--tile-size",
+            "64",
+            "--max-tiles",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "to the LLM" in out and "time (ms)" in out  # the encoder ran

@@ -147,8 +147,12 @@ def test_released_footprint_skips_eight_strided_subimages_with_identical_tokens(
 
 @pytest.mark.parametrize(
     "grid, reduction, passes",
-    [((3, 3), "bilinear", 9 + 1 + 1), ((4, 4), "bilinear", 16 + 4 + 1), ((2, 2), "bilinear", 4 + 4 + 1),
-     ((3, 3), "avg", 9 + 9 + 1)],
+    [
+        ((3, 3), "bilinear", 9 + 1 + 1),
+        ((4, 4), "bilinear", 16 + 4 + 1),
+        ((2, 2), "bilinear", 4 + 4 + 1),
+        ((3, 3), "avg", 9 + 9 + 1),
+    ],
 )
 def test_footprint_follows_the_dem_reduction(grid, reduction, passes):
     # tiles of 8x8 tokens so that 2x2, 3x3 and 4x4 grids all reduce by an integer factor
@@ -257,8 +261,9 @@ def test_train_backbone_with_grad_checkpointing_same_gradients():
     images = torch.rand(1, 3, 56, 56)
     grads = []
     for ckpt in (False, True):
-        enc = _encoder(tiny_vit(), grid=(2, 2), max_tiles=4, dem=_dem(), train_backbone=True,
-                             grad_checkpointing=ckpt, max_batch=3).train()
+        enc = _encoder(
+            tiny_vit(), grid=(2, 2), max_tiles=4, dem=_dem(), train_backbone=True, grad_checkpointing=ckpt, max_batch=3
+        ).train()
         assert enc.backbone.training and enc.backbone.model.grad_checkpointing == ckpt
         enc(images).tokens.square().sum().backward()
         grads.append({n: p.grad for n, p in enc.backbone.named_parameters() if p.grad is not None})

@@ -72,8 +72,10 @@ SIZES = [(30, 40), (57, 22), (31, 40), (10, 10), (100, 9), (40, 30), (56, 56)]
 def test_native_front_end_ragged_batch_equals_each_image_alone(uint8):
     enc = HighResEncoder(tiny_vit(dynamic=True), Native((7, 7)), max_batch=4)
     g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) if uint8 else
-              torch.rand(3, h, w, generator=g) for h, w in SIZES]  # fmt: skip
+    images = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) if uint8 else torch.rand(3, h, w, generator=g)
+        for h, w in SIZES
+    ]
     with torch.no_grad():
         out = enc(images)
         expected = [enc.num_tokens(s) for s in SIZES]
@@ -153,8 +155,9 @@ def test_views_the_backbone_does_not_take_are_refused():
 
 @pytest.mark.parametrize("tile", [21, 42])
 def test_dual_perspective_tiles_of_another_size_run_where_the_backbone_takes_them(tile):
-    enc = HighResEncoder(tiny_vit(dynamic=True), DualPerspectiveCrop(grid=(2, 2), tile_size=tile), dem=None,
-                         combine="concat")  # fmt: skip
+    enc = HighResEncoder(
+        tiny_vit(dynamic=True), DualPerspectiveCrop(grid=(2, 2), tile_size=tile), dem=None, combine="concat"
+    )
     calls = _spy(enc)
     with torch.no_grad():
         out = enc([torch.rand(3, 60, 50), torch.rand(3, 33, 90)])
@@ -205,23 +208,30 @@ def test_assemble_reads_the_pixels_and_the_front_end_holds_everything_but_the_ba
     assert {n for n, p in enc.named_parameters() if p.requires_grad} == own  # the backbone is frozen
 
 
-@pytest.mark.parametrize("build", [
-    lambda: hrperc.create_encoder("inf_llava", tiny_vit()),
-    lambda: HighResEncoder(tiny_vit(), DualPerspectiveCrop(grid="auto", tile_size=28), combine="concat"),
-    lambda: hrperc.create_encoder("llava_next", tiny_vit(img=56), dcm=True),
-    lambda: hrperc.create_encoder("internvl", tiny_vit(img=56), dcm=True),
-], ids=["inf_llava", "dual-concat", "llava_next+dcm", "internvl+dcm"])  # fmt: skip
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: hrperc.create_encoder("inf_llava", tiny_vit()),
+        lambda: HighResEncoder(tiny_vit(), DualPerspectiveCrop(grid="auto", tile_size=28), combine="concat"),
+        lambda: hrperc.create_encoder("llava_next", tiny_vit(img=56), dcm=True),
+        lambda: hrperc.create_encoder("internvl", tiny_vit(img=56), dcm=True),
+    ],
+    ids=["inf_llava", "dual-concat", "llava_next+dcm", "internvl+dcm"],
+)
 def test_the_front_end_owns_its_dem_and_older_state_dicts_load(build):
     enc = build()
     dem = enc.dem
     assert dem is enc.front_end.dem is not None
     assert set(enc.front_end.state_dict()) == {f"dem.{k}" for k in dem.state_dict()}
     assert set(enc.state_dict()) == {f"backbone.{k}" for k in enc.backbone.state_dict()} | {
-        f"front_end.dem.{k}" for k in dem.state_dict()}  # fmt: skip
+        f"front_end.dem.{k}" for k in dem.state_dict()
+    }
     # A state dict saved when the DEM was the encoder's own submodule (keys dem.*) loads into front_end.dem.
     torch.manual_seed(9)
-    old = {k.replace("front_end.dem.", "dem.", 1): torch.randn_like(v) if v.is_floating_point() else v
-           for k, v in enc.state_dict().items()}  # fmt: skip
+    old = {
+        k.replace("front_end.dem.", "dem.", 1): torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in enc.state_dict().items()
+    }
     assert any(k.startswith("dem.") for k in old) and not any(k.startswith("front_end") for k in old)
     fresh = build()
     fresh.load_state_dict(old, strict=True)
@@ -242,7 +252,8 @@ def test_assigning_encoder_dem_gives_the_front_end_a_checked_dem():
     enc.dem = new
     assert enc.dem is new and enc.front_end.dem is new and "dem" not in enc._modules
     assert set(enc.state_dict()) - {k for k in enc.state_dict() if k.startswith("backbone.")} == {
-        f"front_end.dem.{k}" for k in new.state_dict()}  # fmt: skip
+        f"front_end.dem.{k}" for k in new.state_dict()
+    }
     with raises_naming(ValueError, "dim=16", "hidden_size=32"):
         enc.dem = DualPerspectiveEnhancement(16, 2)
     with raises_naming(ValueError, "combine='mean'", "dem=None"):
@@ -262,14 +273,17 @@ def test_assigning_encoder_dem_gives_the_front_end_a_checked_dem():
 def test_dem_none_means_no_dem_everywhere():
     vit = tiny_vit()
     images = [torch.rand(3, 60, 50), torch.rand(3, 28, 90)]
-    plain = HighResEncoder(vit, DualPerspectiveCrop(grid=(3, 3), tile_size=28, mode="bicubic", antialias=False),
-                           dem=None, combine="concat")  # fmt: skip
+    plain = HighResEncoder(
+        vit, DualPerspectiveCrop(grid=(3, 3), tile_size=28, mode="bicubic", antialias=False), dem=None, combine="concat"
+    )
     recipe = hrperc.create_encoder("inf_llava", vit, dem=None, combine="concat")
     assert plain.dem is None and recipe.dem is None
     with torch.no_grad():
         assert torch.equal(plain(images).tokens, recipe(images).tokens)
-    for build in (lambda: hrperc.create_encoder("inf_llava", vit, dem=None),
-                  lambda: HighResEncoder(vit, DualPerspectiveCrop(tile_size=28), dem=None)):  # fmt: skip
+    for build in (
+        lambda: hrperc.create_encoder("inf_llava", vit, dem=None),
+        lambda: HighResEncoder(vit, DualPerspectiveCrop(tile_size=28), dem=None),
+    ):
         with raises_naming(ValueError, "combine='mean'", "dem=None", "dem='default'"):
             build()
     for name in ("llava15", "llava_next", "s2"):  # dem=None is taken by every recipe (a rebuild passes encoder.dem)

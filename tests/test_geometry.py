@@ -361,8 +361,14 @@ def test_infer_tile_size_refuses_explicit_sizes_of_the_wrong_count(tokens, tile,
     assert str(tokens) in msg and str(th * tw) in msg and f"{arg}=({th}, {tw})" in msg
 
 
-EXPLICIT = [(24, (4, 6), (4, 6)), (24, (6, 4), (6, 4)), (24, (1, 24), (1, 24)), (1, (1, 1), (1, 1)), (9, 3, (3, 3)),
-            (7, [7, 1], (7, 1))]  # fmt: skip
+EXPLICIT = [
+    (24, (4, 6), (4, 6)),
+    (24, (6, 4), (6, 4)),
+    (24, (1, 24), (1, 24)),
+    (1, (1, 1), (1, 1)),
+    (9, 3, (3, 3)),
+    (7, [7, 1], (7, 1)),
+]
 
 
 @pytest.mark.parametrize("tokens,tile,expected", EXPLICIT)
@@ -576,8 +582,18 @@ if triton is not None:
     _jit_map_position = _wa._map_position
 
     @triton.jit
-    def _geometry_kernel(ROWS, COLS, WINS, TOKS, GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr,
-                         TW: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def _geometry_kernel(
+        ROWS,
+        COLS,
+        WINS,
+        TOKS,
+        GH: tl.constexpr,
+        GW: tl.constexpr,
+        TH: tl.constexpr,
+        TW: tl.constexpr,
+        KIND: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         offs = tl.arange(0, BLOCK)
         T: tl.constexpr = TH * TW
         WT: tl.constexpr = GW * TW

@@ -80,10 +80,7 @@ def test_offline_tokenizer_has_single_image_token_and_round_trips(cfg, tok):
     image_id = cfg.image_token_id(tok)
     assert image_id >= 0 and ids.count(image_id) == 1
     assert ids[0] == tok.bos_token_id
-    assert (
-        tok.decode(ids, skip_special_tokens=True).split()
-        == "USER : where is the red cross ? ASSISTANT :".split()
-    )
+    assert tok.decode(ids, skip_special_tokens=True).split() == "USER : where is the red cross ? ASSISTANT :".split()
     assert tok("a zebra").input_ids[-1] == tok.unk_token_id
 
 
@@ -197,8 +194,9 @@ def test_padded_multi_image_batch_equals_samples_alone(cfg, tok, model):
         for b, (_, k, _) in enumerate(specs):
             n = lengths[b]
             px_b, sizes_b = pack_images(images[start : start + k])
-            one = model(input_ids=ids[b : b + 1, :n], attention_mask=mask[b : b + 1, :n], pixel_values=px_b,
-                        image_sizes=sizes_b).logits  # fmt: skip
+            one = model(
+                input_ids=ids[b : b + 1, :n], attention_mask=mask[b : b + 1, :n], pixel_values=px_b, image_sizes=sizes_b
+            ).logits
             torch.testing.assert_close(full_batch[b, :n], one[0], atol=1e-5, rtol=1e-5)
             s_b, n_b = token_loss_sum(one, labels[b : b + 1, :n])
             alone_sum += float(s_b)
@@ -374,6 +372,7 @@ def test_stage2_loss_falls_and_vit_stays_frozen(tmp_path, cfg, tok):
 def test_freezing_check_catches_broken_freezing(tmp_path, cfg, tok, monkeypatch, leak):
     """The frozen-parameter check above can fail: with the LLM (or the ViT) left trainable in stage 1,
     it does, both on the requires_grad flags and on the weights themselves."""
+
     def leaky(model, stage):
         set_stage(model, stage)
         if leak == "llm":
@@ -458,9 +457,7 @@ def test_checkpoint_writes_gathered_tensors_without_copying_them(tmp_path):
 
 
 def test_resume_with_other_stage_is_refused(tmp_path):
-    _train(
-        ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
-    )
+    _train(["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)])
     checkpoint = tmp_path / "checkpoint-1" / "model.safetensors"
     with raises_naming(ValueError, str(checkpoint), "21", "'lm_head.weight'", "--stage", "--init-from"):
         _train(
@@ -489,9 +486,7 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
     The 2-process run resumes from the 1-process run's step-1 checkpoint (so checkpoints move between
     launch modes), and its checkpoints are compared with the 1-process ones."""
     common = ["--stage", "2", "--steps", "3", "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
-    single = _train(
-        common + ["--micro-batch-size", "4", "--save-every", "1", "--out", str(tmp_path / "one")]
-    )
+    single = _train(common + ["--micro-batch-size", "4", "--save-every", "1", "--out", str(tmp_path / "one")])
     # CPU and gloo explicitly, GPUs hidden: the same test on a GPU host (even one with a single GPU).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
@@ -522,9 +517,7 @@ def test_two_process_run_matches_single_process(tmp_path, mode):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     multi = json.loads((tmp_path / "s.json").read_text())
     assert multi["world_size"] == 2 and multi["start_step"] == 1
-    torch.testing.assert_close(
-        torch.tensor(multi["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(torch.tensor(multi["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
     one = load_file(Path(single["checkpoint"]) / "model.safetensors")
     two = load_file(Path(multi["checkpoint"]) / "model.safetensors")
     assert set(one) == set(two)
@@ -663,9 +656,7 @@ def test_generate_cli_with_checkpoint_and_glyph_eval(tmp_path, cfg, capsys):
     from inf_llava import generate as gen
     from PIL import Image
 
-    s = _train(
-        ["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
-    )
+    s = _train(["--stage", "1", "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)])
     sample = GlyphTask(cfg.image_size).sample(3)
     png = tmp_path / "glyph.png"
     Image.fromarray((sample.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(png)
@@ -927,8 +918,9 @@ GENERATE_ERRORS = [
     "script, argv, names",
     [("train", a, n) for a, n in TRAIN_ERRORS] + [("generate", a, n) for a, n in GENERATE_ERRORS],
 )
-def test_scripts_refuse_bad_arguments_and_paths_in_one_line_before_building(tmp_path, capsys, monkeypatch, script,
-                                                                           argv, names):  # fmt: skip
+def test_scripts_refuse_bad_arguments_and_paths_in_one_line_before_building(
+    tmp_path, capsys, monkeypatch, script, argv, names
+):
     from _messages import FIX, assert_names
     from inf_llava import generate as gen
 

@@ -77,9 +77,22 @@ def test_top_level_is_small_and_every_name_resolves():
     assert len(hrperc.__all__) <= 20
     for name in hrperc.__all__:
         assert hasattr(hrperc, name), name
-    for name in ("LocalCrop", "StrideGlobalCrop", "Recombine", "DualPerspectiveEnhancement", "WindowCrossAttention",
-                 "local_crop", "stride_crop", "local_merge", "stride_merge", "create_backbone", "wrap_backbone",
-                 "create_encoder", "list_recipes", "HighResEncoder"):  # fmt: skip
+    for name in (
+        "LocalCrop",
+        "StrideGlobalCrop",
+        "Recombine",
+        "DualPerspectiveEnhancement",
+        "WindowCrossAttention",
+        "local_crop",
+        "stride_crop",
+        "local_merge",
+        "stride_merge",
+        "create_backbone",
+        "wrap_backbone",
+        "create_encoder",
+        "list_recipes",
+        "HighResEncoder",
+    ):
         assert name in hrperc.__all__, name
 
 
@@ -163,8 +176,9 @@ def test_encoder_takes_a_crop_of_the_backbones_tile_size():
     with pytest.raises(TypeError) as err:
         hrperc.HighResEncoder(vit, crop={"grid": (2, 2)})
     assert "DualPerspectiveCrop" in str(err.value)
-    enc = hrperc.HighResEncoder(vit, hrperc.DualPerspectiveCrop(grid=(2, 2), tile_size=28, thumbnail=False),
-                                combine="none")  # fmt: skip
+    enc = hrperc.HighResEncoder(
+        vit, hrperc.DualPerspectiveCrop(grid=(2, 2), tile_size=28, thumbnail=False), combine="none"
+    )
     assert enc.thumbnail is False  # read off the crop, not stored twice
 
 
@@ -172,8 +186,11 @@ def test_derived_state_follows_the_geometries():
     enc = hrperc.HighResEncoder(tiny_vit(), hrperc.DualPerspectiveCrop(grid="auto", tile_size=28, max_tiles=4))
     out = enc([torch.rand(3, 28, 28), torch.rand(3, 56, 56), torch.rand(3, 28, 56)])
     assert out.grids == [g.grid for g in out.geometries] == [(1, 1), (2, 2), (1, 2)]
-    assert out.num_tokens == [int(m.sum()) for m in out.token_mask] == [enc.num_tokens(g.input_size)
-                                                                          for g in out.geometries]  # fmt: skip
+    assert (
+        out.num_tokens
+        == [int(m.sum()) for m in out.token_mask]
+        == [enc.num_tokens(g.input_size) for g in out.geometries]
+    )
     crops = enc.crop([torch.rand(3, 28, 28), torch.rand(3, 56, 56), torch.rand(3, 28, 56)])
     assert crops.offsets == [0, 1, 5] and crops.local.shape[0] == 7
 

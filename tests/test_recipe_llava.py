@@ -44,10 +44,22 @@ NEXT_SIZES = [(200, 150), (40, 900), (333, 500), (700, 1000)]
 
 
 def _configs():
-    vision = CLIPVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=TILE, patch_size=PATCH)  # fmt: skip
-    text = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=TILE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     return vision, text
 
 

@@ -29,8 +29,14 @@ def _image(h, w, seed=0):
 
 
 def _tiny_text():
-    return transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    num_key_value_heads=1, vocab_size=64)  # fmt: skip
+    return transformers.Qwen2Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
 
 
 # --- LLaVA-OneVision -------------------------------------------------------------------------------------
@@ -39,8 +45,9 @@ def _tiny_text():
 @pytest.fixture(scope="module")
 def onevision():
     torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, image_size=384, patch_size=14)  # fmt: skip
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=14
+    )
     cfg = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=_tiny_text())
     # The reference settings are the config's defaults (those of the released OneVision checkpoints).
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-1, "full")
@@ -77,8 +84,9 @@ def _onevision_reference(model, proc, img):
 
     def pack(newline):
         with torch.no_grad():
-            packed, lengths = model.model.pack_image_features([feats], sizes, image_newline=newline,
-                                                              vision_aspect_ratio="anyres_max_9")  # fmt: skip
+            packed, lengths = model.model.pack_image_features(
+                [feats], sizes, image_newline=newline, vision_aspect_ratio="anyres_max_9"
+            )
         assert lengths.tolist() == [packed[0].shape[0]]
         return packed[0]
 
@@ -112,8 +120,9 @@ def test_onevision_tokens_equal_pack_image_features(onevision, size):
 def test_onevision_num_tokens_equals_the_processor_count():
     proc = transformers.LlavaOnevisionImageProcessor()
     counter = _onevision_counter(proc)
-    cfg = transformers.SiglipVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                          num_attention_heads=1, image_size=384, patch_size=14)  # fmt: skip
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=1, image_size=384, patch_size=14
+    )
     enc = hrperc.create_encoder("llava_onevision", transformers.SiglipVisionModel(cfg))
     rng = np.random.default_rng(0)
     sizes = [tuple(int(v) for v in rng.integers(1, 5000, 2)) for _ in range(300)]
@@ -129,9 +138,13 @@ def test_onevision_project_and_newline_equal_get_image_features(onevision):
     batch = proc(imgs, return_tensors="pt")
     mm = model.model
     with torch.no_grad():
-        ref = mm.get_image_features(batch["pixel_values"], batch["image_sizes"], vision_feature_layer=-1,
-                                    vision_feature_select_strategy="full",
-                                    vision_aspect_ratio="anyres_max_9").pooler_output  # fmt: skip
+        ref = mm.get_image_features(
+            batch["pixel_values"],
+            batch["image_sizes"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        ).pooler_output
         out = enc(imgs, project=mm.multi_modal_projector, newline=mm.image_newline)
         plain = enc(imgs)
     assert out.tokens.shape[-1] == model.config.text_config.hidden_size
@@ -178,8 +191,9 @@ def test_onevision_pixels_are_the_processors(onevision):
 @pytest.fixture(scope="module")
 def internvl():
     torch.manual_seed(0)
-    vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, image_size=448, patch_size=14)  # fmt: skip
+    vision = transformers.InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=448, patch_size=14
+    )
     cfg = transformers.InternVLConfig(vision_config=vision, text_config=_tiny_text())
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.downsample_ratio) == (-1, "default", 0.5)
     model = transformers.InternVLForConditionalGeneration(cfg).eval()
@@ -191,9 +205,14 @@ def internvl():
     enc = hrperc.create_encoder("internvl", tower)
     assert enc.backbone.mean == pytest.approx(IMAGENET_MEAN) and enc.backbone.std == pytest.approx(IMAGENET_STD)
     assert enc.tile_tokens == (32, 32)
-    proc = transformers.GotOcr2ImageProcessor(crop_to_patches=True, size={"height": 448, "width": 448}, max_patches=12,
-                                              min_patches=1, image_mean=IMAGENET_MEAN,
-                                              image_std=IMAGENET_STD)  # fmt: skip
+    proc = transformers.GotOcr2ImageProcessor(
+        crop_to_patches=True,
+        size={"height": 448, "width": 448},
+        max_patches=12,
+        min_patches=1,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
     return model, proc, enc
 
 
@@ -208,8 +227,15 @@ def _internvl_reference(model, pixels):
 
 # (448, 448): one tile, no thumbnail; (500, 500) / (700, 700) and (448, 896) / (700, 1400): same-aspect ties,
 # broken by area ((1, 1) vs (2, 2), (1, 2) vs (2, 4)); (40, 900): 1 x 12, extreme.
-INTERNVL_SIZES = {(448, 448): (1, 1), (500, 500): (1, 1), (700, 700): (2, 2), (448, 896): (1, 2),
-                  (700, 1400): (2, 4), (300, 500): (2, 3), (40, 900): (1, 12)}  # fmt: skip
+INTERNVL_SIZES = {
+    (448, 448): (1, 1),
+    (500, 500): (1, 1),
+    (700, 700): (2, 2),
+    (448, 896): (1, 2),
+    (700, 1400): (2, 4),
+    (300, 500): (2, 3),
+    (40, 900): (1, 12),
+}
 
 
 @pytest.mark.parametrize("size", list(INTERNVL_SIZES), ids=lambda s: f"{s[0]}x{s[1]}")

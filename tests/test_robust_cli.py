@@ -49,8 +49,13 @@ def _one_line_error(capsys, argv, *names, prefix=None):
 @pytest.mark.parametrize("flag", ["--tile-size", "--patch-size", "--max-tiles"])
 @pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
 def test_sizes_must_be_positive_integers(tmp_path, capsys, flag, value):
-    _one_line_error(capsys, ["demo", "--no-encode", "--out", tmp_path, flag, value], f"{flag} '{value}'",
-                    "positive integer", "--help")  # fmt: skip
+    _one_line_error(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, flag, value],
+        f"{flag} '{value}'",
+        "positive integer",
+        "--help",
+    )
 
 
 def test_encode_max_tiles_must_be_positive(image_file, capsys):
@@ -65,14 +70,16 @@ def test_no_encode_patch_larger_than_the_tile_is_refused(tmp_path, capsys, patch
 
 def test_no_encode_patch_that_does_not_divide_counts_whole_patches(tmp_path, capsys):
     # As a ViT's patch convolution: 64 // 15 = 4 whole patches a side, the last 4 pixels unread.
-    rc = main(["demo", "--no-encode", "--out", str(tmp_path), "--patch-size", "15", "--tile-size", "64",
-               "--max-tiles", "4"])  # fmt: skip
+    rc = main(
+        ["demo", "--no-encode", "--out", str(tmp_path), "--patch-size", "15", "--tile-size", "64", "--max-tiles", "4"]
+    )
     assert rc == 0 and "tokens       patch 15: 16 per sub-image" in capsys.readouterr().out
 
 
 def test_no_encode_patch_size_that_divides_still_runs(tmp_path, capsys):
-    rc = main(["demo", "--no-encode", "--out", str(tmp_path), "--patch-size", "16", "--tile-size", "64",
-               "--max-tiles", "4"])  # fmt: skip
+    rc = main(
+        ["demo", "--no-encode", "--out", str(tmp_path), "--patch-size", "16", "--tile-size", "64", "--max-tiles", "4"]
+    )
     assert rc == 0 and "tokens       patch 16: 16 per sub-image" in capsys.readouterr().out
 
 
@@ -92,16 +99,22 @@ def test_cuda_without_a_gpu_is_refused_up_front(image_file, capsys, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     for device in ("cuda", "cuda:0", "cuda:1"):
-        _one_line_error(capsys, ["encode", image_file, *TINY, "--device", device], f"--device '{device}'",
-                        "no CUDA GPU", "--device cpu")  # fmt: skip
+        _one_line_error(
+            capsys,
+            ["encode", image_file, *TINY, "--device", device],
+            f"--device '{device}'",
+            "no CUDA GPU",
+            "--device cpu",
+        )
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch build
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     _one_line_error(capsys, ["encode", image_file, *TINY, "--device", "cuda"], "no CUDA support", "--device cpu")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    _one_line_error(capsys, ["encode", image_file, *TINY, "--device", "cuda:2"], "--device 'cuda:2'", "2 CUDA GPU",
-                    "cuda:0..cuda:1")  # fmt: skip
+    _one_line_error(
+        capsys, ["encode", image_file, *TINY, "--device", "cuda:2"], "--device 'cuda:2'", "2 CUDA GPU", "cuda:0..cuda:1"
+    )
 
 
 def test_mps_without_mps_is_refused(image_file, capsys, monkeypatch):
@@ -120,16 +133,20 @@ def test_grid_usage_errors_are_one_line_too(image_file, capsys):
 # ---- hostile files, missing devices and backends ------------------------------------------------------
 
 
-
-
 @pytest.mark.parametrize("size", [(20000, 20000), (100000, 2000), (14000, 13000)])
 def test_decompression_bomb_is_one_line_naming_the_file_and_limit(tmp_path, capsys, size):
     bomb = png_declaring(tmp_path / "bomb.png", *size)
     assert bomb.stat().st_size < 50_000
     limit = Image.MAX_IMAGE_PIXELS
-    line = _one_line_error(capsys, ["demo", "--no-encode", "--out", tmp_path, bomb], repr(str(bomb)),
-                           "decompression bomb", str(limit), "PIL.Image.MAX_IMAGE_PIXELS",
-                           f"--max-image-pixels {size[0] * size[1]}")  # fmt: skip
+    line = _one_line_error(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, bomb],
+        repr(str(bomb)),
+        "decompression bomb",
+        str(limit),
+        "PIL.Image.MAX_IMAGE_PIXELS",
+        f"--max-image-pixels {size[0] * size[1]}",
+    )
     assert "if you trust the file" in line
     assert Image.MAX_IMAGE_PIXELS == limit  # the process-wide limit is left as it was
 
@@ -141,11 +158,34 @@ def test_decompression_bomb_in_encode(tmp_path, capsys, image_file):
 
 def test_max_image_pixels_sets_the_limit_for_the_run(image_file, tmp_path, capsys):
     # 90 x 60 = 5400 pixels: refused over twice a limit of 1000, read with a limit of 5400 or none (0)
-    _one_line_error(capsys, ["demo", "--no-encode", "--out", tmp_path, image_file, "--max-image-pixels", "1000"],
-                    repr(str(image_file)), "PIL.Image.MAX_IMAGE_PIXELS = 1000", "--max-image-pixels")  # fmt: skip
+    _one_line_error(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, image_file, "--max-image-pixels", "1000"],
+        repr(str(image_file)),
+        "PIL.Image.MAX_IMAGE_PIXELS = 1000",
+        "--max-image-pixels",
+    )
     for limit in ("5400", "0"):
-        assert main(["demo", "--no-encode", "--out", str(tmp_path), str(image_file), "--max-image-pixels", limit,
-                     "--tile-size", "32", "--patch-size", "16", "--max-tiles", "2"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "demo",
+                    "--no-encode",
+                    "--out",
+                    str(tmp_path),
+                    str(image_file),
+                    "--max-image-pixels",
+                    limit,
+                    "--tile-size",
+                    "32",
+                    "--patch-size",
+                    "16",
+                    "--max-tiles",
+                    "2",
+                ]
+            )
+            == 0
+        )
         assert "90x60 (W x H)" in capsys.readouterr().out
     _one_line_error(capsys, ["demo", "--no-encode", image_file, "--max-image-pixels", "-1"], "--max-image-pixels '-1'")
 
@@ -171,20 +211,23 @@ def test_bad_dem_weights_are_one_line(tmp_path, capsys, damage, fmt):
     path = st if fmt == "safetensors" else pt
     data = path.read_bytes()
     bad = tmp_path / f"bad.{path.suffix.lstrip('.')}"
-    bad.write_bytes({
-        "truncated": data[: len(data) // 2],
-        "eight_bytes": data[:8],
-        "empty": b"",
-        "garbage": bytes(range(256)) * 8,
-        "huge_header": struct.pack("<Q", 2**62) + b"{}",
-    }[damage])  # fmt: skip
+    bad.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "eight_bytes": data[:8],
+            "empty": b"",
+            "garbage": bytes(range(256)) * 8,
+            "huge_header": struct.pack("<Q", 2**62) + b"{}",
+        }[damage]
+    )
     _one_line_error(capsys, [*DEMO_TINY, "--out", tmp_path / "out", "--dem-weights", bad], str(bad))
 
 
 def test_a_directory_or_missing_dem_weights_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, [*DEMO_TINY, "--out", tmp_path / "out", "--dem-weights", tmp_path], str(tmp_path))
-    _one_line_error(capsys, [*DEMO_TINY, "--out", tmp_path / "out", "--dem-weights", tmp_path / "no.safetensors"],
-                    "no.safetensors")  # fmt: skip
+    _one_line_error(
+        capsys, [*DEMO_TINY, "--out", tmp_path / "out", "--dem-weights", tmp_path / "no.safetensors"], "no.safetensors"
+    )
 
 
 def test_backbone_checkpoint_of_another_vit_is_one_line(tmp_path, capsys, image_file):
@@ -206,8 +249,14 @@ def test_forced_backend_that_cannot_run_is_one_line(image_file, capsys, monkeypa
 
     monkeypatch.setattr(wa, "_INTERPRET", False)  # a CPU without the interpreter: the kernel cannot run
     monkeypatch.setenv("HRPERC_ATTN_BACKEND", "triton")
-    _one_line_error(capsys, ["encode", image_file, *TINY, "--grid", "1x1"], "'triton'", "$HRPERC_ATTN_BACKEND",
-                    "CUDA", "unset $HRPERC_ATTN_BACKEND")  # fmt: skip
+    _one_line_error(
+        capsys,
+        ["encode", image_file, *TINY, "--grid", "1x1"],
+        "'triton'",
+        "$HRPERC_ATTN_BACKEND",
+        "CUDA",
+        "unset $HRPERC_ATTN_BACKEND",
+    )
     monkeypatch.setenv("HRPERC_ATTN_BACKEND", "nope")
     _one_line_error(capsys, ["encode", image_file, *TINY, "--grid", "1x1"], "$HRPERC_ATTN_BACKEND='nope'", "'sdpa'")
 

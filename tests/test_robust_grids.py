@@ -92,6 +92,7 @@ def test_extreme_aspect_ratios_get_the_best_shaped_grid_not_one_tile(image_size,
     assert got == select_grid(image_size, tile, max_tiles, min_tiles, rule="aspect")  # the rules agree there
     # No candidate canvas is closer in shape to the image than the chosen one.
     (H0, W0), (h, w) = image_size, tile2
+
     def distortion(g):
         return abs(math.log(g[1] * w / (g[0] * h)) - math.log(W0 / H0))
 
@@ -145,8 +146,11 @@ def test_a_huge_max_tiles_examines_few_grids_and_changes_nothing(size):
     native = math.ceil(size[0] / 336) * math.ceil(size[1] / 336)
     examined = candidate_grids(10**6, image_size=size, tile_size=336)
     assert len(examined) <= 2 * (native + 1)  # a full search examines ~14 million grids
-    assert select_grid(size, 336, 10**6) == select_grid(size, 336, native) == _brute(size, (336, 336), native, 1,
-                                                                                      "resolution")
+    assert (
+        select_grid(size, 336, 10**6)
+        == select_grid(size, 336, native)
+        == _brute(size, (336, 336), native, 1, "resolution")
+    )
     for fit in ("resize", "pad", "resize_pad"):
         big = DualPerspectiveCrop(grid="auto", fit=fit, max_tiles=10**6, thumbnail=False)
         small = DualPerspectiveCrop(grid="auto", fit=fit, max_tiles=max(native, 1), thumbnail=False)
@@ -199,13 +203,19 @@ def _feats(dtype, n=4, d=32):
 
 @pytest.mark.parametrize(
     "feat_dtype, module_dtype",
-    [(torch.float64, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-     (torch.float32, torch.float64), (torch.float32, torch.bfloat16)],
+    [
+        (torch.float64, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.bfloat16),
+    ],
 )
 def test_dem_refuses_features_of_another_float_dtype(feat_dtype, module_dtype):
     dem = DualPerspectiveEnhancement(32, 4, dtype=module_dtype)
-    with raises_naming(TypeError, str(feat_dtype), str(module_dtype), f"dem.to({feat_dtype})",
-                       f"local_feats.to({module_dtype})") as info:
+    with raises_naming(
+        TypeError, str(feat_dtype), str(module_dtype), f"dem.to({feat_dtype})", f"local_feats.to({module_dtype})"
+    ) as info:
         dem(*_feats(feat_dtype), grid=(2, 2))
     assert FIX.search(str(info.value))
 
@@ -220,8 +230,9 @@ def test_dem_refuses_integer_features(dtype):
 def test_dem_refuses_two_feature_dtypes_and_accepts_matching_or_autocast():
     dem = DualPerspectiveEnhancement(32, 4)
     loc, glo = _feats(torch.float32)
-    with raises_naming(TypeError, "local_feats", "global_feats", "torch.float32", "torch.float64",
-                       "global_feats.to(local_feats.dtype)"):
+    with raises_naming(
+        TypeError, "local_feats", "global_feats", "torch.float32", "torch.float64", "global_feats.to(local_feats.dtype)"
+    ):
         dem(loc, glo.double(), grid=(2, 2))
     ref = dem(loc, glo, grid=(2, 2))
     assert ref.dtype == torch.float32

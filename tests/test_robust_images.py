@@ -111,8 +111,12 @@ def test_exif_orientation_is_applied(orientation, tmp_path):
     upright = _blocks()
     want = torch.from_numpy(upright).permute(2, 0, 1) / 255
     # a camera stores the pixels turned and records how to turn them back
-    turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
-            5: Image.Transpose.TRANSPOSE}[orientation]  # fmt: skip
+    turn = {
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,
+        8: Image.Transpose.ROTATE_270,
+        5: Image.Transpose.TRANSPOSE,
+    }[orientation]
     path = tmp_path / "photo.jpg"
     path.write_bytes(_with_orientation(Image.fromarray(upright).transpose(turn), orientation))
     with Image.open(path) as im:
@@ -144,8 +148,12 @@ def test_float_pixels_outside_unit_range_are_refused(case, dtype):
     make, hint = _BAD_FLOATS[case]
     good = torch.rand(3, 6, 7, generator=torch.Generator().manual_seed(0))
     bad = make(good).to(dtype)
-    for images, name in ((bad, "images"), (bad[None], "images[0]"), ([good, bad], "images[1]"),
-                         (torch.stack([good.to(dtype), bad]), "images[1]")):  # fmt: skip
+    for images, name in (
+        (bad, "images"),
+        (bad[None], "images[0]"),
+        ([good, bad], "images[1]"),
+        (torch.stack([good.to(dtype), bad]), "images[1]"),
+    ):
         with raises_naming(ValueError, name, "outside [0, 1]", hint, "check_range=False"):
             to_pixels(images)
         out = to_pixels(images, check_range=False)  # the values are used as they are

@@ -99,8 +99,9 @@ def _truncations(tmp_path):
     return cases
 
 
-@pytest.mark.parametrize("case", ["empty", "eight bytes", "half header", "half data", "header length 2**62",
-                                  "not json", "html page"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["empty", "eight bytes", "half header", "half data", "header length 2**62", "not json", "html page"]
+)
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_broken_safetensors_errors_name_the_file(tmp_path, case, suffix):
     data, fragments = _truncations(tmp_path)[case]
@@ -149,9 +150,14 @@ def test_a_directory_as_a_weight_file_says_so(tmp_path):
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "module", "model_state_dict"])
 def test_wrapped_checkpoints_are_unwrapped(tmp_path, wrapper):
     dem, sd = _dem_sd()
-    ckpt = {wrapper: {"model.spatial_embed." + k: v for k, v in sd.items()}, "epoch": 3, "global_step": 10,
-            "optimizer_states": [{"lr": 0.1}], "hyper_parameters": {"lr": 0.1},
-            "pytorch-lightning_version": "2.0"}  # fmt: skip
+    ckpt = {
+        wrapper: {"model.spatial_embed." + k: v for k, v in sd.items()},
+        "epoch": 3,
+        "global_step": 10,
+        "optimizer_states": [{"lr": 0.1}],
+        "hyper_parameters": {"lr": 0.1},
+        "pytorch-lightning_version": "2.0",
+    }
     torch.save(ckpt, tmp_path / "last.ckpt")
     assert _same(load_dem(tmp_path / "last.ckpt", heads=2), dem)
     assert _same(load_dem(ckpt, heads=2), dem)
@@ -287,8 +293,12 @@ def test_a_small_file_declaring_a_huge_projector_is_refused(tmp_path, no_real_bu
     path = _save(tmp_path, {"model.mm_projector.0.weight": torch.zeros(shape)})
     with raises_naming(ValueError, str(shape), fragment, str(inf_llava.MAX_PROJECTOR_IN), "Check"):
         load_projector(path)
-    sd = {"0.weight": torch.zeros(16, 8), "0.bias": torch.zeros(16), "2.weight": torch.zeros(30000, 16),
-          "2.bias": torch.zeros(16)}  # fmt: skip
+    sd = {
+        "0.weight": torch.zeros(16, 8),
+        "0.bias": torch.zeros(16),
+        "2.weight": torch.zeros(30000, 16),
+        "2.bias": torch.zeros(16),
+    }
     with raises_naming(ValueError, "2.weight", "(30000, 16)", "(16, 16)"):
         load_projector(sd)
     assert all(d == "meta" for _, d in no_real_build)
@@ -320,10 +330,14 @@ def test_timm_checkpoints_that_do_not_fit_are_refused(tmp_path):
         "wrong keys": ({"encoder." + k: v for k, v in sd.items()}, ["missing keys", "unexpected keys", "'encoder."]),
         "half the keys": ({k: sd[k] for k in keys[::2]}, ["missing keys", f"{len(keys) - len(keys[::2])} missing"]),
         "another model": (_timm_sd(embed_dim=64), ["shape mismatches", "(64,)", "(32,)"]),
-        "integer weights": ({k: v.to(torch.int32) if k == "norm.weight" else v for k, v in sd.items()},
-                            ["integer", "norm.weight"]),  # fmt: skip
-        "nan weights": ({k: torch.full_like(v, float("nan")) if k == "pos_embed" else v for k, v in sd.items()},
-                        ["NaN or Inf", "'pos_embed'"]),  # fmt: skip
+        "integer weights": (
+            {k: v.to(torch.int32) if k == "norm.weight" else v for k, v in sd.items()},
+            ["integer", "norm.weight"],
+        ),
+        "nan weights": (
+            {k: torch.full_like(v, float("nan")) if k == "pos_embed" else v for k, v in sd.items()},
+            ["NaN or Inf", "'pos_embed'"],
+        ),
     }
     for case, (bad, fragments) in cases.items():
         path = _save(tmp_path, bad, f"{case.replace(' ', '_')}.safetensors")
@@ -355,8 +369,9 @@ def test_timm_keeps_its_checkpoint_filters(tmp_path):
 
     src = timm.create_model("vit_tiny_patch16_224", **(_ARCH | {"img_size": 48})).eval()
     bb = create_backbone("timm:vit_tiny_patch16_224", pretrained=_save(tmp_path, src.state_dict()), **_ARCH)
-    assert bb.model.pos_embed.shape[1] == 1 + 4 and torch.equal(bb.model.blocks[0].attn.qkv.weight,
-                                                                 src.blocks[0].attn.qkv.weight)  # fmt: skip
+    assert bb.model.pos_embed.shape[1] == 1 + 4 and torch.equal(
+        bb.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight
+    )
 
 
 _OC_CFG = {
@@ -401,8 +416,9 @@ def test_hf_checkpoints_with_missing_keys_are_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     sd = load_file(weights)
@@ -414,8 +430,16 @@ def test_hf_checkpoints_with_missing_keys_are_refused(tmp_path):
     # shape mismatches and unexpected keys (not the text tower of a full checkpoint) too
     key = next(k for k in sd if "layers.1.mlp.fc1.weight" in k)
     save_file(sd | {key: torch.zeros(65, 32), "vision_model.extra.weight": torch.zeros(2)}, str(weights))
-    with raises_naming(ValueError, str(tmp_path), "shape mismatches", "(65, 32)", "(64, 32)", "unexpected keys",
-                       "extra.weight", "strict=False"):  # fmt: skip
+    with raises_naming(
+        ValueError,
+        str(tmp_path),
+        "shape mismatches",
+        "(65, 32)",
+        "(64, 32)",
+        "unexpected keys",
+        "extra.weight",
+        "strict=False",
+    ):
         create_backbone(f"hf:{tmp_path}")
     with warns_naming(UserWarning, "mlp.fc1.weight", "stayed random", "extra.weight"):
         create_backbone(f"hf:{tmp_path}", strict=False)
@@ -424,8 +448,10 @@ def test_hf_checkpoints_with_missing_keys_are_refused(tmp_path):
 def test_a_checkpoint_without_the_dem_is_refused_before_reading_its_shards(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"never read: the LLM's shard")
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"never read either")
-    weight_map = {"model.layers.0.mlp.weight": "model-00001-of-00002.safetensors",
-                  "lm_head.weight": "model-00002-of-00002.safetensors"}  # fmt: skip
+    weight_map = {
+        "model.layers.0.mlp.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors",
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with raises_naming(ValueError, str(tmp_path), "'spatial_embed.'", "'lm_head.weight'", "Pass"):
         load_dem(tmp_path, heads=2)

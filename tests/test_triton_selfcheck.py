@@ -19,8 +19,15 @@ from hrperc.attention.dispatch import BackendUnavailableError
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
 
-KW = dict(grid=(2, 2), tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
-          out_order="strided", scale=0.25)  # fmt: skip
+KW = dict(
+    grid=(2, 2),
+    tile_size=(2, 3),
+    window="strided",
+    q_order="contiguous",
+    kv_order="strided",
+    out_order="strided",
+    scale=0.25,
+)
 
 
 class LooksLikeCuda(torch.Tensor):
@@ -108,8 +115,9 @@ def test_auto_falls_back_to_sdpa_with_one_warning_when_the_self_check_fails(monk
         return out + 0.5 if broken == "wrong_output" else out * float("nan")
 
     _patch_kernel(monkeypatch, bad)
-    with warns_naming(RuntimeWarning, "self-check", reason, "backend='triton'", "torch.float32", "head_dim 16",
-                      "window='strided'") as record:  # fmt: skip
+    with warns_naming(
+        RuntimeWarning, "self-check", reason, "backend='triton'", "torch.float32", "head_dim 16", "window='strided'"
+    ) as record:
         assert resolve_backend("auto", q, k, v, **KW).name == "sdpa"
     assert sum(issubclass(w.category, RuntimeWarning) for w in record) == 1
     with warnings.catch_warnings():  # one warning per key: the verdict is remembered
@@ -141,9 +149,13 @@ def test_the_verdict_is_per_dtype_head_dim_and_orders(monkeypatch):
 
     _patch_kernel(monkeypatch, bad)
     with pytest.warns(RuntimeWarning) as record:
-        for dtype, head_dim, q_order in [(torch.float32, 16, "contiguous"), (torch.float16, 16, "contiguous"),
-                                         (torch.float32, 32, "contiguous"), (torch.float32, 16, "strided"),
-                                         (torch.float32, 16, "contiguous")]:  # fmt: skip
+        for dtype, head_dim, q_order in [
+            (torch.float32, 16, "contiguous"),
+            (torch.float16, 16, "contiguous"),
+            (torch.float32, 32, "contiguous"),
+            (torch.float32, 16, "strided"),
+            (torch.float32, 16, "contiguous"),
+        ]:
             q, k, v = _inputs(dtype, head_dim)
             assert resolve_backend("auto", q, k, v, **{**KW, "q_order": q_order}).name == "sdpa"
     assert len(calls) == 4 and len(record) == 4  # the fifth is the first key again: cached
@@ -184,8 +196,9 @@ def test_a_failed_self_check_shows_in_the_no_backend_error(monkeypatch):
     q, k, v = _inputs()
     _patch_kernel(monkeypatch, lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated")))
     for name in ("reference", "sdpa"):  # only the kernel is left for "auto"
-        monkeypatch.setitem(hrperc.attention.dispatch._REGISTRY, name,
-                            hrperc.attention.AttentionBackend(name, lambda *a, **kw: None))  # fmt: skip
+        monkeypatch.setitem(
+            hrperc.attention.dispatch._REGISTRY, name, hrperc.attention.AttentionBackend(name, lambda *a, **kw: None)
+        )
     with pytest.warns(RuntimeWarning, match="self-check"):
         with raises_naming(BackendUnavailableError, "triton: can run when forced", "RuntimeError: simulated"):
             resolve_backend("auto", q, k, v, **KW)

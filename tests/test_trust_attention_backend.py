@@ -104,15 +104,29 @@ def test_window_cross_attention_and_its_module_refuse_a_wrong_result(backend, ca
     name = backend(f"bad_{case}", make_fn=make)
     calls = {
         "functional": lambda b: window_cross_attention(
-            x, y, (2, 2), "strided", "contiguous", "strided", q_weight=w[0], k_weight=w[1], v_weight=w[2],
-            out_weight=w[3], heads=heads, backend=b),
+            x,
+            y,
+            (2, 2),
+            "strided",
+            "contiguous",
+            "strided",
+            q_weight=w[0],
+            k_weight=w[1],
+            v_weight=w[2],
+            out_weight=w[3],
+            heads=heads,
+            backend=b,
+        ),
         "module": lambda b: attn(x, y, (2, 2), backend=b, **KW),
         "module.attend": lambda b: attn.attend(x, y, (2, 2), backend=b, out_order="contiguous", **KW),
-    }  # fmt: skip
+    }
     for label, call in calls.items():
         ref = hrperc.window_attention(
-            *(torch.zeros(8, 9, heads, d // heads),) * 3, (2, 2), backend="sdpa",
-            out_order="contiguous" if label == "module.attend" else "map", **KW
+            *(torch.zeros(8, 9, heads, d // heads),) * 3,
+            (2, 2),
+            backend="sdpa",
+            out_order="contiguous" if label == "module.attend" else "map",
+            **KW,
         )  # the shape the backend must return
         with _expect(name, "fn", make(ref).shape if exc is ValueError else None, exc, fragments, ref.shape):
             call(name)
@@ -143,8 +157,13 @@ def _expected_shape(path) -> tuple[int, ...]:
     shapes = []
     record = lambda o: shapes.append(tuple(o.shape)) or o  # noqa: E731
     subset = record if path != "footprint, backend without a subset form" else None
-    register_backend(AttentionBackend("recorder", lambda *a, **kw: record(sdpa_window_attention(*a, **kw)),
-                                      subset and (lambda *a, **kw: record(sdpa_query_subset(*a, **kw)))))  # fmt: skip
+    register_backend(
+        AttentionBackend(
+            "recorder",
+            lambda *a, **kw: record(sdpa_window_attention(*a, **kw)),
+            subset and (lambda *a, **kw: record(sdpa_query_subset(*a, **kw))),
+        )
+    )
     try:
         dem(loc, glo, (3, 3), backend="recorder")
     finally:

@@ -73,8 +73,6 @@ def _error_line(capsys, argv, *names):
     return lines[0]
 
 
-
-
 # ---- the canvas limit ---------------------------------------------------------------------------------------
 
 
@@ -97,23 +95,47 @@ def test_canvas_limit_follows_the_image():
         (["--grid", "3x4", "--max-canvas-pixels", "1000000"], "1344x1008", 1_000_000),
     ],
 )
-def test_a_canvas_over_what_the_sample_needs_is_refused_before_cropping(tmp_path, capsys, no_crop, argv, canvas,
-                                                                        limit):  # fmt: skip
-    line = _error_line(capsys, ["demo", "--no-encode", "--out", tmp_path, *argv], f"{canvas} canvas", f"{limit:,}",
-                       "--max-canvas-pixels", "1344x1008")  # fmt: skip
+def test_a_canvas_over_what_the_sample_needs_is_refused_before_cropping(tmp_path, capsys, no_crop, argv, canvas, limit):
+    line = _error_line(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, *argv],
+        f"{canvas} canvas",
+        f"{limit:,}",
+        "--max-canvas-pixels",
+        "1344x1008",
+    )
     grid = argv[argv.index("--grid") + 1]
     assert_names(line, f"--grid {grid}", "smaller --grid", "--grid auto", "--tile-size")
     assert not (tmp_path / "crops.png").exists()
 
 
 @pytest.mark.parametrize("grid, tile", [("8x8", 336), ("4x4", 1024), ("60x60", 64)])
-def test_a_grid_that_upsamples_a_small_image_far_beyond_its_pixels_is_refused(tmp_path, capsys, image_file, no_crop,
-                                                                              grid, tile):  # fmt: skip
+def test_a_grid_that_upsamples_a_small_image_far_beyond_its_pixels_is_refused(
+    tmp_path, capsys, image_file, no_crop, grid, tile
+):
     gh, gw = (int(v) for v in grid.split("x"))
-    _error_line(capsys, ["demo", "--no-encode", "--out", tmp_path, image_file, "--grid", grid, "--max-tiles", gh * gw,
-                         "--tile-size", tile],
-                repr(str(image_file)), "90x60", f"{gw * tile}x{gh * tile} canvas", f"{CANVAS_FLOOR:,}",
-                "4x upsampling", f"--max-canvas-pixels {gh * tile * gw * tile}")  # fmt: skip
+    _error_line(
+        capsys,
+        [
+            "demo",
+            "--no-encode",
+            "--out",
+            tmp_path,
+            image_file,
+            "--grid",
+            grid,
+            "--max-tiles",
+            gh * gw,
+            "--tile-size",
+            tile,
+        ],
+        repr(str(image_file)),
+        "90x60",
+        f"{gw * tile}x{gh * tile} canvas",
+        f"{CANVAS_FLOOR:,}",
+        "4x upsampling",
+        f"--max-canvas-pixels {gh * tile * gw * tile}",
+    )
 
 
 def test_the_image_decides_under_a_huge_tile_budget(tmp_path, capsys):
@@ -124,8 +146,21 @@ def test_the_image_decides_under_a_huge_tile_budget(tmp_path, capsys):
 
 
 def test_max_canvas_pixels_raises_or_lifts_the_limit(tmp_path, capsys, image_file):
-    argv = ["demo", "--no-encode", "--out", str(tmp_path), str(image_file), "--grid", "2x3", "--max-tiles", "6",
-            "--tile-size", "32", "--patch-size", "16"]  # fmt: skip
+    argv = [
+        "demo",
+        "--no-encode",
+        "--out",
+        str(tmp_path),
+        str(image_file),
+        "--grid",
+        "2x3",
+        "--max-tiles",
+        "6",
+        "--tile-size",
+        "32",
+        "--patch-size",
+        "16",
+    ]
     _error_line(capsys, [*argv, "--max-canvas-pixels", "6143"], "96x64 canvas of 6,144", "--max-canvas-pixels 6143")
     for limit in ("6144", "0"):
         assert main([*argv, "--max-canvas-pixels", limit]) == 0
@@ -148,42 +183,86 @@ def test_encode_bounds_every_image_before_encoding_any(tmp_path, capsys, image_f
     monkeypatch.setattr(hrperc.HighResEncoder, "forward", fail)
     big = png_declaring(tmp_path / "big.png", 6000, 6000)  # only its header is read
     # fit pad keeps native pixels: 27x27 tiles of 224 for a 6000x6000 image, over the cap
-    _error_line(capsys, ["encode", image_file, big, *TINY, "--grid", "auto", "--fit", "pad", "--max-tiles", "1000"],
-                repr(str(big)), "6048x6048 canvas", f"{MAX_CANVAS_PIXELS:,}", "--fit resize")  # fmt: skip
-    _error_line(capsys, ["encode", image_file, *TINY, "--grid", "30x30", "--max-tiles", "900"],
-                repr(str(image_file)), "--grid 30x30", "6720x6720 canvas", "smaller --grid")  # fmt: skip
-    line = _error_line(capsys, ["encode", image_file, *TINY, "--grid", "auto", "--max-tiles", "9",
-                                "--max-canvas-pixels", "50000"], "224x224 canvas", "smaller --max-tiles")  # fmt: skip
+    _error_line(
+        capsys,
+        ["encode", image_file, big, *TINY, "--grid", "auto", "--fit", "pad", "--max-tiles", "1000"],
+        repr(str(big)),
+        "6048x6048 canvas",
+        f"{MAX_CANVAS_PIXELS:,}",
+        "--fit resize",
+    )
+    _error_line(
+        capsys,
+        ["encode", image_file, *TINY, "--grid", "30x30", "--max-tiles", "900"],
+        repr(str(image_file)),
+        "--grid 30x30",
+        "6720x6720 canvas",
+        "smaller --grid",
+    )
+    line = _error_line(
+        capsys,
+        ["encode", image_file, *TINY, "--grid", "auto", "--max-tiles", "9", "--max-canvas-pixels", "50000"],
+        "224x224 canvas",
+        "smaller --max-tiles",
+    )
     assert "--tile-size" not in line  # encode has no such flag: the backbone's tile is the tile
 
 
 def test_demo_with_a_timm_vit_bounds_the_canvas_before_building_it(tmp_path, capsys, no_build):
-    _error_line(capsys, ["demo", "--out", tmp_path, *TINY, "--grid", "30x30", "--max-tiles", "900",
-                         "--tile-size", "224"], "6720x6720 canvas", "--tile-size")  # fmt: skip
+    _error_line(
+        capsys,
+        ["demo", "--out", tmp_path, *TINY, "--grid", "30x30", "--max-tiles", "900", "--tile-size", "224"],
+        "6720x6720 canvas",
+        "--tile-size",
+    )
 
 
 @pytest.mark.parametrize("value", ["2049", "100000", str(10**12)])
 def test_tile_size_over_the_cap_is_a_usage_error(tmp_path, capsys, value):
-    _error_line(capsys, ["demo", "--no-encode", "--out", tmp_path, "--tile-size", value], f"--tile-size '{value}'",
-                str(MAX_TILE_SIZE), "--tile-size 336")  # fmt: skip
+    _error_line(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, "--tile-size", value],
+        f"--tile-size '{value}'",
+        str(MAX_TILE_SIZE),
+        "--tile-size 336",
+    )
     assert build_parser().parse_args(["demo", "--tile-size", str(MAX_TILE_SIZE)]).tile_size == MAX_TILE_SIZE
 
 
 @pytest.mark.parametrize("command", ["demo", "encode"])
-@pytest.mark.parametrize("flag, value", [("--grid", "0x3"), ("--grid", "3x0"), ("--grid", "-1x2"),
-                                         ("--max-batch", "0"), ("--max-batch", "-4"), ("--max-batch", "x")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--grid", "0x3"),
+        ("--grid", "3x0"),
+        ("--grid", "-1x2"),
+        ("--max-batch", "0"),
+        ("--max-batch", "-4"),
+        ("--max-batch", "x"),
+    ],
+)
 def test_sizes_that_are_not_positive_are_usage_errors(capsys, image_file, command, flag, value):
     argv = ["demo", "--no-encode"] if command == "demo" else ["encode", image_file]
-    _error_line(capsys, [*argv, f"{flag}={value}"], f"{flag} '{value}'", "at least 1" if flag == "--grid" else
-                "positive integer")  # fmt: skip
+    _error_line(
+        capsys,
+        [*argv, f"{flag}={value}"],
+        f"{flag} '{value}'",
+        "at least 1" if flag == "--grid" else "positive integer",
+    )
 
 
 @pytest.mark.parametrize("grid, tiles", [("4x4", 16), ("1x13", 13), ("40x40", 1600)])
 def test_fixed_grid_over_max_tiles_names_both_flags(tmp_path, capsys, image_file, no_build, grid, tiles):
-    _error_line(capsys, ["demo", "--no-encode", "--out", tmp_path, "--grid", grid], f"--grid {grid}",
-                "--max-tiles 12", f"--max-tiles {tiles}")  # fmt: skip
-    _error_line(capsys, ["encode", image_file, *TINY, "--grid", grid], f"--grid {grid}", "--max-tiles 9",
-                f"--max-tiles {tiles}")  # fmt: skip
+    _error_line(
+        capsys,
+        ["demo", "--no-encode", "--out", tmp_path, "--grid", grid],
+        f"--grid {grid}",
+        "--max-tiles 12",
+        f"--max-tiles {tiles}",
+    )
+    _error_line(
+        capsys, ["encode", image_file, *TINY, "--grid", grid], f"--grid {grid}", "--max-tiles 9", f"--max-tiles {tiles}"
+    )
 
 
 @pytest.mark.parametrize("query", ["12,0", "0,16", "100,100", "-1,3"])
@@ -193,8 +272,13 @@ def test_query_off_the_token_map_is_refused_before_encoding(tmp_path, capsys, mo
 
     monkeypatch.setattr(hrperc.HighResEncoder, "forward", fail)
     # 3x4 grid of 64-pixel tiles, patch 16: a 12x16 token map
-    _error_line(capsys, ["demo", "--out", tmp_path, *TINY, "--tile-size", "64", f"--query={query}"],
-                f"--query {query}", "12x16 token map", "--query 6,8")  # fmt: skip
+    _error_line(
+        capsys,
+        ["demo", "--out", tmp_path, *TINY, "--tile-size", "64", f"--query={query}"],
+        f"--query {query}",
+        "12x16 token map",
+        "--query 6,8",
+    )
 
 
 # ---- inputs before the model ------------------------------------------------------------------------------
@@ -281,8 +365,9 @@ def test_bad_hf_folders_and_out_paths_are_refused_before_any_model_is_built(tmp_
 def _tiny_clip_folder(folder, capsys):
     """A 2-layer CLIP vision tower (the CLI takes layer -2) saved in ``folder``; its ``model.safetensors``."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     transformers.CLIPVisionModel(cfg).save_pretrained(folder)
     capsys.readouterr()  # transformers' progress bar
     return folder / "model.safetensors"
@@ -311,13 +396,23 @@ def test_a_broken_safetensors_file_in_an_hf_folder_is_refused_before_any_model_i
     weights = _tiny_clip_folder(tmp_path / "clip", capsys)
     data = weights.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    weights.write_bytes({"truncated": data[: len(data) * 2 // 3], "header only": data[: 8 + n],
-                         "html page": b"<html>rate limited</html>", "empty": b""}[how])  # fmt: skip
+    weights.write_bytes(
+        {
+            "truncated": data[: len(data) * 2 // 3],
+            "header only": data[: 8 + n],
+            "html page": b"<html>rate limited</html>",
+            "empty": b"",
+        }[how]
+    )
     backbone = f"hf:{tmp_path / 'clip'}"
     _error_line(capsys, ["encode", image_file, "--backbone", backbone], f"--backbone {backbone!r}", str(weights))
     # the same folder as --weights (the backbone's own folder is then not read)
-    _error_line(capsys, ["encode", image_file, "--backbone", backbone, "--weights", tmp_path / "clip"], "--weights",
-                str(weights))  # fmt: skip
+    _error_line(
+        capsys,
+        ["encode", image_file, "--backbone", backbone, "--weights", tmp_path / "clip"],
+        "--weights",
+        str(weights),
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,8 +430,13 @@ def test_a_safetensors_file_only_safetensors_refuses_is_one_line(tmp_path, capsy
     weights = _tiny_clip_folder(tmp_path / "clip", capsys)
     weights.write_bytes(_edit_safetensors_header(weights.read_bytes(), edit))
     argv = ["encode", image_file] if command == "encode" else ["demo", "--out", tmp_path / "out"]
-    line = _error_line(capsys, [*argv, "--backbone", f"hf:{tmp_path / 'clip'}", "--grid", "1x1"], "safetensors",
-                       "truncated, corrupt or not a safetensors file", "hf: folder")  # fmt: skip
+    line = _error_line(
+        capsys,
+        [*argv, "--backbone", f"hf:{tmp_path / 'clip'}", "--grid", "1x1"],
+        "safetensors",
+        "truncated, corrupt or not a safetensors file",
+        "hf: folder",
+    )
     assert "Error while deserializing" in line  # safetensors' own reason is kept
 
 
@@ -366,15 +466,19 @@ def test_the_output_says_which_weights_were_loaded_and_from_where(tmp_path, caps
     vit_file = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_file)
     dem_file = tmp_path / "dem.safetensors"
-    save_file({k: v.contiguous() for k, v in released_state_dict(hrperc.DualPerspectiveEnhancement(192, 4)).items()},
-              dem_file)  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in released_state_dict(hrperc.DualPerspectiveEnhancement(192, 4)).items()}, dem_file
+    )
     common = ["encode", str(image_file), *TINY, "--grid", "1x1"]
     cases = [
         ([], "RANDOM weights", "RANDOM weights (pass --dem-weights"),
-        (["--weights", str(vit_file), "--dem-weights", str(dem_file)], f"pretrained weights loaded from {vit_file}",
-         f"weights loaded from {dem_file} ("),
+        (
+            ["--weights", str(vit_file), "--dem-weights", str(dem_file)],
+            f"pretrained weights loaded from {vit_file}",
+            f"weights loaded from {dem_file} (",
+        ),
         (["--weights", str(vit_file), "--no-dem"], f"loaded from {vit_file}", "none (--no-dem)"),
-    ]  # fmt: skip
+    ]
     for extra, backbone, dem in cases:
         assert main([*common, *extra]) == 0, extra
         out = capsys.readouterr().out
@@ -384,8 +488,9 @@ def test_the_output_says_which_weights_were_loaded_and_from_where(tmp_path, caps
 
 def test_an_hf_folder_backbone_says_its_weights_were_loaded(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path / "clip")
     for command in (["demo", "--out", str(tmp_path / "out")], ["encode", str(tmp_path / "out" / "sample.png")]):
         assert main([*command, "--backbone", f"hf:{tmp_path / 'clip'}", "--grid", "1x1"]) == 0

@@ -50,8 +50,18 @@ def _fix(info):
 # --- image sizes -----------------------------------------------------------------------------------------
 
 NOT_POSITIVE = [(0, 10), (10, 0), (0, 0), (-5, 10), (10, -1)]
-NOT_INTEGER = [(10.7, 10), (10, 10.0), (True, 10), (10, False), ("10", 10), (None, 10), (np.float64(10), 10),
-               (torch.tensor(10.0), 10), (np.bool_(True), 10), (torch.tensor([10]), 10)]  # fmt: skip
+NOT_INTEGER = [
+    (10.7, 10),
+    (10, 10.0),
+    (True, 10),
+    (10, False),
+    ("10", 10),
+    (None, 10),
+    (np.float64(10), 10),
+    (torch.tensor(10.0), 10),
+    (np.bool_(True), 10),
+    (torch.tensor([10]), 10),
+]
 WRONG_LENGTH = [(10,), (10, 10, 3), (), 10, "480x640", {"h": 10, "w": 10}]
 NOT_A_SIZE_ARRAY = [torch.tensor([[10, 10]]), np.array([10.0, 10.0]), torch.tensor([True, True])]
 
@@ -93,8 +103,15 @@ def test_wrong_length_and_non_size_values_are_refused(encoders, name):
 def test_integer_scalars_of_numpy_and_torch_are_sizes(encoders, name):
     enc = encoders[name]
     want = enc.num_tokens((70, 90))
-    for size in [(np.int64(70), np.int32(90)), (torch.tensor(70), 90), torch.Size([70, 90]), [70, 90],
-                 np.array([70, 90]), torch.tensor([70, 90]), (np.array(70), 90)]:  # fmt: skip
+    for size in [
+        (np.int64(70), np.int32(90)),
+        (torch.tensor(70), 90),
+        torch.Size([70, 90]),
+        [70, 90],
+        np.array([70, 90]),
+        torch.tensor([70, 90]),
+        (np.array(70), 90),
+    ]:
         assert enc.num_tokens(size) == want, size
         assert enc.plan(size) == enc.plan((70, 90))
 
@@ -105,8 +122,11 @@ def test_the_dual_perspective_crop_and_the_anyres_ops_refuse_the_same_sizes():
         exc = ValueError if size in [(0, 10), (-1, 5)] else TypeError
         with raises_naming(exc, "image_size="):
             crop.plan(size)
-        for op in (anyres.select_resolution, lambda s: anyres.resized_size(s, (56, 56)),
-                   lambda s: anyres.unpadded_shape(s, (8, 8))):  # fmt: skip
+        for op in (
+            anyres.select_resolution,
+            lambda s: anyres.resized_size(s, (56, 56)),
+            lambda s: anyres.unpadded_shape(s, (8, 8)),
+        ):
             with raises_naming(exc, "image_size="):
                 op(size)
 
@@ -297,11 +317,15 @@ def test_s2_scales_empty_refused_arrays_converted():
 def test_integer_options_are_checked_at_build():
     vit = tiny_vit()
     cases = [
-        ("llava_onevision", "max_tiles", "9", TypeError), ("llava_onevision", "max_tiles", 0, ValueError),
-        ("llava_onevision", "max_tiles", 2.5, TypeError), ("internvl", "max_tiles", "12", TypeError),
-        ("internvl", "min_tiles", 0, ValueError), ("internvl", "downsample", 2.0, TypeError),
-        ("infimm_hd", "max_side", True, TypeError), ("infimm_hd", "max_side", -1, ValueError),
-    ]  # fmt: skip
+        ("llava_onevision", "max_tiles", "9", TypeError),
+        ("llava_onevision", "max_tiles", 0, ValueError),
+        ("llava_onevision", "max_tiles", 2.5, TypeError),
+        ("internvl", "max_tiles", "12", TypeError),
+        ("internvl", "min_tiles", 0, ValueError),
+        ("internvl", "downsample", 2.0, TypeError),
+        ("infimm_hd", "max_side", True, TypeError),
+        ("infimm_hd", "max_side", -1, ValueError),
+    ]
     for name, option, value, exc in cases:
         with raises_naming(exc, f"{option}={value!r}") as info:
             hrperc.create_encoder(name, vit, **{option: value})
@@ -319,8 +343,12 @@ def test_integer_options_are_checked_at_build():
 # --- DCM+DEM mismatches, refused at build ----------------------------------------------------------------
 
 DCM_RECIPES = ("llava_next", "llava_onevision", "internvl")
-REDUCING = [dict(reduction="bilinear"), dict(reduction="avg"), dict(reduction="area"),
-            dict(reduction="bilinear", output_size=(2, 2))]  # fmt: skip
+REDUCING = [
+    dict(reduction="bilinear"),
+    dict(reduction="avg"),
+    dict(reduction="area"),
+    dict(reduction="bilinear", output_size=(2, 2)),
+]
 
 
 @pytest.mark.parametrize("name", DCM_RECIPES)
@@ -383,15 +411,27 @@ def _onevision(tile, patch):
 
     torch.manual_seed(0)
     pins = [[tile * a, tile * b] for a in range(1, 7) for b in range(1, 7)]
-    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=tile, patch_size=patch)  # fmt: skip
-    text = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    num_key_value_heads=1, vocab_size=64)  # fmt: skip
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=tile,
+        patch_size=patch,
+    )
+    text = transformers.Qwen2Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
     cfg = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pins)
     model = transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
-    proc = transformers.LlavaOnevisionImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                                     size={"height": tile, "width": tile},
-                                                     image_grid_pinpoints=pins)  # fmt: skip
+    proc = transformers.LlavaOnevisionImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": tile, "width": tile}, image_grid_pinpoints=pins
+    )
     counter = object.__new__(LlavaOnevisionProcessor)  # the counting code only, without a tokenizer
     counter.image_processor, counter.num_image_tokens = proc, (tile // patch) ** 2
     counter.vision_aspect_ratio, counter.vision_feature_select_strategy = "anyres_max_9", "full"
@@ -416,9 +456,12 @@ def test_onevision_thin_images_on_an_even_token_grid_equal_transformers(tile, pa
         n_views = image_size_to_num_patches(batch["image_sizes"][0], model.config.image_grid_pinpoints, tile)
         with torch.no_grad():
             feats = model.model.vision_tower(batch["pixel_values"][0, :n_views], output_hidden_states=True)
-            packed, _ = model.model.pack_image_features([feats.hidden_states[-1]], batch["image_sizes"],
-                                                        image_newline=torch.zeros(D),
-                                                        vision_aspect_ratio="anyres_max_9")  # fmt: skip
+            packed, _ = model.model.pack_image_features(
+                [feats.hidden_states[-1]],
+                batch["image_sizes"],
+                image_newline=torch.zeros(D),
+                vision_aspect_ratio="anyres_max_9",
+            )
         ref = packed[0]
         n = enc.num_tokens(size)
         assert n == counter._get_number_of_features(*size, tile, tile) == ref.shape[0] == out.num_tokens[b], size
@@ -436,9 +479,13 @@ def test_onevision_thin_images_with_projector_and_newline_equal_get_image_featur
     batch = proc(images, return_tensors="pt", input_data_format="channels_first")
     mm = model.model
     with torch.no_grad():
-        ref = mm.get_image_features(batch["pixel_values"], batch["image_sizes"], vision_feature_layer=-1,
-                                    vision_feature_select_strategy="full",
-                                    vision_aspect_ratio="anyres_max_9").pooler_output  # fmt: skip
+        ref = mm.get_image_features(
+            batch["pixel_values"],
+            batch["image_sizes"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        ).pooler_output
         out = enc(images, project=mm.multi_modal_projector, newline=mm.image_newline)
     for b in range(len(sizes)):
         n = out.num_tokens[b]

@@ -172,8 +172,23 @@ def test_the_cli_reads_weights_whose_header_length_starts_with_0x80(tmp_path, ca
         files[name] = tmp_path / f"{name}_0x80.bin"
         files[name].write_bytes(_with_header_length(data, n))
         assert files[name].read_bytes()[:1] == b"\x80"
-    argv = ["demo", "--out", str(tmp_path / "out"), "--backbone", TIMM, "--tile-size", "64", "--patch-size", "16",
-            "--max-tiles", "4", "--weights", str(files["vit"]), "--dem-weights", str(files["dem"])]  # fmt: skip
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path / "out"),
+        "--backbone",
+        TIMM,
+        "--tile-size",
+        "64",
+        "--patch-size",
+        "16",
+        "--max-tiles",
+        "4",
+        "--weights",
+        str(files["vit"]),
+        "--dem-weights",
+        str(files["dem"]),
+    ]
     rc = main(argv)
     out, err = capsys.readouterr()
     assert rc == 0, err

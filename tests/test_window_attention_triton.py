@@ -104,8 +104,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-h{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5][:3]}-"
-                         f"{c[6][:3]}-{c[7][:3]}-{str(c[8])[:3]}")  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: f"{c[0]}-{c[1]}-h{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5][:3]}-{c[6][:3]}-{c[7][:3]}-{str(c[8])[:3]}",
+)
 def test_forward_and_gradients_match_float64_reference(case):
     _check_fwd_bwd(*case)
 
@@ -161,8 +164,9 @@ def test_matches_permute_windows_then_sdpa():
 def test_saved_logsumexp_is_base2_logsumexp_of_scaled_scores():
     grid, tile = (1, 2), (2, 3)
     q, k, v = (_make("contiguous", 1, grid, tile, 2, 16, torch.float32) for _ in range(3))
-    out, lse = torch.ops.hrperc.window_attention_fwd(q, k, v, [1, 2], [2, 3], "contiguous", "contiguous",
-                                                     "contiguous", "contiguous", 0.3)  # fmt: skip
+    out, lse = torch.ops.hrperc.window_attention_fwd(
+        q, k, v, [1, 2], [2, 3], "contiguous", "contiguous", "contiguous", "contiguous", 0.3
+    )
     scores = torch.einsum("nqhd,nkhd->nhq k".replace(" ", ""), q, k) * 0.3
     torch.testing.assert_close(lse, scores.logsumexp(-1) / torch.log(torch.tensor(2.0)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, torch.einsum("nhqk,nkhd->nqhd", scores.softmax(-1), v), atol=1e-5, rtol=1e-5)
@@ -202,8 +206,9 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     q, k, v, *_ = _op_args()
 
     def block(q, k, v):
-        out = wa.triton_window_attention(q * 2, k.sin(), v, (2, 1), window="contiguous", q_order="strided",
-                                         kv_order="map", out_order="map")  # fmt: skip
+        out = wa.triton_window_attention(
+            q * 2, k.sin(), v, (2, 1), window="contiguous", q_order="strided", kv_order="map", out_order="map"
+        )
         return (out.float() ** 2).sum()
 
     compiled = torch.compile(block, fullgraph=True, backend=backend)
@@ -224,8 +229,15 @@ def test_errors_name_argument_value_and_fix():
     with pytest.raises(ValueError, match=r"kv_order='nchw'"):
         call(q, q, q, (2, 2), window="strided", q_order="contiguous", kv_order="nchw")
     with raises_naming(ValueError, "k has shape (4, 16, 2, 16)", "grid=(2, 2)", "tile_size=(3, 3)", "(4, 9, 2, 16)"):
-        call(q, torch.randn(4, 16, 2, 16, device=DEVICE), q, (2, 2), window="strided", q_order="contiguous",
-             kv_order="contiguous")  # fmt: skip
+        call(
+            q,
+            torch.randn(4, 16, 2, 16, device=DEVICE),
+            q,
+            (2, 2),
+            window="strided",
+            q_order="contiguous",
+            kv_order="contiguous",
+        )
     with raises_naming(ValueError, "(4, 9, 2, 16)", "N = gh*gw = 3", "grid=(3, 1)"):
         call(q, q, q, (3, 1), window="strided", q_order="contiguous", kv_order="contiguous")
     with raises_naming(ValueError, "(4, 8, 2, 16)", "8 tokens", "tile_size="):
@@ -278,13 +290,16 @@ def test_cpu_without_interpreter_is_reported_unsupported():
 
 def _tiling_configs(kernel):
     """The GPU configuration list of ``kernel`` (the interpreter itself runs one fixed configuration)."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in wa._TILINGS[kernel]]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in wa._TILINGS[kernel]
+    ]
 
 
 def _estimate(kernel, config, block_d, elem_size):
-    return wa._smem_bytes(kernel, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages, block_d,
-                          elem_size)  # fmt: skip
+    return wa._smem_bytes(
+        kernel, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages, block_d, elem_size
+    )
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
@@ -350,11 +365,13 @@ def test_shared_memory_estimate_against_real_sm90_compiles(kernel, dtype, block_
         assert estimate > wa.SMEM_BUDGET
 
 
-@triton.autotune(configs=_tiling_configs("fwd"), key=["BLOCK_D"],
-                 prune_configs_by={"early_config_prune": wa._pruner("fwd")})  # fmt: skip
+@triton.autotune(
+    configs=_tiling_configs("fwd"), key=["BLOCK_D"], prune_configs_by={"early_config_prune": wa._pruner("fwd")}
+)
 @triton.jit
-def _probe_kernel(Q, BLOCK_D: triton.language.constexpr, BLOCK_M: triton.language.constexpr,
-                  BLOCK_N: triton.language.constexpr):  # fmt: skip
+def _probe_kernel(
+    Q, BLOCK_D: triton.language.constexpr, BLOCK_M: triton.language.constexpr, BLOCK_N: triton.language.constexpr
+):
     pass
 
 
@@ -438,8 +455,9 @@ def test_offsets_past_2_to_the_31_elements_do_not_wrap():
         results[name] = (out, *torch.autograd.grad(out, xs, grad_out.to(out.dtype)))
     del buf, k, v
     for i, what in enumerate(("out", "dq", "dk", "dv")):
-        assert_close_to_reference(results["fast"][i], results["ref_lp"][i], results["ref64"][i], torch.float16,
-                                  name=what)  # fmt: skip
+        assert_close_to_reference(
+            results["fast"][i], results["ref_lp"][i], results["ref64"][i], torch.float16, name=what
+        )
 
 
 def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeypatch):
@@ -454,8 +472,15 @@ def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeyp
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", None)
     monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
     (q, k, v), grid = _attention_inputs()
-    kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
-              out_order="strided", scale=0.25)  # fmt: skip
+    kw = dict(
+        grid=grid,
+        tile_size=(2, 3),
+        window="strided",
+        q_order="contiguous",
+        kv_order="strided",
+        out_order="strided",
+        scale=0.25,
+    )
 
     class LooksLikeCuda(torch.Tensor):  # "auto" only considers the kernel for CUDA tensors
         is_cuda = True
@@ -468,15 +493,22 @@ def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeyp
         assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw).name == "sdpa"
     assert kernels.triton_import_error() == "RuntimeError: simulated broken Triton install: driver too old"
     assert hrperc.attention.resolve_backend("auto", q_cuda, k, v, **kw).name == "sdpa"  # remembered, no retry
-    with raises_naming(NotImplementedError, "'triton'", "RuntimeError: simulated broken Triton install",
-                       "backend='sdpa'", "backend='auto'"):  # fmt: skip
+    with raises_naming(
+        NotImplementedError,
+        "'triton'",
+        "RuntimeError: simulated broken Triton install",
+        "backend='sdpa'",
+        "backend='auto'",
+    ):
         hrperc.attention.resolve_backend("triton", q, k, v, **kw)
     with raises_naming(ImportError, "RuntimeError: simulated broken Triton install", "backend='sdpa'") as info:
-        kernels.triton_window_attention(q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided",
-                                        tile_size=(2, 3))  # fmt: skip
+        kernels.triton_window_attention(
+            q, k, v, grid, window="strided", q_order="contiguous", kv_order="strided", tile_size=(2, 3)
+        )
     assert isinstance(info.value.__cause__, RuntimeError)
-    out = hrperc.attention.window_attention(q, k, v, grid, backend="auto", window="strided", q_order="contiguous",
-                                            kv_order="strided", tile_size=(2, 3))  # fmt: skip
+    out = hrperc.attention.window_attention(
+        q, k, v, grid, backend="auto", window="strided", q_order="contiguous", kv_order="strided", tile_size=(2, 3)
+    )
     assert out.shape == q.shape
 
 
@@ -549,8 +581,15 @@ def test_triton_backend_matches_sdpa_backend_forward_and_backward():
 
 def test_auto_picks_triton_only_for_cuda_and_env_var_forces_it(monkeypatch):
     (q, k, v), grid = _attention_inputs()
-    kw = dict(grid=grid, tile_size=(2, 3), window="strided", q_order="contiguous", kv_order="strided",
-              out_order="strided", scale=0.25)  # fmt: skip
+    kw = dict(
+        grid=grid,
+        tile_size=(2, 3),
+        window="strided",
+        q_order="contiguous",
+        kv_order="strided",
+        out_order="strided",
+        scale=0.25,
+    )
     resolve = hrperc.attention.resolve_backend
     monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
     assert resolve("auto", q, k, v, **kw).name == ("triton" if q.is_cuda else "sdpa")

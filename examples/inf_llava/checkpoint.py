@@ -133,13 +133,9 @@ def load_trained_weights(path, model, *, require_all_trainable: bool = False) ->
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(
-            f"load_trained_weights: no model.safetensors at {path}; pass a checkpoint directory."
-        )
+        raise FileNotFoundError(f"load_trained_weights: no model.safetensors at {path}; pass a checkpoint directory.")
     weights = load_file(file)
-    names = {
-        n for n, _ in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()
-    }
+    names = {n for n, _ in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()}
     unknown = sorted(set(weights) - names)
     if unknown:
         raise ValueError(

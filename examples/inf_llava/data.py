@@ -102,9 +102,7 @@ class GlyphSample:
 class GlyphTask:
     """Samples of the glyph task on an ``image_size`` canvas; ``glyph_size`` pixels per glyph side."""
 
-    def __init__(
-        self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.03
-    ):
+    def __init__(self, image_size=(96, 96), glyph_size: int | None = None, seed: int = 0, noise: float = 0.03):
         self.image_size = tuple(image_size)
         H, W = self.image_size
         self.glyph_size = glyph_size or max(5, min(H, W) // 8)
@@ -192,9 +190,7 @@ def build_dataset(spec: str, cfg, glyph_size=None, seed: int = 0):
     kind, _, rest = spec.partition(":")
     json_path, _, folder = rest.partition(":")
     if kind != "llava" or not json_path or not folder:
-        raise ValueError(
-            f"build_dataset: data={spec!r}; use 'glyphs' or 'llava:<annotations.json>:<image folder>'."
-        )
+        raise ValueError(f"build_dataset: data={spec!r}; use 'glyphs' or 'llava:<annotations.json>:<image folder>'.")
     return LlavaJsonDataset(json_path, folder, cfg.image_token)
 
 

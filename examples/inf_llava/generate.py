@@ -50,8 +50,15 @@ from inf_llava.script import (
 )
 
 __all__ = [
-    "load_image", "generate_ids", "answer", "eos_token_ids", "evaluate_glyphs", "write_sample_image", "parse_args",
-    "main", "SAMPLE_INDEX",
+    "load_image",
+    "generate_ids",
+    "answer",
+    "eos_token_ids",
+    "evaluate_glyphs",
+    "write_sample_image",
+    "parse_args",
+    "main",
+    "SAMPLE_INDEX",
 ]
 
 #: The glyph-task sample ``--sample-image`` writes: the first held-out index of :func:`evaluate_glyphs`.
@@ -178,29 +185,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llm-dir")
     p.add_argument("--clip-dir")
     p.add_argument("--weights")
-    p.add_argument(
-        "--checkpoint", action="append", default=[], help="trained weights; repeat: later ones win"
-    )
+    p.add_argument("--checkpoint", action="append", default=[], help="trained weights; repeat: later ones win")
     p.add_argument("--image", action="append", default=[], help="image path; repeat for a batch")
     p.add_argument(
-        "--sample-image", metavar="PATH",
+        "--sample-image",
+        metavar="PATH",
         help="write a held-out glyph-task image to PATH (PNG; kept when PATH already holds it), print its answer, "
         "and ask about it too",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--prompt", action="append", default=[],
+        "--prompt",
+        action="append",
+        default=[],
         help=f"question; one per image (each --image, then --sample-image) or one for all (default with only "
         f"--sample-image: {DESCRIBE!r})",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--eval-glyphs", type=nonnegative_int("--eval-glyphs", "300"), default=0,
+        "--eval-glyphs",
+        type=nonnegative_int("--eval-glyphs", "300"),
+        default=0,
         help="also score N held-out glyph-task samples",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0, help="glyph task seed for --eval-glyphs (as train.py's)")
     p.add_argument(
-        "--glyph-size", type=positive_int("--glyph-size", "12"), default=None,
+        "--glyph-size",
+        type=positive_int("--glyph-size", "12"),
+        default=None,
         help="glyph side for --eval-glyphs and --sample-image (as train.py's)",
-    )  # fmt: skip
+    )
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens", "32"), default=32)
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error (default: one line)")
@@ -240,8 +252,9 @@ def write_sample_image(path, cfg, *, seed: int = 0, glyph_size: int | None = Non
     if p.exists():
         try:
             with Image.open(p) as im:
-                same = im.size == (pixels.shape[1], pixels.shape[0]) and np.array_equal(np.asarray(im.convert("RGB")),
-                                                                                         pixels)  # fmt: skip
+                same = im.size == (pixels.shape[1], pixels.shape[0]) and np.array_equal(
+                    np.asarray(im.convert("RGB")), pixels
+                )
         except (OSError, SyntaxError, ValueError):
             same = False
         if not same:
@@ -278,8 +291,10 @@ def _run(argv) -> list[str]:
     if args.sample_image:
         sample, wrote = write_sample_image(args.sample_image, cfg, seed=args.seed, glyph_size=args.glyph_size)
         truth = f"a {sample.colour} {sample.shape} at the {ROWS[sample.row]} {COLUMNS[sample.column]}"
-        print(f"{'wrote' if wrote else 'kept'} {args.sample_image}: held-out glyph-task sample {SAMPLE_INDEX} (seed "
-              f"{args.seed}); the answer to {DESCRIBE!r} is {truth!r}")  # fmt: skip
+        print(
+            f"{'wrote' if wrote else 'kept'} {args.sample_image}: held-out glyph-task sample {SAMPLE_INDEX} (seed "
+            f"{args.seed}); the answer to {DESCRIBE!r} is {truth!r}"
+        )
         paths.append(args.sample_image)
     tokenizer = build_tokenizer(cfg)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
@@ -289,15 +304,9 @@ def _run(argv) -> list[str]:
     model.to(args.device).eval()
     images = [load_image(path) for path in paths]
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=dtype is not None):
-        texts = (
-            answer(model, tokenizer, cfg, images, args.prompt, max_new_tokens=args.max_new_tokens)
-            if images
-            else []
-        )
+        texts = answer(model, tokenizer, cfg, images, args.prompt, max_new_tokens=args.max_new_tokens) if images else []
         if args.eval_glyphs:
-            acc = evaluate_glyphs(
-                model, tokenizer, cfg, args.eval_glyphs, seed=args.seed, glyph_size=args.glyph_size
-            )
+            acc = evaluate_glyphs(model, tokenizer, cfg, args.eval_glyphs, seed=args.seed, glyph_size=args.glyph_size)
             print("glyph task, exact-match accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     if cfg.name == "tiny" and not args.checkpoint:
         print("# tiny config with random weights: the text below is meaningless by construction.")

@@ -80,9 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    p.add_argument(
-        "--llm-dir", help="llama3-8b: local transformers LLaMA-3-8B directory (or $INF_LLAVA_LLM_DIR)"
-    )
+    p.add_argument("--llm-dir", help="llama3-8b: local transformers LLaMA-3-8B directory (or $INF_LLAVA_LLM_DIR)")
     p.add_argument("--clip-dir", help="llama3-8b: local transformers CLIP ViT-L/14-336 directory")
     p.add_argument("--weights", help="llama3-8b: released INF-LLaVA DEM + projector weights (file or dir)")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
@@ -91,9 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-size", type=positive_int("--batch-size", "16"), default=16, help="global batch per optimizer step"
     )
     p.add_argument(
-        "--micro-batch-size", type=positive_int("--micro-batch-size", "4"), default=None,
+        "--micro-batch-size",
+        type=positive_int("--micro-batch-size", "4"),
+        default=None,
         help="per process and forward (default: all)",
-    )  # fmt: skip
+    )
     p.add_argument("--lr", type=positive_float("--lr"), default=None, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
     p.add_argument("--warmup-ratio", type=fraction("--warmup-ratio"), default=0.03)
     p.add_argument("--weight-decay", type=nonnegative_float("--weight-decay"), default=0.0)
@@ -121,19 +121,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/inf_llava", help="checkpoint directory")
     p.add_argument(
-        "--save-every", type=nonnegative_int("--save-every", "500"), default=0,
+        "--save-every",
+        type=nonnegative_int("--save-every", "500"),
+        default=0,
         help="also save every N steps (0: only at the end)",
-    )  # fmt: skip
+    )
     p.add_argument("--resume", default=None, help="'auto' (latest under --out) or a checkpoint directory")
     p.add_argument("--init-from", default=None, help="load trained weights (e.g. stage 1's) before training")
-    p.add_argument(
-        "--data", default="glyphs", help="'glyphs' (synthetic) or 'llava:<annotations.json>:<image dir>'"
-    )
+    p.add_argument("--data", default="glyphs", help="'glyphs' (synthetic) or 'llava:<annotations.json>:<image dir>'")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument(
-        "--glyph-size", type=positive_int("--glyph-size", "12"), default=None,
+        "--glyph-size",
+        type=positive_int("--glyph-size", "12"),
+        default=None,
         help="glyph side in pixels (default: canvas / 8)",
-    )  # fmt: skip
+    )
     p.add_argument("--summary-json", default=None, help="write losses and timings (rank 0) to this file")
     p.add_argument(
         "--dump-params",
@@ -218,9 +220,7 @@ def _setup_distributed(mode: str, device: str = "auto", backend: str = "auto"):
     """Init the process group for ddp/fsdp (see :func:`choose_device_backend`); returns rank, world, device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "none" and world > 1:
-        raise ValueError(
-            f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp."
-        )
+        raise ValueError(f"train.py: launched with WORLD_SIZE={world} but --dist none; pass --dist ddp or fsdp.")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     dev, backend, note = choose_device_backend(
         device,
@@ -296,9 +296,7 @@ def train(argv=None, *, return_model: bool = False) -> dict:
     """
     args = parse_args(argv)
     rank, world, device = _setup_distributed(args.dist, args.device, args.dist_backend)
-    if args.batch_size % world or (
-        args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size
-    ):
+    if args.batch_size % world or (args.micro_batch_size and (args.batch_size // world) % args.micro_batch_size):
         raise ValueError(
             f"train.py: --batch-size {args.batch_size} must split evenly over {world} process(es) and then into "
             f"micro-batches of {args.micro_batch_size}; use sizes with batch_size % (world * micro) == 0."
@@ -329,9 +327,7 @@ def train(argv=None, *, return_model: bool = False) -> dict:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps
-    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps)
 
     start, losses = 0, []
     resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
@@ -339,9 +335,7 @@ def train(argv=None, *, return_model: bool = False) -> dict:
         meta = load_checkpoint(resume, model, optimizer, scheduler)
         start, losses = int(meta["step"]), list(meta.get("losses", []))
 
-    bar = tqdm(
-        total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}"
-    )
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0 or args.no_progress, desc=f"stage {args.stage}")
     tokens_seen, t0 = 0, time.perf_counter()
     model.train()
     for step in range(start, args.steps):

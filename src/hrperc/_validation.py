@@ -46,9 +46,7 @@ def as_pair(value, name: str, fn: str, *, minimum: int = 1) -> tuple[int, int]:
                 f"Pass whole numbers, e.g. {name}=(3, 3)."
             )
         if v < minimum:
-            raise ValueError(
-                f"{fn}: {name}={value!r}; entries must be integers >= {minimum}. Pass e.g. {name}=(3, 3)."
-            )
+            raise ValueError(f"{fn}: {name}={value!r}; entries must be integers >= {minimum}. Pass e.g. {name}=(3, 3).")
     return int(pair[0]), int(pair[1])
 
 
@@ -140,8 +138,10 @@ def as_image_size(value, fn: str, name: str = "image_size") -> tuple[int, int]:
     """
     shown = value
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        integer = value.dtype.kind in "iu" if isinstance(value, np.ndarray) else not (
-            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        integer = (
+            value.dtype.kind in "iu"
+            if isinstance(value, np.ndarray)
+            else not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
         )
         if value.ndim != 1 or not integer:
             raise TypeError(

@@ -58,7 +58,7 @@ MAX_HEADER_BYTES = 100_000_000
 _REFETCH = "Check the download and fetch the file again."
 _CONVERT = (
     "hrperc does not execute pickled code. If you trust the file, convert it to safetensors in a trusted "
-    "environment: python -c \"import torch; from safetensors.torch import save_file; "
+    'environment: python -c "import torch; from safetensors.torch import save_file; '
     "sd = torch.load('{path}', weights_only=False); save_file({{k: v.contiguous() for k, v in sd.items()}}, "
     "'{out}')\", then pass the .safetensors file."
 )
@@ -164,9 +164,7 @@ def _read_header(f, size: int, path: Path, fn: str) -> dict[str, tuple[str, tupl
             "safetensors file, or fetch it again."
         ) from exc
     if not isinstance(header, dict):
-        raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} has a header that is not a JSON object. " + _REFETCH
-        )
+        raise ValueError(f"{fn}: safetensors file {str(path)!r} has a header that is not a JSON object. " + _REFETCH)
     data = size - 8 - n
     out = {}
     for key, info in header.items():
@@ -238,8 +236,7 @@ def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None,
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise ValueError(
-                f"{fn}: {str(path)!r} starts like a zip (torch) file but is truncated or corrupt ({exc}). "
-                + _REFETCH
+                f"{fn}: {str(path)!r} starts like a zip (torch) file but is truncated or corrupt ({exc}). " + _REFETCH
             ) from exc
         if not any(n.endswith("data.pkl") for n in names):
             raise ValueError(

@@ -150,10 +150,19 @@ class HighResEncoder(nn.Module):
     uint8 tensors or PIL images. Output: :class:`EncoderOutput`.
     """
 
-    def __init__(self, backbone, crop: DualPerspectiveCrop | FrontEnd | None = None, dem="default",
-                 combine: str | None = None, layer: int | None = None, max_batch: int | str = "auto",
-                 encode_all: bool = False, train_backbone: bool = False, grad_checkpointing: bool = False,
-                 check_range: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backbone,
+        crop: DualPerspectiveCrop | FrontEnd | None = None,
+        dem="default",
+        combine: str | None = None,
+        layer: int | None = None,
+        max_batch: int | str = "auto",
+        encode_all: bool = False,
+        train_backbone: bool = False,
+        grad_checkpointing: bool = False,
+        check_range: bool = True,
+    ) -> None:
         super().__init__()
         fn = "HighResEncoder"
         # Switches are real bools, checked before anything is built: bool("false") is True.
@@ -170,8 +179,9 @@ class HighResEncoder(nn.Module):
             front_end = crop
         elif crop is None or isinstance(crop, DualPerspectiveCrop):
             crop = DualPerspectiveCrop(grid=(3, 3), tile_size=bb.image_size) if crop is None else crop
-            front_end = DualFrontEnd(crop, bb.patch_size, combine="mean" if combine is None else combine,
-                                     encode_all=encode_all, fn=fn)
+            front_end = DualFrontEnd(
+                crop, bb.patch_size, combine="mean" if combine is None else combine, encode_all=encode_all, fn=fn
+            )
         else:
             raise TypeError(
                 f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop (or None for the default 3x3 "
@@ -216,10 +226,14 @@ class HighResEncoder(nn.Module):
     # INF-LLaVA's settings, read off its DualFrontEnd (None / False for another front end).
     combine = property(lambda self: self._dual("combine", None), doc="INF-LLaVA's ``combine``.")
     thumbnail = property(lambda self: self._dual("thumbnail", False), doc="Whether the crop makes a thumbnail.")
-    encodes_thumbnail = property(lambda self: self._dual("encodes_thumbnail", False),
-                                 doc="Whether :meth:`forward` runs a thumbnail through the ViT.")  # fmt: skip
-    encode_all = property(lambda self: self._dual("encode_all", self._encode_all),
-                          doc="Whether sub-images the DEM never reads are encoded too.")  # fmt: skip
+    encodes_thumbnail = property(
+        lambda self: self._dual("encodes_thumbnail", False),
+        doc="Whether :meth:`forward` runs a thumbnail through the ViT.",
+    )
+    encode_all = property(
+        lambda self: self._dual("encode_all", self._encode_all),
+        doc="Whether sub-images the DEM never reads are encoded too.",
+    )
 
     def _dual(self, name: str, default):
         return getattr(self.front_end, name) if isinstance(self.front_end, DualFrontEnd) else default
@@ -404,8 +418,10 @@ class HighResEncoder(nn.Module):
             if len(view_groups) == 1 and len(by_key) == 1:  # a uniform batch: the stack as it is, no copy
                 group = feats[0]
             else:  # each image's features copied out, in batch order
-                group = tuple(torch.cat([feats[where[b][0]][p][where[b][1]][None] for b in members])
-                              for p in range(len(feats[where[members[0]][0]])))  # fmt: skip
+                group = tuple(
+                    torch.cat([feats[where[b][0]][p][where[b][1]][None] for b in members])
+                    for p in range(len(feats[where[members[0]][0]]))
+                )
             group_in = group if tupled else group[0]
             kw = {"pixels": [pixels[b] for b in members]} if fe.needs_pixels else {}
             tokens = fe.assemble(group_in, plans[members[0]], project=project, **kw)
@@ -462,7 +478,7 @@ def _in_batch_order(groups, B: int) -> torch.Tensor:
 def _dem_keys_under_front_end(state_dict, prefix, *_) -> None:
     """State dicts saved before the front end owned the DEM (keys ``dem.*``) load as ``front_end.dem.*``."""
     for key in [k for k in state_dict if k.startswith(prefix + "dem.")]:
-        state_dict[f"{prefix}front_end.{key[len(prefix):]}"] = state_dict.pop(key)
+        state_dict[f"{prefix}front_end.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 
 class _Clock:

@@ -55,6 +55,7 @@ class BackendUnavailableError(NotImplementedError):
     A ``NotImplementedError``, so ``except NotImplementedError`` still catches it.
     """
 
+
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("hrperc_attention_backend", default=None)
 
 
@@ -180,9 +181,10 @@ def resolve_backend(backend: str | None, q, k, v, *, query_subset: bool = False,
             raise BackendUnavailableError(_cannot_run(forced, _forced_source(backend), reason, q, k, v, kw))
         return chosen
     candidates = [
-        b for b in _REGISTRY.values()
+        b
+        for b in _REGISTRY.values()
         if b.auto_eligible(q.device.type) and (b.query_subset is not None or not query_subset)
-    ]  # fmt: skip
+    ]
     for b in sorted(candidates, key=lambda b: -b.priority):
         if b.auto_supports(q, k, v, **kw) is None:
             return b

@@ -149,14 +149,47 @@ def window_cross_attention(
     if not isinstance(heads, int) or heads < 1 or d % heads != 0:
         raise ValueError(f"{fn}: heads={heads!r} must be a positive int dividing D={d}; e.g. heads=8 for D=1024.")
     out = project_attend(
-        query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias, v_weight,
-        v_bias, heads=heads, out_order=out_order, tile_size=tile_size, scale=scale, backend=backend,
-    )  # fmt: skip
+        query_feats,
+        kv_feats,
+        grid,
+        window,
+        q_order,
+        kv_order,
+        q_weight,
+        q_bias,
+        k_weight,
+        k_bias,
+        v_weight,
+        v_bias,
+        heads=heads,
+        out_order=out_order,
+        tile_size=tile_size,
+        scale=scale,
+        backend=backend,
+    )
     return F.linear(out, out_weight, out_bias)
 
 
-def project_attend(query_feats, kv_feats, grid, window, q_order, kv_order, q_weight, q_bias, k_weight, k_bias,
-                   v_weight, v_bias, *, heads, out_order, tile_size, scale, backend):  # fmt: skip
+def project_attend(
+    query_feats,
+    kv_feats,
+    grid,
+    window,
+    q_order,
+    kv_order,
+    q_weight,
+    q_bias,
+    k_weight,
+    k_bias,
+    v_weight,
+    v_bias,
+    *,
+    heads,
+    out_order,
+    tile_size,
+    scale,
+    backend,
+):
     """Validated inputs -> q/k/v projections -> :func:`window_attention` -> heads merged, before ``out_proj``."""
     bn, t, d = query_feats.shape
     hd = d // heads
@@ -165,7 +198,16 @@ def project_attend(query_feats, kv_feats, grid, window, q_order, kv_order, q_wei
     k = F.linear(kv_feats, k_weight, k_bias).view(bn, t, heads, hd)
     v = F.linear(kv_feats, v_weight, v_bias).view(bn, t, heads, hd)
     out = window_attention(
-        q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
-        tile_size=tile_size, scale=scale, backend=backend,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grid,
+        window=window,
+        q_order=q_order,
+        kv_order=kv_order,
+        out_order=out_order,
+        tile_size=tile_size,
+        scale=scale,
+        backend=backend,
+    )
     return out.reshape(*out.shape[:2], d)

@@ -127,10 +127,24 @@ class WindowCrossAttention(nn.Module):
     def _attend(self, query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend):
         lq, lk, lv, _ = self.linears
         return project_attend(
-            query_feats, kv_feats, grid, window, q_order, kv_order, lq.weight, lq.bias, lk.weight, lk.bias,
-            lv.weight, lv.bias, heads=self.heads, out_order=out_order, tile_size=tile_size, scale=None,
+            query_feats,
+            kv_feats,
+            grid,
+            window,
+            q_order,
+            kv_order,
+            lq.weight,
+            lq.bias,
+            lk.weight,
+            lk.bias,
+            lv.weight,
+            lv.bias,
+            heads=self.heads,
+            out_order=out_order,
+            tile_size=tile_size,
+            scale=None,
             backend=backend,
-        )  # fmt: skip
+        )
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, residual_norm={self.residual_norm}"

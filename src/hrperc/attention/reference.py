@@ -70,8 +70,9 @@ def _normalise(q, grid, q_order, window, out_order, tile_size, scale, fn):
     return grid, tile_size, out_order, scale
 
 
-def reference_window_attention(q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None,
-                               scale=None) -> torch.Tensor:  # fmt: skip
+def reference_window_attention(
+    q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None, scale=None
+) -> torch.Tensor:
     """The definition, in plain math and in the inputs' dtype: merge to maps, crop to windows, attend.
 
     Shapes: ``q, k, v`` ``(B*N, T, heads, head_dim)`` stacks in ``q_order``/``kv_order`` (or, for
@@ -96,8 +97,9 @@ def reference_window_attention(q, k, v, grid, *, window, q_order, kv_order, out_
     return _from_window(out, grid, tile_size, window, out_order, permute=False)
 
 
-def sdpa_window_attention(q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None,
-                          scale=None) -> torch.Tensor:  # fmt: skip
+def sdpa_window_attention(
+    q, k, v, grid, *, window, q_order, kv_order, out_order=None, tile_size=None, scale=None
+) -> torch.Tensor:
     """Gather only the stacks not already in window order, then ``F.scaled_dot_product_attention``.
 
     Window-order stacks only (no ``"map"`` inputs); otherwise as :func:`reference_window_attention`.

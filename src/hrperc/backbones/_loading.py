@@ -102,8 +102,16 @@ def read_checkpoint(path: str, fn: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str, *, strict: bool, fn: str, what: str,
-                stacklevel: int = 4) -> bool:  # fmt: skip
+def load_strict(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    path: str,
+    *,
+    strict: bool,
+    fn: str,
+    what: str,
+    stacklevel: int = 4,
+) -> bool:
     """Load ``sd`` (already converted by the family) into ``model``. Strict: refuse any misfit in one ``ValueError``
     naming ``path`` and ``what``; ``strict=False``: load what fits and warn (``UserWarning``) about the rest.
 
@@ -118,9 +126,10 @@ def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str, *, 
         k for k in common if k not in mismatched and own[k].is_floating_point() and not sd[k].is_floating_point()
     ]
     nonfinite = [
-        k for k in common
+        k
+        for k in common
         if k not in mismatched and k not in not_float and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()
-    ]  # fmt: skip
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys {short(missing)}")
@@ -155,8 +164,16 @@ def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str, *, 
     return bool(fit)
 
 
-def check_loading_info(info: Mapping, where: str, cls_name: str, *, strict: bool, fn: str, ignore: tuple[str, ...] = (),
-                       stacklevel: int = 4) -> None:  # fmt: skip
+def check_loading_info(
+    info: Mapping,
+    where: str,
+    cls_name: str,
+    *,
+    strict: bool,
+    fn: str,
+    ignore: tuple[str, ...] = (),
+    stacklevel: int = 4,
+) -> None:
     """The strict rule for a model that loaded its own checkpoint: ``info`` is transformers' loading info
     (``missing_keys``, ``unexpected_keys``, ``mismatched_keys``); unexpected keys starting with ``ignore``
     are expected (another tower of a full checkpoint). Strict: any misfit is a ``ValueError`` naming

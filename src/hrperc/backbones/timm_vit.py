@@ -100,8 +100,9 @@ def _warn_quickgelu(timm, name: str, path: str) -> None:
         why = "the path says 'openai'"
     else:
         return
-    warn_quickgelu(fn="create_backbone", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'",
-                   stacklevel=5)  # fmt: skip
+    warn_quickgelu(
+        fn="create_backbone", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'", stacklevel=5
+    )
 
 
 def _checkpoint_filter(timm, name: str, model: nn.Module, sd: dict) -> dict:

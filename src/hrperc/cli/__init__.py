@@ -45,18 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs", help="folder for the pictures (default: outputs)")
     demo.add_argument("--grid", type=parse_grid, default="auto", help="auto, floor or ROWSxCOLS (default auto)")
     demo.add_argument(
-        "--tile-size", type=positive_int("--tile-size", MAX_TILE_SIZE, "real ViT tiles are 224 to 1024 pixels"),
+        "--tile-size",
+        type=positive_int("--tile-size", MAX_TILE_SIZE, "real ViT tiles are 224 to 1024 pixels"),
         default=None,
         help=f"sub-image side in pixels, at most {MAX_TILE_SIZE} (default 336; with the encoder: the size a timm ViT "
         "is built at, other backbones use their native size)",
-    )  # fmt: skip
+    )
     demo.add_argument(
         "--max-tiles", type=positive_int("--max-tiles"), default=12, help="tile budget for --grid auto (default 12)"
     )
     demo.add_argument(
-        "--patch-size", type=positive_int("--patch-size"), default=None,
+        "--patch-size",
+        type=positive_int("--patch-size"),
+        default=None,
         help="ViT patch size for the token accounting with --no-encode (default 14; otherwise the backbone's)",
-    )  # fmt: skip
+    )
     add_demo_encoder_arguments(demo)
     demo.set_defaults(func=run_demo)
     add_encode_parser(sub)

@@ -10,8 +10,15 @@ from ..ops.pixels import pil_to_pixels
 from .inputs import bomb_error, pil_pixel_limit
 
 __all__ = [
-    "load_image", "read_image", "parse_grid", "parse_max_batch", "parse_query", "parse_device", "positive_int",
-    "parse_max_image_pixels", "parse_max_canvas_pixels",
+    "load_image",
+    "read_image",
+    "parse_grid",
+    "parse_max_batch",
+    "parse_query",
+    "parse_device",
+    "positive_int",
+    "parse_max_image_pixels",
+    "parse_max_canvas_pixels",
 ]
 
 
@@ -115,13 +122,15 @@ def _pixel_count(flag: str, example: int, doc: str):
 
 
 parse_max_image_pixels = _pixel_count(
-    "--max-image-pixels", 400000000,
+    "--max-image-pixels",
+    400000000,
     "``--max-image-pixels``: a positive integer (PIL's ``Image.MAX_IMAGE_PIXELS`` for this run), or 0 for no limit.",
-)  # fmt: skip
+)
 parse_max_canvas_pixels = _pixel_count(
-    "--max-canvas-pixels", 50000000,
+    "--max-canvas-pixels",
+    50000000,
     "``--max-canvas-pixels``: the most canvas pixels an image may get (0: no limit); see :mod:`hrperc.cli.limits`.",
-)  # fmt: skip
+)
 
 
 def parse_device(text: str) -> str:

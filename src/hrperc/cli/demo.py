@@ -80,21 +80,29 @@ def run_demo(args) -> int:
         print(f"note         {note}")
     print(f"policy       grid={args.grid!r} max_tiles={args.max_tiles} fit={dcm.fit} -> grid {gh}x{gw} (N={n})")
     print(f"canvas       {geo.canvas_size[1]}x{geo.canvas_size[0]}, tiles {w}x{h}, valid box {geo.valid_box}")
-    print(f"sub-images   {n} local + {n} strided + 1 thumbnail = {2 * n + 1} ViT inputs "
-          f"({tuple(crops.local.shape)} each stack), cropped in {t_crop * 1e3:.1f} ms")
-    print(f"tokens       patch {patch}: {per_view} per sub-image; local map {gh * th}x{gw * tw} = {n * per_view}, "
-          f"global map {n * per_view}, thumbnail {per_view}")
+    print(
+        f"sub-images   {n} local + {n} strided + 1 thumbnail = {2 * n + 1} ViT inputs "
+        f"({tuple(crops.local.shape)} each stack), cropped in {t_crop * 1e3:.1f} ms"
+    )
+    print(
+        f"tokens       patch {patch}: {per_view} per sub-image; local map {gh * th}x{gw * tw} = {n * per_view}, "
+        f"global map {n * per_view}, thumbnail {per_view}"
+    )
     if enc is None:
-        print(f"             after DEM + reduction to {th}x{tw}: {per_view}; mean with thumbnail: {per_view} "
-              f"tokens to the LLM (concat: {2 * per_view})")
+        print(
+            f"             after DEM + reduction to {th}x{tw}: {per_view}; mean with thumbnail: {per_view} "
+            f"tokens to the LLM (concat: {2 * per_view})"
+        )
     else:
         layout = ", ".join(f"{seg.source} {seg.length}" for seg in enc.plan(geo.input_size).layout)
         print(f"             to the LLM: {enc.num_tokens(geo.input_size)} tokens ({layout}; combine={enc.combine!r})")
     if not has_matplotlib():
         print(f"pictures     skipped: they need matplotlib, {PLOT_EXTRA}")
     elif n > MAX_DRAWN_TILES:  # one small picture per tile: thousands would take minutes and gigabytes
-        print(f"pictures     crops.png skipped: {n} tiles per view, over the {MAX_DRAWN_TILES} it draws; use a "
-              f"--grid of at most {MAX_DRAWN_TILES} tiles to get it")  # fmt: skip
+        print(
+            f"pictures     crops.png skipped: {n} tiles per view, over the {MAX_DRAWN_TILES} it draws; use a "
+            f"--grid of at most {MAX_DRAWN_TILES} tiles to get it"
+        )
     else:
         from .plots import plot_crops
 

@@ -38,8 +38,13 @@ if TYPE_CHECKING:
     from ..modules.dual_crop import Fit
 
 __all__ = [
-    "add_encode_parser", "add_demo_encoder_arguments", "run_encode", "build_encoder", "check_encoder_inputs",
-    "demo_encoder", "weights_lines",
+    "add_encode_parser",
+    "add_demo_encoder_arguments",
+    "run_encode",
+    "build_encoder",
+    "check_encoder_inputs",
+    "demo_encoder",
+    "weights_lines",
 ]
 
 # INF-LLaVA's tower is OpenAI's CLIP ViT-L/14-336, trained with QuickGELU: open_clip's "-quickgelu" config.
@@ -48,48 +53,46 @@ DEMO_BACKBONE = "timm:vit_small_patch14_reg4_dinov2"
 
 
 def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str) -> None:
-    p.add_argument(
-        "--backbone", default=backbone_default, help=f"timm:/open_clip:/hf: name ({backbone_default})"
-    )
-    p.add_argument(
-        "--weights", default=None, help="local checkpoint of the backbone (default: random weights)"
-    )
-    p.add_argument(
-        "--dem-weights", default=None, help="released INF-LLaVA checkpoint for the DEM (default: random)"
-    )
+    p.add_argument("--backbone", default=backbone_default, help=f"timm:/open_clip:/hf: name ({backbone_default})")
+    p.add_argument("--weights", default=None, help="local checkpoint of the backbone (default: random weights)")
+    p.add_argument("--dem-weights", default=None, help="released INF-LLaVA checkpoint for the DEM (default: random)")
     p.add_argument("--layer", type=int, default=-2, help="backbone layer (default -2)")
     p.add_argument(
-        "--combine", choices=("mean", "concat", "none"), default=None,
+        "--combine",
+        choices=("mean", "concat", "none"),
+        default=None,
         help="thumbnail + DEM tokens (default: mean; concat with --no-dem, where there is nothing to average)",
-    )  # fmt: skip
+    )
     p.add_argument("--no-dem", action="store_true", help="no enhancement: return the sub-image tokens")
     p.add_argument("--max-batch", type=parse_max_batch, default="auto", help="sub-images per ViT call (default auto)")
     p.add_argument("--encode-all", action="store_true", help="also encode sub-images the DEM never reads")
     p.add_argument(
-        "--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+        "--device",
+        type=parse_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda, cuda:N, mps, ... (default: cuda when there is a GPU, else cpu)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--max-image-pixels", type=parse_max_image_pixels, default=None,
+        "--max-image-pixels",
+        type=parse_max_image_pixels,
+        default=None,
         help="PIL.Image.MAX_IMAGE_PIXELS for this run: PIL refuses images over twice it as possible decompression "
         "bombs (default: PIL's own; 0: no limit, for trusted files only)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--max-canvas-pixels", type=parse_max_canvas_pixels, default=None,
+        "--max-canvas-pixels",
+        type=parse_max_canvas_pixels,
+        default=None,
         help="most canvas pixels (grid x tile) an image may get (default: 16x the image's pixels, at least "
         "4194304 and at most 33554432; 0: no limit)",
-    )  # fmt: skip
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
 
 
 def add_encode_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "encode", help="encode images with a high-resolution ViT front end; print tokens and timings"
-    )
+    p = sub.add_parser("encode", help="encode images with a high-resolution ViT front end; print tokens and timings")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument(
-        "--grid", type=parse_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS"
-    )
+    p.add_argument("--grid", type=parse_grid, default=(3, 3), help="3x3 (released, default), auto, floor or ROWSxCOLS")
     p.add_argument(
         "--max-tiles", type=positive_int("--max-tiles"), default=9, help="tile budget for --grid auto (default 9)"
     )
@@ -156,7 +159,12 @@ def build_encoder(args, grid, max_tiles: int, fit: Fit = "resize", tile_size: in
         grid=grid, tile_size=backbone.image_size, max_tiles=max_tiles, fit=fit, mode="bicubic", antialias=False
     )
     enc = HighResEncoder(
-        backbone, crop, dem=dem, combine=resolve_combine(args), max_batch=args.max_batch, encode_all=args.encode_all,
+        backbone,
+        crop,
+        dem=dem,
+        combine=resolve_combine(args),
+        max_batch=args.max_batch,
+        encode_all=args.encode_all,
     )
     dtype = getattr(torch, args.dtype)
     return enc.to(device=args.device, dtype=dtype)
@@ -199,8 +207,7 @@ def _describe(enc, out, b: int) -> list[str]:
         f"({n} local + {n} strided + {int(enc.thumbnail)} thumbnail; the rest never reach the tokens)",
         f"  tokens     {out.num_tokens[b]} x {out.tokens.shape[-1]}: "
         + ", ".join(
-            f"{s.source} {s.length}" + (f" ({s.shape[0]}x{s.shape[1]})" if s.shape else "")
-            for s in out.layout[b]
+            f"{s.source} {s.length}" + (f" ({s.shape[0]}x{s.shape[1]})" if s.shape else "") for s in out.layout[b]
         ),
     ]
     return lines

@@ -31,14 +31,23 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "pil_pixel_limit", "bomb_error", "check_image_file", "check_weights", "check_backbone", "check_out_dir",
+    "pil_pixel_limit",
+    "bomb_error",
+    "check_image_file",
+    "check_weights",
+    "check_backbone",
+    "check_out_dir",
 ]
 
 # EXIF orientations that turn the picture a quarter (read_image applies them: height and width swap).
 _QUARTER_TURNS = {5, 6, 7, 8}
 _HF_FOLDER = ("config.json",)
 _WEIGHT_NAMES = (
-    "open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.pth",
+    "open_clip_model.safetensors",
+    "model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "pytorch_model.bin",
+    "model.pth",
 )
 
 

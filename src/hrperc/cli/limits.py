@@ -21,8 +21,15 @@ Example::
 from __future__ import annotations
 
 __all__ = [
-    "MAX_TILE_SIZE", "MAX_CANVAS_PIXELS", "CANVAS_FLOOR", "UPSAMPLE_AREA", "MAX_DRAWN_TILES",
-    "canvas_limit", "check_canvas", "check_fixed_grid", "check_query",
+    "MAX_TILE_SIZE",
+    "MAX_CANVAS_PIXELS",
+    "CANVAS_FLOOR",
+    "UPSAMPLE_AREA",
+    "MAX_DRAWN_TILES",
+    "canvas_limit",
+    "check_canvas",
+    "check_fixed_grid",
+    "check_query",
 ]
 
 #: Largest ``--tile-size`` (pixels a side).

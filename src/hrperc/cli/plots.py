@@ -75,16 +75,24 @@ def plot_crops(image: torch.Tensor, crops: DualCrops, index: int = 0, path=None)
     ax.set_title(f"input {W0}x{H0} -> canvas {geo.canvas_size[1]}x{geo.canvas_size[0]}, grid {gh}x{gw}", fontsize=9)
     ax.axis("off")
 
-    for col, (name, stack) in enumerate((("local tiles (contiguous)", crops.local), ("strided global sub-images",
-                                                                                   crops.strided))):
+    for col, (name, stack) in enumerate(
+        (("local tiles (contiguous)", crops.local), ("strided global sub-images", crops.strided))
+    ):
         inner = GridSpecFromSubplotSpec(gh, gw, subplot_spec=outer[col + 1], wspace=0.04, hspace=0.04)
         for k in range(n):
             a = fig.add_subplot(inner[k // gw, k % gw])
             a.imshow(to_display(stack[start + k]))
             a.set_xticks([])
             a.set_yticks([])
-            a.text(2, 2, f"k={k}", color="white", fontsize=7, va="top",
-                   bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+            a.text(
+                2,
+                2,
+                f"k={k}",
+                color="white",
+                fontsize=7,
+                va="top",
+                bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0),
+            )
             if k == 0:
                 a.set_title(name, fontsize=9, loc="left")
     if path is not None:

@@ -40,9 +40,7 @@ def make_sample_image(width: int = 1344, height: int = 1008, seed: int = 0) -> I
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     # A soft colour gradient as background, so the global view has something to see.
-    base = np.stack(
-        [200 + 40 * xx / width, 210 + 30 * yy / height, 235 - 40 * xx / width], axis=-1
-    ).astype(np.uint8)
+    base = np.stack([200 + 40 * xx / width, 210 + 30 * yy / height, 235 - 40 * xx / width], axis=-1).astype(np.uint8)
     img = Image.fromarray(base, "RGB")
     draw = ImageDraw.Draw(img)
 

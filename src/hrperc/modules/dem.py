@@ -226,9 +226,13 @@ class DualPerspectiveEnhancement(nn.Module):
     def _check(self, local_feats, global_feats, grid, tile_size):
         fn = "DualPerspectiveEnhancement"
         grid, tile = check_window_stacks(
-            fn, grid, tile_size, layout="(B*N, ht*wt, D) ViT tokens (CLS dropped)", local_feats=local_feats,
+            fn,
+            grid,
+            tile_size,
+            layout="(B*N, ht*wt, D) ViT tokens (CLS dropped)",
+            local_feats=local_feats,
             global_feats=global_feats,
-        )  # fmt: skip
+        )
         d = local_feats.shape[-1]
         if d != self.dim:
             raise ValueError(
@@ -327,9 +331,19 @@ class DualPerspectiveEnhancement(nn.Module):
             (w_g, "strided", "contiguous") if query == "global" else (w_l, "contiguous", "strided")
         )
         chosen = resolve_backend(
-            backend, probe, probe, probe, query_subset=True, grid=grid, tile_size=tile, window=window,
-            q_order=q_order, kv_order=kv_order, out_order="map", scale=float(probe.shape[-1] ** -0.5),
-        )  # fmt: skip
+            backend,
+            probe,
+            probe,
+            probe,
+            query_subset=True,
+            grid=grid,
+            tile_size=tile,
+            window=window,
+            q_order=q_order,
+            kv_order=kv_order,
+            out_order="map",
+            scale=float(probe.shape[-1] ** -0.5),
+        )
         return False if chosen.query_subset is None else chosen
 
     def _forward_full(self, loc, glo, grid, tile, backend):
@@ -424,9 +438,14 @@ class DualPerspectiveEnhancement(nn.Module):
         v = F.linear(kv_in, lv.weight, lv.bias).view(b * nw, t, h, hd).transpose(1, 2)
         o = subset.query_subset(q, k, v, scale=hd**-0.5)  # (B*nw, h, m, hd)
         o = check_output(
-            subset, o, q.shape, q, form="query_subset", layout="(G, heads, M, head_dim)",
+            subset,
+            o,
+            q.shape,
+            q,
+            form="query_subset",
+            layout="(G, heads, M, head_dim)",
             caller="DualPerspectiveEnhancement",
-        )  # fmt: skip
+        )
         o = o.transpose(1, 2).reshape(b, nw * m, d).index_select(1, idx[f"{name}_select"])  # read order
         o = F.linear(o, lo.weight, lo.bias)
         if attn.ln is None:

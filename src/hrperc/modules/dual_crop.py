@@ -122,7 +122,6 @@ class DualCrops:
         return len(set(self.grids)) == 1
 
 
-
 class DualPerspectiveCrop(nn.Module):
     """Images of any size -> local tiles, strided global sub-images and a thumbnail.
 

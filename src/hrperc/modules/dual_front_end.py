@@ -91,8 +91,15 @@ class DualFrontEnd(FrontEnd[DualPlan]):
 
     tile_size: tuple[int, int]  # always set: the backbone's tile
 
-    def __init__(self, crop: DualPerspectiveCrop, patch_size, *, combine: str = "mean", encode_all: bool = False,
-                 fn: str = "DualFrontEnd") -> None:  # fmt: skip
+    def __init__(
+        self,
+        crop: DualPerspectiveCrop,
+        patch_size,
+        *,
+        combine: str = "mean",
+        encode_all: bool = False,
+        fn: str = "DualFrontEnd",
+    ) -> None:
         if not isinstance(crop, DualPerspectiveCrop):
             raise TypeError(f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop.")
         super().__init__(crop.tile_size, patch_size)
@@ -227,16 +234,19 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         """``hi`` ``(b, T_hi, D)`` and ``thumb`` ``(b, ht*wt, D)`` -> ``(b, T, D)`` by ``combine``."""
         if self.combine == "mean":
             if thumb is None:
-                raise ValueError("DualFrontEnd.combine_tokens: combine='mean' averages with the thumbnail's tokens, "
-                                 "but thumb=None. Pass the thumbnail's tokens (subimage_features' thumbnail).")
+                raise ValueError(
+                    "DualFrontEnd.combine_tokens: combine='mean' averages with the thumbnail's tokens, "
+                    "but thumb=None. Pass the thumbnail's tokens (subimage_features' thumbnail)."
+                )
             return (hi + thumb.to(hi.dtype)) / 2
         if self.combine == "concat" and thumb is not None:
             return torch.cat([thumb.to(hi.dtype), hi], dim=1)
         return hi
 
     # --- crop and encode only ------------------------------------------------------------------------------
-    def subimage_features(self, pixels, encode, encode_all=None, thumbnail=None,
-                          fn: str = "DualFrontEnd.subimage_features") -> SubimageFeatures:  # fmt: skip
+    def subimage_features(
+        self, pixels, encode, encode_all=None, thumbnail=None, fn: str = "DualFrontEnd.subimage_features"
+    ) -> SubimageFeatures:
         """The ViT tokens of every sub-image, before any enhancement (``encode``: ``(S, 3, h, w)`` pixels ->
         ``(S, ht*wt, D)``, the runner's batched backbone pass).
 

@@ -217,8 +217,16 @@ class AnyresPlan:
         return self.base_tokens + self.map_tokens
 
 
-def anyres_plan(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
-                tie_break: str = "transformers", max_tiles: int | None = None) -> AnyresPlan:  # fmt: skip
+def anyres_plan(
+    image_size,
+    resolutions=LLAVA_NEXT_PINPOINTS,
+    *,
+    tile_size,
+    patch_size,
+    newline: bool = True,
+    tie_break: str = "transformers",
+    max_tiles: int | None = None,
+) -> AnyresPlan:
     """The :class:`AnyresPlan` of an ``(H, W)`` image (arguments as :func:`num_tokens`).
 
     Example::
@@ -237,8 +245,16 @@ def anyres_plan(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patc
     return AnyresPlan(canvas, grid, tile_tokens, unpadded, shape, newline)
 
 
-def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch_size, newline: bool = True,
-               tie_break: str = "transformers", max_tiles: int | None = None) -> int:  # fmt: skip
+def num_tokens(
+    image_size,
+    resolutions=LLAVA_NEXT_PINPOINTS,
+    *,
+    tile_size,
+    patch_size,
+    newline: bool = True,
+    tie_break: str = "transformers",
+    max_tiles: int | None = None,
+) -> int:
     """Visual tokens of an ``(H, W)`` image under LLaVA-NeXT's anyres: base view + unpadded map + newline slots.
 
     ``tile_size`` and ``patch_size`` (ints or pairs) give ``ht = tile // patch`` tokens a side; the canvas
@@ -254,5 +270,12 @@ def num_tokens(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tile_size, patch
         >>> num_tokens((300, 200), **kw), num_tokens((300, 200), tie_break="original", **kw)   # a tie: 2 canvases
         (984, 1476)
     """
-    return anyres_plan(image_size, resolutions, tile_size=tile_size, patch_size=patch_size, newline=newline,
-                       tie_break=tie_break, max_tiles=max_tiles).num_tokens  # fmt: skip
+    return anyres_plan(
+        image_size,
+        resolutions,
+        tile_size=tile_size,
+        patch_size=patch_size,
+        newline=newline,
+        tie_break=tie_break,
+        max_tiles=max_tiles,
+    ).num_tokens

@@ -141,9 +141,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _cover_tiles(need_h: int, need_w: int, min_tiles: int) -> int:
     """Tiles of a grid that holds ``need_h x need_w`` tiles and has ``>= min_tiles``: a bound on the fewest."""
-    return min(
-        need_h * max(need_w, _ceil_div(min_tiles, need_h)), need_w * max(need_h, _ceil_div(min_tiles, need_w))
-    )
+    return min(need_h * max(need_w, _ceil_div(min_tiles, need_h)), need_w * max(need_h, _ceil_div(min_tiles, need_w)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -315,9 +313,9 @@ def _check_fill(fill, fn: str):
     return float(fill)
 
 
-
-def resize_image(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = True, *,
-                 scale_uint8: bool = False) -> torch.Tensor:  # fmt: skip
+def resize_image(
+    img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = True, *, scale_uint8: bool = False
+) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, C, *size)`` by ``mode``, computed in float32 and cast back (as timm does).
 
     ``antialias`` applies to ``"bilinear"``/``"bicubic"`` only; an image already of ``size`` is returned
@@ -362,14 +360,19 @@ def resize_image(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool
         parts = [resize(img[b : b + step]) for b in range(0, B, step)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     # a few channels at a time (one loop step per channel chunk of a large image, not per tile)
-    parts = [
-        torch.cat([resize(img[b : b + 1, c : c + per_call]) for c in range(0, C, per_call)], 1) for b in range(B)
-    ]
+    parts = [torch.cat([resize(img[b : b + 1, c : c + per_call]) for c in range(0, C, per_call)], 1) for b in range(B)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def place_on_canvas(img: torch.Tensor, geometry: CropGeometry, mode: str = "bicubic", antialias: bool = True,
-                    fill: float = 0.0, *, scale_uint8: bool = False) -> torch.Tensor:  # fmt: skip
+def place_on_canvas(
+    img: torch.Tensor,
+    geometry: CropGeometry,
+    mode: str = "bicubic",
+    antialias: bool = True,
+    fill: float = 0.0,
+    *,
+    scale_uint8: bool = False,
+) -> torch.Tensor:
     """``(B, C, H0, W0)`` -> ``(B, C, gh*h, gw*w)`` by the geometry's fit: stretched (``"resize"``), or
     the image (resized for ``"resize_pad"``) in ``geometry.valid_box`` and ``fill`` elsewhere.
 

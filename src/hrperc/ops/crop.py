@@ -82,8 +82,6 @@ def _check_layout(layout, fn: str) -> None:
         )
 
 
-
-
 def _check_nlc_only(value, arg: str, layout: str, fn: str, name: str) -> None:
     """``size=``/``tile_size=`` describe flat token stacks only; refuse them elsewhere instead of ignoring them."""
     if value is not None and layout != "nlc":
@@ -101,19 +99,38 @@ _ONE_ROW = "pass a map with at least one row and one column"
 _ONE_TOKEN = "pass at least one token per map (H, W >= 1)"
 _ONE_TILE_TOKEN = "pass at least one token per sub-image (h, w >= 1)"
 _MAP_DIMS = {
-    "nchw": (("batch size B", _ONE_IMAGE), ("channel count C", _ONE_CHANNEL), ("height H", _ONE_ROW),
-             ("width W", _ONE_ROW)),
-    "nhwc": (("batch size B", _ONE_IMAGE), ("height H", _ONE_ROW), ("width W", _ONE_ROW),
-             ("channel count C", _ONE_CHANNEL)),
+    "nchw": (
+        ("batch size B", _ONE_IMAGE),
+        ("channel count C", _ONE_CHANNEL),
+        ("height H", _ONE_ROW),
+        ("width W", _ONE_ROW),
+    ),
+    "nhwc": (
+        ("batch size B", _ONE_IMAGE),
+        ("height H", _ONE_ROW),
+        ("width W", _ONE_ROW),
+        ("channel count C", _ONE_CHANNEL),
+    ),
     "nlc": (("batch size B", _ONE_IMAGE), ("token count H*W", _ONE_TOKEN), ("channel count C", _ONE_CHANNEL)),
 }
 _STACK_DIMS = {
-    "nchw": (("first dimension B*N", _ONE_TILE), ("channel count C", _ONE_CHANNEL), ("height h", _ONE_ROW),
-             ("width w", _ONE_ROW)),
-    "nhwc": (("first dimension B*N", _ONE_TILE), ("height h", _ONE_ROW), ("width w", _ONE_ROW),
-             ("channel count C", _ONE_CHANNEL)),
-    "nlc": (("first dimension B*N", _ONE_TILE), ("token count h*w", _ONE_TILE_TOKEN),
-            ("channel count C", _ONE_CHANNEL)),
+    "nchw": (
+        ("first dimension B*N", _ONE_TILE),
+        ("channel count C", _ONE_CHANNEL),
+        ("height h", _ONE_ROW),
+        ("width w", _ONE_ROW),
+    ),
+    "nhwc": (
+        ("first dimension B*N", _ONE_TILE),
+        ("height h", _ONE_ROW),
+        ("width w", _ONE_ROW),
+        ("channel count C", _ONE_CHANNEL),
+    ),
+    "nlc": (
+        ("first dimension B*N", _ONE_TILE),
+        ("token count h*w", _ONE_TILE_TOKEN),
+        ("channel count C", _ONE_CHANNEL),
+    ),
 }
 
 

@@ -97,8 +97,15 @@ def check_order(value, name: str, fn: str, *, allow_map: bool = True) -> Order:
     return value
 
 
-def infer_tile_size(tokens: int, tile_size=None, *, fn: str = "infer_tile_size", shape=None,
-                    arg: str = "tile_size", what: str = "tokens per sub-image") -> tuple[int, int]:  # fmt: skip
+def infer_tile_size(
+    tokens: int,
+    tile_size=None,
+    *,
+    fn: str = "infer_tile_size",
+    shape=None,
+    arg: str = "tile_size",
+    what: str = "tokens per sub-image",
+) -> tuple[int, int]:
     """The ``(rows, cols)`` of a window (or map) of ``tokens`` flat tokens.
 
     ``tile_size`` given: checked to hold exactly ``tokens`` and returned. ``None``: the square

@@ -237,8 +237,9 @@ def _batch_to_pixels(images: torch.Tensor, check_range: bool, keep_uint8: bool) 
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def to_pixels(images, *, check_range: bool = True, keep_uint8: bool = False,
-              one_dtype: bool = True) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
+def to_pixels(
+    images, *, check_range: bool = True, keep_uint8: bool = False, one_dtype: bool = True
+) -> torch.Tensor | list[torch.Tensor]:
     """Images as float RGB in ``[0, 1]``: a ``(B, 3, H, W)`` tensor, or a list of ``(3, H, W)`` tensors.
 
     Accepts ``(B, C, H, W)`` / ``(C, H, W)`` float (``[0, 1]``) or uint8 (``[0, 255]``) tensors with ``C`` 1

@@ -34,8 +34,13 @@ __all__ = ["load_state_dict", "select_prefixed", "check_state_dict", "check_valu
 StateDictOrPath = Mapping[str, torch.Tensor] | str | os.PathLike
 
 
-def load_state_dict(source: StateDictOrPath, *, allow_pickle: bool = False, fn: str = "load_state_dict",
-                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def load_state_dict(
+    source: StateDictOrPath,
+    *,
+    allow_pickle: bool = False,
+    fn: str = "load_state_dict",
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, torch.Tensor]:
     """Return ``{key: tensor}`` from a state dict, a weight file or a directory of shards.
 
     ``source`` may be a mapping (returned as a plain dict), a safetensors file, a torch file loaded
@@ -144,8 +149,9 @@ def list_keys(source, fn: str) -> list[str] | None:
     return sorted(keys)
 
 
-def select_prefixed(sd: Mapping[str, torch.Tensor], marker: str, fn: str, prefix: str | None = None
-                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+def select_prefixed(
+    sd: Mapping[str, torch.Tensor], marker: str, fn: str, prefix: str | None = None
+) -> dict[str, torch.Tensor]:
     """Keys containing ``marker`` (e.g. ``"spatial_embed."``), with everything up to it removed.
 
     A full checkpoint names a submodule with some outer prefix (``model.spatial_embed.ln_fuse.weight``);
@@ -191,8 +197,9 @@ def _prefixes(sd: Mapping, marker: str) -> dict[str, int]:
     return out
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], fn: str, hint: str = "",
-                     values: bool = True):  # fmt: skip
+def check_state_dict(
+    sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], fn: str, hint: str = "", values: bool = True
+):
     """Raise one ``ValueError`` listing missing keys, unexpected keys and shape mismatches, or return None.
 
     With ``values=True`` (the default) the tensors must then be floating point (an integer or bool

@@ -53,9 +53,16 @@ MAX_PROJECTOR_IN = 16384
 MAX_PROJECTOR_OUT = 32768
 
 __all__ = [
-    "load_dem", "load_projector", "released_state_dict", "DEM_PREFIX", "PROJECTOR_PREFIX", "RELEASED_OPTIONS",
-    "MAX_DEM_DIM", "MAX_PROJECTOR_IN", "MAX_PROJECTOR_OUT",
-]  # fmt: skip
+    "load_dem",
+    "load_projector",
+    "released_state_dict",
+    "DEM_PREFIX",
+    "PROJECTOR_PREFIX",
+    "RELEASED_OPTIONS",
+    "MAX_DEM_DIM",
+    "MAX_PROJECTOR_IN",
+    "MAX_PROJECTOR_OUT",
+]
 
 #: Marker of the DEM's keys in a released checkpoint (any outer prefix before it is accepted).
 DEM_PREFIX = "spatial_embed."
@@ -63,8 +70,12 @@ DEM_PREFIX = "spatial_embed."
 PROJECTOR_PREFIX = "mm_projector."
 #: Options the released DEM weights fix (:func:`load_dem` refuses to override them), with their values.
 RELEASED_OPTIONS = {
-    "pairing": "released", "shared_attention": True, "residual_norm": True, "directions": "both", "fusion": "released",
-}  # fmt: skip
+    "pairing": "released",
+    "shared_attention": True,
+    "residual_norm": True,
+    "directions": "both",
+    "fusion": "released",
+}
 _DOCS = "docs/released.md lists the released keys"
 # The released fusion's sub-modules sit at the DEM's top level; hrperc keeps them in `fusion.`.
 _FUSION_KEYS = ("ffn_crop", "ffn_stride", "ln_fuse")
@@ -78,8 +89,16 @@ def _from_released(key: str) -> str:
     return "fusion." + key if key.split(".")[0] in _FUSION_KEYS else key
 
 
-def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None, dtype=None, prefix: str | None = None,
-             **overrides) -> DualPerspectiveEnhancement:  # fmt: skip
+def load_dem(
+    source,
+    *,
+    heads: int = 8,
+    allow_pickle: bool = False,
+    device=None,
+    dtype=None,
+    prefix: str | None = None,
+    **overrides,
+) -> DualPerspectiveEnhancement:
     """Build the released DEM and load INF-LLaVA weights (``spatial_embed.*`` keys).
 
     ``source``: a state dict, a weight file or a directory of shards. Keys may carry any prefix ending
@@ -127,9 +146,11 @@ def load_dem(source, *, heads: int = 8, allow_pickle: bool = False, device=None,
     # the expected keys and shapes from a module on the meta device: no memory until the weights fit
     shape_of = DualPerspectiveEnhancement(dim, heads, device="meta", **overrides).state_dict()
     check_state_dict(
-        sd, {_to_released(k): v.shape for k, v in shape_of.items()}, fn,  # messages use the checkpoint's names
+        sd,
+        {_to_released(k): v.shape for k, v in shape_of.items()},
+        fn,  # messages use the checkpoint's names
         hint=f"Keys are relative to 'spatial_embed.'; {_DOCS}.",
-    )  # fmt: skip
+    )
     dem = DualPerspectiveEnhancement(dim, heads, device=device, dtype=dtype, **overrides)
     dem.load_state_dict({_from_released(k): v for k, v in sd.items()}, strict=True)
     return dem
@@ -153,8 +174,9 @@ def released_state_dict(dem: DualPerspectiveEnhancement) -> dict[str, torch.Tens
     return {_to_released(k): v for k, v in dem.state_dict().items()}
 
 
-def load_projector(source, *, allow_pickle: bool = False, device=None, dtype=None,
-                   prefix: str | None = None) -> nn.Module:  # fmt: skip
+def load_projector(
+    source, *, allow_pickle: bool = False, device=None, dtype=None, prefix: str | None = None
+) -> nn.Module:
     """Build INF-LLaVA's ``mlp2x_gelu`` projector from ``mm_projector.{0,2}.{weight,bias}`` and load it.
 
     ``source`` as in :func:`load_dem`; keys may carry any prefix ending in ``mm_projector.``; other keys

@@ -30,8 +30,9 @@ def options_of(cls, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in kinds and p.name not in skip)
 
 
-def split_options(recipe: str, options: dict, own: tuple[str, ...],
-                  encoder: tuple[str, ...] = ENCODER_OPTIONS) -> tuple[dict, dict]:  # fmt: skip
+def split_options(
+    recipe: str, options: dict, own: tuple[str, ...], encoder: tuple[str, ...] = ENCODER_OPTIONS
+) -> tuple[dict, dict]:
     """``(the recipe's options, encoder options)``; an unknown name is refused with the recipe's list."""
     unknown = sorted(set(options) - set(own) - set(encoder))
     if unknown:

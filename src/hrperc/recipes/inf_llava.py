@@ -52,8 +52,9 @@ ENCODER = dict(combine="mean", layer=-2)
 @register_recipe("inf_llava")
 def build(backbone, dem="default", **options) -> HighResEncoder:
     """The released INF-LLaVA front end around ``backbone`` (see the module docs for the options)."""
-    crop_kw, enc_kw = split_options("inf_llava", options, options_of(DualPerspectiveCrop),
-                                    (*ENCODER_OPTIONS, "combine", "encode_all"))  # fmt: skip
+    crop_kw, enc_kw = split_options(
+        "inf_llava", options, options_of(DualPerspectiveCrop), (*ENCODER_OPTIONS, "combine", "encode_all")
+    )
     backbone = wrap_backbone(create_backbone(backbone) if isinstance(backbone, str) else backbone)
     if dem is not None and not isinstance(dem, nn.Module) and not (isinstance(dem, str) and dem == "default"):
         dem = load_dem(dem)

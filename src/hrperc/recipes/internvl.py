@@ -74,8 +74,17 @@ class TilingFrontEnd(FrontEnd[TilingPlan]):
 
     tile_size: tuple[int, int]  # always set: the backbone's tile
 
-    def __init__(self, tile_size, patch_size, *, max_tiles: int = 12, min_tiles: int = 1, thumbnail: bool = True,
-                 downsample: int = 2, dcm: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tile_size,
+        patch_size,
+        *,
+        max_tiles: int = 12,
+        min_tiles: int = 1,
+        thumbnail: bool = True,
+        downsample: int = 2,
+        dcm: bool = False,
+    ) -> None:
         super().__init__(tile_size, patch_size)
         fn = "create_encoder('internvl')"
         max_tiles, min_tiles = as_int(max_tiles, "max_tiles", fn), as_int(min_tiles, "min_tiles", fn)
@@ -135,8 +144,10 @@ class TilingFrontEnd(FrontEnd[TilingPlan]):
         return tokens if project is None else project(tokens)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, tiles=[{self.min_tiles}, {self.max_tiles}], thumbnail={self.thumbnail}, "
-                f"downsample={self.downsample}, dcm={self.uses_dem}")  # fmt: skip
+        return (
+            f"{super().extra_repr()}, tiles=[{self.min_tiles}, {self.max_tiles}], thumbnail={self.thumbnail}, "
+            f"downsample={self.downsample}, dcm={self.uses_dem}"
+        )
 
 
 @register_recipe("internvl")

@@ -76,8 +76,18 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
 
     tile_size: tuple[int, int]  # always set: the backbone's tile
 
-    def __init__(self, tile_size, patch_size, pinpoints, *, tie_break: str = "transformers", newline: bool = True,
-                 max_tiles: int | None = None, dcm: bool = False, name: str = "llava_next") -> None:  # fmt: skip
+    def __init__(
+        self,
+        tile_size,
+        patch_size,
+        pinpoints,
+        *,
+        tie_break: str = "transformers",
+        newline: bool = True,
+        max_tiles: int | None = None,
+        dcm: bool = False,
+        name: str = "llava_next",
+    ) -> None:
         super().__init__(tile_size, patch_size)
         fn = f"create_encoder({name!r})"
         th, tw = self.tile_size
@@ -100,11 +110,19 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
 
     def plan(self, image_size) -> AnyresViewPlan:
         H, W = image_size
-        a = anyres.anyres_plan((H, W), self.pinpoints, tile_size=self.tile_size, patch_size=self.patch_size,
-                               newline=self.newline, tie_break=self.tie_break, max_tiles=self.max_tiles)  # fmt: skip
+        a = anyres.anyres_plan(
+            (H, W),
+            self.pinpoints,
+            tile_size=self.tile_size,
+            patch_size=self.patch_size,
+            newline=self.newline,
+            tie_break=self.tie_break,
+            max_tiles=self.max_tiles,
+        )
         (ch, cw), (rh, rw) = a.canvas, anyres.resized_size((H, W), a.canvas)
-        geo = CropGeometry((H, W), a.grid, self.tile_size, a.canvas, ((ch - rh) // 2, (cw - rw) // 2, rh, rw),
-                           "resize_pad")  # fmt: skip
+        geo = CropGeometry(
+            (H, W), a.grid, self.tile_size, a.canvas, ((ch - rh) // 2, (cw - rw) // 2, rh, rw), "resize_pad"
+        )
         ht, wt = self.tile_tokens
         layout = make_layout(("base", a.base_tokens, (ht, wt)), ("tiles", a.map_tokens, a.shape, self.newline))
         n = a.grid[0] * a.grid[1]
@@ -147,8 +165,17 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
         return f"{head}{cap}, dcm={self.uses_dem}"
 
 
-def build_anyres(recipe: str, backbone, options: dict, *, layer: int, pinpoints, reference_tile: int,
-                 leave_out: tuple[str, ...] = (), **fixed):  # fmt: skip
+def build_anyres(
+    recipe: str,
+    backbone,
+    options: dict,
+    *,
+    layer: int,
+    pinpoints,
+    reference_tile: int,
+    leave_out: tuple[str, ...] = (),
+    **fixed,
+):
     """An anyres recipe: ``options`` split by :class:`AnyresFrontEnd`'s signature (less ``leave_out``), its
     default ``pinpoints`` given for ``reference_tile`` px tiles, ``fixed`` front-end arguments on top."""
     own, enc = split_options(recipe, options, options_of(AnyresFrontEnd, leave_out=("name", *leave_out)))
@@ -162,5 +189,12 @@ def build_anyres(recipe: str, backbone, options: dict, *, layer: int, pinpoints,
 @register_recipe("llava_next")
 def build_llava_next(backbone, **options):
     """LLaVA-NeXT's anyres front end around ``backbone`` (see the module docs for the options)."""
-    return build_anyres("llava_next", backbone, options, layer=-2, pinpoints=anyres.LLAVA_NEXT_PINPOINTS,
-                        reference_tile=336, leave_out=("max_tiles",))  # fmt: skip
+    return build_anyres(
+        "llava_next",
+        backbone,
+        options,
+        layer=-2,
+        pinpoints=anyres.LLAVA_NEXT_PINPOINTS,
+        reference_tile=336,
+        leave_out=("max_tiles",),
+    )

@@ -36,5 +36,6 @@ __all__ = ["build_llava_onevision"]
 def build_llava_onevision(backbone, **options):
     """LLaVA-OneVision's ``anyres_max_9`` front end around ``backbone`` (see the module docs)."""
     options.setdefault("max_tiles", 9)  # anyres_max_9 (the front end's own default, None, is LLaVA-NeXT's)
-    return build_anyres("llava_onevision", backbone, options, layer=-1, pinpoints=anyres.ONEVISION_PINPOINTS,
-                        reference_tile=384)  # fmt: skip
+    return build_anyres(
+        "llava_onevision", backbone, options, layer=-1, pinpoints=anyres.ONEVISION_PINPOINTS, reference_tile=384
+    )

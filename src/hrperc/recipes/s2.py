@@ -72,8 +72,12 @@ class MultiScaleFrontEnd(FrontEnd):
         side = top * t
         if self.pad:
             big = max(H, W)
-            box = (round((big - H) // 2 * side / big), round((big - W) // 2 * side / big),
-                   max(1, round(H * side / big)), max(1, round(W * side / big)))  # fmt: skip
+            box = (
+                round((big - H) // 2 * side / big),
+                round((big - W) // 2 * side / big),
+                max(1, round(H * side / big)),
+                max(1, round(W * side / big)),
+            )
         else:
             box = (0, 0, side, side)
         geo = CropGeometry((H, W), (top, top), (t, t), (side, side), box, "pad" if self.pad else "crop")

@@ -108,9 +108,17 @@ def triton_window_attention(
         torch.Size([1, 144, 2, 32])
     """
     return _kernel_module().triton_window_attention(
-        q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
-        tile_size=tile_size, scale=scale,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grid,
+        window=window,
+        q_order=q_order,
+        kv_order=kv_order,
+        out_order=out_order,
+        tile_size=tile_size,
+        scale=scale,
+    )
 
 
 def _check(q, k, v, **kw) -> str | None:
@@ -174,8 +182,7 @@ def _run_self_check(q, *, window, q_order, kv_order, out_order) -> str | None:
     n, t, heads, d = gh * gw, th * tw, _CHECK_HEADS, q.shape[-1]
     # SDPA takes window-order stacks only; for a "map" input the one definition stands in.
     oracle = reference_window_attention if "map" in (q_order, kv_order) else sdpa_window_attention
-    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=(th, tw),
-              scale=d**-0.5)  # fmt: skip
+    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=(th, tw), scale=d**-0.5)
     gen = torch.Generator().manual_seed(0)
 
     def make(shape):  # on q's device, in q's dtype
@@ -211,14 +218,29 @@ def _run_self_check(q, *, window, q_order, kv_order, out_order) -> str | None:
 
 def _backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale):
     return _kernel_module().triton_window_attention(
-        q, k, v, grid, window=window, q_order=q_order, kv_order=kv_order, out_order=out_order,
-        tile_size=tile_size, scale=scale,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grid,
+        window=window,
+        q_order=q_order,
+        kv_order=kv_order,
+        out_order=out_order,
+        tile_size=tile_size,
+        scale=scale,
+    )
 
 
 #: The fused kernel as a backend (registered as ``"triton"`` by :mod:`hrperc.attention`).
 TRITON = AttentionBackend(
-    "triton", _backend, query_subset=None, devices=("cuda", "cpu"),
-    dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256, auto_devices=("cuda",), priority=10,
-    check=_check, auto_check=triton_self_check,
-)  # fmt: skip
+    "triton",
+    _backend,
+    query_subset=None,
+    devices=("cuda", "cpu"),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    max_head_dim=256,
+    auto_devices=("cuda",),
+    priority=10,
+    check=_check,
+    auto_check=triton_self_check,
+)

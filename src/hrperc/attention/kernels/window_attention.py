@@ -121,13 +121,34 @@ def _dot(a, b, PRECISION: tl.constexpr):
 # a power of two >= 32, so every tl.dot dimension is >= 16 on real hardware. Before anything compiles,
 # a shared-memory estimate drops the tilings that cannot fit (see _smem_bytes); the autotuner then
 # compiles and times only what is left, once per autotune key.
-_FWD_TILINGS = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2),
-                (64, 32, 4, 2), (32, 32, 4, 2))  # fmt: skip
-_DQ_TILINGS = ((128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2),
-               (64, 32, 4, 2), (32, 32, 4, 2))  # fmt: skip
+_FWD_TILINGS = (
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (128, 32, 8, 2),
+    (64, 64, 4, 2),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+)
+_DQ_TILINGS = (
+    (128, 64, 8, 2),
+    (64, 128, 8, 2),
+    (64, 64, 4, 2),
+    (128, 32, 8, 2),
+    (32, 64, 4, 2),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+)
 # dK/dV: one program per key block (BLOCK_N), looping over query blocks (BLOCK_M).
-_DKDV_TILINGS = ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2),
-                 (32, 64, 4, 2), (32, 32, 4, 2))  # fmt: skip
+_DKDV_TILINGS = (
+    (64, 128, 8, 2),
+    (128, 64, 8, 2),
+    (64, 64, 4, 2),
+    (32, 128, 8, 2),
+    (64, 32, 4, 2),
+    (32, 64, 4, 2),
+    (32, 32, 4, 2),
+)
 _TILINGS = {"fwd": _FWD_TILINGS, "dq": _DQ_TILINGS, "dkdv": _DKDV_TILINGS}
 # The interpreter's one configuration (the fastest there; stages mean nothing on CPU).
 _INTERPRET_TILING = (64, 64, 4, 1)
@@ -214,29 +235,56 @@ def _pruner(kernel: str):
 
 def _configs(kernel: str) -> list:
     tilings = (_INTERPRET_TILING,) if _INTERPRET else _TILINGS[kernel]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tilings
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tilings]
 
 
 _AUTOTUNE_KEY = ["TH", "TW", "GH", "GW", "BLOCK_D", "WINDOW", "Q_ORDER", "KV_ORDER"]
 
 
-@triton.autotune(
-    configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
-)
+@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, qk_scale,
-    sq_img, sq_win, sq_tok, sq_head, sq_dim,
-    sk_img, sk_win, sk_tok, sk_head, sk_dim,
-    sv_img, sv_win, sv_tok, sv_head, sv_dim,
-    so_img, so_win, so_tok, so_head, so_dim,
-    HEADS, HEAD_DIM,
-    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    qk_scale,
+    sq_img,
+    sq_win,
+    sq_tok,
+    sq_head,
+    sq_dim,
+    sk_img,
+    sk_win,
+    sk_tok,
+    sk_head,
+    sk_dim,
+    sv_img,
+    sv_win,
+    sv_tok,
+    sv_head,
+    sv_dim,
+    so_img,
+    so_win,
+    so_tok,
+    so_head,
+    so_dim,
+    HEADS,
+    HEAD_DIM,
+    GH: tl.constexpr,
+    GW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    WINDOW: tl.constexpr,
+    Q_ORDER: tl.constexpr,
+    KV_ORDER: tl.constexpr,
+    O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
     w = tl.program_id(1) // HEADS  # int32: feeds the index arithmetic, widened in _token_offsets
@@ -286,13 +334,30 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DELTA,
-    so_img, so_win, so_tok, so_head, so_dim,
-    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
-    HEADS, HEAD_DIM,
-    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    WINDOW: tl.constexpr, O_ORDER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    O,
+    DO,
+    DELTA,
+    so_img,
+    so_win,
+    so_tok,
+    so_head,
+    so_dim,
+    sdo_img,
+    sdo_win,
+    sdo_tok,
+    sdo_head,
+    sdo_dim,
+    HEADS,
+    HEAD_DIM,
+    GH: tl.constexpr,
+    GW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    WINDOW: tl.constexpr,
+    O_ORDER: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """delta = rowsum(dO * O), per window token and head, in window order (like the LSE)."""
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
@@ -311,22 +376,58 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + ((b * (GH * GW) + w) * HEADS + h) * T + offs_m, delta, mask=offs_m < T)
 
 
-@triton.autotune(
-    configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
-)
+@triton.autotune(configs=_configs("dq"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-    sq_img, sq_win, sq_tok, sq_head, sq_dim,
-    sk_img, sk_win, sk_tok, sk_head, sk_dim,
-    sv_img, sv_win, sv_tok, sv_head, sv_dim,
-    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
-    sdq_img, sdq_win, sdq_tok, sdq_head, sdq_dim,
-    HEADS, HEAD_DIM,
-    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    qk_scale,
+    sm_scale,
+    sq_img,
+    sq_win,
+    sq_tok,
+    sq_head,
+    sq_dim,
+    sk_img,
+    sk_win,
+    sk_tok,
+    sk_head,
+    sk_dim,
+    sv_img,
+    sv_win,
+    sv_tok,
+    sv_head,
+    sv_dim,
+    sdo_img,
+    sdo_win,
+    sdo_tok,
+    sdo_head,
+    sdo_dim,
+    sdq_img,
+    sdq_win,
+    sdq_tok,
+    sdq_head,
+    sdq_dim,
+    HEADS,
+    HEAD_DIM,
+    GH: tl.constexpr,
+    GW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    WINDOW: tl.constexpr,
+    Q_ORDER: tl.constexpr,
+    KV_ORDER: tl.constexpr,
+    O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dQ for one query block: dQ = scale * sum_n P * (dP - delta) K, P rebuilt from the saved LSE."""
     T: tl.constexpr = TH * TW
     pid_m = tl.program_id(0)
@@ -374,23 +475,64 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
-@triton.autotune(
-    configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
-)
+@triton.autotune(configs=_configs("dkdv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
-    sq_img, sq_win, sq_tok, sq_head, sq_dim,
-    sk_img, sk_win, sk_tok, sk_head, sk_dim,
-    sv_img, sv_win, sv_tok, sv_head, sv_dim,
-    sdo_img, sdo_win, sdo_tok, sdo_head, sdo_dim,
-    sdk_img, sdk_win, sdk_tok, sdk_head, sdk_dim,
-    sdv_img, sdv_win, sdv_tok, sdv_head, sdv_dim,
-    HEADS, HEAD_DIM,
-    GH: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    WINDOW: tl.constexpr, Q_ORDER: tl.constexpr, KV_ORDER: tl.constexpr, O_ORDER: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    qk_scale,
+    sm_scale,
+    sq_img,
+    sq_win,
+    sq_tok,
+    sq_head,
+    sq_dim,
+    sk_img,
+    sk_win,
+    sk_tok,
+    sk_head,
+    sk_dim,
+    sv_img,
+    sv_win,
+    sv_tok,
+    sv_head,
+    sv_dim,
+    sdo_img,
+    sdo_win,
+    sdo_tok,
+    sdo_head,
+    sdo_dim,
+    sdk_img,
+    sdk_win,
+    sdk_tok,
+    sdk_head,
+    sdk_dim,
+    sdv_img,
+    sdv_win,
+    sdv_tok,
+    sdv_head,
+    sdv_dim,
+    HEADS,
+    HEAD_DIM,
+    GH: tl.constexpr,
+    GW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    WINDOW: tl.constexpr,
+    Q_ORDER: tl.constexpr,
+    KV_ORDER: tl.constexpr,
+    O_ORDER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dK, dV for one key block, looping over the window's query blocks (transposed products)."""
     T: tl.constexpr = TH * TW
     pid_n = tl.program_id(0)
@@ -423,8 +565,9 @@ def _bwd_dkdv_kernel(
         qT = tl.load(
             q_base + q_off[None, :] + offs_dl[:, None] * sq_dim, mask=mask_d[:, None] & mask_m[None, :], other=0.0
         )
-        do = tl.load(do_base + do_off[:, None] + offs_dl[None, :] * sdo_dim, mask=mask_m[:, None] & mask_d[None, :],
-                     other=0.0)  # fmt: skip
+        do = tl.load(
+            do_base + do_off[:, None] + offs_dl[None, :] * sdo_dim, mask=mask_m[:, None] & mask_d[None, :], other=0.0
+        )
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
         sT = _dot(k, qT, PRECISION) * qk_scale
@@ -501,10 +644,20 @@ def _forward(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, sca
     lse = torch.empty(batch * n, heads, t, device=q.device, dtype=torch.float32)
     with _device_context(q):
         _fwd_kernel[_launch_grid(batch, n, heads, "BLOCK_M")](
-            q, k, v, out, lse, scale * _LOG2E,
-            *_strides(q, q_order, n), *_strides(k, kv_order, n), *_strides(v, kv_order, n),
-            *_strides(out, out_order, n), heads, dim, **meta,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            out,
+            lse,
+            scale * _LOG2E,
+            *_strides(q, q_order, n),
+            *_strides(k, kv_order, n),
+            *_strides(v, kv_order, n),
+            *_strides(out, out_order, n),
+            heads,
+            dim,
+            **meta,
+        )
     return out, lse
 
 
@@ -522,18 +675,62 @@ def _backward(grad_out, q, k, v, out, lse, grid, tile_size, window, q_order, kv_
     with _device_context(q):
         pre_block = 64
         _bwd_preprocess_kernel[(triton.cdiv(t, pre_block), n * heads, batch)](
-            out, grad_out, delta, *s_o, *s_do, heads, dim,
-            GH=meta["GH"], GW=meta["GW"], TH=meta["TH"], TW=meta["TW"], WINDOW=meta["WINDOW"],
-            O_ORDER=meta["O_ORDER"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block,
-        )  # fmt: skip
+            out,
+            grad_out,
+            delta,
+            *s_o,
+            *s_do,
+            heads,
+            dim,
+            GH=meta["GH"],
+            GW=meta["GW"],
+            TH=meta["TH"],
+            TW=meta["TW"],
+            WINDOW=meta["WINDOW"],
+            O_ORDER=meta["O_ORDER"],
+            BLOCK_D=meta["BLOCK_D"],
+            BLOCK_M=pre_block,
+        )
         _bwd_dq_kernel[_launch_grid(batch, n, heads, "BLOCK_M")](
-            q, k, v, grad_out, lse, delta, dq, scale * _LOG2E, scale,
-            *s_q, *s_k, *s_v, *s_do, *_strides(dq, q_order, n), heads, dim, **meta,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            scale * _LOG2E,
+            scale,
+            *s_q,
+            *s_k,
+            *s_v,
+            *s_do,
+            *_strides(dq, q_order, n),
+            heads,
+            dim,
+            **meta,
+        )
         _bwd_dkdv_kernel[_launch_grid(batch, n, heads, "BLOCK_N")](
-            q, k, v, grad_out, lse, delta, dk, dv, scale * _LOG2E, scale,
-            *s_q, *s_k, *s_v, *s_do, *_strides(dk, kv_order, n), *_strides(dv, kv_order, n), heads, dim, **meta,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            scale * _LOG2E,
+            scale,
+            *s_q,
+            *s_k,
+            *s_v,
+            *s_do,
+            *_strides(dk, kv_order, n),
+            *_strides(dv, kv_order, n),
+            heads,
+            dim,
+            **meta,
+        )
     return dq, dk, dv
 
 
