@@ -18,10 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hrperc demo --out outputs
 
-## Lint + the whole CPU test suite (Triton kernels run in the interpreter; slow/cuda tests deselected).
+## Lint, format check, type check + the whole CPU test suite (Triton kernels run in the interpreter; slow/cuda tests deselected).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	HYPOTHESIS_PROFILE=ci TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow and not cuda" -n 2
+	$(BIN)/ruff format --check .
+	@# the type check (about a minute cold) runs beside the tests; either failing fails the target
+	$(BIN)/mypy src/hrperc > .mypy.log 2>&1 & mypy=$$!; \
+	HYPOTHESIS_PROFILE=ci TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow and not cuda" -n 2; tests=$$?; \
+	if wait $$mypy; then tail -1 .mypy.log; else cat .mypy.log; exit 1; fi; exit $$tests
 
 ## Everything, including the slow interpreter tests at INF-LLaVA size.
 test-all: $(STAMP)
