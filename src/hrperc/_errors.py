@@ -1,0 +1,82 @@
+"""Errors get their context once, at the public boundary (einops adds its pattern to every error in one place).
+
+Helpers raise ``ValueError`` / ``TypeError`` saying what is wrong and how to fix it, without saying who
+called them; the public function, constructor or ``forward`` the user called adds its name, once, on the
+way out. So a helper shared by ten public functions never names the wrong one, and no caller name is
+threaded down by hand.
+
+* Only errors raised by hrperc's own code get the name (an error raised inside torch keeps its message).
+* The innermost public boundary names it (the function that was handed the bad argument), and an outer
+  one leaves it alone.
+* The exception is the same object, re-raised with its traceback: only its message changes.
+
+Example::
+
+    >>> from hrperc._errors import public
+    >>> from hrperc._validation import as_grid
+    >>> @public
+    ... def tile(grid):  # as_grid raises without a caller name; the boundary adds "tile: "
+    ...     return as_grid(grid)
+    >>> tile((0, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: tile: grid=(0, 3); entries must be integers >= 1. Pass e.g. grid=(3, 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import TypeVar, overload
+
+__all__ = ["public", "add_context"]
+
+F = TypeVar("F", bound=Callable)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONTEXT_ATTR = "_hrperc_context"
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a frame of hrperc's own source (its innermost traceback frame)."""
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:  # raised from C or constructed by hand: not ours to rename
+        return False
+    return os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
+def add_context(err: BaseException, name: str) -> None:
+    """Prefix ``err``'s message with ``name: `` unless a boundary already did, or hrperc did not raise it."""
+    if getattr(err, _CONTEXT_ATTR, None) is not None or not _raised_here(err):
+        return
+    if err.args and isinstance(err.args[0], str):
+        err.args = (f"{name}: {err.args[0]}", *err.args[1:])
+    setattr(err, _CONTEXT_ATTR, name)
+
+
+@overload
+def public(fn: F) -> F: ...
+@overload
+def public(*, name: str) -> Callable[[F], F]: ...
+def public(fn=None, *, name=None):
+    """Mark ``fn`` as a public boundary: hrperc's ``ValueError`` / ``TypeError`` raised inside it are
+    prefixed with ``name`` (default: the function's ``__name__``). Use ``name="HighResEncoder"`` on a
+    class's ``__init__`` / ``forward``."""
+
+    def decorate(f: F) -> F:
+        label = name or f.__name__
+
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except (ValueError, TypeError) as err:
+                add_context(err, label)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate if fn is None else decorate(fn)
