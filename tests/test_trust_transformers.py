@@ -522,7 +522,7 @@ JSON_CORRUPTIONS = {
     "dem fusion unknown": (lambda p: _edit_json(p, _set("dem", "fusion", value="sum")), "'sum'"),
     "dem bool as text": (lambda p: _edit_json(p, _set("dem", "skip_unread", value="false")), "skip_unread"),
     "dem output size huge": (lambda p: _edit_json(p, _set("dem", "output_size", value=[10**6, 3])), "output_size"),
-    "dem dropped": (lambda p: _edit_json(p, _set("dem", value=None)), "random"),
+    "dem dropped": (lambda p: _edit_json(p, _set("dem", value=None)), "dem=None"),
     "recipe unknown": (lambda p: _edit_json(p, _set("recipe", value="llava99")), "llava99"),
     "other family": (lambda p: _edit_json(p, _set("family", value="internvl")), "internvl"),
     "version": (lambda p: _edit_json(p, _set("version", value=99)), "99"),

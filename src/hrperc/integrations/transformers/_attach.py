@@ -70,12 +70,19 @@ def projector_widths(projector: nn.Module) -> tuple[int | None, int | None]:
 
 # --- attach ---------------------------------------------------------------------------------------------
 class _FrontEndState(nn.Module):
-    """The trainable front-end parts an attachment adds to the model: ``dem`` and a new ``projector``."""
+    """What an attachment adds to the model: the encoder's ``front_end`` (its DEM and any other part it
+    owns: everything of the encoder but the tower) and a new ``projector`` (``None`` when the model's own
+    projector is used). Its ``state_dict`` is what :func:`save_front_end` writes."""
 
-    def __init__(self, dem, projector) -> None:
+    def __init__(self, front_end: nn.Module, projector) -> None:
         super().__init__()
-        self.dem = dem
+        self.front_end = front_end
         self.projector = projector
+
+    @property
+    def dem(self):
+        """The front end's DEM (``None`` without one)."""
+        return self.front_end.dem
 
 
 class _Attachment:
@@ -95,8 +102,9 @@ def attach(
     ``model`` is modified in place (and returned): its ``get_image_features`` runs the encoder, whose tokens
     go through the model's projector -- or, when the encoder's ``token_width`` is not the projector's
     input width, through ``projector`` or a new ``mlp2x_gelu`` one (created, warned about, trainable);
-    newline slots get the model's ``image_newline``. The encoder's DEM and a new projector are registered
-    under ``model.hrperc_front_end`` (so ``.to()``, ``.parameters()`` and optimizers see them) and left out
+    newline slots get the model's ``image_newline``. The encoder's front end (its DEM and any other part it
+    owns) and a new projector are registered under ``model.hrperc_front_end`` (so ``.to()``, ``.parameters()``
+    and optimizers see them) and left out
     of ``model.save_pretrained`` (:func:`save_front_end` saves them). hrperc freezes the tower unless the
     encoder was built with ``train_backbone=True``.
 
@@ -155,14 +163,13 @@ def attach(
             stacklevel=2,
         )
     # Everything is checked: from here on nothing fails, so a refused attach leaves the model as it was.
-    state = _FrontEndState(encoder.dem, new_projector)
+    state = _FrontEndState(encoder.front_end, new_projector)
     model.hrperc_front_end = state  # registered on the model the caller holds: .to(), .parameters(), optimizers
     attachment = _Attachment(encoder, family, state, foreign=not own)
     object.__setattr__(inner, "_hrperc_attachment", attachment)  # plain references: the backbone is the tower
     object.__setattr__(inner, "_hrperc_state", state)
     object.__setattr__(inner, "_hrperc_encoder", encoder)
-    if encoder.dem is not None:
-        encoder.dem.to(device=encoder.backbone.device)
+    encoder.front_end.to(device=encoder.backbone.device)
     ignore = {f"hrperc_front_end.{k}" for k in state.state_dict()}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignore
     inner.get_image_features = types.MethodType(_attached_image_features(family), inner)

@@ -2,12 +2,15 @@
 
 Two files in the model's directory: ``hrperc_front_end.json`` (how to rebuild the front end: recipe,
 options, backbone layer and normalization, DEM and projector configuration) and
-``hrperc_front_end.safetensors`` (the DEM's and a new projector's weights).
+``hrperc_front_end.safetensors``: the front end's whole state (``front_end.*``: its DEM and any other part
+it owns, everything of the encoder but the tower) and a new projector's weights (``projector.*``). Files
+written by hrperc 0.x before the front end owned its DEM (version 1, keys ``dem.*``) still load.
 
 Loading trusts nothing in them. The JSON is checked whole -- types, ranges, the DEM's width and heads
 against the model's tower, the projector's widths against the encoder and the LLM's hidden size, the
-recipe, the options -- and the weight file's names and shapes (read from its header) against modules
-built on the ``meta`` device, all before a real module is built: a small file cannot make hrperc
+recipe, the options -- and the weight file's names and shapes (read from its header) against the front
+end rebuilt with its DEM on the ``meta`` device (the recipe itself refuses a DEM it would not run, or a
+missing one it needs), all before a real module is built: a small file cannot make hrperc
 allocate more than the model and the weight file hold. Loading is all-or-nothing: any refusal leaves
 the model un-attached (and its tower as it was), so a retry with fixed files works. Every error names
 the file and the fix.
@@ -45,7 +48,8 @@ from ._model import ModuleState, inner_model, text_width
 __all__ = ["save_front_end", "load_front_end", "describe_projector"]
 
 _FRONT_END_FILE, _CONFIG_FILE = "hrperc_front_end.safetensors", "hrperc_front_end.json"
-_FORMAT, _VERSION = "hrperc-front-end", 1
+_FORMAT, _VERSION = "hrperc-front-end", 2
+_READS = (1, 2)  # version 1 stored the DEM as dem.*, before the front end owned it (now front_end.dem.*)
 _DEM_KEYS = (
     "dim",
     "heads",
@@ -184,7 +188,7 @@ def _jsonable(options: dict) -> dict:
 
 def save_front_end(model, directory) -> Path:
     """Write the attached front end next to ``model.save_pretrained(directory)``'s output: its weights
-    (``hrperc_front_end.safetensors``: the DEM and a new projector) and how to rebuild it
+    (``hrperc_front_end.safetensors``: the front end's whole state and a new projector) and how to rebuild it
     (``hrperc_front_end.json``). Returns the directory. :func:`load_front_end` restores the attached model.
 
     Refused before anything is written: a model with nothing attached, an encoder not built by
@@ -386,8 +390,8 @@ def _validate(config, model, inner, family: str) -> dict:
         _check_keys(config, ("format", "version", *keys), "the JSON")
         _need(config["format"] == _FORMAT, f'"format" is {config["format"]!r}, not {_FORMAT!r}')
         _need(
-            _is_int(config["version"]) and config["version"] == _VERSION,
-            f'"version" is {config["version"]!r}; this hrperc reads version {_VERSION}',
+            _is_int(config["version"]) and config["version"] in _READS,
+            f'"version" is {config["version"]!r}; this hrperc reads versions {list(_READS)}',
         )
     _need(config["family"] == family, f"the front end was saved from a {config['family']!r} model, not {family!r}")
     recipe = config["recipe"]
@@ -406,28 +410,14 @@ def _validate(config, model, inner, family: str) -> dict:
         v = bb[key]
         ok = isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) and (key == "mean" or min(v) > 0)
         _need(ok, f'"backbone.{key}" is {v!r}; it must be three finite numbers' + (" > 0" if key == "std" else ""))
+    # A null "dem" becomes dem=None, never a fresh random DEM in place of saved weights: the recipe refuses
+    # dem=None where it runs one (and a DEM where it runs none) when the front end is rebuilt.
     dem = config["dem"]
-    # A DEM runs in "inf_llava" (unless built with dem=None and a combine other than "mean") and with "dcm": true.
-    # A null "dem" becomes dem=None: never a fresh random DEM in place of saved weights.
-    uses_dem = recipe == "inf_llava" or options.get("dcm") is True
-    needs_dem = options.get("dcm") is True or (recipe == "inf_llava" and options.get("combine", "mean") == "mean")
-    if dem is None:
-        _need(
-            not needs_dem,
-            f'"dem" is null but recipe {recipe!r} with "options" {config["options"]} runs a DEM, '
-            f"whose weights would then be random",
-        )
-        dem_kw = None
-    else:
-        _need(
-            uses_dem,
-            f'"dem" is set but recipe {recipe!r} with "options" {config["options"]} runs no DEM (a DEM '
-            f'runs in recipe "inf_llava" and with "dcm": true)',
-        )
-        dem_kw = _check_dem(dem, tower.hidden_size)
+    dem_kw = None if dem is None else _check_dem(dem, tower.hidden_size)
     proj = config["projector"]
     proj = None if proj is None else _check_projector(proj, text_width(model), legacy)
     return {
+        "legacy_keys": legacy or config["version"] == 1,
         "recipe": recipe,
         "options": options,
         "layer": layer,
@@ -450,13 +440,30 @@ def _weight_shapes(path: Path) -> dict:
         return out
 
 
-def _modules(plan: dict, device) -> tuple:
+def _rebuild(plan: dict, inner, device, bad, config_path) -> tuple:
+    """The encoder around the model's tower, its DEM built on ``device`` (``"meta"``: no memory), and the
+    projector; the recipe's refusal of these options (a DEM it does not run, none where it needs one) is
+    the config's fault."""
     dem = None
     if plan["dem"] is not None:
         dim, heads, kw = plan["dem"]
         dem = DualPerspectiveEnhancement(dim, heads, device=device, **kw)
     projector = None if plan["projector"] is None else _build_projector(plan["projector"], device)
-    return dem, projector
+    backbone = HFBackbone(inner.vision_tower, layer=plan["layer"], mean=plan["mean"], std=plan["std"])
+    try:
+        encoder = create_encoder(plan["recipe"], backbone, **dict(plan["options"], dem=dem))
+    except (TypeError, ValueError) as e:
+        raise bad(
+            config_path, f'recipe {plan["recipe"]!r} refuses "options" {plan["options"]} with this "dem": {e}'
+        ) from None
+    if encoder.dem is not dem:
+        raise bad(config_path, f"recipe {plan['recipe']!r} with these options does not run the saved DEM")
+    return encoder, projector
+
+
+def _renamed(names, legacy_keys: bool):
+    """Version-1 names (``dem.*``) as today's (``front_end.dem.*``)."""
+    return {(f"front_end.{k}" if legacy_keys and k.startswith("dem.") else k): k for k in names}
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -502,8 +509,24 @@ def load_front_end(model, processor, directory):
         found = _weight_shapes(weights_path)
     except Exception as e:  # safetensors raises its own error types for a malformed header
         raise bad(weights_path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
-    meta_dem, meta_projector = _modules(plan, "meta")
-    expected = {k: tuple(v.shape) for k, v in _FrontEndState(meta_dem, meta_projector).state_dict().items()}
+    snapshot = ModuleState(inner.vision_tower)  # building an encoder freezes the tower: undone on a refusal
+    try:
+        meta_encoder, meta_projector = _rebuild(plan, inner, "meta", bad, config_path)
+        meta_state = _FrontEndState(meta_encoder.front_end, meta_projector).state_dict()
+        expected = {k: tuple(v.shape) for k, v in meta_state.items()}
+        _check_header(
+            {new: found[old] for new, old in _renamed(found, plan["legacy_keys"]).items()}, expected, weights_path, bad
+        )
+        # Checked: build the real parts, load them, and attach (which changes the model only once all is well).
+        return _build_and_attach(model, processor, inner, plan, weights_path, config_path, bad)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _check_header(found: dict, expected: dict, weights_path: Path, bad) -> None:
+    """The weight file's names, shapes and dtypes (``found``, from its header) against the rebuilt front
+    end's and projector's (``expected``)."""
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
         raise bad(
@@ -522,27 +545,12 @@ def load_front_end(model, processor, directory):
     not_float = [k for k, (_, dtype) in found.items() if dtype not in ("F16", "BF16", "F32", "F64")]
     if not_float:
         raise bad(weights_path, f"{not_float[:5]} are not floating-point tensors")
-    # Checked: build the real parts, load them, and attach (which changes the model only once all is well).
-    snapshot = ModuleState(inner.vision_tower)  # building the encoder freezes the tower: undone on a refusal
-    try:
-        return _build_and_attach(model, processor, inner, plan, weights_path, config_path, bad)
-    except BaseException:
-        snapshot.restore()
-        raise
 
 
 def _build_and_attach(model, processor, inner, plan, weights_path, config_path, bad):
     from safetensors.torch import load_file
 
-    dem, projector = _modules(plan, None)
-    backbone = HFBackbone(inner.vision_tower, layer=plan["layer"], mean=plan["mean"], std=plan["std"])
-    options = dict(plan["options"], dem=dem)  # None: no DEM (a recipe that needs one refuses)
-    try:
-        encoder = create_encoder(plan["recipe"], backbone, **options)
-    except (TypeError, ValueError) as e:
-        raise bad(config_path, f'recipe {plan["recipe"]!r} refuses "options" {plan["options"]}: {e}') from None
-    if encoder.dem is not dem:
-        raise bad(config_path, f"recipe {plan['recipe']!r} with these options does not run the saved DEM")
+    encoder, projector = _rebuild(plan, inner, None, bad, config_path)
     width, expected = encoder.token_width, projector_widths(inner.multi_modal_projector)[0]
     if projector is None and expected is not None and expected != width:
         raise bad(
@@ -554,11 +562,12 @@ def _build_and_attach(model, processor, inner, plan, weights_path, config_path, 
         raise bad(
             config_path, f'"projector.in" is {plan["projector"]["in"]} but the encoder\'s tokens have width {width}'
         )
-    weights = load_file(str(weights_path))
+    loaded = load_file(str(weights_path))
+    weights = {new: loaded[old] for new, old in _renamed(loaded, plan["legacy_keys"]).items()}
     bad_values = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
     if bad_values:
         raise bad(weights_path, f"{bad_values[:5]} hold NaN or inf values")
-    _FrontEndState(dem, projector).load_state_dict(weights, strict=True)
+    _FrontEndState(encoder.front_end, projector).load_state_dict(weights, strict=True)
     model, attached = attach(model, processor, encoder, projector=projector)
     ref = next(inner.multi_modal_projector.parameters())
     inner._hrperc_attachment.state.to(device=ref.device, dtype=ref.dtype)
