@@ -633,6 +633,38 @@ def test_a_load_after_refusals_works_and_legacy_files_load(saved, tmp_path):
         load_front_end(fresh, proc, d)
     _edit_json(path, _set("dem", "heads", value=heads))
     _edit_json(path, lambda c: (c.pop("format"), c.pop("version")))  # as written before the format had a version
+    _old_weight_names(d)
     model = copy.deepcopy(fresh)  # the model every refusal above was tried on (the fixture's stays un-attached)
     model, aproc = load_front_end(model, proc, d)
     assert model.model._hrperc_attachment.encoder.dem is model.hrperc_front_end.dem
+
+
+def _old_weight_names(d) -> None:
+    """Rewrite the weight file with the names hrperc wrote before the front end owned its DEM (``dem.*``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = str(d / "hrperc_front_end.safetensors")
+    save_file({k.removeprefix("front_end."): v for k, v in load_file(path).items()}, path)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_1_files_load_with_their_dem_names_and_version_2_refuses_them(saved, tmp_path, version):
+    d, proc, fresh = _copy(saved, tmp_path)
+    _edit_json(d / "hrperc_front_end.json", _set("version", value=version))
+    _old_weight_names(d)
+    model = copy.deepcopy(fresh)
+    if version == 2:  # today's files name the front end's state front_end.*: dem.* there is a wrong file
+        with raises_naming(ValueError, "hrperc_front_end.safetensors", "front_end.dem.", FIX):
+            load_front_end(model, proc, d)
+        assert _not_attached(model)
+        return
+    model, _ = load_front_end(model, proc, d)
+    weights = _files_weights(saved[0])
+    loaded = model.hrperc_front_end.state_dict()
+    assert weights.keys() == loaded.keys() and all(torch.equal(weights[k], loaded[k]) for k in weights)
+
+
+def _files_weights(d) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "hrperc_front_end.safetensors"))
