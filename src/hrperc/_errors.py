@@ -6,8 +6,8 @@ way out. So a helper shared by ten public functions never names the wrong one, a
 threaded down by hand.
 
 * Only errors raised by hrperc's own code get the name (an error raised inside torch keeps its message).
-* The innermost public boundary names it (the function that was handed the bad argument), and an outer
-  one leaves it alone.
+* The outermost public boundary names it: the function the user called (``HighResEncoder`` when its
+  ``forward`` refuses an image through ``to_pixels``; ``pack_images`` when that is what was called).
 * The exception is the same object, re-raised with its traceback: only its message changes.
 
 Example::
@@ -35,7 +35,7 @@ __all__ = ["public", "add_context"]
 F = TypeVar("F", bound=Callable)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_CONTEXT_ATTR = "_hrperc_context"
+_MESSAGE_ATTR = "_hrperc_message"  # the message before any boundary named it
 
 
 def _raised_here(err: BaseException) -> bool:
@@ -49,12 +49,15 @@ def _raised_here(err: BaseException) -> bool:
 
 
 def add_context(err: BaseException, name: str) -> None:
-    """Prefix ``err``'s message with ``name: `` unless a boundary already did, or hrperc did not raise it."""
-    if getattr(err, _CONTEXT_ATTR, None) is not None or not _raised_here(err):
-        return
-    if err.args and isinstance(err.args[0], str):
-        err.args = (f"{name}: {err.args[0]}", *err.args[1:])
-    setattr(err, _CONTEXT_ATTR, name)
+    """Prefix ``err``'s message with ``name: `` (replacing an inner boundary's name: the outermost one
+    stays), unless hrperc did not raise it."""
+    message = getattr(err, _MESSAGE_ATTR, None)
+    if message is None:
+        if not (_raised_here(err) and err.args and isinstance(err.args[0], str)):
+            return
+        message = err.args[0]
+        setattr(err, _MESSAGE_ATTR, message)
+    err.args = (f"{name}: {message}", *err.args[1:])
 
 
 @overload
