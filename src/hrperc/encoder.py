@@ -33,78 +33,24 @@ Example::
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import functools
 
 import torch
 from torch import nn
 
+from ._errors import public
 from ._validation import as_bool, as_image_size, as_index
 from .backbones import VisionBackbone, create_backbone, wrap_backbone
 from .backbones.base import resolve_layer
+from .backbones.batching import encode_by_shape, encode_views, views_per_call
+from .encoder_output import EncoderOutput, StageClock, in_batch_order
 from .modules.dem import default_heads  # noqa: F401 - its old home, kept importable
 from .modules.dual_crop import DualPerspectiveCrop
 from .modules.dual_front_end import DualFrontEnd, SubimageFeatures
 from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, backbone_accepts, sizes_taken, slot_mask
-from .ops.canvas import CropGeometry
 from .ops.pixels import to_pixels
-from .ops.preprocess import to_unit
 
 __all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment"]
-
-# CPU chunking budget for max_batch="auto": tokens (rows of every ViT matmul) per backbone call.
-# 2048 = 3 ViT-L/14-336 tiles (577 tokens) or 10 ViT-B/16 tiles (197). The targets: >= 0.95x the
-# speed of serial one-tile passes and <= 1.2x their peak memory (docs/encoder.md; bench_encoder.py
-# measures both). Narrow towers (width < 768) get 768 // width times the tokens (at most 8x): one of
-# their tiles leaves the matmuls idle and per-call overhead dominates. On a GPU: 32 native tiles' worth.
-_CPU_TOKENS_PER_CALL = 2048
-_CPU_FULL_WIDTH = 768
-_CPU_NARROW_FACTOR = 8
-_GPU_TILES_PER_CALL = 32
-
-
-@dataclass
-class EncoderOutput:
-    """What :class:`HighResEncoder` returns.
-
-    ``tokens``: ``(B, T, D)``, images with fewer tokens zero-padded at the end; ``token_mask``:
-    ``(B, T)`` bool, True on real tokens (all True unless the batch is ragged); ``geometries``:
-    :class:`~hrperc.ops.canvas.CropGeometry` per image (``grids`` reads them); ``layout``: per image, the
-    :class:`TokenSegment` runs that make up its tokens (``num_tokens``, ``T_b`` per image, is where the
-    last one stops); ``valid_masks``: per image, ``(gh*ht, gw*wt)`` bool, True where a canvas token covers
-    image pixels (False on padding from ``fit="pad"/"resize_pad"``); ``thumbnail_tokens``: ``(B, ht*wt, D)``,
-    the INF-LLaVA thumbnail's ViT tokens, or ``None`` when none was encoded (``thumbnail=False``,
-    ``combine="none"``, or another front end); ``encoded``: how many views went through the ViT and how
-    many were skipped; ``timings``: seconds per stage (``views``, ``backbone``, ``assemble``, ``combine``)
-    when ``forward(..., timings=True)``; ``plans``: the front end's plan of each image.
-    """
-
-    tokens: torch.Tensor
-    token_mask: torch.Tensor
-    geometries: list[CropGeometry]
-    layout: list[tuple[TokenSegment, ...]]
-    valid_masks: list[torch.Tensor]
-    thumbnail_tokens: torch.Tensor | None = None
-    encoded: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    plans: list[ViewPlan] | None = None
-
-    @property
-    def num_tokens(self) -> list[int]:
-        """``T_b``: real tokens of each image (the end of its last segment)."""
-        return [segments[-1].stop for segments in self.layout]
-
-    @property
-    def slot_mask(self) -> torch.Tensor:
-        """``(B, T)`` bool, True on newline slots (zeros in ``tokens`` unless ``forward(newline=)`` filled
-        them): the positions a LLaVA-NeXT-style model fills with its learned ``image_newline``."""
-        T = self.tokens.shape[1]
-        return torch.stack([slot_mask(segs, T) for segs in self.layout]).to(self.tokens.device)
-
-    @property
-    def grids(self) -> list[tuple[int, int]]:
-        """``(gh, gw)`` of each image."""
-        return [geo.grid for geo in self.geometries]
 
 
 class HighResEncoder(nn.Module):
@@ -150,6 +96,7 @@ class HighResEncoder(nn.Module):
     uint8 tensors or PIL images. Output: :class:`EncoderOutput`.
     """
 
+    @public(name="HighResEncoder")
     def __init__(
         self,
         backbone,
@@ -166,14 +113,14 @@ class HighResEncoder(nn.Module):
         super().__init__()
         fn = "HighResEncoder"
         # Switches are real bools, checked before anything is built: bool("false") is True.
-        encode_all, check_range = as_bool(encode_all, "encode_all", fn), as_bool(check_range, "check_range", fn)
-        train_backbone = as_bool(train_backbone, "train_backbone", fn)
-        grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing", fn)
+        encode_all, check_range = as_bool(encode_all, "encode_all"), as_bool(check_range, "check_range")
+        train_backbone = as_bool(train_backbone, "train_backbone")
+        grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing")
         bb: VisionBackbone = wrap_backbone(create_backbone(backbone) if isinstance(backbone, str) else backbone)
         if isinstance(crop, FrontEnd):
             if combine is not None:
                 raise ValueError(
-                    f"{fn}: combine={combine!r} applies to a DualPerspectiveCrop; a recipe's front end "
+                    f"combine={combine!r} applies to a DualPerspectiveCrop; a recipe's front end "
                     f"({type(crop).__name__}) assembles its own tokens. Leave combine unset."
                 )
             front_end = crop
@@ -184,7 +131,7 @@ class HighResEncoder(nn.Module):
             )
         else:
             raise TypeError(
-                f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop (or None for the default 3x3 "
+                f"crop is a {type(crop).__name__}; pass a DualPerspectiveCrop (or None for the default 3x3 "
                 f"grid), e.g. crop=DualPerspectiveCrop(grid='auto', tile_size={bb.image_size}), or a "
                 f"recipe's front end (hrperc.create_encoder builds those)."
             )
@@ -193,7 +140,7 @@ class HighResEncoder(nn.Module):
             n = as_index(max_batch)  # numpy / 0-dim tensor integers are integers; bools, floats, strings are not
             if n is None or n < 1:
                 raise ValueError(
-                    f"{fn}: max_batch={max_batch!r}; must be 'auto' or an integer >= 1 (views per ViT call). "
+                    f"max_batch={max_batch!r}; must be 'auto' or an integer >= 1 (views per ViT call). "
                     f"Pass max_batch='auto' (the default) or e.g. max_batch=8."
                 )
             max_batch = n
@@ -267,24 +214,28 @@ class HighResEncoder(nn.Module):
         return self
 
     # --- plans and accounting, from the size alone ------------------------------------------------------
+    @public(name="HighResEncoder.plan")
     def plan(self, image_size) -> ViewPlan:
         """The front end's plan of an ``(H, W)`` image: its views, geometry (``.geometry``, ``.grid``,
         ``.canvas_size``) and token layout; no pixels. ``image_size``: two whole numbers >= 1 (ints, numpy
         or 0-dim tensor integers); anything else is refused here, as in every method below."""
-        return self.front_end.plan(as_image_size(image_size, "HighResEncoder.plan"))
+        return self.front_end.plan(as_image_size(image_size))
 
+    @public(name="HighResEncoder.view_plan")
     def view_plan(self, image_size) -> ViewPlan:
         """The same as :meth:`plan` (its older name)."""
-        return self.front_end.plan(as_image_size(image_size, "HighResEncoder.view_plan"))
+        return self.front_end.plan(as_image_size(image_size))
 
+    @public(name="HighResEncoder.num_tokens")
     def num_tokens(self, image_size) -> int:
         """``T``: visual tokens :meth:`forward` returns for one ``(H, W)`` image (under a recipe, the reference
         processor's count of image placeholder tokens, newline slots included)."""
-        return self.front_end.plan(as_image_size(image_size, "HighResEncoder.num_tokens")).num_tokens
+        return self.front_end.plan(as_image_size(image_size)).num_tokens
 
+    @public(name="HighResEncoder.num_backbone_passes")
     def num_backbone_passes(self, image_size) -> int:
         """Views of one ``(H, W)`` image that go through the ViT (INF-LLaVA: ``2N+1`` when nothing is skipped)."""
-        return self.front_end.plan(as_image_size(image_size, "HighResEncoder.num_backbone_passes")).views
+        return self.front_end.plan(as_image_size(image_size)).views
 
     def required_subimages(self, grid, encode_all: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local_needed, global_needed)``, two ``(N,)`` bool masks of INF-LLaVA's sub-images that are
@@ -294,71 +245,27 @@ class HighResEncoder(nn.Module):
         n = grid[0] * grid[1]
         return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
 
-    # --- the ViT -----------------------------------------------------------------------------------------
-    def _chunk(self, size) -> int:
-        """Views of ``size = (h, w)`` per backbone call: ``max_batch``, or its ``"auto"`` value."""
-        if isinstance(self.max_batch, int):
-            return self.max_batch
-        bb = self.backbone
-        tokens = (size[0] // bb.patch_size[0]) * (size[1] // bb.patch_size[1])
-        if bb.device.type == "cpu":
-            factor = min(_CPU_NARROW_FACTOR, max(1, _CPU_FULL_WIDTH // bb.hidden_size))
-            return max(1, _CPU_TOKENS_PER_CALL * factor // (tokens + bb.num_prefix_tokens))
-        return max(1, _GPU_TILES_PER_CALL * bb.num_patches // tokens)
-
+    # --- the ViT: views in chunks, one call per view shape (hrperc.backbones.batching) ----------------------
     @property
     def chunk_size(self) -> int:
         """Native tiles per backbone call: ``max_batch``, or its ``"auto"`` value on the backbone's device."""
-        return self._chunk(self.backbone.image_size)
+        return views_per_call(self.backbone, self.backbone.image_size, self.max_batch)
 
     def encode_subimages(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(S, 3, h, w)`` views in ``[0, 1]`` (or uint8 ``[0, 255]``) of one size -> ``(S, t, D)`` tokens,
         ``t = (h // ph) * (w // pw)``, in chunks (:attr:`chunk_size` for native tiles). uint8 pixels are
         converted one chunk at a time (no float copy of the stack)."""
-        bb = self.backbone
-        if pixels.shape[0] == 0:
-            t = (pixels.shape[-2] // bb.patch_size[0]) * (pixels.shape[-1] // bb.patch_size[1])
-            return torch.zeros(0, t, bb.hidden_size, dtype=bb.dtype, device=bb.device)
+        return encode_views(self.backbone, pixels, self.layer, self.max_batch, self.train_backbone)
 
-        def encode(chunk: torch.Tensor) -> torch.Tensor:
-            x = bb.normalize(chunk.to(bb.device))  # float32
-            x = x.to(bb.dtype)  # a bf16 / fp16 backbone: the float32 copy is freed here, before the blocks run
-            return bb.features(x, layer=self.layer)
-
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
-            feats = [encode(c) for c in pixels.split(self._chunk(pixels.shape[-2:]))]
-        return feats[0] if len(feats) == 1 else torch.cat(feats)
-
-    def _encode_views(self, groups: list[tuple[torch.Tensor, ...]]) -> tuple[list[tuple[torch.Tensor, ...]], int]:
-        """Every view of the batch through the backbone: one stack per view shape (parts in order, then the
-        groups), chunked. ``groups``: per image group, parts ``(b, V, C, h, w)``; returns the same structure
-        of ``(b, V, t, D)`` features and the number of views encoded."""
-        by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for p in range(max(len(parts) for parts in groups)):
-            for g, parts in enumerate(groups):
-                if p < len(parts):
-                    by_shape.setdefault(tuple(parts[p].shape[-2:]), []).append((g, p))
-        out: list[list] = [[None] * len(parts) for parts in groups]
-        for shape, keys in by_shape.items():
-            if not backbone_accepts(self.backbone, shape):
-                raise ValueError(
-                    f"HighResEncoder: the front end {type(self.front_end).__name__} made views of {shape} pixels, "
-                    f"which the backbone does not take ({sizes_taken(self.backbone)}). Check the front end's "
-                    f"views, or use a backbone that resizes its position embeddings (e.g. a timm ViT built with "
-                    f"dynamic_img_size=True)."
-                )
-            flat = [groups[g][p].flatten(0, 1) for g, p in keys]
-            if len({f.dtype for f in flat}) > 1:  # uint8 and float views: uint8 to [0, 1] before joining
-                flat = [to_unit(f) for f in flat]
-            feats = self.encode_subimages(flat[0] if len(flat) == 1 else torch.cat(flat))
-            start = 0
-            for g, p in keys:
-                b, v = groups[g][p].shape[:2]
-                out[g][p] = feats[start : start + b * v].view(b, v, *feats.shape[1:])
-                start += b * v
-        return [tuple(parts) for parts in out], sum(p.shape[0] * p.shape[1] for parts in groups for p in parts)
+    def _refuse_view(self, shape) -> ValueError:
+        return ValueError(
+            f"the front end {type(self.front_end).__name__} made views of {shape} pixels, which the backbone does "
+            f"not take ({sizes_taken(self.backbone)}). Check the front end's views, or use a backbone that resizes "
+            f"its position embeddings (e.g. a timm ViT built with dynamic_img_size=True)."
+        )
 
     # --- forward -----------------------------------------------------------------------------------------
+    @public(name="HighResEncoder.subimage_features")
     def subimage_features(self, images, encode_all: bool | None = None, thumbnail: bool | None = None):
         """INF-LLaVA's crop and ViT only: :meth:`DualFrontEnd.subimage_features
         <hrperc.modules.dual_front_end.DualFrontEnd.subimage_features>` (every sub-image's tokens, before
@@ -366,7 +273,7 @@ class HighResEncoder(nn.Module):
         fn = "HighResEncoder.subimage_features"
         if not isinstance(self.front_end, DualFrontEnd):
             raise ValueError(
-                f"{fn}: this encoder runs the front end {type(self.front_end).__name__}, which has no dual-"
+                f"this encoder runs the front end {type(self.front_end).__name__}, which has no dual-"
                 f"perspective sub-images. Use forward(images), or build the encoder with a DualPerspectiveCrop."
             )
         pixels = self._pixels(images, one_dtype=True)
@@ -378,6 +285,7 @@ class HighResEncoder(nn.Module):
         device = self.backbone.device
         return pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
 
+    @public(name="HighResEncoder")
     def forward(self, images, timings: bool = False, *, project=None, newline=None) -> EncoderOutput:
         """Images -> :class:`EncoderOutput`; ``timings=True`` records seconds per stage (syncing CUDA).
 
@@ -387,8 +295,8 @@ class HighResEncoder(nn.Module):
         stays zero. ``newline`` ``(D',)`` fills the newline slots of the layout (zeros otherwise;
         ``EncoderOutput.slot_mask`` marks them; a layout without slots ignores it).
         """
-        timings = as_bool(timings, "timings", "HighResEncoder.forward")
-        fe, clock = self.front_end, _Clock(timings, self.backbone.device)
+        timings = as_bool(timings, "timings")
+        fe, clock = self.front_end, StageClock(timings, self.backbone.device)
         pixels = self._pixels(images, one_dtype=False)  # each list item keeps its dtype: uint8 is resized in uint8
         B = len(pixels)
         sizes = [tuple(pixels[b].shape[-2:]) for b in range(B)]
@@ -406,7 +314,8 @@ class HighResEncoder(nn.Module):
             parts.append(got if tupled else (got,))
         clock.lap("views")
 
-        feats, encoded = self._encode_views(parts)  # every view of the batch: one pass, per shape, in chunks
+        accepts = functools.partial(backbone_accepts, self.backbone)  # every view of the batch: one pass per shape
+        feats, encoded = encode_by_shape(parts, self.encode_subimages, accepts, self._refuse_view)
         clock.lap("backbone")
 
         where = {b: (g, i) for g, members in enumerate(view_groups) for i, b in enumerate(members)}
@@ -431,7 +340,7 @@ class HighResEncoder(nn.Module):
             thumbs += [(members, extra["thumbnail_tokens"])] if "thumbnail_tokens" in extra else []
         clock.lap("assemble")
 
-        tokens = _in_batch_order(rows, B)
+        tokens = in_batch_order(rows, B)
         counts = torch.tensor([p.num_tokens for p in plans], device=tokens.device)
         token_mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts[:, None]
         layouts = [p.layout for p in plans]
@@ -446,7 +355,7 @@ class HighResEncoder(nn.Module):
             geometries=[p.geometry for p in plans],
             layout=layouts,
             valid_masks=[p.geometry.valid_mask((ph, pw)) for p in plans],
-            thumbnail_tokens=_in_batch_order(thumbs, B) if thumbs and len(thumbs) == len(rows) else None,
+            thumbnail_tokens=in_batch_order(thumbs, B) if thumbs and len(thumbs) == len(rows) else None,
             encoded={"encoded": encoded, "skipped": sum(p.skipped for p in plans)},
             timings=clock.times,
             plans=plans,
@@ -463,38 +372,7 @@ def _check_rows(front_end, tokens, b: int, count: int) -> None:
         )
 
 
-def _in_batch_order(groups, B: int) -> torch.Tensor:
-    """``[(members, (b, n, ...))]`` -> ``(B, max n, ...)``: each image's rows at its index, zero-padded at the
-    end (the ragged padding; a loop over groups, not images)."""
-    if len(groups) == 1:
-        return groups[0][1]
-    first = groups[0][1]
-    out = first.new_zeros(B, max(r.shape[1] for _, r in groups), *first.shape[2:])
-    for members, r in groups:
-        out[torch.tensor(members, device=out.device), : r.shape[1]] = r
-    return out
-
-
 def _dem_keys_under_front_end(state_dict, prefix, *_) -> None:
     """State dicts saved before the front end owned the DEM (keys ``dem.*``) load as ``front_end.dem.*``."""
     for key in [k for k in state_dict if k.startswith(prefix + "dem.")]:
         state_dict[f"{prefix}front_end.{key[len(prefix) :]}"] = state_dict.pop(key)
-
-
-class _Clock:
-    """Stage timings for ``forward(timings=True)``; synchronizes CUDA so the numbers mean something."""
-
-    def __init__(self, enabled: bool, device) -> None:
-        self.enabled, self.device, self.times = enabled, torch.device(device), dict[str, float]()
-        self._last = self._now() if enabled else 0.0
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.enabled:
-            now = self._now()
-            self.times[name] = self.times.get(name, 0.0) + now - self._last
-            self._last = now
