@@ -35,7 +35,7 @@ from inf_llava.generate import answer, generate_ids  # noqa: E402
 
 TRAIN = ROOT / "examples" / "inf_llava" / "train.py"
 # Parameter-name prefixes of the parts of the Llava model.
-TOWER, DEM, PROJECTOR = "model.vision_tower.", "hrperc_front_end.dem.", "model.multi_modal_projector."
+TOWER, DEM, PROJECTOR = "model.vision_tower.", "hrperc_front_end.front_end.dem.", "model.multi_modal_projector."
 LLM = ("model.language_model.", "lm_head.")
 
 

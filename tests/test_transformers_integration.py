@@ -123,7 +123,7 @@ def test_upgrade_trains_only_the_front_end_and_generates(how):
     loss.backward()
     opt.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("hrperc_front_end.dem.") for k in changed)
+    assert changed and all(k.startswith("hrperc_front_end.front_end.dem.") for k in changed)
     model.eval()
     prompt = aproc(images=_images([(300, 300)]), text=texts[:1], return_tensors="pt")
     gen = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -270,7 +270,7 @@ def test_trainer_fine_tunes_the_attached_front_end(tmp_path):
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("hrperc_front_end.dem.") for k in changed)
+    assert changed and all(k.startswith("hrperc_front_end.front_end.dem.") for k in changed)
 
 
 # --- the per-family table ----------------------------------------------------------------------------------------
@@ -352,3 +352,14 @@ def test_a_new_family_is_a_table_entry(monkeypatch):
     )
     with pytest.raises(ValueError, match="the test family takes one image per text"):
         aproc(images=images, text=[f"{texts[0]} {proc.image_token}"], return_tensors="pt")
+
+
+def test_a_model_state_dict_with_the_older_dem_names_loads_into_the_front_end():
+    model, proc, _ = build("llava_next")
+    model, _ = attach(model, proc, encoder_from_model(model, proc, dcm=True))
+    new, old = "hrperc_front_end.front_end.dem.", "hrperc_front_end.dem."
+    state = {(old + k[len(new) :] if k.startswith(new) else k): v + 1 for k, v in model.state_dict().items()}
+    assert any(k.startswith(old) for k in state)
+    model.load_state_dict(state, strict=True)  # the names written before the front end owned its DEM
+    dem = model.hrperc_front_end.dem.state_dict()
+    assert all(torch.equal(v, state[old + k]) for k, v in dem.items())

@@ -3,7 +3,7 @@
 A checkpoint is a directory ``checkpoint-<step>/``::
 
     model.safetensors      trained parameters only (full, unsharded; keys = the Llava model's parameter names,
-                           e.g. hrperc_front_end.dem.*, model.multi_modal_projector.*, lm_head.weight)
+                           e.g. hrperc_front_end.front_end.dem.*, model.multi_modal_projector.*, lm_head.weight)
     optimizer.safetensors  AdamW state tensors, keys "<parameter name>/<exp_avg|exp_avg_sq|step>"
     trainer_state.json     step, stage, param-group hyper-parameters, scheduler state, losses, args
 

@@ -24,7 +24,7 @@ repeats each image placeholder ``encoder.num_tokens((H, W))`` times and packs th
 ``hrperc.integrations.transformers.pack_images``.
 
 Parts (what the training stages freeze, :func:`set_stage`): ``model.vision_tower`` (always frozen),
-``hrperc_front_end.dem`` (the DEM), ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``.
+``hrperc_front_end.front_end.dem`` (the DEM), ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``.
 """
 
 from __future__ import annotations

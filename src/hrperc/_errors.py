@@ -63,21 +63,21 @@ def add_context(err: BaseException, name: str) -> None:
 @overload
 def public(fn: F) -> F: ...
 @overload
-def public(*, name: str) -> Callable[[F], F]: ...
+def public(*, name: str | Callable[..., str]) -> Callable[[F], F]: ...
 def public(fn=None, *, name=None):
-    """Mark ``fn`` as a public boundary: hrperc's ``ValueError`` / ``TypeError`` raised inside it are
-    prefixed with ``name`` (default: the function's ``__name__``). Use ``name="HighResEncoder"`` on a
-    class's ``__init__`` / ``forward``."""
+    """Mark ``fn`` as a public boundary: hrperc's ``ValueError`` / ``TypeError`` / ``FileNotFoundError``
+    raised inside it are prefixed with ``name`` (default: the function's ``__name__``). Use ``name="HighResEncoder"`` on a
+    class's ``__init__`` / ``forward``; a callable ``name`` gets the call's arguments and returns the name
+    (``create_encoder('internvl')``: the recipe the user asked for)."""
 
     def decorate(f: F) -> F:
-        label = name or f.__name__
 
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
             try:
                 return f(*args, **kwargs)
-            except (ValueError, TypeError) as err:
-                add_context(err, label)
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                add_context(err, name(*args, **kwargs) if callable(name) else name or f.__name__)
                 raise
 
         return wrapper  # type: ignore[return-value]

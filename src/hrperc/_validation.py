@@ -199,7 +199,7 @@ def as_bool(value, name: str, fn: str | None = None) -> bool:
     )
 
 
-def as_sequence(value, name: str, fn: str | None, example: str) -> tuple:
+def as_sequence(value, name: str, fn: str | None = None, *, example: str) -> tuple:
     """A list option (``pinpoints=``, ``scales=``) as a non-empty tuple.
 
     Tuples, lists and ranges are taken as they are; numpy arrays and tensors are converted with

@@ -36,6 +36,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .._errors import public
+
 __all__ = ["create_encoder", "list_recipes", "register_recipe"]
 
 _RECIPES: dict[str, Callable] = {}
@@ -60,6 +62,11 @@ def list_recipes() -> tuple[str, ...]:
     return tuple(sorted(_RECIPES))
 
 
+def _named(recipe, *_, **__) -> str:
+    return f"create_encoder({recipe!r})"
+
+
+@public(name=_named)
 def create_encoder(recipe: str, backbone, **options):
     """The :class:`~hrperc.HighResEncoder` of front end ``recipe`` around ``backbone``.
 
@@ -71,7 +78,7 @@ def create_encoder(recipe: str, backbone, **options):
         **options: the recipe's options (see its module), e.g. ``dem=`` for ``"inf_llava"``.
     """
     if recipe not in _RECIPES:
-        raise ValueError(f"create_encoder: recipe={recipe!r} is not a known recipe; pass one of {list_recipes()}.")
+        raise ValueError(f"recipe={recipe!r} is not a known recipe; pass one of {list_recipes()}.")
     encoder = _RECIPES[recipe](backbone, **options)
     # What built it (like timm's pretrained_cfg): integrations save it to rebuild the same front end. The
     # builder has checked every option; numpy / tensor values are kept as the plain Python values they stand for.

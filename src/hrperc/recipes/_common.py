@@ -37,7 +37,7 @@ def split_options(
     unknown = sorted(set(options) - set(own) - set(encoder))
     if unknown:
         raise TypeError(
-            f"create_encoder({recipe!r}): unknown option(s) {unknown}; pass only this recipe's options "
+            f"unknown option(s) {unknown}; pass only this recipe's options "
             f"{sorted(own)} or the encoder options {sorted(encoder)}."
         )
     return {k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k in encoder}

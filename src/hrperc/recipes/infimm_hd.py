@@ -48,7 +48,7 @@ class DynamicTilesFrontEnd(FrontEnd):
     def __init__(self, tile_size, patch_size, *, max_side: int = 3) -> None:
         super().__init__(tile_size, patch_size)
         # the most tiles along the long side (InfiMM-HD: 3, i.e. 1344 px of 448 px tiles)
-        self.max_side = as_int(max_side, "max_side", "create_encoder('infimm_hd')", example="max_side=3")
+        self.max_side = as_int(max_side, "max_side", example="max_side=3")
 
     def content_size(self, image_size) -> tuple[int, int]:
         """``(h, w)`` of the resized content: the long side a whole number of tiles (at most ``max_side``)."""

@@ -86,18 +86,17 @@ class TilingFrontEnd(FrontEnd[TilingPlan]):
         dcm: bool = False,
     ) -> None:
         super().__init__(tile_size, patch_size)
-        fn = "create_encoder('internvl')"
-        max_tiles, min_tiles = as_int(max_tiles, "max_tiles", fn), as_int(min_tiles, "min_tiles", fn)
+        max_tiles, min_tiles = as_int(max_tiles, "max_tiles"), as_int(min_tiles, "min_tiles")
         select_grid((1, 1), self.tile_size, max_tiles, min_tiles, rule="aspect")  # validates min_tiles <= max_tiles
-        downsample = as_int(downsample, "downsample", fn, example="downsample=2 (InternVL's scale 0.5)")
+        downsample = as_int(downsample, "downsample", example="downsample=2 (InternVL's scale 0.5)")
         ht, wt = self.tile_tokens
         if ht % downsample or wt % downsample:
             raise ValueError(
-                f"{fn}: downsample={downsample} needs the tile's token grid ({ht}, {wt}) to be divisible by "
+                f"downsample={downsample} needs the tile's token grid ({ht}, {wt}) to be divisible by "
                 f"{downsample} (InternViT-448/14: 32 x 32). Pass downsample=1, or a backbone with such a grid."
             )
-        self.max_tiles, self.min_tiles, self.thumbnail = max_tiles, min_tiles, as_bool(thumbnail, "thumbnail", fn)
-        self.downsample, self.uses_dem = downsample, as_bool(dcm, "dcm", fn)
+        self.max_tiles, self.min_tiles, self.thumbnail = max_tiles, min_tiles, as_bool(thumbnail, "thumbnail")
+        self.downsample, self.uses_dem = downsample, as_bool(dcm, "dcm")
 
     def token_width(self, width: int) -> int:
         return width * self.downsample**2

@@ -44,7 +44,7 @@ class SquareFrontEnd(FrontEnd):
 
     def __init__(self, tile_size, patch_size, *, pad: bool = True, colour=(0, 0, 0)) -> None:
         super().__init__(tile_size, patch_size)
-        self.pad, self.colour = as_bool(pad, "pad", "create_encoder('llava15')"), tuple(int(c) for c in colour)
+        self.pad, self.colour = as_bool(pad, "pad"), tuple(int(c) for c in colour)
 
     def plan(self, image_size) -> ViewPlan:
         H, W = image_size

@@ -89,24 +89,23 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
         name: str = "llava_next",
     ) -> None:
         super().__init__(tile_size, patch_size)
-        fn = f"create_encoder({name!r})"
         th, tw = self.tile_size
         example = f"[({th}, {2 * tw}), ({2 * th}, {tw})]"
-        pairs = anyres._pinpoints(as_sequence(pinpoints, "pinpoints", fn, example), fn, name="pinpoints")
+        pairs = anyres._pinpoints(as_sequence(pinpoints, "pinpoints", example=example), name="pinpoints")
         bad = [p for p in pairs if p[0] % th or p[1] % tw]
         if bad:
             raise ValueError(
-                f"{fn}: pinpoints {bad} are not multiples of the backbone's {th}x{tw} tile; every pinpoint must be "
+                f"pinpoints {bad} are not multiples of the backbone's {th}x{tw} tile; every pinpoint must be "
                 f"a grid of whole tiles, e.g. ({th}, {2 * tw})."
             )
         if tie_break not in anyres.TIE_BREAKS:
-            raise ValueError(f"{fn}: tie_break={tie_break!r} is not one of {anyres.TIE_BREAKS}.")
+            raise ValueError(f"tie_break={tie_break!r} is not one of {anyres.TIE_BREAKS}.")
         if self.tile_tokens[0] != self.tile_tokens[1]:
-            raise ValueError(f"{fn}: the backbone's tiles give {self.tile_tokens} tokens; anyres needs square tiles.")
+            raise ValueError(f"the backbone's tiles give {self.tile_tokens} tokens; anyres needs square tiles.")
         if max_tiles is not None:  # None: no shrink (LLaVA-NeXT)
-            max_tiles = as_int(max_tiles, "max_tiles", fn, example="max_tiles=9 (OneVision's anyres_max_9) or None")
-        self.pinpoints, self.tie_break, self.newline = pairs, tie_break, as_bool(newline, "newline", fn)
-        self.max_tiles, self.uses_dem, self.name = max_tiles, as_bool(dcm, "dcm", fn), name
+            max_tiles = as_int(max_tiles, "max_tiles", example="max_tiles=9 (OneVision's anyres_max_9) or None")
+        self.pinpoints, self.tie_break, self.newline = pairs, tie_break, as_bool(newline, "newline")
+        self.max_tiles, self.uses_dem, self.name = max_tiles, as_bool(dcm, "dcm"), name
 
     def plan(self, image_size) -> AnyresViewPlan:
         H, W = image_size

@@ -49,18 +49,17 @@ class MultiScaleFrontEnd(FrontEnd):
 
     def __init__(self, tile_size, patch_size, *, scales=(1, 2), pad: bool = True, colour=(0, 0, 0)) -> None:
         super().__init__(tile_size, patch_size)
-        fn = "create_encoder('s2')"
         # One scale may be given bare (scales=2); a list, tuple or 1-D array / tensor is checked entry by entry.
-        listed = (scales,) if as_index(scales) is not None else as_sequence(scales, "scales", fn, "(1, 2)")
+        listed = (scales,) if as_index(scales) is not None else as_sequence(scales, "scales", example="(1, 2)")
         scales = tuple(as_index(s) for s in listed)
         if any(s is None or s < 1 for s in scales):
             raise ValueError(
-                f"{fn}: scales={listed!r}; pass positive ints (multiples of the backbone's tile), e.g. scales=(1, 2) "
+                f"scales={listed!r}; pass positive ints (multiples of the backbone's tile), e.g. scales=(1, 2) "
                 f"(S2's default for LLaVA) or (1, 2, 3)."
             )
         if self.tile_size[0] != self.tile_size[1]:
-            raise ValueError(f"create_encoder('s2'): S2 takes square tiles; the backbone's are {self.tile_size}.")
-        self.scales, self.pad, self.colour = scales, as_bool(pad, "pad", fn), tuple(int(c) for c in colour)
+            raise ValueError(f"S2 takes square tiles; the backbone's are {self.tile_size}.")
+        self.scales, self.pad, self.colour = scales, as_bool(pad, "pad"), tuple(int(c) for c in colour)
 
     def token_width(self, width: int) -> int:
         return width * len(self.scales)

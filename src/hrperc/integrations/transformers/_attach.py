@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._errors import public
 from ...encoder import HighResEncoder
 from ...modules.projector import build_projector
 from ._families import FAMILIES, Family, family_of, recipe_setting, recipes_with
@@ -78,11 +79,18 @@ class _FrontEndState(nn.Module):
         super().__init__()
         self.front_end = front_end
         self.projector = projector
+        self._register_load_state_dict_pre_hook(_dem_under_front_end)
 
     @property
     def dem(self):
         """The front end's DEM (``None`` without one)."""
         return self.front_end.dem
+
+
+def _dem_under_front_end(state_dict, prefix, *_) -> None:
+    """Model state dicts saved before the front end owned its DEM (``hrperc_front_end.dem.*``) still load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "dem.")]:
+        state_dict[f"{prefix}front_end.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 
 class _Attachment:
@@ -92,6 +100,7 @@ class _Attachment:
         self.encoder, self.family, self.state, self.foreign = encoder, family, state, foreign
 
 
+@public
 def attach(
     model, processor, encoder: HighResEncoder, *, projector: nn.Module | None = None, foreign_tower: bool = False
 ):
@@ -114,23 +123,22 @@ def attach(
     an attachment cannot be saved with :func:`save_front_end`); a ``projector`` whose input is not the
     encoder's ``token_width`` or whose output is not the LLM's hidden size; a model already attached.
     """
-    fn = "attach"
-    inner, family = inner_model(model, fn)
+    inner, family = inner_model(model)
     if not isinstance(encoder, HighResEncoder):
         raise TypeError(
-            f"{fn}: encoder is a {type(encoder).__name__}; pass a HighResEncoder, e.g. "
+            f"encoder is a {type(encoder).__name__}; pass a HighResEncoder, e.g. "
             f"encoder_from_model(model, processor) or hrperc.create_encoder('inf_llava', model.model.vision_tower)."
         )
     if not isinstance(foreign_tower, bool):
-        raise TypeError(f"{fn}: foreign_tower={foreign_tower!r}; pass True or False.")
+        raise TypeError(f"foreign_tower={foreign_tower!r}; pass True or False.")
     if projector is not None and not isinstance(projector, nn.Module):
-        raise TypeError(f"{fn}: projector is a {type(projector).__name__}; pass an nn.Module (or None).")
+        raise TypeError(f"projector is a {type(projector).__name__}; pass an nn.Module (or None).")
     if getattr(inner, "_hrperc_attachment", None) is not None:
-        raise ValueError(f"{fn}: this model already has an hrperc encoder attached; attach to a fresh model.")
+        raise ValueError("this model already has an hrperc encoder attached; attach to a fresh model.")
     own = owns_parameters(inner.vision_tower, encoder.backbone)
     if not own and not foreign_tower:
         raise ValueError(
-            f"{fn}: the encoder's backbone ({type(encoder.backbone).__name__} around "
+            f"the encoder's backbone ({type(encoder.backbone).__name__} around "
             f"{type(getattr(encoder.backbone, 'model', encoder.backbone)).__name__}) is not this model's vision tower "
             f"(model.model.vision_tower: other parameters), so the model would run another tower's weights. Build the "
             f"encoder around this model's tower (encoder_from_model(model, processor)), or pass foreign_tower=True "
@@ -146,7 +154,7 @@ def attach(
         for name, got, need in (("input", p_in, width), ("output", p_out, out_width)):
             if got is not None and got != need:
                 raise ValueError(
-                    f"{fn}: projector has {name} width {got} but needs {need} (the encoder's token_width {width} -> "
+                    f"projector has {name} width {got} but needs {need} (the encoder's token_width {width} -> "
                     f"the LLM's hidden size {out_width}). Pass a projector of {width} -> {out_width}, e.g. "
                     f"build_projector('mlp2x_gelu', {width}, {out_width})."
                 )
@@ -177,14 +185,14 @@ def attach(
 
 
 # --- the model's side ---------------------------------------------------------------------------------------
-def _feature_layer_change(encoder: HighResEncoder, layer, strategy, fn: str) -> dict:
+def _feature_layer_change(encoder: HighResEncoder, layer, strategy) -> dict:
     """``vision_feature_layer`` / ``vision_feature_select_strategy`` given to forward / generate -> the encoder
     setting that honours them (``{}``: the encoder's own), or a refusal naming the value and the encoder's."""
     bb = encoder.backbone
     own = strategy_of(bb)
     if strategy is not None and strategy != own:
         raise ValueError(
-            f"{fn}: vision_feature_select_strategy={strategy!r}, but the attached encoder returns the patch tokens "
+            f"vision_feature_select_strategy={strategy!r}, but the attached encoder returns the patch tokens "
             f"of its tower ({bb.num_prefix_tokens} prefix token(s) dropped), which is "
             f"vision_feature_select_strategy={own!r}; hrperc does not keep a CLS token or drop a patch token. Drop "
             f"the argument, or pass {own!r}."
@@ -193,14 +201,14 @@ def _feature_layer_change(encoder: HighResEncoder, layer, strategy, fn: str) -> 
         return {}
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(
-            f"{fn}: vision_feature_layer={layer!r}; the attached encoder reads one layer (its own: "
+            f"vision_feature_layer={layer!r}; the attached encoder reads one layer (its own: "
             f"vision_feature_layer={encoder.layer}), never a concatenation of several. Pass one int, or drop the "
             f"argument."
         )
     n = bb.num_layers
     if not -(n + 1) <= layer <= n or hf_blocks(layer, n) == 0:
         raise ValueError(
-            f"{fn}: vision_feature_layer={layer} is not a block output of this {n}-layer tower (the attached encoder "
+            f"vision_feature_layer={layer} is not a block output of this {n}-layer tower (the attached encoder "
             f"reads vision_feature_layer={encoder.layer}); pass 1..{n} or -{n}..-1, or drop the argument."
         )
     if hf_blocks(layer, n) == hf_blocks(encoder.layer, n):
@@ -208,27 +216,27 @@ def _feature_layer_change(encoder: HighResEncoder, layer, strategy, fn: str) -> 
     return {"layer": layer}
 
 
-def _image_sizes_check(packed, image_sizes, fn: str) -> None:
+def _image_sizes_check(packed, image_sizes) -> None:
     if image_sizes is None:
         return
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
     header = [list(p.image.shape[-2:]) for p in packed]
     if [[int(v) for v in s] for s in sizes] != header:
         raise ValueError(
-            f"{fn}: image_sizes={sizes} but the packed pixel_values' headers hold images of {header}; they must "
+            f"image_sizes={sizes} but the packed pixel_values' headers hold images of {header}; they must "
             f"agree. Pass the image_sizes the attached processor (or pack_images) returned with these pixel_values."
         )
 
 
+@public(name="attached get_image_features")
 def _run(self, pixel_values, image_sizes, layer, strategy, family: Family):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    fn = "attached get_image_features"
     attachment = self._hrperc_attachment
     encoder = attachment.encoder
-    extra = _feature_layer_change(encoder, layer, strategy, fn)
-    packed = read_packed(pixel_values, fn)
-    _image_sizes_check(packed, image_sizes, fn)
+    extra = _feature_layer_change(encoder, layer, strategy)
+    packed = read_packed(pixel_values)
+    _image_sizes_check(packed, image_sizes)
     state = attachment.state
     projector = state.projector if state.projector is not None else self.multi_modal_projector
     dtype = next(projector.parameters()).dtype if any(True for _ in projector.parameters()) else None
@@ -242,7 +250,7 @@ def _run(self, pixel_values, image_sizes, layer, strategy, family: Family):
         groups.setdefault(p.options_key, []).append(b)
     feats: list = [None] * len(packed)
     for indices in groups.values():
-        run = variant(encoder, {**packed[indices[0]].options, **extra}, family, fn)
+        run = variant(encoder, {**packed[indices[0]].options, **extra}, family)
         out = run([packed[b].image for b in indices], project=project, newline=newline)
         for i, b in enumerate(indices):
             feats[b] = out.tokens[i, : out.num_tokens[i]]
@@ -328,7 +336,7 @@ class AttachedProcessor:
         given.pop("return_tensors", None)
         return text, given
 
-    def _image_changes(self, given: dict, fn: str) -> tuple[dict, object]:
+    def _image_changes(self, given: dict) -> tuple[dict, object]:
         """The caller's image options -> ``(encoder changes, device)``; refuses what cannot be honoured."""
         enc, settings, device = self.encoder, self.settings, None
         changes: dict[str, Any] = {}
@@ -341,7 +349,7 @@ class AttachedProcessor:
                 continue
             elif key == "do_pad":
                 if not isinstance(value, bool):
-                    raise TypeError(f"{fn}: do_pad={value!r}; pass True or False.")
+                    raise TypeError(f"do_pad={value!r}; pass True or False.")
                 if not self._family.square_pad or not settings.squares:
                     continue  # pads a batch to one size (CLIP's, LLaVA-NeXT's patches): no image changes
                 if enc.recipe in recipes_with("pad"):
@@ -349,44 +357,44 @@ class AttachedProcessor:
                         changes["pad"] = value
                 elif value != bool(own):
                     raise ValueError(
-                        f"{fn}: do_pad={value!r}: the attached encoder (recipe {enc.recipe!r}) has no pad-to-square "
+                        f"do_pad={value!r}: the attached encoder (recipe {enc.recipe!r}) has no pad-to-square "
                         f"setting to honour it with ({' and '.join(recipes_with('pad'))} have). Drop do_pad."
                     )
             elif key in ("image_mean", "image_std"):
                 name = "mean" if key == "image_mean" else "std"
                 target = _triple(value)
                 if target is None:
-                    raise ValueError(f"{fn}: {key}={value!r}; pass three floats (R, G, B) or one float.")
+                    raise ValueError(f"{key}={value!r}; pass three floats (R, G, B) or one float.")
                 if target != tuple(getattr(enc.backbone, name)):
                     changes[name] = list(target)
             elif key == "image_grid_pinpoints" and self._model_pinpoints() is not None:
                 if [tuple(p) for p in value] != self._model_pinpoints():
                     raise ValueError(
-                        f"{fn}: image_grid_pinpoints={value!r} differ from the model's {self._model_pinpoints()}: "
+                        f"image_grid_pinpoints={value!r} differ from the model's {self._model_pinpoints()}: "
                         f"{_WHY[key]}, so even the original model would mis-read such images. Drop "
                         f"image_grid_pinpoints."
                     )
             elif not same_setting(value, own):
                 why = _WHY.get(key, "hrperc's front end does not reproduce this setting")
                 raise ValueError(
-                    f"{fn}: the image option {key}={_plain(value)!r} differs from the processor's {key}="
+                    f"the image option {key}={_plain(value)!r} differs from the processor's {key}="
                     f"{_plain(own)!r}; {why}, so the model would not see what the original processor makes. Drop "
                     f"{key}."
                 )
         if tiles:
-            changes.update(self._tile_changes(tiles, fn))
+            changes.update(self._tile_changes(tiles))
         return changes, device
 
-    def _tile_changes(self, tiles: dict, fn: str) -> dict:
+    def _tile_changes(self, tiles: dict) -> dict:
         """InternVL's ``crop_to_patches`` / ``min_patches`` / ``max_patches`` -> ``min_tiles`` / ``max_tiles``."""
         get = self.settings.get
         crop = tiles.get("crop_to_patches", get("crop_to_patches", True))
         lo, hi = tiles.get("min_patches", get("min_patches", 1)), tiles.get("max_patches", get("max_patches", 12))
         for name, value in (("min_patches", lo), ("max_patches", hi)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{fn}: {name}={value!r}; pass an int >= 1.")
+                raise ValueError(f"{name}={value!r}; pass an int >= 1.")
         if not isinstance(crop, bool):
-            raise TypeError(f"{fn}: crop_to_patches={crop!r}; pass True or False.")
+            raise TypeError(f"crop_to_patches={crop!r}; pass True or False.")
         target = (lo, hi) if crop else (1, 1)
         if self.encoder.recipe in recipes_with("min_tiles"):
             current = (recipe_setting(self.encoder, "min_tiles"), recipe_setting(self.encoder, "max_tiles"))
@@ -396,7 +404,7 @@ class AttachedProcessor:
         if target != own:
             names = ", ".join(f"{k}={v!r}" for k, v in tiles.items())
             raise ValueError(
-                f"{fn}: {names}: the attached encoder (recipe {self.encoder.recipe!r}) has no InternVL tiling to "
+                f"{names}: the attached encoder (recipe {self.encoder.recipe!r}) has no InternVL tiling to "
                 f"honour them with (the {' and '.join(recipes_with('min_tiles'))} recipe has). Drop them."
             )
         return {}
@@ -405,9 +413,10 @@ class AttachedProcessor:
         points = self.settings.get("image_grid_pinpoints")
         return None if points is None else [tuple(p) for p in points]
 
+    @public(name="AttachedProcessor")
     def encoder_for(self, changes: dict | None = None) -> HighResEncoder:
         """The encoder that runs images processed with ``changes`` (``{}``: the attached encoder)."""
-        return variant(self.encoder, changes or {}, self._family, "AttachedProcessor")
+        return variant(self.encoder, changes or {}, self._family)
 
     def replacement(self, image_size, encoder: HighResEncoder | None = None) -> str:
         """The text that stands for one image of ``(H, W)`` pixels."""
@@ -417,14 +426,14 @@ class AttachedProcessor:
             return f"{start}{self.image_token * n}{end}"
         return self.image_token * n
 
+    @public(name="AttachedProcessor")
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         from transformers.feature_extraction_utils import BatchFeature
 
-        fn = "AttachedProcessor"
         for name, value in (("videos", videos), ("audio", audio)):
             if value is not None:
                 raise ValueError(
-                    f"{fn}: {name}= was given; an attached model's hrperc image path takes images only. Drop {name}=, "
+                    f"{name}= was given; an attached model's hrperc image path takes images only. Drop {name}=, "
                     f"or use the original processor and model for it."
                 )
         return_tensors = kwargs.pop("return_tensors", None)
@@ -433,7 +442,7 @@ class AttachedProcessor:
         data = {}
         encoder = self.encoder
         if flat:
-            changes, device = self._image_changes(dict(given), fn)
+            changes, device = self._image_changes(dict(given))
             encoder = self.encoder_for(changes)
             pixel_values, sizes = pack_images(flat, changes or None)
             if device is not None:
@@ -444,12 +453,12 @@ class AttachedProcessor:
             found = sum(t.count(self.image_token) for t in texts)
             if found != len(flat):
                 raise ValueError(
-                    f"{fn}: the text holds {found} image placeholder(s) {self.image_token!r} but {len(flat)} image(s) "
+                    f"the text holds {found} image placeholder(s) {self.image_token!r} but {len(flat)} image(s) "
                     f"were given; pass one placeholder per image, in order."
                 )
             why = self._family.several_images
             if why is not None and any(t.count(self.image_token) > 1 for t in texts):
-                raise ValueError(f"{fn}: a text holds several images; {why}. Pass one image per text.")
+                raise ValueError(f"a text holds several images; {why}. Pass one image per text.")
             sizes = data["image_sizes"].tolist() if flat else []
             replacements = iter([self.replacement(s, encoder) for s in sizes])
             expanded = []

@@ -28,10 +28,10 @@ from torch import nn
 
 __all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting", "hf_blocks"]
 
-# A reader: (model config, ProcessorSettings or None, fn) -> recipe options read from them.
-Reader = Callable[[object, object, str], dict]
-# A tower check: (vision tower, vision_feature_layer, number of layers, fn, what) -> None, or a ValueError.
-TowerCheck = Callable[[nn.Module, int, int, str, str], None]
+# A reader: (model config, ProcessorSettings or None) -> recipe options read from them.
+Reader = Callable[[object, object], dict]
+# A tower check: (vision tower, vision_feature_layer, number of layers, what) -> None, or a ValueError.
+TowerCheck = Callable[[nn.Module, int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,16 @@ class Family:
                 f"Family: features={self.features!r} for {self.model_type!r}; use 'per_image' or 'one_sequence'."
             )
 
-    def recipe_options(self, config, settings, fn: str) -> dict:
+    def recipe_options(self, config, settings) -> dict:
         """The recipe's options read from ``config`` and ``settings`` (in the readers' order)."""
         kw: dict = {}
         for read in self.options:
-            kw.update(read(config, settings, fn))
+            kw.update(read(config, settings))
         return kw
 
-    def check_tower(self, tower: nn.Module, layer: int, num_layers: int, fn: str, what: str) -> None:
+    def check_tower(self, tower: nn.Module, layer: int, num_layers: int, what: str) -> None:
         for check in self.tower_checks:
-            check(tower, layer, num_layers, fn, what)
+            check(tower, layer, num_layers, what)
 
 
 def hf_blocks(layer: int, num_layers: int) -> int:
@@ -95,32 +95,32 @@ def hf_blocks(layer: int, num_layers: int) -> int:
 
 
 # --- readers: config and processor -> recipe options ----------------------------------------------------------
-def _square_pad(config, settings, fn: str) -> dict:
+def _square_pad(config, settings) -> dict:
     # Only LLaVA's image processor pads to a square; CLIP's do_pad pads a batch to one size (a no-op after
     # its centre crop), so a CLIPImageProcessor is the resize-shortest-edge + centre-crop path.
     return {"pad": bool(settings.get("do_pad", False)) and settings.squares if settings is not None else False}
 
 
-def _pinpoints(config, settings, fn: str) -> dict:
+def _pinpoints(config, settings) -> dict:
     pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
     ip_points = settings.get("image_grid_pinpoints") if settings is not None else None
     if ip_points is not None and [tuple(p) for p in ip_points] != pinpoints:
         raise ValueError(
-            f"{fn}: the processor's image_grid_pinpoints {ip_points} differ from the model's {pinpoints}; the "
+            f"the processor's image_grid_pinpoints {ip_points} differ from the model's {pinpoints}; the "
             f"model's own code would then unpad with other grids. Use the processor saved with the model."
         )
     return {"pinpoints": pinpoints}
 
 
-def _anyres_max(config, settings, fn: str) -> dict:
+def _anyres_max(config, settings) -> dict:
     return {"max_tiles": int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).replace("anyres_max_", ""))}
 
 
-def _pixel_shuffle(config, settings, fn: str) -> dict:
+def _pixel_shuffle(config, settings) -> dict:
     return {"downsample": round(1 / config.downsample_ratio)}
 
 
-def _processor_tiles(config, settings, fn: str) -> dict:
+def _processor_tiles(config, settings) -> dict:
     get = settings.get if settings is not None else (lambda name, default=None: default)
     crop = get("crop_to_patches", True)
     return {
@@ -130,7 +130,7 @@ def _processor_tiles(config, settings, fn: str) -> dict:
 
 
 # --- tower checks ------------------------------------------------------------------------------------------
-def _no_final_layernorm(tower, layer: int, num_layers: int, fn: str, what: str) -> None:
+def _no_final_layernorm(tower, layer: int, num_layers: int, what: str) -> None:
     norm = getattr(tower, "layernorm", None)
     if (
         hf_blocks(layer, num_layers) == num_layers
@@ -139,7 +139,7 @@ def _no_final_layernorm(tower, layer: int, num_layers: int, fn: str, what: str) 
         and not isinstance(norm, nn.Identity)
     ):
         raise ValueError(
-            f"{fn}: {what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
+            f"{what}: this InternViT applies a final LayerNorm to its last layer (use_mean_pooling=False), "
             f"which InternVLModel reads for vision_feature_layer=-1 and hrperc's layer -1 does not include. Use a "
             f"tower with use_mean_pooling=True (InternVL's checkpoints), or another vision_feature_layer."
         )

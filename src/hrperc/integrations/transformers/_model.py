@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from ..._errors import public
 from ...backbones.base import resolve_layer
 from ...backbones.hf_vit import HFBackbone
 from ...encoder import HighResEncoder
@@ -45,21 +46,19 @@ _MAX_VARIANTS = 32
 
 
 # --- the model's parts -------------------------------------------------------------------------------
-def inner_model(model, fn: str) -> tuple[Any, Family]:
+def inner_model(model) -> tuple[Any, Family]:
     """``(inner model with vision_tower / projector, its Family)`` of a supported transformers model."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = family_of(model_type)
     if family is None:
         raise TypeError(
-            f"{fn}: model is a {type(model).__name__} (model_type={model_type!r}); pass one of the LLaVA-family "
+            f"model is a {type(model).__name__} (model_type={model_type!r}); pass one of the LLaVA-family "
             f"models hrperc integrates: {', '.join(f.model_class for f in TABLE)} (or their *Model)."
         )
     inner = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
     if not hasattr(inner, "vision_tower") or not hasattr(inner, "multi_modal_projector"):
-        raise TypeError(
-            f"{fn}: {type(model).__name__} has no vision_tower / multi_modal_projector; pass the full model."
-        )
+        raise TypeError(f"{type(model).__name__} has no vision_tower / multi_modal_projector; pass the full model.")
     return inner, family
 
 
@@ -146,7 +145,7 @@ def _size_of(value):
     return plain
 
 
-def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: bool, fn: str) -> None:
+def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: bool) -> None:
     """The processor's steps must be ones hrperc's recipe reproduces: tiles of the tower's size, bicubic
     resizing, rescale by 1/255, normalization; the centre crop when a square-padding family does not pad."""
     tile = tuple(tile)
@@ -156,7 +155,7 @@ def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: boo
         size = _size_of(settings.get(name))
         if size is not None and size != tile:
             raise ValueError(
-                f"{fn}: the processor's {name}={_plain(settings.get(name))} gives tiles other than the vision "
+                f"the processor's {name}={_plain(settings.get(name))} gives tiles other than the vision "
                 f"tower's {tile[0]}x{tile[1]}; the model would see resized tiles hrperc does not reproduce. Use the "
                 f"processor saved with the model."
             )
@@ -167,24 +166,25 @@ def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: boo
         value = settings.get(name)
         if value is not None and bool(value) != needed:
             raise ValueError(
-                f"{fn}: the processor has {name}={value!r}; hrperc's {family.recipe} recipe always does this step "
+                f"the processor has {name}={value!r}; hrperc's {family.recipe} recipe always does this step "
                 f"(as the model's processor does by default). Use a processor with {name}={needed}."
             )
     factor = settings.get("rescale_factor")
     if factor is not None and not math.isclose(float(factor), 1 / 255, rel_tol=1e-9):
         raise ValueError(
-            f"{fn}: the processor has rescale_factor={factor!r}; hrperc reads pixels as value / 255. Use a processor "
+            f"the processor has rescale_factor={factor!r}; hrperc reads pixels as value / 255. Use a processor "
             f"with rescale_factor=1/255."
         )
     resample = settings.get("resample")
     if resample is not None and _plain(resample) != _BICUBIC:
         raise ValueError(
-            f"{fn}: the processor has resample={resample!r}; hrperc's recipes resize bicubic, as these models' "
+            f"the processor has resample={resample!r}; hrperc's recipes resize bicubic, as these models' "
             f"processors do. Use a processor with resample=3 (bicubic)."
         )
 
 
 # --- encoder_from_model ------------------------------------------------------------------------------
+@public
 def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     """The :class:`~hrperc.HighResEncoder` that reproduces ``model``'s image path, around its own vision tower.
 
@@ -203,13 +203,12 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     ``do_normalize=False``), and an InternViT whose last layer goes through a final LayerNorm
     (``use_mean_pooling=False``).
     """
-    fn = "encoder_from_model"
-    inner, family = inner_model(model, fn)
+    inner, family = inner_model(model)
     config, tower = model.config, inner.vision_tower
     layer = config.vision_feature_layer
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(
-            f"{fn}: the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's encoders read "
+            f"the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's encoders read "
             f"one layer. Use a model with an int vision_feature_layer."
         )
     settings = ProcessorSettings(processor) if processor is not None else None
@@ -220,15 +219,15 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     if strategy != strategy_of(backbone):
         prefix = backbone.num_prefix_tokens
         raise ValueError(
-            f"{fn}: vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
+            f"vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
             f"{'drops its first patch token' if strategy == 'default' else 'keeps the CLS token'}, which hrperc "
             f"does not reproduce (its encoders return the patch tokens). Use 'default' with CLIP / InternViT and "
             f"'full' with SigLIP."
         )
-    kw = family.recipe_options(config, settings, fn)
-    family.check_tower(tower, layer, backbone.num_layers, fn, f"vision_feature_layer={layer}")
+    kw = family.recipe_options(config, settings)
+    family.check_tower(tower, layer, backbone.num_layers, f"vision_feature_layer={layer}")
     if settings is not None:
-        _check_processor(settings, backbone.image_size, family, kw.get("pad", False), fn)
+        _check_processor(settings, backbone.image_size, family, kw.get("pad", False))
     kw.update(options)
     return create_encoder(family.recipe, backbone, **kw)
 
@@ -273,33 +272,31 @@ def kept_state(module: nn.Module):
 _VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _refuse_setting(fn: str, key: str, value, why: str) -> ValueError:
-    return ValueError(f"{fn}: {OPTION_NAMES.get(key, key)}={value!r}: {why}. Drop {OPTION_NAMES.get(key, key)}.")
+def _refuse_setting(key: str, value, why: str) -> ValueError:
+    return ValueError(f"{OPTION_NAMES.get(key, key)}={value!r}: {why}. Drop {OPTION_NAMES.get(key, key)}.")
 
 
-def _validate_changes(encoder: HighResEncoder, changes: dict, fn: str) -> dict:
+def _validate_changes(encoder: HighResEncoder, changes: dict) -> dict:
     """``changes`` (``pad``, ``mean``, ``std``, ``min_tiles``, ``max_tiles``, ``layer``) checked against what
     ``encoder`` can be rebuilt with; returns them in canonical form."""
     out: dict = {}
     for key, value in changes.items():
         if key == "pad":
             if not isinstance(value, bool):
-                raise _refuse_setting(fn, key, value, "must be True or False")
+                raise _refuse_setting(key, value, "must be True or False")
             has = recipes_with(key)
             if encoder.recipe not in has:
                 raise _refuse_setting(
-                    fn,
                     key,
                     value,
                     f"the attached encoder (recipe {encoder.recipe!r}) has no pad-to-square setting, only {has} do",
                 )
         elif key in ("min_tiles", "max_tiles"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _refuse_setting(fn, key, value, "must be an int >= 1")
+                raise _refuse_setting(key, value, "must be an int >= 1")
             has = recipes_with(key)
             if encoder.recipe not in has:
                 raise _refuse_setting(
-                    fn,
                     key,
                     value,
                     f"the attached encoder (recipe {encoder.recipe!r}) has no InternVL tiling, only {has} do",
@@ -311,29 +308,28 @@ def _validate_changes(encoder: HighResEncoder, changes: dict, fn: str) -> dict:
                 value = []
             if len(value) != 3 or not all(math.isfinite(v) for v in value) or (key == "std" and min(value) <= 0):
                 raise _refuse_setting(
-                    fn,
                     key,
                     changes[key],
                     "must be three finite floats (R, G, B)" + (", all > 0" if key == "std" else ""),
                 )
         elif key == "layer":
             if not isinstance(value, int) or isinstance(value, bool):
-                raise _refuse_setting(fn, key, value, "must be an int (hrperc's encoders read one layer)")
+                raise _refuse_setting(key, value, "must be an int (hrperc's encoders read one layer)")
         else:
             raise ValueError(
-                f"{fn}: the encoder setting {key!r} is not one hrperc rebuilds an attached encoder with; the settings "
+                f"the encoder setting {key!r} is not one hrperc rebuilds an attached encoder with; the settings "
                 f"are {sorted(OPTION_NAMES)}. Pack the images with the processor attach() returned."
             )
         out[key] = value
     return out
 
 
-def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> HighResEncoder:
+def variant(encoder: HighResEncoder, changes: dict, family: Family) -> HighResEncoder:
     """``encoder`` rebuilt with ``changes`` (see :func:`_validate_changes`) around the same tower and DEM;
     ``encoder`` itself for no changes. Variants are cached per encoder and setting."""
     if not changes:
         return encoder
-    changes = _validate_changes(encoder, changes, fn)
+    changes = _validate_changes(encoder, changes)
     key = options_key(changes)
     cache = _VARIANTS.setdefault(encoder, {})
     if key in cache:
@@ -342,18 +338,18 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> 
     if encoder.recipe is None or not isinstance(bb, HFBackbone):
         name = OPTION_NAMES.get(next(iter(changes)), next(iter(changes)))
         raise ValueError(
-            f"{fn}: {name}={changes[next(iter(changes))]!r} needs the attached encoder rebuilt with it, but it was "
+            f"{name}={changes[next(iter(changes))]!r} needs the attached encoder rebuilt with it, but it was "
             f"not built by hrperc.create_encoder around a transformers tower (HFBackbone). Drop {name}, or attach an "
             f"encoder built by encoder_from_model / create_encoder."
         )
     layer = changes.get("layer", encoder.layer)
     try:
-        blocks = resolve_layer(layer, bb.num_layers, fn)
+        blocks = resolve_layer(layer, bb.num_layers)
     except (TypeError, ValueError) as e:
-        raise _refuse_setting(fn, "layer", layer, f"the tower has {bb.num_layers} layers ({e})") from None
-    family.check_tower(bb.model, layer, bb.num_layers, fn, f"vision_feature_layer={layer}")
+        raise _refuse_setting("layer", layer, f"the tower has {bb.num_layers} layers ({e})") from None
+    family.check_tower(bb.model, layer, bb.num_layers, f"vision_feature_layer={layer}")
     options = dict(encoder.recipe_options)
-    options["layer"] = layer if blocks != resolve_layer(encoder.layer, bb.num_layers, fn) else encoder.layer
+    options["layer"] = layer if blocks != resolve_layer(encoder.layer, bb.num_layers) else encoder.layer
     for name in ("pad", "min_tiles", "max_tiles"):
         if name in changes:
             options[name] = changes[name]
@@ -366,7 +362,7 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family, fn: str) -> 
             )
         except (TypeError, ValueError) as e:
             names = ", ".join(f"{OPTION_NAMES.get(k, k)}={v!r}" for k, v in changes.items())
-            raise ValueError(f"{fn}: {names} cannot be honoured: {e}") from None
+            raise ValueError(f"{names} cannot be honoured: {e}") from None
     if len(cache) >= _MAX_VARIANTS:
         cache.pop(next(iter(cache)))
     cache[key] = built

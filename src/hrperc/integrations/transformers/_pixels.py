@@ -40,6 +40,7 @@ import json
 
 import torch
 
+from ..._errors import public
 from ...ops.pixels import to_pixels
 from ...ops.preprocess import to_unit
 
@@ -88,12 +89,13 @@ def header(height: int, width: int, kind: int, options: dict | None = None) -> l
     """Row 0 of one packed image (see the module docs)."""
     data = list(options_key(options).encode("utf-8"))
     if len(data) >= 256**_LEN_DIGITS:
-        raise ValueError(f"pack_images: options of {len(data)} bytes; the header holds at most {256**_LEN_DIGITS - 1}.")
+        raise ValueError(f"options of {len(data)} bytes; the header holds at most {256**_LEN_DIGITS - 1}.")
     body = [_VERSION, kind, *_digits(height, _SIZE_DIGITS), *_digits(width, _SIZE_DIGITS)]
     body += [*_digits(len(data), _LEN_DIGITS), *data]
     return [*MAGIC, *body, _check(body)]
 
 
+@public
 def pack_images(images, options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images -> ``(pixel_values, image_sizes)``: ``(B, 3, 1 + H_max, W)`` packed images (int16 holding uint8
     pixels, or float32 holding ``[0, 1]`` pixels when any image is float; layout in the module docs) and
@@ -106,7 +108,7 @@ def pack_images(images, options: dict | None = None) -> tuple[torch.Tensor, torc
     for b, p in enumerate(pixels):
         if max(p.shape[-2:]) > _MAX_SIDE:
             raise ValueError(
-                f"pack_images: images[{b}] has size {tuple(p.shape[-2:])}; packed images are at most {_MAX_SIDE} "
+                f"images[{b}] has size {tuple(p.shape[-2:])}; packed images are at most {_MAX_SIDE} "
                 f"pixels a side. Resize the image first."
             )
     integer = all(p.dtype == torch.uint8 for p in pixels)
@@ -122,35 +124,32 @@ def pack_images(images, options: dict | None = None) -> tuple[torch.Tensor, torc
     return out, sizes
 
 
-def _refuse(fn: str, what: str) -> ValueError:
-    return ValueError(f"{fn}: {what}. {_FIX}.")
+def _refuse(what: str) -> ValueError:
+    return ValueError(f"{what}. {_FIX}.")
 
 
-def read_packed(pixel_values, fn: str = "attached get_image_features") -> list[PackedImage]:
+def read_packed(pixel_values) -> list[PackedImage]:
     """``pixel_values`` from :func:`pack_images` (any device; int16/int32/int64 or any float dtype) -> one
     :class:`PackedImage` per image. Anything else is refused (``ValueError``) with the reason and the fix."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(
-            f"{fn}: pixel_values is a {type(pixel_values).__name__}; an attached model takes the (B, 3, 1 + H, W) "
+            f"pixel_values is a {type(pixel_values).__name__}; an attached model takes the (B, 3, 1 + H, W) "
             f"tensor of the processor attach() returned. Use that processor, not the original one."
         )
     shape = tuple(pixel_values.shape)
     if pixel_values.ndim != 4 or shape[1] != 3:
         raise _refuse(
-            fn,
             f"pixel_values has shape {shape}, not the (B, 3, 1 + H, W) packed images of the "
             f"processor attach() returned (the original processor's are normalized tiles)",
         )
     if pixel_values.dtype in (torch.uint8, torch.int8, torch.bool) or pixel_values.is_complex():
         raise _refuse(
-            fn,
             f"pixel_values is {pixel_values.dtype}; a cast to {pixel_values.dtype} destroyed the "
             f"packed images' header (values -255..255), so their sizes cannot be read",
         )
     B, _, rows, cols = shape
     if B == 0 or rows < 2 or cols < HEADER_LENGTH:
         raise _refuse(
-            fn,
             f"pixel_values has shape {shape}: too small to hold packed images (a header row of at least "
             f"{HEADER_LENGTH} values, then the pixels)",
         )
@@ -163,7 +162,6 @@ def read_packed(pixel_values, fn: str = "attached get_image_features") -> list[P
             magic = head[c, : len(MAGIC)].tolist()
             if magic != list(MAGIC):
                 raise _refuse(
-                    fn,
                     f"pixel_values[{b}] does not start with the packed-image header (row 0 of channel {c} begins "
                     f"{_short(magic)}, not {list(MAGIC)}): these are not the attached processor's images -- the "
                     f"original processor's normalized pixel_values (refused whatever their range), a tensor padded on "
@@ -171,12 +169,11 @@ def read_packed(pixel_values, fn: str = "attached get_image_features") -> list[P
                 )
         if not (torch.equal(head[0], head[1]) and torch.equal(head[0], head[2])):
             raise _refuse(
-                fn,
                 f"pixel_values[{b}]'s header row differs between its channels: the tensor was changed "
                 f"per channel after packing",
             )
         values = head[0]
-        out.append(_read_one(pixel_values, b, values, rows, cols, integer, fn))
+        out.append(_read_one(pixel_values, b, values, rows, cols, integer))
     return out
 
 
@@ -184,11 +181,10 @@ def _short(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
+def _read_one(pixel_values, b, values, rows, cols, integer) -> PackedImage:
     body = values[len(MAGIC) : _FIXED].tolist()
     if any(v != int(v) or not 0 <= v <= 255 for v in body):
         raise _refuse(
-            fn,
             f"pixel_values[{b}]'s header holds {_short(body)} after the magic values; a header holds "
             f"bytes 0..255 there (the tensor was changed after packing)",
         )
@@ -196,13 +192,11 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     version, kind = body[0], body[1]
     if version != _VERSION:
         raise _refuse(
-            fn,
             f"pixel_values[{b}] has header version {version}; this hrperc reads version {_VERSION} "
             f"(pack the images with this hrperc's processor)",
         )
     if kind not in (_KIND_UINT8, _KIND_UNIT):
         raise _refuse(
-            fn,
             f"pixel_values[{b}]'s header has pixel kind {kind}; 1 (uint8 values) or 2 ([0, 1] floats) "
             f"are the packed kinds",
         )
@@ -210,20 +204,18 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     end = _FIXED + n
     if end + 1 > cols:
         raise _refuse(
-            fn,
             f"pixel_values[{b}]'s header declares {n} bytes of options but the tensor has {cols} "
             f"columns: it was cropped on the right",
         )
     data = values[_FIXED:end].tolist()
     if any(v != int(v) or not 0 <= v <= 255 for v in data):
-        raise _refuse(fn, f"pixel_values[{b}]'s header options are not bytes: the tensor was changed after packing")
+        raise _refuse(f"pixel_values[{b}]'s header options are not bytes: the tensor was changed after packing")
     if _check(body + [int(v) for v in data]) != values[end].item():
-        raise _refuse(fn, f"pixel_values[{b}]'s header fails its check value: the tensor was changed after packing")
+        raise _refuse(f"pixel_values[{b}]'s header fails its check value: the tensor was changed after packing")
     if h < 1 or w < 1:
-        raise _refuse(fn, f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels")
+        raise _refuse(f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels")
     if 1 + h > rows or w > cols:
         raise _refuse(
-            fn,
             f"pixel_values[{b}]'s header declares an image of {h}x{w} pixels but the tensor holds "
             f"{rows - 1}x{cols}: it was cropped",
         )
@@ -233,7 +225,7 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     except json.JSONDecodeError:
         options = None
     if not isinstance(options, dict):
-        raise _refuse(fn, f"pixel_values[{b}]'s header options {key!r} are not a JSON object")
+        raise _refuse(f"pixel_values[{b}]'s header options {key!r} are not a JSON object")
     img = pixel_values[b, :, 1 : 1 + h, :w]
     if kind == _KIND_UINT8:
         lo, hi = float(img.min()), float(img.max())
@@ -241,7 +233,6 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
         if not whole or lo < 0 or hi > 255:
             why = "" if whole else ", not whole numbers"
             raise _refuse(
-                fn,
                 f"pixel_values[{b}] holds uint8 pixels but its values run from {lo:g} to {hi:g}{why}: "
                 f"the tensor was changed after packing",
             )
@@ -249,14 +240,12 @@ def _read_one(pixel_values, b, values, rows, cols, integer, fn) -> PackedImage:
     else:
         if integer:
             raise _refuse(
-                fn,
                 f"pixel_values is {pixel_values.dtype} but image {b} was packed as float [0, 1] pixels: "
                 f"a cast to an integer type rounded them away",
             )
         lo, hi = float(img.min()), float(img.max())
         if not (0 <= lo and hi <= 1):
             raise _refuse(
-                fn,
                 f"pixel_values[{b}] holds [0, 1] pixels but its values run from {lo:g} to {hi:g}: the "
                 f"tensor was changed after packing",
             )
@@ -271,16 +260,17 @@ def _number(digits) -> int:
     return value
 
 
+@public
 def unpack_images(pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """``pixel_values`` from :func:`pack_images` (any device, int16 or any float dtype) -> the ``(3, h, w)``
     images, uint8 or float32 ``[0, 1]``. Images packed with processor options are refused (they need the
     attached model, which runs the front end those options select)."""
-    packed = read_packed(pixel_values, "unpack_images")
+    packed = read_packed(pixel_values)
     with_options = [(b, p.options) for b, p in enumerate(packed) if p.options]
     if with_options:
         b, options = with_options[0]
         raise ValueError(
-            f"unpack_images: pixel_values[{b}] was packed with the image options {options}, which select another "
+            f"pixel_values[{b}] was packed with the image options {options}, which select another "
             f"front end than the attached encoder's. Pass such pixel_values to the attached model, or call the "
             f"attached processor without image options."
         )

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._errors import public
 from ...backbones.base import resolve_layer
 from ...backbones.hf_vit import HFBackbone
 from ...modules.dem import DIRECTIONS, PAIRINGS, DualPerspectiveEnhancement
@@ -186,6 +187,7 @@ def _jsonable(options: dict) -> dict:
     return out
 
 
+@public
 def save_front_end(model, directory) -> Path:
     """Write the attached front end next to ``model.save_pretrained(directory)``'s output: its weights
     (``hrperc_front_end.safetensors``: the front end's whole state and a new projector) and how to rebuild it
@@ -197,26 +199,25 @@ def save_front_end(model, directory) -> Path:
     not a ``DualPerspectiveEnhancement`` and a projector that :func:`describe_projector` cannot describe."""
     from safetensors.torch import save_file
 
-    fn = "save_front_end"
-    inner, family = inner_model(model, fn)
+    inner, family = inner_model(model)
     attachment = getattr(inner, "_hrperc_attachment", None)
     if attachment is None:
-        raise ValueError(f"{fn}: the model has no hrperc encoder attached; call attach(model, ...) first.")
+        raise ValueError("the model has no hrperc encoder attached; call attach(model, ...) first.")
     encoder = attachment.encoder
     if encoder.recipe is None:
         raise ValueError(
-            f"{fn}: the attached encoder was not built by hrperc.create_encoder (or encoder_from_model), so there is "
-            f"no recipe to rebuild it from. Build it with create_encoder(recipe, tower, ...)."
+            "the attached encoder was not built by hrperc.create_encoder (or encoder_from_model), so there is "
+            "no recipe to rebuild it from. Build it with create_encoder(recipe, tower, ...)."
         )
     if attachment.foreign:
         raise ValueError(
-            f"{fn}: the attached encoder runs another tower than the model's own (attach(..., foreign_tower=True)); "
-            f"load_front_end rebuilds the front end around the model's tower, so the restored model would differ. "
-            f"Use the model's own tower, or save that tower yourself."
+            "the attached encoder runs another tower than the model's own (attach(..., foreign_tower=True)); "
+            "load_front_end rebuilds the front end around the model's tower, so the restored model would differ. "
+            "Use the model's own tower, or save that tower yourself."
         )
     if not isinstance(encoder.backbone, HFBackbone):
         raise ValueError(
-            f"{fn}: the attached encoder's backbone is a {type(encoder.backbone).__name__}, not an HFBackbone around "
+            f"the attached encoder's backbone is a {type(encoder.backbone).__name__}, not an HFBackbone around "
             f"the model's vision tower; load_front_end could not rebuild it. Build the encoder around "
             f"HFBackbone(model.model.vision_tower)."
         )
@@ -403,7 +404,7 @@ def _validate(config, model, inner, family: str) -> dict:
     layer = bb["layer"]
     _need(_is_int(layer), f'"backbone.layer" is {layer!r}, not an int')
     try:
-        resolve_layer(layer, tower.num_layers, "load_front_end")
+        resolve_layer(layer, tower.num_layers)
     except (TypeError, ValueError):
         raise _Bad(f'"backbone.layer" is {layer}; the tower has {tower.num_layers} layers') from None
     for key in ("mean", "std"):
@@ -467,6 +468,7 @@ def _renamed(names, legacy_keys: bool):
 
 
 # --- load ---------------------------------------------------------------------------------------------------
+@public
 def load_front_end(model, processor, directory):
     """Rebuild the front end :func:`save_front_end` wrote in ``directory`` around ``model`` (the model loaded
     with ``from_pretrained(directory)``), load its weights and attach it; returns ``(model, processor)``
@@ -480,21 +482,20 @@ def load_front_end(model, processor, directory):
         >>> model = LlavaForConditionalGeneration.from_pretrained(d)                  # doctest: +SKIP
         >>> model, proc = load_front_end(model, AutoProcessor.from_pretrained(d), d)   # doctest: +SKIP
     """
-    fn = "load_front_end"
     directory = Path(directory)
     config_path, weights_path = directory / _CONFIG_FILE, directory / _FRONT_END_FILE
-    inner, family = inner_model(model, fn)
+    inner, family = inner_model(model)
     if getattr(inner, "_hrperc_attachment", None) is not None:
-        raise ValueError(f"{fn}: the model already has an hrperc encoder attached; load into a fresh model.")
+        raise ValueError("the model already has an hrperc encoder attached; load into a fresh model.")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(
-                f"{fn}: no {path.name} in {str(directory)!r}; save the attached model with save_front_end(model, dir) "
+                f"no {path.name} in {str(directory)!r}; save the attached model with save_front_end(model, dir) "
                 f"(next to model.save_pretrained(dir))."
             )
 
     def bad(path, what: str) -> ValueError:
-        return ValueError(f"{fn}: {str(path)!r}: {what}. {_REFIX}.")
+        return ValueError(f"{str(path)!r}: {what}. {_REFIX}.")
 
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
