@@ -47,7 +47,7 @@ def test_files_are_routed_by_content_not_by_extension(tmp_path):
     save_file(full, str(no_suffix))
     for path in (st_as_bin, torch_as_st, no_suffix, str(st_as_bin)):
         assert _same(load_dem(path, heads=2), dem), path
-    assert set(read_weights(st_as_bin, "t")) == set(full)
+    assert set(read_weights(st_as_bin)) == set(full)
 
 
 class _Evil:
@@ -139,7 +139,7 @@ def test_a_directory_as_a_weight_file_says_so(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     with raises_naming(IsADirectoryError, str(folder), "directory", "Pass"):
-        read_weights(folder, "load_x")
+        read_weights(folder)
     with raises_naming(FileNotFoundError, str(folder), "holds no checkpoint"):
         load_dem(folder, heads=2)
     with raises_naming(FileNotFoundError, str(folder), "folder without a checkpoint"):

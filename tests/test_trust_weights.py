@@ -95,10 +95,10 @@ def test_the_reader_routes_safetensors_at_every_aligned_header_length(tmp_path):
     wrong = []
     for n in lengths:
         path.write_bytes(_with_header_length(data, n))
-        got = read_weights(path, "t")
-        if sniff(path, "t") != "safetensors" or list(got) != ["w"] or not torch.equal(got["w"], w):
+        got = read_weights(path)
+        if sniff(path) != "safetensors" or list(got) != ["w"] or not torch.equal(got["w"], w):
             wrong.append(hex(n))
-        if safetensors_header(path, "t") != {"w": ("F32", (6, 1))} or list_keys(path, "t") != ["w"]:
+        if safetensors_header(path) != {"w": ("F32", (6, 1))} or list_keys(path) != ["w"]:
             wrong.append(f"header {hex(n)}")
     assert not wrong, wrong
 
@@ -111,7 +111,7 @@ def test_safetensors_written_by_the_library_with_metadata_of_every_length_load(t
         path = tmp_path / f"meta{k}.safetensors"
         save_file(sd, str(path), metadata={"note": "x" * k})
         seen.add(_header_len(path.read_bytes()) % 256)
-        if sniff(path, "t") != "safetensors" or not _same(load_dem(path, heads=2), dem):
+        if sniff(path) != "safetensors" or not _same(load_dem(path, heads=2), dem):
             wrong.append(k)
     assert not wrong and seen == LOW_BYTES, (wrong, sorted(LOW_BYTES - seen))
 
@@ -213,13 +213,13 @@ def test_torch_files_are_still_routed_to_torch(tmp_path):
     zipped, legacy = tmp_path / "w.pt", tmp_path / "legacy.pt"
     torch.save(sd, zipped)
     torch.save(sd, legacy, _use_new_zipfile_serialization=False)
-    assert sniff(zipped, "t") == "torch-zip" and sniff(legacy, "t") == "torch-pickle"
+    assert sniff(zipped) == "torch-zip" and sniff(legacy) == "torch-pickle"
     for path in (zipped, legacy):
         assert _same(load_dem(path, heads=2), dem)
     # a pickle holding other objects is refused unless allow_pickle (trusted files only)
     evil = tmp_path / "objects.safetensors"
     torch.save(dict(sd, extra=_Obj()), evil, _use_new_zipfile_serialization=False)
-    assert sniff(evil, "t") == "torch-pickle"
+    assert sniff(evil) == "torch-pickle"
     for reader in READERS.values():
         with raises_naming(ValueError, str(evil), "pickle", "safetensors", FIX):
             reader(evil)
@@ -251,7 +251,7 @@ def test_broken_safetensors_files_say_what_is_wrong_never_pickle(tmp_path, low):
     for case, (bad, fragments) in _broken(data, n).items():
         path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
         path.write_bytes(bad)
-        assert sniff(path, "t") == "safetensors", case
+        assert sniff(path) == "safetensors", case
         for reader in READERS.values():
             with raises_naming(ValueError, str(path), *fragments, FIX) as info:
                 reader(path)
@@ -276,6 +276,6 @@ def test_random_bytes_are_refused_naming_the_file(tmp_path, seed):
     prefix = [b"", b"\x80", b"\x80\x02", b"PK\x03\x04", b"\x80\x0b\0\0\0\0\0\0", b"\x10\0\0\0\0\0\0\0{"][seed]
     path = tmp_path / "random.bin"
     path.write_bytes(prefix + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000))))
-    for reader in (lambda p: read_weights(p, "t"), *READERS.values()):
+    for reader in (lambda p: read_weights(p), *READERS.values()):
         with raises_naming(ValueError, str(path), FIX):
             reader(path)

@@ -33,9 +33,9 @@ Example::
     >>> from safetensors.torch import save_file
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "weights.bin"          # a safetensors file, named .bin
     >>> save_file({"w": torch.zeros(2)}, str(path))
-    >>> sniff(path, "demo"), list(read_weights(path, "demo"))
+    >>> sniff(path), list(read_weights(path))
     ('safetensors', ['w'])
-    >>> list(unwrap({"state_dict": {"w": torch.zeros(1)}, "epoch": 3}, "demo"))   # a Lightning checkpoint
+    >>> list(unwrap({"state_dict": {"w": torch.zeros(1)}, "epoch": 3}))   # a Lightning checkpoint
     ['w']
 """
 
@@ -64,7 +64,7 @@ _CONVERT = (
 )
 
 
-def sniff(path: Path, fn: str) -> str:
+def sniff(path: Path) -> str:
     """``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"`` from the file's content; refuse anything else.
 
     Each format is recognised by a complete test, in this order: a **safetensors** file is one whose
@@ -78,27 +78,27 @@ def sniff(path: Path, fn: str) -> str:
     fails the safetensors test (truncated, corrupt) is still routed to ``"safetensors"``, so that
     :func:`safetensors_header` says what is wrong with it.
     """
-    return _route(path, fn)[0]
+    return _route(path)[0]
 
 
-def _route(path: Path, fn: str) -> tuple[str, dict | None]:
+def _route(path: Path) -> tuple[str, dict | None]:
     """:func:`sniff`'s answer, with the checked header ``{key: (dtype, shape)}`` of a valid safetensors file
     (``None`` for other kinds and for a broken safetensors file)."""
     if path.is_dir():
         raise IsADirectoryError(
-            f"{fn}: {str(path)!r} is a directory, not a weight file. Pass the weight file inside it (e.g. "
+            f"{str(path)!r} is a directory, not a weight file. Pass the weight file inside it (e.g. "
             f"{str(path / 'model.safetensors')!r}) or, where a directory of shards is accepted, the folder itself."
         )
     if not path.exists():
-        raise FileNotFoundError(f"{fn}: weight file {str(path)!r} does not exist. Check the path.")
+        raise FileNotFoundError(f"weight file {str(path)!r} does not exist. Check the path.")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"{fn}: weight file {str(path)!r} is empty (0 bytes). " + _REFETCH)
+        raise ValueError(f"weight file {str(path)!r} is empty (0 bytes). " + _REFETCH)
     with open(path, "rb") as f:
         head = f.read(9)
         f.seek(0)
         try:  # the complete safetensors test first: its length prefix may start with any byte (0x80, 'P', ...)
-            return "safetensors", _read_header(f, size, path, fn)
+            return "safetensors", _read_header(f, size, path)
         except ValueError:
             pass
     if head[:4] == b"PK\x03\x04":
@@ -108,13 +108,13 @@ def _route(path: Path, fn: str) -> tuple[str, dict | None]:
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
         return "torch-pickle", None  # PROTO <n>: how every pickle of protocol 2+ (legacy torch.save) starts
     raise ValueError(
-        f"{fn}: {str(path)!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors file (8-byte header "
+        f"{str(path)!r} ({size} bytes, starting {head[:8]!r}) is neither a safetensors file (8-byte header "
         "length, then a JSON header '{...}') nor a torch file (zip 'PK' or pickle 0x80 <protocol>). Check that it is "
         "a weight file (not an HTML error page or an unfinished download) and pass a .safetensors file."
     )
 
 
-def safetensors_header(path: Path, fn: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{key: (dtype, shape)}`` from a safetensors file's header, without reading any tensor.
 
     The header length is checked against the file size (a truncated file, a file holding only the 8-byte
@@ -124,68 +124,68 @@ def safetensors_header(path: Path, fn: str) -> dict[str, tuple[str, tuple[int, .
     strings). Anything else is a ``ValueError`` naming the file.
     """
     with open(path, "rb") as f:
-        return _read_header(f, path.stat().st_size, path, fn)
+        return _read_header(f, path.stat().st_size, path)
 
 
-def _read_header(f, size: int, path: Path, fn: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _read_header(f, size: int, path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """:func:`safetensors_header` on an open file at offset 0 (``ValueError`` naming ``path`` when it is not one)."""
     raw = f.read(8)
     if len(raw) < 8:
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} has {size} bytes, fewer than the 8-byte header length: it is "
+            f"safetensors file {str(path)!r} has {size} bytes, fewer than the 8-byte header length: it is "
             "truncated. " + _REFETCH
         )
     n = int.from_bytes(raw, "little")
     if size == 8:
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} holds only its 8-byte header length ({n}) and no header: it "
+            f"safetensors file {str(path)!r} holds only its 8-byte header length ({n}) and no header: it "
             "is truncated. " + _REFETCH
         )
     if n > min(size - 8, MAX_HEADER_BYTES):
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header, but the file has {size} bytes "
+            f"safetensors file {str(path)!r} declares a {n}-byte header, but the file has {size} bytes "
             f"(the limit is {MAX_HEADER_BYTES}): it is truncated or corrupt. " + _REFETCH
         )
     if n < 2:  # the shortest JSON object, '{}'
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header, too short for a JSON object: it is "
+            f"safetensors file {str(path)!r} declares a {n}-byte header, too short for a JSON object: it is "
             "corrupt. " + _REFETCH
         )
     if f.read(1) != b"{":  # checked before the (up to MAX_HEADER_BYTES) header is read
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} declares a {n}-byte header that does not start with '{{' (a JSON "
+            f"safetensors file {str(path)!r} declares a {n}-byte header that does not start with '{{' (a JSON "
             "object). Check that it is a safetensors file, or fetch it again."
         )
     try:
         header = json.loads(b"{" + f.read(n - 1))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(
-            f"{fn}: safetensors file {str(path)!r} has an unreadable {n}-byte header ({exc}). Check that it is a "
+            f"safetensors file {str(path)!r} has an unreadable {n}-byte header ({exc}). Check that it is a "
             "safetensors file, or fetch it again."
         ) from exc
     if not isinstance(header, dict):
-        raise ValueError(f"{fn}: safetensors file {str(path)!r} has a header that is not a JSON object. " + _REFETCH)
+        raise ValueError(f"safetensors file {str(path)!r} has a header that is not a JSON object. " + _REFETCH)
     data = size - 8 - n
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
             if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
                 raise ValueError(
-                    f"{fn}: safetensors file {str(path)!r}: its '__metadata__' ({info!r:.80}) is not a mapping of "
+                    f"safetensors file {str(path)!r}: its '__metadata__' ({info!r:.80}) is not a mapping of "
                     "strings. " + _REFETCH
                 )
             continue
         entry = _tensor_entry(info)
         if entry is None:
             raise ValueError(
-                f"{fn}: safetensors file {str(path)!r}: the header entry of {key!r} is malformed ({info!r:.80}); "
+                f"safetensors file {str(path)!r}: the header entry of {key!r} is malformed ({info!r:.80}); "
                 "each needs 'dtype' (a string), 'shape' (non-negative ints) and 'data_offsets' [begin, end]. "
                 + _REFETCH
             )
         dtype, shape, (begin, end) = entry
         if not 0 <= begin <= end <= data:
             raise ValueError(
-                f"{fn}: safetensors file {str(path)!r}: tensor {key!r} {shape} needs bytes {begin}..{end} of the data, "
+                f"safetensors file {str(path)!r}: tensor {key!r} {shape} needs bytes {begin}..{end} of the data, "
                 f"but the file holds {data} data bytes: it is truncated or corrupt. " + _REFETCH
             )
         out[key] = (dtype, shape)
@@ -208,16 +208,16 @@ def _tensor_entry(info) -> tuple[str, tuple[int, ...], tuple[int, int]] | None:
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
-def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None, allow_pickle: bool = False) -> dict:
+def read_weights(path: Path, *, keep: Callable[[str], bool] | None = None, allow_pickle: bool = False) -> dict:
     """Read one weight file (routed by :func:`sniff`); from safetensors only the ``keep`` keys are read.
 
     Returns what the file holds: a safetensors file gives ``{key: tensor}``; a torch file gives the
     loaded object (a dict, possibly wrapped: see :func:`unwrap`).
     """
-    kind, header = _route(path, fn)
+    kind, header = _route(path)
     if kind == "safetensors":
         if header is None:  # not a valid one: this names what is wrong (truncated, not JSON, ...)
-            header = safetensors_header(path, fn)
+            header = safetensors_header(path)
         from safetensors import safe_open
 
         try:
@@ -225,8 +225,7 @@ def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None,
                 return {k: f.get_tensor(k) for k in header if keep is None or keep(k)}
         except Exception as exc:  # SafetensorError and friends: name the file
             raise ValueError(
-                f"{fn}: safetensors file {str(path)!r} could not be read ({exc}). It is corrupt or truncated. "
-                + _REFETCH
+                f"safetensors file {str(path)!r} could not be read ({exc}). It is corrupt or truncated. " + _REFETCH
             ) from exc
     if kind == "torch-zip":
         import zipfile
@@ -236,11 +235,11 @@ def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None,
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise ValueError(
-                f"{fn}: {str(path)!r} starts like a zip (torch) file but is truncated or corrupt ({exc}). " + _REFETCH
+                f"{str(path)!r} starts like a zip (torch) file but is truncated or corrupt ({exc}). " + _REFETCH
             ) from exc
         if not any(n.endswith("data.pkl") for n in names):
             raise ValueError(
-                f"{fn}: {str(path)!r} is a zip file but not a torch checkpoint (no data.pkl; it holds "
+                f"{str(path)!r} is a zip file but not a torch checkpoint (no data.pkl; it holds "
                 f"{names[:3]}, e.g. a NumPy .npz). Convert it to a safetensors state dict and pass that file."
             )
     try:
@@ -256,17 +255,17 @@ def read_weights(path: Path, fn: str, keep: Callable[[str], bool] | None = None,
             what = lines[0].split(" Please")[0][:200] if lines else type(exc).__name__  # not torch's advice
             what = "not a torch file" if "magic number" in text else what
             raise ValueError(
-                f"{fn}: {str(path)!r} is a pickle that torch.load(weights_only=True) cannot read ({what}): it holds "
+                f"{str(path)!r} is a pickle that torch.load(weights_only=True) cannot read ({what}): it holds "
                 "objects other than tensors, or is not a torch file. "
                 + _CONVERT.format(path=path, out=_converted_name(path))
             ) from exc
         first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise ValueError(
-            f"{fn}: torch file {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {first}). " + _REFETCH
+            f"torch file {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {first}). " + _REFETCH
         ) from exc
     if not isinstance(obj, Mapping):
         raise TypeError(
-            f"{fn}: {str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict of name -> tensor). Save "
+            f"{str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict of name -> tensor). Save "
             "model.state_dict() instead and pass that file."
         )
     return dict(obj)
@@ -277,7 +276,7 @@ def _converted_name(path: Path) -> Path:
     return out if out != path else path.with_name(path.stem + ".converted.safetensors")
 
 
-def unwrap(sd: Mapping, fn: str, where: str = "the checkpoint", keep: Callable[[str], bool] | None = None) -> dict:
+def unwrap(sd: Mapping, *, where: str = "the checkpoint", keep: Callable[[str], bool] | None = None) -> dict:
     """Return the state dict inside a wrapped checkpoint, or ``sd`` itself when it is one already.
 
     A dict with entries other than tensors whose ``"state_dict"`` / ``"model"`` / ``"module"`` /
@@ -304,7 +303,7 @@ def unwrap(sd: Mapping, fn: str, where: str = "the checkpoint", keep: Callable[[
             else "Pass model.state_dict(), or drop the non-tensor entries first. "
         )
         raise TypeError(
-            f"{fn}: {where} is not a state dict: entries {bad[:5]} are not tensors ({type(sd[bad[0]]).__name__} for "
+            f"{where} is not a state dict: entries {bad[:5]} are not tensors ({type(sd[bad[0]]).__name__} for "
             f"{bad[0]!r}); a state dict maps names to tensors. {hint}".rstrip()
         )
     return sd

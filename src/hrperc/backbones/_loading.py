@@ -19,13 +19,13 @@ Example::
     >>> import torch
     >>> model = torch.nn.Linear(2, 3)
     >>> load_strict(model, {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}, "demo.safetensors",
-    ...             strict=True, fn="demo", what="a Linear")
+    ...             strict=True, what="a Linear")
     True
-    >>> load_strict(model, {"weight": torch.ones(3, 3)}, "demo.safetensors", strict=True, fn="demo",
+    >>> load_strict(model, {"weight": torch.ones(3, 3)}, "demo.safetensors", strict=True,
     ...             what="a Linear")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: demo: the checkpoint 'demo.safetensors' does not fit a Linear (1 of 2 model keys match): 1 missing ...
+    ValueError: the checkpoint 'demo.safetensors' does not fit a Linear (1 of 2 model keys match): 1 missing ...
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ from .._weights import read_weights, unwrap
 
 __all__ = ["missing_package", "checkpoint_path", "read_checkpoint", "load_strict", "check_loading_info", "short"]
 
+# Errors get the public function's name at its boundary (hrperc._errors.public); warnings pass no boundary, and
+# every checkpoint these helpers warn about was handed to this one public function.
+_WARNED_BY = "create_backbone"
+
 # What ``pretrained=<folder>`` loads: the first of these the folder holds.
 _FOLDER_CHECKPOINTS = (
     "open_clip_model.safetensors",
@@ -52,11 +56,9 @@ _FOLDER_CHECKPOINTS = (
 )
 
 
-def missing_package(package: str, pip: str, fn: str) -> ImportError:
+def missing_package(package: str, pip: str) -> ImportError:
     """The error for a family whose library is not installed, with the command that installs it."""
-    return ImportError(
-        f"{fn}: this backbone needs the '{package}' package, which is not installed. Run: pip install {pip}"
-    )
+    return ImportError(f"this backbone needs the '{package}' package, which is not installed. Run: pip install {pip}")
 
 
 def short(keys: Iterable, n: int = 6) -> str:
@@ -65,7 +67,7 @@ def short(keys: Iterable, n: int = 6) -> str:
     return str(keys[:n])[:-1] + (f", ... (+{len(keys) - n} more)]" if len(keys) > n else "]")
 
 
-def checkpoint_path(pretrained, fn: str, what: str) -> str | None:
+def checkpoint_path(pretrained, what: str) -> str | None:
     """``pretrained=`` as the path of a local checkpoint file (``None`` stays ``None``: random weights).
 
     A folder gives the first of ``open_clip_model.safetensors``, ``model.safetensors``,
@@ -75,28 +77,28 @@ def checkpoint_path(pretrained, fn: str, what: str) -> str | None:
     if pretrained is None:
         return None
     if not isinstance(pretrained, (str, os.PathLike)):
-        raise TypeError(f"{fn}: pretrained={pretrained!r}; expected None or a local file path (str or Path).")
+        raise TypeError(f"pretrained={pretrained!r}; expected None or a local file path (str or Path).")
     path = Path(pretrained).expanduser()
     if path.is_dir():
         for name in _FOLDER_CHECKPOINTS:
             if (path / name).is_file():
                 return str(path / name)
         raise FileNotFoundError(
-            f"{fn}: pretrained={str(pretrained)!r} is a folder without a checkpoint (model.safetensors, "
+            f"pretrained={str(pretrained)!r} is a folder without a checkpoint (model.safetensors, "
             f"pytorch_model.bin, ...). Point pretrained= at the weights file of {what}."
         )
     if not path.is_file():
         raise FileNotFoundError(
-            f"{fn}: pretrained={str(pretrained)!r} does not exist. hrperc never downloads weights: fetch the "
+            f"pretrained={str(pretrained)!r} does not exist. hrperc never downloads weights: fetch the "
             f"checkpoint of {what} yourself (e.g. `huggingface-cli download <repo> --local-dir DIR`) and pass "
             f"its local path, or pretrained=None for random weights."
         )
     return str(path)
 
 
-def read_checkpoint(path: str, fn: str) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict in ``path``: content-routed, unwrapped, without a DistributedDataParallel ``module.`` prefix."""
-    sd = unwrap(read_weights(Path(path), fn), fn, repr(path))
+    sd = unwrap(read_weights(Path(path)), where=repr(path))
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
@@ -108,14 +110,15 @@ def load_strict(
     path: str,
     *,
     strict: bool,
-    fn: str,
     what: str,
-    stacklevel: int = 4,
+    stacklevel: int = 5,
 ) -> bool:
     """Load ``sd`` (already converted by the family) into ``model``. Strict: refuse any misfit in one ``ValueError``
     naming ``path`` and ``what``; ``strict=False``: load what fits and warn (``UserWarning``) about the rest.
 
-    Returns whether any tensor was loaded. ``stacklevel`` points the warning at the caller's caller.
+    Returns whether any tensor was loaded. ``stacklevel`` points the warning at the code that called
+    ``create_backbone`` (the default: past this function, the family's ``create``, ``create_backbone`` and its
+    public boundary).
     """
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -144,7 +147,7 @@ def load_strict(
         problems.append(f"{len(nonfinite)} tensors holding NaN or Inf {short(nonfinite)}")
     if problems and strict:
         raise ValueError(
-            f"{fn}: the checkpoint {path!r} does not fit {what} ({len(common)} of {len(own)} model keys match): "
+            f"the checkpoint {path!r} does not fit {what} ({len(common)} of {len(own)} model keys match): "
             f"{', '.join(problems)}. Check that the file holds the weights of this model (same architecture and "
             "size) and pick the matching model name; pass strict=False only to load the keys that fit and leave "
             "the rest random."
@@ -154,7 +157,7 @@ def load_strict(
     if problems:
         random = sorted(set(missing) | skip)
         warnings.warn(
-            f"{fn}: strict=False: loaded {len(fit)} of {len(own)} tensors of {what} from {path!r}; "
+            f"{_WARNED_BY}: strict=False: loaded {len(fit)} of {len(own)} tensors of {what} from {path!r}; "
             f"{len(random)} stayed random {short(random)}; {len(unexpected)} checkpoint keys were ignored "
             f"{short(unexpected)}. Use the checkpoint of this model for all of them.",
             UserWarning,
@@ -170,9 +173,8 @@ def check_loading_info(
     cls_name: str,
     *,
     strict: bool,
-    fn: str,
     ignore: tuple[str, ...] = (),
-    stacklevel: int = 4,
+    stacklevel: int = 5,
 ) -> None:
     """The strict rule for a model that loaded its own checkpoint: ``info`` is transformers' loading info
     (``missing_keys``, ``unexpected_keys``, ``mismatched_keys``); unexpected keys starting with ``ignore``
@@ -192,12 +194,12 @@ def check_loading_info(
     what = ", ".join(parts)
     if strict:
         raise ValueError(
-            f"{fn}: the checkpoint in {where!r} does not fit its {cls_name}: {what}. Check that the folder "
+            f"the checkpoint in {where!r} does not fit its {cls_name}: {what}. Check that the folder "
             "holds the weights its config.json describes; pass strict=False only to keep those tensors random."
         )
     random = missing + [m.split(":")[0] for m in mismatched]
     warnings.warn(
-        f"{fn}: strict=False: loaded the checkpoint in {where!r} into its {cls_name}; {len(random)} tensors "
+        f"{_WARNED_BY}: strict=False: loaded the checkpoint in {where!r} into its {cls_name}; {len(random)} tensors "
         f"stayed random {short(random)}; {len(unexpected)} checkpoint keys were ignored {short(unexpected)}. "
         "Use a checkpoint that fits its config for all of them.",
         UserWarning,
@@ -206,16 +208,16 @@ def check_loading_info(
 
 
 _QUICKGELU_MSG = (
-    "{fn}: loading {path!r} into {family} config {name!r}, which uses GELU, but {why}. OpenAI's CLIP "
+    "{who}: loading {path!r} into {family} config {name!r}, which uses GELU, but {why}. OpenAI's CLIP "
     "weights (what LLaVA and INF-LLaVA use) were trained with QuickGELU and give wrong features under GELU: "
     "use {fix} instead. Ignore this if the weights really were trained with GELU."
 )
 
 
-def warn_quickgelu(*, fn: str, path: str, family: str, name: str, why: str, fix: str, stacklevel: int = 4) -> None:
+def warn_quickgelu(*, path: str, family: str, name: str, why: str, fix: str, stacklevel: int = 5) -> None:
     """The warning for OpenAI-looking weights going into a GELU config (each family says when, and ``why``)."""
     warnings.warn(
-        _QUICKGELU_MSG.format(fn=fn, path=path, family=family, name=name, why=why, fix=fix),
+        _QUICKGELU_MSG.format(who=_WARNED_BY, path=path, family=family, name=name, why=why, fix=fix),
         UserWarning,
         stacklevel=stacklevel,
     )

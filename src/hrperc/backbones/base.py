@@ -27,10 +27,13 @@ Example::
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._errors import public
 
 __all__ = ["VisionBackbone", "resolve_layer", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -38,44 +41,52 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resolve_layer(layer, num_layers: int, fn: str) -> int:
+def resolve_layer(layer, num_layers: int, fn: str | None = None) -> int:
     """``layer`` (1..L or -L..-1) -> how many blocks to run, ``k`` in 1..L."""
+    del fn  # going away: callers outside backbones/ still pass their name; their public boundary names the error
     if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
-        raise TypeError(f"{fn}: layer={layer!r}; expected an int, e.g. layer=-2 (the second-to-last block).")
+        raise TypeError(f"layer={layer!r}; expected an int, e.g. layer=-2 (the second-to-last block).")
     layer = int(layer)
     if layer == 0:
         raise ValueError(
-            f"{fn}: layer=0 is the patch embedding, not a transformer block output. Pass 1..{num_layers} "
+            f"layer=0 is the patch embedding, not a transformer block output. Pass 1..{num_layers} "
             f"or -{num_layers}..-1 (-2 = LLaVA's second-to-last layer)."
         )
     if not -num_layers <= layer <= num_layers:
         raise ValueError(
-            f"{fn}: layer={layer} is out of range for this {num_layers}-layer ViT. Pass 1..{num_layers} "
+            f"layer={layer} is out of range for this {num_layers}-layer ViT. Pass 1..{num_layers} "
             f"or -{num_layers}..-1 (-2 = LLaVA's second-to-last layer)."
         )
     return layer if layer > 0 else num_layers + 1 + layer
 
 
-def _size_pair(size, fn: str) -> tuple[int, int]:
+def _size_pair(size) -> tuple[int, int]:
     """``size`` as ``(h, w)``: two positive ints (a tuple, list or ``torch.Size``)."""
     pair = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else ()
     if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{fn}: size={size!r}; expected (h, w), two ints in pixels. Pass e.g. size=(336, 336).")
+        raise TypeError(f"size={size!r}; expected (h, w), two ints in pixels. Pass e.g. size=(336, 336).")
     if min(pair) < 1:
-        raise ValueError(f"{fn}: size={size!r}; both sides must be >= 1 pixel. Pass e.g. size=(336, 336).")
+        raise ValueError(f"size={size!r}; both sides must be >= 1 pixel. Pass e.g. size=(336, 336).")
     return int(pair[0]), int(pair[1])
 
 
-def _as_triple(value, name: str, fn: str) -> tuple[float, float, float]:
+def _as_triple(value, name: str) -> tuple[float, float, float]:
     try:
         out = tuple(float(v) for v in value)
     except TypeError:
         out = ()
     if len(out) != 3:
-        raise ValueError(f"{fn}: {name}={value!r}; expected three per-channel floats (R, G, B).")
+        raise ValueError(f"{name}={value!r}; expected three per-channel floats (R, G, B).")
     if name == "std" and min(out) <= 0:
-        raise ValueError(f"{fn}: std={value!r}; every entry must be > 0.")
+        raise ValueError(f"std={value!r}; every entry must be > 0.")
     return out[0], out[1], out[2]
+
+
+def class_name(member: str = "") -> Callable[..., str]:
+    """The :func:`~hrperc._errors.public` name of a backbone's constructor (``member=""``) or method
+    (``member=".features"``): the instance's class, ``TimmBackbone`` or ``HFBackbone.features``, which a static
+    name could not say (which adapter, or which user subclass, refused)."""
+    return lambda self, *args, **kwargs: type(self).__name__ + member
 
 
 class VisionBackbone(nn.Module):
@@ -103,6 +114,7 @@ class VisionBackbone(nn.Module):
     dynamic_size = False  # adapters set it from the model they wrap
     model: Any  # another library's module: its attributes are that library's, not nn.Module's
 
+    @public(name=class_name())
     def __init__(
         self,
         model: nn.Module,
@@ -118,14 +130,13 @@ class VisionBackbone(nn.Module):
         source: str | None = None,
     ) -> None:
         super().__init__()
-        fn = type(self).__name__
         self.model = model
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         (h, w), (ph, pw) = self.image_size, self.patch_size
         if min(ph, pw) < 1 or h < ph or w < pw:
             raise ValueError(
-                f"{fn}: image_size {self.image_size} and patch_size {self.patch_size}: the tile must hold at least "
+                f"image_size {self.image_size} and patch_size {self.patch_size}: the tile must hold at least "
                 f"one patch. Check the model's config."
             )
         # A tile that is not a multiple of the patch keeps only whole patches, as the patch convolution
@@ -134,9 +145,9 @@ class VisionBackbone(nn.Module):
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
         self.num_prefix_tokens = int(num_prefix_tokens)
-        self.mean = _as_triple(mean, "mean", fn)
-        self.std = _as_triple(std, "std", fn)
-        resolve_layer(layer, self.num_layers, fn)
+        self.mean = _as_triple(mean, "mean")
+        self.std = _as_triple(std, "std")
+        resolve_layer(layer, self.num_layers)
         self.layer = int(layer)
         self.source = source
         self.grad_checkpointing = False
@@ -171,6 +182,7 @@ class VisionBackbone(nn.Module):
             f"num_prefix_tokens={self.num_prefix_tokens}, layer={self.layer}, source={self.source!r}"
         )
 
+    @public(name=class_name(".accepts"))
     def accepts(self, size) -> bool:
         """Whether :meth:`features` runs views of ``size = (h, w)`` pixels.
 
@@ -190,7 +202,7 @@ class VisionBackbone(nn.Module):
             >>> bb.accepts((28, 28)), bb.accepts((42, 56)), bb.accepts((30, 28))
             (True, True, False)
         """
-        h, w = _size_pair(size, f"{type(self).__name__}.accepts")
+        h, w = _size_pair(size)
         if (h, w) == self.image_size:
             return True
         return bool(self.dynamic_size) and h % self.patch_size[0] == 0 and w % self.patch_size[1] == 0
@@ -200,12 +212,18 @@ class VisionBackbone(nn.Module):
         self._set_grad_checkpointing(bool(enable))
         self.grad_checkpointing = bool(enable)
 
+    @public(name=class_name(".normalize"))
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``[0, 1]`` RGB ``(..., 3, h, w)`` -> ``(x - mean) / std``, computed in float32 (uint8 ``[0, 255]``
         pixels are divided by 255 first)."""
-        if images.shape[-3] != 3:
+        if not isinstance(images, torch.Tensor):  # the rule features applies to pixels: a TypeError
+            raise TypeError(
+                f"images must be a torch.Tensor (..., 3, h, w), got {type(images).__name__}. Convert it first, e.g. "
+                "torch.as_tensor(images)."
+            )
+        if images.ndim < 3 or images.shape[-3] != 3:
             raise ValueError(
-                f"{type(self).__name__}.normalize: images have shape {tuple(images.shape)}; expected 3 RGB "
+                f"images have shape {tuple(images.shape)}; expected 3 RGB "
                 f"channels at dim -3. Convert grayscale/RGBA images to RGB first."
             )
         mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(3, 1, 1)
@@ -215,6 +233,7 @@ class VisionBackbone(nn.Module):
             return images.float().sub_(mean * 255.0).div_(std * 255.0)
         return images.float().sub(mean).div_(std)
 
+    @public(name=class_name(".features"))
     def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Patch tokens of one layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
 
@@ -222,28 +241,27 @@ class VisionBackbone(nn.Module):
         (h // ph, w // pw)``). Prefix (class and register) tokens are removed. ``layer`` defaults to
         ``self.layer``. Pixels are cast to the backbone's parameter dtype; the output has that dtype.
         """
-        fn = f"{type(self).__name__}.features"
         if not isinstance(pixels, torch.Tensor):
-            raise TypeError(f"{fn}: pixels must be a torch.Tensor (N, 3, h, w), got {type(pixels).__name__}.")
+            raise TypeError(f"pixels must be a torch.Tensor (N, 3, h, w), got {type(pixels).__name__}.")
         size = tuple(pixels.shape[-2:])
         if pixels.ndim != 4 or pixels.shape[1] != 3 or min(size) < 1 or not self.accepts(size):
             (h, w), (ph, pw) = self.image_size, self.patch_size
             if self.dynamic_size:
                 raise ValueError(
-                    f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, h, w) with h a multiple of "
+                    f"pixels have shape {tuple(pixels.shape)}; expected (N, 3, h, w) with h a multiple of "
                     f"{ph} and w a multiple of {pw} (whole patches), or the native size ({h}, {w}). Resize or "
                     f"crop the views to whole patches."
                 )
             raise ValueError(
-                f"{fn}: pixels have shape {tuple(pixels.shape)}; expected (N, 3, {h}, {w}), the backbone's native "
+                f"pixels have shape {tuple(pixels.shape)}; expected (N, 3, {h}, {w}), the backbone's native "
                 f"size. Crop with tile_size={self.image_size} (HighResEncoder does this)."
             )
-        k = resolve_layer(self.layer if layer is None else layer, self.num_layers, fn)
+        k = resolve_layer(self.layer if layer is None else layer, self.num_layers)
         tokens = self._patch_tokens(pixels.to(self.dtype), k)
         grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
         if tokens.shape[1] != grid[0] * grid[1]:
             raise RuntimeError(
-                f"{fn}: the {self.family} model returned {tokens.shape[1]} tokens per tile, expected "
+                f"the {self.family} model returned {tokens.shape[1]} tokens per tile, expected "
                 f"{grid[0] * grid[1]} patch tokens ({grid}); its prefix-token count "
                 f"({self.num_prefix_tokens}) was misread. Please report this model class."
             )

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .._errors import public
 from .base import VisionBackbone
 
 __all__ = ["create_backbone", "wrap_backbone", "register_family", "BackboneFamily", "list_families"]
@@ -82,6 +83,7 @@ class BackboneFamily:
 _FAMILIES: dict[str, BackboneFamily] = {}  # every prefix and alias -> its family, in registration order
 
 
+@public
 def register_family(
     prefix: str,
     create: Callable[..., VisionBackbone],
@@ -101,22 +103,21 @@ def register_family(
         >>> [(f.prefix, f.aliases) for f in list_families()]
         [('timm', ()), ('open_clip', ('open-clip', 'openclip')), ('hf', ('transformers',))]
     """
-    fn = "register_family"
     names = (prefix, *aliases) if isinstance(aliases, tuple) else None
     if names is None or not all(isinstance(n, str) and n and ":" not in n for n in names):
         raise TypeError(
-            f"{fn}: prefix={prefix!r}, aliases={aliases!r}; expected a non-empty string without ':' and a tuple of "
+            f"prefix={prefix!r}, aliases={aliases!r}; expected a non-empty string without ':' and a tuple of "
             "such strings. Pass e.g. register_family('timm', create, aliases=('timm-vit',))."
         )
     if not callable(create) or (wrap is not None and not callable(wrap)):
         raise TypeError(
-            f"{fn}: create={create!r}, wrap={wrap!r}; expected functions. Pass create(name, pretrained, *, layer, "
+            f"create={create!r}, wrap={wrap!r}; expected functions. Pass create(name, pretrained, *, layer, "
             "mean, std, strict, **kwargs) and, optionally, wrap(model, *, layer, mean, std)."
         )
     taken = [n for n in names if n in _FAMILIES]
     if taken:
         raise ValueError(
-            f"{fn}: prefix {taken[0]!r} is already the '{_FAMILIES[taken[0]].prefix}' family's. Pick another prefix."
+            f"prefix {taken[0]!r} is already the '{_FAMILIES[taken[0]].prefix}' family's. Pick another prefix."
         )
     family = BackboneFamily(prefix, create, wrap, tuple(aliases), usage or f"'{prefix}:<model>'", supports)
     for n in names:
@@ -135,6 +136,7 @@ def _usage() -> str:
     return f"Use {listed}, e.g. 'open_clip:ViT-L-14-336-quickgelu'."
 
 
+@public
 def create_backbone(
     name: str, pretrained=None, layer: int = -2, mean=None, std=None, *, strict: bool = True, **kwargs
 ) -> VisionBackbone:
@@ -153,18 +155,18 @@ def create_backbone(
 
     Returns: a :class:`VisionBackbone` in eval mode; its ``features((N, 3, h, w)) -> (N, ht*wt, D)``.
     """
-    fn = "create_backbone"
     if not isinstance(name, str):
-        raise TypeError(f"{fn}: name={name!r} must be a string. {_usage()} To wrap a model object use wrap_backbone.")
+        raise TypeError(f"name={name!r} must be a string. {_usage()} To wrap a model object use wrap_backbone.")
     prefix, sep, model_name = name.partition(":")
     if not sep or prefix not in _FAMILIES:
-        raise ValueError(f"{fn}: name={name!r} has no known family prefix. {_usage()}")
+        raise ValueError(f"name={name!r} has no known family prefix. {_usage()}")
     if not isinstance(strict, bool):
-        raise TypeError(f"{fn}: strict={strict!r} is not a bool. Pass strict=True (the default) or strict=False.")
+        raise TypeError(f"strict={strict!r} is not a bool. Pass strict=True (the default) or strict=False.")
     create = _FAMILIES[prefix].create
     return create(model_name, pretrained, layer=layer, mean=mean, std=std, strict=strict, **kwargs).eval()
 
 
+@public
 def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> VisionBackbone:
     """Adapt a model object you already built to :class:`VisionBackbone`.
 
@@ -182,7 +184,7 @@ def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> Vis
     if isinstance(model, VisionBackbone):
         return model
     if not isinstance(model, nn.Module):
-        raise TypeError(f"wrap_backbone: model is a {type(model).__name__}; expected a torch nn.Module ViT.")
+        raise TypeError(f"model is a {type(model).__name__}; expected a torch nn.Module ViT.")
     families = list_families()
     for family in families:
         if family.wrap is not None:
@@ -190,4 +192,4 @@ def wrap_backbone(model: nn.Module, layer: int = -2, mean=None, std=None) -> Vis
             if backbone is not None:
                 return backbone
     supported = ", ".join(f.supports for f in families if f.wrap is not None and f.supports)
-    raise TypeError(f"wrap_backbone: {type(model).__name__} is not a supported model class. Supported: {supported}.")
+    raise TypeError(f"{type(model).__name__} is not a supported model class. Supported: {supported}.")

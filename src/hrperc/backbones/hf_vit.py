@@ -49,13 +49,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._errors import public
 from ._loading import check_loading_info, missing_package
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, class_name
 from .factory import register_family
 
 __all__ = ["HFBackbone", "hf_vision_transformer"]
@@ -127,11 +129,12 @@ class HFBackbone(VisionBackbone):
 
     family = "hf"
 
+    @public(name=class_name())
     def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
         vision = hf_vision_transformer(model)
         if vision is None:
             raise TypeError(
-                f"HFBackbone: {type(model).__name__} is not supported; pass one of {', '.join(_SUPPORTED)}. "
+                f"{type(model).__name__} is not supported; pass one of {', '.join(_SUPPORTED)}. "
                 f"Other ViTs: wrap a timm or open_clip model instead."
             )
         cfg = vision.config
@@ -236,34 +239,38 @@ def _read_preprocessor(folder: Path):
 
 def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> HFBackbone:
     """``create_backbone("hf:<dir>", ...)`` (see the module docs)."""
-    fn = "create_backbone"
     try:
         import transformers
     except ImportError as e:
-        raise missing_package("transformers", "'hrperc[hf]' (or: pip install transformers)", fn) from e
+        raise missing_package("transformers", "'hrperc[hf]' (or: pip install transformers)") from e
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):  # the rule of the other families
+        raise TypeError(
+            f"pretrained={pretrained!r} is a {type(pretrained).__name__}; pass None or the local folder "
+            "save_pretrained wrote (a str or Path)."
+        )
     where = pretrained if pretrained is not None else name
     if not where:
-        raise ValueError(f"{fn}: 'hf:' needs a local folder, e.g. 'hf:/models/clip-vit-large-patch14-336'.")
+        raise ValueError("'hf:' needs a local folder, e.g. 'hf:/models/clip-vit-large-patch14-336'.")
     folder = Path(str(where)).expanduser()
     try:
         config = transformers.AutoConfig.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"{fn}: no Hugging Face model at {str(where)!r} (needs config.json and model.safetensors from "
+            f"no Hugging Face model at {str(where)!r} (needs config.json and model.safetensors from "
             f"save_pretrained). hrperc never downloads: run `huggingface-cli download <repo> --local-dir DIR` "
             f"and pass 'hf:DIR'."
         ) from e
     cls_name = _CLASSES.get(config.model_type)
     if cls_name is None:
         raise TypeError(
-            f"{fn}: {str(where)!r} holds a '{config.model_type}' model; hrperc's Hugging Face adapter supports "
+            f"{str(where)!r} holds a '{config.model_type}' model; hrperc's Hugging Face adapter supports "
             f"CLIP, SigLIP and InternViT vision towers ({', '.join(sorted(_CLASSES))}). Wrap other ViTs through timm."
         )
     # mismatched sizes are reported (and refused below, when strict) instead of transformers' RuntimeError
     model, info = getattr(transformers, cls_name).from_pretrained(
         str(where), local_files_only=True, output_loading_info=True, **{"ignore_mismatched_sizes": True, **kwargs}
     )
-    check_loading_info(info, str(where), cls_name, strict=strict, fn=fn, ignore=_OTHER_TOWER)
+    check_loading_info(info, str(where), cls_name, strict=strict, ignore=_OTHER_TOWER)
     file_mean, file_std = _read_preprocessor(folder) if folder.is_dir() else (None, None)
     return HFBackbone(
         model,

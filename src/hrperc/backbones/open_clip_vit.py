@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._errors import public
 from ._loading import checkpoint_path, load_strict, missing_package, read_checkpoint, warn_quickgelu
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, class_name
 from .factory import register_family
 from .timm_vit import TimmBackbone, is_timm_vit
 
@@ -57,11 +58,12 @@ class OpenClipBackbone(VisionBackbone):
 
     family = "open_clip"
 
+    @public(name=class_name())
     def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
         visual: Any = getattr(model, "visual", model)  # open_clip's attributes, not nn.Module's
         if not is_open_clip_vit(visual):
             raise TypeError(
-                f"OpenClipBackbone: {type(visual).__name__} is not an open_clip VisionTransformer. For open_clip "
+                f"{type(visual).__name__} is not an open_clip VisionTransformer. For open_clip "
                 f"models with a timm tower use hrperc.wrap_backbone(model), which adapts model.visual.trunk."
             )
         pp = getattr(visual, "preprocess_cfg", None) or {}
@@ -90,12 +92,12 @@ class OpenClipBackbone(VisionBackbone):
         return out if self.num_prefix_tokens == 1 else out[:, self.num_prefix_tokens - 1 :]
 
 
-def _timm_trunk_backbone(visual, layer, mean, std, source, fn, name) -> TimmBackbone:
+def _timm_trunk_backbone(visual, layer, mean, std, source, name) -> TimmBackbone:
     """An open_clip tower built on a timm trunk (``TimmModel``): the trunk, with open_clip's mean/std."""
     trunk = getattr(visual, "trunk", None)
     if trunk is None or not is_timm_vit(trunk):
         raise TypeError(
-            f"{fn}: open_clip model {name!r} has a {type(visual).__name__} image tower, which is not a ViT "
+            f"open_clip model {name!r} has a {type(visual).__name__} image tower, which is not a ViT "
             f"hrperc can read patch tokens from. Pick a ViT config, e.g. 'open_clip:ViT-L-14-336-quickgelu'."
         )
     pp = getattr(visual, "preprocess_cfg", None) or {}
@@ -126,7 +128,7 @@ def _warn_quickgelu(open_clip, name: str, path: str, kwargs: dict) -> None:
     else:
         return
     fix = f"'open_clip:{twin}' (or force_quick_gelu=True)"
-    warn_quickgelu(fn="create_backbone", path=path, family="open_clip", name=name, why=why, fix=fix, stacklevel=5)
+    warn_quickgelu(path=path, family="open_clip", name=name, why=why, fix=fix, stacklevel=6)
 
 
 def _convert(model: nn.Module, sd: dict) -> dict:
@@ -187,37 +189,36 @@ def _folder_checkpoint(folder: Path) -> str | None:
 
 def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> VisionBackbone:
     """``create_backbone("open_clip:<name>", ...)`` (see the module docs)."""
-    fn = "create_backbone"
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - open_clip is a dependency
-        raise missing_package("open_clip", "open_clip_torch", fn) from e
+        raise missing_package("open_clip", "open_clip_torch") from e
     what = f"open_clip model {name!r}"
     if name.startswith("hf-hub:"):
         raise ValueError(
-            f"{fn}: 'open_clip:{name}' would download from the Hugging Face hub; hrperc only loads local files. "
+            f"'open_clip:{name}' would download from the Hugging Face hub; hrperc only loads local files. "
             f"Download the repo yourself and pass 'open_clip:local-dir:<folder>'."
         )
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:") :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(
-                f"{fn}: 'open_clip:{name}' needs {folder}/open_clip_config.json plus a checkpoint "
+                f"'open_clip:{name}' needs {folder}/open_clip_config.json plus a checkpoint "
                 f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in that folder."
             )
         if "load_weights" not in inspect.signature(open_clip.create_model).parameters:  # pragma: no cover
             raise ValueError(
-                f"{fn}: this open_clip ({open_clip.__version__}) cannot build 'open_clip:{name}' without loading "
+                f"this open_clip ({open_clip.__version__}) cannot build 'open_clip:{name}' without loading "
                 "its weights itself. Use a newer open_clip_torch (pip install -U open_clip_torch)."
             )
         kwargs = {"load_weights": False, **kwargs}  # random; the checkpoint is loaded below, strictly
         if pretrained is not None:  # open_clip ignores pretrained= for schema names; honour it: this file
-            path = weights = checkpoint_path(pretrained, fn, what)
+            path = weights = checkpoint_path(pretrained, what)
         else:
             weights = _folder_checkpoint(folder)
             if weights is None:
                 raise FileNotFoundError(
-                    f"{fn}: 'open_clip:{name}' has open_clip_config.json but no checkpoint "
+                    f"'open_clip:{name}' has open_clip_config.json but no checkpoint "
                     f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) in {folder}; add it, or pass "
                     f"pretrained=<file>."
                 )
@@ -226,21 +227,21 @@ def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwar
         if name not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if name.lower()[:6] in m.lower()][:8]
             raise ValueError(
-                f"{fn}: 'open_clip:{name}' is not an open_clip model config. "
+                f"'open_clip:{name}' is not an open_clip model config. "
                 f"{'Close names: ' + ', '.join(close) + '. ' if close else ''}See open_clip.list_models()."
             )
-        path = weights = checkpoint_path(pretrained, fn, what)
+        path = weights = checkpoint_path(pretrained, what)
         if path is not None:
             _warn_quickgelu(open_clip, name, path, kwargs)
-    sd = read_checkpoint(weights, fn) if weights is not None else None  # a broken file fails before any model
+    sd = read_checkpoint(weights) if weights is not None else None  # a broken file fails before any model
     model = open_clip.create_model(name, **kwargs)  # random; the checkpoint is loaded below, strictly
     if weights is not None and sd is not None:
-        if not load_strict(model, _convert(model, sd), weights, strict=strict, fn=fn, what=what):
+        if not load_strict(model, _convert(model, sd), weights, strict=strict, what=what):
             path = None  # nothing loaded: no source recorded
     visual = model.visual
     if is_open_clip_vit(visual):
         return OpenClipBackbone(visual, layer=layer, mean=mean, std=std, source=path)
-    return _timm_trunk_backbone(visual, layer, mean, std, path, fn, name)
+    return _timm_trunk_backbone(visual, layer, mean, std, path, name)
 
 
 def wrap(model: nn.Module, *, layer: int, mean, std) -> VisionBackbone | None:
@@ -249,7 +250,7 @@ def wrap(model: nn.Module, *, layer: int, mean, std) -> VisionBackbone | None:
     if is_open_clip_vit(visual):
         return OpenClipBackbone(visual, layer=layer, mean=mean, std=std)
     if hasattr(visual, "trunk") and is_timm_vit(visual.trunk):
-        return _timm_trunk_backbone(visual, layer, mean, std, None, "wrap_backbone", type(model).__name__)
+        return _timm_trunk_backbone(visual, layer, mean, std, None, type(model).__name__)
     return None
 
 

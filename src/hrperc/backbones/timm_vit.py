@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._errors import public
 from ._loading import checkpoint_path, load_strict, missing_package, read_checkpoint, warn_quickgelu
-from .base import VisionBackbone
+from .base import VisionBackbone, class_name
 from .factory import register_family
 
 __all__ = ["TimmBackbone", "is_timm_vit"]
@@ -49,10 +50,11 @@ class TimmBackbone(VisionBackbone):
 
     family = "timm"
 
+    @public(name=class_name())
     def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
         if not is_timm_vit(model):
             raise TypeError(
-                f"TimmBackbone: {type(model).__name__} is not a timm token ViT (needs forward_intermediates, "
+                f"{type(model).__name__} is not a timm token ViT (needs forward_intermediates, "
                 f"num_prefix_tokens, patch_embed and blocks, like timm's VisionTransformer or Eva)."
             )
         from timm.data import resolve_model_data_config
@@ -100,9 +102,7 @@ def _warn_quickgelu(timm, name: str, path: str) -> None:
         why = "the path says 'openai'"
     else:
         return
-    warn_quickgelu(
-        fn="create_backbone", path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'", stacklevel=5
-    )
+    warn_quickgelu(path=path, family="timm", name=name, why=why, fix=f"'timm:{twin}'", stacklevel=6)
 
 
 def _checkpoint_filter(timm, name: str, model: nn.Module, sd: dict) -> dict:
@@ -127,32 +127,29 @@ def _checkpoint_filter(timm, name: str, model: nn.Module, sd: dict) -> dict:
 
 def create(name: str, pretrained, *, layer: int, mean, std, strict: bool, **kwargs) -> TimmBackbone:
     """``create_backbone("timm:<name>", ...)`` (see the module docs)."""
-    fn = "create_backbone"
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
-        raise missing_package("timm", "timm", fn) from e
+        raise missing_package("timm", "timm") from e
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
         hint = f"Close names: {', '.join(close)}. " if close else ""
-        raise ValueError(
-            f"{fn}: 'timm:{name}' is not a timm model name. {hint}List them with timm.list_models('*vit*')."
-        )
+        raise ValueError(f"'timm:{name}' is not a timm model name. {hint}List them with timm.list_models('*vit*').")
     what = f"timm model {name!r}"
-    path = checkpoint_path(pretrained, fn, what)
+    path = checkpoint_path(pretrained, what)
     if path is not None:
         _warn_quickgelu(timm, name, path)
     kwargs.setdefault("num_classes", 0)  # the classifier head is never used; its weights are dropped on load
-    sd = read_checkpoint(path, fn) if path is not None else None  # a broken file fails before any model is built
+    sd = read_checkpoint(path) if path is not None else None  # a broken file fails before any model is built
     model = timm.create_model(name, pretrained=False, **kwargs)  # random; the checkpoint is loaded below, strictly
     if not is_timm_vit(model):
         raise TypeError(
-            f"{fn}: 'timm:{name}' builds a {type(model).__name__}, not a token ViT (hrperc needs "
+            f"'timm:{name}' builds a {type(model).__name__}, not a token ViT (hrperc needs "
             f"forward_intermediates, num_prefix_tokens, patch_embed and blocks). Pick a ViT, e.g. "
             f"'timm:vit_large_patch14_clip_336'."
         )
     if path is not None and sd is not None:
-        if not load_strict(model, _checkpoint_filter(timm, name, model, sd), path, strict=strict, fn=fn, what=what):
+        if not load_strict(model, _checkpoint_filter(timm, name, model, sd), path, strict=strict, what=what):
             path = None  # nothing loaded: no source recorded
     return TimmBackbone(model, layer=layer, mean=mean, std=std, source=path)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._errors import public
 from .._validation import as_grid, as_pair
 from ..ops.crop import local_merge, stride_merge
 from ..ops.geometry import window_mask
@@ -52,6 +53,7 @@ class DemAttention:
         return self.probs.mean(0)
 
 
+@public
 def dem_attention(dem, local_feats, global_feats, grid, tile_size, query, direction: str = "global") -> DemAttention:
     """Attention probabilities of one query token of one image (see module docs).
 
@@ -65,23 +67,26 @@ def dem_attention(dem, local_feats, global_feats, grid, tile_size, query, direct
 
     Returns: :class:`DemAttention`, computed in float32.
     """
-    fn = "dem_attention"
-    (gh, gw), (th, tw) = as_grid(grid, fn), as_pair(tile_size, "tile_size", fn)
+    (gh, gw), (th, tw) = as_grid(grid), as_pair(tile_size, "tile_size")
     if direction not in ("global", "local"):
-        raise ValueError(f"{fn}: direction={direction!r}; pass 'global' or 'local'.")
+        raise ValueError(f"direction={direction!r}; pass 'global' or 'local'.")
     n = gh * gw
     for name, t in (("local_feats", local_feats), ("global_feats", global_feats)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != n or t.shape[1] != th * tw:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        if not isinstance(t, torch.Tensor):  # a wrong type is a TypeError, as for the backbone's pixels
+            raise TypeError(
+                f"{name} is a {type(t).__name__}; expected a torch.Tensor, one image's stack ({n}, {th * tw}, D). "
+                f"Pass the features as a tensor, e.g. torch.as_tensor({name})."
+            )
+        if t.ndim != 3 or t.shape[0] != n or t.shape[1] != th * tw:
             raise ValueError(
-                f"{fn}: {name} has shape {got}; expected one image's stack ({n}, {th * tw}, D) for grid "
+                f"{name} has shape {tuple(t.shape)}; expected one image's stack ({n}, {th * tw}, D) for grid "
                 f"{(gh, gw)} and tile {(th, tw)}. Slice one image: feats[offset : offset + {n}]."
             )
-    R, C = as_pair(query, "query", fn, minimum=0)
+    R, C = as_pair(query, "query", minimum=0)
     if R >= gh * th or C >= gw * tw:
-        raise ValueError(f"{fn}: query={(R, C)} is outside the {gh * th}x{gw * tw} token map.")
+        raise ValueError(f"query={(R, C)} is outside the {gh * th}x{gw * tw} token map.")
     if getattr(dem, "directions", "both") not in ("both", direction):
-        raise ValueError(f"{fn}: this DEM has directions={dem.directions!r}; the {direction!r} attention is off.")
+        raise ValueError(f"this DEM has directions={dem.directions!r}; the {direction!r} attention is off.")
     attn = dem.attention if dem.shared_attention else getattr(dem, f"attention_{direction}")
     window = dem.windows[0] if direction == "global" else dem.windows[1]
     D = local_feats.shape[-1]
@@ -102,6 +107,7 @@ def dem_attention(dem, local_feats, global_feats, grid, tile_size, query, direct
     return DemAttention(probs, mask, (R, C), direction, window)
 
 
+@public
 def plot_dem_attention(canvas: torch.Tensor, attentions, patch_size, path=None):
     """Draw each :class:`DemAttention` over the canvas image, one panel per direction.
 
@@ -114,7 +120,7 @@ def plot_dem_attention(canvas: torch.Tensor, attentions, patch_size, path=None):
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    ph, pw = as_pair(patch_size, "patch_size", "plot_dem_attention")
+    ph, pw = as_pair(patch_size, "patch_size")
     attentions = list(attentions)
     H, W = canvas.shape[-2:]
     fig, axes = plt.subplots(1, len(attentions), figsize=(5.2 * len(attentions), 5.2 * H / W + 0.8), dpi=120)

@@ -122,10 +122,15 @@ def check_image_file(path, max_pixels: int | None = None) -> tuple[int, int]:
 
 def _sniff_file(path: Path, flag: str) -> None:
     """The weight reader's own check of a file's first bytes (and of a safetensors header), naming ``flag``."""
+    from .._errors import add_context
     from .._weights import safetensors_header, sniff
 
-    if sniff(path, flag) == "safetensors":
-        safetensors_header(path, flag)
+    try:
+        if sniff(path) == "safetensors":
+            safetensors_header(path)
+    except (OSError, ValueError) as err:  # the reader names the file; the flag it came from is named here, once
+        add_context(err, flag)
+        raise
 
 
 def _sniff_hf_folder(folder: Path, flag: str) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .._errors import public
+
 __all__ = ["make_sample_image"]
 
 _TEXT = (
@@ -33,10 +35,11 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+@public
 def make_sample_image(width: int = 1344, height: int = 1008, seed: int = 0) -> Image.Image:
     """Return an RGB ``PIL.Image`` of ``(width, height)`` with fine text, thin lines and small marks."""
     if width < 64 or height < 64:
-        raise ValueError(f"make_sample_image: size ({width}, {height}) is too small; use at least 64 x 64.")
+        raise ValueError(f"size ({width}, {height}) is too small; use at least 64 x 64.")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     # A soft colour gradient as background, so the global view has something to see.

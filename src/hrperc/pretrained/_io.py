@@ -14,7 +14,7 @@ Example::
     >>> import torch
     >>> from hrperc.pretrained._io import load_state_dict, select_prefixed
     >>> sd = load_state_dict({"model.spatial_embed.ln_fuse.weight": torch.ones(4), "lm_head.weight": torch.ones(2)})
-    >>> sorted(select_prefixed(sd, "spatial_embed.", "demo"))
+    >>> sorted(select_prefixed(sd, "spatial_embed."))
     ['ln_fuse.weight']
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._errors import public
 from .._weights import read_weights, safetensors_header, sniff, unwrap
 
 __all__ = ["load_state_dict", "select_prefixed", "check_state_dict", "check_values", "list_keys"]
@@ -34,12 +35,9 @@ __all__ = ["load_state_dict", "select_prefixed", "check_state_dict", "check_valu
 StateDictOrPath = Mapping[str, torch.Tensor] | str | os.PathLike
 
 
+@public
 def load_state_dict(
-    source: StateDictOrPath,
-    *,
-    allow_pickle: bool = False,
-    fn: str = "load_state_dict",
-    keep: Callable[[str], bool] | None = None,
+    source: StateDictOrPath, *, allow_pickle: bool = False, keep: Callable[[str], bool] | None = None
 ) -> dict[str, torch.Tensor]:
     """Return ``{key: tensor}`` from a state dict, a weight file or a directory of shards.
 
@@ -65,35 +63,35 @@ def load_state_dict(
     elif isinstance(source, str | os.PathLike):
         path = Path(os.fspath(source)).expanduser()
         if path.is_dir():
-            sd = _load_directory(path, allow_pickle, fn, keep)
+            sd = _load_directory(path, allow_pickle, keep)
         elif path.is_file():
-            sd = _load_file(path, allow_pickle, fn, keep)
+            sd = _load_file(path, allow_pickle, keep)
         else:
             raise FileNotFoundError(
-                f"{fn}: weight file {str(path)!r} does not exist. Pass a state dict, a weight file or a directory of "
+                f"weight file {str(path)!r} does not exist. Pass a state dict, a weight file or a directory of "
                 "checkpoint shards."
             )
     else:
         raise TypeError(
-            f"{fn}: expected a state dict (mapping of str -> Tensor), a file path or a directory, got "
+            f"expected a state dict (mapping of str -> Tensor), a file path or a directory, got "
             f"{type(source).__name__}."
         )
     where = f"{str(source)!r}" if not isinstance(source, Mapping) else "the state dict"
-    return unwrap(sd, fn, where, keep)
+    return unwrap(sd, where=where, keep=keep)
 
 
-def _load_file(path: Path, allow_pickle: bool, fn: str, keep) -> dict:
+def _load_file(path: Path, allow_pickle: bool, keep) -> dict:
     # a torch file may be wrapped ({"state_dict": ...}): unwrap before selecting keys
-    return unwrap(read_weights(path, fn, keep=keep, allow_pickle=allow_pickle), fn, repr(str(path)), keep)
+    return unwrap(read_weights(path, keep=keep, allow_pickle=allow_pickle), where=repr(str(path)), keep=keep)
 
 
-def _load_directory(folder: Path, allow_pickle: bool, fn: str, keep) -> dict:
+def _load_directory(folder: Path, allow_pickle: bool, keep) -> dict:
     """A ``save_pretrained`` directory: the shards its index names (only those holding kept keys), else
     every ``*.safetensors`` file, else every ``pytorch_model*.bin`` / ``*.pt`` / ``*.pth`` file."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            weight_map = _read_index(index, fn)
+            weight_map = _read_index(index)
             shards = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
             break
     else:
@@ -102,29 +100,29 @@ def _load_directory(folder: Path, allow_pickle: bool, fn: str, keep) -> dict:
             shards = sorted(p.name for ext in ("bin", "pt", "pth") for p in folder.glob(f"*.{ext}"))
         if not shards:
             raise FileNotFoundError(
-                f"{fn}: directory {str(folder)!r} holds no checkpoint (no *.safetensors, pytorch_model*.bin or "
+                f"directory {str(folder)!r} holds no checkpoint (no *.safetensors, pytorch_model*.bin or "
                 "*.index.json). Pass the folder save_pretrained wrote, or a weight file."
             )
     sd: dict = {}
     for name in shards:
-        sd.update(_load_file(folder / name, allow_pickle, fn, keep))
+        sd.update(_load_file(folder / name, allow_pickle, keep))
     return sd
 
 
-def _read_index(index: Path, fn: str) -> dict[str, str]:
+def _read_index(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text()).get("weight_map", {})
     except (ValueError, AttributeError) as exc:
         raise ValueError(
-            f"{fn}: the shard index {str(index)!r} is not a JSON object with a 'weight_map' ({exc}). Check the "
+            f"the shard index {str(index)!r} is not a JSON object with a 'weight_map' ({exc}). Check the "
             "download, or delete the index to read every shard in the folder."
         ) from exc
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{fn}: 'weight_map' in {str(index)!r} is not a mapping of key -> shard file. Check it.")
+        raise ValueError(f"'weight_map' in {str(index)!r} is not a mapping of key -> shard file. Check it.")
     return weight_map
 
 
-def list_keys(source, fn: str) -> list[str] | None:
+def list_keys(source) -> list[str] | None:
     """The keys a weight file or shard directory holds, read from headers and indexes without loading any
     tensor; ``None`` where that needs loading (torch files) or ``source`` is not a path."""
     if not isinstance(source, str | os.PathLike):
@@ -133,7 +131,7 @@ def list_keys(source, fn: str) -> list[str] | None:
     if path.is_dir():
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (path / index_name).is_file():
-                return sorted(_read_index(path / index_name, fn))
+                return sorted(_read_index(path / index_name))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             return None
@@ -143,14 +141,14 @@ def list_keys(source, fn: str) -> list[str] | None:
         return None
     keys: list[str] = []
     for f in files:
-        if sniff(f, fn) != "safetensors":
+        if sniff(f) != "safetensors":
             return None
-        keys += safetensors_header(f, fn)
+        keys += safetensors_header(f)
     return sorted(keys)
 
 
 def select_prefixed(
-    sd: Mapping[str, torch.Tensor], marker: str, fn: str, prefix: str | None = None
+    sd: Mapping[str, torch.Tensor], marker: str, *, prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Keys containing ``marker`` (e.g. ``"spatial_embed."``), with everything up to it removed.
 
@@ -163,12 +161,12 @@ def select_prefixed(
     """
     if prefix is not None:
         if not isinstance(prefix, str):
-            raise TypeError(f"{fn}: prefix={prefix!r} is not a string. Pass a key prefix such as 'model.{marker}'.")
+            raise TypeError(f"prefix={prefix!r} is not a string. Pass a key prefix such as 'model.{marker}'.")
         full = prefix if prefix.endswith(marker) else prefix + marker
         hits = {k[len(full) :]: v for k, v in sd.items() if k.startswith(full)}
         if not hits:
             raise ValueError(
-                f"{fn}: prefix={prefix!r}: no key starts with {full!r}; the prefixes present are "
+                f"prefix={prefix!r}: no key starts with {full!r}; the prefixes present are "
                 f"{_short(sorted(_prefixes(sd, marker)))}. Pass one of them, or prefix=None."
             )
         return hits
@@ -177,7 +175,7 @@ def select_prefixed(
         names = sorted(groups)
         counts = ", ".join(f"{p!r} ({groups[p]} keys)" for p in names[:6])
         raise ValueError(
-            f"{fn}: the checkpoint holds {len(names)} copies of the {marker!r} weights under different prefixes: "
+            f"the checkpoint holds {len(names)} copies of the {marker!r} weights under different prefixes: "
             f"{counts}. Loading both would keep one silently. Pass prefix={names[0]!r} (or another of them) to "
             "choose, e.g. the EMA copy."
         )
@@ -198,7 +196,7 @@ def _prefixes(sd: Mapping, marker: str) -> dict[str, int]:
 
 
 def check_state_dict(
-    sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], fn: str, hint: str = "", values: bool = True
+    sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *, hint: str = "", values: bool = True
 ):
     """Raise one ``ValueError`` listing missing keys, unexpected keys and shape mismatches, or return None.
 
@@ -220,17 +218,17 @@ def check_state_dict(
     if mismatched:
         problems.append(f"shape mismatches [{'; '.join(mismatched[:6])}]")
     if problems:
-        raise ValueError(f"{fn}: the state dict does not fit: {', '.join(problems)}. {hint}".rstrip())
+        raise ValueError(f"the state dict does not fit: {', '.join(problems)}. {hint}".rstrip())
     if values:
-        check_values(sd, fn)
+        check_values(sd)
 
 
-def check_values(sd: Mapping[str, torch.Tensor], fn: str) -> None:
+def check_values(sd: Mapping[str, torch.Tensor]) -> None:
     """Refuse (``ValueError``) tensors that are not floating point, and tensors holding NaN or Inf."""
     not_float = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items() if not v.is_floating_point()]
     if not_float:
         raise ValueError(
-            f"{fn}: tensors {_short(not_float, 6)} are not floating point; the module's weights are, and casting "
+            f"tensors {_short(not_float, 6)} are not floating point; the module's weights are, and casting "
             "integers or bools would change them silently. Check that this is the right checkpoint (not a quantized "
             "or corrupted one); if the values are right, convert them with .float() and pass the state dict."
         )
@@ -241,7 +239,7 @@ def check_values(sd: Mapping[str, torch.Tensor], fn: str) -> None:
             bad.append(f"{k} ({n} of {v.numel()})")
     if bad:
         raise ValueError(
-            f"{fn}: tensors {_short(bad, 6)} hold NaN or Inf values: the checkpoint is corrupt or its training "
+            f"tensors {_short(bad, 6)} hold NaN or Inf values: the checkpoint is corrupt or its training "
             "diverged. Use another checkpoint (an earlier one, or the EMA copy through prefix=), or fix those tensors."
         )
 

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .._errors import public
 from ..modules.dem import DualPerspectiveEnhancement
 from ..modules.projector import build_projector
 from ._io import check_state_dict, list_keys, load_state_dict, select_prefixed
@@ -89,6 +90,7 @@ def _from_released(key: str) -> str:
     return "fusion." + key if key.split(".")[0] in _FUSION_KEYS else key
 
 
+@public
 def load_dem(
     source,
     *,
@@ -115,40 +117,38 @@ def load_dem(
         >>> dem.dim, dem.heads                                              # doctest: +SKIP
         (1024, 8)
     """
-    fn = "load_dem"
     for bad, fixed in RELEASED_OPTIONS.items():
         if bad in overrides:
             raise ValueError(
-                f"{fn}: {bad}={overrides[bad]!r} was passed, but {bad}= cannot be overridden: the released weights "
+                f"{bad}={overrides[bad]!r} was passed, but {bad}= cannot be overridden: the released weights "
                 f"were trained with {bad}={fixed!r}. Drop {bad}= to load them; for another {bad}, build "
                 f"DualPerspectiveEnhancement(dim, heads, {bad}=...) and train it or load weights of that layout."
             )
-    sd = _load_part(source, DEM_PREFIX, allow_pickle, fn, prefix)
+    sd = _load_part(source, DEM_PREFIX, allow_pickle, prefix)
     w = sd.get("attention.linears.0.weight")
     if w is None or w.ndim != 2:
         raise ValueError(
-            f"{fn}: no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
+            f"no 'spatial_embed.attention.linears.0.weight' (2-D) in the weights; found keys "
             f"{sorted(sd)[:8]}. Is this an INF-LLaVA checkpoint ({_DOCS})?"
         )
     dim = w.shape[1]
     if not 1 <= dim <= MAX_DEM_DIM:
         raise ValueError(
-            f"{fn}: 'spatial_embed.attention.linears.0.weight' has shape {tuple(w.shape)}, declaring a DEM of width "
+            f"'spatial_embed.attention.linears.0.weight' has shape {tuple(w.shape)}, declaring a DEM of width "
             f"D={dim}; the limit is {MAX_DEM_DIM} (the released DEM has 1024). Check that this is an INF-LLaVA "
             "checkpoint, not a corrupt or hostile file; build DualPerspectiveEnhancement(dim, heads) yourself for a "
             "wider one."
         )
     if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and dim % heads:
         raise ValueError(
-            f"{fn}: the weights give D={dim} ('spatial_embed.attention.linears.0.weight' {tuple(w.shape)}), which "
+            f"the weights give D={dim} ('spatial_embed.attention.linears.0.weight' {tuple(w.shape)}), which "
             f"heads={heads} does not divide. Pass the heads the checkpoint was trained with (8 as released)."
         )
     # the expected keys and shapes from a module on the meta device: no memory until the weights fit
     shape_of = DualPerspectiveEnhancement(dim, heads, device="meta", **overrides).state_dict()
     check_state_dict(
         sd,
-        {_to_released(k): v.shape for k, v in shape_of.items()},
-        fn,  # messages use the checkpoint's names
+        {_to_released(k): v.shape for k, v in shape_of.items()},  # messages use the checkpoint's names
         hint=f"Keys are relative to 'spatial_embed.'; {_DOCS}.",
     )
     dem = DualPerspectiveEnhancement(dim, heads, device=device, dtype=dtype, **overrides)
@@ -156,6 +156,7 @@ def load_dem(
     return dem
 
 
+@public
 def released_state_dict(dem: DualPerspectiveEnhancement) -> dict[str, torch.Tensor]:
     """``dem``'s weights under the released key names (without the ``spatial_embed.`` prefix).
 
@@ -168,12 +169,13 @@ def released_state_dict(dem: DualPerspectiveEnhancement) -> dict[str, torch.Tens
     """
     if not (dem.shared_attention and dem.fusion.mode == "released" and dem.directions == "both"):
         raise ValueError(
-            "released_state_dict: only the released configuration (shared_attention=True, fusion='released', "
+            "only the released configuration (shared_attention=True, fusion='released', "
             f"directions='both') has released key names; this module is {dem.extra_repr()}."
         )
     return {_to_released(k): v for k, v in dem.state_dict().items()}
 
 
+@public
 def load_projector(
     source, *, allow_pickle: bool = False, device=None, dtype=None, prefix: str | None = None
 ) -> nn.Module:
@@ -190,46 +192,45 @@ def load_projector(
         >>> load_projector(sd)(torch.randn(1, 5, 16)).shape
         torch.Size([1, 5, 32])
     """
-    fn = "load_projector"
-    sd = _load_part(source, PROJECTOR_PREFIX, allow_pickle, fn, prefix)
+    sd = _load_part(source, PROJECTOR_PREFIX, allow_pickle, prefix)
     w0 = sd.get("0.weight")
     if w0 is None or w0.ndim != 2:
         raise ValueError(
-            f"{fn}: no 'mm_projector.0.weight' (2-D) in the weights; found keys {sorted(sd)[:8]}. Expected "
+            f"no 'mm_projector.0.weight' (2-D) in the weights; found keys {sorted(sd)[:8]}. Expected "
             f"mm_projector.{{0,2}}.{{weight,bias}} (LLaVA mlp2x_gelu; {_DOCS})."
         )
     out_dim, in_dim = w0.shape
     if not (1 <= in_dim <= MAX_PROJECTOR_IN and 1 <= out_dim <= MAX_PROJECTOR_OUT):
         raise ValueError(
-            f"{fn}: 'mm_projector.0.weight' has shape {tuple(w0.shape)}, declaring a projector {in_dim} -> {out_dim}; "
+            f"'mm_projector.0.weight' has shape {tuple(w0.shape)}, declaring a projector {in_dim} -> {out_dim}; "
             f"the limits are {MAX_PROJECTOR_IN} in and {MAX_PROJECTOR_OUT} out (released: 1024 -> 4096). Check that "
             "this is a LLaVA checkpoint, not a corrupt or hostile file; use build_projector yourself for a wider one."
         )
     shape_of = build_projector("mlp2x_gelu", in_dim, out_dim, device="meta").state_dict()
-    check_state_dict(sd, {k: v.shape for k, v in shape_of.items()}, fn)
+    check_state_dict(sd, {k: v.shape for k, v in shape_of.items()})
     proj = build_projector("mlp2x_gelu", in_dim, out_dim, device=device, dtype=dtype)
     proj.load_state_dict(sd, strict=True)
     return proj
 
 
-def _load_part(source, marker: str, allow_pickle: bool, fn: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
+def _load_part(source, marker: str, allow_pickle: bool, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The keys of one submodule (``marker`` and everything before it removed). From files and shard
     directories only the tensors under ``marker`` are read; a file without any (a bare submodule
     state dict) is read whole."""
     if isinstance(source, Mapping):
-        return select_prefixed(load_state_dict(source, fn=fn), marker, fn, prefix)
-    sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn, keep=lambda k: marker in k)
+        return select_prefixed(load_state_dict(source), marker, prefix=prefix)
+    sd = load_state_dict(source, allow_pickle=allow_pickle, keep=lambda k: marker in k)
     if not sd and prefix is None:
         # a bare submodule state dict, or a checkpoint without this submodule: when the keys can be listed
         # without loading (safetensors headers, shard indexes), refuse the latter before reading any tensor
-        keys = list_keys(source, fn)
+        keys = list_keys(source)
         if keys is not None and not any(_bare_key(k, marker) for k in keys):
             raise ValueError(
-                f"{fn}: {str(source)!r} holds no {marker!r} weights ({len(keys)} keys, e.g. {keys[:5]}). Is this the "
+                f"{str(source)!r} holds no {marker!r} weights ({len(keys)} keys, e.g. {keys[:5]}). Is this the "
                 f"checkpoint of the model that has them? Pass the INF-LLaVA checkpoint ({_DOCS})."
             )
-        sd = load_state_dict(source, allow_pickle=allow_pickle, fn=fn)
-    return select_prefixed(sd, marker, fn, prefix)
+        sd = load_state_dict(source, allow_pickle=allow_pickle)
+    return select_prefixed(sd, marker, prefix=prefix)
 
 
 def _bare_key(key: str, marker: str) -> bool:
