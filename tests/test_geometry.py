@@ -336,14 +336,25 @@ def test_infer_tile_size_infers_square_counts():
 @pytest.mark.parametrize("arg", ["tile_size", "size"])
 def test_infer_tile_size_refuses_non_square_counts(tokens, arg):
     with pytest.raises(ValueError) as e:
-        infer_tile_size(tokens, fn="caller", arg=arg)
+        infer_tile_size(tokens, arg=arg)
     msg = str(e.value)
-    assert_names(msg, f"{tokens} tokens", f"{arg}=(rows, cols)", "caller")
+    # named once, by the public function called (a helper's caller names itself: see the next test)
+    assert_names(msg, f"{tokens} tokens", f"{arg}=(rows, cols)")
+    assert msg.startswith("infer_tile_size: ") and msg.count("infer_tile_size") == 1, msg
+
+
+def test_tile_size_errors_are_named_by_the_public_function_called():
+    with raises_naming(ValueError, "(1, 20, 8)", "20 tokens per map", "size=(rows, cols)") as info:
+        hrperc.local_crop(torch.randn(1, 20, 8), (2, 2), layout="nlc")
+    assert str(info.value).startswith("local_crop: ") and "infer_tile_size" not in str(info.value)
+    with raises_naming(ValueError, "(4, 6, 2)", "6 tokens") as info:
+        hrperc.permute_windows(torch.randn(4, 6, 2), (2, 2), "contiguous", "strided")
+    assert str(info.value).startswith("permute_windows: ")
 
 
 def test_infer_tile_size_quotes_shape_and_what():
     with pytest.raises(ValueError) as e:
-        infer_tile_size(24, fn="crop", shape=(1, 24, 3), arg="size", what="tokens per map")
+        infer_tile_size(24, shape=(1, 24, 3), arg="size", what="tokens per map")
     msg = str(e.value)
     assert "(1, 24, 3)" in msg and "tokens per map" in msg and "size=" in msg
     with pytest.raises(ValueError) as e:
@@ -403,30 +414,31 @@ def test_infer_tile_size_refuses_malformed_tile_sizes():
 
 def test_check_window_stacks_returns_grid_and_tile():
     x = torch.zeros(8, 9, 4)
-    assert check_window_stacks("demo", (2, 2), local=x, strided=x.clone()) == ((2, 2), (3, 3))
-    assert check_window_stacks("demo", (1, 3), q=torch.zeros(6, 12, 2), tile_size=(3, 4)) == ((1, 3), (3, 4))
-    assert check_window_stacks("demo", 2, q=torch.zeros(4, 1, 1)) == ((2, 2), (1, 1))
+    assert check_window_stacks(None, (2, 2), local=x, strided=x.clone()) == ((2, 2), (3, 3))
+    assert check_window_stacks(None, (1, 3), q=torch.zeros(6, 12, 2), tile_size=(3, 4)) == ((1, 3), (3, 4))
+    assert check_window_stacks(None, 2, q=torch.zeros(4, 1, 1)) == ((2, 2), (1, 1))
     q = torch.zeros(12, 6, 2, 8)
-    assert check_window_stacks("demo", (3, 2), (2, 3), ndim=4, q=q, k=q, v=q) == ((3, 2), (2, 3))
+    assert check_window_stacks(None, (3, 2), (2, 3), ndim=4, q=q, k=q, v=q) == ((3, 2), (2, 3))
 
 
 def test_check_window_stacks_refuses_non_tensors():
     with pytest.raises(TypeError) as e:
-        check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4, 1), k=[[0.0]])
+        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4, 1), k=[[0.0]])
     msg = str(e.value)
-    assert_names(msg, "demo", re.compile(r"\bk\b"), "list", "torch.Tensor")
+    assert_names(msg, re.compile(r"\bk\b"), "list", "torch.Tensor")
+    assert msg.startswith("k is a list")  # a helper names no caller: the caller's public boundary does
     with pytest.raises(TypeError) as e:
-        check_window_stacks("demo", (2, 2), query=None)
+        check_window_stacks(None, (2, 2), query=None)
     assert "query" in str(e.value) and "NoneType" in str(e.value)
 
 
 def test_check_window_stacks_refuses_wrong_ndim():
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4))
+        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4))
     msg = str(e.value)
     assert_names(msg, re.compile(r"\bq\b"), "(4, 4)", "2 dims", "3 dims")
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 2), ndim=4, layout="(B*N, T, H, Dh)", q=torch.zeros(4, 4, 8))
+        check_window_stacks(None, (2, 2), ndim=4, layout="(B*N, T, H, Dh)", q=torch.zeros(4, 4, 8))
     msg = str(e.value)
     assert "(4, 4, 8)" in msg and "4 dims" in msg and "(B*N, T, H, Dh)" in msg
     assert "unflatten" in msg  # the 4-dim case says how to split heads
@@ -434,38 +446,38 @@ def test_check_window_stacks_refuses_wrong_ndim():
 
 def test_check_window_stacks_refuses_mismatched_shapes():
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 2), q=torch.zeros(4, 4, 8), k=torch.zeros(4, 4, 8), v=torch.zeros(4, 9, 8))
+        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4, 8), k=torch.zeros(4, 4, 8), v=torch.zeros(4, 9, 8))
     msg = str(e.value)
-    assert_names(msg, re.compile(r"\bq\b"), re.compile(r"\bv\b"), "(4, 4, 8)", "(4, 9, 8)", "demo")
+    assert_names(msg, re.compile(r"\bq\b"), re.compile(r"\bv\b"), "(4, 4, 8)", "(4, 9, 8)")
 
 
 @pytest.mark.parametrize("first", [0, 3, 5, 6])
 def test_check_window_stacks_refuses_first_dim_not_a_positive_multiple_of_n(first):
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 2), local=torch.zeros(first, 4, 1))
+        check_window_stacks(None, (2, 2), local=torch.zeros(first, 4, 1))
     msg = str(e.value)
     assert_names(msg, re.compile(r"\blocal\b"), f"({first}, 4, 1)", "N = gh*gw = 2*2 = 4", "grid")
 
 
 def test_check_window_stacks_validates_the_tile_size():
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 1), q=torch.zeros(2, 6, 3))
+        check_window_stacks(None, (2, 1), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
-    assert_names(msg, "6 tokens", "tile_size=", "(2, 6, 3)", "demo")
+    assert_names(msg, "6 tokens", "tile_size=", "(2, 6, 3)")
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (2, 1), (3, 3), q=torch.zeros(2, 6, 3))
+        check_window_stacks(None, (2, 1), (3, 3), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
     assert "6" in msg and "9" in msg and "tile_size=(3, 3)" in msg
-    assert check_window_stacks("demo", (2, 1), (2, 3), q=torch.zeros(2, 6, 3)) == ((2, 1), (2, 3))
-    assert check_window_stacks("demo", (2, 1), (6, 1), q=torch.zeros(2, 6, 3)) == ((2, 1), (6, 1))
+    assert check_window_stacks(None, (2, 1), (2, 3), q=torch.zeros(2, 6, 3)) == ((2, 1), (2, 3))
+    assert check_window_stacks(None, (2, 1), (6, 1), q=torch.zeros(2, 6, 3)) == ((2, 1), (6, 1))
 
 
 def test_check_window_stacks_refuses_bad_grids():
     with pytest.raises(ValueError) as e:
-        check_window_stacks("demo", (0, 2), q=torch.zeros(4, 4, 1))
+        check_window_stacks(None, (0, 2), q=torch.zeros(4, 4, 1))
     assert_names(str(e.value), "grid=(0, 2)", ">= 1")
     with pytest.raises(TypeError) as e:
-        check_window_stacks("demo", (2, 2.5), q=torch.zeros(4, 4, 1))
+        check_window_stacks(None, (2, 2.5), q=torch.zeros(4, 4, 1))
     assert_names(str(e.value), "grid=(2, 2.5)", "float")
 
 
@@ -475,32 +487,33 @@ def test_check_window_stacks_refuses_bad_grids():
 
 @pytest.mark.parametrize("value", ["contiguous", "strided"])
 def test_check_kind_and_order_accept_valid_values(value):
-    assert check_kind(value, "window", "demo") == value
-    assert check_order(value, "q_order", "demo") == value
-    assert check_order(value, "q_order", "demo", allow_map=False) == value
-    assert check_order("map", "q_order", "demo") == "map"
+    assert check_kind(value, "window") == value
+    assert check_order(value, "q_order") == value
+    assert check_order(value, "q_order", allow_map=False) == value
+    assert check_order("map", "q_order") == "map"
 
 
 @pytest.mark.parametrize("value", ["local", "map", "Strided", "", None, 0, 1])
 def test_check_kind_refuses_unknown_values(value):
     with pytest.raises(ValueError) as e:
-        check_kind(value, "window", "demo")
+        check_kind(value, "window")
     msg = str(e.value)
-    assert "demo" in msg and f"window={value!r}" in msg and "'contiguous'" in msg and "'strided'" in msg
+    assert msg.startswith(f"window={value!r}")  # a helper names no caller: the caller's public boundary does
+    assert "'contiguous'" in msg and "'strided'" in msg
 
 
 @pytest.mark.parametrize("value", ["local", "global", "row-major", None, 2])
 def test_check_order_refuses_unknown_values(value):
     with pytest.raises(ValueError) as e:
-        check_order(value, "kv_order", "demo")
+        check_order(value, "kv_order")
     msg = str(e.value)
-    assert "demo" in msg and f"kv_order={value!r}" in msg
+    assert msg.startswith(f"kv_order={value!r}")
     assert "'contiguous'" in msg and "'strided'" in msg and "'map'" in msg
 
 
 def test_check_order_without_map_refuses_map():
     with pytest.raises(ValueError) as e:
-        check_order("map", "out_order", "demo", allow_map=False)
+        check_order("map", "out_order", allow_map=False)
     msg = str(e.value)
     assert "out_order='map'" in msg and "'contiguous'" in msg and "'strided'" in msg
     assert "('contiguous', 'strided')" in msg  # the choices offered do not include 'map'

@@ -265,11 +265,11 @@ def test_crop_reads_uint8_exactly_as_float_divided_by_255(monkeypatch):
 def test_crop_check_image_accepts_uint8_only_when_scaled():
     dcm = DualPerspectiveCrop(grid=(2, 2), tile_size=8)
     u8 = torch.zeros(1, 3, 10, 10, dtype=torch.uint8)
-    dcm._check_image(u8, "images", 4, "DualPerspectiveCrop", scale_uint8=True)
+    dcm._check_image(u8, "images", 4, scale_uint8=True)
     u8 = torch.from_numpy(_rgb(10, 10)).permute(2, 0, 1)[None]
     assert torch.equal(dcm._resize(u8, (8, 8), scale_uint8=True), dcm._resize(u8.float() / 255, (8, 8)))
     with raises_naming(TypeError, "torch.uint8", "img.float() / 255"):
-        dcm._check_image(u8, "images", 4, "DualPerspectiveCrop")
+        dcm._check_image(u8, "images", 4)
 
 
 # --- image files that cannot be decoded name the file ------------------------------------------

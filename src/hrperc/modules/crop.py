@@ -15,25 +15,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._errors import public
 from .._validation import as_grid, as_pair
-from ..ops.crop import Layout, _check_layout, _check_nlc_only, local_crop, merge, stride_crop
-from ..ops.geometry import WindowKind, check_kind, infer_tile_size
+from ..ops.crop import Layout, _check_layout, _check_nlc_only, _crop, _merge
+from ..ops.geometry import WindowKind, _resolve_tile_size, check_kind
 
 __all__ = ["LocalCrop", "StrideGlobalCrop", "Recombine"]
 
 
 class _GridModule(nn.Module):
+    """The options every grid module holds; each subclass's ``__init__`` / ``forward`` is its public boundary
+    (:func:`hrperc._errors.public`, named after the class), which names the errors raised here."""
+
     _size_arg = "size"
 
     def __init__(self, grid, layout: Layout = "nchw", size=None) -> None:
         super().__init__()
-        fn = type(self).__name__
-        self.grid = as_grid(grid, fn)
-        _check_layout(layout, fn)
+        self.grid = as_grid(grid)
+        _check_layout(layout)
         self.layout = layout
-        _check_nlc_only(size, self._size_arg, layout, fn, "the input")
+        _check_nlc_only(size, self._size_arg, layout, "the input")
         # The default nlc size (overridable per call); None: inferred from a square token count.
-        self.size = as_pair(size, self._size_arg, fn) if size is not None else None
+        self.size = as_pair(size, self._size_arg) if size is not None else None
 
     def _size(self, size):
         return self.size if size is None else size
@@ -57,8 +60,13 @@ class LocalCrop(_GridModule):
         torch.Size([4, 6, 8])
     """
 
+    @public(name="LocalCrop")
+    def __init__(self, grid, layout: Layout = "nchw", size=None) -> None:
+        super().__init__(grid, layout, size)
+
+    @public(name="LocalCrop")
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        return local_crop(x, self.grid, layout=self.layout, size=self._size(size))
+        return _crop(x, self.grid, "contiguous", self.layout, self._size(size))
 
 
 class StrideGlobalCrop(_GridModule):
@@ -75,8 +83,13 @@ class StrideGlobalCrop(_GridModule):
                 [19, 22]])
     """
 
+    @public(name="StrideGlobalCrop")
+    def __init__(self, grid, layout: Layout = "nchw", size=None) -> None:
+        super().__init__(grid, layout, size)
+
+    @public(name="StrideGlobalCrop")
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        return stride_crop(x, self.grid, layout=self.layout, size=self._size(size))
+        return _crop(x, self.grid, "strided", self.layout, self._size(size))
 
 
 class Recombine(_GridModule):
@@ -96,22 +109,24 @@ class Recombine(_GridModule):
 
     _size_arg = "tile_size"
 
+    @public(name="Recombine")
     def __init__(self, grid, kind: WindowKind = "contiguous", layout: Layout = "nlc", tile_size=None) -> None:
         super().__init__(grid, layout, tile_size)
-        check_kind(kind, "kind", "Recombine")
+        check_kind(kind, "kind")
         self.kind = kind
 
     @property
     def tile_size(self):
         return self.size
 
+    @public(name="Recombine")
     def forward(self, tiles: torch.Tensor, tile_size=None) -> torch.Tensor:
         tile_size = self._size(tile_size)
-        out = merge(tiles, self.grid, self.kind, layout=self.layout, tile_size=tile_size)
+        out = _merge(tiles, self.grid, self.kind, self.layout, tile_size)
         if self.layout != "nlc":
             return out
         gh, gw = self.grid
-        th, tw = infer_tile_size(tiles.shape[1], tile_size, fn="Recombine", shape=tuple(tiles.shape))
+        th, tw = _resolve_tile_size(tiles.shape[1], tile_size, shape=tuple(tiles.shape))
         return out.view(out.shape[0], gh * th, gw * tw, out.shape[-1])
 
     def extra_repr(self) -> str:

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import as_grid, as_pair
+from .._errors import public
+from .._validation import as_grid, as_int, as_pair
 from ..attention.backend import AttentionBackend, check_output
 from ..attention.dispatch import forced_backend, resolve_backend
 from ..attention.module import WindowCrossAttention
@@ -119,6 +120,7 @@ class DualPerspectiveEnhancement(nn.Module):
         torch.Size([1, 16, 32])
     """
 
+    @public(name="DualPerspectiveEnhancement")
     def __init__(
         self,
         dim: int = 1024,
@@ -136,7 +138,6 @@ class DualPerspectiveEnhancement(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        fn = "DualPerspectiveEnhancement"
         for name, value, choices in (
             ("pairing", pairing, PAIRINGS),
             ("directions", directions, DIRECTIONS),
@@ -144,16 +145,19 @@ class DualPerspectiveEnhancement(nn.Module):
             ("reduction", reduction, REDUCTIONS),
         ):
             if value not in choices:
-                raise ValueError(f"{fn}: {name}={value!r} is not a known {name}; pass one of {choices}.")
-        if not isinstance(dim, int) or not isinstance(heads, int) or dim < 1 or heads < 1 or dim % heads:
+                raise ValueError(f"{name}={value!r} is not a known {name}; pass one of {choices}.")
+        # Not an int: TypeError, an int below 1: ValueError (as_int), as for every count in hrperc.
+        dim = as_int(dim, "dim", example="dim=1024 (CLIP ViT-L's width)")
+        heads = as_int(heads, "heads", example="heads=8 (as released)")
+        if dim % heads:
             raise ValueError(
-                f"{fn}: dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim "
+                f"dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim "
                 f"(head_dim = dim/heads), e.g. dim=1024, heads=8."
             )
         if output_size is not None:
             if reduction == "none":
-                raise ValueError(f"{fn}: output_size={output_size!r} with reduction='none'; drop one of them.")
-            output_size = as_pair(output_size, "output_size", fn)
+                raise ValueError(f"output_size={output_size!r} with reduction='none'; drop one of them.")
+            output_size = as_pair(output_size, "output_size")
         self.dim, self.heads, self.pairing, self.directions = dim, heads, pairing, directions
         self.shared_attention, self.residual_norm = shared_attention, residual_norm
         self.reduction, self.output_size, self.skip_unread = reduction, output_size, skip_unread
@@ -186,6 +190,7 @@ class DualPerspectiveEnhancement(nn.Module):
     def _can_skip(self) -> bool:
         return self.fusion.per_token
 
+    @public(name="DualPerspectiveEnhancement.num_tokens")
     def num_tokens(self, grid, tile_size) -> int:
         """Number of output tokens ``T_out`` for this grid and ViT token grid ``(ht, wt)``.
 
@@ -194,13 +199,14 @@ class DualPerspectiveEnhancement(nn.Module):
             >>> DualPerspectiveEnhancement(32, 4).num_tokens((3, 3), (24, 24))
             576
         """
-        (gh, gw), (th, tw) = as_grid(grid, "num_tokens"), as_pair(tile_size, "tile_size", "num_tokens")
+        (gh, gw), (th, tw) = as_grid(grid), as_pair(tile_size, "tile_size")
         oh, ow = self._out_hw((gh, gw), (th, tw)) or (gh * th, gw * tw)
         return oh * ow
 
     def _plan(self, grid, tile) -> Plan:
         return plan_for(grid, tile, self._out_hw(grid, tile), self.reduction, self.windows, self.directions)
 
+    @public(name="DualPerspectiveEnhancement.required_subimages")
     def required_subimages(self, grid, tile_size) -> tuple[torch.Tensor, torch.Tensor]:
         """Which local and which strided sub-images can reach the output: two ``(N,)`` bool tensors.
 
@@ -214,8 +220,7 @@ class DualPerspectiveEnhancement(nn.Module):
             >>> [m.nonzero().flatten().tolist() for m in dem.required_subimages((4, 4), (8, 8))]
             [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [5, 6, 9, 10]]
         """
-        fn = "required_subimages"
-        (gh, gw), (th, tw) = as_grid(grid, fn), as_pair(tile_size, "tile_size", fn)
+        (gh, gw), (th, tw) = as_grid(grid), as_pair(tile_size, "tile_size")
         n = gh * gw
         if not self._can_skip():
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
@@ -224,9 +229,8 @@ class DualPerspectiveEnhancement(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
 
     def _check(self, local_feats, global_feats, grid, tile_size):
-        fn = "DualPerspectiveEnhancement"
         grid, tile = check_window_stacks(
-            fn,
+            None,
             grid,
             tile_size,
             layout="(B*N, ht*wt, D) ViT tokens (CLS dropped)",
@@ -236,24 +240,24 @@ class DualPerspectiveEnhancement(nn.Module):
         d = local_feats.shape[-1]
         if d != self.dim:
             raise ValueError(
-                f"{fn}: features have D={d} (shape {tuple(local_feats.shape)}) but the module was built with "
+                f"features have D={d} (shape {tuple(local_feats.shape)}) but the module was built with "
                 f"dim={self.dim}; D must equal dim. Pass the features of a ViT of width {self.dim}, or build "
                 f"DualPerspectiveEnhancement(dim={d}, heads=...) for these."
             )
-        self._check_dtypes(local_feats, global_feats, fn)
+        self._check_dtypes(local_feats, global_feats)
         return grid, tile
 
-    def _check_dtypes(self, local_feats, global_feats, fn: str) -> None:
+    def _check_dtypes(self, local_feats, global_feats) -> None:
         """Features must be floating point, of one dtype, and (outside autocast) of the parameters' dtype."""
         for name, t in (("local_feats", local_feats), ("global_feats", global_feats)):
             if not t.is_floating_point():
                 raise TypeError(
-                    f"{fn}: {name} has dtype {t.dtype}; the DEM needs floating-point features (ViT tokens). "
+                    f"{name} has dtype {t.dtype}; the DEM needs floating-point features (ViT tokens). "
                     f"Convert them to the module's dtype, e.g. {name}.to({self._param_dtype() or torch.float32})."
                 )
         if local_feats.dtype != global_feats.dtype:
             raise TypeError(
-                f"{fn}: local_feats has dtype {local_feats.dtype} but global_feats has dtype {global_feats.dtype}; "
+                f"local_feats has dtype {local_feats.dtype} but global_feats has dtype {global_feats.dtype}; "
                 f"both must have one dtype. Convert one of them, e.g. global_feats.to(local_feats.dtype)."
             )
         if torch.is_autocast_enabled(local_feats.device.type):
@@ -261,7 +265,7 @@ class DualPerspectiveEnhancement(nn.Module):
         want = self._param_dtype()
         if want is not None and local_feats.dtype != want:
             raise TypeError(
-                f"{fn}: features have dtype {local_feats.dtype} but the module's parameters are {want}; they must "
+                f"features have dtype {local_feats.dtype} but the module's parameters are {want}; they must "
                 f"match (no silent cast). Convert the features (local_feats.to({want}), global_feats.to({want})) or "
                 f"the module (dem.to({local_feats.dtype})), or use torch.autocast."
             )
@@ -271,6 +275,7 @@ class DualPerspectiveEnhancement(nn.Module):
         dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
         return dtypes.pop() if len(dtypes) == 1 else None
 
+    @public(name="DualPerspectiveEnhancement")
     def forward(self, local_feats, global_feats, grid, tile_size=None, backend: str = "auto") -> torch.Tensor:
         """Enhance, fuse and reduce one grid's ViT features.
 

@@ -69,6 +69,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._errors import public
 from .._validation import as_bool, as_grid, as_image_size, as_pair
 from ..ops.canvas import (
     _RULES,
@@ -77,11 +78,11 @@ from ..ops.canvas import (
     _check_fill,
     _check_tiles,
     _cover_tiles,
-    place_on_canvas,
-    resize_image,
+    _place_on_canvas,
+    _resize_image,
     select_grid,
 )
-from ..ops.crop import local_crop, stride_crop
+from ..ops.crop import _crop
 
 __all__ = ["DualCrops", "DualPerspectiveCrop"]
 
@@ -157,6 +158,7 @@ class DualPerspectiveCrop(nn.Module):
         (torch.Size([18, 3, 336, 336]), torch.Size([2, 3, 336, 336]))
     """
 
+    @public(name="DualPerspectiveCrop")
     def __init__(
         self,
         grid=(3, 3),
@@ -171,43 +173,41 @@ class DualPerspectiveCrop(nn.Module):
         auto_rule: str = "resolution",
     ) -> None:
         super().__init__()
-        fn = "DualPerspectiveCrop"
-        _check_tiles(max_tiles, min_tiles, fn)
+        _check_tiles(max_tiles, min_tiles)
         if isinstance(grid, str):
             if grid not in ("auto", "floor"):
-                raise ValueError(f"{fn}: grid={grid!r}; pass (gh, gw), 'auto' or 'floor'.")
+                raise ValueError(f"grid={grid!r}; pass (gh, gw), 'auto' or 'floor'.")
         else:
-            grid = as_grid(grid, fn)
+            grid = as_grid(grid)
             if grid[0] * grid[1] > max_tiles:
                 raise ValueError(
-                    f"{fn}: grid={grid} has {grid[0] * grid[1]} tiles, over max_tiles={max_tiles}. "
+                    f"grid={grid} has {grid[0] * grid[1]} tiles, over max_tiles={max_tiles}. "
                     f"Raise max_tiles or use a smaller grid."
                 )
             if grid[0] * grid[1] < min_tiles:
                 raise ValueError(
-                    f"{fn}: grid={grid} has {grid[0] * grid[1]} tiles, under min_tiles={min_tiles}; a fixed grid "
+                    f"grid={grid} has {grid[0] * grid[1]} tiles, under min_tiles={min_tiles}; a fixed grid "
                     f"is never changed. Lower min_tiles or use a larger grid (or grid='auto')."
                 )
         if fit not in _FITS:
             raise ValueError(
-                f"{fn}: fit={fit!r} is not one of {_FITS}. Pass one of them: 'resize' (stretch to the canvas), "
+                f"fit={fit!r} is not one of {_FITS}. Pass one of them: 'resize' (stretch to the canvas), "
                 f"'pad' (native pixels, padded) or 'resize_pad' (keep the aspect ratio, then pad)."
             )
         if mode not in RESIZE_MODES:
             raise ValueError(
-                f"{fn}: mode={mode!r} is not one of {RESIZE_MODES}. Pass one of them, e.g. mode='bicubic' "
-                f"(the default)."
+                f"mode={mode!r} is not one of {RESIZE_MODES}. Pass one of them, e.g. mode='bicubic' (the default)."
             )
         if auto_rule not in _RULES:
             raise ValueError(
-                f"{fn}: auto_rule={auto_rule!r} is not one of {_RULES}. Pass one of them: 'resolution' "
+                f"auto_rule={auto_rule!r} is not one of {_RULES}. Pass one of them: 'resolution' "
                 f"(LLaVA-NeXT's best resolution) or 'aspect' (InternVL's closest aspect ratio)."
             )
         self.grid = grid
-        self.tile_size = as_pair(tile_size, "tile_size", fn)
+        self.tile_size = as_pair(tile_size, "tile_size")
         self.max_tiles, self.min_tiles = max_tiles, min_tiles
-        self.fit, self.mode, self.fill = fit, mode, _check_fill(fill, fn)
-        self.antialias, self.thumbnail = as_bool(antialias, "antialias", fn), as_bool(thumbnail, "thumbnail", fn)
+        self.fit, self.mode, self.fill = fit, mode, _check_fill(fill)
+        self.antialias, self.thumbnail = as_bool(antialias, "antialias"), as_bool(thumbnail, "thumbnail")
         self.auto_rule = auto_rule
 
     def extra_repr(self) -> str:
@@ -217,10 +217,10 @@ class DualPerspectiveCrop(nn.Module):
         )
 
     # geometry -------------------------------------------------------------------------------------
+    @public(name="DualPerspectiveCrop.plan")
     def plan(self, image_size) -> CropGeometry:
         """The :class:`CropGeometry` an ``(H0, W0)`` image gets; no pixels are touched."""
-        fn = "DualPerspectiveCrop"
-        H0, W0 = as_image_size(image_size, f"{fn}.plan")
+        H0, W0 = as_image_size(image_size)
         h, w = self.tile_size
         if self.grid == "auto" and self.fit != "pad":
             grid = select_grid((H0, W0), (h, w), self.max_tiles, self.min_tiles, self.auto_rule)
@@ -231,7 +231,7 @@ class DualPerspectiveCrop(nn.Module):
         elif self.grid == "floor":
             if H0 < h or W0 < w:
                 raise ValueError(
-                    f"{fn}: image of size ({H0}, {W0}) is smaller than one tile {self.tile_size}, so the "
+                    f"image of size ({H0}, {W0}) is smaller than one tile {self.tile_size}, so the "
                     f"paper's floor rule gives no tile (and 'floor' never upsamples). Use fit='pad' (pads it "
                     f"into one tile), grid='auto' (upsamples it), or a smaller tile_size."
                 )
@@ -245,12 +245,12 @@ class DualPerspectiveCrop(nn.Module):
                 else "Raise max_tiles, or use grid='auto', which picks a grid within max_tiles"
             )
             raise ValueError(
-                f"{fn}: image of size ({H0}, {W0}) needs grid {grid} ({grid[0] * grid[1]} tiles) with "
+                f"image of size ({H0}, {W0}) needs grid {grid} ({grid[0] * grid[1]} tiles) with "
                 f"grid={self.grid!r}, fit={self.fit!r}, over max_tiles={self.max_tiles}. {fix}."
             )
         if grid[0] * grid[1] < self.min_tiles:  # only a 'floor' grid gets here: fixed grids are checked in __init__
             raise ValueError(
-                f"{fn}: image of size ({H0}, {W0}) gets grid {grid} ({grid[0] * grid[1]} tiles) from "
+                f"image of size ({H0}, {W0}) gets grid {grid} ({grid[0] * grid[1]} tiles) from "
                 f"grid={self.grid!r}, under min_tiles={self.min_tiles}; the floor rule is never changed silently. "
                 f"Lower min_tiles, or use grid='auto', which picks a grid within [min_tiles, max_tiles]."
             )
@@ -260,7 +260,7 @@ class DualPerspectiveCrop(nn.Module):
         elif self.fit == "pad":
             if H0 > canvas[0] or W0 > canvas[1]:
                 raise ValueError(
-                    f"{fn}: image of size ({H0}, {W0}) does not fit the canvas {canvas} of grid {grid}; "
+                    f"image of size ({H0}, {W0}) does not fit the canvas {canvas} of grid {grid}; "
                     f"fit='pad' never drops pixels. Use fit='resize'/'resize_pad' or a larger grid."
                 )
             box = (0, 0, H0, W0)
@@ -280,7 +280,7 @@ class DualPerspectiveCrop(nn.Module):
         fits = [g for g in fits if g[0] * g[1] <= self.max_tiles]
         if not fits:
             raise ValueError(
-                f"DualPerspectiveCrop: image of size ({H0}, {W0}) needs at least grid {need} with fit='pad', and "
+                f"image of size ({H0}, {W0}) needs at least grid {need} with fit='pad', and "
                 f"no grid with min_tiles={self.min_tiles} <= gh*gw <= max_tiles={self.max_tiles} tiles holds it. "
                 f"Lower min_tiles or raise max_tiles."
             )
@@ -290,12 +290,12 @@ class DualPerspectiveCrop(nn.Module):
     # pixels ---------------------------------------------------------------------------------------
     def _resize(self, img: torch.Tensor, size, scale_uint8: bool = False) -> torch.Tensor:
         """``img`` resized to ``size``; ``scale_uint8``: uint8 ``[0, 255]`` in, float32 ``[0, 1]`` out (exact)."""
-        return resize_image(img, size, self.mode, self.antialias, scale_uint8=scale_uint8)
+        return _resize_image(img, size, self.mode, self.antialias, scale_uint8=scale_uint8)
 
-    def _check_image(self, img, name: str, ndim: int, fn: str, scale_uint8: bool = False) -> None:
+    def _check_image(self, img, name: str, ndim: int, scale_uint8: bool = False) -> None:
         if not isinstance(img, torch.Tensor):
             raise TypeError(
-                f"{fn}: {name} is a {type(img).__name__}; expected a torch.Tensor. Convert PIL images with "
+                f"{name} is a {type(img).__name__}; expected a torch.Tensor. Convert PIL images with "
                 f"torchvision.transforms.functional.pil_to_tensor or use HighResEncoder, which accepts them."
             )
         if img.ndim != ndim:
@@ -311,30 +311,28 @@ class DualPerspectiveCrop(nn.Module):
                     "Pass a (C, H, W) image or a (B, C, H, W) batch (an (H, W) image needs a channel: "
                     "img.unsqueeze(0)); for images of different sizes pass a list of (C, H, W) tensors"
                 )
-            raise ValueError(
-                f"{fn}: {name} has shape {tuple(img.shape)} ({img.ndim} dims); expected {expected}. {fix}."
-            )
+            raise ValueError(f"{name} has shape {tuple(img.shape)} ({img.ndim} dims); expected {expected}. {fix}.")
         if ndim == 4 and img.shape[0] == 0:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(img.shape)}: received 0 images (batch size 0), but at least one "
+                f"{name} has shape {tuple(img.shape)}: received 0 images (batch size 0), but at least one "
                 f"is needed. Skip the call for an empty batch, or pass at least one image."
             )
         if min(img.shape) <= 0:
             dims = ("channel count C", "height H", "width W")  # the batch size was checked above
             zero = ", ".join(d for d, e in zip(dims, img.shape[-3:]) if e == 0)
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(img.shape)}; every size must be positive (>= 1), but its {zero} "
+                f"{name} has shape {tuple(img.shape)}; every size must be positive (>= 1), but its {zero} "
                 f"is 0. Pass a non-empty image (check how it was loaded or cropped before this call)."
             )
         uint8_read_as_unit = scale_uint8 and img.dtype == torch.uint8  # resized exactly into float32 [0, 1]
         if not img.is_floating_point() and not uint8_read_as_unit and (self.fit != "pad" or self.thumbnail):
             why = f"fit={self.fit!r} resizes" if self.fit != "pad" else "thumbnail=True resizes"
             raise TypeError(
-                f"{fn}: {name} has dtype {img.dtype} but {why}, which needs a float image. Convert it "
+                f"{name} has dtype {img.dtype} but {why}, which needs a float image. Convert it "
                 f"(e.g. img.float() / 255), or use fit='pad' with thumbnail=False to crop integers exactly."
             )
 
-    def _check_fill_for(self, dtype: torch.dtype, fn: str) -> None:
+    def _check_fill_for(self, dtype: torch.dtype) -> None:
         """``fill`` must be storable in the image dtype (it is used by ``"pad"``/``"resize_pad"``)."""
         if self.fit == "resize" or dtype.is_complex:
             return
@@ -343,7 +341,7 @@ class DualPerspectiveCrop(nn.Module):
             info = torch.finfo(dtype)
             if math.isfinite(fill) and abs(fill) > info.max:
                 raise ValueError(
-                    f"{fn}: fill={fill!r} is outside the range of the image dtype {dtype} "
+                    f"fill={fill!r} is outside the range of the image dtype {dtype} "
                     f"([{info.min}, {info.max}], torch.finfo); it would become inf. Pass a fill inside that "
                     f"range, or convert the image to a wider dtype (e.g. img.float())."
                 )
@@ -353,11 +351,12 @@ class DualPerspectiveCrop(nn.Module):
         if not whole or not lo <= fill <= hi:
             rule = "a whole number" if not whole else f"inside [{lo}, {hi}]"
             raise ValueError(
-                f"{fn}: fill={fill!r} cannot be stored in the image dtype {dtype}: an integer image needs a "
+                f"fill={fill!r} cannot be stored in the image dtype {dtype}: an integer image needs a "
                 f"whole-number fill inside [{lo}, {hi}] (torch.iinfo({dtype})), and {fill!r} is not {rule}. Pass "
                 f"a whole number in that range (e.g. fill=0), or convert the image to float first."
             )
 
+    @public(name="DualPerspectiveCrop")
     def forward(self, images, thumbnail: bool | None = None, *, scale_uint8: bool = False) -> DualCrops:
         """Crop ``images`` (``(B, C, H, W)``, ``(C, H, W)`` or a list of ``(C, H, W)``) into :class:`DualCrops`.
 
@@ -366,44 +365,43 @@ class DualPerspectiveCrop(nn.Module):
         every output is float32 in ``[0, 1]`` (``fill`` in those units), bit-identical to passing
         ``images.float() / 255`` but without its full-size float copy (what :class:`hrperc.HighResEncoder` does).
         """
-        fn = "DualPerspectiveCrop"
-        want_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail", fn)
-        scale_uint8 = as_bool(scale_uint8, "scale_uint8", fn)
+        want_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail")
+        scale_uint8 = as_bool(scale_uint8, "scale_uint8")
         if isinstance(images, torch.Tensor):
             if images.ndim == 3:
                 images = images.unsqueeze(0)
-            self._check_image(images, "images", 4, fn, scale_uint8)
+            self._check_image(images, "images", 4, scale_uint8)
             groups = [images]
         elif isinstance(images, Sequence) and not isinstance(images, str):
             if len(images) == 0:
                 raise ValueError(
-                    f"{fn}: images is an empty {type(images).__name__}: received 0 images, but at least one is "
+                    f"images is an empty {type(images).__name__}: received 0 images, but at least one is "
                     f"needed. Pass at least one (C, H, W) image, or skip the call for an empty batch."
                 )
             for b, img in enumerate(images):
-                self._check_image(img, f"images[{b}]", 3, fn, scale_uint8)
+                self._check_image(img, f"images[{b}]", 3, scale_uint8)
             first = images[0]
             for b, img in enumerate(images):
                 if img.shape[0] != first.shape[0] or img.dtype != first.dtype or img.device != first.device:
                     raise ValueError(
-                        f"{fn}: images[{b}] is {tuple(img.shape)} {img.dtype} on {img.device} but images[0] is "
+                        f"images[{b}] is {tuple(img.shape)} {img.dtype} on {img.device} but images[0] is "
                         f"{tuple(first.shape)} {first.dtype} on {first.device}; all items need the same "
                         f"channels, dtype and device. Convert them first, e.g. "
                         f"img.to(device=images[0].device, dtype=images[0].dtype)."
                     )
             groups = [img.unsqueeze(0) for img in images]
         else:
-            raise TypeError(f"{fn}: images is a {type(images).__name__}; pass a tensor or a list of tensors.")
+            raise TypeError(f"images is a {type(images).__name__}; pass a tensor or a list of tensors.")
         scale = scale_uint8 and groups[0].dtype == torch.uint8  # uint8 in, float32 [0, 1] out
-        self._check_fill_for(torch.float32 if scale else groups[0].dtype, fn)
+        self._check_fill_for(torch.float32 if scale else groups[0].dtype)
 
         locals_, strideds, thumbs, geos = [], [], [], []
         # One iteration per image group (a batched tensor is one group): tiles themselves are vectorized.
         for img in groups:
-            geo = self.plan(tuple(img.shape[-2:]))
-            canvas = place_on_canvas(img, geo, self.mode, self.antialias, self.fill, scale_uint8=scale)
-            locals_.append(local_crop(canvas, geo.grid))
-            strideds.append(stride_crop(canvas, geo.grid))
+            geo = self.plan(tuple(img.shape[-2:]))  # its errors are named by this (outer) boundary
+            canvas = _place_on_canvas(img, geo, self.mode, self.antialias, self.fill, scale_uint8=scale)
+            locals_.append(_crop(canvas, geo.grid, "contiguous", "nchw", None))
+            strideds.append(_crop(canvas, geo.grid, "strided", "nchw", None))
             if want_thumb:
                 thumbs.append(self._resize(img, self.tile_size, scale))
             geos.extend([geo] * img.shape[0])

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .._errors import public
 from .._validation import as_bool
 from ..ops.crop import local_merge, stride_merge
 from .dual_crop import DualCrops, DualPerspectiveCrop
@@ -91,6 +92,7 @@ class DualFrontEnd(FrontEnd[DualPlan]):
 
     tile_size: tuple[int, int]  # always set: the backbone's tile
 
+    @public(name="DualFrontEnd")
     def __init__(
         self,
         crop: DualPerspectiveCrop,
@@ -98,19 +100,21 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         *,
         combine: str = "mean",
         encode_all: bool = False,
-        fn: str = "DualFrontEnd",
+        fn: str | None = None,
     ) -> None:
+        # fn is ignored and going away (encoder.py still passes it; its HighResEncoder boundary, the outer
+        # one, names these errors when it builds the front end).
         if not isinstance(crop, DualPerspectiveCrop):
-            raise TypeError(f"{fn}: crop is a {type(crop).__name__}; pass a DualPerspectiveCrop.")
+            raise TypeError(f"crop is a {type(crop).__name__}; pass a DualPerspectiveCrop.")
         super().__init__(crop.tile_size, patch_size)
         if combine not in COMBINES:
-            raise ValueError(f"{fn}: combine={combine!r} is not one of {COMBINES}; pass one of them.")
+            raise ValueError(f"combine={combine!r} is not one of {COMBINES}; pass one of them.")
         if combine == "mean" and not crop.thumbnail:
             raise ValueError(
-                f"{fn}: combine='mean' averages with the thumbnail's tokens, but the crop has thumbnail=False. "
-                f"Build the crop with thumbnail=True, or pass combine='none'."
+                "combine='mean' averages with the thumbnail's tokens, but the crop has thumbnail=False. "
+                "Build the crop with thumbnail=True, or pass combine='none'."
             )
-        self.crop, self.combine, self.encode_all = crop, combine, as_bool(encode_all, "encode_all", fn)
+        self.crop, self.combine, self.encode_all = crop, combine, as_bool(encode_all, "encode_all")
 
     @property
     def thumbnail(self) -> bool:
@@ -132,18 +136,19 @@ class DualFrontEnd(FrontEnd[DualPlan]):
 
         return DualPerspectiveEnhancement(width, heads=default_heads(width))
 
-    def check_dem(self, dem, width: int, fn: str = "HighResEncoder") -> None:
+    def check_dem(self, dem, width: int, fn: str | None = None) -> None:
         """Refuse what cannot run: no DEM with ``combine="mean"``, a DEM of another width, and, for a fixed
         grid, a DEM whose token count cannot be averaged with the thumbnail's (an ``"auto"`` grid is
         checked per grid, when a size is planned)."""
+        # fn is ignored and going away (the caller's public boundary names the errors).
         if dem is None:
             if self.combine == "mean":
                 raise ValueError(
-                    f"{fn}: combine='mean' averages the DEM's tokens with the thumbnail's, but dem=None. Pass "
-                    f"dem='default' (or a DualPerspectiveEnhancement), or combine='concat'/'none'."
+                    "combine='mean' averages the DEM's tokens with the thumbnail's, but dem=None. Pass "
+                    "dem='default' (or a DualPerspectiveEnhancement), or combine='concat'/'none'."
                 )
             return
-        check_dem_width(dem, width, fn)
+        check_dem_width(dem, width)
         if isinstance(self.crop.grid, tuple):
             self._check_mean(self.crop.grid, dem)
 
@@ -152,15 +157,16 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         (ht, wt), got = self.tile_tokens, int(dem.num_tokens(grid, self.tile_tokens))
         if self.combine == "mean" and got != ht * wt:
             raise ValueError(
-                f"HighResEncoder: combine='mean' needs the DEM to return {ht * wt} tokens (one per thumbnail "
+                f"combine='mean' needs the DEM to return {ht * wt} tokens (one per thumbnail "
                 f"token) but at grid {tuple(grid)} it returns {got}. Use a DEM reduction back to ({ht}, {wt}) "
                 f"or combine='concat'."
             )
 
+    @public(name="DualFrontEnd.required_subimages")
     def required_subimages(self, grid, encode_all: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local_needed, global_needed)``, two ``(N,)`` bool masks of the sub-images that are encoded."""
         n = grid[0] * grid[1]
-        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all", "required_subimages")
+        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all")
         if self.dem is None or everything:
             return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
         dem: Any = self.held_dem()  # a DEM module, or your own with num_tokens / required_subimages
@@ -230,12 +236,13 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         """``thumbnail_tokens``: ``(b, ht*wt, D)``, the thumbnail's ViT tokens, when it was encoded."""
         return {"thumbnail_tokens": feats[2][:, 0]} if plan.thumbnail else {}
 
+    @public(name="DualFrontEnd.combine_tokens")
     def combine_tokens(self, hi: torch.Tensor, thumb: torch.Tensor | None) -> torch.Tensor:
         """``hi`` ``(b, T_hi, D)`` and ``thumb`` ``(b, ht*wt, D)`` -> ``(b, T, D)`` by ``combine``."""
         if self.combine == "mean":
             if thumb is None:
                 raise ValueError(
-                    "DualFrontEnd.combine_tokens: combine='mean' averages with the thumbnail's tokens, "
+                    "combine='mean' averages with the thumbnail's tokens, "
                     "but thumb=None. Pass the thumbnail's tokens (subimage_features' thumbnail)."
                 )
             return (hi + thumb.to(hi.dtype)) / 2
@@ -244,8 +251,9 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         return hi
 
     # --- crop and encode only ------------------------------------------------------------------------------
+    @public(name="DualFrontEnd.subimage_features")
     def subimage_features(
-        self, pixels, encode, encode_all=None, thumbnail=None, fn: str = "DualFrontEnd.subimage_features"
+        self, pixels, encode, encode_all=None, thumbnail=None, fn: str | None = None
     ) -> SubimageFeatures:
         """The ViT tokens of every sub-image, before any enhancement (``encode``: ``(S, 3, h, w)`` pixels ->
         ``(S, ht*wt, D)``, the runner's batched backbone pass).
@@ -255,8 +263,10 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         or ``None`` when the crop has ``thumbnail=False`` or the ``thumbnail`` argument is False.
         ``encode_all`` overrides the front end's setting.
         """
-        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all", fn)
-        with_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail", fn) and self.thumbnail
+        # fn is ignored and going away (encoder.py still passes it; HighResEncoder.subimage_features, the outer
+        # boundary, names these errors when it is the one called).
+        everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all")
+        with_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail") and self.thumbnail
         crops = self.crop(pixels, thumbnail=with_thumb, scale_uint8=True)  # no thumbnail resize when not encoded
         geos, offsets = crops.geometries, crops.offsets
         n_total = crops.local.shape[0]

@@ -47,6 +47,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
+from .._errors import add_context, public
 from .._validation import as_bool, as_image_size
 from ..ops.canvas import CropGeometry
 
@@ -73,12 +74,13 @@ class TokenSegment:
         return self.stop - self.start
 
 
+@public
 def make_layout(*runs) -> tuple[TokenSegment, ...]:
     """Segments from ``(source, length, shape[, newline])`` runs laid end to end."""
     out, start = [], 0
     for run in runs:
         source, length, shape, *rest = run
-        newline = as_bool(rest[0], "newline", "make_layout") if rest else False
+        newline = as_bool(rest[0], "newline") if rest else False
         out.append(TokenSegment(source, start, start + int(length), shape, newline))
         start += int(length)
     return tuple(out)
@@ -149,12 +151,12 @@ def sizes_taken(backbone) -> str:
     return f"its native image_size {backbone.image_size}" + (f"; whole {backbone.patch_size} patches" * dynamic)
 
 
-def check_dem_width(dem, width: int, fn: str) -> None:
+def check_dem_width(dem, width: int) -> None:
     """Refuse a DEM whose ``dim`` is not the backbone's width (before any ViT pass)."""
     dim = getattr(dem, "dim", None)
     if isinstance(dim, int) and not isinstance(dim, bool) and dim != width:
         raise ValueError(
-            f"{fn}: dem has dim={dim} but the backbone's tokens have width hidden_size={width}; they must be "
+            f"dem has dim={dim} but the backbone's tokens have width hidden_size={width}; they must be "
             f"equal (found here, before any ViT pass). Build the DEM for this backbone, e.g. "
             f"DualPerspectiveEnhancement({width}, heads=...), or use the backbone the DEM was trained with."
         )
@@ -192,7 +194,13 @@ class FrontEnd(nn.Module, Generic[PlanT]):
 
             @functools.wraps(plan)
             def checked_plan(self, image_size, *args, **kw):
-                return plan(self, as_image_size(image_size, f"{type(self).__name__}.plan"), *args, **kw)
+                # The public boundary of every front end's plan, named per call after the front end's class
+                # (an outer boundary, e.g. HighResEncoder.plan, names the error instead when it is the one called).
+                try:
+                    return plan(self, as_image_size(image_size), *args, **kw)
+                except (ValueError, TypeError) as err:
+                    add_context(err, f"{type(self).__name__}.plan")
+                    raise
 
             checked_plan._checks_image_size = True  # type: ignore[attr-defined]
             cls.plan = checked_plan  # type: ignore[method-assign]
@@ -207,7 +215,10 @@ class FrontEnd(nn.Module, Generic[PlanT]):
     def tile_tokens(self) -> tuple[int, int]:
         """``(ht, wt)``: backbone tokens per tile side (whole patches)."""
         if self.tile_size is None:
-            raise ValueError(f"{type(self).__name__}: tile_tokens of a front end without a tile size (tile_size=None).")
+            raise ValueError(
+                f"the front end {type(self).__name__} has tile_size=None (views of no fixed size), so it has no "
+                f"tile_tokens. Use a front end built with a tile_size, or read token shapes off plan(...).layout."
+            )
         return self.tile_size[0] // self.patch_size[0], self.tile_size[1] // self.patch_size[1]
 
     def token_width(self, width: int) -> int:
@@ -215,31 +226,33 @@ class FrontEnd(nn.Module, Generic[PlanT]):
         assembly changes it: a pixel shuffle, a channel concatenation)."""
         return width
 
-    def check_backbone(self, backbone, fn: str = "HighResEncoder") -> None:
+    def check_backbone(self, backbone, fn: str | None = None) -> None:
         """Refuse a backbone this front end cannot run on: other patches, or tiles it does not take."""
+        # fn is ignored and going away (the caller's public boundary names the errors).
         if tuple(self.patch_size) != tuple(backbone.patch_size):
             raise ValueError(
-                f"{fn}: the front end has patch_size={self.patch_size} but the backbone's patches are "
+                f"the front end has patch_size={self.patch_size} but the backbone's patches are "
                 f"{backbone.patch_size}. Build the front end with patch_size={backbone.patch_size}."
             )
         if self.tile_size is not None and not backbone_accepts(backbone, self.tile_size):
             raise ValueError(
-                f"{fn}: crop has tile_size={self.tile_size} but the backbone does not take views of that size "
+                f"crop has tile_size={self.tile_size} but the backbone does not take views of that size "
                 f"({sizes_taken(backbone)}). Build the crop with tile_size={backbone.image_size}."
             )
 
     # --- owned parts -----------------------------------------------------------------------------------
-    def attach_dem(self, dem, width: int, fn: str = "HighResEncoder") -> None:
+    def attach_dem(self, dem, width: int, fn: str | None = None) -> None:
         """Make ``dem`` this front end's DEM: ``"default"`` keeps the one it holds, else :meth:`default_dem`;
         ``None`` removes it; a module is checked by :meth:`check_dem` first (a refusal changes nothing)."""
+        # fn is ignored and going away (the caller's public boundary names the errors).
         if isinstance(dem, str) and dem == "default":
             dem = self.dem if self.dem is not None else self.default_dem(width)
         elif dem is not None and not isinstance(dem, nn.Module):
             raise TypeError(
-                f"{fn}: dem={type(dem).__name__}; pass a DualPerspectiveEnhancement, 'default' or None. To load "
+                f"dem={type(dem).__name__}; pass a DualPerspectiveEnhancement, 'default' or None. To load "
                 f"released weights use hrperc.pretrained.inf_llava.load_dem(path)."
             )
-        self.check_dem(dem, width, fn)
+        self.check_dem(dem, width)
         self.dem = dem
 
     def default_dem(self, width: int) -> nn.Module | None:
@@ -252,24 +265,25 @@ class FrontEnd(nn.Module, Generic[PlanT]):
 
         return DualPerspectiveEnhancement(width, heads=default_heads(width), reduction="none")
 
-    def check_dem(self, dem, width: int, fn: str = "HighResEncoder") -> None:
+    def check_dem(self, dem, width: int, fn: str | None = None) -> None:
         """Refuse a DEM (or ``None``) this front end cannot run, before anything is changed. A DCM+DEM
         upgrade puts the DEM's output where the tiles' ``(gh*ht, gw*wt)`` map was, so the DEM must return
         that whole map (``reduction="none"``) for every grid: checked here, never a reshape error later."""
+        # fn is ignored and going away (the caller's public boundary names the errors).
         name = type(self).__name__
         if dem is not None and not self.uses_dem:
             raise ValueError(
-                f"{fn}: a DEM was given but the front end {name} does not use one. Build the front end with "
+                f"a DEM was given but the front end {name} does not use one. Build the front end with "
                 f"dcm=True (strided views and the DEM), or pass dem=None."
             )
         if dem is None:
             if self.uses_dem:
                 raise ValueError(
-                    f"{fn}: the front end {name} was built with dcm=True and needs a DEM, but dem=None. Pass "
+                    f"the front end {name} was built with dcm=True and needs a DEM, but dem=None. Pass "
                     f"dem='default' or a DualPerspectiveEnhancement(..., reduction='none')."
                 )
             return
-        check_dem_width(dem, width, fn)
+        check_dem_width(dem, width)
         ht, wt = self.tile_tokens
         reduction = getattr(dem, "reduction", "none")
         fix = (
@@ -278,7 +292,7 @@ class FrontEnd(nn.Module, Generic[PlanT]):
         )
         if reduction != "none":
             raise ValueError(
-                f"{fn}: dem has reduction={reduction!r}, but the front end {name} (dcm=True) puts the DEM's output "
+                f"dem has reduction={reduction!r}, but the front end {name} (dcm=True) puts the DEM's output "
                 f"in place of the tiles' full (gh*ht, gw*wt) token map, which needs reduction='none' (a "
                 f"reduction returns one tile's worth). {fix}."
             )
@@ -287,7 +301,7 @@ class FrontEnd(nn.Module, Generic[PlanT]):
                 got, want = int(dem.num_tokens(grid, (ht, wt))), grid[0] * ht * grid[1] * wt
                 if got != want:
                     raise ValueError(
-                        f"{fn}: dem.num_tokens({grid}, {(ht, wt)}) = {got}, but the front end {name} (dcm=True) "
+                        f"dem.num_tokens({grid}, {(ht, wt)}) = {got}, but the front end {name} (dcm=True) "
                         f"needs the whole (gh*ht, gw*wt) map, {want} tokens, back from the DEM (output_size="
                         f"{getattr(dem, 'output_size', None)!r}). {fix}."
                     )

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import public
+from .._validation import as_int
+
 __all__ = ["FusionMode", "FUSIONS", "Fusion"]
 
 FusionMode = Literal["released", "linear_concat", "add", "weighted_add", "multiply", "maxpool", "conv3x3"]
@@ -59,14 +62,17 @@ class Fusion(nn.Module):
         128.0
     """
 
+    @public(name="Fusion")
     def __init__(self, dim: int, mode: FusionMode = "released", *, device=None, dtype=None) -> None:
         super().__init__()
         if mode not in FUSIONS:
-            raise ValueError(f"Fusion: mode={mode!r} is not a known fusion; pass one of {FUSIONS}.")
+            raise ValueError(f"mode={mode!r} is not a known fusion; pass one of {FUSIONS}.")
         need = {"released": 16, "linear_concat": 2}.get(mode, 1)
-        if not isinstance(dim, int) or dim < 1 or dim % need:
+        # Not an int: TypeError, an int below 1: ValueError (as_int), as for every count in hrperc.
+        dim = as_int(dim, "dim", example="dim=1024")
+        if dim % need:
             raise ValueError(
-                f"Fusion: dim={dim!r} with mode={mode!r}; dim must be a positive multiple of {need} "
+                f"dim={dim!r} with mode={mode!r}; dim must be a positive multiple of {need} "
                 f"(the {mode} fusion uses D/{need}-wide layers). Pick e.g. dim=1024."
             )
         self.dim, self.mode = dim, mode
@@ -96,6 +102,7 @@ class Fusion(nn.Module):
         """
         return self.mode in ("linear_concat", "add", "weighted_add")
 
+    @public(name="Fusion")
     def forward(self, local: torch.Tensor, global_: torch.Tensor, hw=None) -> torch.Tensor:
         """Fuse the enhanced local and global tokens.
 
@@ -124,7 +131,7 @@ class Fusion(nn.Module):
             return torch.maximum(local, global_)
         if not isinstance(hw, tuple | list) or len(hw) != 2 or hw[0] * hw[1] != local.shape[1]:
             raise ValueError(
-                f"Fusion: mode='conv3x3' convolves the tokens as a map, so it needs hw=(Ht, Wt) with Ht*Wt = L; the "
+                f"mode='conv3x3' convolves the tokens as a map, so it needs hw=(Ht, Wt) with Ht*Wt = L; the "
                 f"inputs have shape {tuple(local.shape)} (L = {local.shape[1]}) but hw={hw!r}. Pass the map size, "
                 f"e.g. hw=(gh*ht, gw*wt) (the DEM does), or use a per-token mode such as 'linear_concat'."
             )

@@ -20,11 +20,15 @@ import re
 
 from torch import nn
 
+from .._errors import public
+from .._validation import as_int
+
 __all__ = ["build_projector"]
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
 
+@public
 def build_projector(kind: str, in_dim: int, out_dim: int, *, device=None, dtype=None) -> nn.Module:
     """An ``(..., in_dim) -> (..., out_dim)`` projector named as in LLaVA's ``mm_projector_type``.
 
@@ -39,24 +43,23 @@ def build_projector(kind: str, in_dim: int, out_dim: int, *, device=None, dtype=
           (4): Linear(in_features=16, out_features=16, bias=True)
         )
     """
-    fn = "build_projector"
-    for name, v in (("in_dim", in_dim), ("out_dim", out_dim)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{fn}: {name}={v!r}; must be a positive int (e.g. 1024 for CLIP ViT-L).")
+    # Not an int: TypeError, an int below 1: ValueError (as_int), as for every count in hrperc.
+    in_dim = as_int(in_dim, "in_dim", example="in_dim=1024 (CLIP ViT-L's width)")
+    out_dim = as_int(out_dim, "out_dim", example="out_dim=4096 (a 7B LLM's width)")
     kw = dict(device=device, dtype=dtype)
     if kind == "linear":
         return nn.Linear(in_dim, out_dim, **kw)
     if kind == "identity":
         if in_dim != out_dim:
             raise ValueError(
-                f"{fn}: kind='identity' needs in_dim == out_dim, got in_dim={in_dim} and out_dim={out_dim}. Pass "
+                f"kind='identity' needs in_dim == out_dim, got in_dim={in_dim} and out_dim={out_dim}. Pass "
                 f"out_dim={in_dim}, or a kind that changes the width such as 'linear' or 'mlp2x_gelu'."
             )
         return nn.Identity()
     match = _MLP.match(kind) if isinstance(kind, str) else None
     if match is None or int(match.group(1)) < 1:
         raise ValueError(
-            f"{fn}: kind={kind!r} is not a known projector; pass one of 'linear', 'identity' or 'mlp{{n}}x_gelu' "
+            f"kind={kind!r} is not a known projector; pass one of 'linear', 'identity' or 'mlp{{n}}x_gelu' "
             "(n >= 1, e.g. 'mlp2x_gelu' as in LLaVA-1.5 and INF-LLaVA)."
         )
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, **kw)]

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._errors import public
 from .._validation import as_bool, as_image_size, as_int, as_pair
 
 __all__ = [
@@ -66,47 +67,36 @@ ONEVISION_PINPOINTS = tuple((384 * a, 384 * b) for a in range(1, 7) for b in ran
 TIE_BREAKS = ("transformers", "original")
 
 
-def _pinpoints(resolutions, fn: str, name: str = "resolutions") -> tuple[tuple[int, int], ...]:
+def _pinpoints(resolutions, name: str = "resolutions") -> tuple[tuple[int, int], ...]:
     """``(height, width)`` pinpoints as pairs of Python ints (rows of an array or a tensor taken as pairs)."""
     example = [list(p) for p in LLAVA_NEXT_PINPOINTS]
     if isinstance(resolutions, (torch.Tensor, np.ndarray)):
         resolutions = resolutions.tolist()
     if not isinstance(resolutions, Sequence) or isinstance(resolutions, (str, bytes)):
         raise TypeError(
-            f"{fn}: {name}={resolutions!r} is a {type(resolutions).__name__}; pass a list of (height, width) pairs "
+            f"{name}={resolutions!r} is a {type(resolutions).__name__}; pass a list of (height, width) pairs "
             f"of ints, e.g. {example}."
         )
     try:
         pairs = tuple(
-            as_pair(r.tolist() if isinstance(r, (torch.Tensor, np.ndarray)) else r, name, fn) for r in resolutions
+            as_pair(r.tolist() if isinstance(r, (torch.Tensor, np.ndarray)) else r, name) for r in resolutions
         )
     except TypeError as e:
         raise TypeError(
-            f"{fn}: {name}={resolutions!r}; expected a list of (height, width) pairs of ints, e.g. {example}."
+            f"{name}={resolutions!r}; expected a list of (height, width) pairs of ints, e.g. {example}."
         ) from e
     if not pairs:
-        raise ValueError(f"{fn}: {name} is empty; pass at least one (height, width) pinpoint, e.g. {example}.")
+        raise ValueError(f"{name} is empty; pass at least one (height, width) pinpoint, e.g. {example}.")
     return tuple((int(h), int(w)) for h, w in pairs)
 
 
-def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break: str = "transformers"):
-    """The canvas ``(height, width)`` an ``(H, W)`` image gets among ``resolutions`` (see module docs).
-
-    Exactly ``transformers.image_processing_utils.select_best_resolution`` for ``tie_break="transformers"``,
-    and LLaVA-1.6's ``select_best_resolution`` (pinpoints and image size read as ``(width, height)``) for
-    ``"original"``; both return ``(height, width)`` here.
-
-    Example::
-
-        >>> select_resolution((900, 1600))
-        (672, 672)
-    """
-    fn = "select_resolution"
-    H, W = as_image_size(image_size, fn)
-    pairs = _pinpoints(resolutions, fn)
+def _select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break: str = "transformers"):
+    """:func:`select_resolution` without a public boundary (for hrperc's own callers)."""
+    H, W = as_image_size(image_size)
+    pairs = _pinpoints(resolutions)
     if tie_break not in TIE_BREAKS:
         raise ValueError(
-            f"{fn}: tie_break={tie_break!r} is not one of {TIE_BREAKS}. Pass 'transformers' (LlavaNextProcessor's "
+            f"tie_break={tie_break!r} is not one of {TIE_BREAKS}. Pass 'transformers' (LlavaNextProcessor's "
             f"reading, the default) or 'original' (the LLaVA-1.6 research code's)."
         )
     if tie_break == "original":  # the same scoring, with each pinpoint read as (width, height)
@@ -121,6 +111,23 @@ def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break
     return best  # when every canvas keeps 0 pixels (a side scales below 1 px), the first one, as the reference
 
 
+@public
+def select_resolution(image_size, resolutions=LLAVA_NEXT_PINPOINTS, *, tie_break: str = "transformers"):
+    """The canvas ``(height, width)`` an ``(H, W)`` image gets among ``resolutions`` (see module docs).
+
+    Exactly ``transformers.image_processing_utils.select_best_resolution`` for ``tie_break="transformers"``,
+    and LLaVA-1.6's ``select_best_resolution`` (pinpoints and image size read as ``(width, height)``) for
+    ``"original"``; both return ``(height, width)`` here.
+
+    Example::
+
+        >>> select_resolution((900, 1600))
+        (672, 672)
+    """
+    return _select_resolution(image_size, resolutions, tie_break=tie_break)
+
+
+@public
 def resized_size(image_size, canvas) -> tuple[int, int]:
     """``(h, w)`` of the image resized into ``canvas = (height, width)`` keeping its aspect ratio.
 
@@ -132,15 +139,28 @@ def resized_size(image_size, canvas) -> tuple[int, int]:
         >>> resized_size((1000, 800), (1008, 672))
         (840, 672)
     """
-    fn = "resized_size"
-    H, W = as_image_size(image_size, fn)
-    ch, cw = as_pair(canvas, "canvas", fn)
+    H, W = as_image_size(image_size)
+    ch, cw = as_pair(canvas, "canvas")
     scale_w, scale_h = cw / W, ch / H
     if scale_w < scale_h:
         return min(math.ceil(H * scale_w), ch), cw
     return ch, min(math.ceil(W * scale_h), cw)
 
 
+def _unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
+    """:func:`unpadded_shape` without a public boundary (for hrperc's own callers)."""
+    H, W = as_image_size(image_size)
+    rows, cols = as_pair(feature_shape, "feature_shape")
+    if W / H > cols / rows:
+        new_rows = int(round(H * (cols / W), 7))
+        rows -= 2 * ((rows - new_rows) // 2)
+    else:
+        new_cols = int(round(W * (rows / H), 7))
+        cols -= 2 * ((cols - new_cols) // 2)
+    return rows, cols
+
+
+@public
 def unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
     """``(rows, cols)`` of a ``feature_shape = (gh*ht, gw*wt)`` map of an ``(H, W)`` image after unpadding.
 
@@ -152,18 +172,23 @@ def unpadded_shape(image_size, feature_shape) -> tuple[int, int]:
         >>> unpadded_shape((1000, 800), (72, 48))
         (60, 48)
     """
-    fn = "unpadded_shape"
-    H, W = as_image_size(image_size, fn)
-    rows, cols = as_pair(feature_shape, "feature_shape", fn)
-    if W / H > cols / rows:
-        new_rows = int(round(H * (cols / W), 7))
-        rows -= 2 * ((rows - new_rows) // 2)
-    else:
-        new_cols = int(round(W * (rows / H), 7))
-        cols -= 2 * ((cols - new_cols) // 2)
+    return _unpadded_shape(image_size, feature_shape)
+
+
+def _shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
+    """:func:`shrunk_shape` without a public boundary (for hrperc's own callers)."""
+    # 0 rows (or columns) is a real unpadded shape: an image so thin that its content rounds to no token row
+    # on an even token grid (224/16 tiles: 14 x 14) keeps rows % 2 == 0 of them; nothing is shrunk then.
+    rows, cols = as_pair(shape, "shape", minimum=0)
+    ht, _ = as_pair(tile_tokens, "tile_tokens")
+    max_tiles = as_int(max_tiles, "max_tiles", example="max_tiles=9 (OneVision's 'anyres_max_9')")
+    ratio = math.sqrt(rows * cols / (max_tiles * ht**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
     return rows, cols
 
 
+@public
 def shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
     """OneVision's ``anyres_max_N`` cap: an unpadded ``(rows, cols)`` map holding more than about ``max_tiles``
     tiles' worth of tokens is shrunk (bilinear, by the model) to ``(rows // r, cols // r)``.
@@ -177,16 +202,7 @@ def shrunk_shape(shape, tile_tokens, max_tiles: int) -> tuple[int, int]:
         >>> shrunk_shape((162, 108), (27, 27), 9), shrunk_shape((81, 81), (27, 27), 9)
         ((99, 66), (81, 81))
     """
-    fn = "shrunk_shape"
-    # 0 rows (or columns) is a real unpadded shape: an image so thin that its content rounds to no token row
-    # on an even token grid (224/16 tiles: 14 x 14) keeps rows % 2 == 0 of them; nothing is shrunk then.
-    rows, cols = as_pair(shape, "shape", fn, minimum=0)
-    ht, _ = as_pair(tile_tokens, "tile_tokens", fn)
-    max_tiles = as_int(max_tiles, "max_tiles", fn, example="max_tiles=9 (OneVision's 'anyres_max_9')")
-    ratio = math.sqrt(rows * cols / (max_tiles * ht**2))
-    if ratio > 1.1:
-        return int(rows // ratio), int(cols // ratio)
-    return rows, cols
+    return _shrunk_shape(shape, tile_tokens, max_tiles)
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,27 @@ class AnyresPlan:
         return self.base_tokens + self.map_tokens
 
 
+def _anyres_plan(
+    image_size,
+    resolutions=LLAVA_NEXT_PINPOINTS,
+    *,
+    tile_size,
+    patch_size,
+    newline: bool = True,
+    tie_break: str = "transformers",
+    max_tiles: int | None = None,
+) -> AnyresPlan:
+    """:func:`anyres_plan` without a public boundary (for hrperc's own callers)."""
+    (th, tw), (ph, pw) = as_pair(tile_size, "tile_size"), as_pair(patch_size, "patch_size")
+    newline = as_bool(newline, "newline")
+    canvas = _select_resolution(image_size, resolutions, tie_break=tie_break)
+    grid, tile_tokens = (canvas[0] // th, canvas[1] // tw), (th // ph, tw // pw)
+    unpadded = _unpadded_shape(image_size, (grid[0] * tile_tokens[0], grid[1] * tile_tokens[1]))
+    shape = unpadded if max_tiles is None else _shrunk_shape(unpadded, tile_tokens, max_tiles)
+    return AnyresPlan(canvas, grid, tile_tokens, unpadded, shape, newline)
+
+
+@public
 def anyres_plan(
     image_size,
     resolutions=LLAVA_NEXT_PINPOINTS,
@@ -235,16 +272,18 @@ def anyres_plan(
         >>> p.canvas, p.grid, p.unpadded, p.num_tokens
         ((672, 672), (2, 2), (48, 38), 2448)
     """
-    fn = "anyres_plan"
-    (th, tw), (ph, pw) = as_pair(tile_size, "tile_size", fn), as_pair(patch_size, "patch_size", fn)
-    newline = as_bool(newline, "newline", fn)
-    canvas = select_resolution(image_size, resolutions, tie_break=tie_break)
-    grid, tile_tokens = (canvas[0] // th, canvas[1] // tw), (th // ph, tw // pw)
-    unpadded = unpadded_shape(image_size, (grid[0] * tile_tokens[0], grid[1] * tile_tokens[1]))
-    shape = unpadded if max_tiles is None else shrunk_shape(unpadded, tile_tokens, max_tiles)
-    return AnyresPlan(canvas, grid, tile_tokens, unpadded, shape, newline)
+    return _anyres_plan(
+        image_size,
+        resolutions,
+        tile_size=tile_size,
+        patch_size=patch_size,
+        newline=newline,
+        tie_break=tie_break,
+        max_tiles=max_tiles,
+    )
 
 
+@public
 def num_tokens(
     image_size,
     resolutions=LLAVA_NEXT_PINPOINTS,
@@ -270,7 +309,7 @@ def num_tokens(
         >>> num_tokens((300, 200), **kw), num_tokens((300, 200), tie_break="original", **kw)   # a tie: 2 canvases
         (984, 1476)
     """
-    return anyres_plan(
+    return _anyres_plan(
         image_size,
         resolutions,
         tile_size=tile_size,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._errors import public
 from .._validation import as_bool, as_image_size, as_pair
 
 __all__ = ["CropGeometry", "candidate_grids", "select_grid", "resize_image", "place_on_canvas", "RESIZE_MODES"]
@@ -57,6 +58,7 @@ class CropGeometry:
         """Canvas pixels per input pixel, ``(sy, sx)``."""
         return self.valid_box[2] / self.input_size[0], self.valid_box[3] / self.input_size[1]
 
+    @public(name="CropGeometry.valid_mask")
     def valid_mask(self, patch: int | tuple[int, int] = 1) -> torch.Tensor:
         """``(gh*(h//ph), gw*(w//pw))`` bool map of the tokens that overlap image content.
 
@@ -73,12 +75,11 @@ class CropGeometry:
             tensor([[1, 1, 1, 0],
                     [1, 1, 1, 0]], dtype=torch.int32)
         """
-        ph, pw = as_pair(patch, "patch", "CropGeometry.valid_mask")
+        ph, pw = as_pair(patch, "patch")
         (gh, gw), (h, w) = self.grid, self.tile_size
         if ph > h or pw > w:
             raise ValueError(
-                f"CropGeometry.valid_mask: patch=({ph}, {pw}) is larger than the tile {self.tile_size}. Pass "
-                f"the backbone's patch size."
+                f"patch=({ph}, {pw}) is larger than the tile {self.tile_size}. Pass the backbone's patch size."
             )
         top, left, height, width = self.valid_box
 
@@ -90,6 +91,7 @@ class CropGeometry:
         return covered(gh, h, ph, top, height)[:, None] & covered(gw, w, pw, left, width)[None, :]
 
 
+@public
 def candidate_grids(max_tiles: int, min_tiles: int = 1, *, image_size=None, tile_size=None, rule: str = "resolution"):
     """The grids ``(gh, gw)`` :func:`select_grid` chooses among, ordered by tile count then ``gh``.
 
@@ -110,18 +112,17 @@ def candidate_grids(max_tiles: int, min_tiles: int = 1, *, image_size=None, tile
         >>> len(candidate_grids(10**6, image_size=(1008, 1344), tile_size=336))
         6
     """
-    fn = "candidate_grids"
-    _check_tiles(max_tiles, min_tiles, fn)
+    _check_tiles(max_tiles, min_tiles)
     if image_size is None and tile_size is None:
         return _all_grids(max_tiles, min_tiles)
     if image_size is None or tile_size is None:
         raise TypeError(
-            f"{fn}: image_size={image_size!r}, tile_size={tile_size!r}; pass both (the grids that can win for "
+            f"image_size={image_size!r}, tile_size={tile_size!r}; pass both (the grids that can win for "
             f"that image) or neither (every grid within the tile counts)."
         )
-    H0, W0 = as_image_size(image_size, fn)
-    h, w = as_pair(tile_size, "tile_size", fn)
-    _check_rule(rule, fn)
+    H0, W0 = as_image_size(image_size)
+    h, w = as_pair(tile_size, "tile_size")
+    _check_rule(rule)
     return list(_search_grids(H0, W0, h, w, int(max_tiles), int(min_tiles), rule))
 
 
@@ -208,14 +209,15 @@ def _aspect_grids(H0: int, W0: int, h: int, w: int, max_tiles: int, min_tiles: i
     return tuple(sorted(found, key=lambda g: (g[0] * g[1], g[0])))
 
 
-def _check_rule(rule, fn: str) -> None:
+def _check_rule(rule) -> None:
     if rule not in _RULES:
         raise ValueError(
-            f"{fn}: rule={rule!r} is not one of {_RULES}. Pass one of them: 'resolution' (LLaVA-NeXT's best "
+            f"rule={rule!r} is not one of {_RULES}. Pass one of them: 'resolution' (LLaVA-NeXT's best "
             f"resolution) or 'aspect' (InternVL's closest aspect ratio)."
         )
 
 
+@public
 def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, rule: str = "resolution"):
     """Best-fit grid ``(gh, gw)`` for an ``(H0, W0)`` image under ``max_tiles`` (see module docs).
 
@@ -238,11 +240,10 @@ def select_grid(image_size, tile_size, max_tiles: int = 9, min_tiles: int = 1, r
         >>> select_grid((100000, 20), 336, max_tiles=12)
         (12, 1)
     """
-    fn = "select_grid"
-    H0, W0 = as_image_size(image_size, fn)
-    h, w = as_pair(tile_size, "tile_size", fn)
-    _check_tiles(max_tiles, min_tiles, fn)
-    _check_rule(rule, fn)
+    H0, W0 = as_image_size(image_size)
+    h, w = as_pair(tile_size, "tile_size")
+    _check_tiles(max_tiles, min_tiles)
+    _check_rule(rule)
     return _best_grid(H0, W0, h, w, int(max_tiles), int(min_tiles), rule)
 
 
@@ -281,24 +282,24 @@ def _best_grid(H0: int, W0: int, h: int, w: int, max_tiles: int, min_tiles: int,
     return best
 
 
-def _check_tiles(max_tiles, min_tiles, fn):
+def _check_tiles(max_tiles, min_tiles):
     for name, v in (("max_tiles", max_tiles), ("min_tiles", min_tiles)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):
             raise TypeError(
-                f"{fn}: {name}={v!r} is a {type(v).__name__}; it must be an integer >= 1 (a tile count). "
+                f"{name}={v!r} is a {type(v).__name__}; it must be an integer >= 1 (a tile count). "
                 f"Pass a whole number, e.g. {name}={int(v) if isinstance(v, float) and v.is_integer() else 9}."
             )
         if v < 1:
-            raise ValueError(f"{fn}: {name}={v!r}; it must be an integer >= 1 (a tile count). Pass e.g. {name}=1.")
+            raise ValueError(f"{name}={v!r}; it must be an integer >= 1 (a tile count). Pass e.g. {name}=1.")
     if min_tiles > max_tiles:
-        raise ValueError(f"{fn}: min_tiles={min_tiles} > max_tiles={max_tiles}. Lower min_tiles or raise max_tiles.")
+        raise ValueError(f"min_tiles={min_tiles} > max_tiles={max_tiles}. Lower min_tiles or raise max_tiles.")
 
 
-def _check_fill(fill, fn: str):
+def _check_fill(fill):
     """``fill`` as a plain Python number (int kept exact), or a TypeError."""
     if isinstance(fill, torch.Tensor) or not isinstance(fill, numbers.Real):
         raise TypeError(
-            f"{fn}: fill={fill!r} is a {type(fill).__name__}; it must be a Python number (the padding value). "
+            f"fill={fill!r} is a {type(fill).__name__}; it must be a Python number (the padding value). "
             f"Pass e.g. fill=0 (for a 0-d tensor, fill=t.item())."
         )
     if isinstance(fill, numbers.Integral):
@@ -306,36 +307,22 @@ def _check_fill(fill, fn: str):
     if not math.isfinite(fill):
         fill = float(fill)
         raise ValueError(
-            f"{fn}: fill={fill!r} is not a finite number; padded pixels would hold {fill!r} and poison every "
+            f"fill={fill!r} is not a finite number; padded pixels would hold {fill!r} and poison every "
             f"token that sees them (nan) or overflow the normalisation (inf). Pass a finite fill, e.g. fill=0.0 "
             f"(black) or fill=0.5 (grey)."
         )
     return float(fill)
 
 
-def resize_image(
+def _resize_image(
     img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = True, *, scale_uint8: bool = False
 ) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, C, *size)`` by ``mode``, computed in float32 and cast back (as timm does).
-
-    ``antialias`` applies to ``"bilinear"``/``"bicubic"`` only; an image already of ``size`` is returned
-    as is. ``scale_uint8=True`` reads a uint8 image as ``[0, 255]`` pixels and returns float32 in ``[0, 1]``,
-    bit-identical to ``resize_image(img.float() / 255, size, ...)``.
-
-    Memory: a non-float32 image (fp16, bf16, uint8) is converted to float32 a few channels at a time
-    (at most ``_RESIZE_CHUNK_BYTES`` of float32, or one channel), never as a whole: channels resize
-    independently, so the result is bit-identical to converting the whole image first.
-
-    Example::
-
-        >>> resize_image(torch.rand(1, 3, 10, 20), (5, 10)).shape
-        torch.Size([1, 3, 5, 10])
-    """
-    antialias = as_bool(antialias, "antialias", "resize_image")
-    scale_uint8 = as_bool(scale_uint8, "scale_uint8", "resize_image")
+    """:func:`resize_image` without a public boundary (for hrperc's own callers)."""
+    antialias = as_bool(antialias, "antialias")
+    scale_uint8 = as_bool(scale_uint8, "scale_uint8")
     if scale_uint8 and img.dtype != torch.uint8:
         raise TypeError(
-            f"resize_image: scale_uint8=True reads uint8 pixels, but img has dtype {img.dtype}. Pass "
+            f"scale_uint8=True reads uint8 pixels, but img has dtype {img.dtype}. Pass "
             f"scale_uint8=False for it (float images are resized as they are)."
         )
     if tuple(img.shape[-2:]) == tuple(size):
@@ -364,6 +351,63 @@ def resize_image(
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+@public
+def resize_image(
+    img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = True, *, scale_uint8: bool = False
+) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C, *size)`` by ``mode``, computed in float32 and cast back (as timm does).
+
+    ``antialias`` applies to ``"bilinear"``/``"bicubic"`` only; an image already of ``size`` is returned
+    as is. ``scale_uint8=True`` reads a uint8 image as ``[0, 255]`` pixels and returns float32 in ``[0, 1]``,
+    bit-identical to ``resize_image(img.float() / 255, size, ...)``.
+
+    Memory: a non-float32 image (fp16, bf16, uint8) is converted to float32 a few channels at a time
+    (at most ``_RESIZE_CHUNK_BYTES`` of float32, or one channel), never as a whole: channels resize
+    independently, so the result is bit-identical to converting the whole image first.
+
+    Example::
+
+        >>> resize_image(torch.rand(1, 3, 10, 20), (5, 10)).shape
+        torch.Size([1, 3, 5, 10])
+    """
+    return _resize_image(img, size, mode, antialias, scale_uint8=scale_uint8)
+
+
+def _place_on_canvas(
+    img: torch.Tensor,
+    geometry: CropGeometry,
+    mode: str = "bicubic",
+    antialias: bool = True,
+    fill: float = 0.0,
+    *,
+    scale_uint8: bool = False,
+) -> torch.Tensor:
+    """:func:`place_on_canvas` without a public boundary (for hrperc's own callers)."""
+    antialias = as_bool(antialias, "antialias")
+    scale_uint8 = as_bool(scale_uint8, "scale_uint8")
+    if geometry.fit == "resize":
+        return _resize_image(img, geometry.canvas_size, mode, antialias, scale_uint8=scale_uint8)
+    top, left, height, width = geometry.valid_box
+    if scale_uint8:
+        if img.dtype != torch.uint8:
+            raise TypeError(
+                f"scale_uint8=True reads uint8 pixels, but img has dtype {img.dtype}. Pass scale_uint8=False for it."
+            )
+        canvas = img.new_full((*img.shape[:2], *geometry.canvas_size), float(fill), dtype=torch.float32)
+        region = canvas[..., top : top + height, left : left + width]
+        if geometry.fit == "pad":
+            region.copy_(img).div_(255.0)  # in place: the same values as img.float() / 255, no temporary
+        else:
+            region.copy_(_resize_image(img, (height, width), mode, antialias, scale_uint8=True))
+        return canvas
+    content = img if geometry.fit == "pad" else _resize_image(img, (height, width), mode, antialias)
+    fill = fill if img.is_floating_point() or img.is_complex() else int(fill)  # integer fills are whole numbers
+    canvas = img.new_full((*img.shape[:2], *geometry.canvas_size), fill)
+    canvas[..., top : top + height, left : left + width] = content
+    return canvas
+
+
+@public
 def place_on_canvas(
     img: torch.Tensor,
     geometry: CropGeometry,
@@ -390,26 +434,4 @@ def place_on_canvas(
                 [1., 1., 1., 1., 1., 1., 0., 0.],
                 [0., 0., 0., 0., 0., 0., 0., 0.]])
     """
-    antialias = as_bool(antialias, "antialias", "place_on_canvas")
-    scale_uint8 = as_bool(scale_uint8, "scale_uint8", "place_on_canvas")
-    if geometry.fit == "resize":
-        return resize_image(img, geometry.canvas_size, mode, antialias, scale_uint8=scale_uint8)
-    top, left, height, width = geometry.valid_box
-    if scale_uint8:
-        if img.dtype != torch.uint8:
-            raise TypeError(
-                f"place_on_canvas: scale_uint8=True reads uint8 pixels, but img has dtype {img.dtype}. Pass "
-                f"scale_uint8=False for it."
-            )
-        canvas = img.new_full((*img.shape[:2], *geometry.canvas_size), float(fill), dtype=torch.float32)
-        region = canvas[..., top : top + height, left : left + width]
-        if geometry.fit == "pad":
-            region.copy_(img).div_(255.0)  # in place: the same values as img.float() / 255, no temporary
-        else:
-            region.copy_(resize_image(img, (height, width), mode, antialias, scale_uint8=True))
-        return canvas
-    content = img if geometry.fit == "pad" else resize_image(img, (height, width), mode, antialias)
-    fill = fill if img.is_floating_point() or img.is_complex() else int(fill)  # integer fills are whole numbers
-    canvas = img.new_full((*img.shape[:2], *geometry.canvas_size), fill)
-    canvas[..., top : top + height, left : left + width] = content
-    return canvas
+    return _place_on_canvas(img, geometry, mode, antialias, fill, scale_uint8=scale_uint8)

@@ -41,8 +41,9 @@ import torch
 from einops import rearrange
 
 from .._cache import tensor_cache
+from .._errors import public
 from .._validation import as_grid, as_pair, check_ndim, check_nonempty
-from .geometry import WindowKind, check_kind, infer_tile_size
+from .geometry import WindowKind, _resolve_tile_size, check_kind
 
 __all__ = [
     "Layout",
@@ -74,19 +75,19 @@ _LAYOUT_DOC = {"nchw": "(B, C, H, W)", "nhwc": "(B, H, W, C)", "nlc": "(B, H*W, 
 _STACK_DOC = {"nchw": "(B*N, C, h, w)", "nhwc": "(B*N, h, w, C)", "nlc": "(B*N, h*w, C)"}
 
 
-def _check_layout(layout, fn: str) -> None:
+def _check_layout(layout) -> None:
     if layout not in _LAYOUTS:
         raise ValueError(
-            f"{fn}: layout={layout!r} is not one of {_LAYOUTS}. Pass one of them, the one matching the input: "
+            f"layout={layout!r} is not one of {_LAYOUTS}. Pass one of them, the one matching the input: "
             f"'nchw' for (B, C, H, W) images, 'nhwc' for (B, H, W, C) maps, 'nlc' for (B, H*W, C) tokens."
         )
 
 
-def _check_nlc_only(value, arg: str, layout: str, fn: str, name: str) -> None:
+def _check_nlc_only(value, arg: str, layout: str, name: str) -> None:
     """``size=``/``tile_size=`` describe flat token stacks only; refuse them elsewhere instead of ignoring them."""
     if value is not None and layout != "nlc":
         raise ValueError(
-            f"{fn}: {arg}={value!r} was given with layout={layout!r}, but {arg}= applies only to layout='nlc' "
+            f"{arg}={value!r} was given with layout={layout!r}, but {arg}= applies only to layout='nlc' "
             f"(flat tokens, whose 2D size the shape cannot tell). With layout={layout!r} the size is read from "
             f"the shape of {name}. Drop {arg}=, or pass flat tokens with layout='nlc'."
         )
@@ -134,6 +135,58 @@ _STACK_DIMS = {
 }
 
 
+def _crop(x: torch.Tensor, grid, kind: WindowKind, layout: Layout, size) -> torch.Tensor:
+    """:func:`crop` without a public boundary: the public function that calls it names its errors."""
+    check_kind(kind, "kind")
+    _check_layout(layout)
+    gh, gw = as_grid(grid)
+    ndim = 3 if layout == "nlc" else 4
+    check_ndim(x, ndim, "x", None, _LAYOUT_DOC[layout])
+    _check_nlc_only(size, "size", layout, "x")
+    check_nonempty(x, "x", None, _MAP_DIMS[layout])
+    shape = f"x has shape {tuple(x.shape)}"
+    if layout == "nchw":
+        H, W = x.shape[2], x.shape[3]
+    elif layout == "nhwc":
+        H, W = x.shape[1], x.shape[2]
+    else:
+        H, W = _resolve_tile_size(x.shape[1], size, shape=tuple(x.shape), arg="size", what="tokens per map")
+    for dim_name, extent, g, gname in (("height", H, gh, "grid height"), ("width", W, gw, "grid width")):
+        if extent % g != 0:
+            raise ValueError(
+                f"{shape}; {dim_name} {extent} is not divisible by {gname} {g}. "
+                f"Resize or pad to a multiple of {g} (DualPerspectiveCrop does this)."
+            )
+    src, dst = _PATTERNS[(layout, kind)]
+    return rearrange(x, f"{src} -> {dst}", i=gh, j=gw, h=H // gh)
+
+
+def _merge(tiles: torch.Tensor, grid, kind: WindowKind, layout: Layout, tile_size) -> torch.Tensor:
+    """:func:`merge` without a public boundary: the public function that calls it names its errors."""
+    check_kind(kind, "kind")
+    _check_layout(layout)
+    gh, gw = as_grid(grid)
+    ndim = 3 if layout == "nlc" else 4
+    check_ndim(tiles, ndim, "tiles", None, _STACK_DOC[layout])
+    _check_nlc_only(tile_size, "tile_size", layout, "tiles")
+    check_nonempty(tiles, "tiles", None, _STACK_DIMS[layout])
+    n = gh * gw
+    if tiles.shape[0] % n != 0:
+        raise ValueError(
+            f"tiles has shape {tuple(tiles.shape)}; its first dimension {tiles.shape[0]} must be a "
+            f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check the grid or the stack."
+        )
+    if layout == "nchw":
+        h = tiles.shape[2]
+    elif layout == "nhwc":
+        h = tiles.shape[1]
+    else:
+        h, _ = _resolve_tile_size(tiles.shape[1], tile_size, shape=tuple(tiles.shape))
+    src, dst = _PATTERNS[(layout, kind)]
+    return rearrange(tiles, f"{dst} -> {src}", i=gh, j=gw, h=h)
+
+
+@public
 def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layout = "nchw", size=None):
     """Cut ``x`` into ``N = gh*gw`` sub-images, contiguous (local) or strided (global).
 
@@ -150,34 +203,10 @@ def crop(x: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layo
         >>> crop(x, (2, 3), "strided").shape
         torch.Size([6, 3, 336, 336])
     """
-    fn = "local_crop" if kind == "contiguous" else "stride_crop"
-    check_kind(kind, "kind", "crop")
-    _check_layout(layout, fn)
-    gh, gw = as_grid(grid, fn)
-    ndim = 3 if layout == "nlc" else 4
-    check_ndim(x, ndim, "x", fn, _LAYOUT_DOC[layout])
-    _check_nlc_only(size, "size", layout, fn, "x")
-    check_nonempty(x, "x", fn, _MAP_DIMS[layout])
-    shape = f"x has shape {tuple(x.shape)}"
-    if layout == "nchw":
-        H, W = x.shape[2], x.shape[3]
-    elif layout == "nhwc":
-        H, W = x.shape[1], x.shape[2]
-    else:
-        if size is None:
-            H, W = infer_tile_size(x.shape[1], fn=fn, shape=tuple(x.shape), arg="size", what="tokens per map")
-        else:
-            H, W = infer_tile_size(x.shape[1], size, fn=fn, shape=tuple(x.shape), arg="size", what="tokens per map")
-    for dim_name, extent, g, gname in (("height", H, gh, "grid height"), ("width", W, gw, "grid width")):
-        if extent % g != 0:
-            raise ValueError(
-                f"{fn}: {shape}; {dim_name} {extent} is not divisible by {gname} {g}. "
-                f"Resize or pad to a multiple of {g} (DualPerspectiveCrop does this)."
-            )
-    src, dst = _PATTERNS[(layout, kind)]
-    return rearrange(x, f"{src} -> {dst}", i=gh, j=gw, h=H // gh)
+    return _crop(x, grid, kind, layout, size)
 
 
+@public
 def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout: Layout = "nchw", tile_size=None):
     """Exact inverse of :func:`crop`: put ``(B*N, ...)`` sub-images back into ``B`` whole maps.
 
@@ -192,30 +221,10 @@ def merge(tiles: torch.Tensor, grid, kind: WindowKind = "contiguous", *, layout:
         >>> merge(t, (2, 2), "strided", layout="nlc").shape
         torch.Size([2, 2304, 1024])
     """
-    fn = "local_merge" if kind == "contiguous" else "stride_merge"
-    check_kind(kind, "kind", "merge")
-    _check_layout(layout, fn)
-    gh, gw = as_grid(grid, fn)
-    ndim = 3 if layout == "nlc" else 4
-    check_ndim(tiles, ndim, "tiles", fn, _STACK_DOC[layout])
-    _check_nlc_only(tile_size, "tile_size", layout, fn, "tiles")
-    check_nonempty(tiles, "tiles", fn, _STACK_DIMS[layout])
-    n = gh * gw
-    if tiles.shape[0] % n != 0:
-        raise ValueError(
-            f"{fn}: tiles has shape {tuple(tiles.shape)}; its first dimension {tiles.shape[0]} must be a "
-            f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check the grid or the stack."
-        )
-    if layout == "nchw":
-        h = tiles.shape[2]
-    elif layout == "nhwc":
-        h = tiles.shape[1]
-    else:
-        h, _ = infer_tile_size(tiles.shape[1], tile_size, fn=fn, shape=tuple(tiles.shape))
-    src, dst = _PATTERNS[(layout, kind)]
-    return rearrange(tiles, f"{dst} -> {src}", i=gh, j=gw, h=h)
+    return _merge(tiles, grid, kind, layout, tile_size)
 
 
+@public
 def local_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) -> torch.Tensor:
     """Contiguous tiles (paper eq. 11-13): ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``.
 
@@ -230,9 +239,10 @@ def local_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) -> 
         tensor([[14, 15],
                 [20, 21]])
     """
-    return crop(x, grid, "contiguous", layout=layout, size=size)
+    return _crop(x, grid, "contiguous", layout, size)
 
 
+@public
 def stride_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) -> torch.Tensor:
     """Strided global sub-images (paper eq. 16-17): ``(B, C, H, W) -> (B*N, C, H//gh, W//gw)``.
 
@@ -247,9 +257,10 @@ def stride_crop(x: torch.Tensor, grid, *, layout: Layout = "nchw", size=None) ->
         tensor([[ 7, 10],
                 [19, 22]])
     """
-    return crop(x, grid, "strided", layout=layout, size=size)
+    return _crop(x, grid, "strided", layout, size)
 
 
+@public
 def local_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_size=None) -> torch.Tensor:
     """Exact inverse of :func:`local_crop`: ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``.
 
@@ -261,9 +272,10 @@ def local_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_size
         >>> torch.equal(local_merge(local_crop(x, (2, 3)), (2, 3)), x)
         True
     """
-    return merge(tiles, grid, "contiguous", layout=layout, tile_size=tile_size)
+    return _merge(tiles, grid, "contiguous", layout, tile_size)
 
 
+@public
 def stride_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_size=None) -> torch.Tensor:
     """Exact inverse of :func:`stride_crop`: ``(B*N, C, h, w) -> (B, C, gh*h, gw*w)``.
 
@@ -275,7 +287,7 @@ def stride_merge(tiles: torch.Tensor, grid, *, layout: Layout = "nchw", tile_siz
         >>> torch.equal(stride_merge(stride_crop(x, (3, 1), layout="nhwc"), (3, 1), layout="nhwc"), x)
         True
     """
-    return merge(tiles, grid, "strided", layout=layout, tile_size=tile_size)
+    return _merge(tiles, grid, "strided", layout, tile_size)
 
 
 def _permutation(
@@ -283,8 +295,8 @@ def _permutation(
 ) -> torch.Tensor:
     n, t = gh * gw, th * tw
     ids = torch.arange(n * t, device=device).view(n, t, 1)
-    whole = merge(ids, (gh, gw), source, layout="nlc", tile_size=(th, tw))
-    return crop(whole, (gh, gw), target, layout="nlc", size=(gh * th, gw * tw)).reshape(n * t)
+    whole = _merge(ids, (gh, gw), source, "nlc", (th, tw))
+    return _crop(whole, (gh, gw), target, "nlc", (gh * th, gw * tw)).reshape(n * t)
 
 
 @tensor_cache(maxsize=64)
@@ -294,6 +306,7 @@ def _cached_permutation(gh, gw, th, tw, source, target, device) -> torch.Tensor:
     return _permutation(gh, gw, th, tw, source, target, device)
 
 
+@public
 def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, device=None) -> torch.Tensor:
     """Token permutation from one window order of a map to the other, without building the map.
 
@@ -311,14 +324,15 @@ def window_permutation(grid, tile_size, source: WindowKind, target: WindowKind, 
         >>> p.shape, p[:3]
         (torch.Size([5184]), tensor([0, 3, 6]))
     """
-    gh, gw = as_grid(grid, "window_permutation")
-    th, tw = as_pair(tile_size, "tile_size", "window_permutation")
-    check_kind(source, "source", "window_permutation")
-    check_kind(target, "target", "window_permutation")
+    gh, gw = as_grid(grid)
+    th, tw = as_pair(tile_size, "tile_size")
+    check_kind(source, "source")
+    check_kind(target, "target")
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _cached_permutation(gh, gw, th, tw, source, target, device).clone()
 
 
+@public
 def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: WindowKind, *, tile_size=None):
     """Re-order a sub-feature stack from ``source`` windows to ``target`` windows of the same map.
 
@@ -333,31 +347,30 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
         >>> torch.equal(win, stride_crop(local_merge(loc, (3, 3), layout="nlc"), (3, 3), layout="nlc"))
         True
     """
-    fn = "permute_windows"
-    gh, gw = as_grid(grid, fn)
-    check_kind(source, "source", fn)
-    check_kind(target, "target", fn)
+    gh, gw = as_grid(grid)
+    check_kind(source, "source")
+    check_kind(target, "target")
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(
-            f"{fn}: tokens is a {type(tokens).__name__}; expected a torch.Tensor of shape (B*N, T, ...). "
+            f"tokens is a {type(tokens).__name__}; expected a torch.Tensor of shape (B*N, T, ...). "
             f"Convert it first, e.g. torch.as_tensor(tokens)."
         )
     if tokens.ndim < 2:
         raise ValueError(
-            f"{fn}: tokens has shape {tuple(tokens.shape)} ({tokens.ndim} dims); expected at least 2 dims "
+            f"tokens has shape {tuple(tokens.shape)} ({tokens.ndim} dims); expected at least 2 dims "
             f"(B*N, T, ...). Pass the ViT's sub-image stack, e.g. reshape to (B*N, ht*wt, D)."
         )
     rest = tuple(("trailing dimension", "drop or fill the empty feature dimension") for _ in tokens.shape[2:])
-    check_nonempty(tokens, "tokens", fn, _STACK_DIMS["nlc"][:2] + rest)
+    check_nonempty(tokens, "tokens", None, _STACK_DIMS["nlc"][:2] + rest)
     n = gh * gw
     if tokens.shape[0] % n != 0:
         raise ValueError(
-            f"{fn}: tokens has shape {tuple(tokens.shape)}; its first dimension {tokens.shape[0]} must be a "
+            f"tokens has shape {tuple(tokens.shape)}; its first dimension {tokens.shape[0]} must be a "
             f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (index b*N + k). Check that grid is the one the "
             f"stack was cropped with, and pass whole images' stacks."
         )
     t = tokens.shape[1]
-    th, tw = infer_tile_size(t, tile_size, fn=fn, shape=tuple(tokens.shape))
+    th, tw = _resolve_tile_size(t, tile_size, shape=tuple(tokens.shape))
     if source == target:
         return tokens
     perm = _cached_permutation(gh, gw, th, tw, source, target, tokens.device)  # read only: no clone needed

@@ -47,6 +47,7 @@ from typing import Literal
 
 import torch
 
+from .._errors import public
 from .._validation import as_grid, as_pair
 
 __all__ = [
@@ -81,27 +82,51 @@ ORDER_CODE = {"contiguous": 0, "strided": 1, "map": 2}
 _KIND_FIX = "'contiguous' for local tiles, 'strided' for interleaved full-field views"
 
 
-def check_kind(value, name: str, fn: str) -> WindowKind:
+def check_kind(value, name: str) -> WindowKind:
     """``value`` if it is a window kind, else a ``ValueError`` naming ``name`` and the choices."""
     if value not in WINDOW_KINDS:
-        raise ValueError(f"{fn}: {name}={value!r} is not a window kind; pass one of {WINDOW_KINDS} ({_KIND_FIX}).")
+        raise ValueError(f"{name}={value!r} is not a window kind; pass one of {WINDOW_KINDS} ({_KIND_FIX}).")
     return value
 
 
-def check_order(value, name: str, fn: str, *, allow_map: bool = True) -> Order:
+def check_order(value, name: str, *, allow_map: bool = True) -> Order:
     """``value`` if it is an order (a window kind, or ``"map"`` when ``allow_map``), else a ``ValueError``."""
     choices = ORDERS if allow_map else WINDOW_KINDS
     if value not in choices:
         extra = ", or 'map' for the row-major map" if allow_map else ""
-        raise ValueError(f"{fn}: {name}={value!r} is not an order; pass one of {choices} ({_KIND_FIX}{extra}).")
+        raise ValueError(f"{name}={value!r} is not an order; pass one of {choices} ({_KIND_FIX}{extra}).")
     return value
 
 
+def _resolve_tile_size(
+    tokens: int, tile_size=None, *, shape=None, arg: str = "tile_size", what: str = "tokens per sub-image"
+) -> tuple[int, int]:
+    """:func:`infer_tile_size` without a public boundary, for hrperc's own callers (the crops and merges, the
+    window checks) on their hot paths: the same checks, named by the caller's boundary (``local_crop: ...``)."""
+    where = f"input has shape {tuple(shape)}; " if shape is not None else ""
+    if tile_size is None:
+        side = math.isqrt(tokens) if tokens >= 0 else -1
+        if side < 1 or side * side != tokens:
+            raise ValueError(
+                f"{where}{tokens} {what} is not a perfect square, so the 2D size cannot be inferred "
+                f"(only square sizes are). Pass {arg}=(rows, cols)."
+            )
+        return side, side
+    th, tw = as_pair(tile_size, arg)
+    if th * tw != tokens:
+        raise ValueError(
+            f"{where}{tokens} {what}, but {arg}=({th}, {tw}) holds {th * tw}. Pass the true (rows, cols), "
+            f"e.g. {arg}=(24, 24) for 576 tokens."
+        )
+    return th, tw
+
+
+@public
 def infer_tile_size(
     tokens: int,
     tile_size=None,
     *,
-    fn: str = "infer_tile_size",
+    fn: str | None = None,
     shape=None,
     arg: str = "tile_size",
     what: str = "tokens per sub-image",
@@ -122,61 +147,52 @@ def infer_tile_size(
         ...
         ValueError: infer_tile_size: 24 tokens per sub-image is not a perfect square, ... Pass tile_size=(rows, cols).
     """
-    where = f"input has shape {tuple(shape)}; " if shape is not None else ""
-    if tile_size is None:
-        side = math.isqrt(tokens) if tokens >= 0 else -1
-        if side < 1 or side * side != tokens:
-            raise ValueError(
-                f"{fn}: {where}{tokens} {what} is not a perfect square, so the 2D size cannot be inferred "
-                f"(only square sizes are). Pass {arg}=(rows, cols)."
-            )
-        return side, side
-    th, tw = as_pair(tile_size, arg, fn)
-    if th * tw != tokens:
-        raise ValueError(
-            f"{fn}: {where}{tokens} {what}, but {arg}=({th}, {tw}) holds {th * tw}. Pass the true (rows, cols), "
-            f"e.g. {arg}=(24, 24) for 576 tokens."
-        )
-    return th, tw
+    # fn is ignored and going away (callers in other folders still pass it while they move over).
+    return _resolve_tile_size(tokens, tile_size, shape=shape, arg=arg, what=what)
 
 
-def check_window_stacks(fn: str, grid, tile_size=None, *, ndim: int = 3, layout: str = "(B*N, T, D)", **stacks):
+def check_window_stacks(fn: str | None, grid, tile_size=None, *, ndim: int = 3, layout: str = "(B*N, T, D)", **stacks):
     """Check window stacks that must describe the same maps; return ``((gh, gw), (th, tw))``.
 
     Each of ``stacks`` (by name, e.g. ``q=q, k=k``) must be a tensor of ``ndim`` dims, all of the same
     shape ``(B*N, T, ...)`` with ``B*N`` a positive multiple of ``N = gh*gw``; ``T = th*tw`` is checked
-    against ``tile_size`` or inferred when square (:func:`infer_tile_size`).
+    against ``tile_size`` or inferred when square (:func:`infer_tile_size`). Errors name no caller: the
+    caller's public boundary adds its name (:func:`hrperc._errors.public`).
 
     Example::
 
-        >>> check_window_stacks("demo", (2, 2), local=torch.zeros(8, 9, 4), strided=torch.zeros(8, 9, 4))
+        >>> check_window_stacks(None, (2, 2), local=torch.zeros(8, 9, 4), strided=torch.zeros(8, 9, 4))
         ((2, 2), (3, 3))
     """
-    gh, gw = as_grid(grid, fn)
+    # fn is ignored and going away (pass None; the coordinator removes the parameter).
+    gh, gw = as_grid(grid)
     if not stacks:
-        raise TypeError(f"{fn}: check_window_stacks needs at least one stack, passed by name (e.g. q=q).")
+        raise TypeError("check_window_stacks needs at least one stack, passed by name (e.g. q=q).")
     first_name, first = next(iter(stacks.items()))  # checked first in the loop, before any comparison
     for name, t in stacks.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} is a {type(t).__name__}; expected a torch.Tensor of shape {layout}.")
+            raise TypeError(
+                f"{name} is a {type(t).__name__}; expected a torch.Tensor of shape {layout}. "
+                f"Convert it first, e.g. torch.as_tensor({name})."
+            )
         if t.ndim != ndim:
             raise ValueError(
-                f"{fn}: {name} has shape {tuple(t.shape)} ({t.ndim} dims); expected {ndim} dims {layout}."
+                f"{name} has shape {tuple(t.shape)} ({t.ndim} dims); expected {ndim} dims {layout}."
                 + (" Split heads first, e.g. x.unflatten(-1, (heads, -1))." if ndim == 4 else "")
             )
         if t.shape != first.shape:
             raise ValueError(
-                f"{fn}: {first_name} {tuple(first.shape)} and {name} {tuple(t.shape)} must have the same shape "
+                f"{first_name} {tuple(first.shape)} and {name} {tuple(t.shape)} must have the same shape "
                 f"{layout}: both describe maps cut into the same windows."
             )
     n = gh * gw
     if first.shape[0] == 0 or first.shape[0] % n != 0:
         raise ValueError(
-            f"{fn}: {first_name} has shape {tuple(first.shape)}; its first dimension {first.shape[0]} must be a "
+            f"{first_name} has shape {tuple(first.shape)}; its first dimension {first.shape[0]} must be a "
             f"positive multiple of N = gh*gw = {gh}*{gw} = {n} (sub-image k of image b at b*N + k). Pass the grid "
             f"the sub-images were cut with."
         )
-    th, tw = infer_tile_size(first.shape[1], tile_size, fn=fn, shape=tuple(first.shape))
+    th, tw = _resolve_tile_size(first.shape[1], tile_size, shape=tuple(first.shape))
     return (gh, gw), (th, tw)
 
 
@@ -257,6 +273,7 @@ def map_position(win, tok, GH, GW, TH, TW, KIND):  # noqa: N803 - the kernel's c
     return row, col
 
 
+@public
 def window_mask(position, grid, tile_size, kind: str) -> torch.Tensor:
     """``(Ht, Wt)`` bool map of the window of ``kind`` that holds map ``position = (R, C)``.
 
@@ -268,12 +285,12 @@ def window_mask(position, grid, tile_size, kind: str) -> torch.Tensor:
                 [1, 0, 1, 0],
                 [0, 0, 0, 0]], dtype=torch.int32)
     """
-    (gh, gw), (th, tw) = as_grid(grid, "window_mask"), as_pair(tile_size, "tile_size", "window_mask")
-    code = KIND_CODE[check_kind(kind, "kind", "window_mask")]
-    R, C = as_pair(position, "position", "window_mask", minimum=0)
+    (gh, gw), (th, tw) = as_grid(grid), as_pair(tile_size, "tile_size")
+    code = KIND_CODE[check_kind(kind, "kind")]
+    R, C = as_pair(position, "position", minimum=0)
     if R >= gh * th or C >= gw * tw:
         raise ValueError(
-            f"window_mask: position=({R}, {C}) is outside the {gh * th}x{gw * tw} map of grid {(gh, gw)} and tile "
+            f"position=({R}, {C}) is outside the {gh * th}x{gw * tw} map of grid {(gh, gw)} and tile "
             f"{(th, tw)}. Pass a position with 0 <= R < {gh * th} and 0 <= C < {gw * tw}."
         )
     rows, cols = torch.arange(gh * th)[:, None], torch.arange(gw * tw)[None, :]

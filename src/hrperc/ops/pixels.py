@@ -41,11 +41,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._errors import public
 from .._validation import as_bool, check_nonempty
 
 __all__ = ["to_pixels", "pil_to_pixels"]
 
-_FN = "HighResEncoder"
 _MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N")
 _EXIF_ORIENTATION = 0x0112
 
@@ -64,7 +64,7 @@ def _range_error(name: str, lo: float, hi: float) -> ValueError:
     else:
         cause = "Use .clamp(0, 1) if this is resampling overshoot"
     return ValueError(
-        f"{_FN}: {name} has float pixel values in [{lo:.6g}, {hi:.6g}], outside [0, 1]; {cause}. If you scale "
+        f"{name} has float pixel values in [{lo:.6g}, {hi:.6g}], outside [0, 1]; {cause}. If you scale "
         f"pixels yourself on purpose, pass check_range=False to use the values as they are."
     )
 
@@ -92,14 +92,8 @@ def _upright(image):
     return image
 
 
-def pil_to_pixels(image, *, check_range: bool = True, keep_uint8: bool = False, name: str = "image") -> torch.Tensor:
-    """A PIL image -> ``(3, H, W)`` float32 RGB in ``[0, 1]`` (uint8 ``[0, 255]`` with ``keep_uint8=True``
-    for 8-bit modes), after applying its EXIF orientation.
-
-    8-bit modes: ``convert("RGB")``, then ``/ 255``. 16-bit modes (``"I;16*"``) and ``"I"``: ``/ 65535``
-    (values of an ``"I"`` image outside ``[0, 65535]`` are refused). ``"F"``: taken as ``[0, 1]``, refused
-    outside it unless ``check_range=False``. See the module docs.
-    """
+def _pil_to_pixels(image, check_range: bool, keep_uint8: bool, name: str) -> torch.Tensor:
+    """:func:`pil_to_pixels` without a public boundary (for :func:`to_pixels`)."""
     image = _upright(image)
     mode = image.mode
     if mode in _MODES_16 or mode == "I":
@@ -108,7 +102,7 @@ def pil_to_pixels(image, *, check_range: bool = True, keep_uint8: bool = False, 
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi > 65535:
                 raise ValueError(
-                    f"{_FN}: {name} is a PIL mode 'I' (32-bit integer) image with values in [{lo}, {hi}]; mode 'I' "
+                    f"{name} is a PIL mode 'I' (32-bit integer) image with values in [{lo}, {hi}]; mode 'I' "
                     f"is read as 16-bit pixels [0, 65535] (how PIL holds 16-bit PNG/TIFF files), and these values "
                     f"do not fit. Convert it yourself to a float tensor in [0, 1], e.g. "
                     f"torch.from_numpy(np.asarray(im)).float().sub(lo).div(hi - lo), or pass check_range=False."
@@ -125,11 +119,23 @@ def pil_to_pixels(image, *, check_range: bool = True, keep_uint8: bool = False, 
     return chw if keep_uint8 else chw.float().div_(255.0)
 
 
+@public
+def pil_to_pixels(image, *, check_range: bool = True, keep_uint8: bool = False, name: str = "image") -> torch.Tensor:
+    """A PIL image -> ``(3, H, W)`` float32 RGB in ``[0, 1]`` (uint8 ``[0, 255]`` with ``keep_uint8=True``
+    for 8-bit modes), after applying its EXIF orientation.
+
+    8-bit modes: ``convert("RGB")``, then ``/ 255``. 16-bit modes (``"I;16*"``) and ``"I"``: ``/ 65535``
+    (values of an ``"I"`` image outside ``[0, 65535]`` are refused). ``"F"``: taken as ``[0, 1]``, refused
+    outside it unless ``check_range=False``. See the module docs.
+    """
+    return _pil_to_pixels(image, check_range, keep_uint8, name)
+
+
 def _hwc_error(name: str, shape: tuple, batched: bool) -> ValueError:
     perm, chw = ("permute(0, 3, 1, 2)", "(B, C, H, W)") if batched else ("permute(2, 0, 1)", "(C, H, W)")
     hwc = "(B, H, W, C)" if batched else "(H, W, C)"
     return ValueError(
-        f"{_FN}: {name} has shape {shape}, which looks like channels-last {hwc} ({shape[-1]} channels last); "
+        f"{name} has shape {shape}, which looks like channels-last {hwc} ({shape[-1]} channels last); "
         f"hrperc takes channels first {chw}. Use {name}.{perm} to convert it."
     )
 
@@ -143,11 +149,11 @@ def _warn_ambiguous(name: str, shape: tuple) -> None:
     """``(.., 3, W, 3)`` / ``(.., 1, W, 3)`` read both ways: read as channels first, with a warning."""
     if shape[-3] in (1, 3) and shape[-1] == 3:
         warnings.warn(
-            f"{_FN}: {name} has shape {shape}, which reads both as channels first (C={shape[-3]}, H={shape[-2]}, "
+            f"{name} has shape {shape}, which reads both as channels first (C={shape[-3]}, H={shape[-2]}, "
             f"W={shape[-1]}) and as channels last (H, W, C={shape[-1]}); it is read as channels first. If it is "
             f"channels last, use {name}.permute({'0, 3, 1, 2' if len(shape) == 4 else '2, 0, 1'}).",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,  # the caller of to_pixels (through its public boundary's wrapper)
         )
 
 
@@ -160,14 +166,14 @@ def _check_channels(shape: tuple, name: str, batched: bool) -> None:
         raise _hwc_error(name, shape, batched)
     fix = "Drop the alpha channel (img[:3]) or convert the image to RGB" if c == 4 else "Convert the image to RGB"
     raise ValueError(
-        f"{_FN}: {name} has {c} channels (shape {shape}); expected RGB (3, H, W) or one channel (1, H, W). {fix}."
+        f"{name} has {c} channels (shape {shape}); expected RGB (3, H, W) or one channel (1, H, W). {fix}."
     )
 
 
 def _check_dtype(img: torch.Tensor, name: str) -> None:
     if img.dtype != torch.uint8 and not img.is_floating_point():
         raise TypeError(
-            f"{_FN}: {name} has dtype {img.dtype}; pass float images in [0, 1] or uint8 in [0, 255] "
+            f"{name} has dtype {img.dtype}; pass float images in [0, 1] or uint8 in [0, 255] "
             f"(convert e.g. a 16-bit image with img.float() / 65535)."
         )
 
@@ -178,7 +184,7 @@ _EMPTY_FIX = "Check how the image was loaded or cropped, and skip (or drop) empt
 def _check_sides(img: torch.Tensor, name: str) -> None:
     """An image with a side of 0 pixels has nothing to encode: refused with its shape, never a token count."""
     what = [("channel count C", _EMPTY_FIX), ("height H", _EMPTY_FIX), ("width W", _EMPTY_FIX)]
-    check_nonempty(img, name, _FN, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
+    check_nonempty(img, name, None, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
 
 
 def _is_pil_image(img) -> bool:
@@ -194,18 +200,17 @@ def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch
         if _is_pil_image(img):
             if 0 in img.size:
                 raise ValueError(
-                    f"{_FN}: {name} is a PIL image of size {img.size} (width, height); it has no pixels, but both "
+                    f"{name} is a PIL image of size {img.size} (width, height); it has no pixels, but both "
                     f"sides must be >= 1. {_EMPTY_FIX}."
                 )
-            return pil_to_pixels(img, check_range=check_range, keep_uint8=keep_uint8, name=name)
+            return _pil_to_pixels(img, check_range, keep_uint8, name)
         if isinstance(img, np.ndarray):
             raise TypeError(
-                f"{_FN}: {name} is a numpy array; convert it with torch.from_numpy(a).permute(2, 0, 1) "
-                f"(HWC -> CHW) first."
+                f"{name} is a numpy array; convert it with torch.from_numpy(a).permute(2, 0, 1) (HWC -> CHW) first."
             )
-        raise TypeError(f"{_FN}: {name} is a {type(img).__name__}; pass a tensor (C, H, W) or a PIL image.")
+        raise TypeError(f"{name} is a {type(img).__name__}; pass a tensor (C, H, W) or a PIL image.")
     if img.ndim != 3:
-        raise ValueError(f"{_FN}: {name} has shape {tuple(img.shape)}; expected one image (C, H, W).")
+        raise ValueError(f"{name} has shape {tuple(img.shape)}; expected one image (C, H, W).")
     _check_sides(img, name)
     _check_channels(tuple(img.shape), name, batched=False)
     _check_dtype(img, name)
@@ -221,7 +226,7 @@ def _one_to_pixels(img, name: str, check_range: bool, keep_uint8: bool) -> torch
 def _batch_to_pixels(images: torch.Tensor, check_range: bool, keep_uint8: bool) -> torch.Tensor:
     shape = tuple(images.shape)
     if shape[0] == 0:
-        raise ValueError("HighResEncoder: images has batch size 0; pass at least one image.")
+        raise ValueError("images has batch size 0; pass at least one image.")
     _check_sides(images, "images")
     _check_channels(shape, "images", batched=True)
     _check_dtype(images, "images")
@@ -237,6 +242,7 @@ def _batch_to_pixels(images: torch.Tensor, check_range: bool, keep_uint8: bool) 
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+@public
 def to_pixels(
     images, *, check_range: bool = True, keep_uint8: bool = False, one_dtype: bool = True
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -256,13 +262,13 @@ def to_pixels(
         one_dtype: ``False`` keeps each list item's own dtype (the recipes prepare uint8 and float images
             by different steps, as the reference processors do).
     """
-    check_range = as_bool(check_range, "check_range", "to_pixels")
-    keep_uint8, one_dtype = as_bool(keep_uint8, "keep_uint8", "to_pixels"), as_bool(one_dtype, "one_dtype", "to_pixels")
+    check_range = as_bool(check_range, "check_range")
+    keep_uint8, one_dtype = as_bool(keep_uint8, "keep_uint8"), as_bool(one_dtype, "one_dtype")
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return _batch_to_pixels(images, check_range, keep_uint8)
     if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
         if len(images) == 0:
-            raise ValueError("HighResEncoder: images is an empty list; pass at least one image.")
+            raise ValueError("images is an empty list; pass at least one image.")
         out = [_one_to_pixels(img, f"images[{b}]", check_range, keep_uint8) for b, img in enumerate(images)]
         if (
             keep_uint8

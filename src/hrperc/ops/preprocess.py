@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
+from .._errors import public
 from .._validation import as_bool, as_image_size, as_pair
 
 __all__ = ["resize", "pad_to_square", "pad_centred", "center_crop", "shortest_edge_size", "to_unit", "fill_value"]
@@ -42,6 +43,7 @@ _MODES = {
 }
 
 
+@public
 def resize(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = True) -> torch.Tensor:
     """``(..., C, H, W)`` -> ``(..., C, *size)``: torchvision's resize (an image already of ``size`` is returned).
 
@@ -49,8 +51,8 @@ def resize(img: torch.Tensor, size, mode: str = "bicubic", antialias: bool = Tru
     float out. ``mode``: ``"bicubic"`` (the processors' ``BICUBIC``), ``"bilinear"`` or ``"nearest"``.
     """
     if mode not in _MODES:
-        raise ValueError(f"resize: mode={mode!r} is not one of {tuple(_MODES)}.")
-    size, antialias = as_pair(size, "size", "resize"), as_bool(antialias, "antialias", "resize")
+        raise ValueError(f"mode={mode!r} is not one of {tuple(_MODES)}. Pass one of them, e.g. mode='bicubic'.")
+    size, antialias = as_pair(size, "size"), as_bool(antialias, "antialias")
     if tuple(img.shape[-2:]) == size:
         return img
     return tvF.resize(img, list(size), interpolation=_MODES[mode], antialias=antialias)
@@ -77,10 +79,11 @@ def pad_to_square(img: torch.Tensor, colour=(0, 0, 0)) -> torch.Tensor:
     return tvF.pad(img, [left, top, side - w - left, side - h - top], fill=fill_value(img, colour))
 
 
+@public
 def pad_centred(img: torch.Tensor, size, colour=(0, 0, 0)) -> torch.Tensor:
     """Pad ``(..., C, h, w)`` to ``size = (H, W)`` with the content centred (``divmod`` margins, the odd pixel
     right / bottom), as ``LlavaNextImageProcessor._pad_for_patching`` does."""
-    H, W = as_pair(size, "size", "pad_centred")
+    H, W = as_pair(size, "size")
     h, w = img.shape[-2:]
     if (h, w) == (H, W):
         return img
@@ -89,18 +92,20 @@ def pad_centred(img: torch.Tensor, size, colour=(0, 0, 0)) -> torch.Tensor:
     return tvF.pad(img, [left, top, left + rx, top + ry], fill=fill_value(img, colour))
 
 
+@public
 def shortest_edge_size(image_size, edge: int) -> tuple[int, int]:
     """``(h, w)`` after the processors' ``{"shortest_edge": edge}`` resize: the short side becomes ``edge``,
     the long one ``int(edge * long / short)``."""
-    H, W = as_image_size(image_size, "shortest_edge_size")
+    H, W = as_image_size(image_size)
     if W <= H:
         return int(edge * H / W), edge
     return edge, int(edge * W / H)
 
 
+@public
 def center_crop(img: torch.Tensor, size) -> torch.Tensor:
     """The processors' ``center_crop``: top / left at ``int((H - h) / 2)``; a smaller image is zero-padded first."""
-    h, w = as_pair(size, "size", "center_crop")
+    h, w = as_pair(size, "size")
     H, W = img.shape[-2:]
     if h > H or w > W:
         img = tvF.pad(img, [max(w - W, 0) // 2, max(h - H, 0) // 2, (max(w - W, 0) + 1) // 2, (max(h - H, 0) + 1) // 2])

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .._cache import tensor_cache
+from .._errors import public
 from .._validation import as_pair
 
 __all__ = [
@@ -59,24 +60,25 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _check_mode(mode, fn):
+def _check_mode(mode):
     if mode not in REDUCTIONS:
-        raise ValueError(f"{fn}: mode={mode!r} is not a known reduction; pass one of {REDUCTIONS}.")
+        raise ValueError(f"mode={mode!r} is not a known reduction; pass one of {REDUCTIONS}.")
 
 
-def _check_sizes(n_in: int, n_out: int, mode: str, fn: str, axis: str) -> None:
+def _check_sizes(n_in: int, n_out: int, mode: str, axis: str) -> None:
     if mode == "none" and n_out != n_in:
         raise ValueError(
-            f"{fn}: mode='none' keeps every token but the output {axis} {n_out} differs from the input {n_in}. "
+            f"mode='none' keeps every token but the output {axis} {n_out} differs from the input {n_in}. "
             "Leave the output size unset or pick another mode."
         )
     if mode == "avg" and n_in % n_out != 0:
         raise ValueError(
-            f"{fn}: mode='avg' pools by an integer factor, but input {axis} {n_in} is not a multiple of output "
+            f"mode='avg' pools by an integer factor, but input {axis} {n_in} is not a multiple of output "
             f"{axis} {n_out}. Use mode='area' (adaptive average) for any size."
         )
 
 
+@public
 @functools.lru_cache(maxsize=256)
 def axis_taps(n_in: int, n_out: int, mode: str) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
     """Per output index ``o``: the input indices and weights it sums, ``(idx[o], w[o])``, equal length.
@@ -90,8 +92,8 @@ def axis_taps(n_in: int, n_out: int, mode: str) -> tuple[tuple[tuple[int, ...], 
         >>> axis_taps(9, 3, "bilinear")
         (((1,), (4,), (7,)), ((1.0,), (1.0,), (1.0,)))
     """
-    _check_mode(mode, "axis_taps")
-    _check_sizes(n_in, n_out, mode, "axis_taps", "size")
+    _check_mode(mode)
+    _check_sizes(n_in, n_out, mode, "size")
     idx: list[list[int]] = []
     wts: list[list[float]] = []
     for o in range(n_out):
@@ -129,17 +131,18 @@ def axis_taps(n_in: int, n_out: int, mode: str) -> tuple[tuple[tuple[int, ...], 
     return tuple(out_idx), tuple(out_w)
 
 
-def _out_size(in_hw, size, mode, fn):
+def _out_size(in_hw, size, mode):
     if size is None:
         if mode != "none":
             raise ValueError(
-                f"{fn}: mode={mode!r} with size=None; this mode needs an output size. Pass size=(oh, ow), e.g. "
+                f"mode={mode!r} with size=None; this mode needs an output size. Pass size=(oh, ow), e.g. "
                 "size=(24, 24) for CLIP ViT-L/14-336's token grid, or mode='none' to keep every token."
             )
         return in_hw
-    return as_pair(size, "size", fn)
+    return as_pair(size, "size")
 
 
+@public
 def reduction_footprint(in_hw, out_hw, mode: ReductionMode = "bilinear") -> torch.Tensor:
     """``(Ht, Wt)`` bool mask of the input tokens that reach the output of :func:`reduce_tokens`.
 
@@ -148,12 +151,11 @@ def reduction_footprint(in_hw, out_hw, mode: ReductionMode = "bilinear") -> torc
         >>> reduction_footprint((8, 8), (2, 2), "bilinear").nonzero().tolist()[:4]   # even factor: 4 per block
         [[1, 1], [1, 2], [1, 5], [1, 6]]
     """
-    fn = "reduction_footprint"
-    _check_mode(mode, fn)
-    ht, wt = as_pair(in_hw, "in_hw", fn)
-    oh, ow = _out_size((ht, wt), out_hw, mode, fn)
+    _check_mode(mode)
+    ht, wt = as_pair(in_hw, "in_hw")
+    oh, ow = _out_size((ht, wt), out_hw, mode)
     for n_in, n_out, axis in ((ht, oh, "height"), (wt, ow, "width")):
-        _check_sizes(n_in, n_out, mode, fn, axis)
+        _check_sizes(n_in, n_out, mode, axis)
     rows = torch.zeros(ht, dtype=torch.bool)
     cols = torch.zeros(wt, dtype=torch.bool)
     rows[list(_read(ht, oh, mode))] = True
@@ -166,6 +168,7 @@ def _read(n_in, n_out, mode) -> tuple[int, ...]:
     return tuple(sorted({i for io, wo in zip(idx, w) for i, x in zip(io, wo) if x != 0.0}))
 
 
+@public
 def reduce_tokens(x: torch.Tensor, size=None, mode: ReductionMode = "bilinear") -> torch.Tensor:
     """Reduce a channels-last map ``(B, Ht, Wt, D)`` to ``(B, oh*ow, D)`` row-major tokens.
 
@@ -177,15 +180,22 @@ def reduce_tokens(x: torch.Tensor, size=None, mode: ReductionMode = "bilinear") 
         >>> reduce_tokens(torch.randn(1, 6, 9, 4), (2, 3), "avg").shape
         torch.Size([1, 6, 4])
     """
-    fn = "reduce_tokens"
-    _check_mode(mode, fn)
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{fn}: x must be a channels-last map (B, Ht, Wt, D), got {got}.")
+    _check_mode(mode)
+    # A wrong type is a TypeError and a wrong shape a ValueError, as for every tensor argument (check_ndim).
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"x is a {type(x).__name__}; expected a torch.Tensor channels-last map (B, Ht, Wt, D). "
+            f"Convert it first, e.g. torch.as_tensor(x)."
+        )
+    if x.ndim != 4:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} ({x.ndim} dims); expected a channels-last map (B, Ht, Wt, D). "
+            f"Pass the map as (B, Ht, Wt, D), e.g. tokens.view(B, Ht, Wt, D) for (B, Ht*Wt, D) row-major tokens."
+        )
     b, ht, wt, d = x.shape
-    oh, ow = _out_size((ht, wt), size, mode, fn)
+    oh, ow = _out_size((ht, wt), size, mode)
     for n_in, n_out, axis in ((ht, oh, "height"), (wt, ow, "width")):
-        _check_sizes(n_in, n_out, mode, fn, axis)
+        _check_sizes(n_in, n_out, mode, axis)
     if mode == "none":
         return x.reshape(b, ht * wt, d)
     y = x.permute(0, 3, 1, 2).to(_compute_dtype(x))
@@ -228,6 +238,7 @@ def _plan(in_hw, out_hw, mode) -> ReductionPlan:
     return ReductionPlan(in_hw, out_hw, rows, cols, ri, rw, ci, cw)
 
 
+@public
 def reduction_plan(in_hw, out_hw, mode: ReductionMode = "bilinear") -> ReductionPlan:
     """:class:`ReductionPlan` for reducing ``in_hw`` to ``out_hw`` (``None`` for ``mode="none"``). Cached.
 
@@ -237,12 +248,11 @@ def reduction_plan(in_hw, out_hw, mode: ReductionMode = "bilinear") -> Reduction
         >>> p.rows, p.cols, p.row_w[0]
         ((1, 4, 7), (1, 4), (1.0,))
     """
-    fn = "reduction_plan"
-    _check_mode(mode, fn)
-    in_hw = as_pair(in_hw, "in_hw", fn)
-    out_hw = _out_size(in_hw, out_hw, mode, fn)
+    _check_mode(mode)
+    in_hw = as_pair(in_hw, "in_hw")
+    out_hw = _out_size(in_hw, out_hw, mode)
     for n_in, n_out, axis in ((in_hw[0], out_hw[0], "height"), (in_hw[1], out_hw[1], "width")):
-        _check_sizes(n_in, n_out, mode, fn, axis)
+        _check_sizes(n_in, n_out, mode, axis)
     return _plan(in_hw, out_hw, mode)
 
 
