@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modules.frontend import TokenSegment, ViewPlan, slot_mask
-from .ops.canvas import CropGeometry
+from ..modules.frontend import TokenSegment, ViewPlan, slot_mask
+from ..ops.canvas import CropGeometry
 
 __all__ = ["EncoderOutput", "in_batch_order", "StageClock"]
 

@@ -38,17 +38,16 @@ import functools
 import torch
 from torch import nn
 
-from ._errors import public
-from ._validation import as_bool, as_image_size, as_index
-from .backbones import VisionBackbone, create_backbone, wrap_backbone
-from .backbones.base import resolve_layer
-from .backbones.batching import encode_by_shape, encode_views, views_per_call
-from .encoder_output import EncoderOutput, StageClock, in_batch_order
-from .modules.dem import default_heads  # noqa: F401 - its old home, kept importable
-from .modules.dual_crop import DualPerspectiveCrop
-from .modules.dual_front_end import DualFrontEnd, SubimageFeatures
-from .modules.frontend import FrontEnd, TokenSegment, ViewPlan, backbone_accepts, sizes_taken, slot_mask
-from .ops.pixels import to_pixels
+from .._errors import public
+from .._validation import as_bool, as_image_size, as_index
+from ..backbones import VisionBackbone, create_backbone, wrap_backbone
+from ..backbones.base import resolve_layer
+from ..modules.dual_crop import DualPerspectiveCrop
+from ..modules.dual_front_end import DualFrontEnd, SubimageFeatures
+from ..modules.frontend import FrontEnd, TokenSegment, ViewPlan, backbone_accepts, sizes_taken, slot_mask
+from ..ops.pixels import to_pixels
+from .batching import encode_by_shape, encode_views, views_per_call
+from .output import EncoderOutput, StageClock, in_batch_order
 
 __all__ = ["HighResEncoder", "EncoderOutput", "SubimageFeatures", "TokenSegment"]
 

@@ -9,6 +9,7 @@ Example::
     >>> import torch
     >>> from timm.models.vision_transformer import VisionTransformer
     >>> from hrperc.backbones import wrap_backbone
+    >>> from hrperc.encoder.batching import encode_views
     >>> bb = wrap_backbone(VisionTransformer(img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2))
     >>> encode_views(bb, torch.rand(5, 3, 28, 28), layer=-2, max_batch=2).shape  # 3 calls: 2 + 2 + 1 views
     torch.Size([5, 16, 32])
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backbones.base import VisionBackbone
 from ..ops.preprocess import to_unit
-from .base import VisionBackbone
 
 __all__ = ["views_per_call", "encode_views", "encode_by_shape"]
 
