@@ -41,9 +41,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resolve_layer(layer, num_layers: int, fn: str | None = None) -> int:
+def resolve_layer(layer, num_layers: int) -> int:
     """``layer`` (1..L or -L..-1) -> how many blocks to run, ``k`` in 1..L."""
-    del fn  # going away: callers outside backbones/ still pass their name; their public boundary names the error
     if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
         raise TypeError(f"layer={layer!r}; expected an int, e.g. layer=-2 (the second-to-last block).")
     layer = int(layer)

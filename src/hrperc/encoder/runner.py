@@ -110,7 +110,6 @@ class HighResEncoder(nn.Module):
         check_range: bool = True,
     ) -> None:
         super().__init__()
-        fn = "HighResEncoder"
         # Switches are real bools, checked before anything is built: bool("false") is True.
         encode_all, check_range = as_bool(encode_all, "encode_all"), as_bool(check_range, "check_range")
         train_backbone = as_bool(train_backbone, "train_backbone")
@@ -126,7 +125,7 @@ class HighResEncoder(nn.Module):
         elif crop is None or isinstance(crop, DualPerspectiveCrop):
             crop = DualPerspectiveCrop(grid=(3, 3), tile_size=bb.image_size) if crop is None else crop
             front_end = DualFrontEnd(
-                crop, bb.patch_size, combine="mean" if combine is None else combine, encode_all=encode_all, fn=fn
+                crop, bb.patch_size, combine="mean" if combine is None else combine, encode_all=encode_all
             )
         else:
             raise TypeError(
@@ -134,7 +133,7 @@ class HighResEncoder(nn.Module):
                 f"grid), e.g. crop=DualPerspectiveCrop(grid='auto', tile_size={bb.image_size}), or a "
                 f"recipe's front end (hrperc.create_encoder builds those)."
             )
-        front_end.check_backbone(bb, fn)
+        front_end.check_backbone(bb)
         if not (isinstance(max_batch, str) and max_batch == "auto"):
             n = as_index(max_batch)  # numpy / 0-dim tensor integers are integers; bools, floats, strings are not
             if n is None or n < 1:
@@ -144,8 +143,8 @@ class HighResEncoder(nn.Module):
                 )
             max_batch = n
         if layer is not None:
-            resolve_layer(layer, bb.num_layers, fn)
-        front_end.attach_dem(dem, bb.hidden_size, fn)  # the front end owns its DEM: front_end.state_dict()
+            resolve_layer(layer, bb.num_layers)
+        front_end.attach_dem(dem, bb.hidden_size)  # the front end owns its DEM: front_end.state_dict()
         self.backbone, self.front_end = bb, front_end
         self.layer = bb.layer if layer is None else int(layer)
         #: The recipe that built this encoder and its options (set by :func:`hrperc.create_encoder`).
@@ -163,9 +162,13 @@ class HighResEncoder(nn.Module):
     # --- the front end's parts, read (and the DEM set) through the encoder ---------------------------------
     def __setattr__(self, name: str, value) -> None:
         if name == "dem" and "front_end" in self.__dict__.get("_modules", {}):
-            self.front_end.attach_dem(value, self.backbone.hidden_size, "HighResEncoder.dem")
+            self._set_dem(value)
             return
         super().__setattr__(name, value)
+
+    @public(name="HighResEncoder.dem")
+    def _set_dem(self, dem) -> None:
+        self.front_end.attach_dem(dem, self.backbone.hidden_size)
 
     dem = property(lambda self: self.front_end.dem, doc="The front end's DEM (``None`` without one).")
     frontend = property(lambda self: self.front_end, doc="The front end (:attr:`front_end`, its older name).")
@@ -269,14 +272,13 @@ class HighResEncoder(nn.Module):
         """INF-LLaVA's crop and ViT only: :meth:`DualFrontEnd.subimage_features
         <hrperc.modules.dual_front_end.DualFrontEnd.subimage_features>` (every sub-image's tokens, before
         any enhancement; ``encode_all`` and ``thumbnail`` override the front end's settings)."""
-        fn = "HighResEncoder.subimage_features"
         if not isinstance(self.front_end, DualFrontEnd):
             raise ValueError(
                 f"this encoder runs the front end {type(self.front_end).__name__}, which has no dual-"
                 f"perspective sub-images. Use forward(images), or build the encoder with a DualPerspectiveCrop."
             )
         pixels = self._pixels(images, one_dtype=True)
-        return self.front_end.subimage_features(pixels, self.encode_subimages, encode_all, thumbnail, fn=fn)
+        return self.front_end.subimage_features(pixels, self.encode_subimages, encode_all, thumbnail)
 
     def _pixels(self, images, one_dtype: bool):
         """Images as ``to_pixels`` gives them (uint8 kept until resized), where the ViT runs (fast on a GPU)."""

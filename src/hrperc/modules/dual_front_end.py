@@ -100,10 +100,7 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         *,
         combine: str = "mean",
         encode_all: bool = False,
-        fn: str | None = None,
     ) -> None:
-        # fn is ignored and going away (encoder.py still passes it; its HighResEncoder boundary, the outer
-        # one, names these errors when it builds the front end).
         if not isinstance(crop, DualPerspectiveCrop):
             raise TypeError(f"crop is a {type(crop).__name__}; pass a DualPerspectiveCrop.")
         super().__init__(crop.tile_size, patch_size)
@@ -136,11 +133,10 @@ class DualFrontEnd(FrontEnd[DualPlan]):
 
         return DualPerspectiveEnhancement(width, heads=default_heads(width))
 
-    def check_dem(self, dem, width: int, fn: str | None = None) -> None:
+    def check_dem(self, dem, width: int) -> None:
         """Refuse what cannot run: no DEM with ``combine="mean"``, a DEM of another width, and, for a fixed
         grid, a DEM whose token count cannot be averaged with the thumbnail's (an ``"auto"`` grid is
         checked per grid, when a size is planned)."""
-        # fn is ignored and going away (the caller's public boundary names the errors).
         if dem is None:
             if self.combine == "mean":
                 raise ValueError(
@@ -252,9 +248,7 @@ class DualFrontEnd(FrontEnd[DualPlan]):
 
     # --- crop and encode only ------------------------------------------------------------------------------
     @public(name="DualFrontEnd.subimage_features")
-    def subimage_features(
-        self, pixels, encode, encode_all=None, thumbnail=None, fn: str | None = None
-    ) -> SubimageFeatures:
+    def subimage_features(self, pixels, encode, encode_all=None, thumbnail=None) -> SubimageFeatures:
         """The ViT tokens of every sub-image, before any enhancement (``encode``: ``(S, 3, h, w)`` pixels ->
         ``(S, ht*wt, D)``, the runner's batched backbone pass).
 
@@ -263,8 +257,6 @@ class DualFrontEnd(FrontEnd[DualPlan]):
         or ``None`` when the crop has ``thumbnail=False`` or the ``thumbnail`` argument is False.
         ``encode_all`` overrides the front end's setting.
         """
-        # fn is ignored and going away (encoder.py still passes it; HighResEncoder.subimage_features, the outer
-        # boundary, names these errors when it is the one called).
         everything = self.encode_all if encode_all is None else as_bool(encode_all, "encode_all")
         with_thumb = self.thumbnail if thumbnail is None else as_bool(thumbnail, "thumbnail") and self.thumbnail
         crops = self.crop(pixels, thumbnail=with_thumb, scale_uint8=True)  # no thumbnail resize when not encoded

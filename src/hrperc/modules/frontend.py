@@ -226,9 +226,8 @@ class FrontEnd(nn.Module, Generic[PlanT]):
         assembly changes it: a pixel shuffle, a channel concatenation)."""
         return width
 
-    def check_backbone(self, backbone, fn: str | None = None) -> None:
+    def check_backbone(self, backbone) -> None:
         """Refuse a backbone this front end cannot run on: other patches, or tiles it does not take."""
-        # fn is ignored and going away (the caller's public boundary names the errors).
         if tuple(self.patch_size) != tuple(backbone.patch_size):
             raise ValueError(
                 f"the front end has patch_size={self.patch_size} but the backbone's patches are "
@@ -241,10 +240,9 @@ class FrontEnd(nn.Module, Generic[PlanT]):
             )
 
     # --- owned parts -----------------------------------------------------------------------------------
-    def attach_dem(self, dem, width: int, fn: str | None = None) -> None:
+    def attach_dem(self, dem, width: int) -> None:
         """Make ``dem`` this front end's DEM: ``"default"`` keeps the one it holds, else :meth:`default_dem`;
         ``None`` removes it; a module is checked by :meth:`check_dem` first (a refusal changes nothing)."""
-        # fn is ignored and going away (the caller's public boundary names the errors).
         if isinstance(dem, str) and dem == "default":
             dem = self.dem if self.dem is not None else self.default_dem(width)
         elif dem is not None and not isinstance(dem, nn.Module):
@@ -265,11 +263,10 @@ class FrontEnd(nn.Module, Generic[PlanT]):
 
         return DualPerspectiveEnhancement(width, heads=default_heads(width), reduction="none")
 
-    def check_dem(self, dem, width: int, fn: str | None = None) -> None:
+    def check_dem(self, dem, width: int) -> None:
         """Refuse a DEM (or ``None``) this front end cannot run, before anything is changed. A DCM+DEM
         upgrade puts the DEM's output where the tiles' ``(gh*ht, gw*wt)`` map was, so the DEM must return
         that whole map (``reduction="none"``) for every grid: checked here, never a reshape error later."""
-        # fn is ignored and going away (the caller's public boundary names the errors).
         name = type(self).__name__
         if dem is not None and not self.uses_dem:
             raise ValueError(
