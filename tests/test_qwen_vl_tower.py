@@ -18,80 +18,20 @@ from torch import nn
 tf = pytest.importorskip("transformers")
 tvF = pytest.importorskip("torchvision.transforms.v2.functional")
 
+from _qwen_tiny import build_qwen  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: E402
 
 from hrperc.backbones.qwen_vl import QwenVisionTower  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-IDS = dict(image_token_id=4, video_token_id=5, vision_start_token_id=2, vision_end_token_id=3)
-TEXT = dict(
-    vocab_size=16,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    bos_token_id=None,
-    eos_token_id=None,
-)
 # Image sizes (h, w): a repeated size (one reshape for two views that are not neighbours), a thin one, one
 # the budget shrinks and one it grows.
 SIZES = [(150, 230), (97, 61), (150, 230), (40, 300), (300, 260), (20, 25)]
 
 
-def _build(family: str):
-    """``(model, image_processor)``: a tiny random model of ``family`` and its image processor."""
-    torch.manual_seed(0)
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}
-    if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14)
-        model = tf.Qwen2VLForConditionalGeneration(
-            tf.Qwen2VLConfig(vision_config=vision, text_config={**TEXT, "rope_parameters": rope}, **IDS)
-        )
-        ip = tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-    elif family == "qwen2_5_vl":
-        # window_size 56 px = 2x2 merged tokens: windows really split these images (and pad the last row)
-        vision = dict(
-            depth=4,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            patch_size=14,
-            window_size=56,
-            fullatt_block_indexes=[1, 3],
-        )
-        model = tf.Qwen2_5_VLForConditionalGeneration(
-            tf.Qwen2_5_VLConfig(vision_config=vision, text_config={**TEXT, "rope_parameters": rope}, **IDS)
-        )
-        ip = tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-    else:
-        vision = dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            patch_size=16,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1],
-        )
-        rope3 = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}
-        text = {**TEXT, "head_dim": 16, "rope_parameters": rope3}
-        model = tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(vision_config=vision, text_config=text, **IDS))
-        ip = tf.Qwen2VLImageProcessor(
-            patch_size=16,
-            merge_size=2,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-            size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
-        )
-    return model.eval(), ip
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def built(request):
-    model, ip = _build(request.param)
+    model, ip = build_qwen(request.param)
     return request.param, model, ip
 
 
@@ -183,7 +123,7 @@ def test_uint8_interpolate_equals_torchvisions_resize():
 
 
 def test_normalize_uint8_and_float():
-    tower = QwenVisionTower(_build("qwen3_vl")[0].model.visual)
+    tower = QwenVisionTower(build_qwen("qwen3_vl")[0].model.visual)
     x = _images([(32, 64)])[0]
     assert tower.normalize(x).dtype == torch.float32
     # 0.5 / 0.5: 0 -> -1, 255 -> +1
@@ -241,7 +181,7 @@ def test_tokens_equal_get_image_features(built):
 
 
 def test_tokens_in_the_towers_dtype():
-    model, ip = _build("qwen2_5_vl")
+    model, ip = build_qwen("qwen2_5_vl")
     model = copy.deepcopy(model).to(torch.bfloat16)
     tower = _tower(model, ip)
     images = _images(SIZES[:3])
@@ -279,7 +219,7 @@ def test_ragged_batch_equals_each_view_alone(built):
 
 
 def test_refusals():
-    model, _ = _build("qwen2_vl")
+    model, _ = build_qwen("qwen2_vl")
     with raises_naming(TypeError, FIX, "QwenVisionTower", "tower=Linear", "model.model.visual", "Qwen3VLVisionModel"):
         QwenVisionTower(nn.Linear(2, 2))
     with raises_naming(TypeError, FIX, "tower=Qwen2VLForConditionalGeneration", ".visual", "Pass"):

@@ -11,6 +11,7 @@ import hrperc
 from hrperc import HighResEncoder
 
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # on their models' own towers: tests/test_qwen_recipes.py
 
 
 def _images(sizes, seed=0):
@@ -19,7 +20,7 @@ def _images(sizes, seed=0):
 
 
 def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
-    assert set(RECIPES) | {"inf_llava"} == set(hrperc.list_recipes())
+    assert set(RECIPES) | set(NATIVE) | {"inf_llava"} == set(hrperc.list_recipes())
     for name in RECIPES:
         enc = hrperc.create_encoder(name, tiny_vit(56))
         assert isinstance(enc, HighResEncoder)

@@ -111,6 +111,7 @@ class VisionBackbone(nn.Module):
 
     family = "generic"
     dynamic_size = False  # adapters set it from the model they wrap
+    packs_views = False  # True: features_packed runs views of every size in one call (native-resolution towers)
     model: Any  # another library's module: its attributes are that library's, not nn.Module's
 
     @public(name=class_name())
@@ -233,6 +234,12 @@ class VisionBackbone(nn.Module):
         return images.float().sub(mean).div_(std)
 
     @public(name=class_name(".features"))
+    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+        """:meth:`features` of several stacks ``[(S_i, 3, h_i, w_i)] -> [(S_i, t_i, D)]``. Here one call per
+        stack; a backbone with ``packs_views = True`` (a native-resolution tower, whose attention is per
+        image) runs them all in one packed call, and the runner then calls this once per batch."""
+        return [self.features(s, layer) for s in stacks]
+
     def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Patch tokens of one layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
 

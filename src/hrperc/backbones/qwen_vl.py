@@ -54,9 +54,9 @@ import torch
 from torch import nn
 
 from .._errors import public
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone, resolve_layer
 
-__all__ = ["QwenVisionTower", "QwenTowerOutput"]
+__all__ = ["QwenVisionTower", "QwenTowerOutput", "QwenBackbone"]
 
 # The tower classes of each family (a subclass is recognised by its bases).
 _TOWER_CLASSES = {
@@ -444,3 +444,92 @@ class QwenVisionTower(nn.Module):
     def encode(self, views, *, patches: bool = False) -> QwenTowerOutput:
         """Same as calling the module: :meth:`forward`."""
         return self(views, patches=patches)
+
+
+class QwenBackbone(VisionBackbone):
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL tower as an hrperc backbone: views of any size (multiples of
+    ``patch * merge``), every view of a batch in one packed call of the tower (``packs_views``).
+
+    The tower merges ``merge x merge`` patches into one LLM token, so here ``patch_size`` is the pixels of one
+    output token, ``(p * m, p * m)``, and ``hidden_size`` the width of those tokens (the LLM's): a
+    ``(3, h, w)`` view gives ``(h // (p m)) * (w // (p m))`` tokens, ``get_image_features``' output. Qwen3-VL's
+    deepstack features follow on the channels: :meth:`features` returns ``(N, t, hidden_size * (1 + L))``,
+    the tokens then each of the ``L`` levels (``deepstack_levels``). The tower reads its last block
+    (``layer=-1``, the only layer its merger takes).
+
+    Args:
+        tower: the model's vision tower (``model.model.visual``) or a :class:`QwenVisionTower`.
+        mean, std: ``None`` = the released checkpoints' normalization (see :class:`QwenVisionTower`).
+    """
+
+    family = "qwen_vl"
+    dynamic_size = True
+    packs_views = True
+    qwen: QwenVisionTower
+
+    @public(name="QwenBackbone")
+    def __init__(self, tower, *, layer: int = -1, mean=None, std=None) -> None:
+        qwen = tower if isinstance(tower, QwenVisionTower) else QwenVisionTower(tower, mean=mean, std=std)
+        f = qwen.factor
+        super().__init__(
+            qwen.tower,
+            image_size=(f, f),
+            patch_size=(f, f),
+            hidden_size=qwen.out_size,
+            num_layers=qwen.num_layers,
+            num_prefix_tokens=0,
+            mean=qwen.mean,
+            std=qwen.std,
+            layer=layer,
+        )
+        if resolve_layer(layer, qwen.num_layers) != qwen.num_layers:
+            raise ValueError(
+                f"layer={layer}; a Qwen tower's merger reads its last block, so its tokens come from layer=-1 only. "
+                f"Pass layer=-1 (the default)."
+            )
+        object.__setattr__(self, "qwen", qwen)  # not a second submodule: the tower is registered once, as .model
+        self.deepstack_levels = len(qwen.deepstack_layers)
+
+    def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.cat(self._tokens(list(pixels.unbind(0))), 0)
+
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        tower = self.qwen.tower
+        if hasattr(tower, "activation_checkpointing_enable"):  # transformers 5's name; the older one warns there
+            if enable:
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.activation_checkpointing_disable()
+        elif enable:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            tower.gradient_checkpointing_disable()
+
+    def _tokens(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per view ``(1, t_i, D')``: the tokens, then Qwen3-VL's deepstack levels on the channels."""
+        out = self.qwen(views)
+        per_view = (
+            out.tokens
+            if out.deepstack is None
+            else [
+                torch.cat([tokens, *(level[i] for level in out.deepstack)], -1) for i, tokens in enumerate(out.tokens)
+            ]
+        )
+        return [t[None] for t in per_view]
+
+    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+        """Every view of every stack ``[(S_i, 3, h_i, w_i)]`` in ONE call of the tower (its attention is per
+        image: no image sees another) -> ``[(S_i, t_i, D')]``."""
+        if layer is not None:
+            resolve_layer(layer, self.num_layers)
+        views = [v for stack in stacks for v in stack.unbind(0)]
+        tokens = self._tokens(views)
+        out, start = [], 0
+        for stack in stacks:
+            out.append(torch.cat(tokens[start : start + stack.shape[0]], 0))
+            start += stack.shape[0]
+        return out
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The image processor's normalization (uint8: its fused form, bit for bit)."""
+        return self.qwen.normalize(images)

@@ -67,27 +67,33 @@ def encode_views(
 
 
 def encode_by_shape(
-    groups: list[tuple[torch.Tensor, ...]], encode, accepts, refuse
+    groups: list[tuple[torch.Tensor, ...]], encode, accepts, refuse, encode_packed=None
 ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
     """Every view of a batch through the backbone, one stack per view shape (parts in order, then groups).
 
     ``groups``: per image group, parts ``(b, V, C, h, w)``; ``encode``: ``(S, C, h, w) -> (S, t, D)`` (e.g.
     :func:`encode_views` bound to a backbone); ``accepts(shape) -> bool`` and ``refuse(shape) -> Exception``
-    for a view size the backbone does not take. Returns the same structure of ``(b, V, t, D)`` features and
-    the number of views encoded. uint8 and float views of one shape are joined in ``[0, 1]``."""
+    for a view size the backbone does not take. ``encode_packed``, for a backbone that runs views of every
+    size in one packed call (a native-resolution tower): ``[(S_i, C, h_i, w_i)] -> [(S_i, t_i, D)]``, called
+    once with every shape's stack instead of ``encode`` per shape. Returns the same structure of
+    ``(b, V, t, D)`` features and the number of views encoded. uint8 and float views of one shape are
+    joined in ``[0, 1]``."""
     by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for p in range(max(len(parts) for parts in groups)):
         for g, parts in enumerate(groups):
             if p < len(parts):
                 by_shape.setdefault(tuple(parts[p].shape[-2:]), []).append((g, p))
     out: list[list] = [[None] * len(parts) for parts in groups]
+    stacks = []
     for shape, keys in by_shape.items():
         if not accepts(shape):
             raise refuse(shape)
         flat = [groups[g][p].flatten(0, 1) for g, p in keys]
         if len({f.dtype for f in flat}) > 1:  # uint8 and float views: uint8 to [0, 1] before joining
             flat = [to_unit(f) for f in flat]
-        feats = encode(flat[0] if len(flat) == 1 else torch.cat(flat))
+        stacks.append(flat[0] if len(flat) == 1 else torch.cat(flat))
+    encoded = encode_packed(stacks) if encode_packed is not None else [encode(s) for s in stacks]
+    for keys, feats in zip(by_shape.values(), encoded):
         start = 0
         for g, p in keys:
             b, v = groups[g][p].shape[:2]

@@ -1,5 +1,16 @@
 """What :class:`hrperc.HighResEncoder` returns, and the two pieces of its last stage: the ragged batch padded
-once (rows of image groups put back in batch order) and the stage clock of ``forward(timings=True)``."""
+once (rows of image groups put back in batch order) and the stage clock of ``forward(timings=True)``.
+
+Example::
+
+    >>> import torch
+    >>> from hrperc.encoder.output import in_batch_order
+    >>> groups = [([0, 2], torch.ones(2, 3, 4)), ([1], torch.full((1, 1, 4), 2.0))]  # images 0 and 2, then 1
+    >>> in_batch_order(groups, 3)[:, :, 0]
+    tensor([[1., 1., 1.],
+            [2., 0., 0.],
+            [1., 1., 1.]])
+"""
 
 from __future__ import annotations
 
@@ -27,7 +38,9 @@ class EncoderOutput:
     the INF-LLaVA thumbnail's ViT tokens, or ``None`` when none was encoded (``thumbnail=False``,
     ``combine="none"``, or another front end); ``encoded``: how many views went through the ViT and how
     many were skipped; ``timings``: seconds per stage (``views``, ``backbone``, ``assemble``, ``combine``)
-    when ``forward(..., timings=True)``; ``plans``: the front end's plan of each image.
+    when ``forward(..., timings=True)``; ``plans``: the front end's plan of each image; ``extras``: the front
+    end's other side outputs, ``name -> (B, ...)`` in batch order, zero-padded like ``tokens`` (Qwen3-VL's
+    ``"deepstack.0"``, ``"deepstack.1"``, ...: features of intermediate tower blocks, the shape of ``tokens``).
     """
 
     tokens: torch.Tensor
@@ -39,6 +52,7 @@ class EncoderOutput:
     encoded: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     plans: list[ViewPlan] | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> list[int]:

@@ -259,6 +259,12 @@ class HighResEncoder(nn.Module):
         converted one chunk at a time (no float copy of the stack)."""
         return encode_views(self.backbone, pixels, self.layer, self.max_batch, self.train_backbone)
 
+    def _encode_packed(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of every size through a packing backbone (``packs_views``) in one call."""
+        bb = self.backbone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
+            return bb.features_packed([bb.normalize(s.to(bb.device)).to(bb.dtype) for s in stacks], layer=self.layer)
+
     def _refuse_view(self, shape) -> ValueError:
         return ValueError(
             f"the front end {type(self.front_end).__name__} made views of {shape} pixels, which the backbone does "
@@ -316,14 +322,16 @@ class HighResEncoder(nn.Module):
         clock.lap("views")
 
         accepts = functools.partial(backbone_accepts, self.backbone)  # every view of the batch: one pass per shape
-        feats, encoded = encode_by_shape(parts, self.encode_subimages, accepts, self._refuse_view)
+        packed = self._encode_packed if self.backbone.packs_views else None
+        feats, encoded = encode_by_shape(parts, self.encode_subimages, accepts, self._refuse_view, packed)
         clock.lap("backbone")
 
         where = {b: (g, i) for g, members in enumerate(view_groups) for i, b in enumerate(members)}
         by_key: dict[tuple, list[int]] = {}
         for b, plan in enumerate(plans):
             by_key.setdefault(plan.batch_key, []).append(b)
-        rows, thumbs = [], []
+        rows: list = []
+        side: dict[str, list] = {}  # a front end's side outputs (e.g. "thumbnail_tokens"), per group
         for members in by_key.values():
             if len(view_groups) == 1 and len(by_key) == 1:  # a uniform batch: the stack as it is, no copy
                 group = feats[0]
@@ -337,11 +345,12 @@ class HighResEncoder(nn.Module):
             tokens = fe.assemble(group_in, plans[members[0]], project=project, **kw)
             _check_rows(fe, tokens, len(members), plans[members[0]].num_tokens)
             rows.append((members, tokens))
-            extra = fe.extras(group_in, plans[members[0]])
-            thumbs += [(members, extra["thumbnail_tokens"])] if "thumbnail_tokens" in extra else []
+            for name, value in fe.extras(group_in, plans[members[0]]).items():
+                side.setdefault(name, []).append((members, value))
         clock.lap("assemble")
 
         tokens = in_batch_order(rows, B)
+        extras = {k: in_batch_order(v, B) for k, v in side.items() if len(v) == len(rows)}  # only when all have it
         counts = torch.tensor([p.num_tokens for p in plans], device=tokens.device)
         token_mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts[:, None]
         layouts = [p.layout for p in plans]
@@ -356,7 +365,8 @@ class HighResEncoder(nn.Module):
             geometries=[p.geometry for p in plans],
             layout=layouts,
             valid_masks=[p.geometry.valid_mask((ph, pw)) for p in plans],
-            thumbnail_tokens=in_batch_order(thumbs, B) if thumbs and len(thumbs) == len(rows) else None,
+            thumbnail_tokens=extras.pop("thumbnail_tokens", None),
+            extras=extras,
             encoded={"encoded": encoded, "skipped": sum(p.skipped for p in plans)},
             timings=clock.times,
             plans=plans,

@@ -15,13 +15,17 @@ and references, and how to write a recipe.
 ``s2``               S2 multi-scale: scales (1, 2), merged, area-resized, concatenated on channels
 ``infimm_hd``        InfiMM-HD: aspect-kept tiles of the ViT's size + a global view
 ``inf_llava``        the released INF-LLaVA front end (:mod:`hrperc.recipes.inf_llava`)
+``qwen2_vl``         Qwen2-VL: one view of the image's budgeted own size, packed (:mod:`hrperc.recipes.qwen2_vl`)
+``qwen2_5_vl``       Qwen2.5-VL: the same on its windowed tower
+``qwen3_vl``         Qwen3-VL: 32-pixel tokens, the released budget and normalization, deepstack features
 ===================  ===========================================================================
 
 Example::
 
     >>> import hrperc
-    >>> hrperc.list_recipes()
-    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 's2')
+    >>> hrperc.list_recipes()  # doctest: +NORMALIZE_WHITESPACE
+    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision',
+     'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2')
     >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")     # random weights
     >>> enc.num_tokens((1000, 700))
     784
