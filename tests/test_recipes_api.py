@@ -11,7 +11,8 @@ import hrperc
 from hrperc import HighResEncoder
 
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
-NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # on their models' own towers: tests/test_qwen_recipes.py
+# on their models' own towers: tests/test_qwen_recipes.py, tests/test_pixtral_recipe.py
+NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "pixtral")
 
 
 def _images(sizes, seed=0):

@@ -18,13 +18,14 @@ and references, and how to write a recipe.
 ``qwen2_vl``         Qwen2-VL: one view of the image's budgeted own size, packed (:mod:`hrperc.recipes.qwen2_vl`)
 ``qwen2_5_vl``       Qwen2.5-VL: the same on its windowed tower
 ``qwen3_vl``         Qwen3-VL: 32-pixel tokens, the released budget and normalization, deepstack features
+``pixtral``          Pixtral-12B / Mistral 3: own size, packed; [IMG_BREAK] / [IMG_END] as slots
 ===================  ===========================================================================
 
 Example::
 
     >>> import hrperc
     >>> hrperc.list_recipes()  # doctest: +NORMALIZE_WHITESPACE
-    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision',
+    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 'pixtral',
      'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2')
     >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")     # random weights
     >>> enc.num_tokens((1000, 700))
