@@ -1,9 +1,11 @@
-"""hrperc as the image path of a transformers LLaVA-family model: reproduce it, then upgrade it.
+"""hrperc as the image path of a transformers vision-language model: reproduce it, then upgrade it.
 
-Four model classes (and their ``*Model`` bases): ``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration`` and
-``InternVLForConditionalGeneration``, one entry each in the family table (:mod:`._families`: a new family
-is an entry there plus its recipe). Three calls (``docs/transformers.md`` has the walk-through):
+Seven model classes (and their ``*Model`` bases): ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+``InternVLForConditionalGeneration``, and the native-resolution ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``, one entry each in the family
+table (:mod:`._families`: a new family is an entry there plus its recipe). Three calls
+(``docs/transformers.md`` has the walk-through):
 
 * :func:`encoder_from_model` -- the :class:`~hrperc.HighResEncoder` of the model's own front end (the
   recipe of its family, its vision tower shared, its layer, CLS, pinpoints, tiling and normalization);
@@ -19,10 +21,12 @@ tokens (InternVL: inside ``<img>`` / ``</img>``). It does not resample the image
 the images themselves, each behind a header row that says what it is -- an exact integer pattern no
 image holds, its size, and the image options the processor honoured -- ``(B, 3, 1 + H_max, W)`` int16
 (uint8 values) or float32 (``[0, 1]`` values), plus ``image_sizes`` (:func:`pack_images`; the format
-is in :mod:`hrperc.integrations.transformers._pixels`). The model's ``get_image_features`` is replaced
-(on this model object only) by the encoder: ``encoder(images, project=projector, newline=image_newline)``,
-whose tokens fill the placeholders as the model's own features did; it refuses any ``pixel_values``
-without the header (the original processor's among them). Everything else -- the LLM, labels,
+is in :mod:`hrperc.integrations.transformers._pixels`) -- for Qwen, ``image_grid_thw`` from the
+encoder's plans and ``mm_token_type_ids``, so that the model's M-RoPE reads the grid the encoder ran.
+The model's ``get_image_features`` is replaced (on this model object only) by the encoder:
+``encoder(images, project=projector, newline=image_newline)``, whose tokens fill the placeholders as
+the model's own features did; it refuses any ``pixel_values`` without the header (the original
+processor's among them). Everything else -- the LLM, labels,
 attention masks, the KV cache, ``generate`` -- is the unmodified model's code.
 
 Example::

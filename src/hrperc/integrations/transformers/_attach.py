@@ -10,7 +10,11 @@ What :func:`attach` accepts and refuses (``docs/transformers.md``):
 * the :class:`AttachedProcessor` honours the image-processor options the original processor would
   (``do_pad``, ``image_mean`` / ``image_std``, InternVL's ``crop_to_patches`` / ``min_patches`` /
   ``max_patches``; the token count and the pixels follow) and refuses every other option that would
-  change the image by name.
+  change the image by name;
+* for a family that takes ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the encoder's plans must
+  be one map of merged patches per image: the attached processor returns that grid as
+  ``image_grid_thw`` (the model's M-RoPE reads it), the attached ``get_image_features`` refuses any
+  other grid, and returns the model's own output type (Qwen3-VL's ``deepstack_features`` included).
 
 Example::
 
@@ -22,8 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,10 +39,22 @@ from ..._errors import public
 from ...encoder import HighResEncoder
 from ...modules.projector import build_projector
 from ._families import FAMILIES, Family, family_of, recipe_setting, recipes_with
-from ._model import ProcessorSettings, _plain, hf_blocks, inner_model, same_setting, strategy_of, text_width, variant
+from ._model import (
+    ProcessorSettings,
+    _plain,
+    hf_blocks,
+    inner_model,
+    module_reference,
+    projector_of,
+    same_setting,
+    strategy_of,
+    text_width,
+    tower_of,
+    variant,
+)
 from ._pixels import pack_images, read_packed
 
-__all__ = ["attach", "AttachedProcessor", "owns_parameters", "projector_widths"]
+__all__ = ["attach", "AttachedProcessor", "owns_parameters", "projector_widths", "native_grid"]
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -69,6 +87,29 @@ def projector_widths(projector: nn.Module) -> tuple[int | None, int | None]:
     return first, last
 
 
+def native_grid(encoder: HighResEncoder, image_size, merge: int, family: Family) -> list[int]:
+    """``[1, gh, gw]``: the ``image_grid_thw`` row of an ``image_size`` image as ``encoder`` plans it -- its token
+    map ``(rows, cols)`` times the tower's ``merge``, the patch grid of the resized image, which is what the
+    model's M-RoPE reads. An encoder whose tokens are not one map (tiles, newline slots) is refused."""
+    layout = encoder.plan(tuple(int(v) for v in image_size)).layout
+    if len(layout) != 1 or layout[0].shape is None or layout[0].newline:
+        runs = [(seg.source, seg.length, seg.shape) for seg in layout]
+        raise ValueError(
+            f"the encoder (recipe {encoder.recipe!r}, {type(encoder.front_end).__name__}) lays an image's tokens "
+            f"out as {runs}, not one map of merged patches, so the model's image_grid_thw (its M-RoPE positions) "
+            f"cannot follow it. Use a native-resolution encoder: encoder_from_model(model, processor) or "
+            f"hrperc.create_encoder({family.recipe!r}, model.model.{family.tower})."
+        )
+    rows, cols = layout[0].shape
+    return [1, rows * merge, cols * merge]
+
+
+def _tower_merge(tower) -> int:
+    """The patches a native-resolution tower merges per token side (``spatial_merge_size``)."""
+    merge = getattr(tower, "spatial_merge_size", None)
+    return int(merge if merge is not None else tower.config.spatial_merge_size)
+
+
 # --- attach ---------------------------------------------------------------------------------------------
 class _FrontEndState(nn.Module):
     """What an attachment adds to the model: the encoder's ``front_end`` (its DEM and any other part it
@@ -94,10 +135,13 @@ def _dem_under_front_end(state_dict, prefix, *_) -> None:
 
 
 class _Attachment:
-    """What an attached model's image path needs: the encoder, the family, the trainable parts."""
+    """What an attached model's image path needs: the encoder, the family, the trainable parts, and (for a
+    family that takes ``image_grid_thw``) the tower's merge factor."""
 
-    def __init__(self, encoder: HighResEncoder, family: Family, state: _FrontEndState, foreign: bool) -> None:
-        self.encoder, self.family, self.state, self.foreign = encoder, family, state, foreign
+    def __init__(
+        self, encoder: HighResEncoder, family: Family, state: _FrontEndState, foreign: bool, merge: int | None = None
+    ) -> None:
+        self.encoder, self.family, self.state, self.foreign, self.merge = encoder, family, state, foreign, merge
 
 
 @public
@@ -109,19 +153,22 @@ def attach(
     ``encoder.num_tokens((H, W))`` times -- and ``pixel_values`` with :func:`pack_images`).
 
     ``model`` is modified in place (and returned): its ``get_image_features`` runs the encoder, whose tokens
-    go through the model's projector -- or, when the encoder's ``token_width`` is not the projector's
-    input width, through ``projector`` or a new ``mlp2x_gelu`` one (created, warned about, trainable);
-    newline slots get the model's ``image_newline``. The encoder's front end (its DEM and any other part it
-    owns) and a new projector are registered under ``model.hrperc_front_end`` (so ``.to()``, ``.parameters()``
-    and optimizers see them) and left out
-    of ``model.save_pretrained`` (:func:`save_front_end` saves them). hrperc freezes the tower unless the
+    go through the model's projector (none for Qwen: its tower's merger gives the LLM's width) -- or, when
+    the encoder's ``token_width`` is not what the model takes there, through ``projector`` or a new
+    ``mlp2x_gelu`` one (created, warned about, trainable); newline slots get the model's ``image_newline``;
+    Qwen3-VL's deepstack levels come from the encoder's ``EncoderOutput.extras``. The encoder's front end
+    (its DEM and any other part it owns) and a new projector are registered under
+    ``model.hrperc_front_end`` (so ``.to()``, ``.parameters()`` and optimizers see them) and left out of
+    ``model.save_pretrained`` (:func:`save_front_end` saves them). hrperc freezes the tower unless the
     encoder was built with ``train_backbone=True``.
 
     Refused before anything is changed: an encoder whose backbone is not the model's own vision tower (as
-    :func:`encoder_from_model` and ``create_encoder(..., model.model.vision_tower)`` build it) -- the model
+    :func:`encoder_from_model` and ``create_encoder(..., model.model.vision_tower)`` -- Qwen:
+    ``model.model.visual`` -- build it) -- the model
     would run another model's vision weights -- unless ``foreign_tower=True`` (you mean another tower; such
     an attachment cannot be saved with :func:`save_front_end`); a ``projector`` whose input is not the
-    encoder's ``token_width`` or whose output is not the LLM's hidden size; a model already attached.
+    encoder's ``token_width`` or whose output is not the LLM's hidden size; a model already attached; for
+    Qwen, an encoder whose tokens are not one map of merged patches (no ``image_grid_thw`` to give).
     """
     inner, family = inner_model(model)
     if not isinstance(encoder, HighResEncoder):
@@ -135,17 +182,23 @@ def attach(
         raise TypeError(f"projector is a {type(projector).__name__}; pass an nn.Module (or None).")
     if getattr(inner, "_hrperc_attachment", None) is not None:
         raise ValueError("this model already has an hrperc encoder attached; attach to a fresh model.")
-    own = owns_parameters(inner.vision_tower, encoder.backbone)
+    tower = tower_of(inner, family)
+    own = owns_parameters(tower, encoder.backbone)
     if not own and not foreign_tower:
         raise ValueError(
             f"the encoder's backbone ({type(encoder.backbone).__name__} around "
             f"{type(getattr(encoder.backbone, 'model', encoder.backbone)).__name__}) is not this model's vision tower "
-            f"(model.model.vision_tower: other parameters), so the model would run another tower's weights. Build the "
-            f"encoder around this model's tower (encoder_from_model(model, processor)), or pass foreign_tower=True "
-            f"if another tower is what you mean."
+            f"(model.model.{family.tower}: other parameters), so the model would run another tower's weights. Build "
+            f"the encoder around this model's tower (encoder_from_model(model, processor)), or pass "
+            f"foreign_tower=True if another tower is what you mean."
         )
-    model_projector = inner.multi_modal_projector
-    expected, width, out_width = projector_widths(model_projector)[0], encoder.token_width, text_width(model)
+    merge = _tower_merge(tower) if family.grid_thw else None
+    if merge is not None:
+        native_grid(encoder, (224, 224), merge, family)  # an encoder whose plans give no grid: refused here
+    model_projector = projector_of(inner, family)
+    width, out_width = encoder.token_width, text_width(model)
+    # Without a projector (Qwen's merger is in the tower) the tokens go into the LLM as they are.
+    expected = projector_widths(model_projector)[0] if model_projector is not None else out_width
     new_projector = None
     if projector is not None:
         p_in, p_out = projector_widths(projector)
@@ -161,11 +214,11 @@ def attach(
         new_projector = projector
     elif expected is not None and expected != width:
         new_projector = build_projector("mlp2x_gelu", width, out_width)
-        new_projector.to(
-            device=next(model_projector.parameters()).device, dtype=next(model_projector.parameters()).dtype
-        )
+        ref = module_reference(inner, family)
+        new_projector.to(device=ref.device, dtype=ref.dtype)
+        taker = "the model's projector" if model_projector is not None else "the model's LLM"
         warnings.warn(
-            f"attach: the encoder's tokens have width {width} but the model's projector takes {expected}; a new "
+            f"attach: the encoder's tokens have width {width} but {taker} takes {expected}; a new "
             f"mlp2x_gelu projector {width} -> {out_width} was created (model.hrperc_front_end.projector). "
             f"Train it (stage 1) before use.",
             stacklevel=2,
@@ -173,7 +226,7 @@ def attach(
     # Everything is checked: from here on nothing fails, so a refused attach leaves the model as it was.
     state = _FrontEndState(encoder.front_end, new_projector)
     model.hrperc_front_end = state  # registered on the model the caller holds: .to(), .parameters(), optimizers
-    attachment = _Attachment(encoder, family, state, foreign=not own)
+    attachment = _Attachment(encoder, family, state, foreign=not own, merge=merge)
     object.__setattr__(inner, "_hrperc_attachment", attachment)  # plain references: the backbone is the tower
     object.__setattr__(inner, "_hrperc_state", state)
     object.__setattr__(inner, "_hrperc_encoder", encoder)
@@ -181,7 +234,8 @@ def attach(
     ignore = {f"hrperc_front_end.{k}" for k in state.state_dict()}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignore
     inner.get_image_features = types.MethodType(_attached_image_features(family), inner)
-    return model, (None if processor is None else AttachedProcessor(processor, encoder, family.model_type))
+    attached = None if processor is None else AttachedProcessor(processor, encoder, family.model_type, merge=merge)
+    return model, attached
 
 
 # --- the model's side ---------------------------------------------------------------------------------------
@@ -228,39 +282,87 @@ def _image_sizes_check(packed, image_sizes) -> None:
         )
 
 
-@public(name="attached get_image_features")
-def _run(self, pixel_values, image_sizes, layer, strategy, family: Family):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+def _grid_check(grids: list[list[int]], image_grid_thw) -> None:
+    if image_grid_thw is None:
+        return
+    given = image_grid_thw.tolist() if isinstance(image_grid_thw, torch.Tensor) else [list(g) for g in image_grid_thw]
+    if [[int(v) for v in g] for g in given] != grids:
+        raise ValueError(
+            f"image_grid_thw={given} but the attached encoder plans the packed images as {grids}; the model's "
+            f"M-RoPE positions would not be the encoder's grid. Pass the image_grid_thw the attached processor "
+            f"returned with these pixel_values."
+        )
 
+
+def _output_class(inner, name: str):
+    """``name`` from the model's own modeling module (Qwen3-VL's ``BaseModelOutputWithDeepstackFeatures``), else
+    from ``transformers.modeling_outputs``."""
+    from transformers import modeling_outputs
+
+    found = getattr(sys.modules.get(type(inner).__module__), name, None)
+    return found if found is not None else getattr(modeling_outputs, name)
+
+
+def _levels(extras: dict, prefix: str, field: str) -> list[str]:
+    """The keys ``<prefix>0``, ``<prefix>1``, ... of an encoder's extras, in level order."""
+    keys = [k for k in extras if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    keys.sort(key=lambda k: int(k[len(prefix) :]))
+    if not keys:
+        raise ValueError(
+            f"the attached encoder returns no {prefix}<k> extras (it has {sorted(extras)}), but the model feeds "
+            f"{field} of every image to its LLM. Use an encoder built around the model's own tower "
+            f"(encoder_from_model(model, processor)), whose front end returns them."
+        )
+    return keys
+
+
+@public(name="attached get_image_features")
+def _run(self, pixel_values, shapes, layer, strategy, family: Family):
+    """The attached image path: ``shapes`` is ``image_sizes`` or, for a ``grid_thw`` family, ``image_grid_thw``."""
     attachment = self._hrperc_attachment
     encoder = attachment.encoder
-    extra = _feature_layer_change(encoder, layer, strategy)
+    extra = _feature_layer_change(encoder, layer, strategy) if family.feature_layer else {}
     packed = read_packed(pixel_values)
-    _image_sizes_check(packed, image_sizes)
+    if not family.grid_thw:
+        _image_sizes_check(packed, shapes)
     state = attachment.state
-    projector = state.projector if state.projector is not None else self.multi_modal_projector
-    dtype = next(projector.parameters()).dtype if any(True for _ in projector.parameters()) else None
+    projector = state.projector if state.projector is not None else projector_of(self, family)
+    project = None
+    if projector is not None:
+        params = list(projector.parameters())
+        dtype = params[0].dtype if params else None
 
-    def project(x):  # the encoder's tokens (its DEM's dtype) into the projector's dtype
-        return projector(x if dtype is None else x.to(dtype))
+        def project(x):  # the encoder's tokens (its DEM's dtype) into the projector's dtype
+            return projector(x if dtype is None else x.to(dtype))
 
     newline = getattr(self, family.newline, None) if family.newline is not None else None
     groups: dict[str, list[int]] = {}
     for b, p in enumerate(packed):  # images packed with other processor options run that front end
         groups.setdefault(p.options_key, []).append(b)
+    runs = {key: variant(encoder, {**packed[indices[0]].options, **extra}, family) for key, indices in groups.items()}
+    if family.grid_thw:  # checked before the tower runs: the model's M-RoPE must read the grid the encoder plans
+        grids: list = [None] * len(packed)
+        for key, indices in groups.items():
+            for b in indices:
+                grids[b] = native_grid(runs[key], packed[b].image.shape[-2:], attachment.merge, family)
+        _grid_check(grids, shapes)
     feats: list = [None] * len(packed)
-    for indices in groups.values():
-        run = variant(encoder, {**packed[indices[0]].options, **extra}, family)
-        out = run([packed[b].image for b in indices], project=project, newline=newline)
+    levels: dict[str, list] = {field: [None] * len(packed) for field, _ in family.extras}
+    for key, indices in groups.items():
+        out = runs[key]([packed[b].image for b in indices], project=project, newline=newline)
         for i, b in enumerate(indices):
-            feats[b] = out.tokens[i, : out.num_tokens[i]]
+            n = out.num_tokens[i]
+            feats[b] = out.tokens[i, :n]
+            for field, prefix in family.extras:
+                levels[field][b] = [out.extras[k][i, :n] for k in _levels(out.extras, prefix, field)]
     pooled: Any = torch.cat(feats)[None] if family.features == "one_sequence" else feats
-    return BaseModelOutputWithPooling(pooler_output=pooled)
+    fields = {field: [tuple(level) for level in zip(*per_image)] for field, per_image in levels.items()}
+    return _output_class(self, family.features_output)(pooler_output=pooled, **fields)
 
 
 def _attached_image_features(family: Family):
     """``get_image_features`` with the family's own parameter order (``image_sizes_second``: LLaVA-NeXT /
-    OneVision pass ``image_sizes`` second, positionally)."""
+    OneVision pass ``image_sizes`` second, positionally; ``grid_thw``: Qwen passes ``image_grid_thw`` second)."""
 
     def sizes_second(
         self, pixel_values, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
@@ -272,7 +374,14 @@ def _attached_image_features(family: Family):
     ):
         return _run(self, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, family)
 
-    get_image_features = sizes_second if family.image_sizes_second else sizes_last
+    def grid_second(self, pixel_values, image_grid_thw=None, **kwargs):
+        return _run(self, pixel_values, image_grid_thw, None, None, family)
+
+    get_image_features: Callable[..., Any]
+    if family.grid_thw:
+        get_image_features = grid_second
+    else:
+        get_image_features = sizes_second if family.image_sizes_second else sizes_last
     get_image_features.__name__ = get_image_features.__qualname__ = "get_image_features"
     return get_image_features
 
@@ -280,21 +389,30 @@ def _attached_image_features(family: Family):
 # --- the processor's side ------------------------------------------------------------------------------------
 _NO_EFFECT = ("disable_grouping", "return_tensors")  # options that never change a pixel or a token
 _WHY = {
-    "size": "hrperc's encoder feeds the tower tiles of its own size",
+    "size": "hrperc's encoder sizes the images itself (tiles of the tower's size, or a native pixel budget)",
     "crop_size": "hrperc's encoder feeds the tower tiles of its own size",
     "resample": "hrperc's recipes resize bicubic, as the processor does",
     "image_grid_pinpoints": "the model unpads with its config's image_grid_pinpoints",
 }
 
 
+#: A native-resolution processor's legacy budget options -> the ``size`` entries that hold them.
+_BUDGET_KEYS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+
+
 class AttachedProcessor:
     """The processor of an attached model: the original tokenizer and chat template, hrperc's token counts.
 
     ``processor(images=..., text=..., **kwargs)`` -> ``BatchFeature`` with ``input_ids``,
-    ``attention_mask`` (the tokenizer's), ``pixel_values`` (:func:`pack_images`) and ``image_sizes``. The
-    ``i``-th image placeholder of the text (the original processor's ``image_token``) becomes
-    ``num_tokens`` of the ``i``-th image. Other attributes (``tokenizer``, ``decode``, ``batch_decode``,
-    ``apply_chat_template`` with ``tokenize=False``, ...) are the original processor's.
+    ``attention_mask`` (the tokenizer's), ``pixel_values`` (:func:`pack_images`) and ``image_sizes`` --
+    for Qwen, ``image_grid_thw`` ``(N, 3)`` instead: ``[1, rows * merge, cols * merge]`` of the encoder's
+    token map of each image (``merge``: the tower's, from :func:`attach`; else the processor's
+    ``merge_size``) -- and ``mm_token_type_ids`` where the original processor returns them (by its own
+    ``create_mm_token_type_ids``). The ``i``-th image placeholder of the text (the original processor's
+    ``image_token``) becomes ``num_tokens`` of the ``i``-th image (Qwen: ``<|image_pad|>`` repeated; the
+    ``<|vision_start|>`` / ``<|vision_end|>`` the chat template writes around it stay). Other attributes
+    (``tokenizer``, ``decode``, ``batch_decode``, ``apply_chat_template`` with ``tokenize=False``, ...)
+    are the original processor's.
 
     ``kwargs``: tokenizer options go to the tokenizer as the original processor sends them. Image-processor
     options (as keywords or in ``images_kwargs=``) are honoured where the original processor would
@@ -302,39 +420,50 @@ class AttachedProcessor:
     InternVL's ``crop_to_patches`` / ``min_patches`` / ``max_patches``: the encoder runs with that setting
     (the same tower and DEM), the token count follows, and the packed images carry the setting to the
     model. ``device`` moves ``pixel_values``; ``disable_grouping`` and options equal to the processor's own
-    settings change nothing. Every other image option is refused by name (``size``, ``crop_size``,
-    ``resample``, ``do_resize``, ... differing from the processor's). ``videos`` and ``audio`` are refused.
+    settings change nothing (Qwen's legacy ``min_pixels`` / ``max_pixels`` are compared with ``size``'s
+    entries). Every other image option is refused by name (``size``, ``crop_size``, ``resample``,
+    ``do_resize``, ``min_pixels``, ... differing from the processor's). ``videos`` and ``audio`` are refused.
     """
 
-    def __init__(self, processor, encoder: HighResEncoder, family: str) -> None:
+    def __init__(self, processor, encoder: HighResEncoder, family: str, *, merge: int | None = None) -> None:
         entry = family_of(family)
         if entry is None:
             raise ValueError(f"AttachedProcessor: family={family!r}; pass one of {sorted(FAMILIES)}.")
         self.processor, self.encoder, self.family, self._family = processor, encoder, family, entry
         self.image_token = processor.image_token
         self.settings = ProcessorSettings(processor)
+        if entry.grid_thw and merge is None:
+            merge = self.settings.get("merge_size")
+        if entry.grid_thw and (not isinstance(merge, int) or isinstance(merge, bool) or merge < 1):
+            raise ValueError(
+                f"AttachedProcessor: merge={merge!r}; a {entry.model_class} processor needs the tower's merge factor "
+                f"(an int >= 1) for image_grid_thw. Pass merge=, or use attach(model, processor, encoder), which does."
+            )
+        self.merge = merge
 
     def __getattr__(self, name):
-        if name in ("processor", "encoder", "family", "_family", "image_token", "settings"):
+        if name in ("processor", "encoder", "family", "_family", "image_token", "settings", "merge"):
             raise AttributeError(name)
         return getattr(self.processor, name)
 
-    def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict]:
-        """``(tokenizer kwargs, image options the caller set)``: the original processor's merge of its
-        defaults (InternVL pads on the left) with the caller's; image options are the ones that differ from
-        the processor-level defaults."""
+    def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict, bool]:
+        """``(tokenizer kwargs, image options the caller set, whether to return mm_token_type_ids)``: the
+        original processor's merge of its defaults (InternVL pads on the left, Qwen returns
+        ``mm_token_type_ids``) with the caller's; image options are the ones that differ from the
+        processor-level defaults."""
         merge = getattr(self.processor, "_merge_kwargs", None)
         if merge is None:
-            return kwargs, {}
+            return kwargs, {}, False
         init = getattr(self.processor.tokenizer, "init_kwargs", {})
         merged = merge(tokenizer_init_kwargs=init, **kwargs)
         text = merged["text_kwargs"]
-        for key in ("return_tensors", "return_mm_token_type_ids", "return_text_replacement_offsets"):
+        types_ids = text.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
+        for key in ("return_tensors", "return_text_replacement_offsets"):
             text.pop(key, None)
         base = self.settings.defaults
         given = {k: v for k, v in merged["images_kwargs"].items() if k not in base or not same_setting(v, base[k])}
         given.pop("return_tensors", None)
-        return text, given
+        return text, given, bool(types_ids)
 
     def _image_changes(self, given: dict) -> tuple[dict, object]:
         """The caller's image options -> ``(encoder changes, device)``; refuses what cannot be honoured."""
@@ -343,6 +472,9 @@ class AttachedProcessor:
         tiles = {k: given.pop(k) for k in ("crop_to_patches", "min_patches", "max_patches") if k in given}
         for key, value in given.items():
             own = settings.get(key)
+            size = _plain(settings.get("size"))
+            if own is None and key in _BUDGET_KEYS and isinstance(size, dict):  # legacy names of size's entries
+                own = size.get(_BUDGET_KEYS[key])
             if key == "device":
                 device = value
             elif key in _NO_EFFECT:
@@ -437,17 +569,22 @@ class AttachedProcessor:
                     f"or use the original processor and model for it."
                 )
         return_tensors = kwargs.pop("return_tensors", None)
-        text_kwargs, given = self._split_kwargs(kwargs)
+        text_kwargs, given, types_ids = self._split_kwargs(kwargs)
         flat = _flat_images(images)
         data = {}
-        encoder = self.encoder
+        encoder, image_sizes = self.encoder, []
         if flat:
             changes, device = self._image_changes(dict(given))
             encoder = self.encoder_for(changes)
             pixel_values, sizes = pack_images(flat, changes or None)
             if device is not None:
                 pixel_values = pixel_values.to(device)
-            data.update(pixel_values=pixel_values, image_sizes=sizes)
+            data["pixel_values"], image_sizes = pixel_values, sizes.tolist()
+            if self._family.grid_thw:  # the grid the encoder plans: the model's M-RoPE positions follow it
+                grids = [native_grid(encoder, s, self.merge, self._family) for s in image_sizes]
+                data["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            else:
+                data["image_sizes"] = sizes
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             found = sum(t.count(self.image_token) for t in texts)
@@ -459,13 +596,14 @@ class AttachedProcessor:
             why = self._family.several_images
             if why is not None and any(t.count(self.image_token) > 1 for t in texts):
                 raise ValueError(f"a text holds several images; {why}. Pass one image per text.")
-            sizes = data["image_sizes"].tolist() if flat else []
-            replacements = iter([self.replacement(s, encoder) for s in sizes])
+            replacements = iter([self.replacement(s, encoder) for s in image_sizes])
             expanded = []
             for t in texts:
                 parts = t.split(self.image_token)
                 expanded.append(parts[0] + "".join(next(replacements) + p for p in parts[1:]))
             data.update(self.processor.tokenizer(expanded, **text_kwargs))
+            if types_ids:  # 1 on image tokens: the original processor's own rule (Qwen's M-RoPE reads it)
+                data["mm_token_type_ids"] = self.processor.create_mm_token_type_ids(data["input_ids"])
         return BatchFeature(data, tensor_type=return_tensors)
 
 

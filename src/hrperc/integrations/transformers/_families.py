@@ -9,12 +9,21 @@ the recipe it names (a file under ``hrperc/recipes``); ``docs/transformers.md`` 
 :data:`RECIPE_SETTINGS` is the same for the recipe settings an image-processor option rebuilds an
 attached encoder with (``pad``, ``min_tiles``, ``max_tiles``): which recipes have them, and their defaults.
 
+Two kinds of families share the machinery: the tiling ones (LLaVA-1.5, LLaVA-NeXT, OneVision, InternVL:
+a fixed-size ViT, its ``vision_feature_layer``, a ``multi_modal_projector``) and the native-resolution
+ones (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the tower ``visual`` reads each image at its own budgeted size and
+merges patches itself; the model takes ``image_grid_thw`` and ``mm_token_type_ids`` for its M-RoPE).
+What tells them apart is fields of the entry (``tower``, ``projector``, ``backbone``, ``tiles``,
+``feature_layer``, ``grid_thw``, ``extras``, ``features_output``), never the family's name.
+
 Example::
 
     >>> family_of("internvl").recipe, family_of("internvl").features
     ('internvl', 'one_sequence')
     >>> [f.model_type for f in TABLE if f.square_pad]
     ['llava']
+    >>> [(f.model_type, f.tower, f.projector) for f in TABLE if f.grid_thw][:1]
+    [('qwen2_vl', 'visual', None)]
     >>> hf_blocks(-2, 24), hf_blocks(23, 24), hf_blocks(-1, 27)   # transformers' hidden_states index -> blocks run
     (23, 23, 27)
 """
@@ -23,8 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
+
+from ...backbones.hf_vit import HFBackbone
+from ...backbones.qwen_vl import QwenBackbone
 
 __all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting", "hf_blocks"]
 
@@ -56,6 +69,24 @@ class Family:
     ``"per_image"`` (a list of ``(n_i, D)``) or ``"one_sequence"`` (all images' tokens concatenated,
     ``(1, sum n_i, D)``); ``newline`` -- the inner model's attribute holding the newline embedding the
     encoder's newline slots get (``None``: no newline slots).
+
+    The model's parts: ``tower`` -- the inner model's attribute holding the vision tower (``"visual"`` for
+    Qwen); ``projector`` -- the one holding the projector into the LLM (``None``: the tower's own merger
+    gives the LLM's width, as Qwen's does); ``backbone`` -- the hrperc backbone class around the tower,
+    built as ``backbone(tower, layer=, mean=, std=)``.
+
+    Native resolution: ``tiles`` -- the processor resizes to tiles of the tower's size (its ``size`` /
+    ``crop_size`` are checked against it); ``False``: the recipe sizes each image itself (a pixel budget,
+    read by an ``options`` reader). ``feature_layer`` -- the config's ``vision_feature_layer`` /
+    ``vision_feature_select_strategy`` pick the tower's layer and tokens, and ``forward`` / ``generate``
+    take them; ``False``: the tower's last block through its merger, no such arguments. ``grid_thw`` --
+    the model takes ``image_grid_thw`` ``(N, 3)`` (``[1, h / patch, w / patch]`` of each resized image)
+    second in ``get_image_features`` and for its M-RoPE, with ``mm_token_type_ids``: the attached
+    processor returns the grid the encoder planned in place of ``image_sizes``. ``extras`` -- ``(field,
+    prefix)`` pairs: ``get_image_features`` also returns ``field``, one tuple of per-image tensors per
+    level, from the encoder's ``EncoderOutput.extras["<prefix><k>"]`` (Qwen3-VL's ``deepstack_features``).
+    ``features_output`` -- the class ``get_image_features`` returns, looked up in the model's own
+    modeling module (then in ``transformers.modeling_outputs``).
     """
 
     model_type: str
@@ -70,11 +101,24 @@ class Family:
     image_sizes_second: bool = False
     features: str = "per_image"
     newline: str | None = None
+    tower: str = "vision_tower"
+    projector: str | None = "multi_modal_projector"
+    backbone: type[Any] = HFBackbone
+    tiles: bool = True
+    feature_layer: bool = True
+    grid_thw: bool = False
+    extras: tuple[tuple[str, str], ...] = ()
+    features_output: str = "BaseModelOutputWithPooling"
 
     def __post_init__(self) -> None:
         if self.features not in ("per_image", "one_sequence"):
             raise ValueError(
                 f"Family: features={self.features!r} for {self.model_type!r}; use 'per_image' or 'one_sequence'."
+            )
+        if self.grid_thw and (self.image_sizes_second or self.feature_layer):
+            raise ValueError(
+                f"Family: {self.model_type!r} takes image_grid_thw second in get_image_features, which leaves no "
+                f"place for image_sizes_second or feature_layer; set them False."
             )
 
     def recipe_options(self, config, settings) -> dict:
@@ -127,6 +171,45 @@ def _processor_tiles(config, settings) -> dict:
         "max_tiles": int(get("max_patches", 12)) if crop else 1,
         "min_tiles": int(get("min_patches", 1)) if crop else 1,
     }
+
+
+def _setting(value, key: str):
+    """``value[key]`` of a processor size setting (a dict or transformers' ``SizeDict``); ``None`` when unset."""
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
+#: A native-resolution processor's setting -> the tower config's attribute it must equal.
+_NATIVE_GEOMETRY = (
+    ("patch_size", "patch_size"),
+    ("merge_size", "spatial_merge_size"),
+    ("temporal_patch_size", "temporal_patch_size"),
+)
+
+
+def _pixel_budget(config, settings) -> dict:
+    """``min_pixels`` / ``max_pixels`` from the processor's ``size["shortest_edge"]`` / ``size["longest_edge"]``
+    (the recipe's defaults, the released checkpoints' budget, without a processor); a processor that cuts
+    images into other patches than the model's tower is refused."""
+    if settings is None:
+        return {}
+    vision = config.vision_config
+    for name, attr in _NATIVE_GEOMETRY:
+        got, need = settings.get(name), getattr(vision, attr)
+        if got is not None and got != need:
+            raise ValueError(
+                f"the processor's {name}={got!r} differs from the model's vision tower ({attr}={need}): the "
+                f"processor would cut images into other patches (and count other tokens) than the tower reads. "
+                f"Use the processor saved with the model, or one with {name}={need}."
+            )
+    size = settings.get("size")
+    budget = {"min_pixels": _setting(size, "shortest_edge"), "max_pixels": _setting(size, "longest_edge")}
+    if size is None or any(v is None for v in budget.values()):
+        raise ValueError(
+            f"the processor's size={size!r} lacks 'shortest_edge' (min_pixels) or 'longest_edge' (max_pixels), "
+            f"the pixel budget of a native-resolution processor. Use the processor saved with the model, or "
+            f"one built with size={{'shortest_edge': ..., 'longest_edge': ...}}."
+        )
+    return {k: int(v) for k, v in budget.items()}
 
 
 # --- tower checks ------------------------------------------------------------------------------------------
@@ -184,6 +267,29 @@ TABLE: tuple[Family, ...] = (
         tower_checks=(_no_final_layernorm,),
         image_brackets=("start_image_token", "end_image_token"),
         features="one_sequence",
+    ),
+)
+# Qwen2-VL, Qwen2.5-VL and Qwen3-VL differ only in their recipes (tower, budget, normalization) and Qwen3-VL's
+# deepstack features, which its LLM adds to the outputs of its first layers.
+_NATIVE = dict(
+    options=(_pixel_budget,),
+    tower="visual",
+    projector=None,
+    backbone=QwenBackbone,
+    tiles=False,
+    feature_layer=False,
+    grid_thw=True,
+)
+TABLE += (
+    Family("qwen2_vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", **_NATIVE),  # type: ignore[arg-type]
+    Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", **_NATIVE),  # type: ignore[arg-type]
+    Family(
+        "qwen3_vl",
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        extras=(("deepstack_features", "deepstack."),),
+        features_output="BaseModelOutputWithDeepstackFeatures",
+        **_NATIVE,  # type: ignore[arg-type]
     ),
 )
 _BY_TYPE = {f.model_type: f for f in TABLE}

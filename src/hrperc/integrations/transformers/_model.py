@@ -1,4 +1,4 @@
-"""A transformers LLaVA-family model's parts, its processor's settings, and the encoder of its image path.
+"""A transformers model's parts (LLaVA-family or Qwen-VL), its processor's settings, and the encoder of its image path.
 
 :func:`encoder_from_model` builds the :class:`~hrperc.HighResEncoder` that reproduces the model's image
 path around its own vision tower, as the model's :class:`~hrperc.integrations.transformers._families.Family`
@@ -23,13 +23,20 @@ from torch import nn
 
 from ..._errors import public
 from ...backbones.base import resolve_layer
-from ...backbones.hf_vit import HFBackbone
 from ...encoder import HighResEncoder
 from ...recipes import create_encoder
 from ._families import FAMILIES, TABLE, Family, family_of, hf_blocks, recipes_with
 from ._pixels import options_key
 
-__all__ = ["FAMILIES", "encoder_from_model", "variant", "hf_blocks", "ProcessorSettings"]
+__all__ = [
+    "FAMILIES",
+    "encoder_from_model",
+    "variant",
+    "hf_blocks",
+    "ProcessorSettings",
+    "tower_of",
+    "projector_of",
+]
 
 #: The processor option each encoder setting answers to (for messages).
 OPTION_NAMES = {
@@ -47,19 +54,35 @@ _MAX_VARIANTS = 32
 
 # --- the model's parts -------------------------------------------------------------------------------
 def inner_model(model) -> tuple[Any, Family]:
-    """``(inner model with vision_tower / projector, its Family)`` of a supported transformers model."""
+    """``(inner model holding the vision tower and projector, its Family)`` of a supported transformers model."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = family_of(model_type)
     if family is None:
         raise TypeError(
-            f"model is a {type(model).__name__} (model_type={model_type!r}); pass one of the LLaVA-family "
-            f"models hrperc integrates: {', '.join(f.model_class for f in TABLE)} (or their *Model)."
+            f"model is a {type(model).__name__} (model_type={model_type!r}); pass one of the models hrperc "
+            f"integrates: {', '.join(f.model_class for f in TABLE)} (or their *Model)."
         )
-    inner = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
-    if not hasattr(inner, "vision_tower") or not hasattr(inner, "multi_modal_projector"):
-        raise TypeError(f"{type(model).__name__} has no vision_tower / multi_modal_projector; pass the full model.")
+    parts = [family.tower] + ([family.projector] if family.projector is not None else [])
+    inner = model.model if hasattr(getattr(model, "model", None), family.tower) else model
+    if not all(hasattr(inner, name) for name in parts):
+        raise TypeError(f"{type(model).__name__} has no {' / '.join(parts)}; pass the full model.")
     return inner, family
+
+
+def tower_of(inner, family: Family) -> nn.Module:
+    """The inner model's vision tower (``family.tower``)."""
+    return getattr(inner, family.tower)
+
+
+def projector_of(inner, family: Family) -> nn.Module | None:
+    """The inner model's projector into the LLM; ``None`` when the tower's own merger gives the LLM's width."""
+    return getattr(inner, family.projector) if family.projector is not None else None
+
+
+def module_reference(inner, family: Family):
+    """A parameter whose device and dtype the front end's added parts follow: the projector's, else the tower's."""
+    return next((projector_of(inner, family) or tower_of(inner, family)).parameters())
 
 
 def image_processor(processor):
@@ -146,14 +169,14 @@ def _size_of(value):
 
 
 def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: bool) -> None:
-    """The processor's steps must be ones hrperc's recipe reproduces: tiles of the tower's size, bicubic
-    resizing, rescale by 1/255, normalization; the centre crop when a square-padding family does not pad."""
-    tile = tuple(tile)
-    for name in ("size", "crop_size"):
+    """The processor's steps must be ones hrperc's recipe reproduces: tiles of the tower's size (``tile``;
+    ``None`` for a native-resolution family, whose budget a reader takes), bicubic resizing, rescale by
+    1/255, normalization; the centre crop when a square-padding family does not pad."""
+    for name in ("size", "crop_size") if tile is not None else ():
         if name == "crop_size" and family.crop_size_with_center_crop and not settings.get("do_center_crop", True):
             continue
         size = _size_of(settings.get(name))
-        if size is not None and size != tile:
+        if size is not None and size != tuple(tile):
             raise ValueError(
                 f"the processor's {name}={_plain(settings.get(name))} gives tiles other than the vision "
                 f"tower's {tile[0]}x{tile[1]}; the model would see resized tiles hrperc does not reproduce. Use the "
@@ -197,15 +220,21 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     tower is shared, not copied. ``options`` go to :func:`hrperc.create_encoder` and override what was
     read (e.g. ``dcm=True`` to add the DEM).
 
+    Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``model.model.visual``): the processor's ``size["shortest_edge"]`` /
+    ``size["longest_edge"]`` become ``min_pixels`` / ``max_pixels`` and its ``image_mean`` / ``image_std``
+    the normalization (without a processor: the released checkpoints' budget and normalization, the
+    recipes' defaults); the tower's last block through its merger, as the model reads it.
+
     Refused, with the reason: a list of feature layers (concatenated layers), a selection strategy that
     keeps a CLS token or drops a patch token, a processor whose tiles are not the tower's size or whose
     steps hrperc does not reproduce (``do_resize=False``, another ``resample``, ``rescale_factor`` or
-    ``do_normalize=False``), and an InternViT whose last layer goes through a final LayerNorm
-    (``use_mean_pooling=False``).
+    ``do_normalize=False``), an InternViT whose last layer goes through a final LayerNorm
+    (``use_mean_pooling=False``), and a Qwen processor whose ``patch_size`` / ``merge_size`` /
+    ``temporal_patch_size`` differ from the tower's or whose ``size`` holds no pixel budget.
     """
     inner, family = inner_model(model)
-    config, tower = model.config, inner.vision_tower
-    layer = config.vision_feature_layer
+    config, tower = model.config, tower_of(inner, family)
+    layer = config.vision_feature_layer if family.feature_layer else -1
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(
             f"the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's encoders read "
@@ -214,9 +243,9 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     settings = ProcessorSettings(processor) if processor is not None else None
     mean = tuple(settings.get("image_mean")) if settings and settings.get("image_mean") is not None else None
     std = tuple(settings.get("image_std")) if settings and settings.get("image_std") is not None else None
-    backbone = HFBackbone(tower, layer=layer, mean=mean, std=std)
+    backbone = family.backbone(tower, layer=layer, mean=mean, std=std)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy != strategy_of(backbone):
+    if family.feature_layer and strategy != strategy_of(backbone):
         prefix = backbone.num_prefix_tokens
         raise ValueError(
             f"vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
@@ -227,7 +256,7 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     kw = family.recipe_options(config, settings)
     family.check_tower(tower, layer, backbone.num_layers, f"vision_feature_layer={layer}")
     if settings is not None:
-        _check_processor(settings, backbone.image_size, family, kw.get("pad", False))
+        _check_processor(settings, backbone.image_size if family.tiles else None, family, kw.get("pad", False))
     kw.update(options)
     return create_encoder(family.recipe, backbone, **kw)
 
@@ -335,12 +364,12 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family) -> HighResEn
     if key in cache:
         return cache[key]
     bb = encoder.backbone
-    if encoder.recipe is None or not isinstance(bb, HFBackbone):
+    if encoder.recipe is None or not isinstance(bb, family.backbone):
         name = OPTION_NAMES.get(next(iter(changes)), next(iter(changes)))
         raise ValueError(
             f"{name}={changes[next(iter(changes))]!r} needs the attached encoder rebuilt with it, but it was "
-            f"not built by hrperc.create_encoder around a transformers tower (HFBackbone). Drop {name}, or attach an "
-            f"encoder built by encoder_from_model / create_encoder."
+            f"not built by hrperc.create_encoder around the model's kind of tower ({family.backbone.__name__}). "
+            f"Drop {name}, or attach an encoder built by encoder_from_model / create_encoder."
         )
     layer = changes.get("layer", encoder.layer)
     try:
@@ -358,7 +387,7 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family) -> HighResEn
     with kept_state(bb.model):
         try:
             built = create_encoder(
-                encoder.recipe, HFBackbone(bb.model, layer=options["layer"], mean=mean, std=std), **options
+                encoder.recipe, family.backbone(bb.model, layer=options["layer"], mean=mean, std=std), **options
             )
         except (TypeError, ValueError) as e:
             names = ", ".join(f"{OPTION_NAMES.get(k, k)}={v!r}" for k, v in changes.items())

@@ -37,14 +37,13 @@ from torch import nn
 
 from ..._errors import public
 from ...backbones.base import resolve_layer
-from ...backbones.hf_vit import HFBackbone
 from ...modules.dem import DIRECTIONS, PAIRINGS, DualPerspectiveEnhancement
 from ...modules.fusion import FUSIONS
 from ...modules.projector import build_projector
 from ...ops.reduce import REDUCTIONS
 from ...recipes import create_encoder, list_recipes
 from ._attach import _FrontEndState, attach, projector_widths
-from ._model import ModuleState, inner_model, text_width
+from ._model import ModuleState, inner_model, module_reference, projector_of, text_width, tower_of
 
 __all__ = ["save_front_end", "load_front_end", "describe_projector"]
 
@@ -215,11 +214,12 @@ def save_front_end(model, directory) -> Path:
             "load_front_end rebuilds the front end around the model's tower, so the restored model would differ. "
             "Use the model's own tower, or save that tower yourself."
         )
-    if not isinstance(encoder.backbone, HFBackbone):
+    if not isinstance(encoder.backbone, family.backbone):
+        name = family.backbone.__name__
         raise ValueError(
-            f"the attached encoder's backbone is a {type(encoder.backbone).__name__}, not an HFBackbone around "
+            f"the attached encoder's backbone is a {type(encoder.backbone).__name__}, not a {name} around "
             f"the model's vision tower; load_front_end could not rebuild it. Build the encoder around "
-            f"HFBackbone(model.model.vision_tower)."
+            f"{name}(model.model.{family.tower})."
         )
     state = attachment.state
     config = {
@@ -380,7 +380,7 @@ def _check_options(options) -> dict:
     return {k: tuples(v) for k, v in options.items()}
 
 
-def _validate(config, model, inner, family: str) -> dict:
+def _validate(config, model, inner, family) -> dict:
     """The checked plan to rebuild the front end from ``config``, or ``_Bad`` with the reason."""
     _need(isinstance(config, dict), f"the JSON is a {type(config).__name__}, not an object")
     legacy = "format" not in config  # written before the format was versioned: the same keys, an older projector
@@ -394,13 +394,16 @@ def _validate(config, model, inner, family: str) -> dict:
             _is_int(config["version"]) and config["version"] in _READS,
             f'"version" is {config["version"]!r}; this hrperc reads versions {list(_READS)}',
         )
-    _need(config["family"] == family, f"the front end was saved from a {config['family']!r} model, not {family!r}")
+    _need(
+        config["family"] == family.model_type,
+        f"the front end was saved from a {config['family']!r} model, not {family.model_type!r}",
+    )
     recipe = config["recipe"]
     _need(isinstance(recipe, str) and recipe in list_recipes(), f'"recipe" is {recipe!r}, not one of {list_recipes()}')
     options = _check_options(config["options"])
     bb = config["backbone"]
     _check_keys(bb, ("layer", "mean", "std"), '"backbone"')
-    tower = HFBackbone(inner.vision_tower)  # a wrapper only: no weights are made
+    tower = family.backbone(tower_of(inner, family), layer=-1)  # a wrapper only: no weights are made
     layer = bb["layer"]
     _need(_is_int(layer), f'"backbone.layer" is {layer!r}, not an int')
     try:
@@ -441,7 +444,7 @@ def _weight_shapes(path: Path) -> dict:
         return out
 
 
-def _rebuild(plan: dict, inner, device, bad, config_path) -> tuple:
+def _rebuild(plan: dict, inner, family, device, bad, config_path) -> tuple:
     """The encoder around the model's tower, its DEM built on ``device`` (``"meta"``: no memory), and the
     projector; the recipe's refusal of these options (a DEM it does not run, none where it needs one) is
     the config's fault."""
@@ -450,8 +453,8 @@ def _rebuild(plan: dict, inner, device, bad, config_path) -> tuple:
         dim, heads, kw = plan["dem"]
         dem = DualPerspectiveEnhancement(dim, heads, device=device, **kw)
     projector = None if plan["projector"] is None else _build_projector(plan["projector"], device)
-    backbone = HFBackbone(inner.vision_tower, layer=plan["layer"], mean=plan["mean"], std=plan["std"])
     try:
+        backbone = family.backbone(tower_of(inner, family), layer=plan["layer"], mean=plan["mean"], std=plan["std"])
         encoder = create_encoder(plan["recipe"], backbone, **dict(plan["options"], dem=dem))
     except (TypeError, ValueError) as e:
         raise bad(
@@ -502,7 +505,7 @@ def load_front_end(model, processor, directory):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(config_path, f"not valid JSON ({e})") from None
     try:
-        plan = _validate(config, model, inner, family.model_type)
+        plan = _validate(config, model, inner, family)
     except _Bad as e:
         raise bad(config_path, str(e)) from None
     # The weight file's names and shapes against modules built on the meta device (no memory).
@@ -510,16 +513,16 @@ def load_front_end(model, processor, directory):
         found = _weight_shapes(weights_path)
     except Exception as e:  # safetensors raises its own error types for a malformed header
         raise bad(weights_path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
-    snapshot = ModuleState(inner.vision_tower)  # building an encoder freezes the tower: undone on a refusal
+    snapshot = ModuleState(tower_of(inner, family))  # building an encoder freezes the tower: undone on a refusal
     try:
-        meta_encoder, meta_projector = _rebuild(plan, inner, "meta", bad, config_path)
+        meta_encoder, meta_projector = _rebuild(plan, inner, family, "meta", bad, config_path)
         meta_state = _FrontEndState(meta_encoder.front_end, meta_projector).state_dict()
         expected = {k: tuple(v.shape) for k, v in meta_state.items()}
         _check_header(
             {new: found[old] for new, old in _renamed(found, plan["legacy_keys"]).items()}, expected, weights_path, bad
         )
         # Checked: build the real parts, load them, and attach (which changes the model only once all is well).
-        return _build_and_attach(model, processor, inner, plan, weights_path, config_path, bad)
+        return _build_and_attach(model, processor, inner, family, plan, weights_path, config_path, bad)
     except BaseException:
         snapshot.restore()
         raise
@@ -548,16 +551,19 @@ def _check_header(found: dict, expected: dict, weights_path: Path, bad) -> None:
         raise bad(weights_path, f"{not_float[:5]} are not floating-point tensors")
 
 
-def _build_and_attach(model, processor, inner, plan, weights_path, config_path, bad):
+def _build_and_attach(model, processor, inner, family, plan, weights_path, config_path, bad):
     from safetensors.torch import load_file
 
-    encoder, projector = _rebuild(plan, inner, None, bad, config_path)
-    width, expected = encoder.token_width, projector_widths(inner.multi_modal_projector)[0]
+    encoder, projector = _rebuild(plan, inner, family, None, bad, config_path)
+    model_projector = projector_of(inner, family)
+    width = encoder.token_width
+    expected = projector_widths(model_projector)[0] if model_projector is not None else text_width(model)
     if projector is None and expected is not None and expected != width:
+        taker = "projector" if model_projector is not None else "LLM"
         raise bad(
             config_path,
             f"\"projector\" is null but the encoder's tokens have width {width} and the model's "
-            f"projector takes {expected}",
+            f"{taker} takes {expected}",
         )
     if projector is not None and plan["projector"].get("in", width) != width:
         raise bad(
@@ -570,6 +576,6 @@ def _build_and_attach(model, processor, inner, plan, weights_path, config_path, 
         raise bad(weights_path, f"{bad_values[:5]} hold NaN or inf values")
     _FrontEndState(encoder.front_end, projector).load_state_dict(weights, strict=True)
     model, attached = attach(model, processor, encoder, projector=projector)
-    ref = next(inner.multi_modal_projector.parameters())
+    ref = module_reference(inner, family)
     inner._hrperc_attachment.state.to(device=ref.device, dtype=ref.dtype)
     return model, attached
