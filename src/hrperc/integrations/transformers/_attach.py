@@ -234,7 +234,7 @@ def attach(
     ignore = {f"hrperc_front_end.{k}" for k in state.state_dict()}
     model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignore
     inner.get_image_features = types.MethodType(_attached_image_features(family), inner)
-    attached = None if processor is None else AttachedProcessor(processor, encoder, family.model_type, merge=merge)
+    attached = None if processor is None else AttachedProcessor(processor, encoder, family.key, merge=merge)
     return model, attached
 
 
@@ -326,7 +326,11 @@ def _run(self, pixel_values, shapes, layer, strategy, family: Family):
     if not family.grid_thw:
         _image_sizes_check(packed, shapes)
     state = attachment.state
-    projector = state.projector if state.projector is not None else projector_of(self, family)
+    projector = state.projector
+    if projector is None:
+        projector = projector_of(self, family)
+        if projector is not None and family.projector_map is not None:  # Mistral 3's merges patches: per token
+            projector = family.projector_map(projector, encoder)
     project = None
     if projector is not None:
         params = list(projector.parameters())
@@ -353,6 +357,8 @@ def _run(self, pixel_values, shapes, layer, strategy, family: Family):
         for i, b in enumerate(indices):
             n = out.num_tokens[i]
             feats[b] = out.tokens[i, :n]
+            if family.image_rows is not None:  # the model embeds the row-end tokens itself: [IMG] features only
+                feats[b] = feats[b][~out.slot_mask[i, :n]]
             for field, prefix in family.extras:
                 levels[field][b] = [out.extras[k][i, :n] for k in _levels(out.extras, prefix, field)]
     pooled: Any = torch.cat(feats)[None] if family.features == "one_sequence" else feats
@@ -552,7 +558,21 @@ class AttachedProcessor:
 
     def replacement(self, image_size, encoder: HighResEncoder | None = None) -> str:
         """The text that stands for one image of ``(H, W)`` pixels."""
-        n = (encoder or self.encoder).num_tokens(tuple(int(v) for v in image_size))
+        encoder = encoder or self.encoder
+        size = tuple(int(v) for v in image_size)
+        if self._family.image_rows is not None:  # Pixtral: rows of [IMG] * cols + [IMG_BREAK], the last [IMG_END]
+            layout = encoder.plan(size).layout
+            if len(layout) != 1 or layout[0].shape is None:
+                raise ValueError(
+                    f"the encoder (recipe {encoder.recipe!r}) lays an image's tokens out as "
+                    f"{[(seg.source, seg.length, seg.shape) for seg in layout]}, not one map of rows; the "
+                    f"{self._family.model_class} text needs rows of image tokens. Use "
+                    f"encoder_from_model(model, processor)."
+                )
+            rows, cols = layout[0].shape
+            brk, end = (getattr(self.processor, name) for name in self._family.image_rows)
+            return ((self.image_token * cols + brk) * rows)[: -len(brk)] + end
+        n = encoder.num_tokens(size)
         if self._family.image_brackets is not None:
             start, end = (getattr(self.processor, name) for name in self._family.image_brackets)
             return f"{start}{self.image_token * n}{end}"

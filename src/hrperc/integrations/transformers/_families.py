@@ -37,6 +37,7 @@ from typing import Any
 from torch import nn
 
 from ...backbones.hf_vit import HFBackbone
+from ...backbones.pixtral import PixtralBackbone
 from ...backbones.qwen_vl import QwenBackbone
 
 __all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting", "hf_blocks"]
@@ -87,6 +88,17 @@ class Family:
     level, from the encoder's ``EncoderOutput.extras["<prefix><k>"]`` (Qwen3-VL's ``deepstack_features``).
     ``features_output`` -- the class ``get_image_features`` returns, looked up in the model's own
     modeling module (then in ``transformers.modeling_outputs``).
+
+    Pixtral (Pixtral-12B in LLaVA, Mistral 3): ``vision_type`` -- the ``vision_config.model_type`` this
+    entry is for (``None``: any); an entry with one is looked up before the plain ``model_type``'s, so a
+    LLaVA with a Pixtral tower is not LLaVA-1.5. ``select_strategy`` -- the config has
+    ``vision_feature_select_strategy`` (Mistral 3's has none). ``image_rows`` -- the processor's
+    attributes holding the tokens that end each row of an image's token map and the last row
+    (``[IMG_BREAK]`` / ``[IMG_END]``): the text per image is rows of ``image_token * cols`` each followed
+    by the first, the last by the second, and the model embeds those itself, so ``get_image_features``
+    returns only the features of the encoder's non-slot tokens. ``projector_map`` -- wraps the model's
+    projector into a per-token map of the encoder's tokens (Mistral 3's merges patches in it:
+    :class:`~hrperc.recipes.pixtral.MergedProjector`); ``None``: the projector is one already.
     """
 
     model_type: str
@@ -109,6 +121,15 @@ class Family:
     grid_thw: bool = False
     extras: tuple[tuple[str, str], ...] = ()
     features_output: str = "BaseModelOutputWithPooling"
+    vision_type: str | None = None
+    select_strategy: bool = True
+    image_rows: tuple[str, str] | None = None
+    projector_map: Callable[[nn.Module, Any], nn.Module] | None = None
+
+    @property
+    def key(self) -> str:
+        """The entry's name: ``model_type``, with ``_<vision_type>`` when the entry is for one tower type."""
+        return self.model_type if self.vision_type is None else f"{self.model_type}_{self.vision_type}"
 
     def __post_init__(self) -> None:
         if self.features not in ("per_image", "one_sequence"):
@@ -212,6 +233,41 @@ def _pixel_budget(config, settings) -> dict:
     return {k: int(v) for k, v in budget.items()}
 
 
+def _pixtral_geometry(config, settings) -> dict:
+    """Pixtral's ``merge_size`` (the model config's ``spatial_merge_size``; 1 for LLaVA, whose projector merges
+    nothing) and, from the processor, ``longest_edge`` (``size["longest_edge"]``); a processor whose patch or
+    merge differs from the model's is refused (it would count other tokens than the model reads)."""
+    merge = int(getattr(config, "spatial_merge_size", 1))
+    patch = int(config.vision_config.patch_size)
+    if settings is None:
+        return {"merge_size": merge}
+    proc = settings.processor
+    checks = (
+        ("spatial_merge_size", getattr(proc, "spatial_merge_size", None), merge, "the model merges"),
+        ("patch_size", getattr(proc, "patch_size", None), patch, "the vision tower's patch is"),
+    )
+    for name, got, need, what in checks:
+        if got is not None and int(got) != need:
+            raise ValueError(
+                f"the processor's {name}={got!r}, but {what} {need}: the processor would write another number of "
+                f"[IMG] tokens than the model fills. Use the processor saved with the model, or one with {name}={need}."
+            )
+    edge = _setting(settings.get("size"), "longest_edge")
+    if edge is None:
+        raise ValueError(
+            f"the processor's size={settings.get('size')!r} lacks 'longest_edge', the side a Pixtral processor "
+            f"scales images down to. Use the processor saved with the model, or one built with "
+            f"size={{'longest_edge': ...}}."
+        )
+    return {"merge_size": merge, "longest_edge": int(edge)}
+
+
+def _merged_projector(projector: nn.Module, encoder) -> nn.Module:
+    from ...recipes.pixtral import MergedProjector
+
+    return MergedProjector(projector, encoder.front_end.merge_size)
+
+
 # --- tower checks ------------------------------------------------------------------------------------------
 def _no_final_layernorm(tower, layer: int, num_layers: int, what: str) -> None:
     norm = getattr(tower, "layernorm", None)
@@ -292,14 +348,44 @@ TABLE += (
         **_NATIVE,  # type: ignore[arg-type]
     ),
 )
-_BY_TYPE = {f.model_type: f for f in TABLE}
-#: transformers ``model_type`` -> the hrperc recipe that reproduces its image path.
-FAMILIES = {f.model_type: f.recipe for f in TABLE}
+# Pixtral-12B (LLaVA with a Pixtral tower) and Mistral 3: one recipe; Mistral 3 merges 2 x 2 patches in its
+# projector. The model embeds [IMG_BREAK] / [IMG_END] itself: only the [IMG] features go to it.
+_PIXTRAL = dict(
+    options=(_pixtral_geometry,),
+    backbone=PixtralBackbone,
+    tiles=False,
+    image_rows=("image_break_token", "image_end_token"),
+)
+TABLE += (
+    Family(
+        "llava",
+        "pixtral",
+        "LlavaForConditionalGeneration",
+        vision_type="pixtral",
+        **_PIXTRAL,  # type: ignore[arg-type]
+    ),
+    Family(
+        "mistral3",
+        "pixtral",
+        "Mistral3ForConditionalGeneration",
+        select_strategy=False,
+        projector_map=_merged_projector,
+        **_PIXTRAL,  # type: ignore[arg-type]
+    ),
+)
+_BY_TYPE = {f.key: f for f in TABLE}
+_BY_PAIR = {(f.model_type, f.vision_type): f for f in TABLE if f.vision_type is not None}
+#: transformers ``model_type`` (``<model_type>_<vision model_type>`` for an entry of one tower type, e.g.
+#: ``"llava_pixtral"``) -> the hrperc recipe that reproduces its image path.
+FAMILIES = {f.key: f.recipe for f in TABLE}
 
 
-def family_of(model_type) -> Family | None:
-    """The :class:`Family` of a ``model_type``; ``None`` when hrperc does not integrate it."""
-    return _BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+def family_of(model_type, vision_type=None) -> Family | None:
+    """The :class:`Family` of a ``model_type`` (or an entry's :attr:`Family.key`) whose vision tower has
+    ``vision_type`` (its ``vision_config.model_type``); ``None`` when hrperc does not integrate it."""
+    if not isinstance(model_type, str):
+        return None
+    return _BY_PAIR.get((model_type, vision_type)) or _BY_TYPE.get(model_type)
 
 
 # --- recipe settings the attached processor can change ----------------------------------------------------------

@@ -57,7 +57,7 @@ def inner_model(model) -> tuple[Any, Family]:
     """``(inner model holding the vision tower and projector, its Family)`` of a supported transformers model."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    family = family_of(model_type)
+    family = family_of(model_type, getattr(getattr(config, "vision_config", None), "model_type", None))
     if family is None:
         raise TypeError(
             f"model is a {type(model).__name__} (model_type={model_type!r}); pass one of the models hrperc "
@@ -225,12 +225,19 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     the normalization (without a processor: the released checkpoints' budget and normalization, the
     recipes' defaults); the tower's last block through its merger, as the model reads it.
 
+    Pixtral-12B (a ``LlavaForConditionalGeneration`` whose ``vision_config.model_type`` is ``"pixtral"``) and
+    Mistral 3 (``Mistral3ForConditionalGeneration``): the ``pixtral`` recipe, ``longest_edge`` from the
+    processor's ``size``, ``merge_size`` from the config's ``spatial_merge_size`` (1 for LLaVA), the
+    normalization from the processor; LLaVA must have ``vision_feature_select_strategy="full"`` (``"default"``
+    would drop the first patch of a tower with no class token).
+
     Refused, with the reason: a list of feature layers (concatenated layers), a selection strategy that
     keeps a CLS token or drops a patch token, a processor whose tiles are not the tower's size or whose
     steps hrperc does not reproduce (``do_resize=False``, another ``resample``, ``rescale_factor`` or
     ``do_normalize=False``), an InternViT whose last layer goes through a final LayerNorm
     (``use_mean_pooling=False``), and a Qwen processor whose ``patch_size`` / ``merge_size`` /
-    ``temporal_patch_size`` differ from the tower's or whose ``size`` holds no pixel budget.
+    ``temporal_patch_size`` differ from the tower's or whose ``size`` holds no pixel budget, a Pixtral processor
+    whose ``patch_size`` / ``spatial_merge_size`` differ from the model's or whose ``size`` has no ``longest_edge``.
     """
     inner, family = inner_model(model)
     config, tower = model.config, tower_of(inner, family)
@@ -245,13 +252,13 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     std = tuple(settings.get("image_std")) if settings and settings.get("image_std") is not None else None
     backbone = family.backbone(tower, layer=layer, mean=mean, std=std)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if family.feature_layer and strategy != strategy_of(backbone):
+    if family.feature_layer and family.select_strategy and strategy != strategy_of(backbone):
         prefix = backbone.num_prefix_tokens
         raise ValueError(
             f"vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
             f"{'drops its first patch token' if strategy == 'default' else 'keeps the CLS token'}, which hrperc "
             f"does not reproduce (its encoders return the patch tokens). Use 'default' with CLIP / InternViT and "
-            f"'full' with SigLIP."
+            f"'full' with SigLIP and Pixtral."
         )
     kw = family.recipe_options(config, settings)
     family.check_tower(tower, layer, backbone.num_layers, f"vision_feature_layer={layer}")

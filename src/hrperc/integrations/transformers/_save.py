@@ -225,7 +225,7 @@ def save_front_end(model, directory) -> Path:
     config = {
         "format": _FORMAT,
         "version": _VERSION,
-        "family": family.model_type,
+        "family": family.key,
         "recipe": encoder.recipe,
         "options": _jsonable(encoder.recipe_options),
         "backbone": {"layer": encoder.layer, "mean": list(encoder.backbone.mean), "std": list(encoder.backbone.std)},
@@ -395,8 +395,8 @@ def _validate(config, model, inner, family) -> dict:
             f'"version" is {config["version"]!r}; this hrperc reads versions {list(_READS)}',
         )
     _need(
-        config["family"] == family.model_type,
-        f"the front end was saved from a {config['family']!r} model, not {family.model_type!r}",
+        config["family"] == family.key,
+        f"the front end was saved from a {config['family']!r} model, not {family.key!r}",
     )
     recipe = config["recipe"]
     _need(isinstance(recipe, str) and recipe in list_recipes(), f'"recipe" is {recipe!r}, not one of {list_recipes()}')
