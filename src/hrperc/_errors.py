@@ -30,6 +30,8 @@ import os
 from collections.abc import Callable
 from typing import TypeVar, overload
 
+import torch
+
 __all__ = ["public", "add_context"]
 
 F = TypeVar("F", bound=Callable)
@@ -66,9 +68,9 @@ def public(fn: F) -> F: ...
 def public(*, name: str | Callable[..., str]) -> Callable[[F], F]: ...
 def public(fn=None, *, name=None):
     """Mark ``fn`` as a public boundary: hrperc's ``ValueError`` / ``TypeError`` / ``FileNotFoundError``
-    raised inside it are prefixed with ``name`` (default: the function's ``__name__``). Use ``name="HighResEncoder"`` on a
-    class's ``__init__`` / ``forward``; a callable ``name`` gets the call's arguments and returns the name
-    (``create_encoder('internvl')``: the recipe the user asked for)."""
+    raised inside it are prefixed with ``name`` (default: the function's ``__name__``). Use
+    ``name="HighResEncoder"`` on a class's ``__init__`` / ``forward``; a callable ``name`` gets the call's
+    arguments and returns the name (``create_encoder('internvl')``: the recipe the user asked for)."""
 
     def decorate(f: F) -> F:
 
@@ -77,7 +79,10 @@ def public(fn=None, *, name=None):
             try:
                 return f(*args, **kwargs)
             except (ValueError, TypeError, FileNotFoundError) as err:
-                add_context(err, name(*args, **kwargs) if callable(name) else name or f.__name__)
+                # Under torch.compile the handler is traced too: leave the error as raised (dynamo reports it
+                # as is; naming it would need a graph break inside the handler, or hide it behind Unsupported).
+                if not torch.compiler.is_compiling():
+                    add_context(err, name(*args, **kwargs) if callable(name) else name or f.__name__)
                 raise
 
         return wrapper  # type: ignore[return-value]
