@@ -222,13 +222,18 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
 
 
 def test_errors_name_argument_value_and_fix():
+    # The kernel takes its arguments checked: hrperc.window_attention checks them, once, for every backend,
+    # and a forced "triton" refuses what the kernel's limits exclude before anything launches.
     q = torch.randn(4, 9, 2, 16, device=DEVICE)
-    call = wa.triton_window_attention
-    with pytest.raises(ValueError, match=r"window='diagonal'"):
+
+    def call(*args, **kw):
+        return hrperc.window_attention(*args, backend="triton", **kw)
+
+    with raises_naming(ValueError, "window_attention", "window='diagonal'"):
         call(q, q, q, (2, 2), window="diagonal", q_order="contiguous", kv_order="contiguous")
-    with pytest.raises(ValueError, match=r"kv_order='nchw'"):
+    with raises_naming(ValueError, "window_attention", "kv_order='nchw'"):
         call(q, q, q, (2, 2), window="strided", q_order="contiguous", kv_order="nchw")
-    with raises_naming(ValueError, "k has shape (4, 16, 2, 16)", "grid=(2, 2)", "tile_size=(3, 3)", "(4, 9, 2, 16)"):
+    with raises_naming(ValueError, "(4, 16, 2, 16)", "(4, 9, 2, 16)", "same shape"):
         call(
             q,
             torch.randn(4, 16, 2, 16, device=DEVICE),
@@ -238,18 +243,32 @@ def test_errors_name_argument_value_and_fix():
             q_order="contiguous",
             kv_order="contiguous",
         )
-    with raises_naming(ValueError, "(4, 9, 2, 16)", "N = gh*gw = 3", "grid=(3, 1)"):
+    with raises_naming(ValueError, "(4, 9, 2, 16)", "N = gh*gw = 3", "grid"):
         call(q, q, q, (3, 1), window="strided", q_order="contiguous", kv_order="contiguous")
     with raises_naming(ValueError, "(4, 8, 2, 16)", "8 tokens", "tile_size="):
         call(q[:, :8], q[:, :8], q[:, :8], (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
-    with raises_naming(ValueError, "torch.float32/cpu", "torch.float16/cpu"):
+    with raises_naming(TypeError, "torch.float32/torch.float16/torch.float32", "k.to(q)"):
         call(q, q.half(), q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
-    with raises_naming(TypeError, "torch.int64", "(torch.float16, torch.bfloat16, torch.float32)"):
-        call(q.long(), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
-    with raises_naming(ValueError, "(1, 7, 2, 16)", "'map'", "7 tokens", "N = gh*gw = 4", "grid"):
-        call(q[:1, :7], q, q, (2, 2), window="strided", q_order="map", kv_order="contiguous")
+    with raises_naming(TypeError, "scale='0.5'", "finite float"):
+        call(q, q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous", scale="0.5")
+    with raises_naming(ValueError, "scale=inf", "finite float"):
+        call(q, q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous", scale=float("inf"))
+    with raises_naming(
+        NotImplementedError, "'triton'", "torch.int64", "(torch.float16, torch.bfloat16, torch.float32)"
+    ):
+        call(q.long(), q.long(), q.long(), (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
     with pytest.raises(ValueError, match=r"q has shape \(4, 9, 32\)"):
         call(q.flatten(2), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous")
+    # Called directly, the kernel still refuses inputs outside its limits (limits.kernel_supports), naming them.
+    wide = torch.randn(4, 9, 1, 512, device=DEVICE)
+    with raises_naming(NotImplementedError, "(4, 9, 1, 512)", "head_dim 512 exceeds 256", "backend='sdpa'"):
+        wa.triton_window_attention(
+            wide, wide, wide, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous"
+        )
+    with raises_naming(NotImplementedError, "torch.int64", "(torch.float16, torch.bfloat16, torch.float32)"):
+        wa.triton_window_attention(
+            q.long(), q, q, (2, 2), window="strided", q_order="contiguous", kv_order="contiguous"
+        )
 
 
 def test_cpu_without_interpreter_is_reported_unsupported():

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from .._errors import public
+
 __all__ = ["AttentionBackend", "WindowAttentionFn", "QuerySubsetFn", "check_output"]
 
 
@@ -86,17 +88,16 @@ class AttentionBackend:
     check: Callable[..., str | None] | None = None
     auto_check: Callable[..., str | None] | None = None
 
+    @public(name="AttentionBackend")
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name == "auto":
-            raise ValueError(f"AttentionBackend: name={self.name!r}; give a non-empty name other than 'auto'.")
+            raise ValueError(f"name={self.name!r}; give a non-empty name other than 'auto'.")
         if not callable(self.fn):
-            raise TypeError(f"AttentionBackend {self.name!r}: fn must be callable, got {type(self.fn).__name__}.")
+            raise TypeError(f"backend {self.name!r}: fn must be callable, got {type(self.fn).__name__}.")
         for field in ("query_subset", "check", "auto_check"):
             value = getattr(self, field)
             if value is not None and not callable(value):
-                raise TypeError(
-                    f"AttentionBackend {self.name!r}: {field} must be callable or None, got {type(value).__name__}."
-                )
+                raise TypeError(f"backend {self.name!r}: {field} must be callable or None, got {type(value).__name__}.")
 
     def supports(self, q: torch.Tensor, k=None, v=None, **kw) -> str | None:
         """``None`` when this backend can run these inputs, else the reason (shown to users)."""
@@ -123,7 +124,9 @@ class AttentionBackend:
         return self.auto_devices is None or device_type in self.auto_devices
 
 
-def check_output(backend: AttentionBackend, out, shape, q: torch.Tensor, *, form: str, layout: str, caller: str):
+def check_output(
+    backend: AttentionBackend, out, shape, q: torch.Tensor, *, form: str, layout: str, caller: str | None = None
+):
     """``out`` when it is what ``backend``'s ``form`` (``"fn"`` / ``"query_subset"``) must return, else raise.
 
     What it must return: a tensor of exactly ``shape`` (``layout`` names its dims for the message), in
@@ -135,16 +138,17 @@ def check_output(backend: AttentionBackend, out, shape, q: torch.Tensor, *, form
 
     One shape, dtype and device comparison: nothing measurable on the hot path. Under ``torch.compile``
     it is decided while tracing (a guard for dynamic shapes), so a correct backend adds no graph break.
+    The public function that ran the backend adds its name to the message (:func:`hrperc._errors.public`);
+    ``caller`` is for callers that are not yet such a boundary, and is to be left out.
 
     Example::
 
         >>> b = AttentionBackend("mine", lambda q, k, v, grid, **kw: q[:1])
         >>> q = torch.zeros(4, 9, 1, 8)
-        >>> check_output(b, b.fn(q, q, q, (2, 2)), q.shape, q, form="fn", layout="(B*N, T, heads, head_dim)",
-        ...              caller="window_attention")
+        >>> check_output(b, b.fn(q, q, q, (2, 2)), q.shape, q, form="fn", layout="(B*N, T, heads, head_dim)")
         Traceback (most recent call last):
         ...
-        ValueError: window_attention: attention backend 'mine' returned a tensor of shape (1, 9, 1, 8)...(4, 9, 1, 8)...
+        ValueError: attention backend 'mine' returned a tensor of shape (1, 9, 1, 8)...(4, 9, 1, 8)...
     """
     if isinstance(out, torch.Tensor) and out.shape == shape and out.device == q.device:
         if out.dtype == q.dtype or _autocast_dtype(q) == out.dtype:
@@ -175,8 +179,9 @@ def _bad_output(backend, out, shape, q, form, layout, caller) -> Exception:
         got = "None" if out is None else f"a {type(out).__name__}"
         exc = TypeError
     protocol = "WindowAttentionFn" if form == "fn" else "QuerySubsetFn"
+    at = f"{caller}: " if caller else ""  # a caller that is not yet a public boundary (see check_output)
     return exc(
-        f"{caller}: attention backend {backend.name!r} returned {got} from its {form}; expected {expected} "
+        f"{at}attention backend {backend.name!r} returned {got} from its {form}; expected {expected} "
         f"(hrperc.attention.{protocol}). Fix the backend's {form} to return that (one tensor, not a tuple; no "
         f"broadcasting), or use another backend: backend='auto', or unregister_backend({backend.name!r})."
     )

@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import os
 
+from .._errors import public
 from .backend import AttentionBackend
 
 __all__ = [
@@ -59,6 +60,7 @@ class BackendUnavailableError(NotImplementedError):
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("hrperc_attention_backend", default=None)
 
 
+@public
 def register_backend(backend: AttentionBackend, *, replace: bool = False) -> AttentionBackend:
     """Add ``backend`` under ``backend.name``; returns it. A taken name raises unless ``replace=True``.
 
@@ -73,12 +75,12 @@ def register_backend(backend: AttentionBackend, *, replace: bool = False) -> Att
     """
     if not isinstance(backend, AttentionBackend):
         raise TypeError(
-            f"register_backend: backend is a {type(backend).__name__}; pass an AttentionBackend, e.g. "
+            f"backend is a {type(backend).__name__}; pass an AttentionBackend, e.g. "
             f"register_backend(AttentionBackend('mine', fn, devices=('cuda',)))."
         )
     if backend.name in _REGISTRY and not replace:
         raise ValueError(
-            f"register_backend: a backend named {backend.name!r} is already registered. Pick another name, pass "
+            f"a backend named {backend.name!r} is already registered. Pick another name, pass "
             f"replace=True, or unregister_backend({backend.name!r}) first."
         )
     _REGISTRY[backend.name] = backend
@@ -97,20 +99,30 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+@public
 def get_backend(name: str) -> AttentionBackend:
     """The registered :class:`~hrperc.attention.AttentionBackend` called ``name``."""
+    return _REGISTRY[_registered(name, "name=")]
+
+
+def _registered(name, shown: str, others: str = "") -> str:
+    """``name`` when a backend of that name is registered: else a ``TypeError`` for a non-string (one rule,
+    one type, wherever a backend name is taken) or a ``ValueError`` for an unknown name. ``shown`` says
+    where the name came from (``"backend="``); ``others`` adds the choices besides the registered names."""
+    if not isinstance(name, str):
+        raise TypeError(f"{shown}{name!r} is not a backend name (a str); pass one of {available_backends()}{others}.")
     if name not in _REGISTRY:
-        raise ValueError(f"get_backend: name={name!r} is not a registered backend; pass one of {available_backends()}.")
-    return _REGISTRY[name]
+        raise ValueError(f"{shown}{name!r} is not a registered backend; pass one of {available_backends()}{others}.")
+    return name
 
 
-@contextlib.contextmanager
-def attention_backend(name: str | None):
+@public
+def attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Force a window-attention backend inside a ``with`` block; ``None`` or ``"auto"`` un-forces.
 
     Scoped to the block (and to this thread or async task); nested blocks restore the outer choice.
     Takes precedence over ``$HRPERC_ATTN_BACKEND``; an explicit ``backend=`` argument other than
-    ``"auto"`` takes precedence over both.
+    ``"auto"`` takes precedence over both. An unknown name raises here, when called.
 
     Example::
 
@@ -120,12 +132,15 @@ def attention_backend(name: str | None):
         >>> forced_backend() is None
         True
     """
-    if name is not None and name != "auto" and name not in _REGISTRY:
-        raise ValueError(
-            f"attention_backend: name={name!r} is not a registered backend; pass one of "
-            f"{available_backends()}, 'auto' or None."
-        )
-    token = _FORCED.set(None if name == "auto" else name)
+    if name is not None and name != "auto":
+        _registered(name, "name=", ", 'auto' or None")
+    return _forcing(None if name == "auto" else name)
+
+
+@contextlib.contextmanager
+def _forcing(name: str | None):
+    """The scope of :func:`attention_backend` (the name is checked before the block is entered)."""
+    token = _FORCED.set(name)
     try:
         yield
     finally:
@@ -135,34 +150,25 @@ def attention_backend(name: str | None):
 def forced_backend(backend: str | None = "auto") -> str | None:
     """The backend name forced by ``backend=``, else :func:`attention_backend`, else ``$HRPERC_ATTN_BACKEND``.
 
-    ``None`` when nothing is forced. Raises ``ValueError`` for a name that is not registered, saying
-    where it came from.
+    ``None`` when nothing is forced. Raises ``ValueError`` for a name that is not registered (``TypeError``
+    for a ``backend=`` that is not a string), saying where it came from.
 
     Example::
 
         >>> forced_backend("sdpa")
         'sdpa'
     """
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(
-            f"window_attention: backend={backend!r} is not a backend name; pass one of {available_backends()} "
-            "or 'auto'."
-        )
-    forced, source = backend, "backend="
-    if backend is None or backend == "auto":
-        forced, source = _FORCED.get(), "attention_backend("
-        if forced is None:
-            forced, source = os.environ.get(ENV_VAR) or None, f"${ENV_VAR}="
-            if forced == "auto":
-                forced = None
-    if forced is not None and forced not in _REGISTRY:
-        raise ValueError(
-            f"window_attention: {source}{forced!r} is not a registered backend; pass one of "
-            f"{available_backends()} or 'auto'."
-        )
-    return forced
+    if backend is not None and backend != "auto":
+        return _registered(backend, "backend=", " or 'auto'")
+    forced, source = _FORCED.get(), "attention_backend("
+    if forced is None:
+        forced, source = os.environ.get(ENV_VAR) or None, f"${ENV_VAR}="
+        if forced == "auto":
+            forced = None
+    return None if forced is None else _registered(forced, source, " or 'auto'")
 
 
+@public
 def resolve_backend(backend: str | None, q, k, v, *, query_subset: bool = False, **kw) -> AttentionBackend:
     """The backend :func:`hrperc.window_attention` runs for these inputs (see the module docs).
 
@@ -172,6 +178,7 @@ def resolve_backend(backend: str | None, q, k, v, *, query_subset: bool = False,
     and without its ``auto_check`` (e.g. the Triton kernel's self-check). ``"auto"`` with
     ``query_subset=True`` only considers backends that have one, and takes a backend only when
     :meth:`~hrperc.attention.AttentionBackend.auto_supports` (``supports``, then ``auto_check``) says yes.
+    ``kw`` are the normalised keywords a backend receives (``grid``, ``tile_size``, ``window``, ...).
     """
     forced = forced_backend(backend)
     if forced is not None:

@@ -17,6 +17,10 @@ Three layers, as in timm/flash-attn:
   four ``Linear(D, D)`` (released key order ``linears.0..3`` = q, k, v, out) and the released
   residual + LayerNorm (``ln``).
 
+Arguments are checked once, by the public function the user called (:func:`check_options` and
+:func:`as_scale` shared by the three); the backends receive them checked and normalised
+(:class:`~hrperc.attention.WindowAttentionFn`) and check nothing again.
+
 Example::
 
     >>> import torch, hrperc
@@ -28,11 +32,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .._errors import public
+from .._validation import as_int
 from ..ops.geometry import WindowKind, check_kind, check_order, check_window_stacks
 from .backend import check_output
 from .dispatch import resolve_backend
@@ -41,7 +48,10 @@ __all__ = ["window_attention", "window_cross_attention", "OutOrder"]
 
 OutOrder = Literal["contiguous", "strided", "map"]
 
+_QKV_LAYOUT = "(B*N, T, heads, head_dim)"
 
+
+@public
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,6 +77,10 @@ def window_attention(
     result is checked: another shape (one that would broadcast included), dtype or device, or
     something other than one tensor, raises ``ValueError`` / ``TypeError`` naming the backend.
 
+    Every argument is checked here, once, for every backend: a backend gets them checked and
+    normalised. What a backend cannot run (a dtype, a head dim, a device) it says through
+    :meth:`~hrperc.attention.AttentionBackend.supports` (``NotImplementedError``).
+
     Example::
 
         >>> q = k = v = torch.randn(2 * 9, 16, 4, 8)                # B=2, grid 3x3, 4x4 tiles
@@ -75,32 +89,26 @@ def window_attention(
         >>> o.shape
         torch.Size([2, 144, 4, 8])
     """
-    fn = "window_attention"
-    check_kind(window, "window", fn)
-    check_order(q_order, "q_order", fn, allow_map=False)
-    check_order(kv_order, "kv_order", fn, allow_map=False)
-    out_order = window if out_order is None else check_order(out_order, "out_order", fn)
-    grid, tile_size = check_window_stacks(
-        fn, grid, tile_size, ndim=4, layout="(B*N, T, heads, head_dim)", q=q, k=k, v=v
+    out_order = check_options(window, q_order, kv_order, out_order)
+    grid, tile_size = check_window_stacks(None, grid, tile_size, ndim=4, layout=_QKV_LAYOUT, q=q, k=k, v=v)
+    check_same_dtype_device(q, k, v)
+    scale = as_scale(scale, q.shape[-1])
+    return run_backend(
+        q,
+        k,
+        v,
+        grid,
+        window=window,
+        q_order=q_order,
+        kv_order=kv_order,
+        out_order=out_order,
+        tile_size=tile_size,
+        scale=scale,
+        backend=backend,
     )
-    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
-        raise TypeError(
-            f"{fn}: q/k/v must share dtype and device, got dtypes {q.dtype}/{k.dtype}/{v.dtype} on devices "
-            f"{q.device}/{k.device}/{v.device}. Cast and move them together, e.g. k, v = k.to(q), v.to(q)."
-        )
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=tile_size, scale=scale)
-    chosen = resolve_backend(backend, q, k, v, grid=grid, **kw)
-    out = chosen.fn(q, k, v, grid, **kw)
-    # a registered backend's result is checked, never trusted: a wrong shape would broadcast downstream
-    if out_order == "map":
-        n = grid[0] * grid[1]
-        shape, layout = (q.shape[0] // n, q.shape[1] * n, *q.shape[2:]), "(B, Ht*Wt, heads, head_dim)"
-    else:
-        shape, layout = q.shape, "(B*N, T, heads, head_dim)"
-    return check_output(chosen, out, shape, q, form="fn", layout=layout, caller=fn)
 
 
+@public
 def window_cross_attention(
     query_feats: torch.Tensor,
     kv_feats: torch.Tensor,
@@ -141,13 +149,14 @@ def window_cross_attention(
         ...     k_weight=w[1], v_weight=w[2], out_weight=w[3], heads=h).shape
         torch.Size([1, 144, 32])
     """
-    fn = "window_cross_attention"
     grid, tile_size = check_window_stacks(
-        fn, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
+        None, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
     )
     d = query_feats.shape[-1]
-    if not isinstance(heads, int) or heads < 1 or d % heads != 0:
-        raise ValueError(f"{fn}: heads={heads!r} must be a positive int dividing D={d}; e.g. heads=8 for D=1024.")
+    heads = as_int(heads, "heads", example="heads=8")
+    if d % heads != 0:
+        raise ValueError(f"heads={heads!r} must be a positive int dividing D={d}; e.g. heads=8 for D=1024.")
+    out_order = check_options(window, q_order, kv_order, out_order)
     out = project_attend(
         query_feats,
         kv_feats,
@@ -164,10 +173,71 @@ def window_cross_attention(
         heads=heads,
         out_order=out_order,
         tile_size=tile_size,
-        scale=scale,
+        scale=as_scale(scale, d // heads),
         backend=backend,
     )
     return F.linear(out, out_weight, out_bias)
+
+
+# --- the one check of each argument, shared by the three public forms --------------------------------
+
+
+def check_options(window, q_order, kv_order, out_order) -> OutOrder:
+    """Check the window kind and the three orders; return ``out_order`` (default: ``window``).
+
+    ``q_order`` / ``kv_order`` are window orders (stacks); ``out_order`` may also be ``"map"``.
+    """
+    check_kind(window, "window")
+    check_order(q_order, "q_order", allow_map=False)
+    check_order(kv_order, "kv_order", allow_map=False)
+    return window if out_order is None else check_order(out_order, "out_order")
+
+
+def as_scale(scale, head_dim: int) -> float:
+    """``scale`` as a Python float: ``None`` gives ``1/sqrt(head_dim)``; else a finite real number.
+
+    A string, a bool or anything ``float()`` refuses is a ``TypeError``, a NaN or infinity a ``ValueError``.
+    While ``torch.compile`` traces, a float argument may be symbolic: its finiteness is then not tested
+    (that would guard on its value).
+    """
+    if scale is None:
+        return float(head_dim**-0.5)
+    fix = "pass a finite float, e.g. scale=0.125, or None (the default, 1/sqrt(head_dim))."
+    if isinstance(scale, (str, bytes, bool)):  # float() would take "0.5" and True
+        raise TypeError(f"scale={scale!r} is a {type(scale).__name__}; {fix}")
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale={scale!r} is a {type(scale).__name__}, not a number; {fix}") from None
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
+        raise ValueError(f"scale={scale!r} is not finite; {fix}")
+    return value
+
+
+def check_same_dtype_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``q``, ``k``, ``v`` share one dtype and one device (a backend is handed them as one set)."""
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise TypeError(
+            f"q/k/v must share dtype and device, got dtypes {q.dtype}/{k.dtype}/{v.dtype} on devices "
+            f"{q.device}/{k.device}/{v.device}. Cast and move them together, e.g. k, v = k.to(q), v.to(q)."
+        )
+
+
+# --- after the checks ---------------------------------------------------------------------------
+
+
+def run_backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale, backend) -> torch.Tensor:
+    """Checked, normalised arguments -> the chosen backend -> its result, checked (never trusted)."""
+    kw = dict(window=window, q_order=q_order, kv_order=kv_order, out_order=out_order, tile_size=tile_size, scale=scale)
+    chosen = resolve_backend(backend, q, k, v, grid=grid, **kw)
+    out = chosen.fn(q, k, v, grid, **kw)
+    # a registered backend's result is checked, never trusted: a wrong shape would broadcast downstream
+    if out_order == "map":
+        n = grid[0] * grid[1]
+        shape, layout = (q.shape[0] // n, q.shape[1] * n, *q.shape[2:]), "(B, Ht*Wt, heads, head_dim)"
+    else:
+        shape, layout = q.shape, _QKV_LAYOUT
+    return check_output(chosen, out, shape, q, form="fn", layout=layout)
 
 
 def project_attend(
@@ -190,14 +260,20 @@ def project_attend(
     scale,
     backend,
 ):
-    """Validated inputs -> q/k/v projections -> :func:`window_attention` -> heads merged, before ``out_proj``."""
+    """Checked inputs -> q/k/v projections -> :func:`run_backend` -> heads merged, before ``out_proj``.
+
+    The public caller has checked the stacks, ``grid``, ``tile_size``, ``heads``, the options
+    (:func:`check_options`) and ``scale`` (:func:`as_scale`); only the projections' dtypes and devices,
+    which the weights decide, are checked here.
+    """
     bn, t, d = query_feats.shape
     hd = d // heads
     q = F.linear(query_feats, q_weight, q_bias).view(bn, t, heads, hd)
     # Two matmuls on the same input (no per-call concatenation of the k and v weights).
     k = F.linear(kv_feats, k_weight, k_bias).view(bn, t, heads, hd)
     v = F.linear(kv_feats, v_weight, v_bias).view(bn, t, heads, hd)
-    out = window_attention(
+    check_same_dtype_device(q, k, v)
+    out = run_backend(
         q,
         k,
         v,

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import public
+from .._validation import as_int
 from ..ops.crop import merge, permute_windows
 from ..ops.geometry import WindowKind, check_window_stacks
-from .functional import OutOrder, project_attend
+from .functional import OutOrder, as_scale, check_options, project_attend
 
 __all__ = ["WindowCrossAttention"]
 
@@ -42,17 +44,19 @@ class WindowCrossAttention(nn.Module):
         torch.Size([1, 100, 64])
     """
 
+    @public(name="WindowCrossAttention")
     def __init__(self, dim: int, heads: int = 8, *, residual_norm: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(dim, int) or not isinstance(heads, int) or dim < 1 or heads < 1 or dim % heads:
+        dim, heads = as_int(dim, "dim", example="dim=1024"), as_int(heads, "heads", example="heads=8")
+        if dim % heads:
             raise ValueError(
-                f"WindowCrossAttention: dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim "
-                "(e.g. dim=1024, heads=8)."
+                f"dim={dim!r}, heads={heads!r}; heads must be a positive int dividing dim (e.g. dim=1024, heads=8)."
             )
         self.dim, self.heads, self.residual_norm = dim, heads, residual_norm
         self.linears = nn.ModuleList(nn.Linear(dim, dim, device=device, dtype=dtype) for _ in range(4))
         self.ln = nn.LayerNorm(dim, device=device, dtype=dtype) if residual_norm else None
 
+    @public(name="WindowCrossAttention")
     def forward(
         self,
         query_feats: torch.Tensor,
@@ -82,7 +86,9 @@ class WindowCrossAttention(nn.Module):
             ``(B, Ht*Wt, D)`` row-major for ``out_order="map"``, else ``(B*N, ht*wt, D)`` in that window
             order; ``Ht*Wt = N*ht*wt``.
         """
-        grid, tile_size = self._check(query_feats, kv_feats, grid, tile_size)
+        grid, tile_size, out_order = self._check(
+            query_feats, kv_feats, grid, tile_size, window, q_order, kv_order, out_order
+        )
         out = self._attend(query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend)
         lo = typing.cast(nn.Linear, self.linears[3])  # a ModuleList item is typed as a Module
         out = F.linear(out, lo.weight, lo.bias)
@@ -90,6 +96,7 @@ class WindowCrossAttention(nn.Module):
             return out
         return self.ln(out + _reorder_stack(query_feats, grid, tile_size, q_order, out_order))
 
+    @public(name="WindowCrossAttention")
     def attend(
         self,
         query_feats: torch.Tensor,
@@ -108,21 +115,23 @@ class WindowCrossAttention(nn.Module):
         ``forward`` is ``ln(linears[3](attend(...)) + query)``. The DEM average-pools this output before
         the (affine) output projection when nothing non-linear follows.
         """
-        grid, tile_size = self._check(query_feats, kv_feats, grid, tile_size)
+        grid, tile_size, out_order = self._check(
+            query_feats, kv_feats, grid, tile_size, window, q_order, kv_order, out_order
+        )
         return self._attend(query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend)
 
-    def _check(self, query_feats, kv_feats, grid, tile_size):
-        fn = "WindowCrossAttention"
+    def _check(self, query_feats, kv_feats, grid, tile_size, window, q_order, kv_order, out_order):
+        """The one check of :meth:`forward`'s and :meth:`attend`'s arguments (the attention checks none again)."""
         grid, tile_size = check_window_stacks(
-            fn, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
+            None, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
         )
         if query_feats.shape[-1] != self.dim:
             raise ValueError(
-                f"{fn}: inputs have D={query_feats.shape[-1]} (shape {tuple(query_feats.shape)}) but the module was "
+                f"inputs have D={query_feats.shape[-1]} (shape {tuple(query_feats.shape)}) but the module was "
                 f"built with dim={self.dim}. Pass features of width {self.dim}, or build "
                 f"WindowCrossAttention({query_feats.shape[-1]}, heads=...) for these."
             )
-        return grid, tile_size
+        return grid, tile_size, check_options(window, q_order, kv_order, out_order)
 
     def _attend(self, query_feats, kv_feats, grid, window, q_order, kv_order, out_order, tile_size, backend):
         lq, lk, lv, _ = self.linears
@@ -142,7 +151,7 @@ class WindowCrossAttention(nn.Module):
             heads=self.heads,
             out_order=out_order,
             tile_size=tile_size,
-            scale=None,
+            scale=as_scale(None, self.dim // self.heads),
             backend=backend,
         )
 

@@ -7,6 +7,10 @@ ground truth). ``sdpa_window_attention`` gathers only the stacks not already in 
 index per stack (:func:`hrperc.permute_windows`), then calls
 :func:`torch.nn.functional.scaled_dot_product_attention`. Both have a query-subset form.
 
+Neither checks its arguments: :func:`hrperc.window_attention` checks them once, for every backend, and
+passes them normalised. Called directly, they fill in the defaults (``tile_size``, ``out_order``,
+``scale``) and take the rest as given.
+
 Example::
 
     >>> import torch
@@ -22,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validation import as_grid
 from ..ops.crop import crop, merge, permute_windows
 from ..ops.geometry import infer_tile_size
 from .backend import AttentionBackend
@@ -61,13 +64,15 @@ def _from_window(out, grid, tile_size, window, out_order, permute):
     return _to_window(out, grid, tile_size, window, out_order)
 
 
-def _normalise(q, grid, q_order, window, out_order, tile_size, scale, fn):
-    grid = as_grid(grid, fn)
-    tokens = q.shape[1] // (grid[0] * grid[1]) if q_order == "map" else q.shape[1]
-    tile_size = infer_tile_size(tokens, tile_size, fn=fn, shape=tuple(q.shape))
+def _defaults(q, grid, q_order, window, out_order, tile_size, scale):
+    """The defaults a direct call may leave out; nothing is checked (:func:`hrperc.window_attention` checks
+    every argument, and passes them all)."""
+    if tile_size is None:
+        tokens = q.shape[1] // (grid[0] * grid[1]) if q_order == "map" else q.shape[1]
+        tile_size = infer_tile_size(tokens, shape=tuple(q.shape))
     out_order = window if out_order is None else out_order
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return grid, tile_size, out_order, scale
+    return tile_size, out_order, scale
 
 
 def reference_window_attention(
@@ -78,7 +83,8 @@ def reference_window_attention(
     Shapes: ``q, k, v`` ``(B*N, T, heads, head_dim)`` stacks in ``q_order``/``kv_order`` (or, for
     order ``"map"``, the ``(B, Ht*Wt, heads, head_dim)`` map) -> ``(B*N, T, heads, head_dim)`` in
     ``out_order`` (default ``window``), or ``(B, Ht*Wt, heads, head_dim)`` for ``"map"``.
-    ``scale`` defaults to ``1/sqrt(head_dim)``; ``tile_size`` is inferred when square.
+    ``scale`` defaults to ``1/sqrt(head_dim)``; ``tile_size`` is inferred when square. ``grid`` is a
+    pair ``(gh, gw)``; the arguments are taken as checked (:func:`hrperc.window_attention` checks them).
 
     Example::
 
@@ -87,9 +93,7 @@ def reference_window_attention(
         ...     kv_order="contiguous", out_order="map").shape
         torch.Size([1, 36, 2, 8])
     """
-    grid, tile_size, out_order, scale = _normalise(
-        q, grid, q_order, window, out_order, tile_size, scale, "reference_window_attention"
-    )
+    tile_size, out_order, scale = _defaults(q, grid, q_order, window, out_order, tile_size, scale)
     qw = _to_window(q, grid, tile_size, q_order, window).transpose(1, 2)  # (B*N, h, T, d)
     kw = _to_window(k, grid, tile_size, kv_order, window).transpose(1, 2)
     vw = _to_window(v, grid, tile_size, kv_order, window).transpose(1, 2)
@@ -111,9 +115,7 @@ def sdpa_window_attention(
         ...     kv_order="strided", out_order="strided", scale=0.3).shape
         torch.Size([4, 9, 2, 8])
     """
-    grid, tile_size, out_order, scale = _normalise(
-        q, grid, q_order, window, out_order, tile_size, scale, "sdpa_window_attention"
-    )
+    tile_size, out_order, scale = _defaults(q, grid, q_order, window, out_order, tile_size, scale)
     qw = permute_windows(q, grid, q_order, window, tile_size=tile_size).transpose(1, 2)
     kw = permute_windows(k, grid, kv_order, window, tile_size=tile_size).transpose(1, 2)
     vw = permute_windows(v, grid, kv_order, window, tile_size=tile_size).transpose(1, 2)

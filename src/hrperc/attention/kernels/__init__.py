@@ -4,7 +4,8 @@ Triton is imported on first use, not at ``import hrperc``: it decides at import 
 kernels on the GPU or in its CPU interpreter (``TRITON_INTERPRET=1``), so the variable may still be
 set after ``import hrperc``. :data:`TRITON` declares the kernel as a backend of
 :func:`hrperc.window_attention` (``hrperc.attention`` registers it as ``"triton"``): CUDA, or CPU in
-the interpreter; fp16/bf16/fp32; head dim <= 256; whole windows only (no query-subset form);
+the interpreter; the dtypes and head dims of :mod:`~hrperc.attention.kernels.limits` (where the
+kernel's limits are stated, once); whole windows only (no query-subset form);
 ``backend="auto"`` picks it for CUDA tensors. If Triton is installed but fails to import (with any
 exception), ``"auto"`` falls back to SDPA with one ``RuntimeWarning``, :func:`triton_import_error`
 gives the reason, and a forced ``backend="triton"`` raises with it.
@@ -32,6 +33,7 @@ import warnings
 import torch
 
 from ..backend import AttentionBackend
+from .limits import DTYPES, MAX_HEAD_DIM
 
 __all__ = ["HAS_TRITON", "TRITON", "triton_window_attention", "triton_import_error", "triton_self_check"]
 
@@ -122,7 +124,8 @@ def triton_window_attention(
 
 
 def _check(q, k, v, **kw) -> str | None:
-    """What the declared fields cannot say: Triton must import, and a CPU tensor needs the interpreter."""
+    """Triton must import, and the inputs be within the kernel's limits
+    (:func:`~hrperc.attention.kernels.limits.kernel_supports`; a CPU tensor needs the interpreter)."""
     try:
         module = _kernel_module()
     except ImportError as exc:
@@ -137,7 +140,8 @@ _SELF_CHECKS: dict[tuple, str | None] = {}
 _CHECK_GRID, _CHECK_TILE, _CHECK_HEADS = (2, 2), (5, 13), 2
 
 # |kernel - float64| <= factor * |reference in dtype - float64| + atol * max(1, |float64|): flash-attn's rule,
-# loosened (a self-check must catch a wrong kernel, never flag rounding), as in tests/_tolerance.py.
+# loosened (a self-check must catch a wrong kernel, never flag rounding), as in tests/_tolerance.py. One atol
+# per kernel dtype (limits.DTYPES); the self-check only runs for inputs the kernel supports.
 _CHECK_FACTOR = 4.0
 _CHECK_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
 
@@ -217,18 +221,8 @@ def _run_self_check(q, *, window, q_order, kv_order, out_order) -> str | None:
 
 
 def _backend(q, k, v, grid, *, window, q_order, kv_order, out_order, tile_size, scale):
-    return _kernel_module().triton_window_attention(
-        q,
-        k,
-        v,
-        grid,
-        window=window,
-        q_order=q_order,
-        kv_order=kv_order,
-        out_order=out_order,
-        tile_size=tile_size,
-        scale=scale,
-    )
+    # Checked by hrperc.window_attention, and within the kernel's limits (the dispatch asked _check): launch.
+    return _kernel_module().launch(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale)
 
 
 #: The fused kernel as a backend (registered as ``"triton"`` by :mod:`hrperc.attention`).
@@ -237,8 +231,8 @@ TRITON = AttentionBackend(
     _backend,
     query_subset=None,
     devices=("cuda", "cpu"),
-    dtypes=(torch.float16, torch.bfloat16, torch.float32),
-    max_head_dim=256,
+    dtypes=DTYPES,
+    max_head_dim=MAX_HEAD_DIM,
     auto_devices=("cuda",),
     priority=10,
     check=_check,

@@ -18,6 +18,10 @@ Index arithmetic: :func:`hrperc.ops.geometry.map_position` and
 :func:`~hrperc.ops.geometry.window_of`, compiled with ``triton.jit`` (see that module's table); a
 row-major map holds position ``(R, C)`` at row ``R*gw*tw + C``.
 
+The kernel's limits (dtypes, head dims, the padded head dim, devices) are stated once, in
+:mod:`hrperc.attention.kernels.limits`. Arguments are checked once, by :func:`hrperc.window_attention`
+(which runs this kernel as its ``"triton"`` backend): the functions here take them as checked.
+
 This module needs Triton; ``hrperc.attention.kernels`` imports it on first use, when Triton is installed.
 """
 
@@ -32,15 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._validation import as_grid
 from ...ops import geometry
 from ...ops.geometry import ORDER_CODE as _ORDER_CODE
-from ...ops.geometry import Order, WindowKind, check_kind, check_order, infer_tile_size
+from ...ops.geometry import Order, WindowKind, infer_tile_size
+from .limits import MAX_HEAD_DIM, block_d, kernel_supports
 
-__all__ = ["triton_window_attention", "triton_supports"]
+__all__ = ["triton_window_attention", "triton_supports", "launch"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
@@ -224,10 +226,10 @@ def _pruner(kernel: str):
     """
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        if block_d is None:
-            block_d = _MAX_HEAD_DIM  # unknown: assume the largest
-        return select_configs(kernel, configs, int(block_d), _element_size(named_args.get("Q")))
+        padded = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        if padded is None:
+            padded = block_d(MAX_HEAD_DIM)  # unknown: assume the largest
+        return select_configs(kernel, configs, int(padded), _element_size(named_args.get("Q")))
 
     prune.__name__ = f"prune_{kernel}_configs"
     return prune
@@ -615,7 +617,7 @@ def _meta(q, grid, tile_size, window, q_order, kv_order, out_order):
         KV_ORDER=_ORDER_CODE[kv_order],
         O_ORDER=_ORDER_CODE[out_order],
         PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_D=block_d(q.shape[-1]),
     ), batch
 
 
@@ -816,79 +818,23 @@ _window_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup
 # ----------------------------------------------------------------------------------------------------
 
 
-def _resolve_tile_size(q, grid, q_order, tile_size, fn):
-    n = grid[0] * grid[1]
-    if q_order == "map" and q.shape[1] % n != 0:
-        raise ValueError(
-            f"{fn}: q has shape {tuple(q.shape)} in 'map' order, but its {q.shape[1]} tokens do not split into "
-            f"N = gh*gw = {n} windows. Pass the grid the map was recombined with."
-        )
-    tokens = q.shape[1] // n if q_order == "map" else q.shape[1]
-    return infer_tile_size(tokens, tile_size, fn=fn, shape=tuple(q.shape), what="tokens per window")
-
-
-def _expected_shape(order, batch, n, t, heads, dim):
-    return (batch, n * t, heads, dim) if order == "map" else (batch * n, t, heads, dim)
-
-
-def _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, scale, fn):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor (B*N, T, heads, head_dim), got {type(x).__name__}.")
-        if x.ndim != 4:
-            raise ValueError(
-                f"{fn}: {name} has shape {tuple(x.shape)}; expected 4 dims (B*N, T, heads, head_dim) or, for "
-                f"order 'map', (B, Ht*Wt, heads, head_dim). Split heads first, e.g. x.unflatten(-1, (heads, -1))."
-            )
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}; the kernel supports {_DTYPES}. Cast the input.")
-    check_kind(window, "window", fn)
-    for name, order in (("q_order", q_order), ("kv_order", kv_order), ("out_order", out_order)):
-        check_order(order, name, fn)
-    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
-        raise ValueError(
-            f"{fn}: q, k, v must share dtype and device, got {q.dtype}/{q.device}, {k.dtype}/{k.device}, "
-            f"{v.dtype}/{v.device}. Cast or move them together."
-        )
-    gh, gw = grid
-    n = gh * gw
-    if q_order != "map" and q.shape[0] % n != 0:
-        raise ValueError(
-            f"{fn}: q has shape {tuple(q.shape)}; its first dimension must be a multiple of N = gh*gw = {n} "
-            f"(sub-image k of image b at b*N + k). Check grid={grid}."
-        )
-    th, tw = tile_size
-    t = th * tw
-    batch = q.shape[0] if q_order == "map" else q.shape[0] // n
-    heads, dim = q.shape[-2:]
-    if batch == 0:
-        raise ValueError(f"{fn}: q has shape {tuple(q.shape)}: an empty batch. Pass at least one image.")
-    if dim > _MAX_HEAD_DIM:
-        raise ValueError(f"{fn}: head_dim {dim} exceeds {_MAX_HEAD_DIM}. Use backend='sdpa' for larger heads.")
-    for name, x, order in (("q", q, q_order), ("k", k, kv_order), ("v", v, kv_order)):
-        want = _expected_shape(order, batch, n, t, heads, dim)
-        if tuple(x.shape) != want:
-            raise ValueError(
-                f"{fn}: {name} has shape {tuple(x.shape)} but grid={grid}, tile_size=({th}, {tw}), order "
-                f"{order!r} and q's batch/heads/head_dim need {want}. Pass q, k, v of the same maps, heads "
-                f"and head_dim, each in the order named."
-            )
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise TypeError(f"{fn}: scale={scale!r}; expected a finite float or None (1/sqrt(head_dim)).")
-
-
 def triton_supports(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, **kw) -> str | None:
-    """``None`` when the kernel can run these inputs, else the reason (the dispatch shows it to users)."""
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not one of {_DTYPES}"
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} exceeds {_MAX_HEAD_DIM}"
-    if q.is_cuda or (q.device.type == "cpu" and _INTERPRET):
-        return None
-    return (
-        f"tensors are on {q.device}; the Triton kernel needs a CUDA GPU (or TRITON_INTERPRET=1 set before "
-        f"triton is imported, a slow correctness path on CPU)"
-    )
+    """``None`` when the kernel can run these inputs, else the reason (the dispatch shows it to users).
+
+    :func:`~hrperc.attention.kernels.limits.kernel_supports` in this process's Triton mode (GPU, or the
+    CPU interpreter when ``TRITON_INTERPRET=1`` was set as Triton was imported).
+    """
+    return kernel_supports(q, interpret=_INTERPRET)
+
+
+def launch(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale) -> torch.Tensor:
+    """The kernel on arguments checked and normalised by :func:`hrperc.window_attention`: nothing is checked.
+
+    The ``"triton"`` backend's call, after the dispatch has found the inputs within the kernel's limits.
+    ``grid``/``tile_size`` int pairs, the orders and ``scale`` given; shapes as :func:`triton_window_attention`.
+    """
+    out, _ = _window_attention_fwd(q, k, v, list(grid), list(tile_size), window, q_order, kv_order, out_order, scale)
+    return out
 
 
 def triton_window_attention(
@@ -922,6 +868,11 @@ def triton_window_attention(
     ``torch.ops.hrperc.window_attention_fwd`` custom op). fp16/bf16 accumulate in fp32; fp32 uses IEEE
     (not TF32) products. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
 
+    The arguments are not checked here: :func:`hrperc.window_attention` (``backend="triton"``) checks
+    them, for window-order stacks. Only the kernel's limits (:func:`triton_supports`) are, since a launch
+    outside them cannot run: ``NotImplementedError`` with the reason. ``grid`` is a pair ``(gh, gw)``;
+    ``tile_size`` defaults to the square root of the tokens per window.
+
     Example (the released INF-LLaVA pairing: local queries attend in strided windows)::
 
         >>> q = torch.randn(9, 16, 2, 32, device="cuda", dtype=torch.bfloat16)  # local stack, 3x3 grid
@@ -931,17 +882,15 @@ def triton_window_attention(
         >>> out.shape                                                          # (B, Ht*Wt, heads, head_dim)
         torch.Size([1, 144, 2, 32])
     """
-    fn = "triton_window_attention"
-    grid = as_grid(grid, fn)
-    out_order = window if out_order is None else out_order
-    if not isinstance(q, torch.Tensor) or q.ndim != 4:
-        _validate(q, k, v, grid, window, q_order, kv_order, out_order, (1, 1), scale, fn)
-    check_order(q_order, "q_order", fn)
-    tile_size = _resolve_tile_size(q, grid, q_order, tile_size, fn)
-    _validate(q, k, v, grid, window, q_order, kv_order, out_order, tile_size, scale, fn)
     reason = triton_supports(q)
     if reason is not None:
-        raise NotImplementedError(f"{fn}: q {tuple(q.shape)} {q.dtype}: {reason}.")
+        raise NotImplementedError(
+            f"triton_window_attention: q {tuple(q.shape)} {q.dtype}: {reason}. Use hrperc.window_attention with "
+            f"backend='sdpa' (or 'auto') for these inputs."
+        )
+    out_order = window if out_order is None else out_order
+    if tile_size is None:
+        tokens = q.shape[1] // (grid[0] * grid[1]) if q_order == "map" else q.shape[1]
+        tile_size = infer_tile_size(tokens, shape=tuple(q.shape), what="tokens per window")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _window_attention_fwd(q, k, v, list(grid), list(tile_size), window, q_order, kv_order, out_order, scale)
-    return out
+    return launch(q, k, v, grid, tile_size, window, q_order, kv_order, out_order, scale)
