@@ -414,31 +414,31 @@ def test_infer_tile_size_refuses_malformed_tile_sizes():
 
 def test_check_window_stacks_returns_grid_and_tile():
     x = torch.zeros(8, 9, 4)
-    assert check_window_stacks(None, (2, 2), local=x, strided=x.clone()) == ((2, 2), (3, 3))
-    assert check_window_stacks(None, (1, 3), q=torch.zeros(6, 12, 2), tile_size=(3, 4)) == ((1, 3), (3, 4))
-    assert check_window_stacks(None, 2, q=torch.zeros(4, 1, 1)) == ((2, 2), (1, 1))
+    assert check_window_stacks((2, 2), local=x, strided=x.clone()) == ((2, 2), (3, 3))
+    assert check_window_stacks((1, 3), q=torch.zeros(6, 12, 2), tile_size=(3, 4)) == ((1, 3), (3, 4))
+    assert check_window_stacks(2, q=torch.zeros(4, 1, 1)) == ((2, 2), (1, 1))
     q = torch.zeros(12, 6, 2, 8)
-    assert check_window_stacks(None, (3, 2), (2, 3), ndim=4, q=q, k=q, v=q) == ((3, 2), (2, 3))
+    assert check_window_stacks((3, 2), (2, 3), ndim=4, q=q, k=q, v=q) == ((3, 2), (2, 3))
 
 
 def test_check_window_stacks_refuses_non_tensors():
     with pytest.raises(TypeError) as e:
-        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4, 1), k=[[0.0]])
+        check_window_stacks((2, 2), q=torch.zeros(4, 4, 1), k=[[0.0]])
     msg = str(e.value)
     assert_names(msg, re.compile(r"\bk\b"), "list", "torch.Tensor")
     assert msg.startswith("k is a list")  # a helper names no caller: the caller's public boundary does
     with pytest.raises(TypeError) as e:
-        check_window_stacks(None, (2, 2), query=None)
+        check_window_stacks((2, 2), query=None)
     assert "query" in str(e.value) and "NoneType" in str(e.value)
 
 
 def test_check_window_stacks_refuses_wrong_ndim():
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4))
+        check_window_stacks((2, 2), q=torch.zeros(4, 4))
     msg = str(e.value)
     assert_names(msg, re.compile(r"\bq\b"), "(4, 4)", "2 dims", "3 dims")
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 2), ndim=4, layout="(B*N, T, H, Dh)", q=torch.zeros(4, 4, 8))
+        check_window_stacks((2, 2), ndim=4, layout="(B*N, T, H, Dh)", q=torch.zeros(4, 4, 8))
     msg = str(e.value)
     assert "(4, 4, 8)" in msg and "4 dims" in msg and "(B*N, T, H, Dh)" in msg
     assert "unflatten" in msg  # the 4-dim case says how to split heads
@@ -446,7 +446,7 @@ def test_check_window_stacks_refuses_wrong_ndim():
 
 def test_check_window_stacks_refuses_mismatched_shapes():
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 2), q=torch.zeros(4, 4, 8), k=torch.zeros(4, 4, 8), v=torch.zeros(4, 9, 8))
+        check_window_stacks((2, 2), q=torch.zeros(4, 4, 8), k=torch.zeros(4, 4, 8), v=torch.zeros(4, 9, 8))
     msg = str(e.value)
     assert_names(msg, re.compile(r"\bq\b"), re.compile(r"\bv\b"), "(4, 4, 8)", "(4, 9, 8)")
 
@@ -454,30 +454,30 @@ def test_check_window_stacks_refuses_mismatched_shapes():
 @pytest.mark.parametrize("first", [0, 3, 5, 6])
 def test_check_window_stacks_refuses_first_dim_not_a_positive_multiple_of_n(first):
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 2), local=torch.zeros(first, 4, 1))
+        check_window_stacks((2, 2), local=torch.zeros(first, 4, 1))
     msg = str(e.value)
     assert_names(msg, re.compile(r"\blocal\b"), f"({first}, 4, 1)", "N = gh*gw = 2*2 = 4", "grid")
 
 
 def test_check_window_stacks_validates_the_tile_size():
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 1), q=torch.zeros(2, 6, 3))
+        check_window_stacks((2, 1), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
     assert_names(msg, "6 tokens", "tile_size=", "(2, 6, 3)")
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (2, 1), (3, 3), q=torch.zeros(2, 6, 3))
+        check_window_stacks((2, 1), (3, 3), q=torch.zeros(2, 6, 3))
     msg = str(e.value)
     assert "6" in msg and "9" in msg and "tile_size=(3, 3)" in msg
-    assert check_window_stacks(None, (2, 1), (2, 3), q=torch.zeros(2, 6, 3)) == ((2, 1), (2, 3))
-    assert check_window_stacks(None, (2, 1), (6, 1), q=torch.zeros(2, 6, 3)) == ((2, 1), (6, 1))
+    assert check_window_stacks((2, 1), (2, 3), q=torch.zeros(2, 6, 3)) == ((2, 1), (2, 3))
+    assert check_window_stacks((2, 1), (6, 1), q=torch.zeros(2, 6, 3)) == ((2, 1), (6, 1))
 
 
 def test_check_window_stacks_refuses_bad_grids():
     with pytest.raises(ValueError) as e:
-        check_window_stacks(None, (0, 2), q=torch.zeros(4, 4, 1))
+        check_window_stacks((0, 2), q=torch.zeros(4, 4, 1))
     assert_names(str(e.value), "grid=(0, 2)", ">= 1")
     with pytest.raises(TypeError) as e:
-        check_window_stacks(None, (2, 2.5), q=torch.zeros(4, 4, 1))
+        check_window_stacks((2, 2.5), q=torch.zeros(4, 4, 1))
     assert_names(str(e.value), "grid=(2, 2.5)", "float")
 
 

@@ -27,50 +27,46 @@ __all__ = [
 ]
 
 
-def as_pair(value, name: str, fn: str | None = None, *, minimum: int = 1) -> tuple[int, int]:
+def as_pair(value, name: str, *, minimum: int = 1) -> tuple[int, int]:
     """Normalise an int or a pair of ints to ``(a, b)`` and check both are integers >= ``minimum``."""
     if isinstance(value, torch.Tensor):
-        raise TypeError(f"{_at(fn)}{name}={value!r} is a tensor; pass plain Python ints, e.g. {name}=(3, 3).")
+        raise TypeError(f"{name}={value!r} is a tensor; pass plain Python ints, e.g. {name}=(3, 3).")
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         pair = tuple(value)
     else:
-        raise TypeError(
-            f"{_at(fn)}{name}={value!r}; expected an int or a pair of ints (rows, cols). Pass e.g. {name}=(3, 3)."
-        )
+        raise TypeError(f"{name}={value!r}; expected an int or a pair of ints (rows, cols). Pass e.g. {name}=(3, 3).")
     for v in pair:
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):
             raise TypeError(
-                f"{_at(fn)}{name}={value!r}; entries must be integers, got {type(v).__name__}. "
+                f"{name}={value!r}; entries must be integers, got {type(v).__name__}. "
                 f"Pass whole numbers, e.g. {name}=(3, 3)."
             )
         if v < minimum:
-            raise ValueError(
-                f"{_at(fn)}{name}={value!r}; entries must be integers >= {minimum}. Pass e.g. {name}=(3, 3)."
-            )
+            raise ValueError(f"{name}={value!r}; entries must be integers >= {minimum}. Pass e.g. {name}=(3, 3).")
     return int(pair[0]), int(pair[1])
 
 
-def as_grid(grid, fn: str | None = None) -> tuple[int, int]:
+def as_grid(grid) -> tuple[int, int]:
     """``grid`` as ``(gh, gw)`` with both >= 1."""
-    return as_pair(grid, "grid", fn)
+    return as_pair(grid, "grid")
 
 
-def check_ndim(x, ndim: int, name: str, fn: str | None, layout: str) -> None:
+def check_ndim(x, ndim: int, name: str, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(
-            f"{_at(fn)}{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}. "
+            f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}. "
             f"Convert it first, e.g. torch.as_tensor({name})."
         )
     if x.ndim != ndim:
         raise ValueError(
-            f"{_at(fn)}{name} has shape {tuple(x.shape)} ({x.ndim} dims); expected {ndim} dims {layout}. "
+            f"{name} has shape {tuple(x.shape)} ({x.ndim} dims); expected {ndim} dims {layout}. "
             f"Add or remove the batch dimension (e.g. x.unsqueeze(0)) or pick the matching layout=."
         )
 
 
-def check_nonempty(x: torch.Tensor, name: str, fn: str | None, dims) -> None:
+def check_nonempty(x: torch.Tensor, name: str, dims) -> None:
     """Refuse a tensor with any zero-size dimension.
 
     ``dims`` gives, per dimension, ``(what it is, how to fix a zero there)``, e.g.
@@ -80,20 +76,14 @@ def check_nonempty(x: torch.Tensor, name: str, fn: str | None, dims) -> None:
     for d, (extent, (what, fix)) in enumerate(zip(x.shape, dims)):
         if extent == 0:
             raise ValueError(
-                f"{_at(fn)}{name} has shape {tuple(x.shape)}; its {what} (dim {d}) is 0, but every dimension must "
+                f"{name} has shape {tuple(x.shape)}; its {what} (dim {d}) is 0, but every dimension must "
                 f"be >= 1 (an empty input has no sub-images to cut or join). Fix: {fix}."
             )
 
 
-def check_divisible(size: int, by: int, what: str, fn: str | None, shape, fix: str) -> None:
+def check_divisible(size: int, by: int, what: str, shape, fix: str) -> None:
     if size % by != 0:
-        raise ValueError(f"{_at(fn)}{shape}; {what} {size} is not divisible by {by}. {fix}")
-
-
-def _at(fn: str | None) -> str:
-    """The caller's name as a message prefix; ``None`` (the rule) leaves the name to the public boundary
-    (:func:`hrperc._errors.public`)."""
-    return f"{fn}: " if fn else ""
+        raise ValueError(f"{shape}; {what} {size} is not divisible by {by}. {fix}")
 
 
 # --- sizes, counts and switches given by users ----------------------------------------------------
@@ -117,7 +107,7 @@ def as_index(value) -> int | None:
         return None
 
 
-def as_int(value, name: str, fn: str | None = None, *, minimum: int = 1, example: str | None = None) -> int:
+def as_int(value, name: str, *, minimum: int = 1, example: str | None = None) -> int:
     """An integer option (``max_tiles=``, ``downsample=``, ...) as a Python int >= ``minimum``.
 
     Integer scalars are taken (see :func:`as_index`); anything else is a ``TypeError``, a value under
@@ -127,15 +117,15 @@ def as_int(value, name: str, fn: str | None = None, *, minimum: int = 1, example
     n = as_index(value)
     if n is None:
         raise TypeError(
-            f"{_at(fn)}{name}={value!r} is a {type(value).__name__}; it must be a whole number (an int) >= {minimum}. "
+            f"{name}={value!r} is a {type(value).__name__}; it must be a whole number (an int) >= {minimum}. "
             f"Pass e.g. {example}."
         )
     if n < minimum:
-        raise ValueError(f"{_at(fn)}{name}={value!r}; it must be an integer >= {minimum}. Pass e.g. {example}.")
+        raise ValueError(f"{name}={value!r}; it must be an integer >= {minimum}. Pass e.g. {example}.")
     return n
 
 
-def as_image_size(value, fn: str | None = None, name: str = "image_size") -> tuple[int, int]:
+def as_image_size(value, name: str = "image_size") -> tuple[int, int]:
     """An image size ``(H, W)`` as two Python ints >= 1.
 
     Accepted: a tuple, list or ``torch.Size`` of two integer scalars (ints, numpy integers, 0-dim integer
@@ -153,7 +143,7 @@ def as_image_size(value, fn: str | None = None, name: str = "image_size") -> tup
         )
         if value.ndim != 1 or not integer:
             raise TypeError(
-                f"{_at(fn)}{name}={value!r} is a {type(value).__name__} of shape {tuple(value.shape)} and dtype "
+                f"{name}={value!r} is a {type(value).__name__} of shape {tuple(value.shape)} and dtype "
                 f"{value.dtype}; an image size is two whole numbers (H, W). Pass e.g. {name}=(480, 640), or "
                 f"{name}=tuple(x.tolist()) for a 1-D integer tensor x."
             )
@@ -162,7 +152,7 @@ def as_image_size(value, fn: str | None = None, name: str = "image_size") -> tup
         sequence = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
         got = f"has length {len(value)}" if sequence else f"is of type {type(value).__name__}"
         raise TypeError(
-            f"{_at(fn)}{name}={shown!r} {got}; an image size is a pair (H, W) of whole numbers. Pass e.g. "
+            f"{name}={shown!r} {got}; an image size is a pair (H, W) of whole numbers. Pass e.g. "
             f"{name}=(480, 640) (img.shape[-2:] of a (C, H, W) tensor; (h, h) for a square)."
         )
     sides: list[int] = []
@@ -170,20 +160,20 @@ def as_image_size(value, fn: str | None = None, name: str = "image_size") -> tup
         n = as_index(v)
         if n is None:
             raise TypeError(
-                f"{_at(fn)}{name}={shown!r}; both sides must be whole numbers (ints), got a {type(v).__name__} "
+                f"{name}={shown!r}; both sides must be whole numbers (ints), got a {type(v).__name__} "
                 f"({v!r}). Pass integer pixel counts, e.g. {name}=(480, 640) (round or int() a computed size)."
             )
         sides.append(n)
     if min(sides) < 1:
         raise ValueError(
-            f"{_at(fn)}{name}={shown!r}; both sides must be integers >= 1 (an image with a side of "
+            f"{name}={shown!r}; both sides must be integers >= 1 (an image with a side of "
             f"{min(sides)} pixels has no pixels to encode). Pass the (H, W) of a non-empty image, e.g. "
             f"{name}=(480, 640)."
         )
     return sides[0], sides[1]
 
 
-def as_bool(value, name: str, fn: str | None = None) -> bool:
+def as_bool(value, name: str) -> bool:
     """A switch (``dcm=``, ``newline=``, ``check_range=``, ...) as a Python bool.
 
     ``True``/``False`` and numpy's ``bool_`` (what a numpy comparison returns) are taken; anything else
@@ -194,12 +184,12 @@ def as_bool(value, name: str, fn: str | None = None) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(
-        f"{_at(fn)}{name}={value!r} is a {type(value).__name__}, not a bool; pass {name}=True or {name}=False "
+        f"{name}={value!r} is a {type(value).__name__}, not a bool; pass {name}=True or {name}=False "
         f"(a string such as 'false' is truthy; convert a flag read from text or a tensor with an explicit test)."
     )
 
 
-def as_sequence(value, name: str, fn: str | None = None, *, example: str) -> tuple:
+def as_sequence(value, name: str, *, example: str) -> tuple:
     """A list option (``pinpoints=``, ``scales=``) as a non-empty tuple.
 
     Tuples, lists and ranges are taken as they are; numpy arrays and tensors are converted with
@@ -211,12 +201,10 @@ def as_sequence(value, name: str, fn: str | None = None, *, example: str) -> tup
     if isinstance(value, (torch.Tensor, np.ndarray)):
         value = value.tolist()
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise TypeError(
-            f"{_at(fn)}{name}={shown!r} is a {type(shown).__name__}; pass a list or tuple, e.g. {name}={example}."
-        )
+        raise TypeError(f"{name}={shown!r} is a {type(shown).__name__}; pass a list or tuple, e.g. {name}={example}.")
     if len(value) == 0:
         raise ValueError(
-            f"{_at(fn)}{name}={shown!r} is empty; pass at least one entry, e.g. {name}={example}, or leave {name} "
+            f"{name}={shown!r} is empty; pass at least one entry, e.g. {name}={example}, or leave {name} "
             f"out for the recipe's default."
         )
     return tuple(value)

@@ -124,9 +124,7 @@ class AttentionBackend:
         return self.auto_devices is None or device_type in self.auto_devices
 
 
-def check_output(
-    backend: AttentionBackend, out, shape, q: torch.Tensor, *, form: str, layout: str, caller: str | None = None
-):
+def check_output(backend: AttentionBackend, out, shape, q: torch.Tensor, *, form: str, layout: str):
     """``out`` when it is what ``backend``'s ``form`` (``"fn"`` / ``"query_subset"``) must return, else raise.
 
     What it must return: a tensor of exactly ``shape`` (``layout`` names its dims for the message), in
@@ -138,8 +136,7 @@ def check_output(
 
     One shape, dtype and device comparison: nothing measurable on the hot path. Under ``torch.compile``
     it is decided while tracing (a guard for dynamic shapes), so a correct backend adds no graph break.
-    The public function that ran the backend adds its name to the message (:func:`hrperc._errors.public`);
-    ``caller`` is for callers that are not yet such a boundary, and is to be left out.
+    The public function that ran the backend adds its name to the message (:func:`hrperc._errors.public`).
 
     Example::
 
@@ -153,7 +150,7 @@ def check_output(
     if isinstance(out, torch.Tensor) and out.shape == shape and out.device == q.device:
         if out.dtype == q.dtype or _autocast_dtype(q) == out.dtype:
             return out
-    raise _bad_output(backend, out, shape, q, form, layout, caller)
+    raise _bad_output(backend, out, shape, q, form, layout)
 
 
 def _autocast_dtype(q: torch.Tensor) -> torch.dtype | None:
@@ -165,7 +162,7 @@ def _autocast_dtype(q: torch.Tensor) -> torch.dtype | None:
         return None
 
 
-def _bad_output(backend, out, shape, q, form, layout, caller) -> Exception:
+def _bad_output(backend, out, shape, q, form, layout) -> Exception:
     cast = _autocast_dtype(q)
     dtype = f"{q.dtype}" if cast in (None, q.dtype) else f"{q.dtype} (or {cast}, the autocast dtype)"
     expected = f"a tensor of shape {tuple(shape)} {layout}, dtype {dtype}, on {q.device}"
@@ -179,9 +176,8 @@ def _bad_output(backend, out, shape, q, form, layout, caller) -> Exception:
         got = "None" if out is None else f"a {type(out).__name__}"
         exc = TypeError
     protocol = "WindowAttentionFn" if form == "fn" else "QuerySubsetFn"
-    at = f"{caller}: " if caller else ""  # a caller that is not yet a public boundary (see check_output)
     return exc(
-        f"{at}attention backend {backend.name!r} returned {got} from its {form}; expected {expected} "
+        f"attention backend {backend.name!r} returned {got} from its {form}; expected {expected} "
         f"(hrperc.attention.{protocol}). Fix the backend's {form} to return that (one tensor, not a tuple; no "
         f"broadcasting), or use another backend: backend='auto', or unregister_backend({backend.name!r})."
     )

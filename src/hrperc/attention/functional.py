@@ -90,7 +90,7 @@ def window_attention(
         torch.Size([2, 144, 4, 8])
     """
     out_order = check_options(window, q_order, kv_order, out_order)
-    grid, tile_size = check_window_stacks(None, grid, tile_size, ndim=4, layout=_QKV_LAYOUT, q=q, k=k, v=v)
+    grid, tile_size = check_window_stacks(grid, tile_size, ndim=4, layout=_QKV_LAYOUT, q=q, k=k, v=v)
     check_same_dtype_device(q, k, v)
     scale = as_scale(scale, q.shape[-1])
     return run_backend(
@@ -150,7 +150,7 @@ def window_cross_attention(
         torch.Size([1, 144, 32])
     """
     grid, tile_size = check_window_stacks(
-        None, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
+        grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
     )
     d = query_feats.shape[-1]
     heads = as_int(heads, "heads", example="heads=8")

@@ -123,7 +123,7 @@ class WindowCrossAttention(nn.Module):
     def _check(self, query_feats, kv_feats, grid, tile_size, window, q_order, kv_order, out_order):
         """The one check of :meth:`forward`'s and :meth:`attend`'s arguments (the attention checks none again)."""
         grid, tile_size = check_window_stacks(
-            None, grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
+            grid, tile_size, layout="(B*N, ht*wt, D)", query_feats=query_feats, kv_feats=kv_feats
         )
         if query_feats.shape[-1] != self.dim:
             raise ValueError(

@@ -230,7 +230,6 @@ class DualPerspectiveEnhancement(nn.Module):
 
     def _check(self, local_feats, global_feats, grid, tile_size):
         grid, tile = check_window_stacks(
-            None,
             grid,
             tile_size,
             layout="(B*N, ht*wt, D) ViT tokens (CLS dropped)",
@@ -449,7 +448,6 @@ class DualPerspectiveEnhancement(nn.Module):
             q,
             form="query_subset",
             layout="(G, heads, M, head_dim)",
-            caller="DualPerspectiveEnhancement",
         )
         o = o.transpose(1, 2).reshape(b, nw * m, d).index_select(1, idx[f"{name}_select"])  # read order
         o = F.linear(o, lo.weight, lo.bias)

@@ -141,9 +141,9 @@ def _crop(x: torch.Tensor, grid, kind: WindowKind, layout: Layout, size) -> torc
     _check_layout(layout)
     gh, gw = as_grid(grid)
     ndim = 3 if layout == "nlc" else 4
-    check_ndim(x, ndim, "x", None, _LAYOUT_DOC[layout])
+    check_ndim(x, ndim, "x", _LAYOUT_DOC[layout])
     _check_nlc_only(size, "size", layout, "x")
-    check_nonempty(x, "x", None, _MAP_DIMS[layout])
+    check_nonempty(x, "x", _MAP_DIMS[layout])
     shape = f"x has shape {tuple(x.shape)}"
     if layout == "nchw":
         H, W = x.shape[2], x.shape[3]
@@ -167,9 +167,9 @@ def _merge(tiles: torch.Tensor, grid, kind: WindowKind, layout: Layout, tile_siz
     _check_layout(layout)
     gh, gw = as_grid(grid)
     ndim = 3 if layout == "nlc" else 4
-    check_ndim(tiles, ndim, "tiles", None, _STACK_DOC[layout])
+    check_ndim(tiles, ndim, "tiles", _STACK_DOC[layout])
     _check_nlc_only(tile_size, "tile_size", layout, "tiles")
-    check_nonempty(tiles, "tiles", None, _STACK_DIMS[layout])
+    check_nonempty(tiles, "tiles", _STACK_DIMS[layout])
     n = gh * gw
     if tiles.shape[0] % n != 0:
         raise ValueError(
@@ -361,7 +361,7 @@ def permute_windows(tokens: torch.Tensor, grid, source: WindowKind, target: Wind
             f"(B*N, T, ...). Pass the ViT's sub-image stack, e.g. reshape to (B*N, ht*wt, D)."
         )
     rest = tuple(("trailing dimension", "drop or fill the empty feature dimension") for _ in tokens.shape[2:])
-    check_nonempty(tokens, "tokens", None, _STACK_DIMS["nlc"][:2] + rest)
+    check_nonempty(tokens, "tokens", _STACK_DIMS["nlc"][:2] + rest)
     n = gh * gw
     if tokens.shape[0] % n != 0:
         raise ValueError(

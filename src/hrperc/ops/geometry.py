@@ -126,7 +126,6 @@ def infer_tile_size(
     tokens: int,
     tile_size=None,
     *,
-    fn: str | None = None,
     shape=None,
     arg: str = "tile_size",
     what: str = "tokens per sub-image",
@@ -147,11 +146,10 @@ def infer_tile_size(
         ...
         ValueError: infer_tile_size: 24 tokens per sub-image is not a perfect square, ... Pass tile_size=(rows, cols).
     """
-    # fn is ignored and going away (callers in other folders still pass it while they move over).
     return _resolve_tile_size(tokens, tile_size, shape=shape, arg=arg, what=what)
 
 
-def check_window_stacks(fn: str | None, grid, tile_size=None, *, ndim: int = 3, layout: str = "(B*N, T, D)", **stacks):
+def check_window_stacks(grid, tile_size=None, *, ndim: int = 3, layout: str = "(B*N, T, D)", **stacks):
     """Check window stacks that must describe the same maps; return ``((gh, gw), (th, tw))``.
 
     Each of ``stacks`` (by name, e.g. ``q=q, k=k``) must be a tensor of ``ndim`` dims, all of the same
@@ -161,10 +159,9 @@ def check_window_stacks(fn: str | None, grid, tile_size=None, *, ndim: int = 3, 
 
     Example::
 
-        >>> check_window_stacks(None, (2, 2), local=torch.zeros(8, 9, 4), strided=torch.zeros(8, 9, 4))
+        >>> check_window_stacks((2, 2), local=torch.zeros(8, 9, 4), strided=torch.zeros(8, 9, 4))
         ((2, 2), (3, 3))
     """
-    # fn is ignored and going away (pass None; the coordinator removes the parameter).
     gh, gw = as_grid(grid)
     if not stacks:
         raise TypeError("check_window_stacks needs at least one stack, passed by name (e.g. q=q).")

@@ -184,7 +184,7 @@ _EMPTY_FIX = "Check how the image was loaded or cropped, and skip (or drop) empt
 def _check_sides(img: torch.Tensor, name: str) -> None:
     """An image with a side of 0 pixels has nothing to encode: refused with its shape, never a token count."""
     what = [("channel count C", _EMPTY_FIX), ("height H", _EMPTY_FIX), ("width W", _EMPTY_FIX)]
-    check_nonempty(img, name, None, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
+    check_nonempty(img, name, what if img.ndim == 3 else [("batch size B", "Pass at least one image")] + what)
 
 
 def _is_pil_image(img) -> bool:
