@@ -17,6 +17,16 @@ cheap ViT), two paths that produce the same tokens:
 ``--inf-llava``: instead, the ``inf_llava`` front end in fp32 and bf16 (ViT-L/14-336 cut to 6 blocks, one
 1008 px image), the path ``docs/encoder.md`` documents.
 
+Native-resolution rows (after the others; ``--native-only``: alone), the path ``docs/recipes.md`` ("Speed
+and memory") documents: ``qwen2_5_vl`` and ``pixtral`` on towers of the real width (Qwen2.5-VL's 1280,
+Pixtral's 1024) cut to ``--native-depth`` blocks, a ragged batch of 8 uint8 images with sides in
+[300, 2000] px (seeded), within the budgets ``--native-max-pixels`` (Qwen) and ``--native-longest-edge``
+(Pixtral): (a) the whole front end, processor + ``get_image_features`` against ``create_encoder(...)(images)``,
+fp32 and bf16; (b) preprocessing alone (the processor call against hrperc's forward stopped at the tower's
+first module), 8 and 32 images; (c) fp32 with 32 images, to show memory growing with the patches. Same
+method as below (``--native-reps`` interleaved calls, memory in fresh processes). Results:
+``benchmarks/results/bench_recipes_native.json``.
+
 Rows: one image (1000 x 800) and a ragged batch of 8 images of different sizes; fp32, and bf16 (both
 models moved with ``.to(torch.bfloat16)``; the processor's float32 pixels are cast for transformers).
 Time: the median of ``--reps`` interleaved calls; hrperc's split (views = resize/pad/crop, backbone,
@@ -237,6 +247,344 @@ def copy_to(enc, dtype):
     return copy.deepcopy(enc).to(dtype)
 
 
+# --- native-resolution recipes (Qwen2.5-VL, Pixtral): towers of the real width, cut to a few blocks ---------
+NATIVE = ("qwen2_5_vl", "pixtral")
+NATIVE_SIDES = (300, 2000)  # each side of a ragged batch's images, uniform in this range (seeded)
+NATIVE_MIN_PIXELS = 56 * 56  # Qwen's processor minimum (transformers' and the released checkpoints')
+NATIVE_MAX_PIXELS = 28 * 28 * 32  # Qwen budget here: <= 32 tokens (128 patches) an image, see --native-max-pixels
+NATIVE_LONGEST_EDGE = 192  # Pixtral budget here: <= 12 x 12 patches an image, see --native-longest-edge
+NATIVE_OUT_HIDDEN = 3584  # Qwen2.5-VL-7B's merger output (the LLM's width)
+
+
+class _TowerReached(Exception):
+    """Raised by a pre-hook on the tower's first module: what ran before it is the preprocessing."""
+
+
+def native_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``n`` sizes ``(H, W)``, each side uniform in ``NATIVE_SIDES``; one stream, so the first 8 of 32 are the 8."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = NATIVE_SIDES
+    return [(h, w) for h, w in torch.randint(lo, hi + 1, (n, 2), generator=g).tolist()]
+
+
+def build_native(recipe: str, budget: dict, seed: int = 0):
+    """``(model, processor, options)``: a random transformers model whose vision tower has the real width, cut
+    to ``budget["depth"]`` blocks (tiny text model), its image processor (torchvision backend) and the
+    ``create_encoder`` options of the same budget.
+
+    ``qwen2_5_vl``: Qwen2.5-VL's tower (hidden 1280, 16 heads, MLP 3420, windows of 112 px, block 1 full
+    attention, merger out ``budget["out_hidden"]``); ``pixtral``: Pixtral-12B's tower (hidden 1024, 16 heads of
+    64, MLP 4096, silu, patch 16) in a ``LlavaForConditionalGeneration`` (``vision_feature_select_strategy=
+    "full"``, tiny projector to the 64-wide text model).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if recipe == "qwen2_5_vl":
+        vision = dict(
+            depth=budget["depth"],
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=budget["out_hidden"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        )
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+        ids = dict(image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252)
+        cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config={**text, "rope_parameters": rope}, **ids)
+        model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
+        options = dict(min_pixels=NATIVE_MIN_PIXELS, max_pixels=budget["max_pixels"])
+        proc = tf.Qwen2VLImageProcessor(**options)
+    else:
+        vision = tf.PixtralVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=budget["depth"],
+            num_attention_heads=16,
+            head_dim=64,
+            patch_size=16,
+            image_size=1024,
+            hidden_act="silu",
+        )
+        cfg = tf.LlavaConfig(
+            vision_config=vision,
+            text_config=tf.MistralConfig(**text, head_dim=16),
+            image_token_index=255,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            projector_hidden_act="gelu",
+        )
+        model = tf.LlavaForConditionalGeneration(cfg)
+        options = dict(longest_edge=budget["longest_edge"])
+        proc = tf.PixtralImageProcessor(
+            size={"longest_edge": budget["longest_edge"]}, patch_size={"height": 16, "width": 16}
+        )
+    return model.eval(), proc, options
+
+
+def native_paths(recipe: str, model, proc, options: dict, dtype):
+    """``(transformers_fn, hrperc_fn, encoder)``: images -> per-image tokens at the model's image positions.
+
+    transformers: ``processor(images)`` then ``model.model.get_image_features`` (Pixtral: tower + projector);
+    hrperc: ``create_encoder(recipe, tower, **options)(images, project=...)`` (Pixtral: the ``[IMG]``
+    positions of its tokens; the ``[IMG_BREAK]`` / ``[IMG_END]`` slots are the model's own embeddings)."""
+    inner = model.model
+    model.to(dtype)
+    tower = inner.visual if recipe == "qwen2_5_vl" else inner.vision_tower
+    project = inner.multi_modal_projector if recipe == "pixtral" else None
+    enc = hrperc.create_encoder(recipe, tower, **options).to(dtype)
+
+    @torch.inference_mode()
+    def run_transformers(images, times):
+        t0 = time.perf_counter()
+        batch = proc(images=images, return_tensors="pt")
+        t1 = time.perf_counter()
+        pixels = batch["pixel_values"].to(dtype)
+        if recipe == "qwen2_5_vl":
+            out = inner.get_image_features(pixel_values=pixels, image_grid_thw=batch["image_grid_thw"])
+        else:
+            out = inner.get_image_features(pixel_values=pixels, image_sizes=batch["image_sizes"])
+        t2 = time.perf_counter()
+        times["processor"] = times.get("processor", 0.0) + t1 - t0
+        times["model"] = times.get("model", 0.0) + t2 - t1
+        return list(out.pooler_output)
+
+    @torch.inference_mode()
+    def run_hrperc(images, times):
+        out = enc(images, project=project, timings=True)
+        for k, v in out.timings.items():
+            times[k] = times.get(k, 0.0) + v
+        if recipe == "qwen2_5_vl":
+            return [out.tokens[b, :n] for b, n in enumerate(out.num_tokens)]
+        slots = out.slot_mask
+        return [out.tokens[b, :n][~slots[b, :n]] for b, n in enumerate(out.num_tokens)]
+
+    return run_transformers, run_hrperc, enc
+
+
+def native_preprocess(recipe: str, proc, enc):
+    """``(transformers_fn, hrperc_fn)``: images -> the tower's input, and nothing after it.
+
+    transformers: the processor call (resize, rescale + normalize, Qwen's patch layout / Pixtral's padding to
+    the batch's largest image). hrperc: the encoder's own forward up to the tower's first module (a pre-hook
+    stops it there): pixels, plans, uint8 resize, normalization, Qwen's packing into the processor's layout.
+    Both return ``(pixels, grid_thw)``: the processor's ``pixel_values`` (and Qwen's ``image_grid_thw``), the
+    tower's input the hook saw (Qwen: ``pixel_values`` and ``grid_thw``; Pixtral: the first view stack)."""
+    first = enc.backbone.qwen.tower if recipe == "qwen2_5_vl" else enc.backbone.model.patch_conv
+    seen: list[torch.Tensor] = []
+
+    def stop(module, args, kwargs):
+        seen.extend((args[0], kwargs.get("grid_thw")))
+        raise _TowerReached
+
+    def run_transformers(images):
+        batch = proc(images=images, return_tensors="pt")
+        return batch["pixel_values"], batch.get("image_grid_thw")
+
+    @torch.inference_mode()
+    def run_hrperc(images):
+        seen.clear()
+        hook = first.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            enc(images)
+        except _TowerReached:
+            pass
+        finally:
+            hook.remove()
+        return seen[0], seen[1]
+
+    return run_transformers, run_hrperc
+
+
+def native_worker(spec: dict) -> dict:
+    """One memory measurement of one native path in this (fresh) process."""
+    model, proc, options = build_native(spec["recipe"], spec["budget"])
+    fns = native_paths(spec["recipe"], model, proc, options, getattr(torch, spec["dtype"]))
+    fn = dict(zip(("transformers", "hrperc"), fns[:2]))[spec["path"]]
+    images = images_of(native_sizes(spec["images"]))
+    fn(images_of([(64, 64)]), {})  # warm-up with a small image
+    return measure_memory_here(lambda: fn(images, {}), torch.device("cpu"))
+
+
+def native_memory(spec: dict) -> dict:
+    """The median (by rise) of ``MEMORY_RUNS`` fresh processes measuring ``spec``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({**spec, "native": True})]
+    runs = []
+    for _ in range(MEMORY_RUNS):  # RSS peaks vary with the allocator's state: the median of fresh processes
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory worker {spec} failed:\n{res.stderr[-3000:]}")
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["rise_mib"])
+    return {**runs[len(runs) // 2], "all_rise_mib": [r["rise_mib"] for r in runs]}
+
+
+def bench_native_row(recipe, dtype_name, n_images, reps, budget, model, proc, options) -> dict:
+    """(a): the whole front end, both paths interleaved (median of ``reps``), then memory in fresh processes."""
+    dtype = getattr(torch, dtype_name)
+    run_t, run_h, enc = native_paths(recipe, model, proc, options, dtype)
+    sizes = native_sizes(n_images)
+    images = images_of(sizes)
+    run_t(images_of([(64, 64)]), {}), run_h(images_of([(64, 64)]), {})
+    secs = {"transformers": [], "hrperc": []}
+    split = {"transformers": {}, "hrperc": {}}
+    for _ in range(reps):  # interleaved
+        for name, fn in (("transformers", run_t), ("hrperc", run_h)):
+            t0 = time.perf_counter()
+            out = fn(images, split[name])
+            secs[name].append(time.perf_counter() - t0)
+            if name == "transformers":
+                ref = out
+            else:
+                mine = out
+    same = len(ref) == len(mine) and all(a.shape == b.shape for a, b in zip(ref, mine))
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, mine)) if same else float("nan")
+    patches = [enc.plan(s).resized for s in sizes]
+    p = 14 if recipe == "qwen2_5_vl" else 16
+    row = {
+        "recipe": recipe,
+        "dtype": dtype_name,
+        "images": n_images,
+        "sizes": sizes,
+        "resized": patches,
+        "patches": sum((h // p) * (w // p) for h, w in patches),
+        "tokens": [int(t.shape[0]) for t in mine],
+        "same_shapes": same,
+        "max_abs_diff": diff,
+        "max_abs_ref": max(a.float().abs().max().item() for a in ref),
+    }
+    for name in secs:
+        row[f"{name}_seconds"] = statistics.median(secs[name])
+        row[f"{name}_all_seconds"] = secs[name]
+        row[f"{name}_split"] = {k: v / reps for k, v in split[name].items()}
+    row["speedup"] = row["transformers_seconds"] / row["hrperc_seconds"]
+    for name in ("transformers", "hrperc"):
+        spec = dict(recipe=recipe, dtype=dtype_name, images=n_images, budget=budget, path=name)
+        row[f"{name}_memory"] = native_memory(spec)
+    row["memory_ratio"] = row["hrperc_memory"]["rise_mib"] / max(row["transformers_memory"]["rise_mib"], 1e-9)
+    return row
+
+
+def bench_native_preprocess(recipe, n_images, reps, proc, enc) -> dict:
+    """(b): preprocessing alone, fp32 pixels, both paths interleaved (median of ``reps``)."""
+    run_t, run_h = native_preprocess(recipe, proc, enc)
+    images = images_of(native_sizes(n_images))
+    run_t(images_of([(64, 64)])), run_h(images_of([(64, 64)]))
+    secs: dict[str, list[float]] = {"transformers": [], "hrperc": []}
+    for _ in range(reps):  # interleaved
+        for name, fn in (("transformers", run_t), ("hrperc", run_h)):
+            t0 = time.perf_counter()
+            out = fn(images)
+            secs[name].append(time.perf_counter() - t0)
+            if name == "transformers":
+                ref = out
+            else:
+                mine = out
+    if recipe == "qwen2_5_vl":  # every image's rows of pixel_values (hrperc packs images grouped by size)
+        equal = _same_blocks(ref, mine)
+    else:  # the first view's stack (the first patch_conv call): image 0, inside the processor's padding
+        h, w = mine[0].shape[-2:]
+        equal = torch.equal(ref[0][0, :, :h, :w], mine[0][0])
+    row = {"recipe": recipe, "images": n_images, "pixels_equal": equal}
+    for name in secs:
+        row[f"{name}_seconds"] = statistics.median(secs[name])
+        row[f"{name}_all_seconds"] = secs[name]
+    row["speedup"] = row["transformers_seconds"] / row["hrperc_seconds"]
+    return row
+
+
+def _same_blocks(ref, mine) -> bool:
+    """Whether two packed ``(pixel_values, grid_thw)`` hold the same per-image blocks, in any image order."""
+
+    def blocks(pixels, thw):
+        return list(pixels.split(thw.prod(1).tolist()))
+
+    left = blocks(*mine)
+    for block in blocks(*ref):
+        match = next((i for i, b in enumerate(left) if b.shape == block.shape and torch.equal(b, block)), None)
+        if match is None:
+            return False
+        left.pop(match)
+    return not left
+
+
+def describe_native(row: dict) -> str:
+    """Two lines for one native row: times, speed and memory ratios, token agreement; where the time goes."""
+    t_mem, h_mem = row["transformers_memory"]["rise_mib"], row["hrperc_memory"]["rise_mib"]
+    head = (
+        f"{row['recipe']:10s} {row['images']:2d} images ({row['patches']:5d} patches) {row['dtype']:8s} "
+        f"transformers {row['transformers_seconds'] * 1e3:8.1f} ms  hrperc {row['hrperc_seconds'] * 1e3:8.1f} ms  "
+        f"speed x{row['speedup']:.2f}  memory rise {t_mem:7.1f} -> {h_mem:7.1f} MiB (x{row['memory_ratio']:.2f})  "
+        f"max|diff| {row['max_abs_diff']:.2e} (of {row['max_abs_ref']:.2e})"
+    )
+    ms = {name: {k: round(v * 1e3, 1) for k, v in row[f"{name}_split"].items()} for name in ("hrperc", "transformers")}
+    return f"{head}\n    split (ms): hrperc {ms['hrperc']}; transformers {ms['transformers']}"
+
+
+def run_native(args) -> dict:
+    """The native rows: (a) per recipe and dtype, 8 images; (b) preprocessing, 8 and 32 images; (c) fp32, 32 images."""
+    budget = dict(
+        depth=args.native_depth,
+        max_pixels=args.native_max_pixels,
+        longest_edge=args.native_longest_edge,
+        out_hidden=args.native_out_hidden,
+    )
+    reps, dtypes, recipes, counts = args.native_reps, ("float32", "bfloat16"), list(NATIVE), (8, 32)
+    if args.quick:
+        reps, dtypes, recipes, counts = 1, ("float32",), recipes[:1], (8,)
+    rows, pre, load_start = [], [], _loadavg()
+    for recipe in recipes:
+        model, proc, options = build_native(recipe, budget)
+        enc = native_paths(recipe, model, proc, options, torch.float32)[2]
+        for n in counts:  # (b) first, while the model is fp32 (the processor's pixels are fp32 in every row)
+            res = bench_native_preprocess(recipe, n, 3 * reps, proc, enc)
+            pre.append(res)
+            print(
+                f"{recipe:10s} {n:2d} images preprocessing: transformers {res['transformers_seconds'] * 1e3:7.1f} ms  "
+                f"hrperc {res['hrperc_seconds'] * 1e3:7.1f} ms  speed x{res['speedup']:.2f}  "
+                f"pixels equal {res['pixels_equal']}",
+                flush=True,
+            )
+        for dtype_name in dtypes:
+            for n in counts if dtype_name == "float32" else counts[:1]:  # (c): the 32-image row in fp32
+                row = bench_native_row(recipe, dtype_name, n, reps, budget, model, proc, options)
+                rows.append(row)
+                print(describe_native(row), flush=True)
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "budget": budget,
+        "sides": NATIVE_SIDES,
+        "reps": reps,
+        "preprocess_reps": 3 * reps,
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+    }
+    return {"meta": meta, "rows": rows, "preprocess": pre}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def describe(row: dict) -> str:
     """Two lines for one row: times, speed and memory ratios, token agreement; where the time goes."""
     t_mem, h_mem = row["transformers_memory"]["rise_mib"], row["hrperc_memory"]["rise_mib"]
@@ -259,10 +607,17 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--inf-llava", action="store_true", help="only the inf_llava fp32-vs-bf16 rows (ViT-L/14-336)")
     ap.add_argument("--inf-llava-depth", type=int, default=6)
+    ap.add_argument("--native-only", action="store_true", help="only the native-resolution rows (Qwen2.5-VL, Pixtral)")
+    ap.add_argument("--native-reps", type=int, default=3, help="interleaved calls per native row (preprocessing: 3x)")
+    ap.add_argument("--native-depth", type=int, default=2, help="blocks of the real-width towers")
+    ap.add_argument("--native-max-pixels", type=int, default=NATIVE_MAX_PIXELS, help="Qwen2.5-VL's max_pixels")
+    ap.add_argument("--native-longest-edge", type=int, default=NATIVE_LONGEST_EDGE, help="Pixtral's longest_edge")
+    ap.add_argument("--native-out-hidden", type=int, default=NATIVE_OUT_HIDDEN, help="Qwen2.5-VL's merger width")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(native_worker(spec) if spec.get("native") else worker(spec)))
         return 0
     if args.inf_llava:
         res = bench_inf_llava_dtypes(args.inf_llava_depth, args.reps)
@@ -270,6 +625,19 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "bench_recipes_inf_llava_bf16.json").write_text(json.dumps(res, indent=1))
         return 0
+    if not args.native_only:
+        run_tiled(args)
+        if args.quick:  # --quick smoke-tests the tiled rows; --quick --native-only the native ones
+            return 0
+    native = run_native(args)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bench_recipes_native.json").write_text(json.dumps(native, indent=1))
+    return 0
+
+
+def run_tiled(args) -> None:
+    """The anyres / tiling rows (``RECIPES``): one image and a ragged batch of 8, fp32 and bf16."""
     torch.manual_seed(0)
     reps, dtypes, recipes = args.reps, ("float32", "bfloat16"), args.recipes
     if args.quick:
@@ -293,7 +661,6 @@ def main(argv=None) -> int:
     }
     if not args.quick:
         (RESULTS / "bench_recipes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
