@@ -281,7 +281,8 @@ class FrontEnd(nn.Module, Generic[PlanT]):
                 )
             return
         check_dem_width(dem, width)
-        ht, wt = self.tile_tokens
+        # A front end without fixed tiles (native resolution) runs the DEM on tiles of any size: one stands in.
+        ht, wt = self.tile_tokens if self.tile_size is not None else (3, 2)
         reduction = getattr(dem, "reduction", "none")
         fix = (
             f"Build the DEM with reduction='none', e.g. DualPerspectiveEnhancement({width}, heads=..., "

@@ -39,6 +39,11 @@ options (``layer``: the model's ``vision_feature_layer``, default -1; ``train_ba
 ``vision_feature_select_strategy="full"`` (Pixtral has no class token; ``"default"`` would drop the
 first patch, and the model's own count would then be wrong).
 
+``dcm=True`` (and ``dcm_grid``, default ``(2, 2)``) adds INF-LLaVA's strided global views of the same
+resized image and a DEM (``dem=``, default a fresh one, ``reduction="none"``) that enhances the tower's
+patch map before the merge; the count and the layout stay (:mod:`hrperc.modules.native_dcm`,
+``docs/recipes.md``).
+
 Example::
 
     >>> import torch, hrperc
@@ -68,6 +73,7 @@ from .._errors import public
 from .._validation import as_int
 from ..backbones.pixtral import PixtralBackbone
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
+from ..modules.native_dcm import NativeDualPerspective
 from ..ops import native
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
@@ -79,9 +85,11 @@ __all__ = ["build_pixtral", "PixtralFrontEnd", "PixtralPlan", "MergedProjector"]
 
 @dataclass(frozen=True)
 class PixtralPlan(ViewPlan):
-    """One image: resized to ``resized = (h, w)``; ``layout[0].shape`` is its ``(rows, cols)`` of merged cells."""
+    """One image: resized to ``resized = (h, w)``; ``layout[0].shape`` is its ``(rows, cols)`` of merged cells;
+    with ``dcm=True`` also ``global_cells = (Rv, Cv)``, the cells per side of each strided global view."""
 
     resized: tuple[int, int]
+    global_cells: tuple[int, int] | None = None
 
 
 class MergedProjector(nn.Module):
@@ -131,9 +139,10 @@ def _token_map(project, merge_size: int):
     return project
 
 
-class PixtralFrontEnd(FrontEnd[PixtralPlan]):
+class PixtralFrontEnd(NativeDualPerspective, FrontEnd[PixtralPlan]):
     """One view of the image resized as ``PixtralProcessor`` resizes it; tokens in its ``[IMG]`` /
-    ``[IMG_BREAK]`` / ``[IMG_END]`` layout (see the module docs)."""
+    ``[IMG_BREAK]`` / ``[IMG_END]`` layout (see the module docs). ``dcm`` / ``dcm_grid``: INF-LLaVA's
+    global views and DEM on the tower's patch map, before the merge (:mod:`hrperc.modules.native_dcm`)."""
 
     def __init__(
         self,
@@ -143,8 +152,11 @@ class PixtralFrontEnd(FrontEnd[PixtralPlan]):
         longest_edge: int | None = None,
         merge_size: int = 1,
         reading: str = "transformers",
+        dcm: bool = False,
+        dcm_grid=(2, 2),
     ) -> None:
         super().__init__(None, patch_size)  # no fixed tile: every image has its own view size
+        self._init_dcm(dcm, dcm_grid)
         m = as_int(merge_size, "merge_size", example="merge_size=1 (Pixtral-12B) or merge_size=2 (Mistral 3)")
         default = native.MISTRAL3_LONGEST_EDGE if m == native.MISTRAL3_MERGE_SIZE else native.PIXTRAL_LONGEST_EDGE
         edge = (
@@ -171,21 +183,29 @@ class PixtralFrontEnd(FrontEnd[PixtralPlan]):
         rows, cols = h // unit, w // unit
         geo = CropGeometry(tuple(image_size), (1, 1), (h, w), (h, w), (0, 0, h, w))
         layout = make_layout(("image", rows * (cols + 1), (rows, cols), True))
-        return PixtralPlan(tuple(image_size), 1, geo, layout, (h, w))
+        cells = self.dcm_cells((rows, cols))
+        views = 1 if cells is None else 1 + self.dcm_grid[0] * self.dcm_grid[1]
+        return PixtralPlan(tuple(image_size), views, geo, layout, (h, w), cells)
 
-    def views(self, pixels: torch.Tensor, plan: PixtralPlan) -> torch.Tensor:
-        return pp.resize(pixels, plan.resized)[:, None]  # uint8 stays uint8: the processor's rounding
+    def views(self, pixels: torch.Tensor, plan: PixtralPlan):
+        resized = pp.resize(pixels, plan.resized)  # uint8 stays uint8: the processor's rounding
+        if plan.global_cells is None:
+            return resized[:, None]
+        return resized[:, None], self.global_views(resized, plan.global_cells, self.patch * self.merge_size)
 
     def token_width(self, width: int) -> int:
         return width * self.merge_size * self.merge_size
 
     def assemble(self, feats, plan, *, project=None):
-        b, d, m = feats.shape[0], feats.shape[-1], self.merge_size
+        native = feats[0] if isinstance(feats, tuple) else feats
+        b, d, m = native.shape[0], native.shape[-1], self.merge_size
         rows, cols = plan.layout[0].shape
-        if m == 1:
-            x = feats[:, 0].view(b, rows, cols, d)
-        else:  # each m x m cell's patches on the channels, patch-major
-            x = feats[:, 0].view(b, rows, m, cols, m, d).permute(0, 1, 3, 2, 4, 5).reshape(b, rows, cols, m * m * d)
+        x = native[:, 0].view(b, rows * m, cols * m, d)  # the tower's patch map
+        if plan.global_cells is not None:  # the DEM enhances the patch map, before the merge; the layout stays
+            rv, cv = plan.global_cells
+            x = self.enhance(x, feats[1], (rv * m, cv * m))
+        if m > 1:  # each m x m cell's patches on the channels, patch-major
+            x = x.reshape(b, rows, m, cols, m, d).permute(0, 1, 3, 2, 4, 5).reshape(b, rows, cols, m * m * d)
         if project is not None:
             x = _token_map(project, m)(x)
         x = torch.cat([x, x.new_zeros(b, rows, 1, x.shape[-1])], dim=2)  # [IMG_BREAK] / [IMG_END] slots
@@ -194,7 +214,7 @@ class PixtralFrontEnd(FrontEnd[PixtralPlan]):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, longest_edge={self.longest_edge}, merge_size={self.merge_size}, "
-            f"reading={self.reading!r}"
+            f"reading={self.reading!r}{self.dcm_repr()}"
         )
 
 

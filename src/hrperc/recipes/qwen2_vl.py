@@ -16,7 +16,10 @@ checkpoint), ``reading`` (``"transformers"``, the default, or ``"qwen-vl-utils"`
 preprocessing's sizes; ``docs/recipes.md`` and :mod:`hrperc.ops.native` say where they differ) and the
 encoder options (``max_batch``, ``train_backbone``, ``grad_checkpointing``, ``check_range``). ``backbone``
 is the model's vision tower (``model.model.visual``) or a :class:`~hrperc.backbones.qwen_vl.QwenBackbone`.
-``qwen2_5_vl`` and ``qwen3_vl`` run this front end on their towers.
+``qwen2_5_vl`` and ``qwen3_vl`` run this front end on their towers. ``dcm=True`` (and ``dcm_grid``, default
+``(2, 2)``) adds INF-LLaVA's strided global views of the same resized image, through the same packed tower
+pass, and a DEM (``dem=``, default a fresh one, ``reduction="none"``) that enhances the merged-token map;
+the count, the layout and the deepstack levels stay (:mod:`hrperc.modules.native_dcm`, ``docs/recipes.md``).
 
 Example::
 
@@ -39,6 +42,7 @@ import torch
 from .._validation import as_int
 from ..backbones.qwen_vl import QwenBackbone
 from ..modules.frontend import FrontEnd, ViewPlan, make_layout
+from ..modules.native_dcm import NativeDualPerspective
 from ..ops import native
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
@@ -50,17 +54,20 @@ __all__ = ["build_qwen2_vl", "NativeFrontEnd", "NativePlan", "qwen_backbone"]
 
 @dataclass(frozen=True)
 class NativePlan(ViewPlan):
-    """One image: resized to ``resized = (h, w)``; ``grid``-like ``tokens_shape = (h // f, w // f)`` tokens."""
+    """One image: resized to ``resized = (h, w)``, ``layout[0].shape = (h // f, w // f)`` tokens; with
+    ``dcm=True`` also ``global_cells = (Rv, Cv)``, the cells per side of each strided global view."""
 
     resized: tuple[int, int]
+    global_cells: tuple[int, int] | None = None
 
 
-class NativeFrontEnd(FrontEnd[NativePlan]):
+class NativeFrontEnd(NativeDualPerspective, FrontEnd[NativePlan]):
     """One view of the image resized to its own budgeted size (see the module docs).
 
     ``patch`` / ``merge``: the tower's patch side and merge factor (one token per ``patch * merge`` pixels a
     side); ``deepstack``: how many deepstack levels the backbone's features carry after the tokens
-    (Qwen3-VL), returned as ``EncoderOutput.extras["deepstack.<k>"]``.
+    (Qwen3-VL), returned as ``EncoderOutput.extras["deepstack.<k>"]``. ``dcm`` / ``dcm_grid``: INF-LLaVA's
+    global views and DEM on the merged-token map (:mod:`hrperc.modules.native_dcm`).
     """
 
     def __init__(
@@ -74,8 +81,11 @@ class NativeFrontEnd(FrontEnd[NativePlan]):
         patch: int = native.QWEN_PATCH_SIZE,
         merge: int = native.QWEN_MERGE_SIZE,
         deepstack: int = 0,
+        dcm: bool = False,
+        dcm_grid=(2, 2),
     ) -> None:
         super().__init__(None, patch_size)  # no fixed tile: every image has its own view size
+        self._init_dcm(dcm, dcm_grid)
         self.patch, self.merge = as_int(patch, "patch"), as_int(merge, "merge")
         self.deepstack = as_int(deepstack, "deepstack", minimum=0)
         self.min_pixels, self.max_pixels, self.reading = min_pixels, max_pixels, reading
@@ -95,28 +105,41 @@ class NativeFrontEnd(FrontEnd[NativePlan]):
         f = self.patch * self.merge
         geo = CropGeometry(tuple(image_size), (1, 1), (h, w), (h, w), (0, 0, h, w))
         layout = make_layout(("image", (h // f) * (w // f), (h // f, w // f)))
-        return NativePlan(tuple(image_size), 1, geo, layout, (h, w))
+        cells = self.dcm_cells((h // f, w // f))
+        views = 1 if cells is None else 1 + self.dcm_grid[0] * self.dcm_grid[1]
+        return NativePlan(tuple(image_size), views, geo, layout, (h, w), cells)
 
-    def views(self, pixels: torch.Tensor, plan: NativePlan) -> torch.Tensor:
-        return pp.resize(pixels, plan.resized)[:, None]  # uint8 stays uint8: the processor's rounding
+    def views(self, pixels: torch.Tensor, plan: NativePlan):
+        resized = pp.resize(pixels, plan.resized)  # uint8 stays uint8: the processor's rounding
+        if plan.global_cells is None:
+            return resized[:, None]
+        return resized[:, None], self.global_views(resized, plan.global_cells, self.patch * self.merge)
 
     def token_width(self, width: int) -> int:
         return width
 
     def assemble(self, feats, plan, *, project=None):
-        tokens = feats[:, 0, :, : feats.shape[-1] // (1 + self.deepstack)]
+        native = feats[0] if isinstance(feats, tuple) else feats
+        d = native.shape[-1] // (1 + self.deepstack)
+        tokens = native[:, 0, :, :d]
+        if plan.global_cells is not None:  # the DEM enhances the merged-token map; the layout stays
+            rows, cols = plan.layout[0].shape
+            fmap = tokens.unflatten(1, (rows, cols))
+            tokens = self.enhance(fmap, feats[1][..., :d], plan.global_cells).flatten(1, 2)
         return tokens if project is None else project(tokens)
 
     def extras(self, feats, plan) -> dict[str, torch.Tensor]:
         if not self.deepstack:
             return {}
-        levels = feats[:, 0].chunk(1 + self.deepstack, dim=-1)[1:]
+        native = feats[0] if isinstance(feats, tuple) else feats
+        levels = native[:, 0].chunk(1 + self.deepstack, dim=-1)[1:]
         return {f"deepstack.{k}": level for k, level in enumerate(levels)}
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, min_pixels={self.min_pixels}, max_pixels={self.max_pixels}, "
             f"reading={self.reading!r}, patch={self.patch}, merge={self.merge}, deepstack={self.deepstack}"
+            f"{self.dcm_repr()}"
         )
 
 
