@@ -13,6 +13,8 @@ from hrperc import HighResEncoder
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
 # on their models' own towers: tests/test_qwen_recipes.py, tests/test_pixtral_recipe.py
 NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "pixtral")
+# on their models' own towers too: tests/test_idefics3_recipe.py, tests/test_gemma3_recipe.py
+TOWER_TILED = ("idefics3", "smolvlm", "gemma3")
 
 
 def _images(sizes, seed=0):
@@ -21,7 +23,7 @@ def _images(sizes, seed=0):
 
 
 def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
-    assert set(RECIPES) | set(NATIVE) | {"inf_llava"} == set(hrperc.list_recipes())
+    assert set(RECIPES) | set(NATIVE) | set(TOWER_TILED) | {"inf_llava"} == set(hrperc.list_recipes())
     for name in RECIPES:
         enc = hrperc.create_encoder(name, tiny_vit(56))
         assert isinstance(enc, HighResEncoder)

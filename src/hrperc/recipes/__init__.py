@@ -19,14 +19,17 @@ and references, and how to write a recipe.
 ``qwen2_5_vl``       Qwen2.5-VL: the same on its windowed tower
 ``qwen3_vl``         Qwen3-VL: 32-pixel tokens, the released budget and normalization, deepstack features
 ``pixtral``          Pixtral-12B / Mistral 3: own size, packed; [IMG_BREAK] / [IMG_END] as slots
+``idefics3``         Idefics3: longest edge 4 tiles, tiles + global image, pixel shuffle 2; marker runs
+``smolvlm``          SmolVLM: the same with SmolVLM-256M / 500M's defaults (512 px tiles, pixel shuffle 4)
+``gemma3``           Gemma 3: one square SigLIP view (+ pan-and-scan crops), pooled to 256 tokens each
 ===================  ===========================================================================
 
 Example::
 
     >>> import hrperc
     >>> hrperc.list_recipes()  # doctest: +NORMALIZE_WHITESPACE
-    ('inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 'pixtral',
-     'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2')
+    ('gemma3', 'idefics3', 'inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 'pixtral',
+     'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2', 'smolvlm')
     >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")     # random weights
     >>> enc.num_tokens((1000, 700))
     784

@@ -1,0 +1,84 @@
+"""Tiny random Idefics3 and SmolVLM models with their real processors, built offline.
+
+``build_idefics("idefics3")``: 56 px tiles of 14 px patches, ``scale_factor=2`` (4 tokens per view), longest
+edge 4 tiles (224), as Idefics3's 364 / 14 / 2 / 1456 at a small size; ``build_idefics("smolvlm")``: 128 px
+tiles of 16 px patches, ``scale_factor=4`` (4 tokens per view), longest edge 512, as SmolVLM-256M's 512 / 16 /
+4 / 2048. A word-level tokenizer that keeps ``"\\n"`` as a token (so the processors' row breaks show in
+``input_ids``) and holds the markers ``<fake_token_around_image>``, ``<global-img>`` and ``<row_r_col_c>``.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+MARKERS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", *MARKERS, *ROWS_COLS]
+WORDS = ["\n", *"what is in the image describe it User Assistant :".split()]
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+#: (tile, patch, scale_factor, longest_edge) of each tiny family
+SETTINGS = {"idefics3": (56, 14, 2, 224), "smolvlm": (128, 16, 4, 512)}
+TEXT = "User : <image> describe it"
+
+
+def tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("\n"), behavior="isolated"), pre_tokenizers.Split(Regex(" +"), behavior="removed")]
+    )
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:],
+    )
+    tok.image_token, tok.fake_image_token, tok.global_image_token = "<image>", MARKERS[0], "<global-img>"
+    tok.end_of_utterance_token, tok.video_token = "<end_of_utterance>", "<unk>"
+    return tok
+
+
+def build_idefics(family: str, seed: int = 0, **image_processor):
+    """``(model, processor)``: a tiny random ``family`` ("idefics3" / "smolvlm") model and its real processor
+    (``image_processor``: options of its image processor over the tiny defaults)."""
+    tile, patch, scale, edge = SETTINGS[family]
+    tok = tokenizer()
+    text = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        pad_token_id=0,
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    kw = dict(size={"longest_edge": edge}, max_image_size={"longest_edge": tile}, **image_processor)
+    torch.manual_seed(seed)
+    if family == "idefics3":
+        vision = tf.Idefics3VisionConfig(image_size=tile, patch_size=patch, **VISION)
+        config = tf.Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
+        model = tf.Idefics3ForConditionalGeneration(config)
+        proc = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**kw), tok, image_seq_len=(tile // patch // scale) ** 2)
+    else:
+        vision = tf.SmolVLMVisionConfig(image_size=tile, patch_size=patch, **VISION)
+        config = tf.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
+        model = tf.SmolVLMForConditionalGeneration(config)
+        proc = tf.SmolVLMProcessor(
+            tf.SmolVLMImageProcessor(**kw),
+            tok,
+            tf.SmolVLMVideoProcessor(),
+            image_seq_len=(tile // patch // scale) ** 2,
+        )
+    with torch.no_grad():  # random position embeddings: a position bucket off by one would show
+        model.model.vision_model.embeddings.position_embedding.weight.normal_()
+    return model.eval(), proc
+
+
+def images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
