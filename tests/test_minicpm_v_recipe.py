@@ -1,6 +1,8 @@
 """The ``minicpm_v`` recipe and :mod:`hrperc.ops.slices` against transformers' MiniCPM-V (``minicpmv4_6``; 4.7 has
-the same image processor): the slice grid, source and slice sizes and token counts equal to the image
-processor's own methods over thousands of sizes, the processor's text on real images."""
+the same image processor and tower): the slice grid, source and slice sizes and token counts equal to the image
+processor's own methods over thousands of sizes and to the real processor's text; tokens equal to
+``get_image_features`` (ragged batch = images alone, one packed tower pass, ``"4x"``, bf16 within the tolerance
+rule); the markers' slots where the processor writes its markers; ``dcm=True``; the refusals."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ tf = pytest.importorskip("transformers")
 
 from _minicpm_tiny import build_minicpm  # noqa: E402
 
+import hrperc  # noqa: E402
 from hrperc.ops import slices  # noqa: E402
+from hrperc.recipes.minicpm_v import MergerProjector, MiniCPMVBackbone  # noqa: E402
 
 IP = tf.MiniCPMV4_6ImageProcessor()
 
@@ -132,3 +136,151 @@ def test_counts_equal_the_real_processor_s_text(processor, size):
     rows = 0 if plan.grid is None else plan.grid[0]
     assert (tokens.count("<slice>"), tokens.count("\n")) == (plan.num_slices, max(rows - 1, 0))
     assert math.prod(plan.source_map) == tokens.index("</image>") - 1
+
+
+# --- the recipe: tokens, layout, batching, dcm, refusals -------------------------------------------------------------
+# sliced 1 x 2 and 2 x 1, the source alone (scaled up), one pixel over the slice area (2 x 1), a repeated size
+TOKEN_SIZES = [(500, 900), (40, 60), (900, 500), (449, 448), (40, 60)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def built():
+    model, proc = build_minicpm("4_6")
+    return model, proc, hrperc.create_encoder("minicpm_v", model.model.vision_tower)
+
+
+def _images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+
+
+def _model_features(model, proc, image, **kw):
+    """The model's image features of one image, as its processor prepares it: ``(image tokens, D_llm)``."""
+    inputs = proc(images=[image], text=["<unk>"], return_tensors="pt", **kw)
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"], **kw)
+    return torch.cat(out.pooler_output), inputs
+
+
+def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_alone(built):
+    model, proc, enc = built
+    images = _images(TOKEN_SIZES)
+    calls = []
+    packed = enc.backbone.features_packed
+    enc.backbone.features_packed = lambda stacks, layer=None: calls.append(len(stacks)) or packed(stacks, layer)
+    try:
+        with torch.no_grad():
+            out = enc(images, project=model.model.merger)
+    finally:
+        del enc.backbone.features_packed
+    shapes = {p.source for p in out.plans} | {p.slice for p in out.plans if p.slice is not None}
+    assert calls == [len(shapes)]  # ONE tower pass, one stack per distinct view size
+    for i, (size, image) in enumerate(zip(TOKEN_SIZES, images)):
+        ref, inputs = _model_features(model, proc, image)
+        n = out.num_tokens[i]
+        assert n == enc.num_tokens(size) == slices.num_tokens(size)
+        feats = out.tokens[i, :n][~out.slot_mask[i, :n]]
+        torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)  # fp32: bit for bit in practice
+        assert not out.tokens[i, :n][out.slot_mask[i, :n]].any()  # the markers' slots stay zeros
+        assert not out.tokens[i, n:].any()  # and the padding
+        # the slots are where the processor writes its markers, the features where it writes <unk>
+        ids = proc(images=[image], text=["<unk>"], use_image_id=False)["input_ids"][0]
+        written = [proc.tokenizer.convert_ids_to_tokens(int(t)) for t in ids]
+        assert [t == "<unk>" for t in written] == (~out.slot_mask[i, :n]).tolist()
+        markers = {"image_start": "<image>", "image_end": "</image>", "slice_start": "<slice>"}
+        markers.update(slice_end="</slice>", row_end="\n")
+        expected = [
+            markers[s.source] if s.source in markers else "<unk>" for s in out.layout[i] for _ in range(s.length)
+        ]
+        assert expected == written
+        alone = enc([image], project=model.model.merger).tokens[0]
+        torch.testing.assert_close(out.tokens[i, :n], alone, rtol=0, atol=1e-6)
+
+
+def test_downsample_mode_4x_and_the_4_7_tower():
+    model, proc = build_minicpm("4_7", seed=1)
+    image = _images([(500, 900)])[0]
+    for mode in ("4x", "16x"):
+        enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, downsample_mode=mode)
+        ref, _ = _model_features(model, proc, image, downsample_mode=mode)
+        with torch.no_grad():
+            out = enc([image], project=model.model.merger)
+        feats = out.tokens[0][~out.slot_mask[0]]
+        assert feats.shape[0] == slices.num_image_tokens((500, 900), downsample_mode=mode)
+        torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
+
+
+def test_bf16_within_the_tolerance_rule(built):
+    import copy
+
+    from _tolerance import assert_close_to_reference
+
+    model, proc, _ = built
+    image = _images([(300, 700)])[0]  # 1 x 2 slices
+    runs = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        m = copy.deepcopy(model).to(dtype)
+        inputs = proc(images=[image], text=["<unk>"], return_tensors="pt")
+        with torch.no_grad():
+            ref = torch.cat(m.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"]).pooler_output)
+            out = hrperc.create_encoder("minicpm_v", m.model.vision_tower)([image], project=m.model.merger)
+        runs[dtype] = ref, out.tokens[0][~out.slot_mask[0]]
+    assert_close_to_reference(runs[torch.bfloat16][1], runs[torch.bfloat16][0], runs[torch.float64][0])
+
+
+def test_dcm_keeps_the_count_and_trains_only_the_dem(built):
+    model, _, _ = built
+    enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, dcm=True)
+    sizes = [(500, 900), (40, 60)]  # sliced (the DEM runs) and not (the source alone)
+    assert [enc.num_tokens(s) for s in sizes] == [slices.num_tokens(s) for s in sizes]
+    assert enc.plan((500, 900)).views == 1 + 2 * 2  # the source, 2 slices, their 2 strided views
+    out = enc(_images(sizes))
+    assert out.num_tokens == [slices.num_tokens(s) for s in sizes]
+    out.tokens.square().mean().backward()
+    dem = list(enc.dem.parameters())
+    assert dem and all(p.grad is not None for p in dem) and any(p.grad.abs().sum() > 0 for p in dem)
+    assert all(p.grad is None and not p.requires_grad for p in model.model.vision_tower.parameters())
+    trainable = {id(p) for p in enc.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in dem}
+    plain = hrperc.create_encoder("minicpm_v", model.model.vision_tower)
+    with torch.no_grad():  # the DEM changes the slices' tokens, never the source's
+        a, b = enc(_images(sizes[:1])), plain(_images(sizes[:1]))
+    src = a.layout[0][1]
+    torch.testing.assert_close(a.tokens[0, src.start : src.stop], b.tokens[0, src.start : src.stop])
+    assert not torch.allclose(a.tokens, b.tokens)
+
+
+def test_refusals_name_the_value_and_the_fix(built):
+    model, _, _ = built
+    tower = model.model.vision_tower
+    with raises_naming(TypeError, "tower=MiniCPMV4_6ForConditionalGeneration", ".model.vision_tower", FIX):
+        hrperc.create_encoder("minicpm_v", model)
+    with raises_naming(ValueError, "layer=-2", "layer=-1", FIX):
+        hrperc.create_encoder("minicpm_v", tower, layer=-2)
+    with raises_naming(TypeError, "['pinpoints']", "max_slice_nums", FIX):
+        hrperc.create_encoder("minicpm_v", tower, pinpoints=[(448, 896)])
+    with raises_naming(ValueError, "downsample_mode='2x'", "'16x'", FIX):
+        hrperc.create_encoder("minicpm_v", tower, downsample_mode="2x")
+    with raises_naming(ValueError, "max_slice_nums=0", FIX):
+        hrperc.create_encoder("minicpm_v", tower, max_slice_nums=0)
+    with raises_naming(TypeError, "merger=Linear", "model.model.merger", FIX):
+        MergerProjector(torch.nn.Linear(2, 2))
+    merger = model.model.merger
+    try:  # two merge rounds
+        merger.mlp.append(merger.mlp[0])
+        with raises_naming(ValueError, "merger_times=2", "merger_times=1", FIX):
+            MergerProjector(merger)
+    finally:
+        del merger.mlp[1]
+    bb = MiniCPMVBackbone(tower)
+    with raises_naming(ValueError, "stacks[0]", "(1, 3, 30, 56)", "28", FIX):
+        bb.features_packed([torch.zeros(1, 3, 30, 56)])
