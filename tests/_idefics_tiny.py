@@ -57,7 +57,7 @@ def build_idefics(family: str, seed: int = 0, **image_processor):
         pad_token_id=0,
     )
     image_id = tok.convert_tokens_to_ids("<image>")
-    kw = dict(size={"longest_edge": edge}, max_image_size={"longest_edge": tile}, **image_processor)
+    kw = {"size": {"longest_edge": edge}, "max_image_size": {"longest_edge": tile}, **image_processor}
     torch.manual_seed(seed)
     if family == "idefics3":
         vision = tf.Idefics3VisionConfig(image_size=tile, patch_size=patch, **VISION)

@@ -38,16 +38,18 @@ from torch import nn
 from ..._errors import public
 from ...encoder import HighResEncoder
 from ...modules.projector import build_projector
+from ...ops.idefics import layout_prompt
 from ._families import FAMILIES, Family, family_of, recipe_setting, recipes_with
 from ._model import (
     ProcessorSettings,
     _plain,
+    encoder_strategy,
     hf_blocks,
     inner_model,
+    merge_kwargs,
     module_reference,
     projector_of,
     same_setting,
-    strategy_of,
     text_width,
     tower_of,
     variant,
@@ -239,35 +241,53 @@ def attach(
 
 
 # --- the model's side ---------------------------------------------------------------------------------------
-def _feature_layer_change(encoder: HighResEncoder, layer, strategy) -> dict:
+def _feature_layer_change(encoder: HighResEncoder, layer, strategy, family: Family) -> dict:
     """``vision_feature_layer`` / ``vision_feature_select_strategy`` given to forward / generate -> the encoder
     setting that honours them (``{}``: the encoder's own), or a refusal naming the value and the encoder's."""
     bb = encoder.backbone
-    own = strategy_of(bb)
+    own = encoder_strategy(encoder)
     if strategy is not None and strategy != own:
+        kept = "keeps its tower's class token" if own == "full" and bb.num_prefix_tokens else "returns the patch tokens"
         raise ValueError(
-            f"vision_feature_select_strategy={strategy!r}, but the attached encoder returns the patch tokens "
-            f"of its tower ({bb.num_prefix_tokens} prefix token(s) dropped), which is "
-            f"vision_feature_select_strategy={own!r}; hrperc does not keep a CLS token or drop a patch token. Drop "
-            f"the argument, or pass {own!r}."
+            f"vision_feature_select_strategy={strategy!r}, but the attached encoder {kept} "
+            f"({own!r}): another strategy would change the image-token count its processor wrote. Drop the "
+            f"argument, or pass {own!r} (an encoder of the other strategy: set the config's "
+            f"vision_feature_select_strategy before encoder_from_model)."
         )
     if layer is None:
         return {}
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    own_layers = list(encoder.layer) if isinstance(encoder.layer, (list, tuple)) else [encoder.layer]
+    several = isinstance(layer, (list, tuple))
+    entries = list(layer) if several else [layer]
+    if several and not family.feature_select:
         raise ValueError(
             f"vision_feature_layer={layer!r}; the attached encoder reads one layer (its own: "
-            f"vision_feature_layer={encoder.layer}), never a concatenation of several. Pass one int, or drop the "
-            f"argument."
+            f"vision_feature_layer={encoder.layer}), never a concatenation of several, as {family.model_class} does. "
+            f"Pass one int, or drop the argument."
+        )
+    if len(entries) != len(own_layers):
+        raise ValueError(
+            f"vision_feature_layer={layer!r} reads {len(entries)} layer(s), but the attached encoder reads "
+            f"{len(own_layers)} (vision_feature_layer={encoder.layer!r}), whose concatenation the projector takes. "
+            f"Pass {len(own_layers)} layer(s), or drop the argument."
         )
     n = bb.num_layers
-    if not -(n + 1) <= layer <= n or hf_blocks(layer, n) == 0:
+    for entry in entries:
+        whole = isinstance(entry, int) and not isinstance(entry, bool)
+        if not whole or not -(n + 1) <= entry <= n or hf_blocks(entry, n) == 0:
+            raise ValueError(
+                f"vision_feature_layer={layer!r}: {entry!r} is not a block output of this {n}-layer tower (the "
+                f"attached encoder reads vision_feature_layer={encoder.layer!r}); pass 1..{n} or -{n}..-1, or drop "
+                f"the argument."
+            )
+    blocks = [hf_blocks(entry, n) for entry in entries]
+    if len(set(blocks)) != len(blocks):
         raise ValueError(
-            f"vision_feature_layer={layer} is not a block output of this {n}-layer tower (the attached encoder "
-            f"reads vision_feature_layer={encoder.layer}); pass 1..{n} or -{n}..-1, or drop the argument."
+            f"vision_feature_layer={layer!r} names a block twice; pass each layer once, or drop the argument."
         )
-    if hf_blocks(layer, n) == hf_blocks(encoder.layer, n):
+    if blocks == [hf_blocks(entry, n) for entry in own_layers]:
         return {}
-    return {"layer": layer}
+    return {"layer": list(layer) if several else layer}
 
 
 def _image_sizes_check(packed, image_sizes) -> None:
@@ -291,6 +311,23 @@ def _grid_check(grids: list[list[int]], image_grid_thw) -> None:
             f"image_grid_thw={given} but the attached encoder plans the packed images as {grids}; the model's "
             f"M-RoPE positions would not be the encoder's grid. Pass the image_grid_thw the attached processor "
             f"returned with these pixel_values."
+        )
+
+
+def _patch_grids(encoder: HighResEncoder, size) -> list[list[int]]:
+    """The patch grid of every view of an image of ``size`` (a front end with ``patch_grids``: MiniCPM-V's)."""
+    front_end: Any = encoder.front_end
+    return front_end.patch_grids(encoder.plan(tuple(int(v) for v in size)))
+
+
+def _views_check(rows: list[list[int]], given, name: str) -> None:
+    if given is None:
+        return
+    got = given.tolist() if isinstance(given, torch.Tensor) else [list(r) for r in given]
+    if [[int(v) for v in r] for r in got] != rows:
+        raise ValueError(
+            f"{name}={got} but the attached encoder plans the packed images' views as {rows}; the model would place "
+            f"them otherwise. Pass the {name} the attached processor returned with these pixel_values."
         )
 
 
@@ -321,9 +358,11 @@ def _run(self, pixel_values, shapes, layer, strategy, family: Family):
     """The attached image path: ``shapes`` is ``image_sizes`` or, for a ``grid_thw`` family, ``image_grid_thw``."""
     attachment = self._hrperc_attachment
     encoder = attachment.encoder
-    extra = _feature_layer_change(encoder, layer, strategy) if family.feature_layer else {}
+    extra = _feature_layer_change(encoder, layer, strategy, family) if family.feature_layer else {}
+    if family.pixels_one_row and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 5:
+        pixel_values = pixel_values[0]  # MiniCPM-V hands over pixel_values[:1]: every image packed in one row
     packed = read_packed(pixel_values)
-    if not family.grid_thw:
+    if not family.grid_thw and family.view_sizes is None:
         _image_sizes_check(packed, shapes)
     state = attachment.state
     projector = state.projector
@@ -350,6 +389,12 @@ def _run(self, pixel_values, shapes, layer, strategy, family: Family):
             for b in indices:
                 grids[b] = native_grid(runs[key], packed[b].image.shape[-2:], attachment.merge, family)
         _grid_check(grids, shapes)
+    if family.view_sizes is not None:  # MiniCPM-V's target_sizes: every view's patch grid, as the encoder plans it
+        views: list = [None] * len(packed)
+        for key, indices in groups.items():
+            for b in indices:
+                views[b] = _patch_grids(runs[key], packed[b].image.shape[-2:])
+        _views_check([row for rows in views for row in rows], shapes, family.view_sizes)
     feats: list = [None] * len(packed)
     levels: dict[str, list] = {field: [None] * len(packed) for field, _ in family.extras}
     for key, indices in groups.items():
@@ -357,7 +402,7 @@ def _run(self, pixel_values, shapes, layer, strategy, family: Family):
         for i, b in enumerate(indices):
             n = out.num_tokens[i]
             feats[b] = out.tokens[i, :n]
-            if family.image_rows is not None:  # the model embeds the row-end tokens itself: [IMG] features only
+            if family.image_rows is not None or family.image_markers is not None:  # markers: the model embeds them
                 feats[b] = feats[b][~out.slot_mask[i, :n]]
             for field, prefix in family.extras:
                 levels[field][b] = [out.extras[k][i, :n] for k in _levels(out.extras, prefix, field)]
@@ -383,9 +428,32 @@ def _attached_image_features(family: Family):
     def grid_second(self, pixel_values, image_grid_thw=None, **kwargs):
         return _run(self, pixel_values, image_grid_thw, None, None, family)
 
+    def views_second(self, pixel_values, target_sizes=None, downsample_mode=None, **kwargs):
+        own = getattr(self._hrperc_attachment.encoder.front_end, "downsample_mode", None)
+        if downsample_mode is not None and downsample_mode != own:
+            raise ValueError(
+                f"attached get_image_features: downsample_mode={downsample_mode!r}, but the attached encoder (and the "
+                f"token count its processor wrote) is downsample_mode={own!r}. Drop downsample_mode, or attach an "
+                f"encoder built with downsample_mode={downsample_mode!r}."
+            )
+        return _run(self, pixel_values, target_sizes, None, None, family)
+
+    def mask_second(self, pixel_values, pixel_attention_mask=None, **kwargs):
+        if pixel_attention_mask is not None:  # the original processor's: its pixel_values are not the packed images
+            raise ValueError(
+                "attached get_image_features: pixel_attention_mask was given, but the attached processor's packed "
+                "pixel_values need none (each image's own size is in its header). Drop pixel_attention_mask, and "
+                "use the processor attach() returned."
+            )
+        return _run(self, pixel_values, None, None, None, family)
+
     get_image_features: Callable[..., Any]
     if family.grid_thw:
         get_image_features = grid_second
+    elif family.view_sizes is not None:
+        get_image_features = views_second
+    elif family.pixel_mask_second:
+        get_image_features = mask_second
     else:
         get_image_features = sizes_second if family.image_sizes_second else sizes_last
     get_image_features.__name__ = get_image_features.__qualname__ = "get_image_features"
@@ -452,16 +520,26 @@ class AttachedProcessor:
             raise AttributeError(name)
         return getattr(self.processor, name)
 
+    def _image_ids(self, use_image_id) -> Callable[[int], str] | None:
+        """The number written before the ``k``-th image of a text (``<image_id>k</image_id>``), when the call's
+        ``use_image_id`` -- by default the processor's -- is on; ``None`` when it is off."""
+        if use_image_id is None:
+            use_image_id = getattr(self.processor, "default_use_image_id", self.settings.get("use_image_id", True))
+        if not isinstance(use_image_id, bool):
+            raise TypeError(f"use_image_id={use_image_id!r}; pass True or False.")
+        if not use_image_id or self._family.image_ids is None:
+            return None
+        start, end = (getattr(self.processor, name) for name in self._family.image_ids)
+        return lambda k: f"{start}{k}{end}"
+
     def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict, bool]:
         """``(tokenizer kwargs, image options the caller set, whether to return mm_token_type_ids)``: the
         original processor's merge of its defaults (InternVL pads on the left, Qwen returns
         ``mm_token_type_ids``) with the caller's; image options are the ones that differ from the
         processor-level defaults."""
-        merge = getattr(self.processor, "_merge_kwargs", None)
-        if merge is None:
+        merged = merge_kwargs(self.processor, **kwargs)
+        if merged is None:
             return kwargs, {}, False
-        init = getattr(self.processor.tokenizer, "init_kwargs", {})
-        merged = merge(tokenizer_init_kwargs=init, **kwargs)
         text = merged["text_kwargs"]
         types_ids = text.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
         for key in ("return_tensors", "return_text_replacement_offsets"):
@@ -512,6 +590,9 @@ class AttachedProcessor:
                         f"{_WHY[key]}, so even the original model would mis-read such images. Drop "
                         f"image_grid_pinpoints."
                     )
+            elif key in self._family.call_options:  # the recipe's option of that name (Gemma 3's pan and scan)
+                if not same_setting(value, getattr(enc.front_end, key, None)):
+                    changes[key] = value
             elif not same_setting(value, own):
                 why = _WHY.get(key, "hrperc's front end does not reproduce this setting")
                 raise ValueError(
@@ -572,6 +653,16 @@ class AttachedProcessor:
             rows, cols = layout[0].shape
             brk, end = (getattr(self.processor, name) for name in self._family.image_rows)
             return ((self.image_token * cols + brk) * rows)[: -len(brk)] + end
+        if self._family.tile_markers is not None:  # Idefics3 / SmolVLM: a marked run per tile, then the global image
+            fake, glob = (getattr(self.processor, name) for name in self._family.tile_markers)
+            layout = encoder.plan(size).layout
+            return layout_prompt(layout, image_token=self.image_token, fake_token=fake, global_token=glob)
+        if self._family.image_markers is not None:  # MiniCPM-V: the layout's marker runs are the processor's markers
+            marks = self._family.image_markers(self.processor)
+            runs = encoder.plan(size).layout
+            return "".join(marks[r.source] if r.source in marks else self.image_token * r.length for r in runs)
+        if self._family.image_text is not None:  # Gemma 3: the processor's text around each view's run
+            return self._family.image_text(self.processor, encoder.plan(size).layout)
         n = encoder.num_tokens(size)
         if self._family.image_brackets is not None:
             start, end = (getattr(self.processor, name) for name in self._family.image_brackets)
@@ -589,6 +680,7 @@ class AttachedProcessor:
                     f"or use the original processor and model for it."
                 )
         return_tensors = kwargs.pop("return_tensors", None)
+        ids = self._image_ids(kwargs.pop("use_image_id", None)) if self._family.image_ids is not None else None
         text_kwargs, given, types_ids = self._split_kwargs(kwargs)
         flat = _flat_images(images)
         data = {}
@@ -600,10 +692,15 @@ class AttachedProcessor:
             if device is not None:
                 pixel_values = pixel_values.to(device)
             data["pixel_values"], image_sizes = pixel_values, sizes.tolist()
+            if self._family.pixels_one_row:  # the model reads pixel_values[:1]: one row holding every image
+                data["pixel_values"] = pixel_values[None]
             if self._family.grid_thw:  # the grid the encoder plans: the model's M-RoPE positions follow it
                 grids = [native_grid(encoder, s, self.merge, self._family) for s in image_sizes]
                 data["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-            else:
+            elif self._family.view_sizes is not None:  # every view's patch grid (MiniCPM-V's target_sizes)
+                rows = [r for s in image_sizes for r in _patch_grids(encoder, s)]
+                data[self._family.view_sizes] = torch.tensor(rows, dtype=torch.int32)
+            elif self._family.image_sizes_input:  # a model whose forward takes no image_sizes gets none
                 data["image_sizes"] = sizes
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
@@ -620,10 +717,12 @@ class AttachedProcessor:
             expanded = []
             for t in texts:
                 parts = t.split(self.image_token)
-                expanded.append(parts[0] + "".join(next(replacements) + p for p in parts[1:]))
+                marks = [ids(k) if ids is not None else "" for k in range(len(parts) - 1)]  # MiniCPM-V's image ids
+                expanded.append(parts[0] + "".join(m + next(replacements) + p for m, p in zip(marks, parts[1:])))
             data.update(self.processor.tokenizer(expanded, **text_kwargs))
             if types_ids:  # 1 on image tokens: the original processor's own rule (Qwen's M-RoPE reads it)
-                data["mm_token_type_ids"] = self.processor.create_mm_token_type_ids(data["input_ids"])
+                types = self.processor.create_mm_token_type_ids(data["input_ids"])
+                data[self._family.token_types] = types  # under the processor's name (Gemma 3: token_type_ids)
         return BatchFeature(data, tensor_type=return_tensors)
 
 

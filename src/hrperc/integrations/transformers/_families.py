@@ -32,13 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ...backbones.hf_vit import HFBackbone
+from ...backbones.idefics import IdeficsBackbone
 from ...backbones.pixtral import PixtralBackbone
 from ...backbones.qwen_vl import QwenBackbone
+from ...recipes.gemma3 import Gemma3Projector, Gemma3Tower, image_text
+from ...recipes.minicpm_v import MergerProjector, MiniCPMVBackbone
 
 __all__ = ["Family", "TABLE", "FAMILIES", "family_of", "RECIPE_SETTINGS", "recipes_with", "recipe_setting", "hf_blocks"]
 
@@ -80,7 +83,10 @@ class Family:
     ``crop_size`` are checked against it); ``False``: the recipe sizes each image itself (a pixel budget,
     read by an ``options`` reader). ``feature_layer`` -- the config's ``vision_feature_layer`` /
     ``vision_feature_select_strategy`` pick the tower's layer and tokens, and ``forward`` / ``generate``
-    take them; ``False``: the tower's last block through its merger, no such arguments. ``grid_thw`` --
+    take them; ``False``: the tower's last block through its merger, no such arguments. ``feature_select`` --
+    its ``get_image_features`` is LLaVA's: a list ``vision_feature_layer`` concatenates those layers on the
+    channels and ``"full"`` keeps a CLS token, which its recipe takes as ``layer=[...]`` and
+    ``select_strategy`` (``False``: one int layer, and the strategy that gives the patch tokens). ``grid_thw`` --
     the model takes ``image_grid_thw`` ``(N, 3)`` (``[1, h / patch, w / patch]`` of each resized image)
     second in ``get_image_features`` and for its M-RoPE, with ``mm_token_type_ids``: the attached
     processor returns the grid the encoder planned in place of ``image_sizes``. ``extras`` -- ``(field,
@@ -99,6 +105,35 @@ class Family:
     returns only the features of the encoder's non-slot tokens. ``projector_map`` -- wraps the model's
     projector into a per-token map of the encoder's tokens (Mistral 3's merges patches in it:
     :class:`~hrperc.recipes.pixtral.MergedProjector`); ``None``: the projector is one already.
+
+    Idefics3 / SmolVLM: ``tile_markers`` -- the processor's attributes holding the token written around
+    each view (``<fake_token_around_image>``) and the global image's tag (``<global-img>``): the text per
+    image is :func:`hrperc.ops.idefics.layout_prompt` of the encoder's layout (a ``<row_r_col_c>`` run per
+    tile, then the global image); ``pixel_mask_second`` -- ``get_image_features(pixel_values,
+    pixel_attention_mask=None, ...)``, the mask second, positionally; ``image_sizes_input`` -- the model's
+    ``forward`` takes ``image_sizes`` (``False``: the attached processor returns none); ``resample_read`` --
+    the processor's ``resample`` is read into the recipe (LANCZOS) by an ``options`` reader, not refused for
+    not being bicubic.
+
+    MiniCPM-V: ``image_markers`` -- ``processor -> {layout source: text}``: the text of the encoder's one-token
+    marker runs (``<image>``, ``</image>``, ``<slice>``, ``</slice>``, ``"\n"``); the text per image is its
+    layout with each marker run written as its text and every other run as image tokens, and
+    ``get_image_features`` returns only the features of the non-slot tokens. ``image_ids`` -- the processor's
+    attributes holding the tokens around each image's number in its text (``<image_id>k</image_id>``, written
+    before the image when the processor's ``use_image_id`` -- a call option too -- is on). ``view_sizes`` --
+    the name under which the model takes the patch grid of every view, ``(views, 2)`` (``"target_sizes"``,
+    second in ``get_image_features``): the attached processor returns the front end's ``patch_grids`` of each
+    plan in place of ``image_sizes``. ``pixels_one_row`` -- the model hands only ``pixel_values[:1]`` to
+    ``get_image_features`` (MiniCPM-V packs every image in one row): the attached processor returns the packed
+    images under one leading row, ``(1, B, 3, H, W)``.
+
+    Gemma 3: ``image_text`` -- ``(processor, layout) -> str``, the text that stands for one image, written from
+    the encoder's token layout (one run per view: the whole image, then its pan-and-scan crops; Gemma 3's
+    ``<start_of_image>`` ... ``<end_of_image>`` around each and the processor's sentence around the crops);
+    ``token_types`` -- the name under which the processor returns its image-token types (Gemma 3's
+    ``token_type_ids``, which its LLM reads for the bidirectional attention over each image); ``call_options``
+    -- image-processor options that are recipe options of the same name (the pan-and-scan ones), honoured at
+    the attached processor's call: the encoder is rebuilt with them.
     """
 
     model_type: str
@@ -118,6 +153,7 @@ class Family:
     backbone: type[Any] = HFBackbone
     tiles: bool = True
     feature_layer: bool = True
+    feature_select: bool = False
     grid_thw: bool = False
     extras: tuple[tuple[str, str], ...] = ()
     features_output: str = "BaseModelOutputWithPooling"
@@ -125,6 +161,17 @@ class Family:
     select_strategy: bool = True
     image_rows: tuple[str, str] | None = None
     projector_map: Callable[[nn.Module, Any], nn.Module] | None = None
+    tile_markers: tuple[str, str] | None = None
+    pixel_mask_second: bool = False
+    image_sizes_input: bool = True
+    resample_read: bool = False
+    image_text: Callable[[Any, tuple], str] | None = None
+    token_types: str = "mm_token_type_ids"
+    call_options: tuple[str, ...] = ()
+    image_markers: Callable[[Any], dict[str, str]] | None = None
+    image_ids: tuple[str, str] | None = None
+    view_sizes: str | None = None
+    pixels_one_row: bool = False
 
     @property
     def key(self) -> str:
@@ -262,10 +309,149 @@ def _pixtral_geometry(config, settings) -> dict:
     return {"merge_size": merge, "longest_edge": int(edge)}
 
 
+#: PIL's resample codes -> the ``idefics3`` / ``smolvlm`` recipes' ``resample``.
+_IDEFICS_RESAMPLE = {1: "lanczos", 3: "bicubic"}
+
+
+def _idefics_tiling(config, settings) -> dict:
+    """Idefics3's / SmolVLM's ``scale_factor`` (the model config's) and, from the processor, ``longest_edge``
+    (``size["longest_edge"]``), ``do_image_splitting`` and ``resample``; a processor that cuts other tiles than
+    the tower's (``max_image_size``) or writes another ``image_seq_len`` than the model fills is refused."""
+    vision = config.vision_config
+    tile, patch, scale = int(vision.image_size), int(vision.patch_size), int(config.scale_factor)
+    if settings is None:
+        return {"scale_factor": scale}
+    seq = int(((tile // patch) ** 2) / (scale**2))  # the model's image_seq_len
+    got = getattr(settings.processor, "image_seq_len", None)
+    if got is not None and int(got) != seq:
+        raise ValueError(
+            f"the processor's image_seq_len={got!r}, but the model fills {seq} tokens per view ({tile} px tiles of "
+            f"{patch} px patches, scale_factor={scale}): the text would not hold its features. Use the processor "
+            f"saved with the model, or one with image_seq_len={seq}."
+        )
+    cut = _setting(settings.get("max_image_size"), "longest_edge")
+    if cut is not None and int(cut) != tile:
+        raise ValueError(
+            f"the processor's max_image_size={{'longest_edge': {cut}}} cuts tiles of {cut} px, but the vision tower "
+            f"takes {tile} px (its image_size). Use the processor saved with the model, or one with "
+            f"max_image_size={{'longest_edge': {tile}}}."
+        )
+    edge = _setting(settings.get("size"), "longest_edge")
+    if edge is None:
+        raise ValueError(
+            f"the processor's size={settings.get('size')!r} lacks 'longest_edge', the side an Idefics3 / SmolVLM "
+            f"processor resizes images to. Use the processor saved with the model, or one built with "
+            f"size={{'longest_edge': {4 * tile}}}."
+        )
+    resample = settings.get("resample", 1)
+    code = getattr(resample, "value", resample)
+    if code not in _IDEFICS_RESAMPLE:
+        raise ValueError(
+            f"the processor has resample={resample!r}; hrperc's recipe resizes LANCZOS (the processors' default) or "
+            f"bicubic. Use a processor with resample=1 (LANCZOS) or 3 (bicubic)."
+        )
+    return {
+        "scale_factor": scale,
+        "longest_edge": int(edge),
+        "do_image_splitting": bool(settings.get("do_image_splitting", True)),
+        "resample": _IDEFICS_RESAMPLE[code],
+    }
+
+
+def _connector_projection(projector: nn.Module, encoder) -> nn.Module:
+    """The connector's projection: the encoder's tokens are already pixel-shuffled, as the connector does first."""
+    return cast(nn.Module, projector.modality_projection)  # Idefics3SimpleMLP / SmolVLMSimpleMLP
+
+
+#: Gemma 3's pan-and-scan options: the processor's names are the recipe's (honoured at the attached processor's call).
+_PAN_AND_SCAN = (
+    "do_pan_and_scan",
+    "pan_and_scan_min_crop_size",
+    "pan_and_scan_max_num_crops",
+    "pan_and_scan_min_ratio_to_activate",
+)
+_BILINEAR = 2  # PIL's code: Gemma3ImageProcessor resizes bilinear, as the gemma3 recipe does
+
+
+def _gemma3_views(config, settings) -> dict:
+    """Gemma 3's ``mm_tokens_per_image`` (the model config's) and, from the processor, its pan-and-scan options;
+    a processor that writes another ``image_seq_length`` than the model fills, or resizes other than
+    bilinear, is refused."""
+    per = int(config.mm_tokens_per_image)
+    if settings is None:
+        return {"mm_tokens_per_image": per}
+    seq = getattr(settings.processor, "image_seq_length", None)
+    if seq is not None and int(seq) != per:
+        raise ValueError(
+            f"the processor's image_seq_length={seq!r}, but the model fills mm_tokens_per_image={per} tokens per "
+            f"view: the text would not hold its features. Use the processor saved with the model, or one with "
+            f"image_seq_length={per}."
+        )
+    resample = settings.get("resample")
+    code = getattr(resample, "value", resample)
+    if resample is not None and code not in (_BILINEAR, "bilinear"):
+        raise ValueError(
+            f"the processor has resample={resample!r}; hrperc's gemma3 recipe resizes bilinear, as Gemma 3's "
+            f"processor does. Use a processor with resample=2 (bilinear)."
+        )
+    read = {name: settings.get(name) for name in _PAN_AND_SCAN}
+    return {"mm_tokens_per_image": per, **{k: v for k, v in read.items() if v is not None}}
+
+
+def _gemma3_text(processor, layout) -> str:
+    tok = processor.tokenizer
+    return image_text(layout, boi=tok.boi_token, image=tok.image_token, eoi=tok.eoi_token)
+
+
+def _gemma3_projection(projector: nn.Module, encoder) -> nn.Module:
+    """Gemma 3's projector after its pooling: the encoder's tokens are already pooled, as the projector does first."""
+    return Gemma3Projector(projector)
+
+
 def _merged_projector(projector: nn.Module, encoder) -> nn.Module:
     from ...recipes.pixtral import MergedProjector
 
     return MergedProjector(projector, encoder.front_end.merge_size)
+
+
+#: MiniCPM-V's image-processor options the ``minicpm_v`` recipe takes, under the same names.
+_SLICE_OPTIONS = ("scale_resolution", "max_slice_nums", "slice_mode")
+
+
+def _minicpm_slices(config, settings) -> dict:
+    """MiniCPM-V's ``downsample_mode`` (the model config's) and, from the processor, ``scale_resolution``,
+    ``max_slice_nums`` and ``slice_mode``; a processor whose ``downsample_mode`` or ``patch_size`` differs from
+    the model's, or a model whose merger is not the one 2 x 2 round the processor counts for, is refused."""
+    mode = str(config.downsample_mode)
+    kernel, rounds = tuple(int(k) for k in config.merge_kernel_size), int(config.merger_times)
+    if kernel != (2, 2) or rounds != 1:
+        raise ValueError(
+            f"the model has merge_kernel_size={kernel} and merger_times={rounds}; MiniCPM-V's processor counts "
+            f"tokens for one 2 x 2 merge round, as the minicpm_v recipe does. Use a model with merge_kernel_size="
+            f"(2, 2) and merger_times=1 (the released models')."
+        )
+    if settings is None:
+        return {"downsample_mode": mode}
+    patch = int(config.vision_config.patch_size)
+    for name, need, what in (("downsample_mode", mode, "the model's"), ("patch_size", patch, "the vision tower's")):
+        got = settings.get(name)
+        if got is not None and got != need:
+            raise ValueError(
+                f"the processor's {name}={got!r}, but {what} is {need!r}: the processor would write another number "
+                f"of image tokens than the model fills. Use the processor saved with the model, or one with "
+                f"{name}={need!r}."
+            )
+    return {"downsample_mode": mode, **{k: settings.get(k) for k in _SLICE_OPTIONS if settings.get(k) is not None}}
+
+
+def _minicpm_markers(processor) -> dict[str, str]:
+    """The text of the ``minicpm_v`` layout's marker runs, the processor's tokens."""
+    names = ("image_start", "image_end", "slice_start", "slice_end")
+    return {**{name: getattr(processor, f"{name}_token") for name in names}, "row_end": "\n"}
+
+
+def _merger_projector(projector: nn.Module, encoder) -> nn.Module:
+    return MergerProjector(projector)
 
 
 # --- tower checks ------------------------------------------------------------------------------------------
@@ -293,6 +479,7 @@ TABLE: tuple[Family, ...] = (
         options=(_square_pad,),
         square_pad=True,
         crop_size_with_center_crop=True,
+        feature_select=True,
     ),
     Family(
         "llava_next",
@@ -302,6 +489,7 @@ TABLE: tuple[Family, ...] = (
         crop_size_with_center_crop=True,
         image_sizes_second=True,
         newline="image_newline",
+        feature_select=True,
     ),
     Family(
         "llava_onevision",
@@ -310,6 +498,7 @@ TABLE: tuple[Family, ...] = (
         options=(_pinpoints, _anyres_max),
         image_sizes_second=True,
         newline="image_newline",
+        feature_select=True,
         several_images=(
             "LLaVA-OneVision encodes multi-image prompts another way (one square view each), which hrperc's "
             "llava_onevision recipe does not reproduce"
@@ -371,6 +560,72 @@ TABLE += (
         select_strategy=False,
         projector_map=_merged_projector,
         **_PIXTRAL,  # type: ignore[arg-type]
+    ),
+)
+# Idefics3 and SmolVLM: tiles + a global image in text markers; the recipe shuffles, the connector projects.
+_IDEFICS = dict(
+    options=(_idefics_tiling,),
+    tower="vision_model",
+    projector="connector",
+    backbone=IdeficsBackbone,
+    tiles=False,
+    feature_layer=False,
+    projector_map=_connector_projection,
+    pixel_mask_second=True,
+    image_sizes_input=False,
+    resample_read=True,
+)
+TABLE += (
+    Family(
+        "idefics3",
+        "idefics3",
+        "Idefics3ForConditionalGeneration",
+        tile_markers=("fake_image_token", "global_image_tag"),
+        **_IDEFICS,  # type: ignore[arg-type]
+    ),
+    Family(
+        "smolvlm",
+        "smolvlm",
+        "SmolVLMForConditionalGeneration",
+        tile_markers=("fake_image_token", "global_image_token"),
+        **_IDEFICS,  # type: ignore[arg-type]
+    ),
+)
+# MiniCPM-V 4.6 and 4.7: one image path (4.7 reuses 4.6's image processor, tower and merger); the markers are
+# text the model embeds itself, so only the image tokens' features go to it. 4.7's LLM positions read
+# target_sizes and mm_token_type_ids, which the attached processor returns as the original does.
+_MINICPM_V = dict(
+    options=(_minicpm_slices,),
+    projector="merger",
+    backbone=MiniCPMVBackbone,
+    tiles=False,
+    feature_layer=False,
+    projector_map=_merger_projector,
+    image_markers=_minicpm_markers,
+    image_ids=("image_id_start_token", "image_id_end_token"),
+    view_sizes="target_sizes",
+    pixels_one_row=True,
+)
+TABLE += (
+    Family("minicpmv4_6", "minicpm_v", "MiniCPMV4_6ForConditionalGeneration", **_MINICPM_V),  # type: ignore[arg-type]
+    Family("minicpmv4_7", "minicpm_v", "MiniCPMV4_7ForConditionalGeneration", **_MINICPM_V),  # type: ignore[arg-type]
+)
+# Gemma 3: one square SigLIP view per image and per pan-and-scan crop; the recipe pools, the projector projects.
+TABLE += (
+    Family(
+        "gemma3",
+        "gemma3",
+        "Gemma3ForConditionalGeneration",
+        options=(_gemma3_views,),
+        features="one_sequence",
+        backbone=Gemma3Tower,
+        feature_layer=False,
+        projector_map=_gemma3_projection,
+        image_sizes_input=False,
+        resample_read=True,
+        image_text=_gemma3_text,
+        token_types="token_type_ids",
+        call_options=_PAN_AND_SCAN,
     ),
 )
 _BY_TYPE = {f.key: f for f in TABLE}

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..._errors import public
-from ...backbones.base import resolve_layer
+from ...backbones.base import resolve_layers
 from ...encoder import HighResEncoder
 from ...recipes import create_encoder
 from ._families import FAMILIES, TABLE, Family, family_of, hf_blocks, recipes_with
@@ -46,6 +46,7 @@ OPTION_NAMES = {
     "min_tiles": "min_patches",
     "max_tiles": "max_patches",
     "layer": "vision_feature_layer",
+    "select_strategy": "vision_feature_select_strategy",
 }
 _BICUBIC = 3  # PIL's code; transformers' processors of the four families resize bicubic, as hrperc does
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -101,7 +102,46 @@ def strategy_of(backbone) -> str | None:
     return {1: "default", 0: "full"}.get(int(getattr(backbone, "num_prefix_tokens", -1)))
 
 
+def encoder_strategy(encoder) -> str | None:
+    """The ``vision_feature_select_strategy`` ``encoder``'s tokens equal: ``"full"`` when its front end keeps the
+    tower's prefix tokens (LLaVA-1.5's ``select_strategy="full"``), else :func:`strategy_of` its backbone."""
+    if getattr(encoder.front_end, "keeps_prefix", False) and encoder.backbone.num_prefix_tokens:
+        return "full"
+    return strategy_of(encoder.backbone)
+
+
 # --- the processor's settings ---------------------------------------------------------------------------
+def _kwargs_class(processor):
+    """The ``ProcessingKwargs`` class ``processor`` merges its call's options with: ``<Processor>Kwargs`` in its
+    own module (transformers < 5.20 passes it to ``_merge_kwargs`` itself), else the first such class there."""
+    import sys
+
+    from transformers.processing_utils import ProcessingKwargs
+
+    def kind(v) -> bool:  # a TypedDict: no issubclass; its keys tell
+        return isinstance(v, type) and "images_kwargs" in getattr(v, "__annotations__", {})
+
+    module = vars(sys.modules.get(type(processor).__module__, sys))
+    named = module.get(f"{type(processor).__name__}Kwargs")
+    if kind(named):
+        return named
+    found = [v for k, v in module.items() if k.endswith("ProcessorKwargs") and kind(v)]
+    return found[0] if found else ProcessingKwargs
+
+
+def merge_kwargs(processor, **kwargs) -> dict | None:
+    """``processor._merge_kwargs`` of the call options ``kwargs`` with the processor's defaults (``None``: it has
+    none). transformers 5.20 and later find the processor's ``ProcessingKwargs`` class themselves; 5.19 and
+    earlier take it first (what their processors' ``__call__`` passes)."""
+    merge = getattr(processor, "_merge_kwargs", None)
+    if merge is None:
+        return None
+    init = getattr(getattr(processor, "tokenizer", None), "init_kwargs", None) or {}
+    if hasattr(processor, "valid_processor_kwargs"):
+        return merge(tokenizer_init_kwargs=init, **kwargs)
+    return merge(_kwargs_class(processor), tokenizer_init_kwargs=init, **kwargs)
+
+
 def _plain(value):
     """A setting in comparable form: sizes as dicts of their set fields, sequences as tuples, resampling as
     PIL's code, tensors / arrays as lists."""
@@ -135,10 +175,10 @@ class ProcessorSettings:
     def __init__(self, processor) -> None:
         self.processor, self.ip = processor, image_processor(processor)
         self.defaults: dict = {}
-        merge = getattr(processor, "_merge_kwargs", None)
         tokenizer = getattr(processor, "tokenizer", None)
-        if merge is not None and tokenizer is not None and self.ip is not processor:
-            self.defaults = dict(merge(tokenizer_init_kwargs=getattr(tokenizer, "init_kwargs", {}))["images_kwargs"])
+        merged = merge_kwargs(processor) if tokenizer is not None and self.ip is not processor else None
+        if merged is not None:
+            self.defaults = dict(merged["images_kwargs"])
             self.defaults.pop("return_tensors", None)
 
     def get(self, name: str, default=None):
@@ -199,7 +239,7 @@ def _check_processor(settings: ProcessorSettings, tile, family: Family, pad: boo
             f"with rescale_factor=1/255."
         )
     resample = settings.get("resample")
-    if resample is not None and _plain(resample) != _BICUBIC:
+    if resample is not None and not family.resample_read and _plain(resample) != _BICUBIC:
         raise ValueError(
             f"the processor has resample={resample!r}; hrperc's recipes resize bicubic, as these models' "
             f"processors do. Use a processor with resample=3 (bicubic)."
@@ -231,8 +271,14 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     normalization from the processor; LLaVA must have ``vision_feature_select_strategy="full"`` (``"default"``
     would drop the first patch of a tower with no class token).
 
-    Refused, with the reason: a list of feature layers (concatenated layers), a selection strategy that
-    keeps a CLS token or drops a patch token, a processor whose tiles are not the tower's size or whose
+    LLaVA-1.5, LLaVA-NeXT and OneVision (:attr:`Family.feature_select`): a list ``vision_feature_layer`` becomes
+    the recipe's ``layer=[...]`` (the layers concatenated on the channels, in the config's order) and
+    ``vision_feature_select_strategy="full"`` on a tower with a class token its ``select_strategy="full"``
+    (the class token kept: LLaVA-1.5 only; the tiling recipes refuse it, as transformers fails there).
+
+    Refused, with the reason: a list of feature layers for another family, a list with a repeated or
+    out-of-range entry, a selection strategy that keeps a CLS token (but LLaVA-1.5's) or drops a patch
+    token, a processor whose tiles are not the tower's size or whose
     steps hrperc does not reproduce (``do_resize=False``, another ``resample``, ``rescale_factor`` or
     ``do_normalize=False``), an InternViT whose last layer goes through a final LayerNorm
     (``use_mean_pooling=False``), and a Qwen processor whose ``patch_size`` / ``merge_size`` /
@@ -241,31 +287,57 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
     """
     inner, family = inner_model(model)
     config, tower = model.config, tower_of(inner, family)
-    layer = config.vision_feature_layer if family.feature_layer else -1
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    layer: Any = config.vision_feature_layer if family.feature_layer else -1
+    several = isinstance(layer, (list, tuple)) and family.feature_select
+    if several:
+        layer = list(layer)
+    elif not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(
-            f"the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's encoders read "
-            f"one layer. Use a model with an int vision_feature_layer."
+            f"the model's vision_feature_layer={layer!r} concatenates several layers; hrperc's {family.recipe} "
+            f"encoder reads one layer, as {family.model_class} does. Use a model with an int vision_feature_layer."
         )
     settings = ProcessorSettings(processor) if processor is not None else None
     mean = tuple(settings.get("image_mean")) if settings and settings.get("image_mean") is not None else None
     std = tuple(settings.get("image_std")) if settings and settings.get("image_std") is not None else None
-    backbone = family.backbone(tower, layer=layer, mean=mean, std=std)
+    try:
+        backbone = family.backbone(tower, layer=layer, mean=mean, std=std)
+    except (TypeError, ValueError) as e:
+        if not several:
+            raise
+        raise ValueError(f"the model's vision_feature_layer={layer!r} cannot be read: {e}") from None
     strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if family.feature_layer and family.select_strategy and strategy != strategy_of(backbone):
+    keep_cls = family.feature_select and strategy == "full" and backbone.num_prefix_tokens == 1
+    if family.feature_layer and family.select_strategy and strategy != strategy_of(backbone) and not keep_cls:
         prefix = backbone.num_prefix_tokens
         raise ValueError(
             f"vision_feature_select_strategy={strategy!r} with a tower of {prefix} prefix token(s): the model "
-            f"{'drops its first patch token' if strategy == 'default' else 'keeps the CLS token'}, which hrperc "
-            f"does not reproduce (its encoders return the patch tokens). Use 'default' with CLIP / InternViT and "
-            f"'full' with SigLIP and Pixtral."
+            f"{'drops its first patch token' if strategy == 'default' else 'keeps the CLS token'}, which hrperc's "
+            f"{family.recipe} encoder does not reproduce (it returns the patch tokens). Use 'default' with CLIP / "
+            f"InternViT and 'full' with SigLIP and Pixtral."
         )
     kw = family.recipe_options(config, settings)
-    family.check_tower(tower, layer, backbone.num_layers, f"vision_feature_layer={layer}")
+    entries: list = layer if several else [layer]
+    for entry in entries:
+        family.check_tower(tower, entry, backbone.num_layers, f"vision_feature_layer={layer}")
     if settings is not None:
         _check_processor(settings, backbone.image_size if family.tiles else None, family, kw.get("pad", False))
+    if several:
+        kw["layer"] = layer
+    if keep_cls:
+        kw["select_strategy"] = "full"
     kw.update(options)
-    return create_encoder(family.recipe, backbone, **kw)
+    try:
+        encoder = create_encoder(family.recipe, backbone, **kw)
+    except ValueError as e:
+        if not keep_cls or kw.get("select_strategy") != "full" or "select_strategy" not in str(e):
+            raise
+        # the recipe's refusal (a tiling recipe cannot hold the class token), named by the model's setting
+        raise ValueError(f"the model's vision_feature_select_strategy='full': {e}") from None
+    n = backbone.num_layers
+    if "layer" not in kw and resolve_layers(encoder.layer, n) != resolve_layers(layer, n):
+        # the config's layer where the recipe's default is another (recipe_options name it only then)
+        encoder = create_encoder(family.recipe, backbone, **kw, layer=layer)
+    return encoder
 
 
 # --- variants of an attached encoder -----------------------------------------------------------------------
@@ -312,9 +384,9 @@ def _refuse_setting(key: str, value, why: str) -> ValueError:
     return ValueError(f"{OPTION_NAMES.get(key, key)}={value!r}: {why}. Drop {OPTION_NAMES.get(key, key)}.")
 
 
-def _validate_changes(encoder: HighResEncoder, changes: dict) -> dict:
-    """``changes`` (``pad``, ``mean``, ``std``, ``min_tiles``, ``max_tiles``, ``layer``) checked against what
-    ``encoder`` can be rebuilt with; returns them in canonical form."""
+def _validate_changes(encoder: HighResEncoder, changes: dict, family: Family | None = None) -> dict:
+    """``changes`` (``pad``, ``mean``, ``std``, ``min_tiles``, ``max_tiles``, ``layer``, and ``family``'s
+    ``call_options``) checked against what ``encoder`` can be rebuilt with; returns them in canonical form."""
     out: dict = {}
     for key, value in changes.items():
         if key == "pad":
@@ -349,8 +421,12 @@ def _validate_changes(encoder: HighResEncoder, changes: dict) -> dict:
                     "must be three finite floats (R, G, B)" + (", all > 0" if key == "std" else ""),
                 )
         elif key == "layer":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise _refuse_setting(key, value, "must be an int (hrperc's encoders read one layer)")
+            entries = value if isinstance(value, (list, tuple)) else [value]
+            if not entries or not all(isinstance(v, int) and not isinstance(v, bool) for v in entries):
+                raise _refuse_setting(key, value, "must be an int, or a list of ints (layers concatenated)")
+            value = list(value) if isinstance(value, (list, tuple)) else value
+        elif family is not None and key in family.call_options:
+            pass  # a recipe option of the processor's name (Gemma 3's pan and scan): the rebuilt recipe checks it
         else:
             raise ValueError(
                 f"the encoder setting {key!r} is not one hrperc rebuilds an attached encoder with; the settings "
@@ -365,7 +441,7 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family) -> HighResEn
     ``encoder`` itself for no changes. Variants are cached per encoder and setting."""
     if not changes:
         return encoder
-    changes = _validate_changes(encoder, changes)
+    changes = _validate_changes(encoder, changes, family)
     key = options_key(changes)
     cache = _VARIANTS.setdefault(encoder, {})
     if key in cache:
@@ -380,13 +456,14 @@ def variant(encoder: HighResEncoder, changes: dict, family: Family) -> HighResEn
         )
     layer = changes.get("layer", encoder.layer)
     try:
-        blocks = resolve_layer(layer, bb.num_layers)
+        blocks = resolve_layers(layer, bb.num_layers)
     except (TypeError, ValueError) as e:
         raise _refuse_setting("layer", layer, f"the tower has {bb.num_layers} layers ({e})") from None
-    family.check_tower(bb.model, layer, bb.num_layers, f"vision_feature_layer={layer}")
+    for entry in layer if isinstance(layer, (list, tuple)) else [layer]:
+        family.check_tower(bb.model, entry, bb.num_layers, f"vision_feature_layer={layer}")
     options = dict(encoder.recipe_options)
-    options["layer"] = layer if blocks != resolve_layer(encoder.layer, bb.num_layers) else encoder.layer
-    for name in ("pad", "min_tiles", "max_tiles"):
+    options["layer"] = layer if blocks != resolve_layers(encoder.layer, bb.num_layers) else encoder.layer
+    for name in ("pad", "min_tiles", "max_tiles", *family.call_options):
         if name in changes:
             options[name] = changes[name]
     options["dem"] = encoder.dem  # the same DEM, or None: never a fresh random one
