@@ -35,9 +35,8 @@ def tokenizer():
 
 def processor(**image_options):
     """``Gemma3Processor`` around the real ``Gemma3ImageProcessor`` (64 px, the released mean / std / bilinear)."""
-    ip = tf.Gemma3ImageProcessor(
-        size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3, **image_options
-    )
+    settings = dict(size={"height": IMAGE, "width": IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip = tf.Gemma3ImageProcessor(**{**settings, **image_options})
     return tf.Gemma3Processor(image_processor=ip, tokenizer=tokenizer(), image_seq_length=MM_TOKENS)
 
 
