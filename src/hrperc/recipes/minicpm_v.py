@@ -407,6 +407,15 @@ class MiniCPMVFrontEnd(FrontEnd[MiniCPMVPlan]):
     def token_width(self, width: int) -> int:
         return 4 * width  # a token is a 2 x 2 cell of the tower's map
 
+    def patch_grids(self, plan: MiniCPMVPlan) -> list[list[int]]:
+        """``[[h / p, w / p], ...]``: the patch grid of the source view, then of every slice -- the model's
+        ``target_sizes`` rows of the image (its processor's), which its LLM's positions may read (4.7)."""
+        p = self.patch_size[0]
+        grids = [[plan.source[0] // p, plan.source[1] // p]]
+        if plan.slice is not None:
+            grids += [[plan.slice[0] // p, plan.slice[1] // p]] * plan.geometry.num_tiles
+        return grids
+
     def assemble(self, feats, plan: MiniCPMVPlan, *, project=None):
         b = feats[0].shape[0]
         project = _token_map(project)
