@@ -99,6 +99,7 @@ class PixtralBackbone(VisionBackbone):
     family = "pixtral"
     dynamic_size = True
     packs_views = True
+    packs_pixels = True  # features_packed(..., pixels=True): normalizes each stack right before its convolution
 
     @public(name=class_name())
     def __init__(self, tower, *, layer: int = -1, mean=None, std=None) -> None:
@@ -132,9 +133,15 @@ class PixtralBackbone(VisionBackbone):
         return self._run([pixels], k)[0]
 
     @public(name=class_name(".features_packed"))
-    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+    def features_packed(
+        self, stacks: list[torch.Tensor], layer: int | None = None, *, pixels: bool = False
+    ) -> list[torch.Tensor]:
         """Every view of every stack ``[(S_i, 3, h_i, w_i)]`` (normalized, sides multiples of the patch) in ONE
-        packed pass of the tower, attention per image -> ``[(S_i, t_i, D)]``, ``t_i = (h_i/p) * (w_i/p)``."""
+        packed pass of the tower, attention per image -> ``[(S_i, t_i, D)]``, ``t_i = (h_i/p) * (w_i/p)``.
+
+        ``pixels=True``: the stacks are pixels (uint8 ``[0, 255]`` or ``[0, 1]`` floats), each normalized
+        (:meth:`normalize`) right before its patch convolution, so one stack's float copy is alive at a time
+        (the runner's path; the same values as normalizing first)."""
         if not isinstance(stacks, (list, tuple)) or not stacks:
             raise TypeError(
                 f"stacks={type(stacks).__name__}; expected a non-empty list of (S, 3, h, w) tensors. "
@@ -142,7 +149,7 @@ class PixtralBackbone(VisionBackbone):
             )
         p = self.patch_size[0]
         for i, s in enumerate(stacks):
-            if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            if not isinstance(s, torch.Tensor) or not (s.is_floating_point() or (pixels and s.dtype == torch.uint8)):
                 got = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
                 raise TypeError(f"stacks[{i}] is {got}; expected normalized float pixels. Pass bb.normalize(x).")
             if s.ndim != 4 or s.shape[1] != 3 or s.shape[-2] % p or s.shape[-1] % p or min(s.shape[-2:]) < p:
@@ -151,23 +158,28 @@ class PixtralBackbone(VisionBackbone):
                     f"of the patch ({p}). Resize the views to whole patches first."
                 )
         k = resolve_layer(self.layer if layer is None else layer, self.num_layers)
+        if pixels:
+            return self._run([s.to(self.device) for s in stacks], k, normalize=True)
         return self._run([s.to(self.device, self.dtype) for s in stacks], k)
 
-    def _run(self, stacks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    def _run(self, stacks: list[torch.Tensor], k: int, normalize: bool = False) -> list[torch.Tensor]:
         """The packed pass (see the module docs): ``k`` layers over all stacks' patches at once."""
         tower = self.model
-        embeds, positions, blocks, start = [], [], [], 0
-        for s in stacks:  # one patch convolution per view size (the model's, on unpadded views)
-            e = tower.patch_conv(s.to(tower.patch_conv.weight.dtype))  # (S, D, gh, gw)
-            n, d, gh, gw = e.shape
-            embeds.append(e.flatten(2).transpose(1, 2).reshape(n * gh * gw, d))  # raster order per view
-            rows = torch.arange(gh, device=e.device)[:, None].expand(gh, gw)
-            cols = torch.arange(gw, device=e.device)[None, :].expand(gh, gw)
-            positions.append(torch.stack([rows.flatten(), cols.flatten()], -1).repeat(n, 1))
-            blocks.append((start, n, gh * gw))
-            start += n * gh * gw
-        x = tower.ln_pre(embeds[0] if len(embeds) == 1 else torch.cat(embeds))
-        cos, sin = tower.patch_positional_embedding(x, torch.cat(positions))
+        conv = tower.patch_conv
+        p, d = self.patch_size[0], self.hidden_size
+        blocks, start = [], 0  # (first row, images, patches each) per stack
+        for s in stacks:
+            blocks.append((start, int(s.shape[0]), (s.shape[-2] // p) * (s.shape[-1] // p)))
+            start += blocks[-1][1] * blocks[-1][2]
+        embeds = torch.empty(start, d, dtype=conv.weight.dtype, device=conv.weight.device)
+        for s, (b, n, t) in zip(stacks, blocks):  # one patch convolution per view size (the model's, unpadded)
+            x = (self.normalize(s) if normalize else s).to(conv.weight.dtype)
+            e = conv(x)  # (S, D, gh, gw)
+            embeds[b : b + n * t].view(n, e.shape[-2], e.shape[-1], d).copy_(e.permute(0, 2, 3, 1))  # raster order
+            del x, e
+        x = tower.ln_pre(embeds)
+        del embeds
+        cos, sin = tower.patch_positional_embedding(x, _positions(stacks, p, x.device))
         for layer in tower.transformer.layers[:k]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._layer, layer, x, cos, sin, blocks, use_reentrant=False)
@@ -179,18 +191,38 @@ class PixtralBackbone(VisionBackbone):
     def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks) -> torch.Tensor:
         """One ``PixtralAttentionLayer`` on the packed ``(N, D)`` sequence: the layer's modules in its order,
         the attention computed per image (``blocks``: ``(start, images, tokens each)``)."""
-        attn = layer.attention
-        h = layer.attention_norm(x)
+        # The attention's intermediates (normed input, q, k, v, per-size outputs: five (N, D) tensors) are
+        # freed when _attention returns, before the MLP allocates its (N, 4D) ones: the layer's peak.
+        x = x + PixtralBackbone._attention(layer.attention, layer.attention_norm(x), cos, sin, blocks)
+        return x + layer.feed_forward(layer.ffn_norm(x))
+
+    @staticmethod
+    def _attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks) -> torch.Tensor:
+        """``PixtralAttention`` on the normed ``(N, D)`` sequence, one SDPA call per view size (its images are
+        the batch of the call) -> the ``o_proj`` output ``(N, D)``."""
         N, heads = h.shape[0], int(attn.num_heads)
         q, k, v = (proj(h).view(N, heads, -1) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        del h
         c, s = cos[:, None], sin[:, None]  # the model's rotary (rotate_half), in the activation dtype
         q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
         scale = getattr(attn, "scaling", None) or q.shape[-1] ** -0.5
         dropout = float(attn.dropout) if attn.training else 0.0
-        out = []
-        for b, n, t in blocks:  # one call per view size: its images are the batch of the call
+        out = torch.empty_like(v)  # (N, heads, head_dim): each size's output written in place, no concatenation
+        for b, n, t in blocks:
             qb, kb, vb = (y[b : b + n * t].view(n, t, heads, -1).transpose(1, 2) for y in (q, k, v))
             o = nn.functional.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, scale=scale)
-            out.append(o.transpose(1, 2).reshape(n * t, -1))
-        x = x + attn.o_proj(out[0] if len(out) == 1 else torch.cat(out))
-        return x + layer.feed_forward(layer.ffn_norm(x))
+            out[b : b + n * t].view(n, t, heads, -1).copy_(o.transpose(1, 2))
+        del q, k, v
+        return attn.o_proj(out.view(N, -1))
+
+
+def _positions(stacks: list[torch.Tensor], p: int, device) -> torch.Tensor:
+    """``(N, 2)`` long: every patch's (row, column) in its own view, views in stack order, raster order inside
+    one (the positions the model gives each image); a few ops for the whole batch, not a few per view size."""
+    grids = torch.tensor([[s.shape[-2] // p, s.shape[-1] // p] for s in stacks], device=device)
+    count = torch.tensor([s.shape[0] for s in stacks], device=device)
+    per_view = grids.repeat_interleave(count, 0)  # (views, 2)
+    t = per_view.prod(1)
+    gw = per_view[:, 1].repeat_interleave(t)  # each patch's view width
+    local = torch.arange(int(t.sum()), device=device) - (t.cumsum(0) - t).repeat_interleave(t)
+    return torch.stack([local // gw, local % gw], -1)

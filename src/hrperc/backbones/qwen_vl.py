@@ -237,7 +237,7 @@ class QwenVisionTower(nn.Module):
             # transformers fuses rescale into normalize: float32 mean * (1 / (1/255)) == mean * 255.0
             mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device) * 255.0
             std = torch.tensor(self.std, dtype=torch.float32, device=x.device) * 255.0
-            return (x.float() - mean[:, None, None]) / std[:, None, None]
+            return x.float().sub_(mean[:, None, None]).div_(std[:, None, None])  # one new tensor, same values
         if not x.is_floating_point():
             raise TypeError(
                 f"x has dtype {x.dtype}; expected uint8 (0..255) or a float tensor in [0, 1]. "
@@ -245,10 +245,11 @@ class QwenVisionTower(nn.Module):
             )
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device)
-        return (x - mean[:, None, None]) / std[:, None, None]
+        return (x - mean[:, None, None]).div_(std[:, None, None])
 
-    def _views(self, views) -> list[torch.Tensor]:
-        """``views`` as a non-empty list of float ``(3, h, w)`` tensors whose sides are multiples of ``factor``."""
+    def _views(self, views, raw: bool = False) -> list[torch.Tensor]:
+        """``views`` as a non-empty list of float ``(3, h, w)`` tensors whose sides are multiples of ``factor``
+        (``raw=True``: pixels, uint8 too, of any dtype mix; :meth:`_pack_stacks` normalizes them)."""
         if isinstance(views, torch.Tensor):
             if views.dim() != 4:
                 raise ValueError(
@@ -264,7 +265,7 @@ class QwenVisionTower(nn.Module):
         for i, v in enumerate(views):
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"views[{i}]={type(v).__name__}; expected a tensor (3, h, w). Pass tensors only.")
-            if not v.is_floating_point():
+            if not v.is_floating_point() and not (raw and v.dtype == torch.uint8):
                 raise TypeError(
                     f"views[{i}] has dtype {v.dtype}; expected normalized float pixels. "
                     f"Pass tower.normalize(x) (uint8 or [0, 1] floats in, normalized floats out)."
@@ -282,7 +283,7 @@ class QwenVisionTower(nn.Module):
                     f"merge_size = {self.patch_size} * {self.merge_size} = {f}. Resize it first, e.g. to "
                     f"{fix[0]}x{fix[1]} (transformers' smart_resize gives the processor's size)."
                 )
-            if v.device != views[0].device or v.dtype != views[0].dtype:
+            if v.device != views[0].device or (v.dtype != views[0].dtype and not raw):
                 raise ValueError(
                     f"views[{i}] is {v.dtype} on {v.device}, views[0] is {views[0].dtype} on {views[0].device}; "
                     "all views must share one dtype and device. Convert them with .to(...) first."
@@ -303,23 +304,54 @@ class QwenVisionTower(nn.Module):
         return (starts[:, None] + torch.arange(length, device=starts.device)[None]).flatten()
 
     def _pack(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        grids = [(int(v.shape[1]) // p, int(v.shape[2]) // p) for v in views]
+        """Normalized views -> ``(pixel_values, grids)``: views of one size are reshaped together."""
+        grids = [(int(v.shape[1]) // self.patch_size, int(v.shape[2]) // self.patch_size) for v in views]
         groups = self._groups(grids)
-        width = 3 * t * p * p
-        blocks = {}
-        for (gh, gw), idx in groups.items():  # one reshape per distinct size
-            x = torch.stack([views[i] for i in idx]) if len(idx) > 1 else views[idx[0]][None]
-            x = x.reshape(len(idx), 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-            # (b, gh/m, gw/m, m, m, 3, p, p): a still image is every one of the T frames
-            blocks[gh, gw] = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1).reshape(-1, width)
-        if len(groups) == 1:
-            return next(iter(blocks.values())), grids
+        if len(groups) == 1 or all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in groups.values()):
+            # each size's views are consecutive (every view of a ragged batch): written in place, as stacks
+            # (groups are in order of first appearance: here the views' order); a single view is not copied
+            stacks = [
+                torch.stack([views[i] for i in idx]) if len(idx) > 1 else views[idx[0]][None] for idx in groups.values()
+            ]
+            return self._pack_stacks(stacks)
+        p, t = self.patch_size, self.temporal_patch_size
         counts = torch.tensor([gh * gw for gh, gw in grids])
         starts = counts.cumsum(0) - counts
-        out = views[0].new_empty((int(counts.sum()), width))
-        for g, idx in groups.items():
-            out[self._rows(starts[idx], g[0] * g[1]).to(out.device)] = blocks[g]
+        out = views[0].new_empty((int(counts.sum()), 3 * t * p * p))
+        for (gh, gw), idx in groups.items():  # one reshape per distinct size, scattered to its views' rows
+            x = torch.stack([views[i] for i in idx])
+            out[self._rows(starts[idx], gh * gw).to(out.device)] = self._patches(x).reshape(-1, out.shape[1])
+        return out, grids
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, 3, h, w)`` -> ``(b, h/(p m), w/(p m), m, m, 3, T, p, p)``: the processor's row layout, a view
+        (the still image repeated over the ``T`` frames by ``expand``, no copy)."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        b, _, h, w = x.shape
+        x = x.reshape(b, 3, h // (p * m), m, p, w // (p * m), m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        return x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)
+
+    def _pack_stacks(
+        self, stacks: list[torch.Tensor], *, normalize: bool = False, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Stacks ``[(S_i, 3, h_i, w_i)]`` of one size each -> ``(pixel_values, grids)``, views in stack order.
+
+        One copy per stack, straight into its rows of ``pixel_values`` (a stack's views are consecutive
+        rows): no per-size intermediate, no scatter. ``normalize=True``: the stacks are pixels (uint8 or
+        ``[0, 1]`` floats), normalized per stack by :meth:`normalize` (the processor's float32 arithmetic,
+        so the values are the same bit for bit) and written in ``dtype`` (default float32 / the stacks')."""
+        p, t = self.patch_size, self.temporal_patch_size
+        grids = [(int(s.shape[-2]) // p, int(s.shape[-1]) // p) for s in stacks for _ in range(s.shape[0])]
+        rows = [s.shape[0] * (s.shape[-2] // p) * (s.shape[-1] // p) for s in stacks]
+        if dtype is None:
+            dtype = torch.float32 if normalize and not stacks[0].is_floating_point() else stacks[0].dtype
+        out = torch.empty((sum(rows), 3 * t * p * p), dtype=dtype, device=stacks[0].device)
+        start = 0
+        for s, n in zip(stacks, rows):
+            x = self.normalize(s) if normalize else s  # float32 for uint8, of the stack's own size (not T times)
+            src = self._patches(x)
+            out[start : start + n].view(src.shape).copy_(src)  # permute, repeat over T and cast in one copy
+            start += n
         return out, grids
 
     @public(name=_named(".pack"))
@@ -423,9 +455,18 @@ class QwenVisionTower(nn.Module):
             raise TypeError(f"patches={patches!r}; expected True or False. Pass patches=True or patches=False.")
         views = self._views(views)
         pixel_values, grids = self._pack(views)
+        return self._run(pixel_values, grids, patches)
+
+    def _call(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]):
+        """The tower, once, on packed ``pixel_values`` of views with these patch ``grids``: ``(grid_thw, merged,
+        last_hidden_state, deepstack)`` (see :func:`_read_output`)."""
         device = self.device
         grid_thw = torch.tensor([[1, gh, gw] for gh, gw in grids], dtype=torch.long, device=device)
-        merged, last, deep = _read_output(self.tower(pixel_values.to(device, self.dtype), grid_thw=grid_thw))
+        return grid_thw, *_read_output(self.tower(pixel_values.to(device, self.dtype), grid_thw=grid_thw))
+
+    def _run(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], patches: bool = False) -> QwenTowerOutput:
+        """The tower on packed ``pixel_values`` of views with these patch ``grids``, split per view."""
+        grid_thw, merged, last, deep = self._call(pixel_values, grids)
         sizes = [gh * gw // self.merge_size**2 for gh, gw in grids]
         tokens = list(merged.split(sizes))
         deepstack = [list(d.split(sizes)) for d in deep] if self.family == "qwen3_vl" and deep is not None else None
@@ -465,6 +506,7 @@ class QwenBackbone(VisionBackbone):
     family = "qwen_vl"
     dynamic_size = True
     packs_views = True
+    packs_pixels = True  # features_packed(..., pixels=True): normalizes while packing (the runner's path)
     qwen: QwenVisionTower
 
     @public(name="QwenBackbone")
@@ -517,17 +559,32 @@ class QwenBackbone(VisionBackbone):
         )
         return [t[None] for t in per_view]
 
-    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+    def features_packed(
+        self, stacks: list[torch.Tensor], layer: int | None = None, *, pixels: bool = False
+    ) -> list[torch.Tensor]:
         """Every view of every stack ``[(S_i, 3, h_i, w_i)]`` in ONE call of the tower (its attention is per
-        image: no image sees another) -> ``[(S_i, t_i, D')]``."""
+        image: no image sees another) -> ``[(S_i, t_i, D')]``.
+
+        The stacks hold normalized float views; ``pixels=True``: pixels (uint8 ``[0, 255]`` or ``[0, 1]``
+        floats), normalized stack by stack as they are written into the tower's input (the runner's path: one
+        float copy of the views, in the tower's dtype, instead of a normalized copy and a packed one; the
+        same values bit for bit)."""
         if layer is not None:
             resolve_layer(layer, self.num_layers)
-        views = [v for stack in stacks for v in stack.unbind(0)]
-        tokens = self._tokens(views)
+        q = self.qwen
+        q._views([v for stack in stacks for v in stack.unbind(0)], raw=pixels)  # the checks only
+        dtype = q.dtype if pixels else None
+        pixel_values, grids = q._pack_stacks(list(stacks), normalize=pixels, dtype=dtype)
+        _, merged, _, deep = q._call(pixel_values, grids)
+        del pixel_values  # the tower's input: freed before the tokens are laid out
+        levels = [merged, *deep] if q.family == "qwen3_vl" and deep is not None else [merged]
         out, start = [], 0
-        for stack in stacks:
-            out.append(torch.cat(tokens[start : start + stack.shape[0]], 0))
-            start += stack.shape[0]
+        for stack in stacks:  # a stack's views are consecutive rows of the tower's output: views, no copy
+            n = stack.shape[0]
+            t = (stack.shape[-2] // self.patch_size[0]) * (stack.shape[-1] // self.patch_size[1])
+            parts = [level[start : start + n * t] for level in levels]
+            out.append((parts[0] if len(parts) == 1 else torch.cat(parts, -1)).view(n, t, -1))
+            start += n * t
         return out
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -263,6 +264,9 @@ class HighResEncoder(nn.Module):
         """Views of every size through a packing backbone (``packs_views``) in one call."""
         bb = self.backbone
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
+            if getattr(bb, "packs_pixels", False):  # it normalizes each stack as it packs it: one float copy
+                packed: Any = bb.features_packed  # QwenBackbone's / PixtralBackbone's, which take pixels=
+                return packed([s.to(bb.device) for s in stacks], layer=self.layer, pixels=True)
             return bb.features_packed([bb.normalize(s.to(bb.device)).to(bb.dtype) for s in stacks], layer=self.layer)
 
     def _refuse_view(self, shape) -> ValueError:
@@ -315,8 +319,7 @@ class HighResEncoder(nn.Module):
             members_of.setdefault((size, pixels[b].dtype), []).append(b)
         view_groups, parts = list(members_of.values()), []
         for members in view_groups:
-            whole = len(members) == B and isinstance(pixels, torch.Tensor)
-            got = fe.views(pixels if whole else torch.stack([pixels[b] for b in members]), plans[members[0]])
+            got = fe.views(_group_stack(pixels, members), plans[members[0]])
             tupled = isinstance(got, tuple)  # a tensor, or parts (a tuple) that assemble gets back as a tuple
             parts.append(got if tupled else (got,))
         clock.lap("views")
@@ -371,6 +374,19 @@ class HighResEncoder(nn.Module):
             timings=clock.times,
             plans=plans,
         )
+
+
+def _group_stack(pixels, members: list[int]) -> torch.Tensor:
+    """The ``(b, C, H, W)`` source images of one size group, copied only where they must be joined.
+
+    A batch tensor that is the whole group is used as it is, and a group of one image (every image of a
+    ragged batch) is a view of it: ``torch.stack`` would copy each full-resolution source (tens of MiB for
+    a batch of photos) only to be read once by the resize."""
+    if isinstance(pixels, torch.Tensor) and len(members) == pixels.shape[0]:
+        return pixels
+    if len(members) == 1:
+        return pixels[members[0]].unsqueeze(0)
+    return torch.stack([pixels[b] for b in members])
 
 
 def _check_rows(front_end, tokens, b: int, count: int) -> None:
