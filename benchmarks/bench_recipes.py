@@ -441,12 +441,14 @@ def bench_native_row(recipe, dtype_name, n_images, reps, budget, model, proc, op
     images = images_of(sizes)
     run_t(images_of([(64, 64)]), {}), run_h(images_of([(64, 64)]), {})
     secs = {"transformers": [], "hrperc": []}
+    cpu: dict[str, list[float]] = {"transformers": [], "hrperc": []}
     split = {"transformers": {}, "hrperc": {}}
     for _ in range(reps):  # interleaved
         for name, fn in (("transformers", run_t), ("hrperc", run_h)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(images, split[name])
             secs[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             if name == "transformers":
                 ref = out
             else:
@@ -471,7 +473,9 @@ def bench_native_row(recipe, dtype_name, n_images, reps, budget, model, proc, op
         row[f"{name}_seconds"] = statistics.median(secs[name])
         row[f"{name}_all_seconds"] = secs[name]
         row[f"{name}_split"] = {k: v / reps for k, v in split[name].items()}
+        row[f"{name}_cpu_seconds"] = statistics.median(cpu[name])
     row["speedup"] = row["transformers_seconds"] / row["hrperc_seconds"]
+    row["cpu_speedup"] = row["transformers_cpu_seconds"] / row["hrperc_cpu_seconds"]
     for name in ("transformers", "hrperc"):
         spec = dict(recipe=recipe, dtype=dtype_name, images=n_images, budget=budget, path=name)
         row[f"{name}_memory"] = native_memory(spec)
@@ -479,17 +483,28 @@ def bench_native_row(recipe, dtype_name, n_images, reps, budget, model, proc, op
     return row
 
 
-def bench_native_preprocess(recipe, n_images, reps, proc, enc) -> dict:
-    """(b): preprocessing alone, fp32 pixels, both paths interleaved (median of ``reps``)."""
+def pil_images_of(sizes):
+    """The images of :func:`images_of` as PIL images (RGB, 8 bits): how decoded photos arrive."""
+    from PIL import Image
+
+    return [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in images_of(sizes)]
+
+
+def bench_native_preprocess(recipe, n_images, reps, proc, enc, pil: bool = False) -> dict:
+    """(b): preprocessing alone, fp32 pixels, both paths interleaved (median of ``reps``); uint8 ``(3, H, W)``
+    tensors, or (``pil=True``) the same pixels as PIL images. Wall and process CPU seconds."""
     run_t, run_h = native_preprocess(recipe, proc, enc)
-    images = images_of(native_sizes(n_images))
-    run_t(images_of([(64, 64)])), run_h(images_of([(64, 64)]))
+    make = pil_images_of if pil else images_of
+    images = make(native_sizes(n_images))
+    run_t(make([(64, 64)])), run_h(make([(64, 64)]))
     secs: dict[str, list[float]] = {"transformers": [], "hrperc": []}
+    cpu: dict[str, list[float]] = {"transformers": [], "hrperc": []}
     for _ in range(reps):  # interleaved
         for name, fn in (("transformers", run_t), ("hrperc", run_h)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(images)
             secs[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             if name == "transformers":
                 ref = out
             else:
@@ -499,11 +514,13 @@ def bench_native_preprocess(recipe, n_images, reps, proc, enc) -> dict:
     else:  # the first view's stack (the first patch_conv call): image 0, inside the processor's padding
         h, w = mine[0].shape[-2:]
         equal = torch.equal(ref[0][0, :, :h, :w], mine[0][0])
-    row = {"recipe": recipe, "images": n_images, "pixels_equal": equal}
+    row = {"recipe": recipe, "images": n_images, "input": "PIL" if pil else "tensor", "pixels_equal": equal}
     for name in secs:
         row[f"{name}_seconds"] = statistics.median(secs[name])
         row[f"{name}_all_seconds"] = secs[name]
+        row[f"{name}_cpu_seconds"] = statistics.median(cpu[name])
     row["speedup"] = row["transformers_seconds"] / row["hrperc_seconds"]
+    row["cpu_speedup"] = row["transformers_cpu_seconds"] / row["hrperc_cpu_seconds"]
     return row
 
 
@@ -528,8 +545,8 @@ def describe_native(row: dict) -> str:
     head = (
         f"{row['recipe']:10s} {row['images']:2d} images ({row['patches']:5d} patches) {row['dtype']:8s} "
         f"transformers {row['transformers_seconds'] * 1e3:8.1f} ms  hrperc {row['hrperc_seconds'] * 1e3:8.1f} ms  "
-        f"speed x{row['speedup']:.2f}  memory rise {t_mem:7.1f} -> {h_mem:7.1f} MiB (x{row['memory_ratio']:.2f})  "
-        f"max|diff| {row['max_abs_diff']:.2e} (of {row['max_abs_ref']:.2e})"
+        f"speed x{row['speedup']:.2f} (cpu x{row['cpu_speedup']:.2f})  memory rise {t_mem:7.1f} -> {h_mem:7.1f} MiB "
+        f"(x{row['memory_ratio']:.2f})  max|diff| {row['max_abs_diff']:.2e} (of {row['max_abs_ref']:.2e})"
     )
     ms = {name: {k: round(v * 1e3, 1) for k, v in row[f"{name}_split"].items()} for name in ("hrperc", "transformers")}
     return f"{head}\n    split (ms): hrperc {ms['hrperc']}; transformers {ms['transformers']}"
@@ -550,13 +567,13 @@ def run_native(args) -> dict:
     for recipe in recipes:
         model, proc, options = build_native(recipe, budget)
         enc = native_paths(recipe, model, proc, options, torch.float32)[2]
-        for n in counts:  # (b) first, while the model is fp32 (the processor's pixels are fp32 in every row)
-            res = bench_native_preprocess(recipe, n, 3 * reps, proc, enc)
+        for n, pil in [(n, pil) for n in counts for pil in (False, True)]:  # (b) first, while the model is fp32
+            res = bench_native_preprocess(recipe, n, 3 * reps, proc, enc, pil=pil)
             pre.append(res)
             print(
-                f"{recipe:10s} {n:2d} images preprocessing: transformers {res['transformers_seconds'] * 1e3:7.1f} ms  "
-                f"hrperc {res['hrperc_seconds'] * 1e3:7.1f} ms  speed x{res['speedup']:.2f}  "
-                f"pixels equal {res['pixels_equal']}",
+                f"{recipe:10s} {n:2d} images ({res['input']:6s}) preprocessing: transformers "
+                f"{res['transformers_seconds'] * 1e3:7.1f} ms  hrperc {res['hrperc_seconds'] * 1e3:7.1f} ms  "
+                f"speed x{res['speedup']:.2f} (cpu x{res['cpu_speedup']:.2f})  pixels equal {res['pixels_equal']}",
                 flush=True,
             )
         for dtype_name in dtypes:
