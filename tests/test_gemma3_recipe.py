@@ -88,12 +88,14 @@ def test_crops_equal_both_image_processor_backends_over_thousands_of_sizes(backe
                 continue
             mine = pas.pan_and_scan_crops((H, W), **kw)
             assert mine == ref, (H, W, options)
+            cropped += bool(ref)
+            if (H + W) % 4:  # the grid and the counts follow the crops: checked on a quarter of the sizes
+                continue
             rows, cols = pas.pan_and_scan_grid((H, W), **kw)
             assert rows * cols == len(ref) and (rows == 1 or cols == 1 or not ref)
             tokens = pas.gemma3_num_tokens((H, W), do_pan_and_scan=True, mm_tokens_per_image=256, **kw)
             assert tokens == 256 * (1 + len(ref))
             assert pas.gemma3_num_tokens((H, W), **kw) == 256  # without pan and scan: the image alone
-            cropped += bool(ref)
     assert refused > 0 and cropped > 1500  # the sweep reaches both the refusal and many crops
 
 
