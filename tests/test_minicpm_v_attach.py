@@ -154,3 +154,21 @@ def test_refusals_name_the_value_and_the_fix(attached):
     fresh.config.merger_times = 2
     with raises_naming(ValueError, "merger_times=2", "merger_times=1", FIX):
         encoder_from_model(fresh)
+
+
+def test_save_and_restore_give_the_same_logits(tmp_path):
+    import copy
+
+    from hrperc.integrations.transformers import load_front_end, save_front_end
+
+    model, proc = build("4_6")
+    fresh = copy.deepcopy(model)
+    model, aproc = attach(model, proc, encoder_from_model(model, proc, dcm=True, max_slice_nums=4))
+    sizes, texts = CASES["ragged batch"]
+    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    save_front_end(model, tmp_path)
+    restored, rproc = load_front_end(fresh, proc, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    again = rproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    assert torch.equal(again["input_ids"], inputs["input_ids"])

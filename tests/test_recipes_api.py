@@ -13,8 +13,9 @@ from hrperc import HighResEncoder
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
 # on their models' own towers: tests/test_qwen_recipes.py, tests/test_pixtral_recipe.py
 NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "pixtral")
-# on their models' own towers too: tests/test_idefics3_recipe.py, tests/test_gemma3_recipe.py
-TOWER_TILED = ("idefics3", "smolvlm", "gemma3")
+# on their models' own towers too: tests/test_idefics3_recipe.py, tests/test_gemma3_recipe.py,
+# tests/test_minicpm_v_recipe.py
+TOWER_TILED = ("idefics3", "smolvlm", "gemma3", "minicpm_v")
 
 
 def _images(sizes, seed=0):

@@ -22,14 +22,15 @@ and references, and how to write a recipe.
 ``idefics3``         Idefics3: longest edge 4 tiles, tiles + global image, pixel shuffle 2; marker runs
 ``smolvlm``          SmolVLM: the same with SmolVLM-256M / 500M's defaults (512 px tiles, pixel shuffle 4)
 ``gemma3``           Gemma 3: one square SigLIP view (+ pan-and-scan crops), pooled to 256 tokens each
+``minicpm_v``        MiniCPM-V 4.6 / 4.7: LLaVA-UHD slices (<= 9 of 448 px) + a source image; markers as slots
 ===================  ===========================================================================
 
 Example::
 
     >>> import hrperc
     >>> hrperc.list_recipes()  # doctest: +NORMALIZE_WHITESPACE
-    ('gemma3', 'idefics3', 'inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision', 'pixtral',
-     'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2', 'smolvlm')
+    ('gemma3', 'idefics3', 'inf_llava', 'infimm_hd', 'internvl', 'llava15', 'llava_next', 'llava_onevision',
+     'minicpm_v', 'pixtral', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 's2', 'smolvlm')
     >>> enc = hrperc.create_encoder("llava_next", "timm:vit_tiny_patch16_224")     # random weights
     >>> enc.num_tokens((1000, 700))
     784
