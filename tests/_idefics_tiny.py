@@ -1,10 +1,11 @@
 """Tiny random Idefics3 and SmolVLM models with their real processors, built offline.
 
 ``build_idefics("idefics3")``: 56 px tiles of 14 px patches, ``scale_factor=2`` (4 tokens per view), longest
-edge 4 tiles (224), as Idefics3's 364 / 14 / 2 / 1456 at a small size; ``build_idefics("smolvlm")``: 128 px
-tiles of 16 px patches, ``scale_factor=4`` (4 tokens per view), longest edge 512, as SmolVLM-256M's 512 / 16 /
-4 / 2048. A word-level tokenizer that keeps ``"\\n"`` as a token (so the processors' row breaks show in
-``input_ids``) and holds the markers ``<fake_token_around_image>``, ``<global-img>`` and ``<row_r_col_c>``.
+edge 4 tiles (224), as Idefics3's 364 / 14 / 2 / 1456 at a small size; ``build_idefics("smolvlm")``: 64 px
+tiles of 8 px patches, ``scale_factor=4`` (4 tokens per view), longest edge 256, as SmolVLM-256M's 512 / 16 /
+4 / 2048 at a small size. A word-level tokenizer that keeps ``"\\n"`` as a token (so the processors' row
+breaks show in ``input_ids``) and holds the markers ``<fake_token_around_image>``, ``<global-img>`` and
+``<row_r_col_c>``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", *MARKERS, *ROWS_COLS]
 WORDS = ["\n", *"what is in the image describe it User Assistant :".split()]
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 #: (tile, patch, scale_factor, longest_edge) of each tiny family
-SETTINGS = {"idefics3": (56, 14, 2, 224), "smolvlm": (128, 16, 4, 512)}
+SETTINGS = {"idefics3": (56, 14, 2, 224), "smolvlm": (64, 8, 4, 256)}
 TEXT = "User : <image> describe it"
 
 
