@@ -5,12 +5,14 @@ backbone pass equal to its images alone, ``dcm=True`` (same count, only the DEM 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _tolerance import assert_close_to_reference
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("num2words")  # SmolVLMProcessor needs it
@@ -174,6 +176,34 @@ def test_tokens_equal_get_image_features_and_the_connector_s_shuffle(built):
     torch.testing.assert_close(raw.tokens[1, :n], shuffled.flatten(0, 1), rtol=0, atol=1e-5)
     assert raw.tokens.shape[-1] == enc.token_width == 32 * SETTINGS[family][2] ** 2
     assert not out.tokens[~out.token_mask].any()  # the ragged padding stays zero
+
+
+def test_bicubic_processors_are_reproduced_too(built):
+    family, model, _, _ = built
+    _, proc = build_idefics(family, resample=3)
+    enc = hrperc.create_encoder(family, model.model.vision_model, resample="bicubic")
+    imgs = images([(100, 150), (30, 40)], seed=6)
+    batch = _process(proc, imgs)
+    for i, image in enumerate(imgs):
+        views = enc.front_end.views(image[None], enc.plan(tuple(image.shape[-2:])))[0]
+        assert torch.equal(enc.backbone.normalize(views), batch["pixel_values"][i, : views.shape[0]])
+
+
+def test_bf16_tokens_are_within_the_tolerance_rule():
+    model, proc = build_idefics("idefics3")
+    imgs = images([(100, 150), (30, 40)], seed=7)
+    batch = _process(proc, imgs)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    enc = hrperc.create_encoder("idefics3", low.model.vision_model)
+    with torch.no_grad():
+        out = enc(imgs, project=low.model.connector.modality_projection)
+        ref_low = low.model.get_image_features(batch["pixel_values"].bfloat16(), batch["pixel_attention_mask"])
+        ref64 = model.double().model.get_image_features(batch["pixel_values"].double(), batch["pixel_attention_mask"])
+    for i, n in enumerate(out.num_tokens):
+        assert out.tokens.dtype == torch.bfloat16
+        assert_close_to_reference(
+            out.tokens[i, :n], ref_low.pooler_output[i], ref64.pooler_output[i], torch.bfloat16, name=f"image {i}"
+        )
 
 
 def test_a_ragged_batch_is_one_backbone_pass_and_equals_each_image_alone(built, monkeypatch):
