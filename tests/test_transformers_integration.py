@@ -194,13 +194,12 @@ def test_refusals_name_the_problem():
     model, proc, _ = build("llava")
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         encoder_from_model(torch.nn.Linear(2, 2))
-    model.config.vision_feature_layer = [-2, -1]
+    model.config.vision_feature_layer = [-2, 1]  # one block twice (a list of distinct layers is read)
     with pytest.raises(ValueError, match="vision_feature_layer"):
         encoder_from_model(model, proc)
     model.config.vision_feature_layer = -2
-    model.config.vision_feature_select_strategy = "full"
-    with pytest.raises(ValueError, match="CLS"):
-        encoder_from_model(model, proc)
+    model.config.vision_feature_select_strategy = "full"  # LLaVA-1.5 keeps the CLS token: 1 + 24 * 24 tokens
+    assert encoder_from_model(model, proc).num_tokens((336, 336)) == 577
     model.config.vision_feature_select_strategy = "default"
     enc = encoder_from_model(model, proc)
     model, _ = attach(model, proc, enc)

@@ -14,6 +14,12 @@ Layers are numbered like Hugging Face's ``hidden_states``: layer ``k`` (1..L) is
 ``k``-th transformer block, before any final norm; negative numbers count from the end, so ``-1`` is
 the last block and ``-2`` (LLaVA's choice, the default) the second-to-last.
 
+Several layers, as transformers' LLaVA models read a list ``vision_feature_layer``: ``layer=[-2, -5, -8]``
+gives each layer's tokens concatenated on the channels in the order given, ``(N, ht*wt, 3*D)``, from one
+pass of the tower up to the deepest of them (:attr:`VisionBackbone.reads_layers`: the timm, open_clip and
+transformers adapters). ``prefix=True`` keeps the prefix tokens too, first (transformers'
+``vision_feature_select_strategy="full"``: CLIP's class token), ``(N, P + ht*wt, D)``.
+
 Example::
 
     >>> import torch, hrperc
@@ -27,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +41,7 @@ from torch import nn
 
 from .._errors import public
 
-__all__ = ["VisionBackbone", "resolve_layer", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = ["VisionBackbone", "resolve_layer", "resolve_layers", "layer_value", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,6 +63,43 @@ def resolve_layer(layer, num_layers: int) -> int:
             f"or -{num_layers}..-1 (-2 = LLaVA's second-to-last layer)."
         )
     return layer if layer > 0 else num_layers + 1 + layer
+
+
+def resolve_layers(layer, num_layers: int) -> tuple[int, ...]:
+    """``layer``, one int or a sequence of them (``[-2, -5, -8]``), -> the blocks to read, ``k`` in 1..L each,
+    in the order given. A sequence must be non-empty and name each block once (``-2`` and ``L - 1`` are the
+    same block)."""
+    if not isinstance(layer, (list, tuple)):
+        return (resolve_layer(layer, num_layers),)
+    example = "layer=[-2, -5, -8] (three layers, concatenated on the channels)"
+    if not layer:
+        raise ValueError(
+            f"layer={list(layer)!r} names no layer. Pass one int, e.g. layer=-2, or a list, e.g. {example}."
+        )
+    blocks = []
+    for entry in layer:
+        try:
+            blocks.append(resolve_layer(entry, num_layers))
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"layer={list(layer)!r}: entry {entry!r} is not a layer of this {num_layers}-layer tower ({e}) Pass "
+                f"ints in 1..{num_layers} or -{num_layers}..-1, e.g. {example}."
+            ) from None
+    seen: dict[int, object] = {}
+    for entry, k in zip(layer, blocks):
+        if k in seen:
+            raise ValueError(
+                f"layer={list(layer)!r} names block {k} twice ({seen[k]!r} and {entry!r}); each layer is read once. "
+                f"Drop the repeated entry, e.g. {example}."
+            )
+        seen[k] = entry
+    return tuple(blocks)
+
+
+def layer_value(layer, num_layers: int) -> int | tuple[int, ...]:
+    """``layer`` checked (:func:`resolve_layers`) and in plain form: an int, or a tuple of ints as given."""
+    resolve_layers(layer, num_layers)
+    return tuple(int(v) for v in layer) if isinstance(layer, (list, tuple)) else int(layer)
 
 
 def _size_pair(size) -> tuple[int, int]:
@@ -106,10 +149,16 @@ class VisionBackbone(nn.Module):
             runs views other than ``image_size`` (whole multiples of the patch; see :meth:`accepts`).
 
     Subclasses implement ``_patch_tokens(pixels, k) -> (N, ht*wt, D)``, the output of block ``k``
-    (1-based) without prefix tokens, and ``_set_grad_checkpointing(enable)``.
+    (1-based) without prefix tokens, and ``_set_grad_checkpointing(enable)``; those that set
+    :attr:`reads_layers` also ``_hidden_states(pixels, blocks, prefix) -> [(N, ht*wt, D)]``, the outputs of
+    the (sorted, distinct) ``blocks``, their ``P`` prefix tokens first with ``prefix=True``, from one pass up to
+    the last of them.
     """
 
     family = "generic"
+    #: Whether :meth:`features` reads several layers at once (``layer=[...]``) and keeps prefix tokens
+    #: (``prefix=True``); adapters that implement ``_hidden_states`` set it.
+    reads_layers = False
     dynamic_size = False  # adapters set it from the model they wrap
     packs_views = False  # True: features_packed runs views of every size in one call (native-resolution towers)
     model: Any  # another library's module: its attributes are that library's, not nn.Module's
@@ -126,7 +175,7 @@ class VisionBackbone(nn.Module):
         num_prefix_tokens: int,
         mean,
         std,
-        layer: int = -2,
+        layer: int | Sequence[int] = -2,
         source: str | None = None,
     ) -> None:
         super().__init__()
@@ -147,8 +196,7 @@ class VisionBackbone(nn.Module):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.mean = _as_triple(mean, "mean")
         self.std = _as_triple(std, "std")
-        resolve_layer(layer, self.num_layers)
-        self.layer = int(layer)
+        self.layer = self.check_layer(layer)
         self.source = source
         self.grad_checkpointing = False
 
@@ -157,6 +205,11 @@ class VisionBackbone(nn.Module):
         raise NotImplementedError
 
     def _set_grad_checkpointing(self, enable: bool) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _hidden_states(  # pragma: no cover - abstract
+        self, pixels: torch.Tensor, blocks: tuple[int, ...], prefix: bool
+    ) -> list[torch.Tensor]:
         raise NotImplementedError
 
     # --- public ----------------------------------------------------------------------------------
@@ -181,6 +234,23 @@ class VisionBackbone(nn.Module):
             f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, layer={self.layer}, source={self.source!r}"
         )
+
+    def check_layer(self, layer, *, prefix: bool = False) -> int | tuple[int, ...]:
+        """``layer`` (one int, or a list of them) checked against this tower, in plain form (an int, or a tuple
+        of ints as given). Several layers and ``prefix=True`` need :attr:`reads_layers`."""
+        value = layer_value(layer, self.num_layers)
+        if not self.reads_layers and (isinstance(value, tuple) or prefix):
+            what = f"layer={list(value)!r}" if isinstance(value, tuple) else "prefix=True (the class token kept)"
+            raise ValueError(
+                f"{what}: this {type(self).__name__} reads one layer's patch tokens only. Pass one int, e.g. "
+                f"layer=-1, or use a timm / open_clip / transformers CLIP-SigLIP tower, which read several."
+            )
+        return value
+
+    def feature_width(self, layer=None) -> int:
+        """Channels of :meth:`features` for ``layer`` (default ``self.layer``): ``D`` per layer read."""
+        layer = self.layer if layer is None else layer
+        return self.hidden_size * (len(layer) if isinstance(layer, (list, tuple)) else 1)
 
     @public(name=class_name(".accepts"))
     def accepts(self, size) -> bool:
@@ -234,18 +304,20 @@ class VisionBackbone(nn.Module):
         return images.float().sub(mean).div_(std)
 
     @public(name=class_name(".features"))
-    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+    def features_packed(self, stacks: list[torch.Tensor], layer=None) -> list[torch.Tensor]:
         """:meth:`features` of several stacks ``[(S_i, 3, h_i, w_i)] -> [(S_i, t_i, D)]``. Here one call per
         stack; a backbone with ``packs_views = True`` (a native-resolution tower, whose attention is per
         image) runs them all in one packed call, and the runner then calls this once per batch."""
         return [self.features(s, layer) for s in stacks]
 
-    def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Patch tokens of one layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
+    def features(self, pixels: torch.Tensor, layer=None, *, prefix: bool = False) -> torch.Tensor:
+        """Patch tokens of a layer: ``(N, 3, h, w)`` normalized pixels -> ``(N, ht*wt, D)``.
 
         ``(h, w)`` is the native :attr:`image_size`, or any size :meth:`accepts` (then ``(ht, wt) =
-        (h // ph, w // pw)``). Prefix (class and register) tokens are removed. ``layer`` defaults to
-        ``self.layer``. Pixels are cast to the backbone's parameter dtype; the output has that dtype.
+        (h // ph, w // pw)``). Prefix (class and register) tokens are removed, or kept first with
+        ``prefix=True``: ``(N, P + ht*wt, D)``. ``layer`` defaults to ``self.layer``; a list of layers gives
+        their tokens concatenated on the channels in its order, ``(N, ht*wt, len(layer) * D)``, from one pass
+        up to the deepest. Pixels are cast to the backbone's parameter dtype; the output has that dtype.
         """
         if not isinstance(pixels, torch.Tensor):
             raise TypeError(f"pixels must be a torch.Tensor (N, 3, h, w), got {type(pixels).__name__}.")
@@ -262,13 +334,25 @@ class VisionBackbone(nn.Module):
                 f"pixels have shape {tuple(pixels.shape)}; expected (N, 3, {h}, {w}), the backbone's native "
                 f"size. Crop with tile_size={self.image_size} (HighResEncoder does this)."
             )
-        k = resolve_layer(self.layer if layer is None else layer, self.num_layers)
-        tokens = self._patch_tokens(pixels.to(self.dtype), k)
+        layer = self.layer if layer is None else layer
         grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
-        if tokens.shape[1] != grid[0] * grid[1]:
+        if not isinstance(layer, (list, tuple)) and not prefix:  # one layer's patch tokens: the adapter's own fast path
+            tokens = self._patch_tokens(pixels.to(self.dtype), resolve_layer(layer, self.num_layers))
+        else:
+            tokens = self._selected(pixels.to(self.dtype), layer, prefix)
+        if tokens.shape[1] != grid[0] * grid[1] + (self.num_prefix_tokens if prefix else 0):
             raise RuntimeError(
                 f"the {self.family} model returned {tokens.shape[1]} tokens per tile, expected "
                 f"{grid[0] * grid[1]} patch tokens ({grid}); its prefix-token count "
                 f"({self.num_prefix_tokens}) was misread. Please report this model class."
             )
         return tokens
+
+    def _selected(self, pixels: torch.Tensor, layer, prefix: bool) -> torch.Tensor:
+        """Several layers and / or the prefix tokens: one pass (``_hidden_states``) up to the deepest block."""
+        self.check_layer(layer, prefix=bool(prefix))
+        blocks = resolve_layers(layer, self.num_layers)
+        ordered = sorted(blocks)
+        states = self._hidden_states(pixels, tuple(ordered), bool(prefix))
+        picked = [states[ordered.index(k)] for k in blocks]
+        return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)

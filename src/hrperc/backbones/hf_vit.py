@@ -16,6 +16,9 @@ loaded from a directory; otherwise CLIP uses OpenAI CLIP's, SigLIP ``0.5``, Inte
 ``preprocessor_config.json`` hold, although transformers' ``GotOcr2ImageProcessor`` class defaults to
 OpenAI CLIP's) -- pass ``mean``/``std`` to override.
 
+Several layers (``layer=[-2, -5, -8]``, as a list ``vision_feature_layer``) come from one such pass up to
+the deepest of them; ``prefix=True`` keeps the class token, as ``vision_feature_select_strategy="full"``.
+
 Other view sizes: the three towers resample their position embeddings (CLIP and SigLIP when the
 embeddings are called with ``interpolate_pos_encoding=True``, which the adapter passes for a view other
 than the native size only; InternVL always), so ``accepts`` any whole multiple of the patch.
@@ -50,6 +53,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -128,9 +132,12 @@ class HFBackbone(VisionBackbone):
     """Adapter for transformers CLIP / SigLIP / InternVL vision towers (see module docs)."""
 
     family = "hf"
+    reads_layers = True
 
     @public(name=class_name())
-    def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layer: int | Sequence[int] = -2, mean=None, std=None, source: str | None = None
+    ) -> None:
         vision = hf_vision_transformer(model)
         if vision is None:
             raise TypeError(
@@ -194,6 +201,15 @@ class HFBackbone(VisionBackbone):
                 setattr(module, "gradient_checkpointing", enable)  # noqa: B010
 
     def _patch_tokens(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
+        return self._run_blocks(pixels, (k,))[0][:, self.num_prefix_tokens :]
+
+    def _hidden_states(self, pixels: torch.Tensor, blocks: tuple[int, ...], prefix: bool) -> list[torch.Tensor]:
+        drop = 0 if prefix else self.num_prefix_tokens
+        return [h[:, drop:] for h in self._run_blocks(pixels, blocks)]
+
+    def _run_blocks(self, pixels: torch.Tensor, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+        """The outputs of the sorted ``blocks`` (prefix tokens included): ``hidden_states[k]`` for each ``k``,
+        from one pass that stops after the last of them."""
         vision = self.model
         if self._interpolate_arg and tuple(pixels.shape[-2:]) != self.image_size:
             hidden = vision.embeddings(pixels, interpolate_pos_encoding=True)
@@ -206,14 +222,18 @@ class HFBackbone(VisionBackbone):
         # Checkpointing as the model's own forward would do it: only in training mode, with grad on.
         outer_ckpt = bool(getattr(encoder, "gradient_checkpointing", False)) and encoder.training
         outer_ckpt = outer_ckpt and torch.is_grad_enabled()
-        for layer in _encoder_layers(encoder)[:k]:  # blocks after k (and the final norm, SigLIP's head) never run
+        kept = []
+        # blocks after the last one read (and the final norm, SigLIP's head) never run
+        for i, layer in enumerate(_encoder_layers(encoder)[: blocks[-1]], start=1):
             if outer_ckpt and not _is_self_checkpointing(layer):
                 from torch.utils.checkpoint import checkpoint
 
                 hidden = checkpoint(_call_layer, layer, hidden, use_reentrant=False)
             else:
                 hidden = _call_layer(layer, hidden)
-        return hidden[:, self.num_prefix_tokens :]
+            if i in blocks:
+                kept.append(hidden)
+        return kept
 
 
 # --- the hf: family ----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 Tokens come from open_clip's ``forward_intermediates(indices=[k-1], output_fmt="NLC",
 intermediates_only=True, stop_early=True)``: conv patch embedding, class token, positional embedding,
 ``ln_pre``, then the first ``k`` residual blocks; ``ln_post`` and the projection are not applied (LLaVA
-reads the un-normalized block output). The prefix-token count is read off the positional embedding.
+reads the un-normalized block output). Several layers (``layer=[-2, -5]``) are its ``indices`` in one such
+call; ``prefix=True`` asks for the class token too (``output_extra_tokens``). The prefix-token count is
+read off the positional embedding.
 open_clip's tower adds a positional embedding of its native grid and cannot resample it, so the
 adapter runs the native size only (``accepts``).
 open_clip models whose tower is a timm trunk (``TimmModel``, e.g. SigLIP) are adapted through
@@ -57,6 +59,7 @@ class OpenClipBackbone(VisionBackbone):
     """Adapter for ``open_clip.transformer.VisionTransformer``; pass ``model.visual`` or the CLIP model."""
 
     family = "open_clip"
+    reads_layers = True
 
     @public(name=class_name())
     def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
@@ -90,6 +93,20 @@ class OpenClipBackbone(VisionBackbone):
         )["image_intermediates"][0]
         # open_clip strips one prefix token (its class token); a layout with more leaves the others first.
         return out if self.num_prefix_tokens == 1 else out[:, self.num_prefix_tokens - 1 :]
+
+    def _hidden_states(self, pixels: torch.Tensor, blocks: tuple[int, ...], prefix: bool) -> list[torch.Tensor]:
+        out = self.model.forward_intermediates(
+            pixels,
+            indices=[k - 1 for k in blocks],
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
+            output_extra_tokens=prefix,
+        )
+        tokens = out["image_intermediates"]
+        if prefix:  # open_clip hands its class token back apart: the whole sequence is that token, then the rest
+            return [torch.cat([c, t], dim=1) for t, c in zip(tokens, out["image_intermediates_prefix"])]
+        return tokens if self.num_prefix_tokens == 1 else [t[:, self.num_prefix_tokens - 1 :] for t in tokens]
 
 
 def _timm_trunk_backbone(visual, layer, mean, std, source, name) -> TimmBackbone:

@@ -3,7 +3,9 @@ and the ``timm:`` family: ``create_backbone("timm:<model>", pretrained=<file>)``
 
 Tokens come from timm's own ``forward_intermediates(indices=[k-1], output_fmt="NLC",
 intermediates_only=True, stop_early=True)``, which drops the ``model.num_prefix_tokens`` class and
-register tokens and stops after the requested block. Mean/std come from the model's pretrained config.
+register tokens and stops after the requested block. Several layers (``layer=[-2, -5]``) are its
+``indices`` in one such call; ``prefix=True`` asks for ``return_prefix_tokens``. Mean/std come from the
+model's pretrained config.
 A model built with ``dynamic_img_size=True`` resamples its position embeddings to each input, so
 the adapter also runs views other than the native size (whole multiples of the patch; ``accepts``).
 
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -49,6 +52,7 @@ class TimmBackbone(VisionBackbone):
     """Adapter for a timm ViT (see module docs). ``mean``/``std`` override the pretrained config's."""
 
     family = "timm"
+    reads_layers = True
 
     @public(name=class_name())
     def __init__(self, model: nn.Module, layer: int = -2, mean=None, std=None, source: str | None = None) -> None:
@@ -85,6 +89,20 @@ class TimmBackbone(VisionBackbone):
             pixels, indices=[k - 1], output_fmt="NLC", intermediates_only=True, stop_early=True, norm=False
         )
         return out[0]
+
+    def _hidden_states(self, pixels: torch.Tensor, blocks: tuple[int, ...], prefix: bool) -> list[torch.Tensor]:
+        indices = [k - 1 for k in blocks]
+        kw = dict(output_fmt="NLC", intermediates_only=True, stop_early=True, norm=False)
+        if not (prefix and self.num_prefix_tokens):
+            return list(self.model.forward_intermediates(pixels, indices=indices, **kw))
+        if "return_prefix_tokens" not in inspect.signature(self.model.forward_intermediates).parameters:
+            raise ValueError(
+                f"prefix=True: this timm {type(self.model).__name__} cannot return its prefix tokens "
+                f"(forward_intermediates has no return_prefix_tokens). Use prefix=False (the patch tokens), or a "
+                f"timm VisionTransformer."
+            )
+        out = self.model.forward_intermediates(pixels, indices=indices, return_prefix_tokens=True, **kw)
+        return [torch.cat([p, t], dim=1) for t, p in out]  # timm hands back (patches, prefix) pairs
 
 
 # --- the timm: family --------------------------------------------------------------------------------------

@@ -47,19 +47,29 @@ def views_per_call(bb: VisionBackbone, size, max_batch: int | str) -> int:
 
 
 def encode_views(
-    bb: VisionBackbone, pixels: torch.Tensor, layer: int, max_batch: int | str = "auto", train: bool = False
+    bb: VisionBackbone,
+    pixels: torch.Tensor,
+    layer,
+    max_batch: int | str = "auto",
+    train: bool = False,
+    *,
+    prefix: bool = False,
 ) -> torch.Tensor:
     """``(S, C, h, w)`` views in ``[0, 1]`` (or uint8 ``[0, 255]``) of one size -> ``(S, t, D)`` features,
     ``t = (h // ph) * (w // pw)``, in chunks of :func:`views_per_call`. uint8 pixels are converted one chunk at
-    a time (no float copy of the stack); gradients reach the backbone only with ``train=True``."""
+    a time (no float copy of the stack); gradients reach the backbone only with ``train=True``. ``layer`` and
+    ``prefix`` are :meth:`VisionBackbone.features`'s (a list of layers: ``len(layer) * D`` channels;
+    ``prefix=True``: the prefix tokens first)."""
     if pixels.shape[0] == 0:
         t = (pixels.shape[-2] // bb.patch_size[0]) * (pixels.shape[-1] // bb.patch_size[1])
-        return torch.zeros(0, t, bb.hidden_size, dtype=bb.dtype, device=bb.device)
+        t += bb.num_prefix_tokens if prefix else 0
+        return torch.zeros(0, t, bb.feature_width(layer), dtype=bb.dtype, device=bb.device)
 
     def encode(chunk: torch.Tensor) -> torch.Tensor:
         x = bb.normalize(chunk.to(bb.device))  # float32
         x = x.to(bb.dtype)  # a bf16 / fp16 backbone: the float32 copy is freed here, before the blocks run
-        return bb.features(x, layer=layer)
+        # prefix= only when asked: a user's backbone whose features(x, layer) predates it still runs
+        return bb.features(x, layer=layer, prefix=True) if prefix else bb.features(x, layer=layer)
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and train):
         feats = [encode(c) for c in pixels.split(views_per_call(bb, pixels.shape[-2:], max_batch))]

@@ -42,7 +42,6 @@ from torch import nn
 from .._errors import public
 from .._validation import as_bool, as_image_size, as_index
 from ..backbones import VisionBackbone, create_backbone, wrap_backbone
-from ..backbones.base import resolve_layer
 from ..modules.dual_crop import DualPerspectiveCrop
 from ..modules.dual_front_end import DualFrontEnd, SubimageFeatures
 from ..modules.frontend import FrontEnd, TokenSegment, ViewPlan, backbone_accepts, sizes_taken, slot_mask
@@ -70,7 +69,8 @@ class HighResEncoder(nn.Module):
             ``dcm=True``), a :class:`~hrperc.DualPerspectiveEnhancement`, or ``None`` (no DEM).
         combine: with a ``DualPerspectiveCrop``: ``"mean"`` (default), ``"concat"`` or ``"none"`` (see
             :mod:`hrperc.modules.dual_front_end`); a recipe's front end assembles its own tokens.
-        layer: backbone layer (default: the backbone's, -2).
+        layer: backbone layer (default: the backbone's, -2), or a list of layers read in one pass and
+            concatenated on the channels in its order (``[-2, -5, -8]``: :attr:`token_width` ``3 * D``).
         max_batch: at most this many views per backbone call. ``"auto"`` (default): 32 native tiles'
             worth on a GPU, where batching fills the device; on a CPU about 2048 tokens per call (3 tiles
             for ViT-L/14-336, 10 for ViT-B/16), since one tile already saturates CPU matmuls and larger
@@ -103,7 +103,7 @@ class HighResEncoder(nn.Module):
         crop: DualPerspectiveCrop | FrontEnd | None = None,
         dem="default",
         combine: str | None = None,
-        layer: int | None = None,
+        layer: int | list[int] | None = None,
         max_batch: int | str = "auto",
         encode_all: bool = False,
         train_backbone: bool = False,
@@ -143,11 +143,14 @@ class HighResEncoder(nn.Module):
                     f"Pass max_batch='auto' (the default) or e.g. max_batch=8."
                 )
             max_batch = n
-        if layer is not None:
-            resolve_layer(layer, bb.num_layers)
-        front_end.attach_dem(dem, bb.hidden_size)  # the front end owns its DEM: front_end.state_dict()
+        read = bb.layer if layer is None else bb.check_layer(layer)  # an int, or a tuple of several
+        # the prefix tokens too where the front end reads them (LLaVA-1.5's select_strategy="full")
+        self._prefix = bool(getattr(front_end, "keeps_prefix", False))
+        if self._prefix:
+            bb.check_layer(read, prefix=True)
+        front_end.attach_dem(dem, bb.feature_width(read))  # the front end owns its DEM: front_end.state_dict()
         self.backbone, self.front_end = bb, front_end
-        self.layer = bb.layer if layer is None else int(layer)
+        self.layer = read
         #: The recipe that built this encoder and its options (set by :func:`hrperc.create_encoder`).
         self.recipe: str | None = None
         self.recipe_options: dict = {}
@@ -169,7 +172,7 @@ class HighResEncoder(nn.Module):
 
     @public(name="HighResEncoder.dem")
     def _set_dem(self, dem) -> None:
-        self.front_end.attach_dem(dem, self.backbone.hidden_size)
+        self.front_end.attach_dem(dem, self.backbone.feature_width(self.layer))
 
     dem = property(lambda self: self.front_end.dem, doc="The front end's DEM (``None`` without one).")
     frontend = property(lambda self: self.front_end, doc="The front end (:attr:`front_end`, its older name).")
@@ -197,7 +200,7 @@ class HighResEncoder(nn.Module):
     def token_width(self) -> int:
         """``D'``: channels of the output tokens (the backbone's width, or a recipe's after a pixel shuffle
         or a channel concatenation); a projector for these tokens takes ``D'`` inputs."""
-        return self.front_end.token_width(self.backbone.hidden_size)
+        return self.front_end.token_width(self.backbone.feature_width(self.layer))
 
     @property
     def tile_tokens(self) -> tuple[int, int]:
@@ -258,7 +261,7 @@ class HighResEncoder(nn.Module):
         """``(S, 3, h, w)`` views in ``[0, 1]`` (or uint8 ``[0, 255]``) of one size -> ``(S, t, D)`` tokens,
         ``t = (h // ph) * (w // pw)``, in chunks (:attr:`chunk_size` for native tiles). uint8 pixels are
         converted one chunk at a time (no float copy of the stack)."""
-        return encode_views(self.backbone, pixels, self.layer, self.max_batch, self.train_backbone)
+        return encode_views(self.backbone, pixels, self.layer, self.max_batch, self.train_backbone, prefix=self._prefix)
 
     def _encode_packed(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of every size through a packing backbone (``packs_views``) in one call."""

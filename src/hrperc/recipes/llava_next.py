@@ -20,9 +20,17 @@ its ``image_newline`` (``forward(newline=...)``).
 go through the ViT too, the DEM (``dem=``, default a fresh one with ``reduction="none"``) enhances the
 tiles' map with them, and the enhanced map takes the tiles' place -- the same layout, the same count.
 
+``layer`` may be a list, the model's list ``vision_feature_layer``: ``layer=[-2, -5, -8]`` concatenates the
+layers' tokens on the channels in that order (``token_width`` ``3 * D``; with ``dcm=True`` the DEM runs at
+that width), read in one pass of the tower. ``select_strategy`` is the model's
+``vision_feature_select_strategy``: ``"default"`` (the patch tokens); ``"full"`` keeps prefix tokens, which a
+tiling recipe cannot place, so it is taken only for a tower that has none (SigLIP's, where both give the same
+tokens) and refused for a CLIP tower (transformers itself fails there: it reshapes each tile's 577 tokens
+into a 24 x 24 map).
+
 Options: the keyword arguments of :class:`AnyresFrontEnd` (``pinpoints``: ``(height, width)`` pairs,
-multiples of the tile; ``tie_break``, ``newline``, ``dcm``), ``dem``, ``layer`` (default -2) and the
-encoder options.
+multiples of the tile; ``tie_break``, ``newline``, ``dcm``, ``select_strategy``), ``dem``, ``layer`` (default
+-2; an int or a list) and the encoder options.
 
 Example::
 
@@ -48,6 +56,7 @@ from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge, stride_crop
 from . import register_recipe
 from ._common import as_backbone, build, options_of, split_options
+from .llava15 import as_select_strategy
 
 __all__ = ["build_llava_next", "AnyresFrontEnd", "AnyresViewPlan", "scaled_pinpoints"]
 
@@ -86,6 +95,7 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
         newline: bool = True,
         max_tiles: int | None = None,
         dcm: bool = False,
+        select_strategy: str = "default",
         name: str = "llava_next",
     ) -> None:
         super().__init__(tile_size, patch_size)
@@ -106,6 +116,19 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
             max_tiles = as_int(max_tiles, "max_tiles", example="max_tiles=9 (OneVision's anyres_max_9) or None")
         self.pinpoints, self.tie_break, self.newline = pairs, tie_break, as_bool(newline, "newline")
         self.max_tiles, self.uses_dem, self.name = max_tiles, as_bool(dcm, "dcm"), name
+        self.select_strategy = as_select_strategy(select_strategy)
+
+    def check_backbone(self, backbone) -> None:
+        super().check_backbone(backbone)
+        prefix = backbone.num_prefix_tokens
+        if self.select_strategy == "full" and prefix:
+            ht, wt = self.tile_tokens
+            raise ValueError(
+                f"select_strategy='full' keeps the tower's {prefix} prefix token(s), which {self.name}'s tiles cannot "
+                f"hold: each tile must give a {ht} x {wt} map (transformers itself fails here, reshaping "
+                f"{prefix + ht * wt} tokens into {ht} x {wt}). Use select_strategy='default' (the patch tokens), or a "
+                f"tower without a class token (SigLIP)."
+            )
 
     def plan(self, image_size) -> AnyresViewPlan:
         H, W = image_size

@@ -11,9 +11,14 @@ token count and ``LlavaOnevisionModel.pack_image_features`` before the projector
   features, so ``forward(project=...)`` applies the projector first;
 * one newline slot per row of the (shrunk) map, after a base view of ``ht*wt`` tokens.
 
+``layer`` may be a list of layers (the model's list ``vision_feature_layer``), concatenated on the channels
+in its order; ``select_strategy`` is the model's ``vision_feature_select_strategy`` (``"full"``, OneVision's
+default, on its SigLIP tower: every patch token; refused on a tower with a class token), as in
+:mod:`hrperc.recipes.llava_next`.
+
 Options: the keyword arguments of :class:`~hrperc.recipes.llava_next.AnyresFrontEnd` (``pinpoints``,
-``max_tiles``: default 9 here, ``None`` turns the shrink off; ``tie_break``, ``newline``, ``dcm``), ``dem``,
-``layer`` (default -1) and the encoder options.
+``max_tiles``: default 9 here, ``None`` turns the shrink off; ``tie_break``, ``newline``, ``dcm``,
+``select_strategy``), ``dem``, ``layer`` (default -1; an int or a list) and the encoder options.
 
 Example::
 

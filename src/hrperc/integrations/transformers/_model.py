@@ -131,15 +131,14 @@ def _kwargs_class(processor):
 
 def merge_kwargs(processor, **kwargs) -> dict | None:
     """``processor._merge_kwargs`` of the call options ``kwargs`` with the processor's defaults (``None``: it has
-    none). transformers 5.20 and later find the processor's ``ProcessingKwargs`` class themselves; 5.19 and
-    earlier take it first (what their processors' ``__call__`` passes)."""
+    none). Its ``ProcessingKwargs`` class is passed as the processors' own ``__call__`` passes it: transformers
+    5.20 and later would find it themselves, 5.19 and earlier require it."""
     merge = getattr(processor, "_merge_kwargs", None)
     if merge is None:
         return None
     init = getattr(getattr(processor, "tokenizer", None), "init_kwargs", None) or {}
-    if hasattr(processor, "valid_processor_kwargs"):
-        return merge(tokenizer_init_kwargs=init, **kwargs)
-    return merge(_kwargs_class(processor), tokenizer_init_kwargs=init, **kwargs)
+    kinds = getattr(processor, "valid_processor_kwargs", None) or _kwargs_class(processor)
+    return merge(kinds, tokenizer_init_kwargs=init, **kwargs)
 
 
 def _plain(value):

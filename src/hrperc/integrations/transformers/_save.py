@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..._errors import public
-from ...backbones.base import resolve_layer
+from ...backbones.base import resolve_layers
 from ...modules.dem import DIRECTIONS, PAIRINGS, DualPerspectiveEnhancement
 from ...modules.fusion import FUSIONS
 from ...modules.projector import build_projector
@@ -405,11 +405,12 @@ def _validate(config, model, inner, family) -> dict:
     _check_keys(bb, ("layer", "mean", "std"), '"backbone"')
     tower = family.backbone(tower_of(inner, family), layer=-1)  # a wrapper only: no weights are made
     layer = bb["layer"]
-    _need(_is_int(layer), f'"backbone.layer" is {layer!r}, not an int')
+    several = isinstance(layer, list) and 0 < len(layer) <= 1024 and all(_is_int(v) for v in layer)
+    _need(_is_int(layer) or several, f'"backbone.layer" is {layer!r}, not an int or a list of ints')
     try:
-        resolve_layer(layer, tower.num_layers)
+        width = tower.hidden_size * len(resolve_layers(layer, tower.num_layers))
     except (TypeError, ValueError):
-        raise _Bad(f'"backbone.layer" is {layer}; the tower has {tower.num_layers} layers') from None
+        raise _Bad(f'"backbone.layer" is {layer}; the tower has {tower.num_layers} layers, each read once') from None
     for key in ("mean", "std"):
         v = bb[key]
         ok = isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) and (key == "mean" or min(v) > 0)
@@ -417,7 +418,7 @@ def _validate(config, model, inner, family) -> dict:
     # A null "dem" becomes dem=None, never a fresh random DEM in place of saved weights: the recipe refuses
     # dem=None where it runs one (and a DEM where it runs none) when the front end is rebuilt.
     dem = config["dem"]
-    dem_kw = None if dem is None else _check_dem(dem, tower.hidden_size)
+    dem_kw = None if dem is None else _check_dem(dem, width)
     proj = config["projector"]
     proj = None if proj is None else _check_projector(proj, text_width(model), legacy)
     return {
