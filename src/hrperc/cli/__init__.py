@@ -1,4 +1,10 @@
-"""Command line: ``hrperc demo`` (the README's main job) and friends.
+"""Command line: ``hrperc demo`` (the README's main job), ``hrperc encode``, ``hrperc recipes``.
+
+``hrperc encode IMAGE... [--recipe NAME] [--option KEY=VALUE ...] [--save FILE.safetensors]`` runs any tiling
+recipe around a ``--backbone`` (default ``inf_llava``, the released INF-LLaVA front end) and prints each
+image's plan and tokens (:mod:`hrperc.cli.encode`, :mod:`hrperc.cli.save`); ``hrperc recipes [NAME ...]``
+lists the recipes with their options, types and defaults, read from each recipe's own declaration
+(:mod:`hrperc.cli.recipes`); ``hrperc --version`` prints the version.
 
 ``hrperc demo [IMAGE] [--out DIR] [--grid auto|GHxGW] [--tile-size 336] [--max-tiles 12]`` crops an image
 (by default a generated 1344 x 1008 sample with fine text) both ways, writes ``crops.png`` and prints the
@@ -34,13 +40,23 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .._version import __version__
+    from ..recipes import list_recipes
     from .demo import run_demo
     from .encode import add_demo_encoder_arguments, add_encode_parser
+    from .recipes import run_recipes
 
     parser = _Parser(prog="hrperc", description="High-resolution perception for MLLMs.")
+    parser.add_argument("--version", action="version", version=f"hrperc {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="crop a high-resolution image both ways and draw the result")
+    demo = sub.add_parser(
+        "demo",
+        help="crop a high-resolution image both ways and draw the result",
+        description="Crop an image (default: a generated sample) with INF-LLaVA's dual-perspective crops, write "
+        "crops.png, print the geometry and token accounting, then run the whole encoder and draw the DEM's "
+        "attention.",
+    )
     demo.add_argument("image", nargs="?", help="image file (default: a generated 1344x1008 sample)")
     demo.add_argument("--out", default="outputs", help="folder for the pictures (default: outputs)")
     demo.add_argument("--grid", type=parse_grid, default="auto", help="auto, floor or ROWSxCOLS (default auto)")
@@ -63,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_encoder_arguments(demo)
     demo.set_defaults(func=run_demo)
     add_encode_parser(sub)
+    recipes = sub.add_parser(
+        "recipes",
+        help="list the recipes with their options and defaults",
+        description="List the recipes (hrperc encode --recipe NAME) with their options, types and defaults, as "
+        "each recipe declares them.",
+    )
+    recipes.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"only these recipes, of {', '.join(list_recipes())} (default: all)"
+    )
+    recipes.set_defaults(func=run_recipes)
     return parser
 
 

@@ -60,16 +60,20 @@ def _grid_text(grid) -> str:
     return grid if isinstance(grid, str) else f"{grid[0]}x{grid[1]}"
 
 
-def check_canvas(crop, image_size, source: str, args, *, tile_flag: bool) -> None:
+def check_canvas(crop, image_size, source: str, args, *, tile_flag: bool, flags: bool = True) -> None:
     """Refuse (``ValueError``) an image whose canvas under ``crop`` is over :func:`canvas_limit`.
 
-    ``crop``: the :class:`~hrperc.DualPerspectiveCrop` that will cut it (only its ``plan`` runs: no pixel
-    is touched); ``image_size``: ``(H, W)``; ``source``: the image's name for the message; ``args``: the
-    parsed flags (``grid``, ``max_tiles``, ``max_canvas_pixels``, and ``fit`` where the command has it);
-    ``tile_flag``: whether ``--tile-size`` sets the tile (then the fix names it).
+    ``crop``: the :class:`~hrperc.DualPerspectiveCrop` that will cut it, or a recipe's front end (only its
+    ``plan`` runs: no pixel is touched); ``image_size``: ``(H, W)``; ``source``: the image's name for the
+    message; ``args``: the parsed flags (``grid``, ``max_tiles``, ``max_canvas_pixels``, and ``fit`` where
+    the command has it);
+    ``tile_flag``: whether ``--tile-size`` sets the tile (then the fix names it); ``flags``: whether
+    ``--grid`` / ``--max-tiles`` / ``--fit`` set the grid (INF-LLaVA's crop; else a recipe's front end, whose
+    options do, and ``crop`` is that front end).
     """
     H, W = image_size
     geo = crop.plan((H, W))
+    geo = getattr(geo, "geometry", geo)  # a front end's plan holds its CropGeometry
     (gh, gw), (th, tw), (ch, cw) = geo.grid, geo.tile_size, geo.canvas_size
     pixels = ch * cw
     limit = canvas_limit((H, W), args.max_canvas_pixels)
@@ -82,7 +86,9 @@ def check_canvas(crop, image_size, source: str, args, *, tile_flag: bool) -> Non
     else:
         why = f"{UPSAMPLE_AREA}x the image's {H * W:,} pixels, at least {CANVAS_FLOOR:,}: 4x upsampling a side"
     fit = getattr(args, "fit", "resize")
-    if args.grid == "auto" and fit != "pad":
+    if not flags:
+        fix = "recipe options that give a smaller canvas (fewer or smaller tiles; hrperc recipes lists them)"
+    elif args.grid == "auto" and fit != "pad":
         fix = "a smaller --max-tiles"
     elif fit == "pad":
         fix = "--fit resize (it scales the image to a grid within --max-tiles)"
@@ -90,8 +96,9 @@ def check_canvas(crop, image_size, source: str, args, *, tile_flag: bool) -> Non
         fix = "a smaller --grid (or --grid auto, which picks the grid the image needs)"
     if tile_flag:
         fix += " or a smaller --tile-size"
+    setting = f" with --grid {_grid_text(args.grid)}" if flags else ""
     raise ValueError(
-        f"{source} ({W}x{H}, W x H) with --grid {_grid_text(args.grid)} gets a {gh}x{gw} grid of {tw}x{th} tiles: "
+        f"{source} ({W}x{H}, W x H){setting} gets a {gh}x{gw} grid of {tw}x{th} tiles: "
         f"a {cw}x{ch} canvas of {pixels:,} pixels, over the limit of {limit:,} for this image ({why}). Use {fix}; "
         f"if you have the memory, pass --max-canvas-pixels {pixels} (0: no limit)."
     )

@@ -1,0 +1,349 @@
+"""The recipes' options on the command line: ``hrperc recipes``, and ``hrperc encode --option key=value``.
+
+A recipe declares its options once, in code: its builder hands :func:`hrperc.recipes._common.split_options`
+the keyword parameters of its front end's constructor (:func:`~hrperc.recipes._common.options_of`) and the
+encoder options it passes through to :class:`~hrperc.HighResEncoder`. :func:`describe_recipe` reads that
+declaration instead of keeping a list here: it asks the recipe to build around no backbone and records the
+arguments of those two calls as they happen (the recipe refuses the missing backbone right after; nothing
+is built). The front end's constructor and ``HighResEncoder``'s give each option its type and default, a
+value the recipe sets itself (``layer``, OneVision's ``max_tiles=9``, a module's released settings such as
+``inf_llava.CROP``) overrides the constructor's, and a recipe whose front end has no fixed view size
+(``FrontEnd.tile_size is None``: Qwen2-VL, Pixtral) is marked *native*: it runs on its model's own vision
+tower, which ``--backbone NAME`` does not build.
+
+``--option key=value`` values are parsed by the option's type (:func:`parse_value`): a bool as
+``true``/``false`` (``1``/``0``, ``yes``/``no``), an int, a float, a string; ``none`` where the option takes
+``None``; a tuple or list as JSON (``[[336, 672], [672, 336]]``) or a comma list (``1,2,3``). The recipe
+then checks the values itself, with its own message. An unknown name is refused before anything is built,
+listing the recipe's options.
+
+Example::
+
+    >>> info = describe_recipe("internvl")
+    >>> [(o.name, o.default) for o in info.options if o.owner == "front end"]
+    [('max_tiles', 12), ('min_tiles', 1), ('thumbnail', True), ('downsample', 2), ('dcm', False)]
+    >>> info.option("layer").default, info.native
+    (-1, False)
+    >>> parse_options(info, ["max_tiles=6", "thumbnail=false", "layer=-2"])
+    {'max_tiles': 6, 'thumbnail': False, 'layer': -2}
+    >>> parse_options(info, ["tiles=6"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: --option tiles=6: recipe 'internvl' has no option 'tiles'; its options: max_tiles, ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RecipeOption", "RecipeInfo", "describe_recipe", "parse_value", "parse_options", "run_recipes"]
+
+_EMPTY = inspect.Parameter.empty
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_NONE = ("none", "null")
+
+
+@dataclass(frozen=True)
+class RecipeOption:
+    """One option of a recipe: ``name``; ``owner``: ``"front end"`` (its front end's constructor) or
+    ``"encoder"`` (passed to :class:`~hrperc.HighResEncoder`); ``annotation``: the constructor's annotation
+    as written (``""`` when there is none); ``default``: the recipe's value when it sets one, else the
+    constructor's (``inspect.Parameter.empty``: none, the recipe computes it, e.g. from the backbone's tile)."""
+
+    name: str
+    owner: str
+    annotation: str = ""
+    default: Any = _EMPTY
+
+    @property
+    def kind(self) -> str:
+        """How a value is read: ``"bool"``, ``"int"``, ``"float"``, ``"int|str"``, ``"str"``, ``"list"`` or
+        ``"any"`` (from the annotation, else from the type of the default)."""
+        words = {w.strip() for w in self.annotation.replace("Optional[", "").rstrip("]").split("|")} - {"", "None"}
+        for kind in ("bool", "float"):
+            if kind in words:
+                return kind
+        if "int" in words:
+            return "int|str" if "str" in words else "int"
+        if "str" in words or any(w.startswith("Literal") for w in words):
+            return "str"
+        if words & {"tuple", "list"} or any(w.startswith(("tuple[", "list[", "Sequence")) for w in words):
+            return "list"
+        d = self.default
+        for kind, types in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", (tuple, list))):
+            if isinstance(d, types):
+                return kind
+        return "any"
+
+    @property
+    def nullable(self) -> bool:
+        """Whether ``None`` is a declared value (the annotation names it, or the default is ``None``)."""
+        return "None" in self.annotation or "Optional" in self.annotation or self.default is None
+
+    @property
+    def takes_none(self) -> bool:
+        """Whether ``none`` reads as ``None``: a nullable option, or one without an annotation (``dem``: a
+        module, a path, ``"default"`` or ``None``; the recipe checks it)."""
+        return self.nullable or not self.annotation
+
+    def describe(self) -> str:
+        """``name: type = default`` for the listing."""
+        kind = {"int|str": "int or str", "list": "list", "any": "value"}.get(self.kind, self.kind)
+        kind += " or none" if self.nullable and self.default is not None else ""
+        default = "(from the backbone)" if self.default is _EMPTY else _show(self.default)
+        return f"{self.name}: {kind} = {default}"
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """What ``hrperc recipes`` prints about one recipe: ``name``, ``summary`` (the first line of its module's
+    docs), ``front_end`` (the class whose constructor declares its options), ``options`` (front end's, then the
+    encoder's), ``native`` (no fixed view size: runs on its model's own tower) and ``declared`` (False when the
+    recipe did not declare its options through ``split_options``: then values are read as JSON or strings and
+    only the recipe checks the names)."""
+
+    name: str
+    summary: str
+    front_end: str
+    options: tuple[RecipeOption, ...] = field(default_factory=tuple)
+    native: bool = False
+    declared: bool = True
+
+    def option(self, name: str) -> RecipeOption:
+        return next(o for o in self.options if o.name == name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+
+class _Recorder:
+    """A ``sys.setprofile`` hook recording the calls of ``options_of`` and ``split_options`` (their arguments
+    as the recipe passes them) and what ``split_options`` returns (the recipe then fills in its own defaults,
+    e.g. ``enc.setdefault("layer", -1)``, before it looks at the backbone)."""
+
+    def __init__(self) -> None:
+        from ..recipes import _common
+
+        self.codes = {_common.options_of.__code__: "options_of", _common.split_options.__code__: "split_options"}
+        self.front_end: type | None = None
+        self.split: dict[str, Any] | None = None
+        self.returned: tuple[dict, dict] | None = None
+
+    def __call__(self, frame, event, arg) -> None:
+        what = self.codes.get(frame.f_code)
+        if what is None:
+            return
+        loc = frame.f_locals
+        if event == "call" and what == "options_of" and self.front_end is None:
+            self.front_end = loc["cls"]
+        elif event == "call" and what == "split_options" and self.split is None:
+            self.split = {"own": tuple(loc["own"]), "encoder": tuple(loc["encoder"]), "given": dict(loc["options"])}
+        elif event == "return" and what == "split_options" and self.returned is None and isinstance(arg, tuple):
+            self.returned = arg
+
+
+@contextlib.contextmanager
+def _profiled(hook):
+    old = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(old)
+
+
+def _signature_defaults(cls) -> dict[str, tuple[str, Any]]:
+    """``name -> (annotation text, default)`` of the keyword parameters of ``cls``'s constructor."""
+    out = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        ann = p.annotation
+        text = "" if ann is _EMPTY else ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        out[p.name] = (text, p.default)
+    return out
+
+
+def _module_settings(module, names) -> dict[str, Any]:
+    """A recipe module's released settings: its public dicts whose keys are all option names (``inf_llava``'s
+    ``CROP`` and ``ENCODER``: the values it builds with over the constructors' defaults)."""
+    out: dict[str, Any] = {}
+    for key, value in vars(module).items():
+        if key.isupper() and isinstance(value, dict) and value and all(k in names for k in value):
+            out.update(value)
+    return out
+
+
+def _is_native(front_end: type | None) -> bool:
+    """Whether ``front_end`` has no fixed view size (``tile_size is None`` once built with its defaults around
+    a 224 px tile: it sizes each image's view itself); unknown (False) when it cannot be built that way."""
+    if front_end is None:
+        return False
+    try:
+        built = front_end((224, 224), (14, 14))
+    except Exception:  # a front end that needs more (pinpoints, a DEM): a tiling one, or the recipe will say
+        return False
+    return getattr(built, "tile_size", (224, 224)) is None
+
+
+def _summary(doc: str | None) -> str:
+    """The first sentence of a recipe module's docs, after its ``name``: head, without reST markup."""
+    paragraph = " ".join((doc or "").strip().split("\n\n", 1)[0].split())
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", paragraph.split(":", 1)[-1]).replace("``", "").strip()
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def describe_recipe(name: str, *, flag: str = "--recipe") -> RecipeInfo:
+    """The options of recipe ``name`` as it declares them (see the module docs), with types and defaults.
+
+    Raises ``ValueError`` naming ``flag`` and the known recipes for an unknown ``name``."""
+    from .. import recipes
+    from ..encoder import HighResEncoder
+
+    if name not in recipes.list_recipes():
+        raise ValueError(f"{flag} {name!r} is not a recipe; pass one of {', '.join(recipes.list_recipes())}.")
+    builder = recipes._RECIPES[name]
+    recorder = _Recorder()
+    with _profiled(recorder), contextlib.suppress(Exception):  # the recipe refuses the missing backbone
+        builder(None)
+    module = sys.modules.get(builder.__module__)
+    summary = _summary(module.__doc__ if module is not None else None)
+    if recorder.split is None:
+        return RecipeInfo(name, summary, "", native=_is_native(recorder.front_end), declared=False)
+    split, cls = recorder.split, recorder.front_end
+    front = _signature_defaults(cls) if cls is not None else {}
+    encoder = _signature_defaults(HighResEncoder)
+    names = set(split["own"]) | set(split["encoder"])
+    own_values = {**(_module_settings(module, names) if module else {}), **split["given"]}
+    if recorder.returned is not None:
+        for values in recorder.returned:
+            own_values.update(values)
+    options = []
+    for owner, listed, table in (("front end", split["own"], front), ("encoder", split["encoder"], encoder)):
+        for key in listed:
+            ann, default = table.get(key, ("", _EMPTY))
+            options.append(RecipeOption(key, owner, ann, own_values.get(key, default)))
+    return RecipeInfo(name, summary, cls.__name__ if cls else "", tuple(options), _is_native(cls))
+
+
+def parse_value(option: RecipeOption, text: str, *, flag: str = "--option"):
+    """``text`` as a value of ``option`` (see the module docs); a value its type cannot read is a ``ValueError``
+    naming the option, the value, the type and an example."""
+    low = text.strip().lower()
+    if low in _NONE and option.takes_none:
+        return None
+    kind = option.kind
+    example = f"{flag} {option.name}=" + ("" if option.default is _EMPTY else _show(option.default))
+    if kind == "bool":
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ValueError(
+            f"{flag} {option.name}={text!r}: {option.name} is a bool; pass true or false (or 1 / 0), e.g. "
+            f"{flag} {option.name}={'false' if option.default is True else 'true'}."
+        )
+    if kind in ("int", "int|str"):
+        try:
+            return int(text)
+        except ValueError:
+            if kind == "int|str":
+                return text
+            raise ValueError(
+                f"{flag} {option.name}={text!r}: {option.name} is an int{' or none' * option.nullable}; pass a "
+                f"whole number, e.g. {example}."
+            ) from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"{flag} {option.name}={text!r}: {option.name} is a number; pass e.g. {example}."
+            ) from None
+    if kind == "str":
+        return text
+    try:  # a list, or a value of no declared type: JSON first, then a comma list of numbers
+        return _tuples(json.loads(text))
+    except ValueError:
+        pass
+    if "," in text:
+        try:
+            return tuple(json.loads(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            pass
+    return text
+
+
+def _tuples(value):
+    """JSON lists as tuples (the recipes' defaults are tuples), nested too."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def parse_options(info: RecipeInfo, pairs) -> dict[str, Any]:
+    """``--option key=value`` strings as the recipe's options (see :func:`parse_value`); a malformed pair,
+    a name given twice or a name the recipe does not have is a ``ValueError`` naming it."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, eq, text = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--option {pair!r} is not key=value; pass e.g. --option {_first(info)}.")
+        if key in out:
+            raise ValueError(f"--option {key} is given twice ({key}={out[key]!r} and {pair!r}); pass it once.")
+        if not info.declared:
+            out[key] = parse_value(RecipeOption(key, "front end"), text)
+            continue
+        if key not in info.names:
+            raise ValueError(
+                f"--option {pair}: recipe {info.name!r} has no option {key!r}; its options: "
+                f"{', '.join(info.names)}. Pass one of them (hrperc recipes lists their types and defaults)."
+            )
+        out[key] = parse_value(info.option(key), text)
+    return out
+
+
+def _first(info: RecipeInfo) -> str:
+    if not info.options:
+        return "name=value"
+    o = info.options[0]
+    return f"{o.name}={'value' if o.default is _EMPTY else _show(o.default)}"
+
+
+def run_recipes(args) -> int:
+    """``hrperc recipes [NAME ...]``: each recipe, what it is, and its options with types and defaults."""
+    from .. import recipes
+
+    names = args.names or recipes.list_recipes()
+    infos = [describe_recipe(name, flag="NAME") for name in names]  # an unknown name: before any output
+    for info in infos:
+        print(f"{info.name}: {info.summary}")
+        if info.front_end:
+            print(f"  front end  {info.front_end} (hrperc.recipes.{info.name}: its docs say what each option does)")
+        if info.native:
+            print(
+                "  backbone   its model's own vision tower (native resolution), which hrperc encode does not build; "
+                "in Python: create_encoder(name, tower) or encoder_from_model(model, processor)"
+            )
+        if not info.declared:
+            print("  options    see its module docs (not declared to split_options; the recipe checks them)")
+        width = max((len(o.name) for o in info.options), default=0)
+        for owner, head in (("front end", "options"), ("encoder", "encoder")):
+            for i, o in enumerate(o for o in info.options if o.owner == owner):
+                kind, default = o.describe().split(": ", 1)[1].split(" = ", 1)
+                print(f"  {head if i == 0 else '':<9}  {o.name:<{width}}  {kind:<16} {default}")
+        if info.native:
+            print("  note       defaults are the front end's; the recipe sets some from its tower (see its docs)")
+        print()
+    print("hrperc encode --recipe NAME --option key=value sets them (bools true/false; lists as JSON or 1,2,3).")
+    return 0
