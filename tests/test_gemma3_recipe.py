@@ -272,3 +272,19 @@ def test_refusals_name_the_value_and_the_fix(tiny):
         enc.num_tokens((0, 7))
     with raises_naming(TypeError, "layout=", "TokenSegment", FIX):
         image_text([(0, 16)], boi="<b>", image="<i>", eoi="</b>")
+
+
+def test_bf16_tokens_are_within_the_tolerance_rule(tiny):
+    model, proc = tiny
+    imgs = images(SIZES[:5], seed=3)
+    batch = _process(proc, imgs, do_pan_and_scan=True)
+    low, ref64_model = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(model).double()
+    enc = _encoder(low, do_pan_and_scan=True)
+    with torch.no_grad():
+        ref = low.model.get_image_features(batch["pixel_values"].to(torch.bfloat16)).pooler_output
+        ref64 = ref64_model.model.get_image_features(batch["pixel_values"].double()).pooler_output
+        out = enc(imgs, project=low.model.multi_modal_projector)
+    mine = torch.cat([out.tokens[i, :n] for i, n in enumerate(out.num_tokens)])
+    assert mine.dtype == torch.bfloat16
+    d = ref.shape[-1]
+    assert_close_to_reference(mine, ref.reshape(-1, d), ref64.reshape(-1, d), dtype=torch.bfloat16, name="bf16 tokens")
