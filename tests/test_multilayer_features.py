@@ -279,3 +279,41 @@ def test_the_config_s_layers_are_read_and_survive_save_and_load(tmp_path):
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_onevision_layer_list_equals_get_image_features():
+    from hrperc.ops import anyres
+
+    tile = 56  # a SigLIP tower of 4 x 4 tokens per tile, three blocks
+    pins = [list(p) for p in anyres.ONEVISION_PINPOINTS]
+    pins = [[h * tile // 384, w * tile // 384] for h, w in pins]
+    torch.manual_seed(0)
+    vision = tf.SiglipVisionConfig(image_size=tile, **{**_VISION, "num_hidden_layers": 3})
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_text_config(_tokenizer()),
+        image_grid_pinpoints=pins,
+        vision_feature_layer=[-1, 1],
+    )
+    mm = tf.LlavaOnevisionForConditionalGeneration(cfg).eval().model
+    proc = tf.LlavaOnevisionImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": tile, "width": tile}, image_grid_pinpoints=pins
+    )
+    sizes = [(100, 150), (60, 300)]
+    images = _images(sizes, seed=5)
+    batch = proc(images, return_tensors="pt", input_data_format="channels_first")
+    enc = encoder_from_model(mm)
+    assert enc.layer == (-1, 1) and enc.token_width == 64
+    with torch.no_grad():
+        ref = mm.get_image_features(
+            batch["pixel_values"],
+            batch["image_sizes"],
+            vision_feature_layer=[-1, 1],
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        ).pooler_output
+        out = enc(images, project=mm.multi_modal_projector, newline=mm.image_newline)
+    for b in range(len(sizes)):
+        n = out.num_tokens[b]
+        assert n == ref[b].shape[0]
+        torch.testing.assert_close(out.tokens[b, :n], ref[b], rtol=0, atol=1e-5)
