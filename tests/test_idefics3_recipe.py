@@ -302,6 +302,8 @@ def test_refusals_name_the_value_the_rule_and_the_fix():
         hrperc.create_encoder("idefics3", tower, longest_edge=224.0)
     with raises_naming(ValueError, "resample='nearest'", "'lanczos'", FIX):
         hrperc.create_encoder("idefics3", tower, resample="nearest")
+    with raises_naming(ValueError, "resample=[1]", "'lanczos'", FIX):
+        hrperc.create_encoder("idefics3", tower, resample=[1])
     with raises_naming(TypeError, "do_image_splitting='no'", FIX):
         hrperc.create_encoder("smolvlm", tower, do_image_splitting="no")
     with raises_naming(TypeError, "max_image_size", "longest_edge", FIX):

@@ -123,7 +123,7 @@ class IdeficsFrontEnd(FrontEnd[IdeficsPlan]):
         edge = (
             4 * th if longest_edge is None else as_int(longest_edge, "longest_edge", example=f"longest_edge={4 * th}")
         )
-        if resample not in RESAMPLES:
+        if not isinstance(resample, str) or resample not in RESAMPLES:
             raise ValueError(
                 f"resample={resample!r} is not one of {tuple(RESAMPLES)}. Pass resample='lanczos' (the processors' "
                 f"default) or 'bicubic'."
