@@ -29,6 +29,9 @@ CASES = {
 }
 
 
+OPTIONS = dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])  # honoured at the processor's call
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
@@ -60,7 +63,9 @@ def attached(request):
         for case, (sizes, texts) in CASES.items():
             inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
             ref[case] = inputs, model(**inputs).logits
-        sizes, texts = CASES["ragged batch"]
+        sizes, texts = CASES["one image"]
+        inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
+        ref["with image_mean / image_std"] = inputs, model(**inputs).logits
         ref_gen = model.generate(**ref["ragged batch"][0], max_new_tokens=4, do_sample=False)
     encoder = encoder_from_model(model, proc)
     model, aproc = attach(model, proc, encoder)
@@ -81,6 +86,18 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert (logits - ref_logits).abs().max().item() <= 1e-5
+
+
+def test_image_mean_and_std_at_the_call_are_honoured(attached):
+    _, model, _, aproc, _, ref, _ = attached
+    ref_in, ref_logits = ref["with image_mean / image_std"]
+    sizes, texts = CASES["one image"]
+    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
+    assert torch.equal(inputs["input_ids"], ref_in["input_ids"])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert (logits - ref_logits).abs().max().item() <= 1e-5
+    assert (logits - ref["one image"][1]).abs().max().item() > 1e-3  # the options changed the image
 
 
 def test_generate_equals_the_unmodified_model_s(attached):
@@ -164,7 +181,7 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     model, proc = build("4_6")
     fresh = copy.deepcopy(model)
     model, aproc = attach(model, proc, encoder_from_model(model, proc, dcm=True, max_slice_nums=4))
-    sizes, texts = CASES["ragged batch"]
+    sizes, texts = CASES["one image"]
     inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
     save_front_end(model, tmp_path)
     restored, rproc = load_front_end(fresh, proc, tmp_path)

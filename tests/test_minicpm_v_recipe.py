@@ -113,7 +113,6 @@ def test_slice_plan_refuses_options_outside_the_processor_s_ranges(options, frag
 # --- the processor's text on real images --------------------------------------------------------------------
 # sliced 1 x 2, 2 x 1, 3 x 3 (capped), 1 x 3; the source alone; the area's edge; a pixel; thin both ways
 TEXT_SIZES = [(500, 900), (900, 500), (1000, 1000), (300, 950), (40, 60), (448, 448), (449, 448), (1, 1), (30, 1400)]
-TEXT_SIZES += [(1200, 60), (333, 777), (640, 480)]
 
 
 def _expansion(proc, size):
@@ -167,7 +166,8 @@ def _model_features(model, proc, image, **kw):
     """The model's image features of one image, as its processor prepares it: ``(image tokens, D_llm)``."""
     inputs = proc(images=[image], text=["<unk>"], return_tensors="pt", **kw)
     with torch.no_grad():
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"], **kw)
+        mode = kw.get("downsample_mode")
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"], downsample_mode=mode)
     return torch.cat(out.pooler_output), inputs
 
 
@@ -184,38 +184,48 @@ def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_a
         del enc.backbone.features_packed
     shapes = {p.source for p in out.plans} | {p.slice for p in out.plans if p.slice is not None}
     assert calls == [len(shapes)]  # ONE tower pass, one stack per distinct view size
-    for i, (size, image) in enumerate(zip(TOKEN_SIZES, images)):
-        ref, inputs = _model_features(model, proc, image)
+    # the processor on the same batch; the model's features come per view: the source, then the slices
+    inputs = proc(images=images, text=["<unk>"] * len(images), return_tensors="pt", use_image_id=False)
+    with torch.no_grad():
+        views = model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"]).pooler_output
+    starts = [0] + [sum(p.views for p in out.plans[: i + 1]) for i in range(len(images))]
+    markers = {"image_start": "<image>", "image_end": "</image>", "slice_start": "<slice>"}
+    markers.update(slice_end="</slice>", row_end="\n")
+    for i, size in enumerate(TOKEN_SIZES):
         n = out.num_tokens[i]
         assert n == enc.num_tokens(size) == slices.num_tokens(size)
-        feats = out.tokens[i, :n][~out.slot_mask[i, :n]]
-        torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)  # fp32: bit for bit in practice
+        ref = torch.cat(views[starts[i] : starts[i + 1]])
+        torch.testing.assert_close(out.tokens[i, :n][~out.slot_mask[i, :n]], ref, rtol=0, atol=1e-6)  # fp32: 0.0
         assert not out.tokens[i, :n][out.slot_mask[i, :n]].any()  # the markers' slots stay zeros
         assert not out.tokens[i, n:].any()  # and the padding
-        # the slots are where the processor writes its markers, the features where it writes <unk>
-        ids = proc(images=[image], text=["<unk>"], use_image_id=False)["input_ids"][0]
+        # the slots are where the processor writes its markers, each run its marker; the features its <unk>
+        ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
         written = [proc.tokenizer.convert_ids_to_tokens(int(t)) for t in ids]
-        assert [t == "<unk>" for t in written] == (~out.slot_mask[i, :n]).tolist()
-        markers = {"image_start": "<image>", "image_end": "</image>", "slice_start": "<slice>"}
-        markers.update(slice_end="</slice>", row_end="\n")
-        expected = [
-            markers[s.source] if s.source in markers else "<unk>" for s in out.layout[i] for _ in range(s.length)
-        ]
-        assert expected == written
-        alone = enc([image], project=model.model.merger).tokens[0]
-        torch.testing.assert_close(out.tokens[i, :n], alone, rtol=0, atol=1e-6)
+        assert [markers.get(s.source, "<unk>") for s in out.layout[i] for _ in range(s.length)] == written
+    for i in (0, 1):  # sliced, and the source alone
+        alone = enc([images[i]], project=model.model.merger).tokens[0]
+        torch.testing.assert_close(out.tokens[i, : out.num_tokens[i]], alone, rtol=0, atol=1e-6)
+
+
+def test_the_encoder_counts_what_the_sizing_functions_count(built):
+    enc = built[2]
+    for size in _sweep(300, seed=1):
+        plan = enc.plan(size)
+        features = sum(s.length for s in plan.layout if s.source in ("source", "slice"))
+        assert (plan.num_tokens, features) == (slices.num_tokens(size), slices.num_image_tokens(size)), size
 
 
 def test_downsample_mode_4x_and_the_4_7_tower():
     model, proc = build_minicpm("4_7", seed=1)
-    image = _images([(500, 900)])[0]
+    image, small = _images([(250, 450)])[0], {"scale_resolution": 224}  # 1 x 2 slices
     for mode in ("4x", "16x"):
-        enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, downsample_mode=mode)
-        ref, _ = _model_features(model, proc, image, downsample_mode=mode)
+        enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, downsample_mode=mode, **small)
+        ref, _ = _model_features(model, proc, image, downsample_mode=mode, **small)
         with torch.no_grad():
             out = enc([image], project=model.model.merger)
         feats = out.tokens[0][~out.slot_mask[0]]
-        assert feats.shape[0] == slices.num_image_tokens((500, 900), downsample_mode=mode)
+        assert out.plans[0].grid == (1, 2)
+        assert feats.shape[0] == slices.num_image_tokens((250, 450), downsample_mode=mode, **small)
         torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
 
 
@@ -225,14 +235,15 @@ def test_bf16_within_the_tolerance_rule(built):
     from _tolerance import assert_close_to_reference
 
     model, proc, _ = built
-    image = _images([(300, 700)])[0]  # 1 x 2 slices
+    image, small = _images([(150, 250)])[0], {"scale_resolution": 112}  # 1 x 2 slices
     runs = {}
     for dtype in (torch.float64, torch.bfloat16):
         m = copy.deepcopy(model).to(dtype)
-        inputs = proc(images=[image], text=["<unk>"], return_tensors="pt")
+        inputs = proc(images=[image], text=["<unk>"], return_tensors="pt", **small)
         with torch.no_grad():
             ref = torch.cat(m.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"]).pooler_output)
-            out = hrperc.create_encoder("minicpm_v", m.model.vision_tower)([image], project=m.model.merger)
+            out = hrperc.create_encoder("minicpm_v", m.model.vision_tower, **small)([image], project=m.model.merger)
+        assert out.plans[0].grid == (1, 2)
         runs[dtype] = ref, out.tokens[0][~out.slot_mask[0]]
     assert_close_to_reference(runs[torch.bfloat16][1], runs[torch.bfloat16][0], runs[torch.float64][0])
 
