@@ -8,25 +8,36 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from _models import random_images
+from _models import random_images as _images  # noqa: F401  (the name several tests import from here)
 
 WORDS = "what is in the image describe it a red blue square circle yes no".split()
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<img>", "</img>", "<IMG_CONTEXT>"]
 TEXTS = ["<image> what is in the image", "describe it <image>"]
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def word_tokenizer(specials, words=WORDS, post_processor=None, **kw):
+    """An offline word-level fast tokenizer: ``specials`` (``<pad>``, ``<unk>`` first) then ``words``, the
+    specials from the third on registered as special tokens; ``kw`` goes to ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate([*specials, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=core,
+    if post_processor is not None:
+        core.post_processor = post_processor
+    kw = {"unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": specials[2:], **kw}
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, **kw)
+
+
+def _tokenizer():
+    from tokenizers import processors
+
+    tok = word_tokenizer(
+        SPECIALS,
+        post_processor=processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)]),
         bos_token="<s>",
         eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
         additional_special_tokens=SPECIALS[4:],
     )
     tok.image_token = "<image>"
@@ -37,18 +48,19 @@ def _tokenizer():
     return tok
 
 
+#: the tiny language models' sizes (LLaMA, Mistral, Qwen text configs alike)
+TEXT_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+)
+#: the tiny vision towers' sizes (CLIP, SigLIP, InternViT, Pixtral)
+VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
 def _text_config(tok):
-    return tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-    )
+    return tf.LlamaConfig(**TEXT_SIZES, vocab_size=len(tok))
 
 
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
+_VISION = dict(VISION_SIZES, patch_size=14)
 
 
 def build(family: str, seed: int = 0):
@@ -132,11 +144,6 @@ def build(family: str, seed: int = 0):
     return model.eval(), proc, texts
 
 
-def _images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-
-
 FAMILIES = ("llava", "llava_next", "llava_onevision", "internvl")
 
 
@@ -150,3 +157,32 @@ def _clip_processor(tok, **kw):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def reference_then_attach(model, proc, cases, options, features=None):
+    """The unmodified model's outputs, then the same model attached to its own encoder.
+
+    ``cases`` maps a name to ``(sizes, texts)`` and holds "one image" and "ragged batch"; ``options`` are
+    processor call options (asked of "one image"); ``features(model, inputs)``, if given, adds the model's
+    image features to each case's reference.
+
+    Returns ``(model, attached_processor, encoder, ref, ref_gen)``: ``ref[case] = (inputs, logits[, features])``,
+    ``ref["with options"] = (inputs, logits)``, ``ref_gen`` = 4 greedy tokens after "ragged batch".
+    """
+    from hrperc.integrations.transformers import attach, encoder_from_model
+
+    ref = {}
+    with torch.no_grad():
+        for case, (sizes, texts) in cases.items():
+            inputs = proc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
+            extra = () if features is None else (features(model, inputs),)
+            ref[case] = (inputs, model(**inputs).logits, *extra)
+        sizes, texts = cases["one image"]
+        inputs = proc(images=random_images(sizes), text=texts, return_tensors="pt", **options)
+        ref["with options"] = inputs, model(**inputs).logits
+        sizes, texts = cases["ragged batch"]
+        gen_in = proc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
+        ref_gen = model.generate(**gen_in, max_new_tokens=4, do_sample=False)
+    encoder = encoder_from_model(model, proc)
+    model, aproc = attach(model, proc, encoder)
+    return model, aproc, encoder, ref, ref_gen

@@ -1,4 +1,4 @@
-"""Tiny seeded models shared by the tests (one helper instead of a copy per file).
+"""Tiny seeded models and images shared by the tests (one helper instead of a copy per file).
 
 ``vit()`` is the tiny timm ViT most tests wrap or hand to ``create_encoder``: 28 px tiles of 7 px
 patches (a 4 x 4 token grid), width 32, 2 blocks of 2 heads, no classifier head, weights drawn after
@@ -56,3 +56,10 @@ def vit(
         num_classes=num_classes,
         dynamic_img_size=dynamic,
     )
+
+
+def random_images(sizes, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded random uint8 images, one (3, H, W) tensor per ``(H, W)`` in ``sizes`` (the same pixels for the
+    same arguments, whatever else the test drew)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]

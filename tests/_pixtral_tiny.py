@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, models, pre_tokenizers
+from _hf_tiny import TEXT_SIZES, VISION_SIZES, word_tokenizer
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 WORDS = "what is in the image describe it".split()
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16)
+VISION = dict(VISION_SIZES, head_dim=16)
 #: (patch, merge, longest_edge) of each tiny family
 SETTINGS = {"llava": (16, 1, 256), "mistral3": (14, 2, 224)}
 
 
 def tokenizer():
     """A word-level tokenizer holding Pixtral's three image tokens (as special tokens)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", additional_special_tokens=SPECIALS[2:]
-    )
+    return word_tokenizer(SPECIALS, WORDS)
 
 
 def build_pixtral(family: str, seed: int = 0):
@@ -32,17 +27,7 @@ def build_pixtral(family: str, seed: int = 0):
     patch, merge, edge = SETTINGS[family]
     tok = tokenizer()
     img = tok.convert_tokens_to_ids("[IMG]")
-    text = tf.MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    text = tf.MistralConfig(**TEXT_SIZES, vocab_size=len(tok), head_dim=16, bos_token_id=None, eos_token_id=None)
     vision = tf.PixtralVisionConfig(patch_size=patch, image_size=edge, hidden_act="silu", **VISION)
     torch.manual_seed(seed)
     if family == "mistral3":

@@ -44,14 +44,7 @@ def _train(argv, **kwargs):
     return train_mod.train([*argv, "--device", "cpu"], **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's ops are too small to gain from intra-op threads; on a loaded machine the thread
-    # wake-ups cost 10-50x. Restored afterwards for the other test modules of this worker.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model's ops gain nothing from threads
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from _messages import FIX, raises_naming
 
 tf = pytest.importorskip("transformers")
 
+from _hf_tiny import random_images, reference_then_attach  # noqa: E402
 from _pixtral_tiny import build_pixtral  # noqa: E402
 
 import hrperc  # noqa: E402
@@ -31,13 +32,7 @@ CASES = {
 OPTIONS = dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])  # honoured at the processor's call
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family: str):
@@ -46,29 +41,12 @@ def build(family: str):
     return model, proc
 
 
-def _images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def attached(request):
     """The unmodified model's outputs on every case, then the same model attached to its own encoder."""
     family = request.param
     model, proc = build(family)
-    ref = {}
-    with torch.no_grad():
-        for case, (sizes, texts) in CASES.items():
-            inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
-            ref[case] = inputs, model(**inputs).logits
-        sizes, texts = CASES["one image"]
-        inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
-        ref["with image_mean / image_std"] = inputs, model(**inputs).logits
-        sizes, texts = CASES["ragged batch"]
-        gen_in = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
-        ref_gen = model.generate(**gen_in, max_new_tokens=4, do_sample=False)
-    encoder = encoder_from_model(model, proc)
-    model, aproc = attach(model, proc, encoder)
+    model, aproc, encoder, ref, ref_gen = reference_then_attach(model, proc, CASES, OPTIONS)
     return family, model, proc, aproc, encoder, ref, ref_gen
 
 
@@ -77,7 +55,7 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
     family, model, _, aproc, encoder, ref, _ = attached
     ref_in, ref_logits = ref[case]
     sizes, texts = CASES[case]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     for key in ("input_ids", "attention_mask"):  # PixtralProcessor's [IMG] / [IMG_BREAK] / [IMG_END] text
         assert torch.equal(inputs[key], ref_in[key]), key
     assert inputs["image_sizes"].tolist() == [list(s) for s in sizes]  # the images' own sizes, in the header too
@@ -90,7 +68,7 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
     counts = (inputs["input_ids"] == img).sum().item()
     assert sum(f.shape[0] for f in features.pooler_output) == counts  # [IMG] features only, no row-end slots
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    other = aproc(images=_images(sizes, seed=1), text=texts, return_tensors="pt", padding=True)
+    other = aproc(images=random_images(sizes, seed=1), text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         assert not torch.allclose(model(**other).logits, ref_logits, atol=1e-3)  # the images do reach the LLM
 
@@ -98,7 +76,7 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
 def test_generate_gives_the_unmodified_model_s_tokens(attached):
     _, model, _, aproc, _, _, ref_gen = attached
     sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(gen, ref_gen)
 
@@ -140,12 +118,12 @@ def test_mistral3_s_projector_is_applied_per_merged_cell():
     model, proc = build("mistral3")
     encoder = encoder_from_model(model, proc)
     sizes = [(150, 230), (40, 300)]
-    ref_in = proc(images=_images(sizes), text=["[IMG] [IMG]"], return_tensors="pt")
+    ref_in = proc(images=random_images(sizes), text=["[IMG] [IMG]"], return_tensors="pt")
     with torch.no_grad():
         ref = model.model.get_image_features(
             ref_in["pixel_values"], ref_in["image_sizes"], vision_feature_layer=-1
         ).pooler_output
-        out = encoder(_images(sizes), project=model.model.multi_modal_projector)
+        out = encoder(random_images(sizes), project=model.model.multi_modal_projector)
     for i, want in enumerate(ref):
         n = out.num_tokens[i]
         got = out.tokens[i, :n][~out.slot_mask[i, :n]]
@@ -155,15 +133,15 @@ def test_mistral3_s_projector_is_applied_per_merged_cell():
 def test_image_mean_and_std_at_the_call_are_honoured_like_the_original(attached):
     _, model, _, aproc, _, ref, _ = attached
     sizes, texts = CASES["one image"]
-    ref_in, ref_logits = ref["with image_mean / image_std"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
+    ref_in, ref_logits = ref["with options"]
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
     assert torch.equal(inputs["input_ids"], ref_in["input_ids"])
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert not torch.allclose(logits, ref["one image"][1], atol=1e-3)  # the option did change the pixels
     with raises_naming(ValueError, "size", FIX):
-        aproc(images=_images(sizes), text=texts, size={"longest_edge": 64})
+        aproc(images=random_images(sizes), text=texts, size={"longest_edge": 64})
 
 
 def test_save_and_restore_give_the_same_logits(tmp_path):
@@ -172,7 +150,7 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     model, proc = build("llava")
     model, aproc = attach(model, proc, encoder_from_model(model, proc))
     sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**inputs).logits
     model.save_pretrained(tmp_path)
@@ -181,5 +159,5 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     restored, rproc = load_front_end(restored, proc, tmp_path)
     assert restored.model._hrperc_encoder.recipe_options == {"merge_size": 1, "longest_edge": 256}
     with torch.no_grad():
-        out = restored(**rproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
+        out = restored(**rproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import random_images
 from _tolerance import assert_close_to_reference
 
 tf = pytest.importorskip("transformers")
@@ -38,11 +39,6 @@ def built(request):
     return family, model, proc, enc
 
 
-def _images(sizes=SIZES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-
-
 def _process(proc, images):
     return proc(
         images=images,
@@ -64,7 +60,7 @@ def _reference(model, batch, **kw):
 
 def test_tokens_at_img_positions_equal_get_image_features_and_slots_are_break_and_end(built):
     family, model, proc, enc = built
-    images = _images()
+    images = random_images(SIZES)
     batch = _process(proc, images)
     ref = _reference(model, batch).pooler_output
     with torch.no_grad():
@@ -90,7 +86,7 @@ def test_without_project_tokens_are_the_towers_features_of_the_layer_merged_cell
     family, model, proc, _ = built
     patch, merge, edge = SETTINGS[family]
     enc = hrperc.create_encoder("pixtral", model.model.vision_tower, merge_size=merge, longest_edge=edge, layer=layer)
-    images = _images(SIZES[:4])
+    images = random_images(SIZES[:4])
     batch = _process(proc, images)
     with torch.no_grad():
         states = model.model.vision_tower(
@@ -109,7 +105,7 @@ def test_without_project_tokens_are_the_towers_features_of_the_layer_merged_cell
 
 def test_pixels_equal_the_processors_pixel_values_bit_for_bit(built):
     _, _, proc, enc = built
-    images = _images()
+    images = random_images(SIZES)
     batch = _process(proc, images)
     for i, image in enumerate(images):
         plan = enc.plan(tuple(image.shape[-2:]))
@@ -123,7 +119,7 @@ def test_pixels_equal_the_processors_pixel_values_bit_for_bit(built):
 def test_a_ragged_batch_is_one_packed_pass_without_a_dense_mask_and_equals_each_image_alone(built, monkeypatch):
     family, model, _, enc = built
     tower = model.model.vision_tower
-    images = _images(seed=1)
+    images = random_images(SIZES, seed=1)
     calls, packed = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -207,7 +203,7 @@ def test_readings_and_defaults(built):
 def test_bf16_within_the_tolerance_rule(built):
     family, model, proc, _ = built
     patch, merge, edge = SETTINGS[family]
-    images = _images(SIZES[1:5], seed=2)
+    images = random_images(SIZES[1:5], seed=2)
     batch = _process(proc, images)
     low, ref64 = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(model).double()
     ref_low = _reference(low, batch).pooler_output
@@ -226,7 +222,7 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(built):
     family, model, _, _ = built
     patch, merge, edge = SETTINGS[family]
     tower = copy.deepcopy(model.model.vision_tower)
-    images = _images(SIZES[1:3], seed=3)
+    images = random_images(SIZES[1:3], seed=3)
     grads = []
     for ckpt in (False, True):
         tower.zero_grad(set_to_none=True)
@@ -282,5 +278,5 @@ def test_refusals_name_the_value_and_the_fix(built):
     if family == "mistral3":  # Mistral 3's projector merges 2 x 2: an encoder built for merge 1 cannot feed it
         flat = hrperc.create_encoder("pixtral", tower, longest_edge=edge)
         with raises_naming(ValueError, "merge_size=1", "spatial_merge_size", FIX):
-            flat(_images([(40, 40)]), project=model.model.multi_modal_projector)
+            flat(random_images([(40, 40)]), project=model.model.multi_modal_projector)
     assert isinstance(enc.backbone, PixtralBackbone) and enc.recipe == "pixtral"

@@ -14,6 +14,7 @@ from _messages import FIX, raises_naming
 
 tf = pytest.importorskip("transformers")
 
+from _hf_tiny import random_images, reference_then_attach, word_tokenizer  # noqa: E402
 from _qwen_tiny import IDS, build_qwen  # noqa: E402
 
 import hrperc  # noqa: E402
@@ -44,33 +45,16 @@ CASES = {
 OPTIONS = dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])  # honoured at the processor's call
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     assert all(
-        vocab[t] == IDS[k]
+        SPECIALS.index(t) == IDS[k]
         for t, k in zip(SPECIALS[2:5], ("vision_start_token_id", "vision_end_token_id", "image_token_id"))
     )
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
     # left padding: generate continues every row from its last real token
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=SPECIALS[2:],
-        padding_side="left",
-    )
+    return word_tokenizer(SPECIALS, WORDS, padding_side="left")
 
 
 def build(family: str, image_processor=None):
@@ -83,30 +67,17 @@ def build(family: str, image_processor=None):
     return model, proc
 
 
-def _images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+def _features(model, inputs):
+    return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def attached(request):
-    """The unmodified model's outputs on every case, then the same model attached to its own encoder."""
+    """The unmodified model's outputs on every case (image features too), then the model attached to its own
+    encoder."""
     family = request.param
     model, proc = build(family)
-    ref = {}
-    with torch.no_grad():
-        for case, (sizes, texts) in CASES.items():
-            inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-            ref[case] = inputs, model(**inputs).logits, features
-        sizes, texts = CASES["one image"]
-        inputs = proc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
-        ref["with image_mean / image_std"] = inputs, model(**inputs).logits
-        sizes, texts = CASES["ragged batch"]
-        gen_in = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
-        ref_gen = model.generate(**gen_in, max_new_tokens=4, do_sample=False)
-    encoder = encoder_from_model(model, proc)
-    model, aproc = attach(model, proc, encoder)
+    model, aproc, encoder, ref, ref_gen = reference_then_attach(model, proc, CASES, OPTIONS, _features)
     return family, model, proc, aproc, encoder, ref, ref_gen
 
 
@@ -115,7 +86,7 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
     family, model, _, aproc, encoder, ref, _ = attached
     ref_in, ref_logits, ref_features = ref[case]
     sizes, texts = CASES[case]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     # the text, the grid the model's M-RoPE reads and the image-token types are the original processor's
     assert sorted(inputs) == sorted(ref_in)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
@@ -139,7 +110,7 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case):
 def test_generate_gives_the_unmodified_model_s_tokens(attached):
     _, model, _, aproc, _, _, ref_gen = attached
     sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(gen, ref_gen)
 
@@ -147,11 +118,11 @@ def test_generate_gives_the_unmodified_model_s_tokens(attached):
 def test_a_grid_that_is_not_the_encoder_s_is_refused(attached):
     _, model, proc, aproc, _, _, _ = attached
     sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     wrong = inputs["image_grid_thw"].flip(0)
     with raises_naming(ValueError, "image_grid_thw", str(wrong.tolist()), FIX):
         model(**{**inputs, "image_grid_thw": wrong})
-    original = proc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    original = proc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     with raises_naming(ValueError, "pixel_values", FIX):  # the original processor's patches
         model(**original)
 
@@ -187,19 +158,19 @@ def test_the_processor_s_budget_and_normalization_are_read():
 def test_image_options_are_honoured_like_the_original_or_refused(attached):
     _, model, proc, aproc, _, ref, _ = attached
     sizes, texts = CASES["one image"]
-    ref_in, ref_logits = ref["with image_mean / image_std"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
+    ref_in, ref_logits = ref["with options"]
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", **OPTIONS)
     assert torch.equal(inputs["input_ids"], ref_in["input_ids"])
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert not torch.allclose(logits, ref["one image"][1], atol=1e-3)  # the option did change the pixels
     budget = proc.image_processor.size["shortest_edge"]
-    same = aproc(images=_images(sizes), text=texts, return_tensors="pt", min_pixels=budget)  # the processor's own
+    same = aproc(images=random_images(sizes), text=texts, return_tensors="pt", min_pixels=budget)  # the processor's own
     assert torch.equal(same["input_ids"], ref["one image"][0]["input_ids"])
     for option, value in (("min_pixels", budget * 4), ("size", {"shortest_edge": budget, "longest_edge": budget})):
         with raises_naming(ValueError, option, FIX):
-            aproc(images=_images(sizes), text=texts, **{option: value})
+            aproc(images=random_images(sizes), text=texts, **{option: value})
 
 
 def test_processor_model_mismatches_are_refused():
@@ -238,7 +209,7 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     model, proc = build("qwen3_vl")
     model, aproc = attach(model, proc, encoder_from_model(model, proc))
     sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**inputs).logits
     model.save_pretrained(tmp_path)
@@ -247,5 +218,5 @@ def test_save_and_restore_give_the_same_logits(tmp_path):
     restored, rproc = load_front_end(restored, proc, tmp_path)
     assert restored.model._hrperc_encoder.recipe_options == model.model._hrperc_encoder.recipe_options
     with torch.no_grad():
-        out = restored(**rproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
+        out = restored(**rproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import random_images
 
 tf = pytest.importorskip("transformers")
 
@@ -27,14 +28,9 @@ def built(request):
     return family, model, ip, hrperc.create_encoder(family, model.model.visual, **budget)
 
 
-def _images(sizes=SIZES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-
-
 def test_tokens_equal_get_image_features_from_uint8_images(built):
     family, model, ip, enc = built
-    images = _images()
+    images = random_images(SIZES)
     batch = ip(images=images, return_tensors="pt")
     with torch.no_grad():
         out = enc(images)
@@ -57,7 +53,7 @@ def test_tokens_equal_get_image_features_from_uint8_images(built):
 
 def test_a_ragged_batch_equals_each_image_alone_in_one_tower_call(built):
     family, model, _, enc = built
-    images = _images(seed=1)
+    images = random_images(SIZES, seed=1)
     calls = []
     hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
     try:

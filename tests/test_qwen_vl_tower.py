@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import random_images
 from torch import nn
 
 tf = pytest.importorskip("transformers")
@@ -33,11 +34,6 @@ SIZES = [(150, 230), (97, 61), (150, 230), (40, 300), (300, 260), (20, 25)]
 def built(request):
     model, ip = build_qwen(request.param)
     return request.param, model, ip
-
-
-def _images(sizes=SIZES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
 
 
 def _resized(ip, images):
@@ -96,7 +92,7 @@ def test_attributes_are_read_off_the_tower(built):
 def test_pack_is_the_processors_pixel_values_bit_for_bit(built):
     family, model, ip = built
     tower = _tower(model, ip)
-    images = _images()
+    images = random_images(SIZES)
     ref = ip(images=images, return_tensors="pt")
     views = [tower.normalize(x) for x in _resized(ip, images)]
     pixel_values, grid_thw = tower.pack(views)
@@ -115,7 +111,7 @@ def test_pack_is_the_processors_pixel_values_bit_for_bit(built):
 
 def test_uint8_interpolate_equals_torchvisions_resize():
     """What a front end may call instead of torchvision: the same uint8 kernel on CPU, bit for bit."""
-    for x in _images([(150, 230), (97, 61), (40, 300)]):
+    for x in random_images([(150, 230), (97, 61), (40, 300)]):
         for size in [(112, 168), (56, 28), (84, 392)]:
             a = tvF.resize(x, list(size), interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
             b = nn.functional.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
@@ -124,7 +120,7 @@ def test_uint8_interpolate_equals_torchvisions_resize():
 
 def test_normalize_uint8_and_float():
     tower = QwenVisionTower(build_qwen("qwen3_vl")[0].model.visual)
-    x = _images([(32, 64)])[0]
+    x = random_images([(32, 64)])[0]
     assert tower.normalize(x).dtype == torch.float32
     # 0.5 / 0.5: 0 -> -1, 255 -> +1
     assert (
@@ -145,7 +141,7 @@ def test_normalize_uint8_and_float():
 def test_tokens_equal_get_image_features(built):
     family, model, ip = built
     tower = _tower(model, ip)
-    images = _images()
+    images = random_images(SIZES)
     ref_batch = ip(images=images, return_tensors="pt")
     views = [tower.normalize(x) for x in _resized(ip, images)]
     with torch.no_grad():
@@ -184,7 +180,7 @@ def test_tokens_in_the_towers_dtype():
     model, ip = build_qwen("qwen2_5_vl")
     model = copy.deepcopy(model).to(torch.bfloat16)
     tower = _tower(model, ip)
-    images = _images(SIZES[:3])
+    images = random_images(SIZES[:3])
     ref_batch = ip(images=images, return_tensors="pt")
     with torch.no_grad():
         ref = model.model.get_image_features(ref_batch["pixel_values"], ref_batch["image_grid_thw"])

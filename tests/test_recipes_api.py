@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import random_images
 from _models import vit as tiny_vit
 
 import hrperc
@@ -18,18 +19,13 @@ NATIVE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "pixtral")
 TOWER_TILED = ("idefics3", "smolvlm", "gemma3", "minicpm_v")
 
 
-def _images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-
-
 def test_every_recipe_is_listed_and_built_as_a_high_res_encoder():
     assert set(RECIPES) | set(NATIVE) | set(TOWER_TILED) | {"inf_llava"} == set(hrperc.list_recipes())
     for name in RECIPES:
         enc = hrperc.create_encoder(name, tiny_vit(56))
         assert isinstance(enc, HighResEncoder)
         assert enc.frontend is not None and enc.dem is None  # no DEM unless dcm=True
-        out = enc(_images([(70, 90)]))
+        out = enc(random_images([(70, 90)]))
         assert out.num_tokens == [enc.num_tokens((70, 90))]
         assert out.plans[0] == enc.view_plan((70, 90))
         assert not any(p.requires_grad for p in enc.backbone.parameters())  # frozen, as every recipe's default
@@ -75,7 +71,7 @@ def test_the_runner_refuses_what_does_not_apply_to_a_front_end():
     with raises_naming(ValueError, "dcm=True", "dem=None"):
         HighResEncoder(tiny_vit(56), dcm, dem=None)
     with raises_naming(ValueError, "subimage_features", "AnyresFrontEnd", "forward"):
-        hrperc.create_encoder("llava_next", tiny_vit(56)).subimage_features(_images([(60, 60)]))
+        hrperc.create_encoder("llava_next", tiny_vit(56)).subimage_features(random_images([(60, 60)]))
     plain = hrperc.create_encoder("inf_llava", tiny_vit(56))  # one kind of plan for every front end
     assert plain.view_plan((60, 60)) == plain.plan((60, 60)) and plain.plan((60, 60)).grid == (3, 3)
 
@@ -84,7 +80,7 @@ def test_project_applies_per_token_on_the_dual_perspective_path_too():
     crop = hrperc.DualPerspectiveCrop(grid="auto", max_tiles=4, tile_size=56)
     enc = HighResEncoder(tiny_vit(56), crop, dem=None, combine="concat")  # tokens per image follow the grid
     proj = torch.nn.Linear(32, 5)
-    images = _images([(56, 56), (60, 200)])  # grids (1, 1) and (1, 4)
+    images = random_images([(56, 56), (60, 200)])  # grids (1, 1) and (1, 4)
     with torch.no_grad():
         out, projected = enc(images), enc(images, project=proj)
     assert projected.tokens.shape[-1] == 5
@@ -103,7 +99,7 @@ def test_dcm_dem_upgrade_keeps_the_count_and_trains_only_the_dem(name):
         assert enc.num_tokens(size) == plain.num_tokens(size)
         grid = plain.view_plan(size).grid
         assert enc.num_backbone_passes(size) == plain.num_backbone_passes(size) + grid[0] * grid[1]  # + strided
-    out = enc(_images(sizes))
+    out = enc(random_images(sizes))
     assert out.num_tokens == [plain.num_tokens(s) for s in sizes]
     real = out.tokens[out.token_mask & ~out.slot_mask]
     real.square().mean().backward()
@@ -111,14 +107,14 @@ def test_dcm_dem_upgrade_keeps_the_count_and_trains_only_the_dem(name):
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in enc.backbone.parameters())
     # the DEM changes the tokens of the high-resolution map, not the layout around it
-    ref = plain(_images(sizes))
+    ref = plain(random_images(sizes))
     assert torch.equal(out.slot_mask, ref.slot_mask) and torch.equal(out.token_mask, ref.token_mask)
     assert not torch.allclose(out.tokens.detach(), ref.tokens)
 
 
 def test_slots_are_zero_marked_and_filled_by_newline():
     enc = hrperc.create_encoder("llava_next", tiny_vit(56))
-    images = _images([(70, 90), (200, 30)])
+    images = random_images([(70, 90), (200, 30)])
     out = enc(images)
     for b, segs in enumerate(out.layout):
         tiles = segs[-1]
@@ -137,7 +133,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
     proj = torch.nn.Linear(32, 12)
     for name in ("llava_next", "llava_onevision", "s2", "internvl"):
         enc = hrperc.create_encoder(name, tiny_vit(56))
-        images = _images([(70, 90)])
+        images = random_images([(70, 90)])
         with torch.no_grad():
             out, projected = enc(images), enc(images, project=proj if name not in ("s2", "internvl") else None)
         if name in ("llava_next",):  # per-token projection commutes with unpadding: project after = before
@@ -147,7 +143,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
             assert projected.tokens.shape[-1] == 12
     # OneVision shrinks after the projector: a nonlinear projector does not commute with the shrink
     enc = hrperc.create_encoder("llava_onevision", tiny_vit(56))
-    big = _images([(700, 700)])
+    big = random_images([(700, 700)])
     assert enc.plan((700, 700)).anyres.shape != enc.plan((700, 700)).anyres.unpadded  # the shrink happens
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
     with torch.no_grad():
@@ -158,7 +154,7 @@ def test_project_runs_where_the_model_projects_and_changes_the_width():
 @pytest.mark.parametrize("name", RECIPES)
 def test_a_bf16_encoder_runs_in_bf16_close_to_fp32(name):
     enc = hrperc.create_encoder(name, tiny_vit(56))
-    images = _images([(70, 90), (40, 100)])
+    images = random_images([(70, 90), (40, 100)])
     with torch.no_grad():
         ref = enc(images).tokens
         out = enc.to(torch.bfloat16)(images).tokens
@@ -168,7 +164,7 @@ def test_a_bf16_encoder_runs_in_bf16_close_to_fp32(name):
 
 def test_float_and_uint8_images_are_prepared_by_their_own_steps():
     enc = hrperc.create_encoder("llava15", tiny_vit(56))
-    u8 = _images([(70, 90)])[0]
+    u8 = random_images([(70, 90)])[0]
     f = u8.float() / 255
     with torch.no_grad():
         a, b, both = enc(u8).tokens, enc(f).tokens, enc([u8, f]).tokens
