@@ -295,3 +295,32 @@ def test_refusals_name_the_value_and_the_fix(built):
     bb = MiniCPMVBackbone(tower)
     with raises_naming(ValueError, "stacks[0]", "(1, 3, 30, 56)", "28", FIX):
         bb.features_packed([torch.zeros(1, 3, 30, 56)])
+
+
+def test_a_trained_tower_with_gradient_checkpointing_gives_the_same_tokens_and_grads(built):
+    import copy
+
+    model = copy.deepcopy(built[0])
+    image, small = _images([(150, 250)]), {"scale_resolution": 112}
+    grads = []
+    for ckpt in (False, True):
+        enc = hrperc.create_encoder(
+            "minicpm_v", model.model.vision_tower, train_backbone=True, grad_checkpointing=ckpt, **small
+        )
+        model.zero_grad()
+        out = enc(image)
+        out.tokens.square().mean().backward()
+        grads.append((out.tokens.detach(), [p.grad.clone() for p in model.model.vision_tower.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_tower_the_processor_does_not_count_for_is_refused():
+    from transformers.models.minicpmv4_6.configuration_minicpmv4_6 import MiniCPMV4_6VisionConfig
+    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionModel
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=70)
+    tower = MiniCPMV4_6VisionModel(MiniCPMV4_6VisionConfig(insert_layer_id=2, **vision))
+    with raises_naming(ValueError, "insert_layer_id=2", "2 layers", "0 <= insert_layer_id < 2", FIX):
+        hrperc.create_encoder("minicpm_v", tower)
