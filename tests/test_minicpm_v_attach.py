@@ -19,6 +19,7 @@ from _minicpm_tiny import build_minicpm  # noqa: E402
 
 from hrperc.integrations.transformers import _families, attach, encoder_from_model  # noqa: E402
 from hrperc.ops import slices  # noqa: E402
+from hrperc.recipes.minicpm_v import MARKERS  # noqa: E402
 
 VERSIONS = ["4_6", "4_7"]
 # one image; a ragged batch: several images of other sizes in one text (sliced 1 x 2, the source alone, 2 x 1),
@@ -121,6 +122,21 @@ def test_the_text_follows_the_processor_s_options(attached):
         aproc(images=_images(sizes[:1]), text=texts[1:], max_slice_nums=2)
     with raises_naming(TypeError, "use_image_id='no'", FIX):
         aproc(images=_images(sizes[:1]), text=texts[1:], use_image_id="no")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_family_entry_matches_the_transformers_classes(version):
+    import inspect
+
+    model, proc = build_minicpm(version)
+    entry = _families.family_of(model.config.model_type)
+    assert entry.model_type == model.config.model_type and entry.model_class == type(model).__name__
+    params = list(inspect.signature(type(model.model).get_image_features).parameters)
+    assert params[1:3] == ["pixel_values", entry.view_sizes]
+    assert isinstance(getattr(model.model, entry.projector), torch.nn.Module)
+    for name in entry.image_ids:
+        assert isinstance(getattr(proc, name), str)
+    assert set(entry.image_markers(proc)) == set(MARKERS)  # a text for every marker run of the recipe's layout
 
 
 def test_families_and_the_options_read_from_the_model_and_processor():
