@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from _hf_tiny import TEXT_SIZES, VISION_SIZES
+from _models import random_images as images  # noqa: F401  (the name the tests import from here)
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 MARKERS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
 ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", *MARKERS, *ROWS_COLS]
 WORDS = ["\n", *"what is in the image describe it User Assistant :".split()]
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 #: (tile, patch, scale_factor, longest_edge) of each tiny family
 SETTINGS = {"idefics3": (56, 14, 2, 224), "smolvlm": (64, 8, 4, 256)}
 TEXT = "User : <image> describe it"
@@ -48,25 +49,17 @@ def build_idefics(family: str, seed: int = 0, **image_processor):
     (``image_processor``: options of its image processor over the tiny defaults)."""
     tile, patch, scale, edge = SETTINGS[family]
     tok = tokenizer()
-    text = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-        pad_token_id=0,
-    )
+    text = tf.LlamaConfig(**TEXT_SIZES, vocab_size=len(tok), pad_token_id=0)
     image_id = tok.convert_tokens_to_ids("<image>")
     kw = {"size": {"longest_edge": edge}, "max_image_size": {"longest_edge": tile}, **image_processor}
     torch.manual_seed(seed)
     if family == "idefics3":
-        vision = tf.Idefics3VisionConfig(image_size=tile, patch_size=patch, **VISION)
+        vision = tf.Idefics3VisionConfig(image_size=tile, patch_size=patch, **VISION_SIZES)
         config = tf.Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
         model = tf.Idefics3ForConditionalGeneration(config)
         proc = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**kw), tok, image_seq_len=(tile // patch // scale) ** 2)
     else:
-        vision = tf.SmolVLMVisionConfig(image_size=tile, patch_size=patch, **VISION)
+        vision = tf.SmolVLMVisionConfig(image_size=tile, patch_size=patch, **VISION_SIZES)
         config = tf.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
         model = tf.SmolVLMForConditionalGeneration(config)
         proc = tf.SmolVLMProcessor(
@@ -78,8 +71,3 @@ def build_idefics(family: str, seed: int = 0, **image_processor):
     with torch.no_grad():  # random position embeddings: a position bucket off by one would show
         model.model.vision_model.embeddings.position_embedding.weight.normal_()
     return model.eval(), proc
-
-
-def images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]

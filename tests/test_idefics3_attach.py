@@ -30,6 +30,7 @@ from hrperc.integrations.transformers import (  # noqa: E402
     save_front_end,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only wait on each other
 FAMILIES = list(SETTINGS)
 # one image; several images of different sizes in one text; a ragged batch (other sizes and counts per row, left
 # padded): tiled images, one under one tile (30 x 40), a thin one, an exact tile multiple
@@ -39,15 +40,6 @@ CASES = {
     "ragged batch": ([[(300, 90)], [(112, 168), (30, 40)]], ["describe <image> it", "<image> what is <image> it"]),
 }
 OPTIONS = dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3])  # honoured at the processor's call
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(family: str):

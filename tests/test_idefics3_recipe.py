@@ -25,18 +25,10 @@ from hrperc.backbones.idefics import IdeficsBackbone  # noqa: E402
 from hrperc.modules.frontend import make_layout  # noqa: E402
 from hrperc.ops import idefics  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only wait on each other
 FAMILIES = list(SETTINGS)
 # a repeated size, thin ones, a tiny one, exact tile multiples, ones under one tile, a large one
 SIZES = [(100, 150), (30, 40), (100, 150), (300, 90), (1, 1), (1, 333), (250, 2), (112, 168), (56, 56), (200, 260)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only wait on each other (and on a shared machine, on everything else)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
