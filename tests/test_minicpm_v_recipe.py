@@ -135,6 +135,11 @@ def test_counts_equal_the_real_processor_s_text(processor, size):
     rows = 0 if plan.grid is None else plan.grid[0]
     assert (tokens.count("<slice>"), tokens.count("\n")) == (plan.num_slices, max(rows - 1, 0))
     assert math.prod(plan.source_map) == tokens.index("</image>") - 1
+    marks = {"image_start": "<image>", "image_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>"}
+    written = [
+        marks.get(what, "\n" if what == "row_end" else "<unk>") for what, n in slices.text_runs(plan) for _ in range(n)
+    ]
+    assert written == tokens  # the text, run by run
 
 
 # --- the recipe: tokens, layout, batching, dcm, refusals -------------------------------------------------------------

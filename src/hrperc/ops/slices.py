@@ -33,7 +33,7 @@ merge 2 x 2; 2 for ``"4x"``, the projector's alone) and ``max_slice_nums`` ``N``
 4. *Tokens*: a view of ``(h, w)`` pixels gives ``(h / (p * m), w / (p * m))`` tokens (``h * w / p**2 / 16``
    for ``"16x"``). The processor writes ``<image>``, the source's tokens, ``</image>``, then the slices row
    by row -- ``<slice>``, its tokens, ``</slice>`` each -- the rows joined by ``"\\n"``
-   (:func:`num_tokens` counts them all, :func:`num_image_tokens` the image tokens alone). The prefix
+   (:func:`text_runs`; :func:`num_tokens` counts them all, :func:`num_image_tokens` the image tokens alone). The prefix
    ``<image_id>k</image_id>`` (``use_image_id``) numbers the images of a text and is not part of an image.
 
 The float arithmetic (``round`` of a float quotient, ``int`` of a float product) is transformers', step for
@@ -59,6 +59,7 @@ __all__ = [
     "sliced_grid",
     "refine_size",
     "slice_plan",
+    "text_runs",
     "num_image_tokens",
     "num_tokens",
 ]
@@ -187,6 +188,20 @@ def slice_plan(
         cut = (refine[0] // grid[0], refine[1] // grid[1])
         cut_map = (cut[0] // unit, cut[1] // unit)
     return SlicePlan((H, W), source, grid, refine, cut, (source[0] // unit, source[1] // unit), cut_map)
+
+
+def text_runs(plan: SlicePlan) -> tuple[tuple[str, int], ...]:
+    """The processor's text for the image of ``plan`` as ``(what, tokens)`` runs: ``"source"`` / ``"slice"`` (image
+    tokens) and the one-token markers ``"image_start"`` (``<image>``), ``"image_end"`` (``</image>``),
+    ``"slice_start"`` (``<slice>``), ``"slice_end"`` (``</slice>``) and ``"row_end"`` (the ``"\\n"`` between
+    slice rows), in the order it writes them."""
+    runs = [("image_start", 1), ("source", plan.source_map[0] * plan.source_map[1]), ("image_end", 1)]
+    if plan.grid is not None and plan.slice_map is not None:
+        rows, cols = plan.grid
+        one = [("slice_start", 1), ("slice", plan.slice_map[0] * plan.slice_map[1]), ("slice_end", 1)]
+        for r in range(rows):
+            runs += one * cols + ([("row_end", 1)] if r < rows - 1 else [])
+    return tuple(runs)
 
 
 def num_image_tokens(image_size, **options) -> int:

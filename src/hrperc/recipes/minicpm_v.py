@@ -373,17 +373,8 @@ class MiniCPMVFrontEnd(FrontEnd[MiniCPMVPlan]):
 
     def plan(self, image_size) -> MiniCPMVPlan:
         sp = slices.slice_plan(image_size, **self._sizing())
-        source = ("source", sp.source_map[0] * sp.source_map[1], sp.source_map)
-        runs: list = [_marker("image_start"), source, _marker("image_end")]
-        if sp.grid is not None and sp.slice_map is not None:
-            rows, cols = sp.grid
-            one = [
-                _marker("slice_start"),
-                ("slice", sp.slice_map[0] * sp.slice_map[1], sp.slice_map),
-                _marker("slice_end"),
-            ]
-            for r in range(rows):
-                runs += one * cols + ([_marker("row_end")] if r < rows - 1 else [])
+        shapes = {"source": sp.source_map, "slice": sp.slice_map}
+        runs = [(name, n, shapes[name]) if name in shapes else _marker(name) for name, n in slices.text_runs(sp)]
         canvas = sp.refine if sp.refine is not None else sp.source
         geo = CropGeometry(tuple(image_size), sp.grid or (1, 1), sp.slice or sp.source, canvas, (0, 0, *canvas))
         views = 1 + sp.num_slices * (1 + self.uses_dem)
