@@ -333,7 +333,7 @@ def encoder_from_model(model, processor=None, **options) -> HighResEncoder:
         # the recipe's refusal (a tiling recipe cannot hold the class token), named by the model's setting
         raise ValueError(f"the model's vision_feature_select_strategy='full': {e}") from None
     n = backbone.num_layers
-    if "layer" not in kw and resolve_layers(encoder.layer, n) != resolve_layers(layer, n):
+    if family.feature_layer and "layer" not in kw and resolve_layers(encoder.layer, n) != resolve_layers(layer, n):
         # the config's layer where the recipe's default is another (recipe_options name it only then)
         encoder = create_encoder(family.recipe, backbone, **kw, layer=layer)
     return encoder
