@@ -113,6 +113,7 @@ def test_slice_plan_refuses_options_outside_the_processor_s_ranges(options, frag
 # --- the processor's text on real images --------------------------------------------------------------------
 # sliced 1 x 2, 2 x 1, 3 x 3 (capped), 1 x 3; the source alone; the area's edge; a pixel; thin both ways
 TEXT_SIZES = [(500, 900), (900, 500), (1000, 1000), (300, 950), (40, 60), (448, 448), (449, 448), (1, 1), (30, 1400)]
+TEXT_SIZES += [(1200, 60), (333, 777), (640, 480), (100, 2000), (2000, 100), (700, 300), (224, 224)]
 
 
 def _expansion(proc, size):

@@ -66,7 +66,7 @@ from torch.utils.checkpoint import checkpoint
 from .._errors import public
 from .._validation import as_bool, as_int
 from ..backbones.base import VisionBackbone, class_name, resolve_layer
-from ..modules.frontend import FrontEnd, ViewPlan, make_layout
+from ..modules.frontend import FrontEnd, ViewPlan, make_layout, slot_mask
 from ..ops import preprocess as pp
 from ..ops import slices
 from ..ops.canvas import CropGeometry
@@ -427,7 +427,7 @@ class MiniCPMVFrontEnd(FrontEnd[MiniCPMVPlan]):
         if project is not None:
             x = project(x)
         out = x.new_zeros(b, plan.num_tokens, x.shape[-1])  # the markers' slots stay zeros
-        out[:, _feature_positions(plan)] = x
+        out[:, ~slot_mask(plan.layout).to(out.device)] = x
         return out
 
     def extra_repr(self) -> str:
@@ -441,11 +441,6 @@ def _cells(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """``(B, (2 rows) * (2 cols), D)`` raster features (or a ``(B, 2 rows, 2 cols, D)`` map) -> ``(B, rows, cols,
     4 D)``: each 2 x 2 cell on the channels, patch-major (the merger's order)."""
     return x.reshape(x.shape[0], rows, 2, cols, 2, x.shape[-1]).permute(0, 1, 3, 2, 4, 5).flatten(3)
-
-
-def _feature_positions(plan: MiniCPMVPlan) -> torch.Tensor:
-    """Positions of the feature tokens (every run but the markers) in the image's layout."""
-    return torch.cat([torch.arange(s.start, s.stop) for s in plan.layout if s.source not in MARKERS])
 
 
 @register_recipe("minicpm_v")
