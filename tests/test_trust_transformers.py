@@ -306,9 +306,8 @@ def unmodified_logits():
         ("llava", {"images_kwargs": {"do_pad": False}}),
         ("llava", {"image_mean": [0.3, 0.4, 0.5], "image_std": 0.25}),
         ("llava_next", {"image_mean": [0.5, 0.5, 0.5], "disable_grouping": True}),
-        ("internvl", {"max_patches": 4}),
         ("internvl", {"crop_to_patches": False}),
-        ("internvl", {"min_patches": 3, "max_patches": 6}),
+        ("internvl", {"min_patches": 3, "max_patches": 6}),  # both patch-count bounds (one alone: the same path)
         ("llava", {"size": {"shortest_edge": 336}, "resample": 3, "device": "cpu"}),  # equal to its own: no change
     ],
 )

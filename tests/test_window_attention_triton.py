@@ -82,16 +82,19 @@ def _check_fwd_bwd(grid, tile, heads, dim, dtype, window, q_order, kv_order, out
 # Each case: grid, tile (th, tw), heads, head_dim, dtype, window, q_order, kv_order, out_order.
 # Together they cover both window kinds x every source order x every output order x every dtype, the
 # awkward sizes (5x5 = 25 and 10x10 = 100 tokens, non-square 3x4 tiles, head dims 40/80/96 and the
-# maximum 256, grids 3x1, 1x2 and 2x3) and every tensor in map order. Each runs in <~1 s interpreted.
+# maximum 256, grids 3x1, 1x2, 2x1 and 2x3) and every tensor in map order. The interpreter runs one program
+# per (window, batch, head), so a dtype's repeat of a shape keeps it on a small grid with one head: the
+# 2-D grid and several heads are the float32 case's; the 16-bit dtypes change the loads and the
+# accumulation, not the index arithmetic.
 CASES = [
     ((3, 1), (5, 5), 1, 16, torch.float32, "strided", "contiguous", "strided", None),  # released: local q
     ((3, 1), (5, 5), 1, 16, torch.float32, "contiguous", "strided", "contiguous", "map"),  # released: glob q
     ((2, 3), (3, 4), 2, 40, torch.float32, "contiguous", "map", "map", "strided"),
-    ((2, 3), (3, 4), 2, 40, torch.float16, "strided", "strided", "contiguous", "contiguous"),
-    ((2, 3), (3, 4), 2, 40, torch.bfloat16, "contiguous", "contiguous", "strided", "map"),
-    ((2, 2), (4, 4), 1, 80, torch.float16, "contiguous", "strided", "map", None),
-    ((2, 2), (4, 4), 1, 80, torch.bfloat16, "strided", "map", "contiguous", "contiguous"),
-    ((3, 1), (5, 5), 2, 32, torch.bfloat16, "strided", "strided", "strided", "map"),
+    ((3, 1), (3, 4), 1, 40, torch.float16, "strided", "strided", "contiguous", "contiguous"),
+    ((1, 2), (3, 4), 1, 40, torch.bfloat16, "contiguous", "contiguous", "strided", "map"),
+    ((2, 1), (4, 4), 1, 80, torch.float16, "contiguous", "strided", "map", None),
+    ((1, 2), (4, 4), 1, 80, torch.bfloat16, "strided", "map", "contiguous", "contiguous"),
+    ((3, 1), (5, 5), 1, 32, torch.bfloat16, "strided", "strided", "strided", "map"),
     # 100 tokens: two query and two key blocks of 64 in the interpreter, the second ones partial.
     ((1, 2), (10, 10), 1, 16, torch.float32, "contiguous", "map", "strided", "contiguous"),
     # Head dim 96 (padded to 128) and 256 (the largest supported), fp32 and one 16-bit dtype each.
@@ -125,7 +128,7 @@ def test_windows_longer_than_one_block(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_inputs_and_grad(dtype):
     # Strided (not just offset) q, k, v and dO: the kernels must honour every stride, not assume packing.
-    _check_fwd_bwd((3, 1), (3, 3), 2, 40, dtype, "strided", "contiguous", "map", "map", non_contiguous=True)
+    _check_fwd_bwd((3, 1), (3, 3), 2, 40, dtype, "strided", "contiguous", "map", "map", non_contiguous=True, batch=1)
 
 
 def test_independent_of_crop_module_uniform_attention_averages_window_positions():
@@ -624,7 +627,7 @@ def test_auto_picks_triton_only_for_cuda_and_env_var_forces_it(monkeypatch):
 def test_window_cross_attention_module_triton_vs_sdpa():
     # The DEM's attention block end to end (projections, residual, LayerNorm) through each backend.
     attn = hrperc.attention.WindowCrossAttention(32, heads=2).to(DEVICE)
-    loc, glo = (torch.randn(2 * 4, 9, 32, device=DEVICE) for _ in range(2))
+    loc, glo = (torch.randn(1 * 4, 9, 32, device=DEVICE) for _ in range(2))  # one image: batches are the kernel tests'
     results = {}
     for backend in ("triton", "sdpa"):
         attn.zero_grad()
@@ -638,7 +641,7 @@ def test_window_cross_attention_module_triton_vs_sdpa():
 def test_dem_end_to_end_triton_vs_sdpa():
     # Both directions of the released DEM (fusion + reduction) through the kernel vs through SDPA.
     dem = hrperc.modules.dem.DualPerspectiveEnhancement(dim=32, heads=2, skip_unread=False, reduction="avg").to(DEVICE)
-    loc, glo = (torch.randn(2 * 4, 9, 32, device=DEVICE) for _ in range(2))
+    loc, glo = (torch.randn(1 * 4, 9, 32, device=DEVICE) for _ in range(2))  # one image: batches are the kernel tests'
     results = {}
     for backend in ("triton", "sdpa"):
         dem.zero_grad()
