@@ -17,6 +17,7 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
+from _hf_tiny import word_tokenizer  # noqa: E402
 from _messages import FIX, raises_naming  # noqa: E402
 from transformers.models.pixtral.image_processing_pixtral import get_resize_output_image_size  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize  # noqa: E402
@@ -244,17 +245,6 @@ def test_qwen_documented_differences():
 
 
 # --- the real processors' text expansion -------------------------------------------------------------
-def _tokenizer(specials):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(specials + "what is in the image describe it".split())}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", additional_special_tokens=specials[2:]
-    )
-
-
 QWEN_SPECIALS = ["<pad>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 PIXTRAL_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
@@ -285,7 +275,7 @@ QWEN_PROCESSORS = {
 @pytest.mark.parametrize("family", list(QWEN_PROCESSORS))
 def test_qwen_token_count_equals_the_processors_expansion(family):
     proc_cls, video_cls, patch, budgets = QWEN_PROCESSORS[family]
-    tok = _tokenizer(QWEN_SPECIALS)
+    tok = word_tokenizer(QWEN_SPECIALS)
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
     for i, (lo, hi) in enumerate(budgets):
         ip = tf.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, size={"shortest_edge": lo, "longest_edge": hi})
@@ -401,7 +391,7 @@ PIXTRAL_PROCESSORS = [(1024, 16, 1), (MISTRAL3_LONGEST_EDGE, MISTRAL3_PATCH_SIZE
 @pytest.mark.parametrize("case", PIXTRAL_PROCESSORS, ids=str)
 def test_pixtral_token_layout_equals_the_processors_expansion(case):
     edge, patch, merge = case
-    tok = _tokenizer(PIXTRAL_SPECIALS)
+    tok = word_tokenizer(PIXTRAL_SPECIALS)
     ids = [tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")]
     ip = tf.PixtralImageProcessor(size={"longest_edge": edge}, patch_size={"height": patch, "width": patch})
     proc = tf.PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, spatial_merge_size=merge)
