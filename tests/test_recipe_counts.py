@@ -374,11 +374,14 @@ def test_infimm_hd_tokens_are_the_global_view_and_the_canvas_tiles():
         torch.testing.assert_close(tokens[: ht * ht], glob, atol=1e-5, rtol=0)
         canvas = F.pad(pp.resize(img, (h, w)), (0, gw * t - w, 0, gh * t - h))  # zeros right / bottom
         fmap = tokens[ht * ht :].view(gh * ht, gw * ht, -1)
+        # the reference cuts the tiles by hand (row-major) and runs them in one backbone call
+        tiles = torch.stack([canvas[:, i * t : (i + 1) * t, j * t : (j + 1) * t] for i in range(gh) for j in range(gw)])
+        refs = bb.features(bb.normalize(pp.to_unit(tiles)), layer=-1).view(gh, gw, ht, ht, -1)
         for i in range(gh):
             for j in range(gw):
-                tile = canvas[:, i * t : (i + 1) * t, j * t : (j + 1) * t]
-                ref = bb.features(bb.normalize(pp.to_unit(tile)[None]), layer=-1)[0].view(ht, ht, -1)
-                torch.testing.assert_close(fmap[i * ht : (i + 1) * ht, j * ht : (j + 1) * ht], ref, atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    fmap[i * ht : (i + 1) * ht, j * ht : (j + 1) * ht], refs[i, j], atol=1e-5, rtol=0
+                )
         rows, cols = torch.arange(gh * ht) * p < h, torch.arange(gw * ht) * p < w
         assert torch.equal(out.valid_masks[b], rows[:, None] & cols[None, :]), sizes[b]
         padded += int((~out.valid_masks[b]).any())
