@@ -196,20 +196,25 @@ def test_llava15_count_and_projector_equal_the_model(llava):
 
 
 # --- llava_next ------------------------------------------------------------------------------------
-def _next_reference(model, images, newline):
+def _next_reference(model, images, newlines):
     """transformers' LLaVA-NeXT tokens before the projector: processor -> tower layer -2, CLS dropped ->
-    pack_image_features (``newline`` in the newline slots). Returns (packed per image, inputs, patches)."""
+    pack_image_features, once per newline of ``newlines`` (in the newline slots; one tower pass for all).
+    Returns ([packed per image, per newline], inputs, patches)."""
     inputs = LlavaNextImageProcessor(**_NEXT_KW)(images, return_tensors="pt")
     pinpoints = model.config.image_grid_pinpoints
     patches = [image_size_to_num_patches(s, pinpoints, TILE) for s in inputs.image_sizes.tolist()]
     flat = torch.cat([pv[:n] for pv, n in zip(inputs.pixel_values, patches)])
     with torch.no_grad():
         hidden = model.model.vision_tower(flat, output_hidden_states=True).hidden_states[-2][:, 1:]
-        packed, lens = model.model.pack_image_features(
-            list(torch.split(hidden, patches)), inputs.image_sizes, "default", image_newline=newline
-        )
-    assert lens.tolist() == [p.shape[0] for p in packed]
-    return packed, inputs, patches
+        packs = [
+            model.model.pack_image_features(
+                list(torch.split(hidden, patches)), inputs.image_sizes, "default", image_newline=newline
+            )
+            for newline in newlines
+        ]
+    for packed, lens in packs:
+        assert lens.tolist() == [p.shape[0] for p in packed]
+    return [packed for packed, _ in packs], inputs, patches
 
 
 def _next_count(h, w):
@@ -240,8 +245,7 @@ def test_llava_next_ragged_batch_equals_pack_image_features(llava_next):
     enc = hrperc.create_encoder("llava_next", tower, max_batch=1000)
     images = [_image(*s, seed=s[0] + s[1]) for s in NEXT_SIZES]
     newline = torch.randn(D)
-    packed, inputs, patches = _next_reference(llava_next, images, torch.zeros(D))
-    packed_nl, _, _ = _next_reference(llava_next, images, newline)
+    (packed, packed_nl), inputs, patches = _next_reference(llava_next, images, (torch.zeros(D), newline))
     # Where pack_image_features puts the newline: pack zeros with a ones newline.
     zeros = [torch.zeros(n, (TILE // PATCH) ** 2, D) for n in patches]
     marks, _ = llava_next.model.pack_image_features(zeros, inputs.image_sizes, "default", image_newline=torch.ones(D))
