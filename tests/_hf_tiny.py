@@ -186,3 +186,23 @@ def reference_then_attach(model, proc, cases, options, features=None):
     encoder = encoder_from_model(model, proc)
     model, aproc = attach(model, proc, encoder)
     return model, aproc, encoder, ref, ref_gen
+
+
+def assert_save_and_restore(model, proc, sizes, texts, path):
+    """Attach ``model`` to its own encoder, save the model and its front end to ``path``, restore both into a
+    fresh ``from_pretrained`` of the same class, and check the restored logits on ``random_images(sizes)`` /
+    ``texts`` equal the attached model's. Returns ``(attached, restored)``."""
+    from hrperc.integrations.transformers import attach, encoder_from_model, load_front_end, save_front_end
+
+    model, aproc = attach(model, proc, encoder_from_model(model, proc))
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    model.save_pretrained(path)
+    save_front_end(model, path)
+    restored = type(model).from_pretrained(path).eval()
+    restored, rproc = load_front_end(restored, proc, path)
+    with torch.no_grad():
+        out = restored(**rproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    return model, restored

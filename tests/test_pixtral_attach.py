@@ -14,11 +14,11 @@ from _messages import FIX, raises_naming
 
 tf = pytest.importorskip("transformers")
 
-from _hf_tiny import random_images, reference_then_attach  # noqa: E402
+from _hf_tiny import assert_save_and_restore, random_images, reference_then_attach  # noqa: E402
 from _pixtral_tiny import build_pixtral  # noqa: E402
 
 import hrperc  # noqa: E402
-from hrperc.integrations.transformers import _families, attach, encoder_from_model  # noqa: E402
+from hrperc.integrations.transformers import _families, encoder_from_model  # noqa: E402
 
 FAMILIES = ["llava", "mistral3"]
 KEYS = {"llava": "llava_pixtral", "mistral3": "mistral3"}
@@ -145,19 +145,5 @@ def test_image_mean_and_std_at_the_call_are_honoured_like_the_original(attached)
 
 
 def test_save_and_restore_give_the_same_logits(tmp_path):
-    from hrperc.integrations.transformers import load_front_end, save_front_end
-
-    model, proc = build("llava")
-    model, aproc = attach(model, proc, encoder_from_model(model, proc))
-    sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    model.save_pretrained(tmp_path)
-    save_front_end(model, tmp_path)
-    restored = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    restored, rproc = load_front_end(restored, proc, tmp_path)
+    _, restored = assert_save_and_restore(*build("llava"), *CASES["ragged batch"], tmp_path)
     assert restored.model._hrperc_encoder.recipe_options == {"merge_size": 1, "longest_edge": 256}
-    with torch.no_grad():
-        out = restored(**rproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ from _messages import FIX, raises_naming
 
 tf = pytest.importorskip("transformers")
 
-from _hf_tiny import random_images, reference_then_attach, word_tokenizer  # noqa: E402
+from _hf_tiny import assert_save_and_restore, random_images, reference_then_attach, word_tokenizer  # noqa: E402
 from _qwen_tiny import IDS, build_qwen  # noqa: E402
 
 import hrperc  # noqa: E402
@@ -22,8 +22,6 @@ from hrperc.integrations.transformers import (  # noqa: E402
     _families,
     attach,
     encoder_from_model,
-    load_front_end,
-    save_front_end,
 )
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -206,17 +204,5 @@ def test_an_encoder_without_a_native_grid_is_refused():
 
 
 def test_save_and_restore_give_the_same_logits(tmp_path):
-    model, proc = build("qwen3_vl")
-    model, aproc = attach(model, proc, encoder_from_model(model, proc))
-    sizes, texts = CASES["ragged batch"]
-    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    model.save_pretrained(tmp_path)
-    save_front_end(model, tmp_path)
-    restored = tf.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path).eval()
-    restored, rproc = load_front_end(restored, proc, tmp_path)
+    model, restored = assert_save_and_restore(*build("qwen3_vl"), *CASES["ragged batch"], tmp_path)
     assert restored.model._hrperc_encoder.recipe_options == model.model._hrperc_encoder.recipe_options
-    with torch.no_grad():
-        out = restored(**rproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
