@@ -1,0 +1,138 @@
+"""A tiny random LLaVA-NeXT saved as a checkpoint directory vLLM and transformers both load, offline.
+
+Sizes vLLM's CPU attention accepts (the LLM's head size 32); 56 px tiles of 4 x 4 patches keep an image
+to a few hundred tokens; a word-level tokenizer. ``save(directory, front_end=...)`` writes the model with
+``save_pretrained`` and, for ``"identity"`` (the model's own front end) or ``"upgraded"`` (``dcm=True``
+with a random DEM), hrperc's front-end files next to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+WORDS = "what is in the image describe it a red blue square circle yes no".split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+TILE = 56
+PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+    tok.image_token = "<image>"
+    return tok
+
+
+def build(seed: int = 0):
+    """``(model, processor)``: a random ``LlavaNextForConditionalGeneration`` (float32) and its real processor."""
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    text = tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    vision = tf.CLIPVisionConfig(
+        image_size=TILE, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    cfg = tf.LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+    )
+    model = tf.LlavaNextForConditionalGeneration(cfg)
+    with torch.no_grad():  # a visible newline: slots that stayed zero would show
+        model.model.image_newline.normal_()
+    ip = tf.LlavaNextImageProcessor(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS
+    )
+    proc = tf.LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=14,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
+    return model.eval(), proc
+
+
+def upgrade(model, processor, seed: int = 1):
+    """``(model, attached processor)``: ``model`` with LLaVA-NeXT's front end plus INF-LLaVA's dual perspectives
+    (``dcm=True``) and a DEM of random weights (a fresh DEM could leave the tokens as they were)."""
+    from hrperc.integrations.transformers import attach, encoder_from_model
+
+    encoder = encoder_from_model(model, processor, dcm=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.front_end.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return attach(model, processor, encoder)
+
+
+def hub_layout(directory) -> None:
+    """Rename the tower's weights as the hub's LLaVA checkpoints have them (``vision_tower.vision_model.*``),
+    which vLLM's loader expects and transformers reads too (transformers 5 writes ``vision_tower.*``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(str(path))
+    if any(k.startswith("vision_tower.vision_model.") for k in tensors):
+        return  # already in the hub's layout
+    renamed = {
+        (f"vision_tower.vision_model.{k[len('vision_tower.') :]}" if k.startswith("vision_tower.") else k): v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def save(directory, front_end: str | None = None, seed: int = 0) -> Path:
+    """Save the tiny model (and its processor) to ``directory``; ``front_end``: ``None``, ``"identity"`` or
+    ``"upgraded"`` (hrperc's front-end files too)."""
+    from hrperc.integrations.transformers import attach, encoder_from_model, save_front_end
+
+    model, proc = build(seed)
+    directory = Path(directory)
+    if front_end == "identity":
+        model, _ = attach(model, proc, encoder_from_model(model, proc))
+    elif front_end == "upgraded":
+        model, _ = upgrade(model, proc)
+    elif front_end is not None:
+        raise ValueError(f"front_end={front_end!r}; pass None, 'identity' or 'upgraded'")
+    model.save_pretrained(directory)
+    hub_layout(directory)
+    proc.save_pretrained(directory)
+    if front_end is not None:
+        save_front_end(model, directory)
+    return directory
+
+
+def image(height: int, width: int, seed: int):
+    """A seeded random RGB ``PIL.Image`` of ``height x width`` pixels (the same in every process)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
