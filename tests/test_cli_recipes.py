@@ -98,11 +98,15 @@ def test_recipes_command_lists_every_recipe_with_options_and_defaults(capsys):
     for name in hrperc.list_recipes():
         assert re.search(rf"^{name}: \S", out, re.M), name
     block = out.split("llava_onevision:", 1)[1].split("\n\n", 1)[0]
-    assert re.search(r"max_tiles\s+int or none\s+9\n", block) and re.search(r"layer\s+int or none\s+-1\n", block)
+    assert re.search(r"max_tiles\s+int or none\s+9\n", block) and re.search(
+        r"layer\s+int or list or none\s+-1\n", block
+    )
     assert re.search(r"tie_break\s+str\s+'transformers'", block) and "front end  AnyresFrontEnd" in block
     assert main(["recipes", "s2"]) == 0
     only = capsys.readouterr().out
-    assert re.search(r"scales\s+list\s+\(1, 2\)", only) and "llava15:" not in only
+    assert re.search(r"scales\s+list\s+1,2\n", only) and "llava15:" not in only
+    assert main(["recipes", "inf_llava"]) == 0  # a Literal alias (DualPerspectiveCrop's Fit) shows its choices
+    assert re.search(r"fit\s+one of 'resize', 'pad', 'resize_pad'\s+'resize'", capsys.readouterr().out)
     _error_line(capsys, ["recipes", "nope"], "'nope'", "llava_next")
 
 
@@ -132,6 +136,11 @@ def test_parse_options_refuses_unknown_malformed_and_repeated_names():
         "downsample": 1,
         "max_batch": 4,
     }
+    llava15 = describe_recipe("llava15")  # layer: int | list[int] | None (several layers on the channels)
+    assert parse_options(llava15, ["layer=-2,-5", "dem=none"]) == {"layer": (-2, -5), "dem": None}
+    assert parse_options(llava15, ["layer=[-2]", "max_batch=auto"]) == {"layer": (-2,), "max_batch": "auto"}
+    with raises_naming(ValueError, "--option layer='x'", "int or list or none", "layer=-2"):
+        parse_options(llava15, ["layer=x"])
     with raises_naming(ValueError, "--option tiles=6", "'internvl'", "max_tiles", "min_tiles", "layer"):
         parse_options(info, ["tiles=6"])
     with raises_naming(ValueError, "--option 'max_tiles'", "key=value"):
@@ -203,6 +212,7 @@ def test_encode_default_recipe_saves_inf_llava_tokens(images, vit_weights, tmp_p
         (["--recipe", "s2", "--fit", "pad"], ["--fit", "'s2'", "scales", "pad"]),
         (["--layer", "-1", "--option", "layer=-3"], ["--layer", "--option layer=-3"]),
         (["--save", "out.pt"], ["--save 'out.pt'", ".safetensors"]),
+        (["--option", "dem=/nope.safetensors"], ["--option dem", "'/nope.safetensors'", "does not exist"]),
         (["--recipe", "qwen2_vl"], ["--recipe qwen2_vl", "vision tower", "create_encoder('qwen2_vl'", "llava_next"]),
         (["--recipe", "pixtral"], ["--recipe pixtral", "encoder_from_model", "inf_llava"]),
     ],

@@ -88,10 +88,15 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str, la
     )
     p.add_argument(
         "--layer",
-        type=int,
+        type=int if layer_default is not None else parse_layer,
         default=layer_default,
         help="backbone layer the tokens are read from, negative from the end (default: "
-        + ("the recipe's, -2 for inf_llava)" if layer_default is None else f"{layer_default})"),
+        + (
+            f"{layer_default})"
+            if layer_default is not None
+            else "the recipe's, -2 for inf_llava; a list, --layer=-2,-5,-8, concatenates layers where the recipe "
+            "takes one)"
+        ),
     )
     p.add_argument(
         "--combine",
@@ -139,6 +144,20 @@ def _add_encoder_arguments(p: argparse.ArgumentParser, backbone_default: str, la
         help="dtype of the backbone, the DEM and the tokens (default float32; bfloat16 / float16 halve the "
         "memory, on a GPU)",
     )
+
+
+def parse_layer(text: str) -> int | tuple[int, ...]:
+    """``--layer``: ``N`` or ``N,M,...`` (layers concatenated on the channels, where the recipe takes a list)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layer {text!r}: use a layer number, negative from the end, e.g. --layer -2, or a list, -2,-5,-8"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+parse_layer.__name__ = "layer"  # argparse names the type in its messages
 
 
 def _recipe_name(text: str) -> str:
@@ -249,7 +268,7 @@ def check_encoder_inputs(args) -> None:
         hf = args.backbone.partition(":")[0] in ("hf", "transformers")
         check_weights(args.weights, "--weights", folder="hf" if hf else "checkpoint")
     if args.dem_weights:
-        check_weights(args.dem_weights, "--dem-weights", folder="shards")
+        check_weights(args.dem_weights, getattr(args, "dem_flag", "--dem-weights"), folder="shards")
 
 
 def build_encoder(args, grid, max_tiles: int, fit: Fit = "resize", tile_size: int | None = None):
@@ -300,12 +319,14 @@ def weights_lines(args, enc) -> list[str]:
         else f"backbone     {args.backbone}: RANDOM weights (pass --weights PATH for meaningful features)"
     ]
     recipe = getattr(args, "recipe", DEFAULT_RECIPE)
-    if enc.dem is None:
-        lines.append(
-            "DEM          none (--no-dem)"
-            if recipe == DEFAULT_RECIPE
-            else f"DEM          none ({recipe} runs none; --option dcm=true adds INF-LLaVA's where the recipe has it)"
-        )
+    if enc.dem is None and recipe == DEFAULT_RECIPE:
+        lines.append("DEM          none (--no-dem)")
+    elif enc.dem is None:
+        from .recipes import describe_recipe
+
+        dcm = "dcm" in describe_recipe(recipe).names
+        hint = " (--option dcm=true adds INF-LLaVA's strided views and DEM)" if dcm else ""
+        lines.append(f"DEM          none{hint}")
     elif args.dem_weights:
         n = sum(p.numel() for p in enc.dem.parameters())
         lines.append(f"DEM          weights loaded from {args.dem_weights} ({n:,} parameters, width {enc.dem.dim})")
@@ -402,6 +423,10 @@ def recipe_options(args, info) -> dict[str, Any]:
         options.setdefault("layer", -2)
         no_dem = "dem" in options and options["dem"] is None
         options.setdefault("combine", "concat" if no_dem else "mean")
+        dem = options.get("dem")
+        if isinstance(dem, str) and dem != "default":  # --option dem=PATH: checked and reported as --dem-weights
+            args.dem_weights, args.dem_flag = dem, "--option dem"
+        args.no_dem = no_dem
         # the canvas checks and their messages read the grid the encoder will use
         args.grid, args.max_tiles, args.fit = options["grid"], options["max_tiles"], options["fit"]
     return options
@@ -429,7 +454,8 @@ def build_recipe_encoder(args, info, options: dict[str, Any]):
     from ..backbones import create_backbone
     from ..recipes import create_encoder
 
-    backbone = create_backbone(args.backbone, pretrained=args.weights, layer=options.get("layer", -2))
+    layer = options.get("layer", -2)  # the backbone's default layer; the recipe's encoder reads its own
+    backbone = create_backbone(args.backbone, pretrained=args.weights, layer=layer if isinstance(layer, int) else -2)
     enc = create_encoder(info.name, backbone, **options)
     return enc.to(device=args.device, dtype=getattr(torch, args.dtype))
 

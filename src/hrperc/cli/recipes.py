@@ -38,6 +38,7 @@ import inspect
 import json
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,24 +62,27 @@ class RecipeOption:
     default: Any = _EMPTY
 
     @property
-    def kind(self) -> str:
-        """How a value is read: ``"bool"``, ``"int"``, ``"float"``, ``"int|str"``, ``"str"``, ``"list"`` or
-        ``"any"`` (from the annotation, else from the type of the default)."""
-        words = {w.strip() for w in self.annotation.replace("Optional[", "").rstrip("]").split("|")} - {"", "None"}
-        for kind in ("bool", "float"):
-            if kind in words:
-                return kind
-        if "int" in words:
-            return "int|str" if "str" in words else "int"
-        if "str" in words or any(w.startswith("Literal") for w in words):
-            return "str"
-        if words & {"tuple", "list"} or any(w.startswith(("tuple[", "list[", "Sequence")) for w in words):
-            return "list"
-        d = self.default
-        for kind, types in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", (tuple, list))):
-            if isinstance(d, types):
-                return kind
-        return "any"
+    def kinds(self) -> tuple[str, ...]:
+        """How a value is read, tried in order: ``"bool"``, ``"int"``, ``"float"``, ``"list"``, ``"str"``, or
+        ``"any"`` (JSON, a comma list, else the string): from the annotation, else from the type of the default."""
+        words = [w.strip() for w in self.annotation.replace("Optional[", "").split("|")]
+        found = set()
+        for w in words:
+            base = w.split("[", 1)[0].strip()
+            if base in ("bool", "int", "float", "str"):
+                found.add(base)
+            elif base in ("tuple", "list", "Sequence", "Tuple", "List"):
+                found.add("list")
+            elif base == "Literal":
+                found.add("str")
+            elif base and base != "None":
+                found.add("any")  # a name the command line cannot read (an alias, a module): the recipe checks it
+        if not found:
+            d = self.default
+            types = (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", (tuple, list)))
+            # no annotation: read as the default's type first, else as anything (the recipe checks it)
+            found = {next((kind for kind, t in types if isinstance(d, t)), "any"), "any"}
+        return tuple(k for k in ("bool", "int", "float", "list", "str", "any") if k in found)
 
     @property
     def nullable(self) -> bool:
@@ -93,17 +97,23 @@ class RecipeOption:
 
     def describe(self) -> str:
         """``name: type = default`` for the listing."""
-        kind = {"int|str": "int or str", "list": "list", "any": "value"}.get(self.kind, self.kind)
-        kind += " or none" if self.nullable and self.default is not None else ""
+        choices = re.match(r"Literal\[(.*)\]$", self.annotation)
+        kinds = [k for k in self.kinds if k != "any"] or ["value"]
+        kind = f"one of {choices.group(1)}" if choices else " or ".join(kinds)
+        kind += " or none" if self.nullable else ""
         default = "(from the backbone)" if self.default is _EMPTY else _show(self.default)
         return f"{self.name}: {kind} = {default}"
 
 
 def _show(value) -> str:
+    """``value`` as it is written after ``--option key=``: none, true / false, 1,2 or JSON for nested lists."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        flat = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return ",".join(str(v) for v in value) if flat and value else json.dumps(value)
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -167,11 +177,18 @@ def _profiled(hook):
 
 
 def _signature_defaults(cls) -> dict[str, tuple[str, Any]]:
-    """``name -> (annotation text, default)`` of the keyword parameters of ``cls``'s constructor."""
+    """``name -> (annotation text, default)`` of the keyword parameters of ``cls``'s constructor; an alias of a
+    ``Literal`` (``Fit``) is written out, so that its choices show."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that names what only type checkers import: keep the text
+        hints = {}
     out = {}
     for p in inspect.signature(cls.__init__).parameters.values():
         ann = p.annotation
         text = "" if ann is _EMPTY else ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        if text.isidentifier() and typing.get_origin(hints.get(p.name)) is typing.Literal:
+            text = f"Literal{list(typing.get_args(hints[p.name]))}"
         out[p.name] = (text, p.default)
     return out
 
@@ -240,40 +257,45 @@ def describe_recipe(name: str, *, flag: str = "--recipe") -> RecipeInfo:
 
 
 def parse_value(option: RecipeOption, text: str, *, flag: str = "--option"):
-    """``text`` as a value of ``option`` (see the module docs); a value its type cannot read is a ``ValueError``
-    naming the option, the value, the type and an example."""
+    """``text`` as a value of ``option`` (see the module docs): each of its :attr:`~RecipeOption.kinds` is tried in
+    turn; a value none of them reads is a ``ValueError`` naming the option, the value, the types and an example."""
     low = text.strip().lower()
     if low in _NONE and option.takes_none:
         return None
-    kind = option.kind
-    example = f"{flag} {option.name}=" + ("" if option.default is _EMPTY else _show(option.default))
-    if kind == "bool":
-        if low in _TRUE or low in _FALSE:
+    kinds = option.kinds
+    for kind in kinds:
+        if kind == "bool" and (low in _TRUE or low in _FALSE):
             return low in _TRUE
-        raise ValueError(
-            f"{flag} {option.name}={text!r}: {option.name} is a bool; pass true or false (or 1 / 0), e.g. "
-            f"{flag} {option.name}={'false' if option.default is True else 'true'}."
+        if kind in ("int", "float"):
+            try:
+                return int(text) if kind == "int" else float(text)
+            except ValueError:
+                continue
+        if kind in ("list", "any"):
+            value = _json_or_list(text)
+            if kind == "any" or isinstance(value, tuple):
+                return value
+        if kind == "str":
+            return text
+    if kinds == ("bool",):
+        fix = (
+            f"pass true or false (or 1 / 0), e.g. {flag} {option.name}={'false' if option.default is True else 'true'}"
         )
-    if kind in ("int", "int|str"):
-        try:
-            return int(text)
-        except ValueError:
-            if kind == "int|str":
-                return text
-            raise ValueError(
-                f"{flag} {option.name}={text!r}: {option.name} is an int{' or none' * option.nullable}; pass a "
-                f"whole number, e.g. {example}."
-            ) from None
-    if kind == "float":
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(
-                f"{flag} {option.name}={text!r}: {option.name} is a number; pass e.g. {example}."
-            ) from None
-    if kind == "str":
-        return text
-    try:  # a list, or a value of no declared type: JSON first, then a comma list of numbers
+    else:
+        example = "" if option.default is _EMPTY else f", e.g. {flag} {option.name}={_show(option.default)}"
+        forms = {"bool": "true / false", "int": "a whole number", "float": "a number", "list": "a JSON list or 1,2,3"}
+        fix = f"pass {' or '.join(forms[k] for k in kinds if k in forms)}{' or none' * option.nullable}{example}"
+    described = " or ".join(kinds) + " or none" * option.nullable
+    raise ValueError(f"{flag} {option.name}={text!r}: {option.name} is {_article(described)} {described}; {fix}.")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _json_or_list(text: str):
+    """JSON (lists as tuples), else a comma list of JSON values (``1,2,3``), else ``text`` itself."""
+    try:
         return _tuples(json.loads(text))
     except ValueError:
         pass
@@ -338,10 +360,11 @@ def run_recipes(args) -> int:
         if not info.declared:
             print("  options    see its module docs (not declared to split_options; the recipe checks them)")
         width = max((len(o.name) for o in info.options), default=0)
+        rows = [(o.owner, o.name, *o.describe().split(": ", 1)[1].split(" = ", 1)) for o in info.options]
+        kind_width = max((len(r[2]) for r in rows), default=0)
         for owner, head in (("front end", "options"), ("encoder", "encoder")):
-            for i, o in enumerate(o for o in info.options if o.owner == owner):
-                kind, default = o.describe().split(": ", 1)[1].split(" = ", 1)
-                print(f"  {head if i == 0 else '':<9}  {o.name:<{width}}  {kind:<16} {default}")
+            for i, (_, name, kind, default) in enumerate(r for r in rows if r[0] == owner):
+                print(f"  {head if i == 0 else '':<9}  {name:<{width}}  {kind:<{kind_width}}  {default}")
         if info.native:
             print("  note       defaults are the front end's; the recipe sets some from its tower (see its docs)")
         print()
