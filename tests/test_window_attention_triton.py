@@ -494,15 +494,7 @@ def test_auto_falls_back_to_sdpa_when_triton_import_fails_with_any_error(monkeyp
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", None)
     monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
     (q, k, v), grid = _attention_inputs()
-    kw = dict(
-        grid=grid,
-        tile_size=(2, 3),
-        window="strided",
-        q_order="contiguous",
-        kv_order="strided",
-        out_order="strided",
-        scale=0.25,
-    )
+    kw = _resolve_kw(grid)
 
     class LooksLikeCuda(torch.Tensor):  # "auto" only considers the kernel for CUDA tensors
         is_cuda = True
@@ -590,6 +582,19 @@ def _attention_inputs(dtype=torch.float32):
     return [_make("contiguous", 2, grid, tile, 2, 16, dtype).requires_grad_() for _ in range(3)], grid
 
 
+def _resolve_kw(grid):
+    """``resolve_backend``'s keyword arguments for ``_attention_inputs``."""
+    return dict(
+        grid=grid,
+        tile_size=(2, 3),
+        window="strided",
+        q_order="contiguous",
+        kv_order="strided",
+        out_order="strided",
+        scale=0.25,
+    )
+
+
 def test_triton_backend_matches_sdpa_backend_forward_and_backward():
     (q, k, v), grid = _attention_inputs()
     kw = dict(window="strided", q_order="contiguous", kv_order="strided", out_order="map", tile_size=(2, 3))
@@ -603,15 +608,7 @@ def test_triton_backend_matches_sdpa_backend_forward_and_backward():
 
 def test_auto_picks_triton_only_for_cuda_and_env_var_forces_it(monkeypatch):
     (q, k, v), grid = _attention_inputs()
-    kw = dict(
-        grid=grid,
-        tile_size=(2, 3),
-        window="strided",
-        q_order="contiguous",
-        kv_order="strided",
-        out_order="strided",
-        scale=0.25,
-    )
+    kw = _resolve_kw(grid)
     resolve = hrperc.attention.resolve_backend
     monkeypatch.delenv("HRPERC_ATTN_BACKEND", raising=False)
     assert resolve("auto", q, k, v, **kw).name == ("triton" if q.is_cuda else "sdpa")
