@@ -145,7 +145,7 @@ class HighResEncoder(nn.Module):
             max_batch = n
         read = bb.layer if layer is None else bb.check_layer(layer)  # an int, or a tuple of several
         # the prefix tokens too where the front end reads them (LLaVA-1.5's select_strategy="full")
-        self._prefix = bool(getattr(front_end, "keeps_prefix", False))
+        self._prefix = bool(front_end.keeps_prefix)
         if self._prefix:
             bb.check_layer(read, prefix=True)
         front_end.attach_dem(dem, bb.feature_width(read))  # the front end owns its DEM: front_end.state_dict()

@@ -221,6 +221,12 @@ class FrontEnd(nn.Module, Generic[PlanT]):
             )
         return self.tile_size[0] // self.patch_size[0], self.tile_size[1] // self.patch_size[1]
 
+    @property
+    def keeps_prefix(self) -> bool:
+        """Whether :meth:`assemble` reads the backbone's prefix (CLS) tokens too, before the patch tokens
+        (LLaVA-1.5 with ``select_strategy="full"``); ``False`` by default."""
+        return False
+
     def token_width(self, width: int) -> int:
         """Channels of the assembled tokens for a backbone of ``width`` channels (``width`` unless the
         assembly changes it: a pixel shuffle, a channel concatenation)."""
