@@ -38,6 +38,8 @@ def test_docstring_examples_pass(name):
                 pytest.skip("examples need a CUDA GPU")
             continue
         pytest.importorskip(needed)
+    if name.startswith("hrperc.integrations.vllm."):  # the plugin's parts import vLLM (its own environment)
+        pytest.importorskip("vllm")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     if name not in NO_EXAMPLES:
