@@ -141,3 +141,22 @@ def test_pixtral_attention_intermediates_are_freed_before_the_mlp(pixtral):
     # the layer's input, the residual sum and the MLP's normed input; not the normed attention input, q,
     # k or v (seven with them)
     assert alive == [3] * len(layers), alive
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_qwen_tower_input_is_released_after_the_patch_embedding_only_without_autograd(qwen, train):
+    model, _ = qwen
+    tower = copy.deepcopy(model.model.visual)
+    enc = hrperc.create_encoder("qwen3_vl", tower, train_backbone=train)
+    seen, sizes = [], []
+    hooks = [
+        tower.patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0])),
+        tower.blocks[0].register_forward_pre_hook(lambda m, args: sizes.append(seen[0].untyped_storage().nbytes())),
+    ]
+    try:
+        out = enc([_uint8(3, 90, 130), _uint8(3, 40, 100, seed=1)])
+    finally:
+        for h in hooks:
+            h.remove()
+    # pixel_values are read once: freed before the blocks run, unless the backward pass needs them
+    assert (sizes[0] == 0) != train and out.tokens.requires_grad == train

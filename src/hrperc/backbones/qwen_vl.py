@@ -150,6 +150,13 @@ def _read_output(out) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Ten
     return out[1], out[0], (list(out[2]) if len(out) > 2 else None)
 
 
+def _release(seen: torch.Tensor, own: torch.Tensor) -> None:
+    """Frees ``own``'s memory (its storage shrunk to nothing) when ``seen`` is it: the patch embedding's input,
+    read once; anything else (a tower that copied or reshaped it first) is left as it is."""
+    if seen is own:
+        own.untyped_storage().resize_(0)
+
+
 class QwenVisionTower(nn.Module):
     """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower run on packed views (see the module docs).
 
@@ -457,12 +464,27 @@ class QwenVisionTower(nn.Module):
         pixel_values, grids = self._pack(views)
         return self._run(pixel_values, grids, patches)
 
-    def _call(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]):
+    def _call(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], release: bool = False):
         """The tower, once, on packed ``pixel_values`` of views with these patch ``grids``: ``(grid_thw, merged,
-        last_hidden_state, deepstack)`` (see :func:`_read_output`)."""
+        last_hidden_state, deepstack)`` (see :func:`_read_output`).
+
+        ``release=True`` (``pixel_values`` is the caller's own, not used after this call): without autograd,
+        its memory is returned as soon as the patch embedding has read it, instead of staying allocated
+        through every block (the tower's forward cannot drop the caller's reference; at the released
+        budgets this is tens to hundreds of MiB, about a tenth of a block's activations)."""
         device = self.device
         grid_thw = torch.tensor([[1, gh, gw] for gh, gw in grids], dtype=torch.long, device=device)
-        return grid_thw, *_read_output(self.tower(pixel_values.to(device, self.dtype), grid_thw=grid_thw))
+        x = pixel_values.to(device, self.dtype)
+        embed = getattr(self.tower, "patch_embed", None)
+        hook = None
+        if release and x is pixel_values and isinstance(embed, nn.Module) and not torch.is_grad_enabled():
+            hook = embed.register_forward_hook(lambda module, args, out: _release(args[0], x))
+        try:
+            out = self.tower(x, grid_thw=grid_thw)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return grid_thw, *_read_output(out)
 
     def _run(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], patches: bool = False) -> QwenTowerOutput:
         """The tower on packed ``pixel_values`` of views with these patch ``grids``, split per view."""
@@ -575,8 +597,8 @@ class QwenBackbone(VisionBackbone):
         q._views([v for stack in stacks for v in stack.unbind(0)], raw=pixels)  # the checks only
         dtype = q.dtype if pixels else None
         pixel_values, grids = q._pack_stacks(list(stacks), normalize=pixels, dtype=dtype)
-        _, merged, _, deep = q._call(pixel_values, grids)
-        del pixel_values  # the tower's input: freed before the tokens are laid out
+        _, merged, _, deep = q._call(pixel_values, grids, release=True)
+        del pixel_values
         levels = [merged, *deep] if q.family == "qwen3_vl" and deep is not None else [merged]
         out, start = [], 0
         for stack in stacks:  # a stack's views are consecutive rows of the tower's output: views, no copy
