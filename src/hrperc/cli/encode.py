@@ -385,6 +385,7 @@ def recipe_options(args, info) -> dict[str, Any]:
     from .recipes import parse_options
 
     options = parse_options(info, args.option)
+    typed = set(options)  # the names given with --option (the flags are added below)
     flags: dict[str, tuple[str, Any]] = {}  # option -> (the flag, its value), for the flags that were given
     if args.layer is not None:
         flags["layer"] = ("--layer", args.layer)
@@ -424,7 +425,7 @@ def recipe_options(args, info) -> dict[str, Any]:
         no_dem = "dem" in options and options["dem"] is None
         options.setdefault("combine", "concat" if no_dem else "mean")
         dem = options.get("dem")
-        if isinstance(dem, str) and dem != "default":  # --option dem=PATH: checked and reported as --dem-weights
+        if "dem" in typed and isinstance(dem, str) and dem != "default":  # checked and reported as --dem-weights
             args.dem_weights, args.dem_flag = dem, "--option dem"
         args.no_dem = no_dem
         # the canvas checks and their messages read the grid the encoder will use
