@@ -17,6 +17,9 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import hrperc  # noqa: E402
 from hrperc.backbones import VisionBackbone  # noqa: E402
 from hrperc.integrations.transformers import attach, encoder_from_model, load_front_end, save_front_end  # noqa: E402
+from hrperc.ops import anyres  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only wait on each other
 
 
 def _clip(layers: int = 4, image_size: int = 28):
@@ -165,11 +168,16 @@ def test_llava_next_layers_with_dcm_and_the_full_strategy_by_tower():
 
 
 # --- against transformers ----------------------------------------------------------------------------------
+#: the tiny LLaVA towers' side: 4 x 4 patches of 14 px (the layer lists read the same at the released 336)
+TILE = 56
+
+
 def _llava(family: str, layer, strategy: str, layers: int = 3):
-    """A tiny CLIP-tower LLaVA / LLaVA-NeXT with ``vision_feature_layer=layer`` and its real processor."""
+    """A tiny CLIP-tower LLaVA / LLaVA-NeXT with ``vision_feature_layer=layer`` and its real processor
+    (``TILE`` px tiles; LLaVA-NeXT's pinpoints scaled to them)."""
     tok = _tokenizer()
     torch.manual_seed(0)
-    vision = tf.CLIPVisionConfig(image_size=336, **{**_VISION, "num_hidden_layers": layers})
+    vision = tf.CLIPVisionConfig(image_size=TILE, **{**_VISION, "num_hidden_layers": layers})
     common = dict(
         vision_config=vision,
         text_config=_text_config(tok),
@@ -177,16 +185,17 @@ def _llava(family: str, layer, strategy: str, layers: int = 3):
         vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
     )
-    crop = {"height": 336, "width": 336}
+    crop = {"height": TILE, "width": TILE}
     if family == "llava":
         model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common))
-        ip = tf.LlavaImageProcessor(size={"shortest_edge": 336}, crop_size=crop, do_pad=True)
+        ip = tf.LlavaImageProcessor(size={"shortest_edge": TILE}, crop_size=crop, do_pad=True)
         proc_cls = tf.LlavaProcessor
     else:
-        model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(**common))
+        pins = [[h * TILE // 336, w * TILE // 336] for h, w in anyres.LLAVA_NEXT_PINPOINTS]
+        model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(**common, image_grid_pinpoints=pins))
         with torch.no_grad():
             model.model.image_newline.normal_()
-        ip = tf.LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size=crop)
+        ip = tf.LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size=crop, image_grid_pinpoints=pins)
         proc_cls = tf.LlavaNextProcessor
     proc = proc_cls(
         image_processor=ip,
@@ -219,7 +228,7 @@ def test_tokens_and_logits_equal_transformers(family, layer, strategy):
             hs = model.model.vision_tower(ref_in["pixel_values"], output_hidden_states=True).hidden_states
             want = torch.cat([hs[k][:, 0 if strategy == "full" else 1 :] for k in layer], -1)
             got = encoder(images).tokens
-        assert got.shape == want.shape == (2, 576 + (strategy == "full"), 32 * len(layer))
+        assert got.shape == want.shape == (2, (TILE // 14) ** 2 + (strategy == "full"), 32 * len(layer))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     model, aproc = attach(model, proc, encoder)
     inputs = aproc(images=images, text=texts, return_tensors="pt", padding=True)
@@ -279,8 +288,6 @@ def test_the_config_s_layers_are_read_and_survive_save_and_load(tmp_path):
 
 
 def test_onevision_layer_list_equals_get_image_features():
-    from hrperc.ops import anyres
-
     tile = 56  # a SigLIP tower of 4 x 4 tokens per tile, three blocks
     pins = [list(p) for p in anyres.ONEVISION_PINPOINTS]
     pins = [[h * tile // 384, w * tile // 384] for h, w in pins]
