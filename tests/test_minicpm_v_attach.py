@@ -22,11 +22,14 @@ from hrperc.ops import slices  # noqa: E402
 from hrperc.recipes.minicpm_v import MARKERS  # noqa: E402
 
 VERSIONS = ["4_6", "4_7"]
-# one image; a ragged batch: several images of other sizes in one text (sliced 1 x 2, the source alone, 2 x 1),
-# another text with one, padded
+#: the processors' slice side: a quarter of the released 448 (the same slicing and merging paths, 1/16 the patches);
+#: the released options are read in test_families_and_the_options_read_from_the_model_and_processor
+SCALE = dict(scale_resolution=112)
+# one image; a ragged batch: several images of other sizes in one text (sliced 1 x 2, the source alone, 2 x 1:
+# a pixel over the slice area), another text with one, padded
 CASES = {
-    "one image": ([(500, 900)], ["<unk> what is in the image"]),
-    "ragged batch": ([(500, 900), (40, 60), (449, 448)], ["describe <unk> it <unk>", "<unk> what is in the image"]),
+    "one image": ([(125, 225)], ["<unk> what is in the image"]),
+    "ragged batch": ([(125, 225), (10, 15), (113, 112)], ["describe <unk> it <unk>", "<unk> what is in the image"]),
 }
 
 
@@ -50,7 +53,7 @@ def _images(sizes):
 
 
 def build(version: str, **options):
-    model, proc = build_minicpm(version, **options)
+    model, proc = build_minicpm(version, **{**SCALE, **options})
     proc.tokenizer.padding_side = "left"  # generate continues every row from its last real token
     return model, proc
 
@@ -117,7 +120,8 @@ def test_the_text_follows_the_processor_s_options(attached):
         assert torch.equal(
             aproc(images=_images(sizes), text=texts, return_tensors="pt", padding=True, **kw)["input_ids"], ref
         )
-    assert [encoder.num_tokens(s) for s in sizes] == [slices.num_tokens(s) for s in sizes]
+    assert [encoder.num_tokens(s) for s in sizes] == [slices.num_tokens(s, **SCALE) for s in sizes]
+    assert [slices.slice_plan(s, **SCALE).grid for s in sizes] == [(1, 2), None, (2, 1)]
     with raises_naming(ValueError, "max_slice_nums=2", "max_slice_nums=9", FIX):
         aproc(images=_images(sizes[:1]), text=texts[1:], max_slice_nums=2)
     with raises_naming(TypeError, "use_image_id='no'", FIX):
