@@ -1,0 +1,474 @@
+"""The front-end study's runner (``docs/study.md``): train from scratch, evaluate, write JSON.
+
+For each configuration and seed: a tiny timm ``VisionTransformer`` (random weights, ``dynamic_img_size``),
+the configuration's front end built through hrperc's own recipes and modules (``create_encoder``,
+``HighResEncoder``, ``DualPerspectiveEnhancement`` options), and a small head (one cross-attention of four
+learned question queries over the tokens) are trained end to end on the synthetic task
+(``study/task.py``) for a fixed wall-clock budget on the CPU, then scored on a held-out set.
+
+    python benchmarks/study/run.py --list
+    python benchmarks/study/run.py --config inf_llava dcm_local --seeds 0 1 2 --minutes 10
+
+Each run writes ``<out>/<config>-s<size>-seed<seed>/result.json``; while it trains it saves ``state.pt``
+(model, optimizer, step, elapsed training time) every ``--save-every`` seconds, and a rerun of the same
+command resumes from it (a finished run is skipped unless ``--force``). Training batches are a pure
+function of ``(seed, step)``, so a resumed run sees the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hrperc  # noqa: E402
+from hrperc.modules.dem import default_heads  # noqa: E402
+from hrperc.modules.fusion import FUSIONS  # noqa: E402
+from hrperc.ops.reduce import reduce_tokens  # noqa: E402
+from study.task import (  # noqa: E402
+    NUM_ANSWERS,
+    QUESTIONS,
+    STUDY_SIZES,
+    check_seed,
+    check_size,
+    make_batch,
+)
+
+__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "QUICK", "build_model", "run_one", "main"]
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The tower and the task's scale: tiles of ``tile`` px (``patch`` px patches), ``size`` px images."""
+
+    tile: int = 224
+    patch: int = 16
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    size: int = 672
+    batch: int = 8
+    lr: float = 1e-3
+    head_dim: int = 64
+
+
+#: The study's scale: 3 x 3 tiles of 224 make the 672 px canvas the paper's 3 x 3 grid runs on.
+STUDY = Scale()
+#: Quick mode (the test suite): 96 px images, 32 px tiles -- the same front ends, a few seconds.
+QUICK = Scale(tile=32, patch=8, dim=32, depth=2, heads=2, size=96, batch=16, lr=2e-3, head_dim=32)
+
+
+def tower(scale: Scale, seed: int) -> nn.Module:
+    """The tiny ViT, drawn after ``torch.manual_seed(seed)``; it takes views of any whole number of patches."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(
+        img_size=scale.tile,
+        patch_size=scale.patch,
+        embed_dim=scale.dim,
+        depth=scale.depth,
+        num_heads=scale.heads,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+
+
+def _dem(scale: Scale, **options) -> hrperc.DualPerspectiveEnhancement:
+    return hrperc.DualPerspectiveEnhancement(scale.dim, default_heads(scale.dim), **options)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A named front end: ``recipe`` and ``options`` for ``create_encoder`` (``dem`` may be a callable of the
+    scale, building the DEM for the tower's width), and ``pick``: for the DCM ablations, the one
+    perspective (``"local"`` / ``"global"``) of ``combine="concat"``'s output the head reads, reduced as
+    the DEM reduces (bilinear, to one tile's grid) and averaged with the thumbnail as ``combine="mean"`` does.
+    """
+
+    name: str
+    group: str
+    about: str
+    recipe: str
+    options: dict[str, Any] = field(default_factory=dict)
+    pick: str | None = None
+
+    def encoder(self, scale: Scale, seed: int) -> hrperc.HighResEncoder:
+        opts = {k: (v(scale) if callable(v) else v) for k, v in self.options.items()}
+        return hrperc.create_encoder(self.recipe, tower(scale, seed), train_backbone=True, **opts)
+
+
+def _configs() -> dict[str, Config]:
+    out: list[Config] = []
+
+    def dem(**kw):
+        return lambda scale: _dem(scale, **kw)
+
+    # Table 4: DEM directions (the released DEM otherwise: released fusion, bilinear reduction).
+    for d in ("both", "global", "local"):
+        out.append(
+            Config(
+                f"dem_{d}",
+                "DEM directions",
+                f"inf_llava, DEM directions={d!r}",
+                "inf_llava",
+                {"dem": dem(directions=d)},
+            )
+        )
+    # Table 5: fusion methods.
+    for f in FUSIONS:
+        out.append(
+            Config(f"fusion_{f}", "DEM fusion", f"inf_llava, DEM fusion={f!r}", "inf_llava", {"dem": dem(fusion=f)})
+        )
+    # Table 6: the dual crops.
+    concat = {"dem": None, "combine": "concat"}
+    out += [
+        Config(
+            "dcm_local",
+            "DCM",
+            "local crops only (local map, reduced, mean with thumbnail)",
+            "inf_llava",
+            concat,
+            "local",
+        ),
+        Config(
+            "dcm_global",
+            "DCM",
+            "strided crops only (global map, reduced, mean with thumbnail)",
+            "inf_llava",
+            concat,
+            "global",
+        ),
+        Config(
+            "dcm_sum",
+            "DCM",
+            "plain sum of both maps: DEM directions='none', fusion='add'",
+            "inf_llava",
+            {"dem": dem(directions="none", fusion="add")},
+        ),
+        Config("dcm_dem", "DCM", "DCM + DEM (the released INF-LLaVA front end)", "inf_llava", {"dem": dem()}),
+    ]
+    # Recipes side by side.
+    out += [
+        Config("llava15", "recipes", "one view: the image resized to one tile (low-resolution baseline)", "llava15"),
+        Config("llava_next", "recipes", "anyres: base view + tiles of the best pinpoint canvas", "llava_next"),
+        Config(
+            "llava_next_dcm",
+            "recipes",
+            "llava_next with dcm=True (strided views + DEM on the tiles' map)",
+            "llava_next",
+            {"dcm": True},
+        ),
+        Config(
+            "inf_llava",
+            "recipes",
+            "the released INF-LLaVA front end (3 x 3 DCM + DEM, mean with thumbnail)",
+            "inf_llava",
+        ),
+        Config("internvl", "recipes", "tiles (closest aspect) + thumbnail, pixel shuffle 0.5", "internvl"),
+        Config(
+            "s2",
+            "recipes",
+            "S2 multi-scale, scales (1, 2, 3): the 3 x 3 canvas, one tile's tokens",
+            "s2",
+            {"scales": (1, 2, 3)},
+        ),
+        Config("infimm_hd", "recipes", "global view + aspect-kept tiles", "infimm_hd"),
+        Config("llava_onevision", "recipes", "anyres-max: base + tiles of 36 pinpoints", "llava_onevision"),
+        Config(
+            "idefics3", "recipes", "tiles of the longest edge at 4 tiles + the global image, pixel shuffle", "idefics3"
+        ),
+    ]
+    return {c.name: c for c in out}
+
+
+CONFIGS = _configs()
+
+
+def check_config(name) -> Config:
+    if not isinstance(name, str) or name not in CONFIGS:
+        raise ValueError(f"config={name!r} is not a configuration; pass one of {', '.join(CONFIGS)} (run.py --list).")
+    return CONFIGS[name]
+
+
+class Head(nn.Module):
+    """Four learned question queries attend over the tokens ``(B, T, D)`` -> logits ``(B, 4, NUM_ANSWERS)``.
+
+    A learned position per token index (a run has one image size, so index ``i`` is one place in the
+    layout) lets the head tell the corners and the sides apart whatever the front end's order.
+    """
+
+    def __init__(self, width: int, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim))
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.queries = nn.Parameter(torch.randn(len(QUESTIONS), dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, 4 if dim % 4 == 0 else 1, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, NUM_ANSWERS))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.proj(tokens) + self.pos[:, : tokens.shape[1]]
+        q = self.queries.expand(tokens.shape[0], -1, -1)
+        pooled, _ = self.attn(q, x, x, key_padding_mask=None if mask is None else ~mask)
+        # The mean token too: a count over the whole image is a mean, which attention finds only slowly.
+        m = (
+            x.mean(1, keepdim=True)
+            if mask is None
+            else (x * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+        )
+        return self.out(pooled + q + m)
+
+
+class StudyModel(nn.Module):
+    """Encoder (tower + front end) and head; ``forward(images (B, 3, S, S) uint8)`` -> ``(B, 4, NUM_ANSWERS)``."""
+
+    def __init__(self, config: Config, scale: Scale, seed: int) -> None:
+        super().__init__()
+        self.config, self.size = config, scale.size
+        self.encoder = config.encoder(scale, seed)
+        width = self.encoder.token_width
+        # The picked perspective is reduced to one tile's grid; otherwise the head reads every token.
+        side = scale.tile // scale.patch
+        tokens = side * side if config.pick else self.encoder.num_tokens((scale.size, scale.size))
+        torch.manual_seed(seed + 1)
+        self.head = Head(width, tokens, scale.head_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(images)
+        if self.config.pick is None:
+            return self.head(out.tokens, out.token_mask)
+        return self.head(self._pick(out))
+
+    def _pick(self, out) -> torch.Tensor:
+        # One image size per run: every image of the batch has the same layout.
+        seg = {s.source: s for s in out.layout[0]}
+        B, D = out.tokens.shape[0], out.tokens.shape[-1]
+        part, thumb = seg[self.config.pick], seg["thumbnail"]
+        grid = out.tokens[:, part.start : part.stop].reshape(B, *part.shape, D)
+        return (reduce_tokens(grid, thumb.shape, "bilinear") + out.tokens[:, thumb.start : thumb.stop]) / 2
+
+
+def build_model(config: str, scale: Scale = STUDY, seed: int = 0) -> StudyModel:
+    return StudyModel(check_config(config), scale, check_seed(seed))
+
+
+def evaluate(model: StudyModel, scale: Scale, seed: int, n: int) -> dict[str, Any]:
+    """Accuracy on the first ``n`` held-out images (the test split of the task's seed ``seed``)."""
+    model.eval()
+    right = torch.zeros(len(QUESTIONS))
+    with torch.no_grad():
+        for start in range(0, n, scale.batch):
+            images, answers = make_batch(range(start, min(start + scale.batch, n)), scale.size, seed, "test")
+            right += (model(images).argmax(-1) == answers).float().sum(0)
+    model.train()
+    acc = right / n
+    return {"accuracy": acc.mean().item(), "per_question": dict(zip(QUESTIONS, acc.tolist()))}
+
+
+def _lr(scale: Scale, progress: float) -> float:
+    # Warm up over the first 5 % of the budget, then a cosine to 0 at its end (time-based: steps are unknown).
+    warm = min(1.0, progress / 0.05)
+    return scale.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def run_one(
+    config: str,
+    seed: int = 0,
+    *,
+    scale: Scale = STUDY,
+    minutes: float = 10.0,
+    steps: int | None = None,
+    eval_n: int = 256,
+    task_seed: int = 0,
+    out: Path | None = DEFAULT_OUT,
+    save_every: float = 60.0,
+    force: bool = False,
+    log=print,
+    log_every: int = 25,
+) -> dict[str, Any]:
+    """Train ``config`` with ``seed`` for ``minutes`` of wall clock (and at most ``steps``), then evaluate.
+
+    ``seed`` draws the weights; ``task_seed`` the images (training stream and held-out set), the same for
+    every configuration so that they are compared on the same data. ``out=None`` writes nothing.
+    """
+    cfg, seed, task_seed = check_config(config), check_seed(seed), check_seed(task_seed, "task_seed")
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0:
+        raise ValueError(f"minutes={minutes!r} must be a number of minutes > 0 (the training budget per run).")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps={steps!r} must be a whole number >= 1 (or None: as many as the budget allows).")
+    if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 1:
+        raise ValueError(f"eval_n={eval_n!r} must be a whole number >= 1 (held-out images).")
+    budget = 60.0 * minutes
+    run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}-seed{seed}"
+    if run_dir is not None and (run_dir / "result.json").exists() and not force:
+        log(f"[{cfg.name} seed {seed}] done before: {run_dir / 'result.json'} (--force to rerun)")
+        return json.loads((run_dir / "result.json").read_text())
+
+    model = build_model(cfg.name, scale, seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
+    step, train_s = 0, 0.0
+    state = None if run_dir is None else run_dir / "state.pt"
+    meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
+    if state is not None and state.exists():
+        saved = torch.load(state, weights_only=False)
+        if saved["meta"] != meta:
+            raise ValueError(
+                f"{state} was saved by another run ({saved['meta']}); remove it or pass another --out to start over."
+            )
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, train_s = saved["step"], saved["train_s"]
+        log(f"[{cfg.name} seed {seed}] resumed at step {step} ({train_s:.0f} s of {budget:.0f} s trained)")
+
+    def save() -> None:
+        if state is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state.with_suffix(".tmp")
+            torch.save(
+                {"meta": meta, "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s},
+                tmp,
+            )
+            tmp.replace(state)  # atomic: an interrupted save leaves the previous state
+
+    tokens = model.encoder.num_tokens((scale.size, scale.size))
+    passes = model.encoder.num_backbone_passes((scale.size, scale.size))
+    log(f"[{cfg.name} seed {seed}] {cfg.about}: {tokens} tokens, {passes} ViT passes per {scale.size} px image")
+    model.train()
+    last_save, losses, last_loss = time.perf_counter(), [], float("nan")
+    while train_s < budget and (steps is None or step < steps):
+        t0 = time.perf_counter()
+        progress = max(train_s / budget, 0.0 if steps is None else step / steps)
+        for g in opt.param_groups:
+            g["lr"] = _lr(scale, progress)
+        batch = range(step * scale.batch, (step + 1) * scale.batch)
+        images, answers = make_batch(batch, scale.size, task_seed, "train")
+        logits = model(images)
+        loss = F.cross_entropy(logits.reshape(-1, NUM_ANSWERS), answers.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        train_s += dt
+        losses.append(loss.item())
+        if step == 1 and dt > budget:
+            raise ValueError(
+                f"minutes={minutes} is shorter than one training step of {cfg.name} ({dt:.1f} s at "
+                f"{scale.size} px, batch {scale.batch}); pass at least minutes={math.ceil(dt / 6) / 10}."
+            )
+        if time.perf_counter() - last_save >= save_every:
+            save()
+            last_save = time.perf_counter()
+        if step % log_every == 0 or step == 1:
+            log(
+                f"[{cfg.name} seed {seed}] step {step}  {train_s:.0f}/{budget:.0f} s  "
+                f"loss {sum(losses) / len(losses):.3f}"
+            )
+            losses = []
+        last_loss = loss.item()
+    save()
+    t0 = time.perf_counter()
+    scores = evaluate(model, scale, task_seed, eval_n)
+    result = {
+        **meta,
+        "group": cfg.group,
+        "about": cfg.about,
+        "tokens": tokens,
+        "token_width": model.encoder.token_width,
+        "vit_passes": passes,
+        "steps": step,
+        "last_loss": last_loss,
+        "train_s": round(train_s, 2),
+        "eval_s": round(time.perf_counter() - t0, 2),
+        "eval_n": eval_n,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **scores,
+        "chance": 1 / NUM_ANSWERS,
+        "torch_threads": torch.get_num_threads(),
+    }
+    log(
+        f"[{cfg.name} seed {seed}] held-out accuracy {scores['accuracy']:.3f} "
+        f"({', '.join(f'{k} {v:.2f}' for k, v in scores['per_question'].items())}) after {step} steps"
+    )
+    if run_dir is not None:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", nargs="+", default=[], help="configuration names (--list shows them)")
+    p.add_argument("--list", action="store_true", help="list the configurations and exit")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="weight seeds, one run each")
+    p.add_argument("--task-seed", type=int, default=0, help="the task's seed (training stream and held-out set)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per run (minutes)")
+    p.add_argument("--steps", type=int, default=None, help="at most this many training steps per run")
+    p.add_argument("--size", type=int, default=STUDY.size, help=f"image side, {STUDY_SIZES[0]}..{STUDY_SIZES[1]} px")
+    p.add_argument("--eval", type=int, default=256, help="held-out images")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the runs' folders go")
+    p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
+    p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--quick", action="store_true", help="quick mode: 96 px images, 32 px tiles (not the study)")
+    a = p.parse_args(argv)
+    if a.list:
+        for c in CONFIGS.values():
+            print(f"{c.name:18s} {c.group:15s} {c.about}")
+        return 0
+    try:
+        if not a.config:
+            raise ValueError("no --config given; pass one or more names (run.py --list).")
+        for name in a.config:
+            check_config(name)
+        for s in a.seeds:
+            check_seed(s)
+        if a.threads < 1:
+            raise ValueError(f"threads={a.threads} must be >= 1.")
+        scale = QUICK if a.quick else Scale(size=check_size(a.size, lo=STUDY_SIZES[0], hi=STUDY_SIZES[1]))
+        torch.set_num_threads(a.threads)
+        results = []
+        for name in a.config:
+            for s in a.seeds:
+                results.append(
+                    run_one(
+                        name,
+                        s,
+                        scale=scale,
+                        minutes=a.minutes,
+                        steps=a.steps,
+                        eval_n=a.eval,
+                        task_seed=a.task_seed,
+                        out=a.out,
+                        save_every=a.save_every,
+                        force=a.force,
+                    )
+                )
+    except (ValueError, TypeError) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(
+            f"{r['config']:18s} seed {r['seed']}  acc {r['accuracy']:.3f}  tokens {r['tokens']:5d}  "
+            f"passes {r['vit_passes']:3d}  steps {r['steps']:5d}  train {r['train_s']:.0f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The front-end study's quick mode (``docs/study.md``): the pipeline runs, resumes, refuses bad input, learns.
+
+Tiny images (96 px, 32 px tiles: ``study.run.QUICK``), one thread; not the study's numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from study import run, task  # noqa: E402
+
+
+def _quiet(*_):
+    pass
+
+
+def test_task_is_a_pure_function_of_seed_split_index():
+    a, ya = task.make_sample(96, seed=3, index=5)
+    b, yb = task.make_sample(96, seed=3, index=5)
+    c, _ = task.make_sample(96, seed=3, index=5, split="test")
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(a, c)  # the held-out split is another stream
+    assert a.dtype == torch.uint8 and a.shape == (3, 96, 96)
+    assert ((ya >= 0) & (ya < task.NUM_ANSWERS)).all()
+
+
+def test_task_answers_cover_the_closed_set():
+    _, answers = task.make_batch(range(64), size=96)
+    for q in range(len(task.QUESTIONS)):
+        assert set(answers[:, q].tolist()) == set(range(task.NUM_ANSWERS)), task.QUESTIONS[q]
+
+
+def test_study_size_glyph_needs_full_resolution():
+    # The ring's glyph: the four kinds differ at full resolution but hardly after a resize to one 224 px tile.
+    image, _ = task.make_sample(672, seed=0, index=0)
+    assert image.shape == (3, 672, 672)
+    glyphs = torch.from_numpy(task._BITMAPS).float()
+    assert (glyphs.sum((1, 2)) - 8.5).abs().max() <= 0.5  # nearly the same ink: no cue in a blurred dot
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"config": "no_such_front_end"}, "no_such_front_end"),
+        ({"config": "inf_llava", "seed": -1}, "seed=-1"),
+        ({"config": "inf_llava", "minutes": 0}, "minutes=0"),
+        ({"config": "inf_llava", "steps": 0}, "steps=0"),
+    ],
+)
+def test_run_one_refuses_bad_input_naming_it(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        run.run_one(scale=run.QUICK, out=None, log=_quiet, **kwargs)
+
+
+def test_budget_too_small_for_one_step_is_refused(one_thread):
+    with pytest.raises(ValueError, match=r"minutes=1e-06 is shorter than one training step"):
+        run.run_one("llava15", 0, scale=run.QUICK, minutes=1e-6, out=None, log=_quiet)
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["--config", "nope"], "'nope'"),
+        (["--config", "inf_llava", "--size", "100"], "size=100"),
+        (["--config", "inf_llava", "--size", "4032"], "size=4032"),
+        (["--config", "inf_llava", "--seeds", "-3"], "seed=-3"),
+    ],
+)
+def test_cli_errors_are_one_line_naming_the_value(argv, name, capsys):
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and name in err and err.startswith("run.py: error:")
+
+
+def test_every_configuration_builds_and_runs_one_image(one_thread):
+    # Each named configuration is a working front end at the quick scale (the library's options accept it).
+    images, _ = task.make_batch(range(1), size=run.QUICK.size)
+    for name in run.CONFIGS:
+        model = run.build_model(name, run.QUICK, 0)
+        with torch.no_grad():
+            assert model(images).shape == (1, len(task.QUESTIONS), task.NUM_ANSWERS), name
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
+    kw = dict(scale=run.QUICK, minutes=60.0, eval_n=8, save_every=0.0, log=_quiet, log_every=1)
+    whole = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "a", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(msg):
+        if "step 2 " in msg:
+            raise Stop
+
+    first = dict(kw, log=stop_after_two)
+    with pytest.raises(Stop):
+        run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **first)
+    # The log line of step 2 comes after its checkpoint: the rerun starts at step 2 and ends where `whole` did.
+    seen = []
+    resumed = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **dict(kw, log=seen.append))
+    assert any("resumed at step 2" in m for m in seen)
+    assert resumed["steps"] == whole["steps"] == 3
+    assert resumed["last_loss"] == whole["last_loss"]
+    assert resumed["per_question"] == whole["per_question"]
+    again = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **kw)  # finished: read back, not rerun
+    assert again == resumed
