@@ -1,14 +1,12 @@
 """The recipes' options on the command line: ``hrperc recipes``, and ``hrperc encode --option key=value``.
 
-A recipe declares its options once, in code: its builder hands :func:`hrperc.recipes._common.split_options`
-the keyword parameters of its front end's constructor (:func:`~hrperc.recipes._common.options_of`) and the
-encoder options it passes through to :class:`~hrperc.HighResEncoder`. :func:`describe_recipe` reads that
-declaration instead of keeping a list here: it asks the recipe to build around no backbone and records the
-arguments of those two calls as they happen (the recipe refuses the missing backbone right after; nothing
-is built). The front end's constructor and ``HighResEncoder``'s give each option its type and default, a
-value the recipe sets itself (``layer``, OneVision's ``max_tiles=9``, a module's released settings such as
-``inf_llava.CROP``) overrides the constructor's, and a recipe whose front end has no fixed view size
-(``FrontEnd.tile_size is None``: Qwen2-VL, Pixtral) is marked *native*: it runs on its model's own vision
+A recipe declares its options once, in code, when it registers (:func:`hrperc.recipes.register_recipe`: its
+front end's class, the options it sets itself, its own defaults); its builder splits what it is given by that
+declaration, and :func:`describe_recipe` reads it through :func:`hrperc.recipes.recipe_options` instead of
+keeping a list here. The front end's constructor and ``HighResEncoder``'s give each option its type and
+default, a value the recipe declares (``layer``, OneVision's ``max_tiles=9``, Qwen3-VL's budget,
+``inf_llava``'s released settings) overrides the constructor's, and a recipe whose front end has no fixed view
+size (``FrontEnd.tile_size is None``: Qwen2-VL, Pixtral) is marked *native*: it runs on its model's own vision
 tower, which ``--backbone NAME`` does not build.
 
 ``--option key=value`` values are parsed by the option's type (:func:`parse_value`): a bool as
@@ -33,33 +31,25 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import re
 import sys
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..recipes._common import EMPTY, OptionSpec
+
 __all__ = ["RecipeOption", "RecipeInfo", "describe_recipe", "parse_value", "parse_options", "run_recipes"]
 
-_EMPTY = inspect.Parameter.empty
+_EMPTY = EMPTY
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _NONE = ("none", "null")
 
 
 @dataclass(frozen=True)
-class RecipeOption:
-    """One option of a recipe: ``name``; ``owner``: ``"front end"`` (its front end's constructor) or
-    ``"encoder"`` (passed to :class:`~hrperc.HighResEncoder`); ``annotation``: the constructor's annotation
-    as written (``""`` when there is none); ``default``: the recipe's value when it sets one, else the
-    constructor's (``inspect.Parameter.empty``: none, the recipe computes it, e.g. from the backbone's tile)."""
-
-    name: str
-    owner: str
-    annotation: str = ""
-    default: Any = _EMPTY
+class RecipeOption(OptionSpec):
+    """One option of a recipe (:class:`hrperc.recipes.OptionSpec`: ``name``, ``owner``, ``annotation``,
+    ``default``, ``note``) as the command line reads and shows it."""
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -101,7 +91,10 @@ class RecipeOption:
         kinds = [k for k in self.kinds if k != "any"] or ["value"]
         kind = f"one of {choices.group(1)}" if choices else " or ".join(kinds)
         kind += " or none" if self.nullable else ""
-        default = "(from the backbone)" if self.default is _EMPTY else _show(self.default)
+        if self.default is _EMPTY:
+            default = f"({self.note or 'from the backbone'})"
+        else:
+            default = _show(self.default) + (f" = {self.note}" if self.note else "")
         return f"{self.name}: {kind} = {default}"
 
 
@@ -122,8 +115,8 @@ class RecipeInfo:
     """What ``hrperc recipes`` prints about one recipe: ``name``, ``summary`` (the first line of its module's
     docs), ``front_end`` (the class whose constructor declares its options), ``options`` (front end's, then the
     encoder's), ``native`` (no fixed view size: runs on its model's own tower) and ``declared`` (False when the
-    recipe did not declare its options through ``split_options``: then values are read as JSON or strings and
-    only the recipe checks the names)."""
+    recipe was registered without ``front_end=``: then values are read as JSON or strings and only the recipe
+    checks the names)."""
 
     name: str
     summary: str
@@ -138,69 +131,6 @@ class RecipeInfo:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
-
-
-class _Recorder:
-    """A ``sys.setprofile`` hook recording the calls of ``options_of`` and ``split_options`` (their arguments
-    as the recipe passes them) and what ``split_options`` returns (the recipe then fills in its own defaults,
-    e.g. ``enc.setdefault("layer", -1)``, before it looks at the backbone)."""
-
-    def __init__(self) -> None:
-        from ..recipes import _common
-
-        self.codes = {_common.options_of.__code__: "options_of", _common.split_options.__code__: "split_options"}
-        self.front_end: type | None = None
-        self.split: dict[str, Any] | None = None
-        self.returned: tuple[dict, dict] | None = None
-
-    def __call__(self, frame, event, arg) -> None:
-        what = self.codes.get(frame.f_code)
-        if what is None:
-            return
-        loc = frame.f_locals
-        if event == "call" and what == "options_of" and self.front_end is None:
-            self.front_end = loc["cls"]
-        elif event == "call" and what == "split_options" and self.split is None:
-            self.split = {"own": tuple(loc["own"]), "encoder": tuple(loc["encoder"]), "given": dict(loc["options"])}
-        elif event == "return" and what == "split_options" and self.returned is None and isinstance(arg, tuple):
-            self.returned = arg
-
-
-@contextlib.contextmanager
-def _profiled(hook):
-    old = sys.getprofile()
-    sys.setprofile(hook)
-    try:
-        yield
-    finally:
-        sys.setprofile(old)
-
-
-def _signature_defaults(cls) -> dict[str, tuple[str, Any]]:
-    """``name -> (annotation text, default)`` of the keyword parameters of ``cls``'s constructor; an alias of a
-    ``Literal`` (``Fit``) is written out, so that its choices show."""
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that names what only type checkers import: keep the text
-        hints = {}
-    out = {}
-    for p in inspect.signature(cls.__init__).parameters.values():
-        ann = p.annotation
-        text = "" if ann is _EMPTY else ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
-        if text.isidentifier() and typing.get_origin(hints.get(p.name)) is typing.Literal:
-            text = f"Literal{list(typing.get_args(hints[p.name]))}"
-        out[p.name] = (text, p.default)
-    return out
-
-
-def _module_settings(module, names) -> dict[str, Any]:
-    """A recipe module's released settings: its public dicts whose keys are all option names (``inf_llava``'s
-    ``CROP`` and ``ENCODER``: the values it builds with over the constructors' defaults)."""
-    out: dict[str, Any] = {}
-    for key, value in vars(module).items():
-        if key.isupper() and isinstance(value, dict) and value and all(k in names for k in value):
-            out.update(value)
-    return out
 
 
 def _is_native(front_end: type | None) -> bool:
@@ -224,36 +154,23 @@ def _summary(doc: str | None) -> str:
 
 
 def describe_recipe(name: str, *, flag: str = "--recipe") -> RecipeInfo:
-    """The options of recipe ``name`` as it declares them (see the module docs), with types and defaults.
+    """The options of recipe ``name`` as it declares them (:func:`hrperc.recipes.recipe_options`), with types
+    and defaults.
 
     Raises ``ValueError`` naming ``flag`` and the known recipes for an unknown ``name``."""
     from .. import recipes
-    from ..encoder import HighResEncoder
 
     if name not in recipes.list_recipes():
         raise ValueError(f"{flag} {name!r} is not a recipe; pass one of {', '.join(recipes.list_recipes())}.")
-    builder = recipes._RECIPES[name]
-    recorder = _Recorder()
-    with _profiled(recorder), contextlib.suppress(Exception):  # the recipe refuses the missing backbone
-        builder(None)
-    module = sys.modules.get(builder.__module__)
+    spec = recipes.recipe_spec(name)
+    module = sys.modules.get(spec.builder.__module__)
     summary = _summary(module.__doc__ if module is not None else None)
-    if recorder.split is None:
-        return RecipeInfo(name, summary, "", native=_is_native(recorder.front_end), declared=False)
-    split, cls = recorder.split, recorder.front_end
-    front = _signature_defaults(cls) if cls is not None else {}
-    encoder = _signature_defaults(HighResEncoder)
-    names = set(split["own"]) | set(split["encoder"])
-    own_values = {**(_module_settings(module, names) if module else {}), **split["given"]}
-    if recorder.returned is not None:
-        for values in recorder.returned:
-            own_values.update(values)
-    options = []
-    for owner, listed, table in (("front end", split["own"], front), ("encoder", split["encoder"], encoder)):
-        for key in listed:
-            ann, default = table.get(key, ("", _EMPTY))
-            options.append(RecipeOption(key, owner, ann, own_values.get(key, default)))
-    return RecipeInfo(name, summary, cls.__name__ if cls else "", tuple(options), _is_native(cls))
+    if spec.front_end is None:
+        return RecipeInfo(name, summary, "", declared=False)
+    options = tuple(
+        RecipeOption(o.name, o.owner, o.annotation, o.default, o.note) for o in recipes.recipe_options(name).values()
+    )
+    return RecipeInfo(name, summary, spec.front_end.__name__, options, _is_native(spec.front_end))
 
 
 def parse_value(option: RecipeOption, text: str, *, flag: str = "--option"):
@@ -358,15 +275,13 @@ def run_recipes(args) -> int:
                 "in Python: create_encoder(name, tower) or encoder_from_model(model, processor)"
             )
         if not info.declared:
-            print("  options    see its module docs (not declared to split_options; the recipe checks them)")
+            print("  options    see its module docs (not declared to register_recipe; the recipe checks them)")
         width = max((len(o.name) for o in info.options), default=0)
         rows = [(o.owner, o.name, *o.describe().split(": ", 1)[1].split(" = ", 1)) for o in info.options]
         kind_width = max((len(r[2]) for r in rows), default=0)
         for owner, head in (("front end", "options"), ("encoder", "encoder")):
             for i, (_, name, kind, default) in enumerate(r for r in rows if r[0] == owner):
                 print(f"  {head if i == 0 else '':<9}  {name:<{width}}  {kind:<{kind_width}}  {default}")
-        if info.native:
-            print("  note       defaults are the front end's; the recipe sets some from its tower (see its docs)")
         print()
     print("hrperc encode --recipe NAME --option key=value sets them (bools true/false; lists as JSON or 1,2,3).")
     return 0

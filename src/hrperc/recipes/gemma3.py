@@ -71,7 +71,7 @@ from ..ops import pan_and_scan as pas
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 
 __all__ = ["build_gemma3", "Gemma3FrontEnd", "Gemma3Plan", "Gemma3Projector", "Gemma3Tower", "image_text"]
 
@@ -242,11 +242,10 @@ def _is_siglip(module) -> bool:
     return vision is not None and "Siglip" in type(vision).__name__
 
 
-@register_recipe("gemma3")
+@register_recipe("gemma3", front_end=Gemma3FrontEnd, defaults={"layer": -1})
 def build_gemma3(backbone, **options):
     """Gemma 3's front end around its SigLIP tower (see the module docs for the options)."""
-    own, enc = split_options("gemma3", options, options_of(Gemma3FrontEnd))
-    enc.setdefault("layer", -1)
+    own, enc = split_options("gemma3", options)
     if isinstance(backbone, nn.Module) and not isinstance(backbone, VisionBackbone) and _is_siglip(backbone):
         bb = Gemma3Tower(backbone, layer=enc["layer"])
     else:

@@ -57,6 +57,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.transforms.v2 import functional as tvF
@@ -69,7 +70,7 @@ from ..ops import idefics
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, stride_crop
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 from .internvl import pixel_shuffle
 
 __all__ = ["build_idefics3", "build_idefics", "IdeficsFrontEnd", "IdeficsPlan", "RESAMPLES"]
@@ -201,11 +202,18 @@ class IdeficsFrontEnd(FrontEnd[IdeficsPlan]):
         )
 
 
-def build_idefics(recipe: str, backbone, options: dict, *, scale_factor: int):
-    """An Idefics3-style recipe: ``options`` split by :class:`IdeficsFrontEnd`'s signature, the recipe's default
-    ``scale_factor``; the model's tower is wrapped as :class:`IdeficsBackbone`, any other by ``wrap_backbone``."""
-    own, enc = split_options(recipe, options, options_of(IdeficsFrontEnd, leave_out=("name",)))
-    enc.setdefault("layer", -1)
+#: An Idefics3-style recipe's registration, less its ``scale_factor`` (the model config's).
+IDEFICS_SPEC: dict[str, Any] = dict(
+    front_end=IdeficsFrontEnd,
+    leave_out=("name",),
+    notes={"longest_edge": "4 tiles' side (the processors' size['longest_edge'])"},
+)
+
+
+def build_idefics(recipe: str, backbone, options: dict):
+    """An Idefics3-style recipe: ``options`` split by its spec (:class:`IdeficsFrontEnd`'s signature, the recipe's
+    ``scale_factor``); the model's tower is wrapped as :class:`IdeficsBackbone`, any other by ``wrap_backbone``."""
+    own, enc = split_options(recipe, options)
     bb: VisionBackbone
     if isinstance(backbone, IdeficsBackbone):
         bb = backbone
@@ -213,11 +221,10 @@ def build_idefics(recipe: str, backbone, options: dict, *, scale_factor: int):
         bb = IdeficsBackbone(backbone, layer=enc["layer"])
     else:
         bb = as_backbone(backbone, enc["layer"])
-    own.setdefault("scale_factor", scale_factor)
     return build(IdeficsFrontEnd(bb.image_size, bb.patch_size, name=recipe, **own), bb, enc)
 
 
-@register_recipe("idefics3")
+@register_recipe("idefics3", **IDEFICS_SPEC, defaults={"layer": -1, "scale_factor": 2})
 def build_idefics3(backbone, **options):
     """Idefics3's front end around ``backbone`` (see the module docs for the options)."""
-    return build_idefics("idefics3", backbone, options, scale_factor=2)
+    return build_idefics("idefics3", backbone, options)

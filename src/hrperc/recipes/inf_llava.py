@@ -39,7 +39,7 @@ from ..encoder import HighResEncoder
 from ..modules.dual_crop import DualPerspectiveCrop
 from ..pretrained.inf_llava import load_dem
 from . import register_recipe
-from ._common import ENCODER_OPTIONS, options_of, split_options
+from ._common import ENCODER_OPTIONS, split_options
 
 __all__ = ["build", "CROP", "ENCODER"]
 
@@ -49,14 +49,17 @@ CROP = dict(grid=(3, 3), max_tiles=9, thumbnail=True, fit="resize", mode="bicubi
 ENCODER = dict(combine="mean", layer=-2)
 
 
-@register_recipe("inf_llava")
+@register_recipe(
+    "inf_llava",
+    front_end=DualPerspectiveCrop,
+    defaults={**CROP, **ENCODER},
+    encoder_options=(*ENCODER_OPTIONS, "combine", "encode_all"),
+)
 def build(backbone, dem="default", **options) -> HighResEncoder:
     """The released INF-LLaVA front end around ``backbone`` (see the module docs for the options)."""
-    crop_kw, enc_kw = split_options(
-        "inf_llava", options, options_of(DualPerspectiveCrop), (*ENCODER_OPTIONS, "combine", "encode_all")
-    )
+    crop_kw, enc_kw = split_options("inf_llava", options)  # CROP and ENCODER filled in
     backbone = wrap_backbone(create_backbone(backbone) if isinstance(backbone, str) else backbone)
     if dem is not None and not isinstance(dem, nn.Module) and not (isinstance(dem, str) and dem == "default"):
         dem = load_dem(dem)
-    crop = DualPerspectiveCrop(tile_size=backbone.image_size, **{**CROP, **crop_kw})
-    return HighResEncoder(backbone, crop, dem=dem, **{**ENCODER, **enc_kw})
+    crop = DualPerspectiveCrop(tile_size=backbone.image_size, **crop_kw)
+    return HighResEncoder(backbone, crop, dem=dem, **enc_kw)

@@ -35,7 +35,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 
 __all__ = ["build_infimm_hd", "DynamicTilesFrontEnd"]
 
@@ -89,10 +89,9 @@ class DynamicTilesFrontEnd(FrontEnd):
         return f"{super().extra_repr()}, max_side={self.max_side}"
 
 
-@register_recipe("infimm_hd")
+@register_recipe("infimm_hd", front_end=DynamicTilesFrontEnd, defaults={"layer": -1})
 def build_infimm_hd(backbone, **options):
     """InfiMM-HD's dynamic-resolution front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("infimm_hd", options, options_of(DynamicTilesFrontEnd))
-    enc.setdefault("layer", -1)
+    own, enc = split_options("infimm_hd", options)
     bb = as_backbone(backbone, enc["layer"])
     return build(DynamicTilesFrontEnd(bb.image_size, bb.patch_size, **own), bb, enc)

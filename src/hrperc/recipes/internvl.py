@@ -47,7 +47,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry, select_grid
 from ..ops.crop import local_crop, stride_crop
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 
 __all__ = ["build_internvl", "TilingFrontEnd", "TilingPlan", "pixel_shuffle"]
 
@@ -149,10 +149,9 @@ class TilingFrontEnd(FrontEnd[TilingPlan]):
         )
 
 
-@register_recipe("internvl")
+@register_recipe("internvl", front_end=TilingFrontEnd, defaults={"layer": -1})
 def build_internvl(backbone, **options):
     """InternVL's dynamic-tiling front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("internvl", options, options_of(TilingFrontEnd))
-    enc.setdefault("layer", -1)
+    own, enc = split_options("internvl", options)
     bb = as_backbone(backbone, enc["layer"])
     return build(TilingFrontEnd(bb.image_size, bb.patch_size, **own), bb, enc)

@@ -40,7 +40,7 @@ from ..modules.frontend import FrontEnd, ViewPlan, make_layout
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 
 __all__ = ["build_llava15", "SquareFrontEnd", "SELECT_STRATEGIES", "as_select_strategy"]
 
@@ -144,11 +144,11 @@ def mean_colour(backbone) -> tuple[int, ...]:
     return tuple(int(m * 255) for m in backbone.mean)
 
 
-@register_recipe("llava15")
+# colour and prefix_tokens: the backbone's (its mean, its class tokens)
+@register_recipe("llava15", front_end=SquareFrontEnd, leave_out=("colour", "prefix_tokens"), defaults={"layer": -2})
 def build_llava15(backbone, **options):
     """LLaVA-1.5's front end around ``backbone`` (see the module docs for the options)."""
-    own, enc = split_options("llava15", options, options_of(SquareFrontEnd, leave_out=("colour", "prefix_tokens")))
-    enc.setdefault("layer", -2)
+    own, enc = split_options("llava15", options)
     bb = as_backbone(backbone, enc["layer"])
     front_end = SquareFrontEnd(
         bb.image_size, bb.patch_size, colour=mean_colour(bb), prefix_tokens=bb.num_prefix_tokens, **own

@@ -55,7 +55,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge, stride_crop
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 from .llava15 import as_select_strategy
 
 __all__ = ["build_llava_next", "AnyresFrontEnd", "AnyresViewPlan", "scaled_pinpoints"]
@@ -187,36 +187,29 @@ class AnyresFrontEnd(FrontEnd[AnyresViewPlan]):
         return f"{head}{cap}, dcm={self.uses_dem}"
 
 
-def build_anyres(
-    recipe: str,
-    backbone,
-    options: dict,
-    *,
-    layer: int,
-    pinpoints,
-    reference_tile: int,
-    leave_out: tuple[str, ...] = (),
-    **fixed,
-):
-    """An anyres recipe: ``options`` split by :class:`AnyresFrontEnd`'s signature (less ``leave_out``), its
-    default ``pinpoints`` given for ``reference_tile`` px tiles, ``fixed`` front-end arguments on top."""
-    own, enc = split_options(recipe, options, options_of(AnyresFrontEnd, leave_out=("name", *leave_out)))
-    enc.setdefault("layer", layer)
+def build_anyres(recipe: str, backbone, options: dict, *, pinpoints, reference_tile: int, **fixed):
+    """An anyres recipe: ``options`` split by its spec (:class:`AnyresFrontEnd`'s signature, less what it leaves
+    out), its default ``pinpoints`` given for ``reference_tile`` px tiles, ``fixed`` front-end arguments on top."""
+    own, enc = split_options(recipe, options)
     bb = as_backbone(backbone, enc["layer"])
     if own.get("pinpoints") is None:  # an empty list is refused by the front end, never read as "the defaults"
         own["pinpoints"] = scaled_pinpoints(pinpoints, reference_tile, bb.image_size[0])
     return build(AnyresFrontEnd(bb.image_size, bb.patch_size, name=recipe, **fixed, **own), bb, enc)
 
 
-@register_recipe("llava_next")
+@register_recipe(
+    "llava_next",
+    front_end=AnyresFrontEnd,
+    leave_out=("name", "max_tiles"),
+    defaults={"layer": -2},
+    notes={"pinpoints": "LLaVA-NeXT's 5 canvases of 336 px tiles, scaled to the backbone's tile"},
+)
 def build_llava_next(backbone, **options):
     """LLaVA-NeXT's anyres front end around ``backbone`` (see the module docs for the options)."""
     return build_anyres(
         "llava_next",
         backbone,
         options,
-        layer=-2,
         pinpoints=anyres.LLAVA_NEXT_PINPOINTS,
         reference_tile=336,
-        leave_out=("max_tiles",),
     )

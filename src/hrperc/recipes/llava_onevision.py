@@ -32,15 +32,19 @@ from __future__ import annotations
 
 from ..ops import anyres
 from . import register_recipe
-from .llava_next import build_anyres
+from .llava_next import AnyresFrontEnd, build_anyres
 
 __all__ = ["build_llava_onevision"]
 
 
-@register_recipe("llava_onevision")
+@register_recipe(
+    "llava_onevision",
+    front_end=AnyresFrontEnd,
+    leave_out=("name",),
+    # anyres_max_9 (the front end's own default, None, is LLaVA-NeXT's)
+    defaults={"layer": -1, "max_tiles": 9},
+    notes={"pinpoints": "OneVision's 36 canvases of 384 px tiles, scaled to the backbone's tile"},
+)
 def build_llava_onevision(backbone, **options):
     """LLaVA-OneVision's ``anyres_max_9`` front end around ``backbone`` (see the module docs)."""
-    options.setdefault("max_tiles", 9)  # anyres_max_9 (the front end's own default, None, is LLaVA-NeXT's)
-    return build_anyres(
-        "llava_onevision", backbone, options, layer=-1, pinpoints=anyres.ONEVISION_PINPOINTS, reference_tile=384
-    )
+    return build_anyres("llava_onevision", backbone, options, pinpoints=anyres.ONEVISION_PINPOINTS, reference_tile=384)

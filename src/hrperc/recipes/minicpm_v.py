@@ -72,7 +72,7 @@ from ..ops import slices
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, stride_crop
 from . import register_recipe
-from ._common import build, options_of, split_options
+from ._common import build, split_options
 
 __all__ = ["build_minicpm_v", "MiniCPMVBackbone", "MiniCPMVFrontEnd", "MiniCPMVPlan", "MergerProjector"]
 
@@ -443,11 +443,10 @@ def _cells(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return x.reshape(x.shape[0], rows, 2, cols, 2, x.shape[-1]).permute(0, 1, 3, 2, 4, 5).flatten(3)
 
 
-@register_recipe("minicpm_v")
+@register_recipe("minicpm_v", front_end=MiniCPMVFrontEnd, defaults={"layer": -1})
 def build_minicpm_v(backbone, **options):
     """MiniCPM-V's front end around its vision tower (see the module docs for the options)."""
-    own, enc = split_options("minicpm_v", options, options_of(MiniCPMVFrontEnd))
-    enc.setdefault("layer", -1)
+    own, enc = split_options("minicpm_v", options)
     mode = own.get("downsample_mode", "16x")
     if isinstance(backbone, MiniCPMVBackbone):
         bb = backbone

@@ -78,7 +78,7 @@ from ..ops import native
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from . import register_recipe
-from ._common import build, options_of, split_options
+from ._common import build, split_options
 
 __all__ = ["build_pixtral", "PixtralFrontEnd", "PixtralPlan", "MergedProjector"]
 
@@ -218,10 +218,17 @@ class PixtralFrontEnd(NativeDualPerspective, FrontEnd[PixtralPlan]):
         )
 
 
-@register_recipe("pixtral")
+@register_recipe(
+    "pixtral",
+    front_end=PixtralFrontEnd,
+    defaults={"layer": -1},
+    notes={
+        "longest_edge": f"by merge_size: {native.PIXTRAL_LONGEST_EDGE} (Pixtral-12B), "
+        f"{native.MISTRAL3_LONGEST_EDGE} with merge_size={native.MISTRAL3_MERGE_SIZE} (Mistral 3)"
+    },
+)
 def build_pixtral(backbone, **options):
     """Pixtral-12B's / Mistral 3's front end around its vision tower (see the module docs for the options)."""
-    own, enc = split_options("pixtral", options, options_of(PixtralFrontEnd))
-    enc.setdefault("layer", -1)
+    own, enc = split_options("pixtral", options)
     bb = backbone if isinstance(backbone, PixtralBackbone) else PixtralBackbone(backbone, layer=enc["layer"])
     return build(PixtralFrontEnd(None, bb.patch_size, **own), bb, enc)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from ..ops import native
 from . import register_recipe
-from .qwen2_vl import build_native
+from .qwen2_vl import build_native, qwen_spec
 
 __all__ = ["build_qwen2_5_vl"]
 
 
-@register_recipe("qwen2_5_vl")
+@register_recipe("qwen2_5_vl", **qwen_spec(native.QWEN2_VL_BUDGET))
 def build_qwen2_5_vl(backbone, **options):
     """Qwen2.5-VL's front end around its vision tower (see :mod:`hrperc.recipes.qwen2_vl` for the options)."""
-    return build_native("qwen2_5_vl", backbone, options, native.QWEN2_VL_BUDGET)
+    return build_native("qwen2_5_vl", backbone, options)

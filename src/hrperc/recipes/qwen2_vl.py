@@ -47,7 +47,7 @@ from ..ops import native
 from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from . import register_recipe
-from ._common import build, options_of, split_options
+from ._common import build, split_options
 
 __all__ = ["build_qwen2_vl", "NativeFrontEnd", "NativePlan", "qwen_backbone"]
 
@@ -155,13 +155,20 @@ def qwen_backbone(backbone, family: str, layer) -> QwenBackbone:
     return bb
 
 
-def build_native(name: str, backbone, options: dict, budget: tuple[int, int]):
-    """A Qwen family's encoder: the front end with the family's defaults around its tower."""
-    own, enc = split_options(name, options, options_of(NativeFrontEnd, leave_out=("patch", "merge", "deepstack")))
-    enc.setdefault("layer", -1)
+def qwen_spec(budget: tuple[int, int]) -> dict:
+    """A Qwen family's registration: :class:`NativeFrontEnd` less what its tower sets (patch, merge, deepstack),
+    the family's pixel ``budget`` ``(min_pixels, max_pixels)``."""
+    return dict(
+        front_end=NativeFrontEnd,
+        leave_out=("patch", "merge", "deepstack"),
+        defaults={"layer": -1, "min_pixels": budget[0], "max_pixels": budget[1]},
+    )
+
+
+def build_native(name: str, backbone, options: dict):
+    """A Qwen family's encoder: the front end with the family's defaults (its spec) around its tower."""
+    own, enc = split_options(name, options)
     bb = qwen_backbone(backbone, name, enc["layer"])
-    own.setdefault("min_pixels", budget[0])
-    own.setdefault("max_pixels", budget[1])
     q = bb.qwen
     front_end = NativeFrontEnd(
         None, bb.patch_size, patch=q.patch_size, merge=q.merge_size, deepstack=bb.deepstack_levels, **own
@@ -169,7 +176,7 @@ def build_native(name: str, backbone, options: dict, budget: tuple[int, int]):
     return build(front_end, bb, enc)
 
 
-@register_recipe("qwen2_vl")
+@register_recipe("qwen2_vl", **qwen_spec(native.QWEN2_VL_BUDGET))
 def build_qwen2_vl(backbone, **options):
     """Qwen2-VL's front end around its vision tower (see the module docs for the options)."""
-    return build_native("qwen2_vl", backbone, options, native.QWEN2_VL_BUDGET)
+    return build_native("qwen2_vl", backbone, options)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from ..ops import native
 from . import register_recipe
-from .qwen2_vl import build_native
+from .qwen2_vl import build_native, qwen_spec
 
 __all__ = ["build_qwen3_vl"]
 
 
-@register_recipe("qwen3_vl")
+@register_recipe("qwen3_vl", **qwen_spec(native.QWEN3_VL_BUDGET))
 def build_qwen3_vl(backbone, **options):
     """Qwen3-VL's front end around its vision tower (see :mod:`hrperc.recipes.qwen2_vl` for the options)."""
-    return build_native("qwen3_vl", backbone, options, native.QWEN3_VL_BUDGET)
+    return build_native("qwen3_vl", backbone, options)

@@ -36,7 +36,7 @@ from ..ops import preprocess as pp
 from ..ops.canvas import CropGeometry
 from ..ops.crop import local_crop, local_merge
 from . import register_recipe
-from ._common import as_backbone, build, options_of, split_options
+from ._common import as_backbone, build, split_options
 from .llava15 import mean_colour
 
 __all__ = ["build_s2", "MultiScaleFrontEnd"]
@@ -114,10 +114,9 @@ class MultiScaleFrontEnd(FrontEnd):
         return f"{super().extra_repr()}, scales={self.scales}, pad={self.pad}"
 
 
-@register_recipe("s2")
+@register_recipe("s2", front_end=MultiScaleFrontEnd, leave_out=("colour",), defaults={"layer": -2})
 def build_s2(backbone, **options):
     """S2's multi-scale front end around ``backbone`` (see the module docs)."""
-    own, enc = split_options("s2", options, options_of(MultiScaleFrontEnd, leave_out=("colour",)))
-    enc.setdefault("layer", -2)
+    own, enc = split_options("s2", options)
     bb = as_backbone(backbone, enc["layer"])
     return build(MultiScaleFrontEnd(bb.image_size, bb.patch_size, colour=mean_colour(bb), **own), bb, enc)

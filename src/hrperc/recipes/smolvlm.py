@@ -25,12 +25,12 @@ Example::
 from __future__ import annotations
 
 from . import register_recipe
-from .idefics3 import build_idefics
+from .idefics3 import IDEFICS_SPEC, build_idefics
 
 __all__ = ["build_smolvlm"]
 
 
-@register_recipe("smolvlm")
+@register_recipe("smolvlm", **IDEFICS_SPEC, defaults={"layer": -1, "scale_factor": 4})
 def build_smolvlm(backbone, **options):
     """SmolVLM's front end around ``backbone`` (see :mod:`hrperc.recipes.idefics3` for the options)."""
-    return build_idefics("smolvlm", backbone, options, scale_factor=4)
+    return build_idefics("smolvlm", backbone, options)
