@@ -41,6 +41,13 @@ def tokenizer():
     return tok
 
 
+def processor(version: str = "4_6", **image_options):
+    """The real MiniCPM-V ``version`` processor around :func:`tokenizer` (no model: the text tests need none)."""
+    proc_cls = tf.MiniCPMV4_6Processor if version == "4_6" else tf.MiniCPMV4_7Processor
+    ip = tf.MiniCPMV4_6ImageProcessor(**image_options)
+    return proc_cls(image_processor=ip, video_processor=tf.MiniCPMV4_6VideoProcessor(), tokenizer=tokenizer())
+
+
 def build_minicpm(version: str = "4_6", seed: int = 0, **image_options):
     """``(model, processor)``: a tiny random MiniCPM-V ``version`` ("4_6" or "4_7") and its processor."""
     tok = tokenizer()
@@ -55,11 +62,7 @@ def build_minicpm(version: str = "4_6", seed: int = 0, **image_options):
             num_attention_heads=2,
             num_key_value_heads=1,
         )
-        cfg_cls, model_cls, proc_cls = (
-            tf.MiniCPMV4_6Config,
-            tf.MiniCPMV4_6ForConditionalGeneration,
-            tf.MiniCPMV4_6Processor,
-        )
+        cfg_cls, model_cls = tf.MiniCPMV4_6Config, tf.MiniCPMV4_6ForConditionalGeneration
         extra = {}
     else:
         text = tf.Qwen3_5TextConfig(
@@ -72,11 +75,7 @@ def build_minicpm(version: str = "4_6", seed: int = 0, **image_options):
             head_dim=16,
             layer_types=["full_attention"],
         )
-        cfg_cls, model_cls, proc_cls = (
-            tf.MiniCPMV4_7Config,
-            tf.MiniCPMV4_7ForConditionalGeneration,
-            tf.MiniCPMV4_7Processor,
-        )
+        cfg_cls, model_cls = tf.MiniCPMV4_7Config, tf.MiniCPMV4_7ForConditionalGeneration
         extra = dict(
             image_start_id=ids["image_start_token"],
             image_end_id=ids["image_end_token"],
@@ -94,6 +93,4 @@ def build_minicpm(version: str = "4_6", seed: int = 0, **image_options):
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    ip = tf.MiniCPMV4_6ImageProcessor(**image_options)
-    proc = proc_cls(image_processor=ip, video_processor=tf.MiniCPMV4_6VideoProcessor(), tokenizer=tok)
-    return model.eval(), proc
+    return model.eval(), processor(version, **image_options)

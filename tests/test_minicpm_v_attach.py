@@ -25,11 +25,12 @@ VERSIONS = ["4_6", "4_7"]
 #: the processors' slice side: a quarter of the released 448 (the same slicing and merging paths, 1/16 the patches);
 #: the released options are read in test_families_and_the_options_read_from_the_model_and_processor
 SCALE = dict(scale_resolution=112)
-# one image; a ragged batch: several images of other sizes in one text (sliced 1 x 2, the source alone, 2 x 1:
+# one image; a ragged batch: several images of other sizes in one text (sliced 1 x 2, the source alone -- 4 x 20
+# patches, a multiple of the tiny tower's 5 x 5 position table, where a position bucket off by one shows --, 2 x 1:
 # a pixel over the slice area), another text with one, padded
 CASES = {
     "one image": ([(125, 225)], ["<unk> what is in the image"]),
-    "ragged batch": ([(125, 225), (10, 15), (113, 112)], ["describe <unk> it <unk>", "<unk> what is in the image"]),
+    "ragged batch": ([(125, 225), (10, 60), (113, 112)], ["describe <unk> it <unk>", "<unk> what is in the image"]),
 }
 
 

@@ -15,7 +15,7 @@ from _messages import FIX, raises_naming
 
 tf = pytest.importorskip("transformers")
 
-from _minicpm_tiny import build_minicpm  # noqa: E402
+from _minicpm_tiny import build_minicpm, processor  # noqa: E402
 
 import hrperc  # noqa: E402
 from hrperc.ops import slices  # noqa: E402
@@ -123,13 +123,14 @@ def _expansion(proc, size):
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return build_minicpm("4_6")[1]
+def released():
+    """The real processor with the released options (448 px slices, up to 9)."""
+    return processor("4_6")
 
 
 @pytest.mark.parametrize("size", TEXT_SIZES)
-def test_counts_equal_the_real_processor_s_text(processor, size):
-    tokens = _expansion(processor, size)
+def test_counts_equal_the_real_processor_s_text(released, size):
+    tokens = _expansion(released, size)
     assert tokens.count("<unk>") == slices.num_image_tokens(size)
     assert len(tokens) == slices.num_tokens(size)  # every token the processor writes for the image
     plan = slices.slice_plan(size)
@@ -144,8 +145,13 @@ def test_counts_equal_the_real_processor_s_text(processor, size):
 
 
 # --- the recipe: tokens, layout, batching, dcm, refusals -------------------------------------------------------------
-# sliced 1 x 2 and 2 x 1, the source alone (scaled up), one pixel over the slice area (2 x 1), a repeated size
-TOKEN_SIZES = [(500, 900), (40, 60), (900, 500), (449, 448), (40, 60)]
+#: the model runs' slice side: a quarter of the released 448 (the same slicing, packing and merging, 1/16 the
+#: patches); the released options are the sizing tests' and the text tests' above
+SCALE = dict(scale_resolution=112)
+# sliced 1 x 2 and 2 x 1, the source alone (scaled up to 4 x 20 patches: a side that is a multiple of the tiny
+# tower's 5 x 5 position table, where a position bucket off by one shows), one pixel over the slice area (2 x 1),
+# a repeated size
+TOKEN_SIZES = [(125, 225), (10, 60), (225, 125), (113, 112), (10, 60)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -159,8 +165,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def built():
-    model, proc = build_minicpm("4_6")
-    return model, proc, hrperc.create_encoder("minicpm_v", model.model.vision_tower)
+    model, proc = build_minicpm("4_6", **SCALE)
+    return model, proc, hrperc.create_encoder("minicpm_v", model.model.vision_tower, **SCALE)
 
 
 def _images(sizes, seed=0):
@@ -190,6 +196,7 @@ def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_a
         del enc.backbone.features_packed
     shapes = {p.source for p in out.plans} | {p.slice for p in out.plans if p.slice is not None}
     assert calls == [len(shapes)]  # ONE tower pass, one stack per distinct view size
+    assert [slices.slice_plan(s, **SCALE).grid for s in TOKEN_SIZES] == [(1, 2), None, (2, 1), (2, 1), None]
     # the processor on the same batch; the model's features come per view: the source, then the slices
     inputs = proc(images=images, text=["<unk>"] * len(images), return_tensors="pt", use_image_id=False)
     with torch.no_grad():
@@ -199,7 +206,7 @@ def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_a
     markers.update(slice_end="</slice>", row_end="\n")
     for i, size in enumerate(TOKEN_SIZES):
         n = out.num_tokens[i]
-        assert n == enc.num_tokens(size) == slices.num_tokens(size)
+        assert n == enc.num_tokens(size) == slices.num_tokens(size, **SCALE)
         ref = torch.cat(views[starts[i] : starts[i + 1]])
         torch.testing.assert_close(out.tokens[i, :n][~out.slot_mask[i, :n]], ref, rtol=0, atol=1e-6)  # fp32: 0.0
         assert not out.tokens[i, :n][out.slot_mask[i, :n]].any()  # the markers' slots stay zeros
@@ -214,7 +221,7 @@ def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_a
 
 
 def test_the_encoder_counts_what_the_sizing_functions_count(built):
-    enc = built[2]
+    enc = hrperc.create_encoder("minicpm_v", built[0].model.vision_tower)  # the released options
     for size in _sweep(300, seed=1):
         plan = enc.plan(size)
         features = sum(s.length for s in plan.layout if s.source in ("source", "slice"))
@@ -223,7 +230,7 @@ def test_the_encoder_counts_what_the_sizing_functions_count(built):
 
 def test_downsample_mode_4x_and_the_4_7_tower():
     model, proc = build_minicpm("4_7", seed=1)
-    image, small = _images([(250, 450)])[0], {"scale_resolution": 224}  # 1 x 2 slices
+    image, small = _images([(125, 225)])[0], SCALE  # 1 x 2 slices
     for mode in ("4x", "16x"):
         enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, downsample_mode=mode, **small)
         ref, _ = _model_features(model, proc, image, downsample_mode=mode, **small)
@@ -231,7 +238,7 @@ def test_downsample_mode_4x_and_the_4_7_tower():
             out = enc([image], project=model.model.merger)
         feats = out.tokens[0][~out.slot_mask[0]]
         assert out.plans[0].grid == (1, 2)
-        assert feats.shape[0] == slices.num_image_tokens((250, 450), downsample_mode=mode, **small)
+        assert feats.shape[0] == slices.num_image_tokens((125, 225), downsample_mode=mode, **small)
         torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
 
 
@@ -256,19 +263,19 @@ def test_bf16_within_the_tolerance_rule(built):
 
 def test_dcm_keeps_the_count_and_trains_only_the_dem(built):
     model, _, _ = built
-    enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, dcm=True)
-    sizes = [(500, 900), (40, 60)]  # sliced (the DEM runs) and not (the source alone)
-    assert [enc.num_tokens(s) for s in sizes] == [slices.num_tokens(s) for s in sizes]
-    assert enc.plan((500, 900)).views == 1 + 2 * 2  # the source, 2 slices, their 2 strided views
+    enc = hrperc.create_encoder("minicpm_v", model.model.vision_tower, dcm=True, **SCALE)
+    sizes = [(125, 225), (10, 15)]  # sliced (the DEM runs) and not (the source alone)
+    assert [enc.num_tokens(s) for s in sizes] == [slices.num_tokens(s, **SCALE) for s in sizes]
+    assert enc.plan((125, 225)).views == 1 + 2 * 2  # the source, 2 slices, their 2 strided views
     out = enc(_images(sizes))
-    assert out.num_tokens == [slices.num_tokens(s) for s in sizes]
+    assert out.num_tokens == [slices.num_tokens(s, **SCALE) for s in sizes]
     out.tokens.square().mean().backward()
     dem = list(enc.dem.parameters())
     assert dem and all(p.grad is not None for p in dem) and any(p.grad.abs().sum() > 0 for p in dem)
     assert all(p.grad is None and not p.requires_grad for p in model.model.vision_tower.parameters())
     trainable = {id(p) for p in enc.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in dem}
-    plain = hrperc.create_encoder("minicpm_v", model.model.vision_tower)
+    plain = hrperc.create_encoder("minicpm_v", model.model.vision_tower, **SCALE)
     with torch.no_grad():  # the DEM changes the slices' tokens, never the source's
         a, b = enc(_images(sizes[:1])), plain(_images(sizes[:1]))
     src = a.layout[0][1]
