@@ -110,3 +110,13 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
     assert resumed["per_question"] == whole["per_question"]
     again = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **kw)  # finished: read back, not rerun
     assert again == resumed
+
+
+def test_task_is_learnable_in_a_short_run(one_thread):
+    # s2 with scales (1, 2, 3) sees the 96 px image at full resolution (its 3 x 3 scale) and the whole of it.
+    # After 80 steps of 16 images the count over the whole image is well above chance on 128 held-out
+    # images (0.46 here; chance 0.25, one standard deviation of chance ~0.04); the fine-detail questions
+    # need the study's budget, not a test's.
+    r = run.run_one("s2", 0, scale=run.QUICK, steps=80, minutes=60.0, eval_n=128, out=None, log=_quiet)
+    assert r["steps"] == 80 and r["eval_n"] == 128
+    assert r["per_question"]["count"] > r["chance"] + 0.12, r["per_question"]

@@ -207,29 +207,34 @@ def check_config(name) -> Config:
 class Head(nn.Module):
     """Four learned question queries attend over the tokens ``(B, T, D)`` -> logits ``(B, 4, NUM_ANSWERS)``.
 
-    A learned position per token index (a run has one image size, so index ``i`` is one place in the
-    layout) lets the head tell the corners and the sides apart whatever the front end's order.
+    Each question reads its attention-pooled token next to the mean and the maximum over the tokens (a
+    count over the whole image is a mean, which attention finds only slowly), batch-normalized: the
+    differences between images are small next to what every image shares, and a head that must first
+    learn that scale does not leave chance in a short run. A learned position per token index (a run has
+    one image size, so index ``i`` is one place in the layout) lets the head tell the corners apart.
     """
 
     def __init__(self, width: int, tokens: int, dim: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim))
+        self.proj = nn.Linear(width, dim)
         self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
         self.queries = nn.Parameter(torch.randn(len(QUESTIONS), dim) * 0.02)
         self.attn = nn.MultiheadAttention(dim, 4 if dim % 4 == 0 else 1, batch_first=True)
-        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, NUM_ANSWERS))
+        self.norm = nn.BatchNorm1d(3 * dim)
+        self.out = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Linear(dim, NUM_ANSWERS))
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, Q = tokens.shape[0], len(QUESTIONS)
         x = self.proj(tokens) + self.pos[:, : tokens.shape[1]]
-        q = self.queries.expand(tokens.shape[0], -1, -1)
-        pooled, _ = self.attn(q, x, x, key_padding_mask=None if mask is None else ~mask)
-        # The mean token too: a count over the whole image is a mean, which attention finds only slowly.
-        m = (
-            x.mean(1, keepdim=True)
-            if mask is None
-            else (x * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
-        )
-        return self.out(pooled + q + m)
+        pooled, _ = self.attn(self.queries.expand(B, -1, -1), x, x, key_padding_mask=None if mask is None else ~mask)
+        if mask is None:
+            mean, top = x.mean(1), x.amax(1)
+        else:
+            keep = mask[..., None]
+            mean = (x * keep).sum(1) / keep.sum(1)
+            top = x.masked_fill(~keep, float("-inf")).amax(1)
+        f = torch.cat([pooled, mean[:, None].expand(-1, Q, -1), top[:, None].expand(-1, Q, -1)], dim=-1)
+        return self.out(self.norm(f.reshape(B * Q, -1)).reshape(B, Q, -1))
 
 
 class StudyModel(nn.Module):
