@@ -44,30 +44,36 @@ def tokenizer():
     return tok
 
 
+def processor(family: str, **image_processor):
+    """The real ``family`` processor of :func:`build_idefics` alone (``image_processor``: options of its image
+    processor over the tiny defaults): the tests that only read a processor need no model."""
+    tile, patch, scale, edge = SETTINGS[family]
+    kw = {"size": {"longest_edge": edge}, "max_image_size": {"longest_edge": tile}, **image_processor}
+    seq = (tile // patch // scale) ** 2
+    if family == "idefics3":
+        return tf.Idefics3Processor(tf.Idefics3ImageProcessor(**kw), tokenizer(), image_seq_len=seq)
+    return tf.SmolVLMProcessor(
+        tf.SmolVLMImageProcessor(**kw), tokenizer(), tf.SmolVLMVideoProcessor(), image_seq_len=seq
+    )
+
+
 def build_idefics(family: str, seed: int = 0, **image_processor):
     """``(model, processor)``: a tiny random ``family`` ("idefics3" / "smolvlm") model and its real processor
     (``image_processor``: options of its image processor over the tiny defaults)."""
-    tile, patch, scale, edge = SETTINGS[family]
-    tok = tokenizer()
+    tile, patch, scale, _ = SETTINGS[family]
+    proc = processor(family, **image_processor)
+    tok = proc.tokenizer
     text = tf.LlamaConfig(**TEXT_SIZES, vocab_size=len(tok), pad_token_id=0)
     image_id = tok.convert_tokens_to_ids("<image>")
-    kw = {"size": {"longest_edge": edge}, "max_image_size": {"longest_edge": tile}, **image_processor}
     torch.manual_seed(seed)
     if family == "idefics3":
         vision = tf.Idefics3VisionConfig(image_size=tile, patch_size=patch, **VISION_SIZES)
         config = tf.Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
         model = tf.Idefics3ForConditionalGeneration(config)
-        proc = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**kw), tok, image_seq_len=(tile // patch // scale) ** 2)
     else:
         vision = tf.SmolVLMVisionConfig(image_size=tile, patch_size=patch, **VISION_SIZES)
         config = tf.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=image_id)
         model = tf.SmolVLMForConditionalGeneration(config)
-        proc = tf.SmolVLMProcessor(
-            tf.SmolVLMImageProcessor(**kw),
-            tok,
-            tf.SmolVLMVideoProcessor(),
-            image_seq_len=(tile // patch // scale) ** 2,
-        )
     with torch.no_grad():  # random position embeddings: a position bucket off by one would show
         model.model.vision_model.embeddings.position_embedding.weight.normal_()
     return model.eval(), proc

@@ -15,11 +15,12 @@ import inspect
 import pytest
 import torch
 from _messages import FIX, raises_naming
+from _models import vit
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("num2words")  # SmolVLMProcessor needs it
 
-from _idefics_tiny import SETTINGS, build_idefics, images  # noqa: E402
+from _idefics_tiny import SETTINGS, build_idefics, images, processor  # noqa: E402
 
 import hrperc  # noqa: E402
 from hrperc.integrations.transformers import (  # noqa: E402
@@ -178,19 +179,19 @@ def test_refusals_name_the_value_and_the_fix(attached):
     ref_in, _ = ref["one image"]
     with raises_naming(ValueError, "pixel_values", FIX):  # the original processor's pixels: no header
         model(**ref_in)
-    _, other = build_idefics(family, max_image_size={"longest_edge": 2 * tile})
+    other = processor(family, max_image_size={"longest_edge": 2 * tile})
     with raises_naming(ValueError, f"max_image_size={{'longest_edge': {2 * tile}}}", f"{tile} px", FIX):
         encoder_from_model(model, other)
-    _, other = build_idefics(family)
+    other = processor(family)
     other.image_seq_len = 7
     with raises_naming(ValueError, "image_seq_len=7", FIX):
         encoder_from_model(model, other)
-    _, other = build_idefics(family, resample=0)
+    other = processor(family, resample=0)
     with raises_naming(ValueError, "resample=", "LANCZOS", FIX):
         encoder_from_model(model, other)
-    _, other = build_idefics(family, do_resize=False)
+    other = processor(family, do_resize=False)
     with raises_naming(ValueError, "do_resize=False", FIX):
         encoder_from_model(model, other)
-    foreign = hrperc.create_encoder("inf_llava", "timm:vit_tiny_patch16_224")
+    foreign = hrperc.create_encoder("inf_llava", vit(56, patch=14))
     with raises_naming(ValueError, "is not this model's vision tower", FIX):
         attach(build(family)[0], proc, foreign)

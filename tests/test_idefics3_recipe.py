@@ -17,7 +17,7 @@ from _tolerance import assert_close_to_reference
 tf = pytest.importorskip("transformers")
 pytest.importorskip("num2words")  # SmolVLMProcessor needs it
 
-from _idefics_tiny import SETTINGS, TEXT, build_idefics, images  # noqa: E402
+from _idefics_tiny import SETTINGS, TEXT, build_idefics, images, processor  # noqa: E402
 from transformers.models.idefics3.image_processing_idefics3 import get_resize_output_image_size  # noqa: E402
 
 import hrperc  # noqa: E402
@@ -172,7 +172,7 @@ def test_tokens_equal_get_image_features_and_the_connector_s_shuffle(built):
 
 def test_bicubic_processors_are_reproduced_too(built):
     family, model, _, _ = built
-    _, proc = build_idefics(family, resample=3)
+    proc = processor(family, resample=3)
     enc = hrperc.create_encoder(family, model.model.vision_model, resample="bicubic")
     imgs = images([(100, 150), (30, 40)], seed=6)
     batch = _process(proc, imgs)
