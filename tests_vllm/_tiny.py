@@ -42,18 +42,7 @@ def build(seed: int = 0):
     """``(model, processor)``: a random ``LlavaNextForConditionalGeneration`` (float32) and its real processor."""
     tok = tokenizer()
     torch.manual_seed(seed)
-    text = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=2048,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
+    text = _text_config(tok)
     vision = tf.CLIPVisionConfig(
         image_size=TILE, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
     )
@@ -79,12 +68,55 @@ def build(seed: int = 0):
     return model.eval(), proc
 
 
+def _text_config(tok):
+    """The LLM: head size 32, as vLLM's CPU attention needs."""
+    return tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+
+
+def build_llava(seed: int = 0):
+    """``(model, processor)``: a random ``LlavaForConditionalGeneration`` (LLaVA-1.5, float32), its processor."""
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    text = _text_config(tok)
+    vision = tf.CLIPVisionConfig(
+        image_size=TILE, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = tf.LlavaForConditionalGeneration(cfg)
+    crop = {"height": TILE, "width": TILE}
+    ip = tf.LlavaImageProcessor(size={"shortest_edge": TILE}, crop_size=crop, do_pad=True)
+    proc = tf.LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model.eval(), proc
+
+
 def upgrade(model, processor, seed: int = 1):
     """``(model, attached processor)``: ``model`` with LLaVA-NeXT's front end plus INF-LLaVA's dual perspectives
-    (``dcm=True``) and a DEM of random weights (a fresh DEM could leave the tokens as they were)."""
+    (``dcm=True``; LLaVA-1.5: the ``inf_llava`` recipe) and a DEM of random weights (a fresh DEM could leave the
+    tokens as they were)."""
+    import hrperc
     from hrperc.integrations.transformers import attach, encoder_from_model
 
-    encoder = encoder_from_model(model, processor, dcm=True)
+    if model.config.model_type == "llava":  # LLaVA-1.5: INF-LLaVA's own front end around the model's tower
+        encoder = hrperc.create_encoder("inf_llava", encoder_from_model(model, processor).backbone)
+    else:
+        encoder = encoder_from_model(model, processor, dcm=True)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in encoder.front_end.parameters():
@@ -108,12 +140,12 @@ def hub_layout(directory) -> None:
     save_file(renamed, str(path), metadata={"format": "pt"})
 
 
-def save(directory, front_end: str | None = None, seed: int = 0) -> Path:
-    """Save the tiny model (and its processor) to ``directory``; ``front_end``: ``None``, ``"identity"`` or
-    ``"upgraded"`` (hrperc's front-end files too)."""
+def save(directory, front_end: str | None = None, seed: int = 0, family: str = "llava_next") -> Path:
+    """Save the tiny model of ``family`` (``"llava_next"`` or ``"llava"``) and its processor to ``directory``;
+    ``front_end``: ``None``, ``"identity"`` or ``"upgraded"`` (hrperc's front-end files too)."""
     from hrperc.integrations.transformers import attach, encoder_from_model, save_front_end
 
-    model, proc = build(seed)
+    model, proc = build(seed) if family == "llava_next" else build_llava(seed)
     directory = Path(directory)
     if front_end == "identity":
         model, _ = attach(model, proc, encoder_from_model(model, proc))

@@ -26,7 +26,7 @@ def test_the_model_own_front_end_counts_as_vllm(dirs):
 
     from hrperc.integrations.vllm._llava_next import HrpercLlavaNextProcessingInfo
 
-    plain, identity = info_of(dirs[None]), info_of(dirs["identity"])
+    plain, identity = info_of(dirs["llava_next"][None]), info_of(dirs["llava_next"]["identity"])
     assert type(plain) is LlavaNextProcessingInfo  # no front-end files: vLLM's own
     assert isinstance(identity, HrpercLlavaNextProcessingInfo)
     assert counts(identity) == counts(plain)
@@ -38,9 +38,11 @@ def test_counts_are_the_encoders(dirs, kind):
 
     from hrperc.integrations.transformers import load_front_end
 
-    model = tf.LlavaNextForConditionalGeneration.from_pretrained(dirs[kind])
-    _, attached = load_front_end(model, tf.AutoProcessor.from_pretrained(dirs[kind]), dirs[kind])
-    info = info_of(dirs[kind])
+    model = tf.LlavaNextForConditionalGeneration.from_pretrained(dirs["llava_next"][kind])
+    _, attached = load_front_end(
+        model, tf.AutoProcessor.from_pretrained(dirs["llava_next"][kind]), dirs["llava_next"][kind]
+    )
+    info = info_of(dirs["llava_next"][kind])
     assert counts(info) == [attached.encoder.num_tokens(s) for s in SIZES]
     size = info.get_image_size_with_most_features()
     assert info.get_max_image_tokens() == max(

@@ -2,8 +2,8 @@
 
 vLLM calls :func:`register` in each of its processes (the entry point ``hrperc`` of the group
 ``vllm.general_plugins``, installed with hrperc). It registers, for each supported family, a model class under
-the family's own architecture name (``LlavaNextForConditionalGeneration``), so a checkpoint directory is
-served as it is:
+the family's own architecture name (``LlavaForConditionalGeneration``: LLaVA-1.5,
+``LlavaNextForConditionalGeneration``: LLaVA-NeXT), so a checkpoint directory is served as it is:
 
 * a directory with hrperc's front-end files (``hrperc_front_end.json`` and ``hrperc_front_end.safetensors``,
   written by :func:`hrperc.integrations.transformers.save_front_end` next to ``save_pretrained``) is
@@ -35,6 +35,7 @@ FRONT_END_FILES = ("hrperc_front_end.json", "hrperc_front_end.safetensors")
 
 #: vLLM architecture name -> the plugin's class for it (``module:class``, imported by vLLM when needed).
 ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "hrperc.integrations.vllm._llava:HrpercLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "hrperc.integrations.vllm._llava_next:HrpercLlavaNextForConditionalGeneration",
 }
 
