@@ -86,6 +86,8 @@ def test_attached_logits_equal_the_unmodified_model_s(attached, case, pan):
     assert features.shape == (1, views * MM_TOKENS, model.config.text_config.hidden_size)
     assert (inputs["input_ids"] == image_id).sum().item() == views * MM_TOKENS
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    if case != "ragged batch":  # that the images reach the LLM: once per pan-and-scan setting is enough
+        return
     other = aproc(images=images(sizes, seed=1), text=texts, return_tensors="pt", padding=True, **(PAN if pan else {}))
     with torch.no_grad():
         assert not torch.allclose(model(**other).logits, ref_logits, atol=1e-3)  # the images do reach the LLM

@@ -43,12 +43,12 @@ def _one_thread():
 
 
 def _sweep_sizes() -> list[tuple[int, int]]:
-    """~3000 sizes: tiny, thin, huge, at the ratio and crop-size boundaries, multiples of 256, both orientations."""
+    """~2000 sizes: tiny, thin, huge, at the ratio and crop-size boundaries, multiples of 256, both orientations."""
     sides = [1, 2, 3, 7, 16, 63, 64, 100, 213, 255, 256, 257, 300, 307, 358, 359, 360, 384, 511, 512, 513, 640]
     sides += [767, 768, 769, 896, 1000, 1023, 1024, 1025, 1279, 1280, 1281, 1536, 2047, 2048, 3000, 4096, 9999]
     sizes = set(itertools.product(sides, sides))
     rng = np.random.default_rng(0)
-    sizes |= {(int(h), int(w)) for h, w in rng.integers(1, 5000, size=(1200, 2))}
+    sizes |= {(int(h), int(w)) for h, w in rng.integers(1, 5000, size=(500, 2))}
     for h in (100, 255, 256, 300, 500, 1000):  # the activation ratio 1.2 and the rounding of W / H + 0.5
         for w in (int(1.2 * h) - 1, int(1.2 * h), int(1.2 * h) + 1, int(2.5 * h), int(3.5 * h), int(4.5 * h)):
             sizes |= {(h, w), (w, h)}
@@ -75,7 +75,7 @@ def _reference_crops(ip, H, W, options, backend):
 def test_crops_equal_both_image_processor_backends_over_thousands_of_sizes(backend):
     ip = tf.Gemma3ImageProcessor() if backend == "torchvision" else tf.Gemma3ImageProcessorPil()
     every, refused, cropped = _sweep_sizes(), 0, 0
-    assert len(every) > 2500
+    assert len(every) > 2000
     for k in SWEEPS[backend]:
         options, sizes = OPTION_SETS[k], every if k == 0 else every[k % 4 :: 4]
         kw = dict(zip(("min_crop_size", "max_num_crops", "min_ratio_to_activate"), options))
@@ -129,7 +129,8 @@ def test_counts_and_text_equal_the_processor_s_on_twenty_images(tiny, options):
     imgs = images(sizes)
     proc = processor()
     tok = proc.tokenizer
-    for pan in (False, True):
+    # without pan and scan the options change nothing: that text is checked once, with the defaults
+    for pan in (False, True) if options == OPTION_SETS[0] else (True,):
         enc = _encoder(model, do_pan_and_scan=pan, **call)
         batch = _process(proc, imgs, do_pan_and_scan=pan, **call)
         counts = (batch["input_ids"] == tok.image_token_id).sum(1).tolist()
