@@ -88,6 +88,11 @@ def test_defaults_are_the_recipes_own():
     released = describe_recipe("inf_llava")  # inf_llava.CROP / ENCODER over DualPerspectiveCrop's defaults
     assert released.option("antialias").default is False and released.option("combine").default == "mean"
     assert released.option("grid").default == (3, 3) and released.option("layer").default == -2
+    qwen3 = describe_recipe("qwen3_vl")  # the family's released budget, not NativeFrontEnd's (Qwen2-VL's)
+    assert (qwen3.option("min_pixels").default, qwen3.option("max_pixels").default) == (65536, 16777216)
+    assert describe_recipe("qwen2_vl").option("max_pixels").default == 12845056
+    assert describe_recipe("smolvlm").option("scale_factor").default == 4  # idefics3's front end, SmolVLM's value
+    assert describe_recipe("idefics3").option("scale_factor").default == 2
     assert describe_recipe("qwen2_vl").native and describe_recipe("pixtral").native
     assert not any(describe_recipe(n).native for n in ("inf_llava", "llava15", "llava_next", "internvl", "s2"))
 
@@ -107,7 +112,28 @@ def test_recipes_command_lists_every_recipe_with_options_and_defaults(capsys):
     assert re.search(r"scales\s+list\s+1,2\n", only) and "llava15:" not in only
     assert main(["recipes", "inf_llava"]) == 0  # a Literal alias (DualPerspectiveCrop's Fit) shows its choices
     assert re.search(r"fit\s+one of 'resize', 'pad', 'resize_pad'\s+'resize'", capsys.readouterr().out)
+    assert main(["recipes", "qwen3_vl", "pixtral"]) == 0
+    native = capsys.readouterr().out
+    assert re.search(r"min_pixels\s+int\s+65536\n\s+max_pixels\s+int\s+16777216\n", native)
+    # a default the recipe computes is described (pixtral's longest_edge: by merge_size)
+    assert re.search(r"longest_edge\s+int or none\s+none = by merge_size: 1024 .*1540 with merge_size=2", native)
     _error_line(capsys, ["recipes", "nope"], "'nope'", "llava_next")
+
+
+def test_a_recipe_registered_without_a_front_end_is_listed_with_unchecked_options(capsys):
+    @hrperc.recipes.register_recipe("probe_undeclared")
+    def build(backbone, **options):
+        return hrperc.HighResEncoder(backbone, **options)
+
+    try:
+        info = describe_recipe("probe_undeclared")
+        assert not info.declared and info.options == () and not info.native
+        # read as JSON, else the text (only the recipe checks them)
+        assert parse_options(info, ["anything=1,2", "flag=true", "s=x"]) == {"anything": (1, 2), "flag": True, "s": "x"}
+        assert main(["recipes", "probe_undeclared"]) == 0
+        assert "not declared to register_recipe" in capsys.readouterr().out
+    finally:
+        hrperc.recipes._RECIPES.pop("probe_undeclared", None)
 
 
 def test_parse_value_reads_each_type_and_names_a_bad_value():

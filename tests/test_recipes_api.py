@@ -1,6 +1,9 @@
-"""The recipes' public surface: options and refusals, the DCM+DEM upgrade, slots, dtypes, one runner."""
+"""The recipes' public surface: options (declared, with their defaults) and refusals, the DCM+DEM upgrade,
+slots, dtypes, one runner."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -9,7 +12,10 @@ from _models import random_images
 from _models import vit as tiny_vit
 
 import hrperc
-from hrperc import HighResEncoder
+from hrperc import HighResEncoder, recipes
+from hrperc.recipes import recipe_options, recipe_spec, register_recipe
+from hrperc.recipes._common import EMPTY
+from hrperc.recipes.llava_next import AnyresFrontEnd
 
 RECIPES = ("llava15", "llava_next", "llava_onevision", "internvl", "s2", "infimm_hd")
 # on their models' own towers: tests/test_qwen_recipes.py, tests/test_pixtral_recipe.py
@@ -179,3 +185,135 @@ def test_batch_tensor_and_list_agree():
     with torch.no_grad():
         a, b = enc(x).tokens, enc(list(x)).tokens
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ---- the declared options: hrperc.recipes.recipe_options / register_recipe ------------------------------------
+
+# The released values each recipe declares, written out here (not read from the specs): what a built encoder uses.
+RELEASED = {
+    "llava15": {"layer": -2},
+    "llava_next": {"layer": -2},
+    "llava_onevision": {"layer": -1, "max_tiles": 9},
+    "internvl": {"layer": -1, "max_tiles": 12},
+    "s2": {"layer": -2, "scales": (1, 2)},
+    "infimm_hd": {"layer": -1},
+    "inf_llava": {"layer": -2, "grid": (3, 3), "antialias": False, "combine": "mean"},
+    "qwen2_vl": {"layer": -1, "min_pixels": 3136, "max_pixels": 12845056},
+    "qwen2_5_vl": {"layer": -1, "min_pixels": 3136, "max_pixels": 12845056},
+    "qwen3_vl": {"layer": -1, "min_pixels": 65536, "max_pixels": 16777216},
+    "pixtral": {"layer": -1, "merge_size": 1},
+    "idefics3": {"layer": -1, "scale_factor": 2},
+    "smolvlm": {"layer": -1, "scale_factor": 4},
+    "gemma3": {"layer": -1, "mm_tokens_per_image": 256},
+    "minicpm_v": {"layer": -1, "max_slice_nums": 9},
+}
+
+
+def _tower(name: str):
+    """A tiny random tower ``name`` builds on: a timm ViT for the tiling recipes (16 x 16 patches for Gemma 3's
+    256 pooled tokens), the model's own vision tower, from its vision config alone, for the others."""
+    if name not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "pixtral", "minicpm_v"):
+        return tiny_vit(112) if name == "gemma3" else tiny_vit(56)
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_heads=2)
+    if name == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        return Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(depth=1, embed_dim=32, **small))
+    if name == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        config = tf.Qwen2_5_VLVisionConfig(depth=1, intermediate_size=64, out_hidden_size=32, **small)
+        return Qwen2_5_VisionTransformerPretrainedModel(config)
+    if name == "qwen3_vl":
+        config = tf.Qwen3VLVisionConfig(
+            depth=1, intermediate_size=64, out_hidden_size=32, num_position_embeddings=64, **small
+        )
+        config.deepstack_visual_indexes = [0]
+        return tf.Qwen3VLVisionModel(config)
+    if name == "pixtral":
+        config = tf.PixtralVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16
+        )
+        return tf.PixtralVisionModel(config)
+    from transformers.models.minicpmv4_6.configuration_minicpmv4_6 import MiniCPMV4_6VisionConfig
+    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionModel
+
+    config = MiniCPMV4_6VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=70,
+        insert_layer_id=0,
+    )
+    return MiniCPMV4_6VisionModel(config)
+
+
+@pytest.mark.parametrize("name", hrperc.list_recipes())
+def test_recipe_options_are_what_the_builder_accepts_with_the_defaults_it_uses(name):
+    options = recipe_options(name)
+    assert set(RELEASED[name].items()) <= {(k, o.default) for k, o in options.items()}
+    # an unknown name is refused, listing exactly the declared names
+    with pytest.raises(TypeError) as info:
+        hrperc.create_encoder(name, None, no_such_option=1)
+    listed = set(re.findall(r"'(\w+)'", str(info.value).split("unknown option(s)", 1)[1])) - {"no_such_option"}
+    assert listed == set(options)
+    tower = _tower(name)
+    enc = hrperc.create_encoder(name, tower.eval())
+    # each declared default is what the built encoder holds (the front end's or the runner's attribute)
+    checked = set()
+    for key, option in options.items():
+        holder = enc.crop if option.owner == "front end" else enc
+        if option.default in (EMPTY, None) or key == "dem" or not hasattr(holder, key):
+            continue
+        assert getattr(holder, key) == option.default, key
+        checked.add(key)
+    assert set(RELEASED[name]) <= checked
+    # every declared name is accepted: all of them at their declared defaults build the same encoder
+    given = {k: o.default for k, o in options.items() if o.default is not EMPTY and k != "dem"}
+    same = hrperc.create_encoder(name, enc.backbone, **given)
+    assert repr(same.crop) == repr(enc.crop) and same.layer == enc.layer
+    for size in [(70, 90), (300, 200), (1000, 1400)]:
+        assert same.num_tokens(size) == enc.num_tokens(size), size
+
+
+def test_a_default_the_recipe_computes_is_described_by_its_note():
+    pixtral = recipe_options("pixtral")["longest_edge"]
+    assert pixtral.default is None and "merge_size" in pixtral.note
+    tower = _tower("pixtral")
+    edges = [hrperc.create_encoder("pixtral", tower, merge_size=m).front_end.longest_edge for m in (1, 2)]
+    assert edges == [1024, 1540] and all(str(e) in pixtral.note for e in edges)
+    pinpoints = recipe_options("llava_next")["pinpoints"]
+    assert pinpoints.default is EMPTY and "336" in pinpoints.note
+    enc = hrperc.create_encoder("llava_next", tiny_vit(56))  # 336 px canvases scaled to the 56 px tile
+    assert enc.front_end.pinpoints == ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168))
+
+
+def test_register_recipe_refuses_a_spec_that_names_what_the_front_end_lacks():
+    with raises_naming(TypeError, "front_end=", "class"):
+        register_recipe("spec_probe", front_end=object())
+    with raises_naming(ValueError, "leave_out", "'colour'", "AnyresFrontEnd"):
+        register_recipe("spec_probe", front_end=AnyresFrontEnd, leave_out=("colour",))
+    with raises_naming(ValueError, "defaults", "'tiles'", "max_tiles"):
+        register_recipe("spec_probe", front_end=AnyresFrontEnd, defaults={"tiles": 3})
+    with raises_naming(ValueError, "encoder_options", "'nope'", "combine"):
+        register_recipe("spec_probe", front_end=AnyresFrontEnd, encoder_options=("layer", "nope"))
+    with raises_naming(ValueError, "defaults", "front_end="):
+        register_recipe("spec_probe", defaults={"layer": -2})
+    assert "spec_probe" not in hrperc.list_recipes()
+
+
+def test_a_recipe_registered_without_a_front_end_declares_no_options():
+    @register_recipe("spec_probe")
+    def build(backbone, **options):
+        return HighResEncoder(backbone, **options)
+
+    try:
+        assert recipe_spec("spec_probe").builder is build and not recipe_spec("spec_probe").declared
+        assert recipe_options("spec_probe") == {}
+    finally:
+        recipes._RECIPES.pop("spec_probe", None)
+    with raises_naming(ValueError, "recipe='nope'", "llava_next"):
+        recipe_options("nope")

@@ -50,7 +50,15 @@ import numpy as np
 import torch
 
 from .._errors import public
-from ._common import EMPTY, ENCODER_OPTIONS, OptionSpec, encoder_signature, options_of, signature_options
+from ._common import (
+    EMPTY,
+    ENCODER_OPTIONS,
+    OptionSpec,
+    encoder_signature,
+    options_of,
+    signature_options,
+    split_options,
+)
 
 __all__ = [
     "OptionSpec",
@@ -60,6 +68,7 @@ __all__ = [
     "recipe_options",
     "recipe_spec",
     "register_recipe",
+    "split_options",
 ]
 
 
