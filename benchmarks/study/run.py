@@ -247,9 +247,9 @@ class StudyModel(nn.Module):
         width = self.encoder.token_width
         # The picked perspective is reduced to one tile's grid; otherwise the head reads every token.
         side = scale.tile // scale.patch
-        tokens = side * side if config.pick else self.encoder.num_tokens((scale.size, scale.size))
+        self.head_tokens = side * side if config.pick else self.encoder.num_tokens((scale.size, scale.size))
         torch.manual_seed(seed + 1)
-        self.head = Head(width, tokens, scale.head_dim)
+        self.head = Head(width, self.head_tokens, scale.head_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.encoder(images)
@@ -310,6 +310,7 @@ def run_one(
     every configuration so that they are compared on the same data. ``out=None`` writes nothing.
     """
     cfg, seed, task_seed = check_config(config), check_seed(seed), check_seed(task_seed, "task_seed")
+    check_size(scale.size, name="scale.size")
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0:
         raise ValueError(f"minutes={minutes!r} must be a number of minutes > 0 (the training budget per run).")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
@@ -348,7 +349,7 @@ def run_one(
             )
             tmp.replace(state)  # atomic: an interrupted save leaves the previous state
 
-    tokens = model.encoder.num_tokens((scale.size, scale.size))
+    tokens = model.head_tokens  # what the head reads (the DCM ablations' one map, reduced; else the encoder's)
     passes = model.encoder.num_backbone_passes((scale.size, scale.size))
     log(f"[{cfg.name} seed {seed}] {cfg.about}: {tokens} tokens, {passes} ViT passes per {scale.size} px image")
     model.train()
@@ -393,6 +394,7 @@ def run_one(
         "group": cfg.group,
         "about": cfg.about,
         "tokens": tokens,
+        "encoder_tokens": model.encoder.num_tokens((scale.size, scale.size)),
         "token_width": model.encoder.token_width,
         "vit_passes": passes,
         "steps": step,
