@@ -110,6 +110,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
     assert resumed["per_question"] == whole["per_question"]
     again = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **kw)  # finished: read back, not rerun
     assert again == resumed
+    with pytest.raises(ValueError, match="holds another run"):  # a finished run of other settings is not reused
+        run.run_one("dcm_local", 0, steps=4, out=tmp_path / "b", **kw)
 
 
 def test_task_is_learnable_in_a_short_run(one_thread):

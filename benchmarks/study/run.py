@@ -319,15 +319,23 @@ def run_one(
         raise ValueError(f"eval_n={eval_n!r} must be a whole number >= 1 (held-out images).")
     budget = 60.0 * minutes
     run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}-seed{seed}"
+    meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
+    if steps is not None:
+        meta["max_steps"] = steps
     if run_dir is not None and (run_dir / "result.json").exists() and not force:
+        done = json.loads((run_dir / "result.json").read_text())
+        if {k: done.get(k) for k in meta} != meta:
+            raise ValueError(
+                f"{run_dir / 'result.json'} holds another run ({ {k: done.get(k) for k in meta} }); pass --force to "
+                f"replace it or another --out."
+            )
         log(f"[{cfg.name} seed {seed}] done before: {run_dir / 'result.json'} (--force to rerun)")
-        return json.loads((run_dir / "result.json").read_text())
+        return done
 
     model = build_model(cfg.name, scale, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
     step, train_s = 0, 0.0
     state = None if run_dir is None else run_dir / "state.pt"
-    meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
     if state is not None and state.exists():
         saved = torch.load(state, weights_only=False)
         if saved["meta"] != meta:
