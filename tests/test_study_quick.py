@@ -122,3 +122,14 @@ def test_task_is_learnable_in_a_short_run(one_thread):
     r = run.run_one("s2", 0, scale=run.QUICK, steps=80, minutes=60.0, eval_n=128, out=None, log=_quiet)
     assert r["steps"] == 80 and r["eval_n"] == 128
     assert r["per_question"]["count"] > r["chance"] + 0.12, r["per_question"]
+
+
+def test_docs_list_every_configuration():
+    # docs/study.md's configuration table names each configuration the runner has, and no other.
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "study.md").read_text()
+    table = doc[doc.index("| group | names | through |") : doc.index("Tokens and ViT passes per 672 px image")]
+    rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+    names = {n for row in rows for n in re.findall(r"`([a-z0-9_]+)`", row.split("|")[2])}
+    assert names == set(run.CONFIGS)
