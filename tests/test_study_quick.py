@@ -36,8 +36,8 @@ def test_task_answers_cover_the_closed_set():
         assert set(answers[:, q].tolist()) == set(range(task.NUM_ANSWERS)), task.QUESTIONS[q]
 
 
-def test_study_size_glyph_needs_full_resolution():
-    # The ring's glyph: the four kinds differ at full resolution but hardly after a resize to one 224 px tile.
+def test_glyphs_have_nearly_the_same_ink():
+    # A blurred glyph (a thumbnail's) must say nothing: the four kinds differ in shape, not in ink.
     image, _ = task.make_sample(672, seed=0, index=0)
     assert image.shape == (3, 672, 672)
     glyphs = torch.from_numpy(task._BITMAPS).float()
