@@ -23,7 +23,8 @@ Pixtral's 1024) cut to ``--native-depth`` blocks, a ragged batch of 8 uint8 imag
 [300, 2000] px (seeded), within the budgets ``--native-max-pixels`` (Qwen) and ``--native-longest-edge``
 (Pixtral): (a) the whole front end, processor + ``get_image_features`` against ``create_encoder(...)(images)``,
 fp32 and bf16; (b) preprocessing alone (the processor call against hrperc's forward stopped at the tower's
-first module), 8 and 32 images; (c) fp32 with 32 images, to show memory growing with the patches. Same
+first module), 8 and 32 images, as uint8 tensors and as PIL images; (c) fp32 with 32 images, to show memory
+growing with the patches. Wall-clock and process CPU seconds (the latter steadier on a busy machine). Same
 method as below (``--native-reps`` interleaved calls, memory in fresh processes). Results:
 ``benchmarks/results/bench_recipes_native.json``.
 
