@@ -206,3 +206,26 @@ def test_an_encoder_without_a_native_grid_is_refused():
 def test_save_and_restore_give_the_same_logits(tmp_path):
     model, restored = assert_save_and_restore(*build("qwen3_vl"), *CASES["ragged batch"], tmp_path)
     assert restored.model._hrperc_encoder.recipe_options == model.model._hrperc_encoder.recipe_options
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_dcm_keeps_the_prompt_and_grid_and_trains_only_the_dem(family):
+    """INF-LLaVA's front end on a Qwen model: the attached processor writes the original text and grid (the
+    count is the model's), the tokens change, and a training step's gradients reach only the DEM."""
+    model, proc = build(family)
+    sizes, texts = CASES["ragged batch"]
+    with torch.no_grad():
+        ref_in = proc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
+        ref_logits = model(**ref_in).logits
+    encoder = encoder_from_model(model, proc, dcm=True)
+    model, aproc = attach(model, proc, encoder)
+    inputs = aproc(images=random_images(sizes), text=texts, return_tensors="pt", padding=True)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(inputs[key], ref_in[key]), key
+    model.requires_grad_(False)
+    encoder.dem.requires_grad_(True)
+    logits = model(**inputs).logits
+    assert not torch.allclose(logits, ref_logits, atol=1e-3)  # the DEM's tokens reach the LLM
+    logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.dem.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if "hrperc_front_end" not in n)
