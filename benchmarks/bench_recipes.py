@@ -28,6 +28,10 @@ growing with the patches. Wall-clock and process CPU seconds (the latter steadie
 method as below (``--native-reps`` interleaved calls, memory in fresh processes). Results:
 ``benchmarks/results/bench_recipes_native.json``.
 
+``--tiling-new``: only the rows of ``idefics3``, ``smolvlm``, ``minicpm_v`` and ``gemma3`` (towers of the real
+width cut to ``--native-depth`` blocks, the native rows' ragged batch of 8, fp32, the budgets of
+``TILING_NEW_BUDGET``); results: ``benchmarks/results/bench_recipes_tiling_new.json``, rewritten after each row.
+
 Rows: one image (1000 x 800) and a ragged batch of 8 images of different sizes; fp32, and bf16 (both
 models moved with ``.to(torch.bfloat16)``; the processor's float32 pixels are cast for transformers).
 Time: the median of ``--reps`` interleaved calls; hrperc's split (views = resize/pad/crop, backbone,
@@ -596,6 +600,232 @@ def run_native(args) -> dict:
     return {"meta": meta, "rows": rows, "preprocess": pre}
 
 
+# --- the tiling recipes of Idefics3, SmolVLM, Gemma 3 and MiniCPM-V: towers of the real width, 2 blocks --------
+TILING_NEW = ("idefics3", "smolvlm", "minicpm_v", "gemma3")
+#: per recipe, the budget of this machine's rows (see ``--tiling-new``): Idefics3 and SmolVLM resize to a longest
+#: edge of one tile (one 364 / 512 px view an image; the released 4 tiles make 5 - 17 views), MiniCPM-V slices
+#: at most 2 (the released 9), Gemma 3 has no budget to cut (one 896 px view an image, pan and scan off as
+#: released); MiniCPM-V and Gemma 3 run 1 interleaved call, every row 1 memory process per path
+TILING_NEW_BUDGET = {
+    "idefics3": dict(longest_edge=364, reps=3, memory_runs=1),
+    "smolvlm": dict(longest_edge=512, reps=3, memory_runs=1),
+    "minicpm_v": dict(max_slice_nums=2, reps=1, memory_runs=1),
+    "gemma3": dict(reps=1, memory_runs=1),
+}
+
+
+def build_tiling_new(recipe: str, depth: int = 2, seed: int = 0):
+    """``(model, processor, options)``: a random transformers model whose vision tower has the real width cut to
+    ``depth`` blocks (tiny 64-wide text model), its image processor and ``create_encoder``'s options.
+
+    ``idefics3``: SigLIP so400m-like (1152 wide, MLP 4304, 16 heads), 364 px tiles of 14 px patches, pixel shuffle
+    2; ``smolvlm``: 768 wide (MLP 3072, 12 heads), 512 px tiles of 16 px, shuffle 4; ``gemma3``: SigLIP 1152 wide,
+    896 px of 14 px pooled to 256 tokens; ``minicpm_v``: MiniCPM-V 4.6's tower (1152 wide, 980 px positions,
+    window merger after block 0), 448 px slices."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    so400m = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=depth, num_attention_heads=16)
+    llama = tf.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    budget = TILING_NEW_BUDGET[recipe]
+    if recipe in ("idefics3", "smolvlm"):
+        if recipe == "idefics3":
+            tile, vision = 364, tf.Idefics3VisionConfig(image_size=364, patch_size=14, **so400m)
+            cfg = tf.Idefics3Config(vision_config=vision, text_config=llama, scale_factor=2, image_token_id=255)
+            model, ip_cls = tf.Idefics3ForConditionalGeneration(cfg), tf.Idefics3ImageProcessor
+        else:
+            small = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=depth, num_attention_heads=12)
+            tile, vision = 512, tf.SmolVLMVisionConfig(image_size=512, patch_size=16, **small)
+            cfg = tf.SmolVLMConfig(vision_config=vision, text_config=llama, scale_factor=4, image_token_id=255)
+            model, ip_cls = tf.SmolVLMForConditionalGeneration(cfg), tf.SmolVLMImageProcessor
+        edge = budget["longest_edge"]
+        proc = ip_cls(size={"longest_edge": edge}, max_image_size={"longest_edge": tile})
+        options = dict(longest_edge=edge)
+    elif recipe == "gemma3":
+        text = tf.Gemma3TextConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+        vision = tf.SiglipVisionConfig(image_size=896, patch_size=14, vision_use_head=False, **so400m)
+        cfg = tf.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=256,
+            boi_token_index=253,
+            eoi_token_index=254,
+            image_token_index=255,
+        )
+        model = tf.Gemma3ForConditionalGeneration(cfg)
+        with torch.no_grad():  # transformers starts the projection at zero, which would hide the features
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+        proc = tf.Gemma3ImageProcessor(size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        options = dict(mm_tokens_per_image=256)
+    else:
+        vision = dict(so400m, patch_size=14, image_size=980, insert_layer_id=0)
+        cfg = tf.MiniCPMV4_6Config(
+            vision_config=vision, text_config=llama, insert_layer_id=0, image_token_id=255, video_token_id=254
+        )
+        model = tf.MiniCPMV4_6ForConditionalGeneration(cfg)
+        options = dict(scale_resolution=448, max_slice_nums=budget["max_slice_nums"])
+        proc = tf.MiniCPMV4_6ImageProcessor(**options)
+    return model.eval(), proc, options
+
+
+def tiling_new_paths(recipe: str, model, proc, options: dict):
+    """``(transformers_fn, hrperc_fn)``: images -> one ``(tokens, D)`` tensor of the batch's image features in
+    the model's order (the processor's image-token positions, images in turn), fp32.
+
+    transformers: the image processor, then ``model.model.get_image_features``; hrperc:
+    ``create_encoder(recipe, tower, **options)(images, project=...)`` (MiniCPM-V: the tokens outside the marker
+    slots)."""
+    inner = model.model
+    if recipe in ("idefics3", "smolvlm"):
+        tower, project = inner.vision_model, inner.connector.modality_projection
+    elif recipe == "gemma3":
+        tower, project = inner.vision_tower, inner.multi_modal_projector
+    else:
+        tower, project = inner.vision_tower, inner.merger
+    enc = hrperc.create_encoder(recipe, tower, **options)
+
+    @torch.inference_mode()
+    def run_transformers(images, times):
+        t0 = time.perf_counter()
+        if recipe == "minicpm_v":
+            batch = proc(images=images, return_tensors="pt")
+        else:
+            batch = proc(images=[[img] for img in images], return_tensors="pt")
+        t1 = time.perf_counter()
+        if recipe in ("idefics3", "smolvlm"):
+            out = inner.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+        elif recipe == "gemma3":
+            out = inner.get_image_features(batch["pixel_values"]).pooler_output
+        else:
+            out = inner.get_image_features(batch["pixel_values"], batch["target_sizes"]).pooler_output
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in out])
+        times["processor"] = times.get("processor", 0.0) + t1 - t0
+        times["model"] = times.get("model", 0.0) + time.perf_counter() - t1
+        return feats
+
+    @torch.inference_mode()
+    def run_hrperc(images, times):
+        out = enc(images, project=project, timings=True)
+        for k, v in out.timings.items():
+            times[k] = times.get(k, 0.0) + v
+        slots = out.slot_mask
+        keep = [
+            out.tokens[b, :n] if slots is None else out.tokens[b, :n][~slots[b, :n]]
+            for b, n in enumerate(out.num_tokens)
+        ]
+        return torch.cat(keep)
+
+    return run_transformers, run_hrperc, enc
+
+
+def tiling_new_worker(spec: dict) -> dict:
+    """One memory measurement of one path of a ``TILING_NEW`` recipe in this (fresh) process."""
+    model, proc, options = build_tiling_new(spec["recipe"], spec["depth"])
+    fn = dict(zip(("transformers", "hrperc"), tiling_new_paths(spec["recipe"], model, proc, options)[:2]))[spec["path"]]
+    images = images_of(native_sizes(spec["images"]))
+    fn(images_of([(64, 64)]), {})  # warm-up with a small image
+    return measure_memory_here(lambda: fn(images, {}), torch.device("cpu"))
+
+
+def bench_tiling_new_row(recipe: str, depth: int, n_images: int = 8) -> dict:
+    """Both paths interleaved (median of the budget's reps, wall and CPU), then memory in fresh processes."""
+    budget = TILING_NEW_BUDGET[recipe]
+    reps, runs = budget["reps"], budget["memory_runs"]
+    model, proc, options = build_tiling_new(recipe, depth)
+    run_t, run_h, enc = tiling_new_paths(recipe, model, proc, options)
+    sizes = native_sizes(n_images)
+    images = images_of(sizes)
+    run_t(images_of([(64, 64)]), {}), run_h(images_of([(64, 64)]), {})
+    secs: dict[str, list[float]] = {"transformers": [], "hrperc": []}
+    cpu: dict[str, list[float]] = {"transformers": [], "hrperc": []}
+    split: dict[str, dict] = {"transformers": {}, "hrperc": {}}
+    outs = {}
+    for _ in range(reps):  # interleaved
+        for name, fn in (("transformers", run_t), ("hrperc", run_h)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs[name] = fn(images, split[name])
+            secs[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    ref, mine = outs["transformers"], outs["hrperc"]
+    same = ref.shape == mine.shape
+    row = {
+        "recipe": recipe,
+        "dtype": "float32",
+        "images": n_images,
+        "sizes": sizes,
+        "options": options,
+        "depth": depth,
+        "reps": reps,
+        "memory_runs": runs,
+        "views": sum(enc.plan(s).views for s in sizes),
+        "tokens": [enc.num_tokens(s) for s in sizes],
+        "same_shapes": same,
+        "max_abs_diff": (ref - mine).abs().max().item() if same else float("nan"),
+        "max_abs_ref": ref.abs().max().item(),
+    }
+    for name in secs:
+        row[f"{name}_seconds"] = statistics.median(secs[name])
+        row[f"{name}_all_seconds"] = secs[name]
+        row[f"{name}_split"] = {k: v / reps for k, v in split[name].items()}
+        row[f"{name}_cpu_seconds"] = statistics.median(cpu[name])
+    row["speedup"] = row["transformers_seconds"] / row["hrperc_seconds"]
+    row["cpu_speedup"] = row["transformers_cpu_seconds"] / row["hrperc_cpu_seconds"]
+    del model, enc
+    for name in ("transformers", "hrperc"):
+        spec = dict(recipe=recipe, depth=depth, images=n_images, path=name, tiling_new=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        got = []
+        for _ in range(runs):  # RSS peaks vary with the allocator's state: the median of fresh processes
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory worker {spec} failed:\n{res.stderr[-3000:]}")
+            got.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        got.sort(key=lambda r: r["rise_mib"])
+        row[f"{name}_memory"] = {**got[len(got) // 2], "all_rise_mib": [r["rise_mib"] for r in got]}
+    row["memory_ratio"] = row["hrperc_memory"]["rise_mib"] / max(row["transformers_memory"]["rise_mib"], 1e-9)
+    return row
+
+
+def run_tiling_new(args) -> dict:
+    """The ``TILING_NEW`` rows, fp32, 8 images; the results file is rewritten after every row."""
+    recipes = [r for r in TILING_NEW if r in (args.tiling_new_recipes or TILING_NEW)]
+    res: dict = {
+        "meta": {
+            "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "depth": args.native_depth,
+            "sides": NATIVE_SIDES,
+            "budget": TILING_NEW_BUDGET,
+            "loadavg_start": _loadavg(),
+        },
+        "rows": [],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    for recipe in recipes:
+        row = bench_tiling_new_row(recipe, args.native_depth)
+        res["rows"].append(row)
+        res["meta"]["loadavg_end"] = _loadavg()
+        print(describe_native({**row, "patches": row["views"]}).replace("patches", "views"), flush=True)
+        (RESULTS / "bench_recipes_tiling_new.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
@@ -631,11 +861,19 @@ def main(argv=None) -> int:
     ap.add_argument("--native-max-pixels", type=int, default=NATIVE_MAX_PIXELS, help="Qwen2.5-VL's max_pixels")
     ap.add_argument("--native-longest-edge", type=int, default=NATIVE_LONGEST_EDGE, help="Pixtral's longest_edge")
     ap.add_argument("--native-out-hidden", type=int, default=NATIVE_OUT_HIDDEN, help="Qwen2.5-VL's merger width")
+    ap.add_argument("--tiling-new", action="store_true", help="only the idefics3 / smolvlm / minicpm_v / gemma3 rows")
+    ap.add_argument("--tiling-new-recipes", nargs="*", help="a subset of the --tiling-new rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(native_worker(spec) if spec.get("native") else worker(spec)))
+        if spec.get("tiling_new"):
+            print(json.dumps(tiling_new_worker(spec)))
+        else:
+            print(json.dumps(native_worker(spec) if spec.get("native") else worker(spec)))
+        return 0
+    if args.tiling_new:
+        run_tiling_new(args)
         return 0
     if args.inf_llava:
         res = bench_inf_llava_dtypes(args.inf_llava_depth, args.reps)
