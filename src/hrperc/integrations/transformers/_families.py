@@ -246,6 +246,18 @@ def _setting(value, key: str):
     return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
 
 
+def _longest_edge(settings, family: str, does: str, example) -> int:
+    """The processor's ``size["longest_edge"]``; a size without it is refused, naming what ``family``'s processor
+    ``does`` with that side and a size to build it with (``example``)."""
+    edge = _setting(settings.get("size"), "longest_edge")
+    if edge is None:
+        raise ValueError(
+            f"the processor's size={settings.get('size')!r} lacks 'longest_edge', the side {family} processor "
+            f"{does}. Use the processor saved with the model, or one built with size={{'longest_edge': {example}}}."
+        )
+    return int(edge)
+
+
 #: A native-resolution processor's setting -> the tower config's attribute it must equal.
 _NATIVE_GEOMETRY = (
     ("patch_size", "patch_size"),
@@ -299,14 +311,7 @@ def _pixtral_geometry(config, settings) -> dict:
                 f"the processor's {name}={got!r}, but {what} {need}: the processor would write another number of "
                 f"[IMG] tokens than the model fills. Use the processor saved with the model, or one with {name}={need}."
             )
-    edge = _setting(settings.get("size"), "longest_edge")
-    if edge is None:
-        raise ValueError(
-            f"the processor's size={settings.get('size')!r} lacks 'longest_edge', the side a Pixtral processor "
-            f"scales images down to. Use the processor saved with the model, or one built with "
-            f"size={{'longest_edge': ...}}."
-        )
-    return {"merge_size": merge, "longest_edge": int(edge)}
+    return {"merge_size": merge, "longest_edge": _longest_edge(settings, "a Pixtral", "scales images down to", "...")}
 
 
 #: PIL's resample codes -> the ``idefics3`` / ``smolvlm`` recipes' ``resample``.
@@ -336,13 +341,7 @@ def _idefics_tiling(config, settings) -> dict:
             f"takes {tile} px (its image_size). Use the processor saved with the model, or one with "
             f"max_image_size={{'longest_edge': {tile}}}."
         )
-    edge = _setting(settings.get("size"), "longest_edge")
-    if edge is None:
-        raise ValueError(
-            f"the processor's size={settings.get('size')!r} lacks 'longest_edge', the side an Idefics3 / SmolVLM "
-            f"processor resizes images to. Use the processor saved with the model, or one built with "
-            f"size={{'longest_edge': {4 * tile}}}."
-        )
+    edge = _longest_edge(settings, "an Idefics3 / SmolVLM", "resizes images to", 4 * tile)
     resample = settings.get("resample", 1)
     code = getattr(resample, "value", resample)
     if code not in _IDEFICS_RESAMPLE:
