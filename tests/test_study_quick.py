@@ -30,6 +30,14 @@ def test_task_is_a_pure_function_of_seed_split_index():
     assert ((ya >= 0) & (ya < task.NUM_ANSWERS)).all()
 
 
+def test_batch_holds_the_samples_pixels():
+    # make_batch writes each image once into the batch; the pixels are make_sample's.
+    images, answers = task.make_batch([7, 2, 9], size=96, seed=1, split="test")
+    for k, i in enumerate([7, 2, 9]):
+        image, ans = task.make_sample(96, seed=1, index=i, split="test")
+        assert torch.equal(images[k], image) and torch.equal(answers[k], ans)
+
+
 def test_task_answers_cover_the_closed_set():
     _, answers = task.make_batch(range(64), size=96)
     for q in range(len(task.QUESTIONS)):
@@ -51,6 +59,7 @@ def test_glyphs_have_nearly_the_same_ink():
         ({"config": "inf_llava", "seed": -1}, "seed=-1"),
         ({"config": "inf_llava", "minutes": 0}, "minutes=0"),
         ({"config": "inf_llava", "steps": 0}, "steps=0"),
+        ({"config": "inf_llava"}, "no budget"),
     ],
 )
 def test_run_one_refuses_bad_input_naming_it(kwargs, name):
@@ -95,7 +104,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
         pass
 
     def stop_after_two(msg):
-        if "step 2 " in msg:
+        if "step 2/" in msg:
             raise Stop
 
     first = dict(kw, log=stop_after_two)
@@ -106,6 +115,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
     resumed = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **dict(kw, log=seen.append))
     assert any("resumed at step 2" in m for m in seen)
     assert resumed["steps"] == whole["steps"] == 3
+    assert resumed["train_cpu_s"] > 0 and resumed["train_s"] > 0  # wall and CPU seconds, summed over the resume
     assert resumed["last_loss"] == whole["last_loss"]
     assert resumed["per_question"] == whole["per_question"]
     again = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **kw)  # finished: read back, not rerun

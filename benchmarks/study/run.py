@@ -18,8 +18,11 @@ function of ``(seed, step)``, so a resumed run sees the batches the uninterrupte
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from study.task import (  # noqa: E402
     make_batch,
 )
 
-__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "QUICK", "build_model", "run_one", "main"]
+__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "DEEP", "QUICK", "SCALES", "build_model", "run_one", "main"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -65,10 +68,16 @@ class Scale:
     head_dim: int = 64
 
 
-#: The study's scale: 3 x 3 tiles of 224 make the 672 px canvas the paper's 3 x 3 grid runs on.
-STUDY = Scale()
+#: The study's scale: 3 x 3 tiles of 224 make the 672 px canvas the paper's 3 x 3 grid runs on. The tower
+#: has 2 blocks: its 16 px patches, width and 196 tokens per tile are the deeper tower's, so every view,
+#: token and ViT pass is the same, at ~0.55x the cost of a training step (docs/study.md, "Step costs").
+STUDY = Scale(depth=2)
+#: The tower of 4 blocks the preliminary pair ran with (docs/study.md): ``--scale deep``.
+DEEP = Scale(depth=4)
 #: Quick mode (the test suite): 96 px images, 32 px tiles -- the same front ends, a few seconds.
 QUICK = Scale(tile=32, patch=8, dim=32, depth=2, heads=2, size=96, batch=16, lr=2e-3, head_dim=32)
+#: ``--scale`` names (``--quick`` is ``--scale quick``).
+SCALES = {"study": STUDY, "deep": DEEP, "quick": QUICK}
 
 
 def tower(scale: Scale, seed: int) -> nn.Module:
@@ -107,6 +116,9 @@ class Config:
     pick: str | None = None
 
     def encoder(self, scale: Scale, seed: int) -> hrperc.HighResEncoder:
+        # The DEM (an option) is drawn from the seed as well, before the tower reseeds: the weights are a
+        # function of the seed alone, not of the runs an earlier process made.
+        torch.manual_seed(seed)
         opts = {k: (v(scale) if callable(v) else v) for k, v in self.options.items()}
         return hrperc.create_encoder(self.recipe, tower(scale, seed), train_backbone=True, **opts)
 
@@ -270,13 +282,31 @@ def build_model(config: str, scale: Scale = STUDY, seed: int = 0) -> StudyModel:
     return StudyModel(check_config(config), scale, check_seed(seed))
 
 
+#: Held-out sets up to this many bytes are drawn once per process and kept (256 images at 672 px: 0.35 GB).
+HELDOUT_CACHE_BYTES = 1.5e9
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout(size: int, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return make_batch(range(n), size, seed, "test")
+
+
 def evaluate(model: StudyModel, scale: Scale, seed: int, n: int) -> dict[str, Any]:
-    """Accuracy on the first ``n`` held-out images (the test split of the task's seed ``seed``)."""
+    """Accuracy on the first ``n`` held-out images (the test split of the task's seed ``seed``).
+
+    The held-out set is drawn once per process (when it fits :data:`HELDOUT_CACHE_BYTES`) and shared by
+    every run of the process: it is a pure function of ``(size, seed, n)``.
+    """
     model.eval()
     right = torch.zeros(len(QUESTIONS))
+    held = _heldout(scale.size, seed, n) if n * 3 * scale.size**2 <= HELDOUT_CACHE_BYTES else None
     with torch.no_grad():
         for start in range(0, n, scale.batch):
-            images, answers = make_batch(range(start, min(start + scale.batch, n)), scale.size, seed, "test")
+            stop = min(start + scale.batch, n)
+            if held is None:
+                images, answers = make_batch(range(start, stop), scale.size, seed, "test")
+            else:
+                images, answers = held[0][start:stop], held[1][start:stop]
             right += (model(images).argmax(-1) == answers).float().sum(0)
     model.train()
     acc = right / n
@@ -284,7 +314,8 @@ def evaluate(model: StudyModel, scale: Scale, seed: int, n: int) -> dict[str, An
 
 
 def _lr(scale: Scale, progress: float) -> float:
-    # Warm up over the first 5 % of the budget, then a cosine to 0 at its end (time-based: steps are unknown).
+    # Warm up over the first 5 % of the budget, then a cosine to 0 at its end (progress: the share of the
+    # steps done, or of the wall-clock budget spent when the budget is time).
     warm = min(1.0, progress / 0.05)
     return scale.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -294,7 +325,7 @@ def run_one(
     seed: int = 0,
     *,
     scale: Scale = STUDY,
-    minutes: float = 10.0,
+    minutes: float | None = None,
     steps: int | None = None,
     eval_n: int = 256,
     task_seed: int = 0,
@@ -304,20 +335,26 @@ def run_one(
     log=print,
     log_every: int = 25,
 ) -> dict[str, Any]:
-    """Train ``config`` with ``seed`` for ``minutes`` of wall clock (and at most ``steps``), then evaluate.
+    """Train ``config`` with ``seed`` for ``steps`` training steps or ``minutes`` of wall clock, then evaluate.
 
-    ``seed`` draws the weights; ``task_seed`` the images (training stream and held-out set), the same for
-    every configuration so that they are compared on the same data. ``out=None`` writes nothing.
+    The budget is ``steps`` (matched steps: the same for every configuration whatever the machine's load,
+    the study's primary view) or ``minutes`` (wall clock: what a configuration achieves in a given time on
+    this machine), or both (whichever ends first); the learning-rate schedule follows the budget. The
+    result records the training's wall-clock and CPU seconds either way. ``seed`` draws the weights;
+    ``task_seed`` the images (training stream and held-out set), the same for every configuration so that
+    they are compared on the same data. ``out=None`` writes nothing.
     """
     cfg, seed, task_seed = check_config(config), check_seed(seed), check_seed(task_seed, "task_seed")
     check_size(scale.size, name="scale.size")
-    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0:
+    if minutes is None and steps is None:
+        raise ValueError("no budget: pass steps=N (matched steps, --steps) or minutes=M (wall clock, --minutes).")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
         raise ValueError(f"minutes={minutes!r} must be a number of minutes > 0 (the training budget per run).")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} must be a whole number >= 1 (or None: as many as the budget allows).")
     if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 1:
         raise ValueError(f"eval_n={eval_n!r} must be a whole number >= 1 (held-out images).")
-    budget = 60.0 * minutes
+    budget = math.inf if minutes is None else 60.0 * minutes
     run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}-seed{seed}"
     meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
     if steps is not None:
@@ -334,7 +371,7 @@ def run_one(
 
     model = build_model(cfg.name, scale, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
-    step, train_s = 0, 0.0
+    step, train_s, cpu_s = 0, 0.0, 0.0
     state = None if run_dir is None else run_dir / "state.pt"
     if state is not None and state.exists():
         saved = torch.load(state, weights_only=False)
@@ -344,15 +381,22 @@ def run_one(
             )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        step, train_s = saved["step"], saved["train_s"]
-        log(f"[{cfg.name} seed {seed}] resumed at step {step} ({train_s:.0f} s of {budget:.0f} s trained)")
+        step, train_s, cpu_s = saved["step"], saved["train_s"], saved.get("cpu_s", 0.0)
+        log(f"[{cfg.name} seed {seed}] resumed at step {step} ({train_s:.0f} s trained)")
 
     def save() -> None:
         if state is not None:
             state.parent.mkdir(parents=True, exist_ok=True)
             tmp = state.with_suffix(".tmp")
             torch.save(
-                {"meta": meta, "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s},
+                {
+                    "meta": meta,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "train_s": train_s,
+                    "cpu_s": cpu_s,
+                },
                 tmp,
             )
             tmp.replace(state)  # atomic: an interrupted save leaves the previous state
@@ -363,7 +407,7 @@ def run_one(
     model.train()
     last_save, losses, last_loss = time.perf_counter(), [], float("nan")
     while train_s < budget and (steps is None or step < steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         progress = max(train_s / budget, 0.0 if steps is None else step / steps)
         for g in opt.param_groups:
             g["lr"] = _lr(scale, progress)
@@ -378,8 +422,9 @@ def run_one(
         step += 1
         dt = time.perf_counter() - t0
         train_s += dt
+        cpu_s += time.process_time() - c0
         losses.append(loss.item())
-        if step == 1 and dt > budget:
+        if step == 1 and minutes is not None and dt > budget:
             raise ValueError(
                 f"minutes={minutes} is shorter than one training step of {cfg.name} ({dt:.1f} s at "
                 f"{scale.size} px, batch {scale.batch}); pass at least minutes={math.ceil(dt / 6) / 10}."
@@ -388,8 +433,9 @@ def run_one(
             save()
             last_save = time.perf_counter()
         if step % log_every == 0 or step == 1:
+            of = f"/{steps}" if steps is not None else ""
             log(
-                f"[{cfg.name} seed {seed}] step {step}  {train_s:.0f}/{budget:.0f} s  "
+                f"[{cfg.name} seed {seed}] step {step}{of}  {train_s:.0f} s wall, {cpu_s:.0f} s CPU  "
                 f"loss {sum(losses) / len(losses):.3f}"
             )
             losses = []
@@ -408,12 +454,15 @@ def run_one(
         "steps": step,
         "last_loss": last_loss,
         "train_s": round(train_s, 2),
+        "train_cpu_s": round(cpu_s, 2),
         "eval_s": round(time.perf_counter() - t0, 2),
         "eval_n": eval_n,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **scores,
         "chance": 1 / NUM_ANSWERS,
         "torch_threads": torch.get_num_threads(),
+        # What else ran: the 1-minute load average at the end (a wall-clock time reads the machine too).
+        "load_avg": round(os.getloadavg()[0], 2),
     }
     log(
         f"[{cfg.name} seed {seed}] held-out accuracy {scores['accuracy']:.3f} "
@@ -432,14 +481,15 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the configurations and exit")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="weight seeds, one run each")
     p.add_argument("--task-seed", type=int, default=0, help="the task's seed (training stream and held-out set)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per run (minutes)")
-    p.add_argument("--steps", type=int, default=None, help="at most this many training steps per run")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (matched steps: the study's budget)")
+    p.add_argument("--minutes", type=float, default=None, help="training wall-clock budget per run (minutes)")
     p.add_argument("--size", type=int, default=STUDY.size, help=f"image side, {STUDY_SIZES[0]}..{STUDY_SIZES[1]} px")
     p.add_argument("--eval", type=int, default=256, help="held-out images")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the runs' folders go")
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--scale", choices=tuple(SCALES), default="study", help="the tower's scale (study: 2 blocks)")
     p.add_argument("--quick", action="store_true", help="quick mode: 96 px images, 32 px tiles (not the study)")
     a = p.parse_args(argv)
     if a.list:
@@ -455,7 +505,11 @@ def main(argv=None) -> int:
             check_seed(s)
         if a.threads < 1:
             raise ValueError(f"threads={a.threads} must be >= 1.")
-        scale = QUICK if a.quick else Scale(size=check_size(a.size, lo=STUDY_SIZES[0], hi=STUDY_SIZES[1]))
+        if a.quick or a.scale == "quick":
+            scale = QUICK
+        else:
+            size = check_size(a.size, lo=STUDY_SIZES[0], hi=STUDY_SIZES[1])
+            scale = dataclasses.replace(SCALES[a.scale], size=size)
         torch.set_num_threads(a.threads)
         results = []
         for name in a.config:

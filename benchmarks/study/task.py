@@ -123,10 +123,8 @@ def _draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     s = size
     u = s / 96.0  # the scene's unit: a glyph is one unit wide (5 bitmap pixels of max(1, u/5) px)
     cell = max(1, round(u / 5))
-    img = np.empty((s, s, 3), np.uint8)
-    img[:] = _BG
-    # Low-contrast noise so that flat grey is not a free cue for "nothing here".
-    img += rng.integers(0, 12, size=(s, s, 1), dtype=np.uint8)
+    # Low-contrast noise so that flat grey is not a free cue for "nothing here" (one pass: grey + noise).
+    img = rng.integers(0, 12, size=(s, s, 1), dtype=np.uint8) + np.array(_BG, np.uint8)
 
     answers = np.zeros(4, np.int64)
     # link: four end markers near the middle of each side; one line reaches the centre, three stop short.
@@ -187,17 +185,30 @@ def make_sample(size: int = 672, seed: int = 0, index: int = 0, split: str = "tr
     ``split`` (``"train"`` or ``"test"``) selects disjoint random streams, so the held-out set is never
     trained on whatever the number of training steps.
     """
+    img, answers = _sample(size, seed, index, split)
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(answers)
+
+
+def _sample(size, seed, index, split) -> tuple[np.ndarray, np.ndarray]:
     size, seed = check_size(size), check_seed(seed)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}.")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index={index!r} must be a whole number >= 0.")
-    rng = np.random.default_rng([seed, SPLITS.index(split), int(index)])
-    img, answers = _draw(rng, size)
-    return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(answers)
+    return _draw(np.random.default_rng([seed, SPLITS.index(split), int(index)]), size)
 
 
 def make_batch(indices, size: int = 672, seed: int = 0, split: str = "train"):
-    """Images ``(B, 3, size, size)`` uint8 and answers ``(B, 4)`` int64 for the sample ``indices``."""
-    pairs = [make_sample(size, seed, int(i), split) for i in indices]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    """Images ``(B, 3, size, size)`` uint8 and answers ``(B, 4)`` int64 for the sample ``indices``.
+
+    The same pixels as stacking :func:`make_sample`'s images, written once into the batch (no per-image
+    copy and no second one to stack them).
+    """
+    indices = [int(i) for i in indices]
+    images = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
+    answers = torch.empty((len(indices), len(QUESTIONS)), dtype=torch.int64)
+    for k, i in enumerate(indices):
+        img, ans = _sample(size, seed, i, split)
+        images[k] = torch.from_numpy(img).permute(2, 0, 1)
+        answers[k] = torch.from_numpy(ans)
+    return images, answers
