@@ -65,3 +65,7 @@ def served(dirs, tmp_path_factory):
     for (f, name), result in zip(jobs, results):
         out[f][name] = result
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server: starts vLLM's OpenAI-compatible server (select with -m server)")
