@@ -97,7 +97,7 @@ def test_every_configuration_builds_and_runs_one_image(one_thread):
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
-    kw = dict(scale=run.QUICK, minutes=60.0, eval_n=8, save_every=0.0, log=_quiet, log_every=1)
+    kw = dict(scale=run.QUICK, minutes=60.0, eval_n=8, save_every=0.0, log=_quiet, log_every=1, eval_every=1)
     whole = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "a", **kw)
 
     class Stop(Exception):
@@ -115,6 +115,9 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
     resumed = run.run_one("dcm_local", 0, steps=3, out=tmp_path / "b", **dict(kw, log=seen.append))
     assert any("resumed at step 2" in m for m in seen)
     assert resumed["steps"] == whole["steps"] == 3
+    # The learning curve (a held-out score after every step here) survives the interruption.
+    assert [c["step"] for c in resumed["curve"]] == [1, 2, 3]
+    assert [c["per_question"] for c in resumed["curve"]] == [c["per_question"] for c in whole["curve"]]
     assert resumed["train_cpu_s"] > 0 and resumed["train_s"] > 0  # wall and CPU seconds, summed over the resume
     assert resumed["last_loss"] == whole["last_loss"]
     assert resumed["per_question"] == whole["per_question"]

@@ -334,6 +334,7 @@ def run_one(
     force: bool = False,
     log=print,
     log_every: int = 25,
+    eval_every: int | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with ``seed`` for ``steps`` training steps or ``minutes`` of wall clock, then evaluate.
 
@@ -342,7 +343,9 @@ def run_one(
     this machine), or both (whichever ends first); the learning-rate schedule follows the budget. The
     result records the training's wall-clock and CPU seconds either way. ``seed`` draws the weights;
     ``task_seed`` the images (training stream and held-out set), the same for every configuration so that
-    they are compared on the same data. ``out=None`` writes nothing.
+    they are compared on the same data. ``out=None`` writes nothing. ``eval_every``: also score the
+    held-out set every that many steps, on the way (``result["curve"]``: accuracy against steps, wall and
+    CPU seconds; the learning rate is then still mid-schedule); evaluation time is not training time.
     """
     cfg, seed, task_seed = check_config(config), check_seed(seed), check_seed(task_seed, "task_seed")
     check_size(scale.size, name="scale.size")
@@ -354,6 +357,8 @@ def run_one(
         raise ValueError(f"steps={steps!r} must be a whole number >= 1 (or None: as many as the budget allows).")
     if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 1:
         raise ValueError(f"eval_n={eval_n!r} must be a whole number >= 1 (held-out images).")
+    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+        raise ValueError(f"eval_every={eval_every!r} must be a whole number of steps >= 1 (or None: at the end only).")
     budget = math.inf if minutes is None else 60.0 * minutes
     run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}-seed{seed}"
     meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
@@ -371,7 +376,7 @@ def run_one(
 
     model = build_model(cfg.name, scale, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
-    step, train_s, cpu_s = 0, 0.0, 0.0
+    step, train_s, cpu_s, curve = 0, 0.0, 0.0, []
     state = None if run_dir is None else run_dir / "state.pt"
     if state is not None and state.exists():
         saved = torch.load(state, weights_only=False)
@@ -381,7 +386,7 @@ def run_one(
             )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        step, train_s, cpu_s = saved["step"], saved["train_s"], saved.get("cpu_s", 0.0)
+        step, train_s, cpu_s, curve = saved["step"], saved["train_s"], saved.get("cpu_s", 0.0), saved.get("curve", [])
         log(f"[{cfg.name} seed {seed}] resumed at step {step} ({train_s:.0f} s trained)")
 
     def save() -> None:
@@ -396,6 +401,7 @@ def run_one(
                     "step": step,
                     "train_s": train_s,
                     "cpu_s": cpu_s,
+                    "curve": curve,
                 },
                 tmp,
             )
@@ -406,6 +412,10 @@ def run_one(
     log(f"[{cfg.name} seed {seed}] {cfg.about}: {tokens} tokens, {passes} ViT passes per {scale.size} px image")
     model.train()
     last_save, losses, last_loss = time.perf_counter(), [], float("nan")
+
+    def point(scores: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, "train_s": round(train_s, 2), "train_cpu_s": round(cpu_s, 2), **scores}
+
     while train_s < budget and (steps is None or step < steps):
         t0, c0 = time.perf_counter(), time.process_time()
         progress = max(train_s / budget, 0.0 if steps is None else step / steps)
@@ -429,6 +439,10 @@ def run_one(
                 f"minutes={minutes} is shorter than one training step of {cfg.name} ({dt:.1f} s at "
                 f"{scale.size} px, batch {scale.batch}); pass at least minutes={math.ceil(dt / 6) / 10}."
             )
+        # On the way, before the checkpoint: a resumed run has the points up to the step it resumes from.
+        if eval_every is not None and step % eval_every == 0 and train_s < budget and (steps is None or step < steps):
+            curve.append(point(evaluate(model, scale, task_seed, eval_n)))
+            log(f"[{cfg.name} seed {seed}] step {step}: held-out accuracy {curve[-1]['accuracy']:.3f}")
         if time.perf_counter() - last_save >= save_every:
             save()
             last_save = time.perf_counter()
@@ -443,6 +457,8 @@ def run_one(
     save()
     t0 = time.perf_counter()
     scores = evaluate(model, scale, task_seed, eval_n)
+    if eval_every is not None:
+        curve.append(point(scores))
     result = {
         **meta,
         "group": cfg.group,
@@ -459,6 +475,7 @@ def run_one(
         "eval_n": eval_n,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **scores,
+        **({"curve": curve} if eval_every is not None else {}),
         "chance": 1 / NUM_ANSWERS,
         "torch_threads": torch.get_num_threads(),
         # What else ran: the 1-minute load average at the end (a wall-clock time reads the machine too).
@@ -488,6 +505,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the runs' folders go")
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
+    p.add_argument("--eval-every", type=int, default=None, help="also score the held-out set every N steps")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--scale", choices=tuple(SCALES), default="study", help="the tower's scale (study: 2 blocks)")
     p.add_argument("--quick", action="store_true", help="quick mode: 96 px images, 32 px tiles (not the study)")
@@ -525,6 +543,7 @@ def main(argv=None) -> int:
                         task_seed=a.task_seed,
                         out=a.out,
                         save_every=a.save_every,
+                        eval_every=a.eval_every,
                         force=a.force,
                     )
                 )
