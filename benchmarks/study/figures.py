@@ -1,7 +1,13 @@
-"""Pictures for ``docs/study.md``: samples of the task (``python benchmarks/study/figures.py``).
+"""Pictures and the table for ``docs/study.md``.
+
+    python benchmarks/study/figures.py --samples                      # docs/img/study_samples.png
+    python benchmarks/study/figures.py --results benchmarks/study/results/steps600
 
 ``samples``: three images of the task (672, 1344, 2016 px) with their answers, and under each the
 ring's glyph at full resolution next to what a 224 px thumbnail of the whole image keeps of it.
+``--results``: the Markdown table of a results folder (mean +- standard deviation over seeds, per
+question and overall) and its pictures: accuracy against tokens, ViT passes and training CPU time
+(``docs/img/<name>_accuracy.png``) and the learning curves of ``--eval-every`` (``<name>_curves.png``).
 """
 
 from __future__ import annotations
@@ -58,5 +64,200 @@ def samples(path: Path = ROOT / "docs" / "img" / "study_samples.png") -> Path:
     return path
 
 
+# --- The study's results: a table and pictures from the runs' result.json files -----------------------
+
+#: Configurations that build the same front end as another (the same modules and options; only the draw
+#: of the DEM's initial weights differs): the released INF-LLaVA front end is Table 4's "both", Table 5's
+#: released fusion and Table 6's DCM + DEM. The study runs it once, as ``inf_llava``.
+SAME_AS = {"dem_both": "inf_llava", "fusion_released": "inf_llava", "dcm_dem": "inf_llava"}
+
+
+def load_results(root: Path) -> dict[str, list[dict]]:
+    """The finished runs under ``root`` (``<config>-s<size>-seed<seed>/result.json``), by configuration."""
+    import json
+
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(Path(root).glob("*/result.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["config"], []).append(r)
+    return runs
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and the sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def table(runs: dict[str, list[dict]], order=None) -> str:
+    """A Markdown table: per configuration, accuracy per question and overall (mean +- sd over seeds)."""
+    order = order or list(runs)
+    head = "| configuration | tokens | ViT passes | seeds | " + " | ".join(QUESTIONS)
+    head += " | overall | fine detail (glyph, match, link) | train CPU s / run | train wall s / run |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in order:
+        rs = runs.get(name)
+        if not rs:
+            continue
+
+        def cell(values):
+            m, sd = _stats(values)
+            return f"{m:.2f} +- {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
+
+        per_q = [cell([r["per_question"][q] for r in rs]) for q in QUESTIONS]
+        fine = cell([sum(r["per_question"][q] for q in ("glyph", "match", "link")) / 3 for r in rs])
+        cpu = _stats([r.get("train_cpu_s", float("nan")) for r in rs])[0]
+        wall = _stats([r["train_s"] for r in rs])[0]
+        lines.append(
+            f"| `{name}` | {rs[0]['tokens']} | {rs[0]['vit_passes']} | {len(rs)} | "
+            + " | ".join(per_q)
+            + f" | {cell([r['accuracy'] for r in rs])} | {fine} | {cpu:.0f} | {wall:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Accuracy (overall, and the fine-detail questions) against tokens, ViT passes and training CPU time.
+
+    A marker: the mean over seeds; its bar: the spread (smallest to largest seed); small dots: the seeds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = (
+        ("tokens", "tokens the head reads", True),
+        ("vit_passes", "ViT passes per image", True),
+        ("train_cpu_s", "training CPU seconds per run", True),
+    )
+    ys = (
+        ("overall", lambda r: r["accuracy"]),
+        (
+            "fine detail (glyph, match, link)",
+            lambda r: sum(r["per_question"][q] for q in ("glyph", "match", "link")) / 3,
+        ),
+    )
+    fig, axes = plt.subplots(len(ys), len(xs), figsize=(15, 8.5), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    names = sorted(runs)
+    for i, (yname, yf) in enumerate(ys):
+        for j, (xkey, xlabel, logx) in enumerate(xs):
+            ax = axes[i, j]
+            for k, name in enumerate(names):
+                rs = runs[name]
+                x = [r.get(xkey, float("nan")) for r in rs]
+                y = [yf(r) for r in rs]
+                mx, my = sum(x) / len(x), sum(y) / len(y)
+                color = cmap(k % 20)
+                ax.errorbar(
+                    [mx],
+                    [my],
+                    yerr=[[my - min(y)], [max(y) - my]],
+                    fmt="o",
+                    color=color,
+                    capsize=3,
+                    label=name if (i, j) == (0, 0) else None,
+                )
+                ax.scatter(x, y, s=8, color=color, alpha=0.6)
+                ax.annotate(name, (mx, my), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+            ax.axhline(0.25, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log" if logx else "linear")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"held-out accuracy: {yname}")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=6.5, ncol=2, loc="upper left")
+    fig.suptitle(title or "Held-out accuracy (mean over seeds, bar: smallest to largest seed; dashed: chance)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def curve_plot(runs: dict[str, list[dict]], path: Path, names=None) -> Path:
+    """Learning curves (``--eval-every``): accuracy per question against training CPU seconds, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in (names or sorted(runs)) if any("curve" in r for r in runs.get(n, []))]
+    fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(16, 4.2), sharey=True)
+    cmap = plt.get_cmap("tab10")
+    for k, name in enumerate(names):
+        for r in runs[name]:
+            c = r.get("curve")
+            if not c:
+                continue
+            for j, q in enumerate(QUESTIONS):
+                axes[j].plot(
+                    [p["train_cpu_s"] for p in c],
+                    [p["per_question"][q] for p in c],
+                    "o-",
+                    color=cmap(k % 10),
+                    ms=3,
+                    lw=1,
+                    label=name if (j, r["seed"]) == (0, runs[name][0]["seed"]) else None,
+                )
+    for j, q in enumerate(QUESTIONS):
+        axes[j].axhline(0.25, color="grey", lw=0.8, ls="--")
+        axes[j].set_title(q)
+        axes[j].set_xlabel("training CPU seconds")
+        axes[j].grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("On the way: held-out accuracy every 200 steps (one line per seed; dashed: chance)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="The study's pictures and table (docs/study.md).")
+    p.add_argument("--samples", action="store_true", help="redraw docs/img/study_samples.png")
+    p.add_argument("--results", type=Path, default=None, help="a results folder: print its table, draw its plots")
+    p.add_argument("--name", default="study", help="the plots' file names: docs/img/<name>_accuracy.png, ...")
+    a = p.parse_args(argv)
+    if a.samples or a.results is None:
+        print(samples())
+    if a.results is not None:
+        runs = load_results(a.results)
+        print(table(runs, [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER))))
+        print(accuracy_plot(runs, ROOT / "docs" / "img" / f"{a.name}_accuracy.png"))
+        print(curve_plot(runs, ROOT / "docs" / "img" / f"{a.name}_curves.png"))
+    return 0
+
+
+#: The table's order: the four 196-token front ends, Table 6, Table 4, Table 5, the other recipes.
+ORDER = (
+    "llava15",
+    "s2",
+    "inf_llava",
+    "dcm_local",
+    "dcm_global",
+    "dcm_sum",
+    "dem_global",
+    "dem_local",
+    "fusion_linear_concat",
+    "fusion_add",
+    "fusion_weighted_add",
+    "fusion_multiply",
+    "fusion_maxpool",
+    "fusion_conv3x3",
+    "llava_next",
+    "llava_next_dcm",
+    "internvl",
+    "infimm_hd",
+    "idefics3",
+    "llava_onevision",
+)
+
+
 if __name__ == "__main__":
-    print(samples())
+    sys.exit(main())
