@@ -3,8 +3,9 @@
     python tests_vllm/_generate.py SPEC.json OUT.json
 
 ``SPEC``: ``{"jobs": [{"model": dir, "dtype": "float32" | "bfloat16"}, ...], "max_tokens": n, "requests":
-[{"prompt": text, "images": [[h, w, seed], ...]}, ...]}`` (images made by ``_tiny.image``). Each job is one
-engine (one after the other in this process) and one ``LLM.generate`` call with all the requests (one
+[{"prompt": text, "images": [[h, w, seed], ...]}, ...]}`` (images made by ``_tiny.image``); a job may hold
+its own ``"requests"`` and ``"limits"`` (``limit_mm_per_prompt`` entries added to the images'). Each job is one
+engine (one after the other in this process) and one ``LLM.generate`` call with all its requests (one
 batch). ``OUT``: ``{"results": [{"tokens": [[ids], ...], "prompt_ids": [[ids], ...]}, ...]}``, one per job.
 Which plugins load is the caller's ``VLLM_PLUGINS``.
 """
@@ -40,10 +41,11 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
 
-    most = max(len(r["images"]) for r in spec["requests"])
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     results = []
     for job in spec["jobs"]:
+        requests = job.get("requests", spec["requests"])
+        most = max(len(r["images"]) for r in requests)
         llm = LLM(
             model=job["model"],
             dtype=job["dtype"],
@@ -51,10 +53,10 @@ def main(spec_path: str, out_path: str) -> None:
             max_num_seqs=8,
             enforce_eager=True,
             seed=0,
-            limit_mm_per_prompt={"image": max(most, 1)},
+            limit_mm_per_prompt={"image": max(most, 1), **job.get("limits", {})},
             disable_log_stats=True,
         )
-        outs = llm.generate(_prompts(spec["requests"], image), params, use_tqdm=False)
+        outs = llm.generate(_prompts(requests, image), params, use_tqdm=False)
         results.append(
             {
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],

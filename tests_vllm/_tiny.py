@@ -1,9 +1,10 @@
-"""A tiny random LLaVA-NeXT saved as a checkpoint directory vLLM and transformers both load, offline.
+"""Tiny random LLaVA-NeXT, LLaVA-1.5 and LLaVA-OneVision models saved as checkpoint directories vLLM and
+transformers both load, offline.
 
 Sizes vLLM's CPU attention accepts (the LLM's head size 32); 56 px tiles of 4 x 4 patches keep an image
-to a few hundred tokens; a word-level tokenizer. ``save(directory, front_end=...)`` writes the model with
-``save_pretrained`` and, for ``"identity"`` (the model's own front end) or ``"upgraded"`` (``dcm=True``
-with a random DEM), hrperc's front-end files next to it.
+to a few hundred tokens; a word-level tokenizer. ``save(directory, front_end=..., family=...)`` writes the
+model with ``save_pretrained`` and, for ``"identity"`` (the model's own front end) or ``"upgraded"``
+(``dcm=True`` with a random DEM; LLaVA-1.5: ``inf_llava``), hrperc's front-end files next to it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ WORDS = "what is in the image describe it a red blue square circle yes no".split
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 TILE = 56
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+# OneVision's 36 canvases of 384 px tiles (anyres_max_9), scaled to the 56 px tile
+ONEVISION_PINPOINTS = [[TILE * a, TILE * b] for a in range(1, 7) for b in range(1, 7)]
+FAMILIES = ("llava_next", "llava", "llava_onevision")
+# The batch the tests send to the OneVision models (``_harness.REQUESTS`` for the others): images past its
+# anyres_max_9 shrink ((330, 250), (300, 150)), the image of the most tokens ((182, 168): a map just under
+# the shrink), two images in one prompt, a prompt without an image; ``[h, w, seed]`` as :func:`image` takes.
+ONEVISION_REQUESTS = [
+    {"prompt": "<image> what is in the image", "images": [[40, 90, 1]]},
+    {"prompt": "describe it <image>", "images": [[300, 150, 2]]},
+    {"prompt": "<image> a <image> what is in the image", "images": [[60, 60, 3], [182, 168, 4]]},
+    {"prompt": "<image> describe it", "images": [[330, 250, 5]]},
+    {"prompt": "what is in the image", "images": []},
+]
 
 
-def tokenizer():
+def tokenizer(video: bool = False):
+    """The word-level tokenizer; ``video=True`` adds OneVision's ``<video>`` token (after the others' ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + (["<video>"] if video else []))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
@@ -32,7 +47,7 @@ def tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=["<image>", "<video>"] if video else ["<image>"],
     )
     tok.image_token = "<image>"
     return tok
@@ -106,6 +121,38 @@ def build_llava(seed: int = 0):
     return model.eval(), proc
 
 
+def build_onevision(seed: int = 0):
+    """``(model, processor)``: a random ``LlavaOnevisionForConditionalGeneration`` (float32; a SigLIP tower read
+    whole, ``"full"``, as OneVision's; ``anyres_max_9`` over 36 pinpoints of 56 px tiles), its real processor."""
+    tok = tokenizer(video=True)
+    torch.manual_seed(seed)
+    vision = tf.SiglipVisionConfig(
+        image_size=TILE, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_text_config(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = tf.LlavaOnevisionForConditionalGeneration(cfg)
+    with torch.no_grad():  # a visible newline: slots that stayed zero would show
+        model.model.image_newline.normal_()
+    tile = {"height": TILE, "width": TILE}
+    ip = tf.LlavaOnevisionImageProcessor(size=tile, image_grid_pinpoints=ONEVISION_PINPOINTS)
+    proc = tf.LlavaOnevisionProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=tf.LlavaOnevisionVideoProcessor(size=tile),
+        num_image_tokens=(TILE // 14) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    return model.eval(), proc
+
+
 def upgrade(model, processor, seed: int = 1):
     """``(model, attached processor)``: ``model`` with LLaVA-NeXT's front end plus INF-LLaVA's dual perspectives
     (``dcm=True``; LLaVA-1.5: the ``inf_llava`` recipe) and a DEM of random weights (a fresh DEM could leave the
@@ -140,12 +187,17 @@ def hub_layout(directory) -> None:
     save_file(renamed, str(path), metadata={"format": "pt"})
 
 
+BUILDERS = {"llava_next": build, "llava": build_llava, "llava_onevision": build_onevision}
+
+
 def save(directory, front_end: str | None = None, seed: int = 0, family: str = "llava_next") -> Path:
-    """Save the tiny model of ``family`` (``"llava_next"`` or ``"llava"``) and its processor to ``directory``;
+    """Save the tiny model of ``family`` (one of :data:`FAMILIES`) and its processor to ``directory``;
     ``front_end``: ``None``, ``"identity"`` or ``"upgraded"`` (hrperc's front-end files too)."""
     from hrperc.integrations.transformers import attach, encoder_from_model, save_front_end
 
-    model, proc = build(seed) if family == "llava_next" else build_llava(seed)
+    if family not in BUILDERS:
+        raise ValueError(f"family={family!r}; pass one of {sorted(BUILDERS)}")
+    model, proc = BUILDERS[family](seed)
     directory = Path(directory)
     if front_end == "identity":
         model, _ = attach(model, proc, encoder_from_model(model, proc))

@@ -30,8 +30,16 @@ os.environ.update(
 atexit.register(shutil.rmtree, _ROOT, True)
 sys.path.insert(0, str(Path(__file__).parent))
 
-FAMILIES = ("llava_next", "llava")
+FAMILIES = ("llava_next", "llava", "llava_onevision")
 KINDS = (None, "identity", "upgraded")
+
+
+def requests_of(family: str) -> list[dict]:
+    """The batch the ``served`` fixture sends to ``family``'s engines."""
+    from _harness import REQUESTS
+    from _tiny import ONEVISION_REQUESTS
+
+    return ONEVISION_REQUESTS if family == "llava_onevision" else REQUESTS
 
 
 @pytest.fixture(scope="session")
@@ -44,23 +52,50 @@ def dirs(tmp_path_factory):
     return {f: {k: _tiny.save(root / f / str(k), k, family=f) for k in KINDS} for f in FAMILIES}
 
 
+def vllm_jobs(jobs: list[dict], plugins: str, tmp_path) -> list[dict]:
+    """``_generate.py``'s results for ``jobs`` (``{"model", "dtype", "requests", "limits"?}`` each) in one fresh
+    process (``plugins``: ``VLLM_PLUGINS``, "" for none)."""
+    import json
+    import subprocess
+
+    from _harness import HERE, MAX_TOKENS, REQUESTS
+
+    spec, out = tmp_path / f"spec-{plugins}.json", tmp_path / f"out-{plugins}.json"
+    spec.write_text(json.dumps({"jobs": jobs, "max_tokens": MAX_TOKENS, "requests": REQUESTS}))
+    run = subprocess.run(
+        [sys.executable, str(HERE / "_generate.py"), str(spec), str(out)],
+        env=dict(os.environ, VLLM_PLUGINS=plugins),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if run.returncode != 0:
+        pytest.fail(f"vLLM failed (VLLM_PLUGINS={plugins!r}, {[j['model'] for j in jobs]}):\n{run.stderr[-4000:]}")
+    return json.loads(out.read_text())["results"]
+
+
+def _job(directory, dtype: str, family: str, **extra) -> dict:
+    return {"model": str(directory), "dtype": dtype, "requests": requests_of(family), **extra}
+
+
 @pytest.fixture(scope="session")
 def served(dirs, tmp_path_factory):
     """vLLM's answers, ``served[family][name]``: ``"plain"`` without the plugin (the plain directory); with it
     ``"identity"``, ``"base"`` (the plain directory), ``"upgraded"``, and LLaVA-NeXT's ``"identity_bf16"`` /
-    ``"upgraded_bf16"``. Two processes in all, one engine after the other in each."""
-    from _harness import vllm_generate
-
+    ``"upgraded_bf16"``. Two processes in all, one engine after the other in each; each family its own batch
+    (:func:`requests_of`)."""
     tmp = tmp_path_factory.mktemp("vllm")
-    plain = vllm_generate([(dirs[f][None], "float32") for f in FAMILIES], "", tmp)
+    # plain OneVision is profiled without videos (its video profiling costs time and the tests send none)
+    video = {"llava_onevision": {"limits": {"video": 0}}}
+    plain = vllm_jobs([_job(dirs[f][None], "float32", f, **video.get(f, {})) for f in FAMILIES], "", tmp)
     jobs = {
-        (f, name): (dirs[f][kind], "float32")
+        (f, name): _job(dirs[f][kind], "float32", f, **(video.get(f, {}) if kind is None else {}))
         for f in FAMILIES
         for name, kind in (("identity", "identity"), ("base", None), ("upgraded", "upgraded"))
     }
-    jobs[("llava_next", "identity_bf16")] = (dirs["llava_next"]["identity"], "bfloat16")
-    jobs[("llava_next", "upgraded_bf16")] = (dirs["llava_next"]["upgraded"], "bfloat16")
-    results = vllm_generate(list(jobs.values()), "hrperc", tmp)
+    jobs[("llava_next", "identity_bf16")] = _job(dirs["llava_next"]["identity"], "bfloat16", "llava_next")
+    jobs[("llava_next", "upgraded_bf16")] = _job(dirs["llava_next"]["upgraded"], "bfloat16", "llava_next")
+    results = vllm_jobs(list(jobs.values()), "hrperc", tmp)
     out: dict = {f: {"plain": p} for f, p in zip(FAMILIES, plain)}
     for (f, name), result in zip(jobs, results):
         out[f][name] = result

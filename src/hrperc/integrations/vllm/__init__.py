@@ -3,7 +3,8 @@
 vLLM calls :func:`register` in each of its processes (the entry point ``hrperc`` of the group
 ``vllm.general_plugins``, installed with hrperc). It registers, for each supported family, a model class under
 the family's own architecture name (``LlavaForConditionalGeneration``: LLaVA-1.5,
-``LlavaNextForConditionalGeneration``: LLaVA-NeXT), so a checkpoint directory is served as it is:
+``LlavaNextForConditionalGeneration``: LLaVA-NeXT, ``LlavaOnevisionForConditionalGeneration``:
+LLaVA-OneVision, images only), so a checkpoint directory is served as it is:
 
 * a directory with hrperc's front-end files (``hrperc_front_end.json`` and ``hrperc_front_end.safetensors``,
   written by :func:`hrperc.integrations.transformers.save_front_end` next to ``save_pretrained``) is
@@ -37,6 +38,9 @@ FRONT_END_FILES = ("hrperc_front_end.json", "hrperc_front_end.safetensors")
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "hrperc.integrations.vllm._llava:HrpercLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "hrperc.integrations.vllm._llava_next:HrpercLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": (
+        "hrperc.integrations.vllm._llava_onevision:HrpercLlavaOnevisionForConditionalGeneration"
+    ),
 }
 
 

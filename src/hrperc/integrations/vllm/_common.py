@@ -2,17 +2,21 @@
 
 * :class:`FrontEndInfo` -- counts from the restored encoder (on ``meta``: no weights are made):
   ``get_num_image_tokens`` is its ``num_tokens``, the largest image the one of the most tokens among the
-  pinpoints (the tower's tile for a family without pinpoints);
+  pinpoints and the images of each pinpoint's full height or width (the tower's tile for a family without
+  pinpoints), which vLLM's memory profiling and encoder cache are sized by;
 * :class:`FrontEndProcessor` -- the attached processor's ``pixel_values`` (the images packed, unresized)
-  and ``image_sizes``;
+  and ``image_sizes``; a request with more images than placeholders, or too long for ``max_model_len``
+  with its images' tokens, refused before vLLM processes (and caches) its images;
 * :class:`FrontEndModel` -- the restored image path (:mod:`._shell`) in place of vLLM's tower and
   projector, hrperc's weight file skipped by vLLM's loader. Without front-end files the class is vLLM's.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,7 @@ from ._shell import IMAGE_PARTS, load_image_weights, restore
 __all__ = ["FrontEndInfo", "FrontEndProcessor", "FrontEndModel", "model_dir"]
 
 _PAD = -1  # the packed format's padding value (hrperc.integrations.transformers._pixels)
+_PROFILING = threading.local()  # set while vLLM processes its own dummy inputs (FrontEndProcessor)
 
 
 def model_dir(model_config) -> str:
@@ -47,18 +52,90 @@ class FrontEndInfo:
     def get_image_size_with_most_features(self):
         from vllm.multimodal.parse import ImageSize
 
-        sizes = [tuple(p) for p in getattr(self.get_hf_config(), "image_grid_pinpoints", None) or []]
-        if not sizes:
-            tile = self.get_vision_encoder_info().get_image_size()
-            sizes = [(tile, tile)]
-        h, w = max(sizes, key=lambda s: self.get_num_image_tokens(image_width=s[1], image_height=s[0]))
+        key = (model_dir(self.ctx.model_config), _files_stamp(model_dir(self.ctx.model_config)))
+        if key not in _MOST:  # vLLM builds its processing info several times per engine
+            encoder = self.attached.encoder
+            pinpoints = [tuple(p) for p in getattr(self.get_hf_config(), "image_grid_pinpoints", None) or []]
+            vision = self.get_vision_encoder_info()
+            tile = vision.get_image_size()
+            step = max(1, vision.get_patch_size() // 2)
+            _MOST[key] = max(_candidates(pinpoints, tile, step), key=encoder.num_tokens)
+        h, w = _MOST[key]
         return ImageSize(width=w, height=h)
 
 
+# (directory, its front-end files' stamp) -> the (H, W) of the most tokens found by _candidates
+_MOST: dict[tuple, tuple[int, int]] = {}
+
+
+def _files_stamp(directory: str) -> tuple:
+    stats = [Path(directory, name).stat() for name in FRONT_END_FILES if Path(directory, name).is_file()]
+    return tuple((s.st_mtime_ns, s.st_size) for s in stats)
+
+
+def _candidates(pinpoints, tile: int, step: int) -> list[tuple[int, int]]:
+    """The image sizes searched for the most tokens: each pinpoint canvas (the tile without pinpoints), and
+    the images of the canvas's full height (width) and every width (height) at ``step`` pixels, which the
+    canvas holds unscaled. They reach every unpadded map of one full side, OneVision's map just under its
+    ``anyres_max_N`` shrink included (more tokens than any pinpoint itself: the canvas's map is shrunk)."""
+    out = []
+    for ch, cw in pinpoints or [(tile, tile)]:
+        out.append((ch, cw))
+        out += [(ch, w) for w in range(step, cw, step)] + [(h, cw) for h in range(step, ch, step)]
+    return out
+
+
 class FrontEndProcessor:
-    """A vLLM ``BaseMultiModalProcessor`` mixin: the attached processor's packed images."""
+    """A vLLM ``BaseMultiModalProcessor`` mixin: the attached processor's packed images, and a request's images
+    checked against its prompt before they are processed (see :meth:`apply`)."""
 
     info: FrontEndInfo
+
+    def apply(self, inputs, timing_ctx):
+        """vLLM's ``apply``, after :meth:`check_request` (not for vLLM's own dummy inputs: profiling, warmup)."""
+        if not getattr(_PROFILING, "on", False):
+            self.check_request(inputs.prompt, inputs.mm_data_items)
+        return super().apply(inputs, timing_ctx)
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        _PROFILING.on = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _PROFILING.on = False
+
+    def check_request(self, prompt: list[int], mm_items) -> None:
+        """Refuse, naming the values, a request with more images than its prompt has placeholders, or whose
+        prompt the images' tokens take past ``max_model_len``. vLLM refuses both later (the first with an
+        ``AssertionError`` that names no count), after its processor cache took the images: a request that
+        sends one of them again then fails with ``MultiModalCacheMissError``. Checked here, nothing is cached."""
+        from vllm.multimodal.parse import ImageProcessorItems
+
+        images = mm_items.get_count("image", strict=False)
+        if not images:
+            return
+        token_id = self.info.get_hf_config().image_token_index  # type: ignore[attr-defined]
+        token = self.info.attached.image_token
+        placeholders = sum(1 for t in prompt if t == token_id)
+        if images > placeholders:
+            raise ValueError(
+                f"the request has {images} images but its prompt holds {placeholders} image placeholder(s) "
+                f"{token!r}; write one {token!r} per image, where the image goes (hrperc's vLLM plugin)."
+            )
+        items = mm_items["image"]
+        if not isinstance(items, ImageProcessorItems):  # embeddings: vLLM checks those itself
+            return
+        sizes = [items.get_image_size(i) for i in range(images)]
+        counts = [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
+        total = len(prompt) - images + sum(counts)
+        limit = self.info.ctx.model_config.max_model_len  # type: ignore[attr-defined]
+        if total >= limit:  # vLLM's rule: the prompt and at least one generated token
+            raise ValueError(
+                f"the prompt takes {total} tokens with its images ({len(prompt) - images} of text; images of "
+                f"{[(s.height, s.width) for s in sizes]} (H, W) take {counts}), and max_model_len is {limit} (one "
+                f"more token must fit). Send smaller or fewer images, or serve with a larger --max-model-len "
+                f"(hrperc's vLLM plugin)."
+            )
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         from transformers import BatchFeature
