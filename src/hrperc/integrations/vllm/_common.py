@@ -119,7 +119,7 @@ class FrontEndProcessor:
         placeholders = sum(1 for t in prompt if t == token_id)
         if images > placeholders:
             raise ValueError(
-                f"the request has {images} images but its prompt holds {placeholders} image placeholder(s) "
+                f"the request has {images} image(s) but its prompt holds {placeholders} image placeholder(s) "
                 f"{token!r}; write one {token!r} per image, where the image goes (hrperc's vLLM plugin)."
             )
         items = mm_items["image"]
