@@ -76,8 +76,10 @@ def _files_stamp(directory: str) -> tuple:
 def _candidates(pinpoints, tile: int, step: int) -> list[tuple[int, int]]:
     """The image sizes searched for the most tokens: each pinpoint canvas (the tile without pinpoints), and
     the images of the canvas's full height (width) and every width (height) at ``step`` pixels, which the
-    canvas holds unscaled. They reach every unpadded map of one full side, OneVision's map just under its
-    ``anyres_max_N`` shrink included (more tokens than any pinpoint itself: the canvas's map is shrunk)."""
+    canvas holds unscaled: the unpadded maps of one full side, OneVision's map just under its ``anyres_max_N``
+    shrink among them (more tokens than any pinpoint: a pinpoint's own map is shrunk). A search, not a
+    proof: ``tests_vllm/test_counts.py`` checks it against every third size up to 400 px on the tiny models
+    (OneVision's 384 px geometry: the same most, 8765, as 150000 random sizes up to 2600 px)."""
     out = []
     for ch, cw in pinpoints or [(tile, tile)]:
         out.append((ch, cw))
