@@ -118,7 +118,7 @@ def table(runs: dict[str, list[dict]], order=None) -> str:
 
 
 def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
-    """Accuracy (overall, and the fine-detail questions) against tokens, ViT passes and training CPU time.
+    """Accuracy (overall, the fine-detail questions, the count) against tokens, ViT passes and training CPU time.
 
     A marker: the mean over seeds; its bar: the spread (smallest to largest seed); small dots: the seeds.
     """
@@ -138,8 +138,9 @@ def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> P
             "fine detail (glyph, match, link)",
             lambda r: sum(r["per_question"][q] for q in ("glyph", "match", "link")) / 3,
         ),
+        ("count", lambda r: r["per_question"]["count"]),
     )
-    fig, axes = plt.subplots(len(ys), len(xs), figsize=(15, 8.5), squeeze=False)
+    fig, axes = plt.subplots(len(ys), len(xs), figsize=(15, 12), squeeze=False)
     cmap = plt.get_cmap("tab20")
     names = sorted(runs)
     for i, (yname, yf) in enumerate(ys):
@@ -147,7 +148,9 @@ def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> P
             ax = axes[i, j]
             for k, name in enumerate(names):
                 rs = runs[name]
-                x = [r.get(xkey, float("nan")) for r in rs]
+                # Many front ends share a token or pass count: spread them a little (log axis) to be seen.
+                shift = 1.0 if xkey == "train_cpu_s" else 1.0 + 0.025 * (k - len(names) / 2)
+                x = [r.get(xkey, float("nan")) * shift for r in rs]
                 y = [yf(r) for r in rs]
                 mx, my = sum(x) / len(x), sum(y) / len(y)
                 color = cmap(k % 20)
