@@ -605,11 +605,12 @@ TILING_NEW = ("idefics3", "smolvlm", "minicpm_v", "gemma3")
 #: per recipe, the budget of this machine's rows (see ``--tiling-new``): Idefics3 and SmolVLM resize to a longest
 #: edge of one tile (one 364 / 512 px view an image; the released 4 tiles make 5 - 17 views), MiniCPM-V slices
 #: at most 2 (the released 9), Gemma 3 has no budget to cut (one 896 px view an image, pan and scan off as
-#: released); MiniCPM-V and Gemma 3 run 1 interleaved call, every row 1 memory process per path
+#: released); MiniCPM-V and Gemma 3 run 1 interleaved call; memory: MiniCPM-V the median of 3 fresh processes
+#: per path, the other rows 1
 TILING_NEW_BUDGET = {
     "idefics3": dict(longest_edge=364, reps=3, memory_runs=1),
     "smolvlm": dict(longest_edge=512, reps=3, memory_runs=1),
-    "minicpm_v": dict(max_slice_nums=2, reps=1, memory_runs=1),
+    "minicpm_v": dict(max_slice_nums=2, reps=1, memory_runs=3),
     "gemma3": dict(reps=1, memory_runs=1),
 }
 
@@ -802,8 +803,17 @@ def bench_tiling_new_row(recipe: str, depth: int, n_images: int = 8) -> dict:
 
 
 def run_tiling_new(args) -> dict:
-    """The ``TILING_NEW`` rows, fp32, 8 images; the results file is rewritten after every row."""
+    """The ``TILING_NEW`` rows, fp32, 8 images; the results file is rewritten after every row. A subset
+    (``--tiling-new-recipes``) replaces its own rows in the file and keeps the others (each row records the
+    load and date of its run under ``"run"``)."""
     recipes = [r for r in TILING_NEW if r in (args.tiling_new_recipes or TILING_NEW)]
+    out = RESULTS / "bench_recipes_tiling_new.json"
+    kept = []
+    if args.tiling_new_recipes and out.exists():
+        previous = json.loads(out.read_text())
+        kept = [r for r in previous["rows"] if r["recipe"] not in recipes]
+        for r in kept:  # a row of an earlier run keeps that run's load
+            r.setdefault("run", {k: previous["meta"].get(k) for k in ("loadavg_start", "loadavg_end")})
     res: dict = {
         "meta": {
             "machine": platform.processor() or platform.machine(),
@@ -818,11 +828,18 @@ def run_tiling_new(args) -> dict:
     }
     RESULTS.mkdir(exist_ok=True)
     for recipe in recipes:
+        start = _loadavg()
         row = bench_tiling_new_row(recipe, args.native_depth)
+        row["run"] = {
+            "loadavg_start": start,
+            "loadavg_end": _loadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
         res["rows"].append(row)
         res["meta"]["loadavg_end"] = _loadavg()
         print(describe_native({**row, "patches": row["views"]}).replace("patches", "views"), flush=True)
-        (RESULTS / "bench_recipes_tiling_new.json").write_text(json.dumps(res, indent=1))
+        rows = sorted(kept + res["rows"], key=lambda r: TILING_NEW.index(r["recipe"]))
+        out.write_text(json.dumps({**res, "rows": rows}, indent=1))
     return res
 
 

@@ -188,7 +188,9 @@ def test_tokens_equal_the_model_s_image_features_and_a_ragged_batch_its_images_a
     images = _images(TOKEN_SIZES)
     calls = []
     packed = enc.backbone.features_packed
-    enc.backbone.features_packed = lambda stacks, layer=None: calls.append(len(stacks)) or packed(stacks, layer)
+    enc.backbone.features_packed = lambda stacks, layer=None, **kw: (
+        calls.append(len(stacks)) or packed(stacks, layer, **kw)
+    )
     try:
         with torch.no_grad():
             out = enc(images, project=model.model.merger)

@@ -1,18 +1,21 @@
 """The native-resolution recipes' fast paths against their reference computations: sources reach the views
 without a copy, Qwen's and Pixtral's towers normalize while packing (bit for bit the values of normalizing
 first), channels-last sources (PIL images) give the tokens of channels-first ones, Pixtral's positions are
-the model's, and its attention's intermediates are gone before the MLP runs."""
+the model's, and its attention's intermediates are gone before the MLP runs. MiniCPM-V's packed tower
+without autograd (its lean pass) equals its reference pass bit for bit and holds less."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import weakref
 
 import pytest
 import torch
 
 tf = pytest.importorskip("transformers")
 
+from _minicpm_tiny import build_minicpm  # noqa: E402
 from _pixtral_tiny import SETTINGS as PIXTRAL  # noqa: E402
 from _pixtral_tiny import build_pixtral  # noqa: E402
 from _qwen_tiny import build_qwen  # noqa: E402
@@ -20,6 +23,7 @@ from _qwen_tiny import build_qwen  # noqa: E402
 import hrperc  # noqa: E402
 from hrperc.backbones.pixtral import _positions  # noqa: E402
 from hrperc.backbones.qwen_vl import QwenVisionTower  # noqa: E402
+from hrperc.recipes.minicpm_v import MiniCPMVBackbone, _inplace_gelu  # noqa: E402
 
 
 def _uint8(*shape, seed=0):
@@ -160,3 +164,116 @@ def test_qwen_tower_input_is_released_after_the_patch_embedding_only_without_aut
             h.remove()
     # pixel_values are read once: freed before the blocks run, unless the backward pass needs them
     assert (sizes[0] == 0) != train and out.tokens.requires_grad == train
+
+
+# --- MiniCPM-V: the lean pass (no autograd) against the reference pass ------------------------------------------
+@pytest.fixture(scope="module")
+def minicpm():
+    return build_minicpm("4_6")[0]
+
+
+def _minicpm_stacks():
+    """uint8 and ``[0, 1]`` float stacks of three view sizes (whole 28 px windows), two views in one."""
+    return [_uint8(2, 3, 56, 84), _uint8(1, 3, 28, 56, seed=1).float() / 255, _uint8(3, 3, 112, 56, seed=2)]
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minicpm_lean_pass_equals_the_reference_pass_bit_for_bit(minicpm, mode, dtype):
+    tower = copy.deepcopy(minicpm.model.vision_tower).to(dtype).requires_grad_(True)
+    bb = MiniCPMVBackbone(tower, downsample_mode=mode)
+    stacks = _minicpm_stacks()
+    with torch.no_grad():
+        lean = bb.features_packed(stacks, pixels=True)  # the runner's path: normalized stack by stack
+        lean_normalized = bb.features_packed([bb.normalize(s) for s in stacks])
+    ref = bb.features_packed([bb.normalize(s) for s in stacks])  # autograd on: the reference pass, kept
+    per_side = 28 if mode == "16x" else 14
+    assert [tuple(r.shape) for r in ref] == [
+        (s.shape[0], (s.shape[-2] // per_side) * (s.shape[-1] // per_side), 32) for s in stacks
+    ]
+    assert all(r.requires_grad and r.dtype == dtype for r in ref)
+    assert all(torch.equal(a, r) and torch.equal(b, r) for a, b, r in zip(lean, lean_normalized, ref))
+    torch.cat([r.flatten() for r in ref]).float().square().sum().backward()  # the reference still trains
+    assert all(p.grad is not None for p in tower.encoder.parameters())
+
+
+def test_minicpm_gelu_runs_in_place_only_where_it_is_the_same_kernel(minicpm):
+    from transformers.activations import GELUTanh
+
+    tower = minicpm.model.vision_tower
+    x = torch.randn(97, 40)
+    for act in (
+        tower.encoder.layers[0].mlp.activation_fn,
+        tower.vit_merger.act,
+        torch.nn.GELU(),
+        torch.nn.GELU("tanh"),
+    ):
+        inplace = _inplace_gelu(act)
+        assert inplace is not None, act
+        y = x.clone()
+        out = inplace(y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, act(x))
+    for other in (GELUTanh(use_gelu_tanh_python=True), torch.nn.ReLU(), torch.nn.SiLU()):
+        assert _inplace_gelu(other) is None  # run out of place, as they are
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_minicpm_float_pixels_are_freed_after_their_convolution_only_without_autograd(minicpm, train):
+    tower = copy.deepcopy(minicpm.model.vision_tower)
+    enc = hrperc.create_encoder("minicpm_v", tower, train_backbone=train, scale_resolution=112)
+    seen: list = []
+    alive: list = []
+    hooks = [
+        tower.embeddings.patch_embedding.register_forward_hook(lambda m, args, out: seen.append(weakref.ref(args[0]))),
+        tower.encoder.layers[0].layer_norm1.register_forward_pre_hook(
+            lambda m, args: alive.append([r() is not None for r in seen])
+        ),
+    ]
+    try:
+        out = enc([_uint8(3, 125, 225), _uint8(3, 40, 60, seed=1)])  # 1 x 2 slices; the source alone
+    finally:
+        for h in hooks:
+            h.remove()
+    # the float copy of each view stack (one per view size) is read once: gone before the first block, unless
+    # autograd keeps it for the convolution's backward
+    assert len(seen) >= 2 and alive[0] == [train] * len(seen) and out.tokens.requires_grad == train
+
+
+def test_minicpm_lean_pass_holds_one_mlp_intermediate_and_no_normed_input(minicpm):
+    tower = copy.deepcopy(minicpm.model.vision_tower)
+    bb = MiniCPMVBackbone(tower)
+    layer, merger = tower.encoder.layers[0], tower.vit_merger  # the window merger runs after block 0
+    weights = {t.untyped_storage().data_ptr() for t in [*tower.parameters(), *tower.buffers()]}
+    width = layer.mlp.fc1.in_features
+    counts: list = []
+    made: list = []
+
+    def count(module, args):  # distinct live (not weight) buffers of (N, D) elements when fc2 starts
+        rows = args[0].shape[0] * (4 if module is merger.linear_2 else 1)  # N: the tokens before the merge
+        ptrs = {
+            o.untyped_storage().data_ptr()
+            for o in gc.get_objects()
+            if issubclass(type(o), torch.Tensor) and o.numel() == rows * width and o.dtype == args[0].dtype
+        }
+        counts.append((len(ptrs - weights), args[0].data_ptr() in made))  # fc2 reads fc1's own buffer?
+
+    hooks = [m.register_forward_pre_hook(count) for m in (layer.mlp.fc2, merger.linear_2)]
+    hooks += [
+        m.register_forward_hook(lambda m, a, out: made.append(out.data_ptr())) for m in (layer.mlp.fc1, merger.linear_1)
+    ]
+    stacks = _minicpm_stacks()
+    try:
+        with torch.no_grad():
+            lean = bb.features_packed(stacks, pixels=True)
+            lean_counts, counts[:] = counts[:], []
+            ref = bb._run([bb.normalize(s) for s in stacks])  # the reference pass, here without autograd
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(a, r) for a, r in zip(lean, ref))
+    # Block 0's MLP: the reference holds the layer's input, the residual after attention and the normed input
+    # (and its GELU makes a second (N, I) buffer, alive with fc1's while it runs); the lean pass holds the
+    # sequence alone and its GELU writes over fc1's output. The merger's MLP: the reference still holds the
+    # layer's output and the windows' features; the lean pass only their norm, which fc1 reads.
+    assert counts == [(3, False), (2, False)]
+    assert lean_counts == [(1, True), (1, True)]

@@ -57,6 +57,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -118,7 +119,8 @@ class MiniCPMVBackbone(VisionBackbone):
     output (``post_layernorm``): per view ``(h / 2p) * (w / 2p)`` in raster order (``"4x"``: ``(h / p) * (w /
     p)``), of the tower's width -- ``get_image_features``' ``last_hidden_state``. The model's own pass loops over
     the views for every attention call; here each distinct view size is one SDPA call per layer and the
-    merger's 2 x 2 windows one call for all views.
+    merger's 2 x 2 windows one call for all views. Without autograd the pass holds about half of what the
+    model's holds at its peak, bit for bit the same features (``_run_lean``).
 
     Args:
         tower: ``model.model.vision_tower`` of a MiniCPM-V 4.6 / 4.7 model.
@@ -130,6 +132,7 @@ class MiniCPMVBackbone(VisionBackbone):
     family = "minicpm_v"
     dynamic_size = True
     packs_views = True
+    packs_pixels = True  # features_packed(..., pixels=True): normalizes each stack right before its convolution
 
     @public(name=class_name())
     def __init__(self, tower, *, layer: int = -1, mean=None, std=None, downsample_mode: str = "16x") -> None:
@@ -184,9 +187,16 @@ class MiniCPMVBackbone(VisionBackbone):
         return self.features_packed([pixels], layer)[0]
 
     @public(name=class_name(".features_packed"))
-    def features_packed(self, stacks: list[torch.Tensor], layer: int | None = None) -> list[torch.Tensor]:
+    def features_packed(
+        self, stacks: list[torch.Tensor], layer: int | None = None, *, pixels: bool = False
+    ) -> list[torch.Tensor]:
         """Every view of every stack ``[(S_i, 3, h_i, w_i)]`` (normalized; sides multiples of ``2p``, of ``p``
-        for ``"4x"``) in ONE packed pass, attention per view -> ``[(S_i, t_i, D)]`` (see the class docs)."""
+        for ``"4x"``) in ONE packed pass, attention per view -> ``[(S_i, t_i, D)]`` (see the class docs).
+
+        ``pixels=True``: the stacks are pixels (uint8 ``[0, 255]`` or ``[0, 1]`` floats), each normalized
+        (:meth:`normalize`) right before its patch convolution (the runner's path; the same values as
+        normalizing first). Without autograd the pass keeps only what the next step reads (see
+        :meth:`_run_lean`); with it, the tower's modules run as the model composes them (:meth:`_run`)."""
         if not isinstance(stacks, (list, tuple)) or not stacks:
             raise TypeError(
                 f"stacks={type(stacks).__name__}; expected a non-empty list of (S, 3, h, w) tensors. "
@@ -194,7 +204,7 @@ class MiniCPMVBackbone(VisionBackbone):
             )
         unit = self.patch_size[0] * (2 if self.merges else 1)
         for i, s in enumerate(stacks):
-            if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            if not isinstance(s, torch.Tensor) or not (s.is_floating_point() or (pixels and s.dtype == torch.uint8)):
                 got = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
                 raise TypeError(f"stacks[{i}] is {got}; expected normalized float pixels. Pass bb.normalize(x).")
             if s.ndim != 4 or s.shape[1] != 3 or s.shape[-2] % unit or s.shape[-1] % unit or min(s.shape[-2:]) < 1:
@@ -205,9 +215,14 @@ class MiniCPMVBackbone(VisionBackbone):
         k = resolve_layer(self.layer if layer is None else layer, self.num_layers)
         if k != self.num_layers:
             raise ValueError(f"layer={layer}; MiniCPM-V's tower is read at its output. Pass layer=-1.")
+        if not torch.is_grad_enabled():
+            return self._run_lean([s.to(self.device) for s in stacks], normalize=pixels)
+        if pixels:
+            stacks = [self.normalize(s.to(self.device)) for s in stacks]
         return self._run([s.to(self.device, self.dtype) for s in stacks])
 
     def _run(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The reference pass (autograd's): the tower's modules composed as the model composes them."""
         tower = self.model
         emb = tower.embeddings
         side = int(emb.num_patches_per_side)
@@ -225,6 +240,58 @@ class MiniCPMVBackbone(VisionBackbone):
             if self.merges and i == self.insert_layer_id:
                 x = self._checkpointed(self._window_merge, tower.vit_merger, x, blocks)
                 blocks = _halved(blocks)
+        x = tower.post_layernorm(x)
+        return [x[b : b + n * gh * gw].view(n, gh * gw, x.shape[-1]) for b, n, gh, gw in blocks]
+
+    @torch.no_grad()
+    def _run_lean(self, stacks: list[torch.Tensor], normalize: bool = False) -> list[torch.Tensor]:
+        """:meth:`_run` without autograd, bit for bit, holding only what the next operation reads.
+
+        The reference keeps, at the GELU of the MLP before the merger (the pass's peak: the most tokens, the
+        widest tensors), the layer's input, the residual after attention, the normed MLP input and two ``(N,
+        I)`` MLP intermediates alive (``I`` the MLP's width) -- as the model's own pass does -- plus here the
+        packed input's pieces. This pass writes the patch embeddings into one ``(N, D)`` buffer (each stack
+        normalized, convolved and dropped in turn), adds each residual in place, drops each normed input once
+        read, writes the attention calls' outputs into one buffer and applies the GELUs in place: its peak is
+        ``fc1`` of that MLP, with the sequence, the normed input and one ``(N, I)`` buffer alive (about half
+        the reference's). Every value is computed by the same kernels on the same operands (in-place and
+        out-of-place forms, and ``a + b`` as ``b + a``, give the same bits)."""
+        tower = self.model
+        emb = tower.embeddings
+        conv, side = emb.patch_embedding, int(emb.num_patches_per_side)
+        blocks, start = [], 0
+        for s in stacks:
+            gh, gw = s.shape[-2] // self.patch_size[0], s.shape[-1] // self.patch_size[1]
+            blocks.append((start, int(s.shape[0]), gh, gw))
+            start += s.shape[0] * gh * gw
+        x = torch.empty(start, self.hidden_size, dtype=conv.weight.dtype, device=conv.weight.device)
+        for s, (b, n, gh, gw) in zip(stacks, blocks):  # one patch convolution per view size, as in _run
+            v = (self.normalize(s) if normalize else s).to(self.dtype).to(conv.weight.dtype)
+            e = conv(v)  # (S, D, gh, gw)
+            del v  # the stack's float pixels: read once
+            pos = emb.position_embedding(_position_ids(gh, gw, side, e.device))
+            torch.add(e.flatten(2).transpose(1, 2), pos, out=x[b : b + n * gh * gw].view(n, gh * gw, -1))
+            del e
+        for i, layer in enumerate(tower.encoder.layers):
+            groups = [(b, n, gh * gw) for b, n, gh, gw in blocks]
+            x.add_(_attention_lean(layer.self_attn, layer.layer_norm1(x), groups))
+            x.add_(_mlp_lean(layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2, layer.layer_norm2(x)))
+            if self.merges and i == self.insert_layer_id:
+                merger = tower.vit_merger
+                order = torch.cat([_window_order(b, n, gh, gw, x.device) for b, n, gh, gw in blocks])
+                h = _attention_lean(merger.self_attn, merger.layer_norm1(x)[order], [(0, start // 4, 4)])
+                h.add_(x[order])  # x[order] + attention, as the model adds them
+                del x
+                d = h.shape[-1]
+                mean = h.view(-1, 4, d).mean(dim=1)  # each window's four features: the MLP's residual
+                h = merger.pre_norm(h.view(-1, 4 * d))  # the windows' features are dropped as it returns
+                # h stays alive through this MLP: N / 4 rows of 4 I (the (N, I) of the block above) and the
+                # (N, D) norm, less than the block's MLP holds (the sequence, its norm and (N, I))
+                x = _mlp_lean(merger.linear_1, merger.act, merger.linear_2, h)
+                del h
+                x.add_(mean)
+                del mean
+                blocks, start = _halved(blocks), start // 4
         x = tower.post_layernorm(x)
         return [x[b : b + n * gh * gw].view(n, gh * gw, x.shape[-1]) for b, n, gh, gw in blocks]
 
@@ -264,6 +331,61 @@ class MiniCPMVBackbone(VisionBackbone):
         patch = h.view(-1, 4, h.shape[-1])
         out = merger.linear_2(merger.act(merger.linear_1(merger.pre_norm(patch.flatten(1)))))
         return out + patch.mean(dim=1)
+
+
+def _attention_lean(attn, h: torch.Tensor, groups) -> torch.Tensor:
+    """:meth:`MiniCPMVBackbone._attention` without autograd: ``h`` is dropped once projected (freed then when
+    the call was its last reference), q, k and v before the output projection, and the SDPA outputs of several
+    groups are written into one ``(N, D)`` buffer (the reference reshapes each into a copy, then joins them).
+    One group (the window merger's) needs no buffer: its output is read as it is (a view where SDPA writes
+    it token-major, as on CPU)."""
+    N, heads = h.shape[0], int(attn.num_heads)
+    q, k, v = (proj(h).view(N, heads, -1) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    del h
+    dropout = float(attn.attention_dropout) if attn.training else 0.0
+    if len(groups) == 1:
+        o = _sdpa(q, k, v, *groups[0], dropout=dropout, scale=attn.scaling)
+        del q, k, v
+        return attn.out_proj(o.transpose(1, 2).reshape(N, -1))
+    out = q.new_empty(N, heads * q.shape[-1])
+    for b, n, t in groups:
+        o = _sdpa(q, k, v, b, n, t, dropout=dropout, scale=attn.scaling)
+        out[b : b + n * t].view(n, t, heads, -1).copy_(o.transpose(1, 2))
+        del o
+    del q, k, v
+    return attn.out_proj(out)
+
+
+def _sdpa(q, k, v, b: int, n: int, t: int, *, dropout: float, scale: float) -> torch.Tensor:
+    """SDPA of the ``n`` sequences of ``t`` tokens from row ``b`` of packed ``(N, heads, d)`` q, k, v ->
+    ``(n, heads, t, d)``: the reference's call on the same views."""
+    qb, kb, vb = (y[b : b + n * t].view(n, t, q.shape[1], -1).transpose(1, 2) for y in (q, k, v))
+    return nn.functional.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, scale=scale)
+
+
+def _mlp_lean(fc1: nn.Module, act, fc2: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``fc2(act(fc1(h)))`` without autograd: ``h`` is dropped once ``fc1`` has read it (freed then when the
+    call was its last reference), and a tanh / exact GELU runs in place (the same kernel as out of place)."""
+    y = fc1(h)
+    del h
+    inplace = _inplace_gelu(act)
+    y = act(y) if inplace is None else inplace(y)
+    return fc2(y)
+
+
+def _inplace_gelu(act):
+    """``act``'s in-place form when it is a GELU whose out-of-place call is ``F.gelu(x, approximate=a)``
+    (``nn.GELU``, transformers' ``GELUTanh`` / ``gelu_pytorch_tanh``); else ``None`` (``act`` runs as it is)."""
+    if type(act) is nn.GELU:
+        approximate = act.approximate
+    elif type(act).__name__ in ("GELUTanh", "PytorchGELUTanh") and isinstance(getattr(act, "act", None), partial):
+        fn = act.act
+        if fn.func is not nn.functional.gelu or fn.args or set(fn.keywords) != {"approximate"}:
+            return None
+        approximate = fn.keywords["approximate"]
+    else:
+        return None
+    return lambda x: torch.ops.aten.gelu_(x, approximate=approximate)
 
 
 def _window_order(start: int, n: int, gh: int, gw: int, device) -> torch.Tensor:
