@@ -81,9 +81,9 @@ def _job(directory, dtype: str, family: str, **extra) -> dict:
 @pytest.fixture(scope="session")
 def served(dirs, tmp_path_factory):
     """vLLM's answers, ``served[family][name]``: ``"plain"`` without the plugin (the plain directory); with it
-    ``"identity"``, ``"base"`` (the plain directory), ``"upgraded"``, and LLaVA-NeXT's ``"identity_bf16"`` /
-    ``"upgraded_bf16"``. Two processes in all, one engine after the other in each; each family its own batch
-    (:func:`requests_of`)."""
+    ``"identity"``, ``"base"`` (the plain directory), ``"upgraded"``, LLaVA-NeXT's ``"identity_bf16"`` /
+    ``"upgraded_bf16"`` and OneVision's ``"upgraded_bf16"``. Two processes in all, one engine after the other in
+    each; each family its own batch (:func:`requests_of`)."""
     tmp = tmp_path_factory.mktemp("vllm")
     # plain OneVision is profiled without videos (its video profiling costs time and the tests send none)
     video = {"llava_onevision": {"limits": {"video": 0}}}
@@ -95,6 +95,9 @@ def served(dirs, tmp_path_factory):
     }
     jobs[("llava_next", "identity_bf16")] = _job(dirs["llava_next"]["identity"], "bfloat16", "llava_next")
     jobs[("llava_next", "upgraded_bf16")] = _job(dirs["llava_next"]["upgraded"], "bfloat16", "llava_next")
+    jobs[("llava_onevision", "upgraded_bf16")] = _job(
+        dirs["llava_onevision"]["upgraded"], "bfloat16", "llava_onevision"
+    )
     results = vllm_jobs(list(jobs.values()), "hrperc", tmp)
     out: dict = {f: {"plain": p} for f, p in zip(FAMILIES, plain)}
     for (f, name), result in zip(jobs, results):

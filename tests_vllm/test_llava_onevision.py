@@ -1,7 +1,7 @@
 """The vLLM plugin on a tiny random LLaVA-OneVision (SigLIP tower, ``anyres_max_9``): vLLM with the plugin
 against vLLM without it and against transformers (plain, and attached with an upgraded front end: ``dcm=True``
 and a random DEM). One batch of images past and under the shrink, two images in one prompt, no image;
-greedy tokens and prompt ids compared exactly, float32."""
+greedy tokens and prompt ids compared exactly, float32 (the upgraded model in bfloat16 too)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def test_upgraded_front_end_serves_as_the_attached_model(dirs, served):
     # dcm=True adds no token (the same layout) but changes the tokens the LLM reads
     assert upgraded["prompt_ids"] == plain["prompt_ids"]
     assert upgraded["tokens"] != plain["tokens"]
+
+
+def test_bfloat16_serves_as_the_attached_model(dirs, served):
+    bf16 = torch.bfloat16
+    model, attached = load_hf(dirs[FAMILY]["upgraded"], attached=True, dtype=bf16)
+    assert served[FAMILY]["upgraded_bf16"] == attached_generate(model, attached)
 
 
 def test_the_batch_reaches_past_the_shrink_and_the_most_tokens(dirs):
