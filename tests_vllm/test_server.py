@@ -54,10 +54,13 @@ def model_dir(tmp_path_factory):
 def reference(model_dir):
     """The attached transformers model's answers to GOOD and OVER: ``{request: (prompt ids, greedy tokens)}``,
     the prompt rendered with the server's chat template."""
-    model, processor = load_hf(model_dir, attached=True)
+    return _generate(*load_hf(model_dir, attached=True), [*GOOD, OVER])
+
+
+def _generate(model, processor, requests) -> dict:
     model.generation_config.eos_token_id = None  # the server's requests ignore EOS too
     out = {}
-    for h, w, seed, text in [*GOOD, OVER]:
+    for h, w, seed, text in requests:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         prompt = processor.tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False)
         inputs = processor(images=[_tiny.image(h, w, seed)], text=prompt, add_special_tokens=False, return_tensors="pt")
@@ -85,10 +88,14 @@ def server(model_dir, tmp_path_factory):
         srv.stop()
 
 
-def test_concurrent_chats_match_the_attached_model(server, reference):
+def test_concurrent_chats_match_the_attached_model(server, reference, model_dir):
     refs = [reference[r] for r in GOOD]
     assert all(len(ids) + MAX_TOKENS <= MAX_MODEL_LEN for ids, _ in refs), "a GOOD prompt does not fit the context"
     assert len({tuple(tokens) for _, tokens in refs}) >= 5  # answers mixed up between requests would show
+    # the same model without its upgrade (the checkpoint's own image path) answers otherwise: a server that
+    # ignored the front-end files would show
+    plain = _generate(*load_hf(model_dir, attached=False), GOOD)
+    assert sum(plain[r] != reference[r] for r in GOOD) >= 4
     with ThreadPoolExecutor(len(GOOD)) as pool:
         answers = list(pool.map(lambda r: server.chat(_content(*r), max_tokens=MAX_TOKENS), GOOD))
     for request, (status, body), (prompt_ids, tokens) in zip(GOOD, answers, refs):
