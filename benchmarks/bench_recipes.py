@@ -605,12 +605,12 @@ TILING_NEW = ("idefics3", "smolvlm", "minicpm_v", "gemma3")
 #: per recipe, the budget of this machine's rows (see ``--tiling-new``): Idefics3 and SmolVLM resize to a longest
 #: edge of one tile (one 364 / 512 px view an image; the released 4 tiles make 5 - 17 views), MiniCPM-V slices
 #: at most 2 (the released 9), Gemma 3 has no budget to cut (one 896 px view an image, pan and scan off as
-#: released); MiniCPM-V and Gemma 3 run 1 interleaved call; memory: MiniCPM-V the median of 3 fresh processes
+#: released); Gemma 3 runs 1 interleaved call, the others 3; memory: MiniCPM-V the median of 3 fresh processes
 #: per path, the other rows 1
 TILING_NEW_BUDGET = {
     "idefics3": dict(longest_edge=364, reps=3, memory_runs=1),
     "smolvlm": dict(longest_edge=512, reps=3, memory_runs=1),
-    "minicpm_v": dict(max_slice_nums=2, reps=1, memory_runs=3),
+    "minicpm_v": dict(max_slice_nums=2, reps=3, memory_runs=3),
     "gemma3": dict(reps=1, memory_runs=1),
 }
 
