@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -166,11 +167,16 @@ class Server:
             return False
         return True
 
-    def log_tail(self, n: int = 6000) -> str:
+    def log_tail(self, n: int = 4000) -> str:
+        """The log's exception lines (the engine's root cause comes before the API server's own traceback),
+        then its last ``n`` characters."""
         try:
-            return self.log_path.read_text(errors="replace")[-n:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+        errors = [line[:600] for line in text.splitlines() if re.search(r"\b\w*(Error|Exception)\b: ", line)]
+        head = "exception lines:\n" + "\n".join(errors[:20]) + "\n...\n" if errors else ""
+        return head + text[-n:]
 
     def post(self, path: str, body: dict, timeout: float = 300.0) -> tuple[int, dict | str]:
         """``(HTTP status, JSON body)``; a body that is not JSON comes back as text."""
