@@ -120,12 +120,14 @@ def table(runs: dict[str, list[dict]], order=None) -> str:
 def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     """Accuracy (overall, the fine-detail questions, the count) against tokens, ViT passes and training CPU time.
 
-    A marker: the mean over seeds; its bar: the spread (smallest to largest seed); small dots: the seeds.
+    A marker: the mean over seeds; its bar: the spread (smallest to largest seed); small dots: the seeds;
+    grey band: chance +- two standard deviations of a held-out score.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     xs = (
         ("tokens", "tokens the head reads", True),
@@ -161,17 +163,28 @@ def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> P
                     fmt="o",
                     color=color,
                     capsize=3,
-                    label=name if (i, j) == (0, 0) else None,
                 )
                 ax.scatter(x, y, s=8, color=color, alpha=0.6)
                 ax.annotate(name, (mx, my), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
             ax.axhline(0.25, color="grey", lw=0.8, ls="--")
+            # Chance +- two standard deviations of a score on the held-out set.
+            n = next(iter(runs.values()))[0]["eval_n"]
+            band = 2 * (0.25 * 0.75 / n) ** 0.5
+            ax.axhspan(0.25 - band, 0.25 + band, color="grey", alpha=0.12, lw=0)
+            if i == 1:
+                ax.set_ylim(0.15, 0.45)
             ax.set_xscale("log" if logx else "linear")
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            if xkey != "train_cpu_s":  # the counts themselves as ticks
+                ax.set_xticks(sorted({r[xkey] for rs in runs.values() for r in rs}))
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"held-out accuracy: {yname}")
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=6.5, ncol=2, loc="upper left")
-    fig.suptitle(title or "Held-out accuracy (mean over seeds, bar: smallest to largest seed; dashed: chance)")
+    fig.suptitle(
+        title
+        or "Held-out accuracy (mean over seeds, bar: smallest to largest seed; dashed: chance, band: +- 2 sd of it)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -211,7 +224,7 @@ def curve_plot(runs: dict[str, list[dict]], path: Path, names=None) -> Path:
         axes[j].grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy")
     axes[0].legend(fontsize=7)
-    fig.suptitle("On the way: held-out accuracy every 200 steps (one line per seed; dashed: chance)")
+    fig.suptitle("On the way: held-out accuracy every --eval-every steps (one line per seed; dashed: chance)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
