@@ -26,6 +26,8 @@ REQUESTS = {
     "after_too_long": {"prompt": "<image> describe it", "images": [[182, 168, 4]]},
     # one placeholder, two images
     "more_images": {"prompt": "<image> what is in the image", "images": [[40, 90, 1], [60, 60, 3]]},
+    # two placeholders, one image (vLLM alone serves the second placeholder as a text token)
+    "fewer_images": {"prompt": "<image> <image> what is in the image", "images": [[40, 90, 1]]},
     # a video to a OneVision served with front-end files
     "video": {"prompt": "<video> describe it", "video": [4, 56, 56]},
     "good": GOOD,
@@ -155,6 +157,8 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(dirs, tmp_path):
     assert len(again["prompt_ids"]) == 1 + 198 + 2 and len(again["tokens"]) == 8
     more = requests["more_images"]["message"]
     assert "2 image(s)" in more and "1 image placeholder(s)" in more
+    fewer = requests["fewer_images"]["message"]
+    assert "1 image(s)" in fewer and "2 image placeholder(s)" in fewer
     video = requests["video"]["message"]
     assert "1 video" in video and "hrperc's vLLM plugin" in video and "hrperc_front_end.json" in video
 

@@ -5,7 +5,7 @@
   pinpoints and the images of each pinpoint's full height or width (the tower's tile for a family without
   pinpoints), which vLLM's memory profiling and encoder cache are sized by;
 * :class:`FrontEndProcessor` -- the attached processor's ``pixel_values`` (the images packed, unresized)
-  and ``image_sizes``; a request with more images than placeholders, or too long for ``max_model_len``
+  and ``image_sizes``; a request with more or fewer images than placeholders, or too long for ``max_model_len``
   with its images' tokens, refused before vLLM processes (and caches) its images;
 * :class:`FrontEndModel` -- the restored image path (:mod:`._shell`) in place of vLLM's tower and
   projector, hrperc's weight file skipped by vLLM's loader. Without front-end files the class is vLLM's.
@@ -107,7 +107,7 @@ class FrontEndProcessor:
             _PROFILING.on = False
 
     def check_request(self, prompt: list[int], mm_items) -> None:
-        """Refuse, naming the values, a request with more images than its prompt has placeholders, or whose
+        """Refuse, naming the values, a request with more (or fewer) images than its prompt has placeholders, or whose
         prompt the images' tokens take past ``max_model_len``. vLLM refuses both later (the first with an
         ``AssertionError`` that names no count), after its processor cache took the images: a request that
         sends one of them again then fails with ``MultiModalCacheMissError``. Checked here, nothing is cached."""
@@ -129,6 +129,13 @@ class FrontEndProcessor:
             return
         sizes = [items.get_image_size(i) for i in range(images)]
         counts = [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
+        # Fewer images than placeholders: vLLM would serve the extra placeholders as text tokens, where
+        # transformers refuses. A prompt whose placeholders are already expanded (sum(counts) of them) is fine.
+        if placeholders > images and placeholders != sum(counts):
+            raise ValueError(
+                f"the request has {images} image(s) but its prompt holds {placeholders} image placeholder(s) "
+                f"{token!r}; send one image per {token!r}, or remove the extra {token!r} (hrperc's vLLM plugin)."
+            )
         total = len(prompt) - images + sum(counts)
         limit = self.info.ctx.model_config.max_model_len  # type: ignore[attr-defined]
         if total >= limit:  # vLLM's rule: the prompt and at least one generated token
