@@ -52,9 +52,22 @@ def test_glyphs_have_nearly_the_same_ink():
     assert (glyphs.sum((1, 2)) - 8.5).abs().max() <= 0.5  # nearly the same ink: no cue in a blurred dot
 
 
+def test_glyph_scale_draws_the_same_scene_with_larger_glyphs():
+    # Same draw (answers, everything but the glyphs); each glyph's 5 x 5 bitmap pixels K x K times the ink.
+    one, y1 = task.make_sample(672, seed=2, index=4, glyph_scale=1)
+    three, y3 = task.make_sample(672, seed=2, index=4, glyph_scale=3)
+    assert torch.equal(y1, y3)
+    ink = lambda image: int((image == 0).all(0).sum())  # noqa: E731 -- black is the glyphs' ink only
+    assert ink(one) > 0 and ink(three) == 9 * ink(one)
+    assert torch.equal(one[:, :40], three[:, :40])  # the top strip holds no glyph: the same pixels
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
+        ({"config": "llava15", "steps": 1, "glyph_scale": 4}, "glyph_scale=4"),
+        ({"config": "llava15", "steps": 1, "glyph_scale": 0}, "glyph_scale=0"),
+        ({"config": "llava15", "steps": 1, "tower_steps": -1}, "tower_steps=-1"),
         ({"config": "no_such_front_end"}, "no_such_front_end"),
         ({"config": "inf_llava", "seed": -1}, "seed=-1"),
         ({"config": "inf_llava", "minutes": 0}, "minutes=0"),
@@ -79,6 +92,7 @@ def test_budget_too_small_for_one_step_is_refused(one_thread):
         (["--config", "inf_llava", "--size", "100"], "size=100"),
         (["--config", "inf_llava", "--size", "4032"], "size=4032"),
         (["--config", "inf_llava", "--seeds", "-3"], "seed=-3"),
+        (["--config", "inf_llava", "--glyph-scale", "5"], "glyph_scale=5"),
     ],
 )
 def test_cli_errors_are_one_line_naming_the_value(argv, name, capsys):
@@ -125,6 +139,36 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, one_thread):
     assert again == resumed
     with pytest.raises(ValueError, match="holds another run"):  # a finished run of other settings is not reused
         run.run_one("dcm_local", 0, steps=4, out=tmp_path / "b", **kw)
+
+
+@pytest.mark.parametrize("place", ["centred", "patch", "pixel"])
+def test_ring_crops_hold_the_whole_ring(place):
+    # The crop is of the full-resolution image, around the ring: the whole red ring is in view.
+    images, _ = task.make_batch(range(6), size=672, glyph_scale=3)
+    crops = task.ring_crops(images, place)
+    assert crops.shape == (6, 3, 224, 224) and crops.dtype == torch.uint8
+    red = lambda x: (x[:, 0] > 200) & (x[:, 1] < 60) & (x[:, 2] < 60)  # noqa: E731
+    assert torch.equal(red(crops).sum((-2, -1)), red(images).sum((-2, -1)))
+    if place == "centred":
+        ys, xs = red(crops)[0].nonzero(as_tuple=True)
+        assert abs(ys.float().mean() - 112) <= 1 and abs(xs.float().mean() - 112) <= 1
+
+
+def test_stage0_tower_is_kept_and_every_configuration_starts_from_it(tmp_path, one_thread):
+    cache = tmp_path / "tower.pt"
+    first = run.pretrain_tower(run.QUICK, 1, 3, glyph_scale=2, cache=cache, log=_quiet)
+    again = run.pretrain_tower(run.QUICK, 1, 3, glyph_scale=2, cache=cache, log=_quiet)  # read back
+    assert all(torch.equal(first["state"][k], again["state"][k]) for k in first["state"])
+    drawn = run._vit(run.build_model("llava15", run.QUICK, 1)).state_dict()
+    assert any(not torch.equal(first["state"][k], drawn[k]) for k in drawn)  # stage 0 trained it
+    for name in ("llava15", "inf_llava", "dcm_local"):
+        tower = run._vit(run.build_model(name, run.QUICK, 1, first["state"])).state_dict()
+        assert all(torch.equal(tower[k], first["state"][k]) for k in tower), name
+    r = run.run_one(
+        "inf_llava", 1, scale=run.QUICK, steps=1, eval_n=8, glyph_scale=2, tower_steps=3, out=tmp_path, log=_quiet
+    )
+    assert r["tower_steps"] == 3 and r["glyph_scale"] == 2 and 0 <= r["tower_glyph"] <= 1
+    assert (tmp_path / "inf_llava-s96-g2-t3-seed1" / "result.json").exists()
 
 
 def test_task_is_learnable_in_a_short_run(one_thread):

@@ -25,7 +25,7 @@ from study.task import GLYPHS, QUESTIONS, make_sample  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def samples(path: Path = ROOT / "docs" / "img" / "study_samples.png") -> Path:
+def samples(path: Path = ROOT / "docs" / "img" / "study_samples.png", glyph_scale: int = 1) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +34,7 @@ def samples(path: Path = ROOT / "docs" / "img" / "study_samples.png") -> Path:
     sizes = (672, 1344, 2016)
     fig, axes = plt.subplots(2, 3, figsize=(13, 8.2), gridspec_kw={"height_ratios": [3, 1.15]})
     for j, size in enumerate(sizes):
-        image, answers = make_sample(size, seed=0, index=j, split="test")
+        image, answers = make_sample(size, seed=0, index=j, split="test", glyph_scale=glyph_scale)
         a = answers.tolist()
         axes[0, j].imshow(image.permute(1, 2, 0).numpy(), interpolation="lanczos")
         for k in (1, 2):  # where a 3 x 3 tiling cuts the image
@@ -56,7 +56,8 @@ def samples(path: Path = ROOT / "docs" / "img" / "study_samples.png") -> Path:
         axes[1, j].imshow(both.permute(1, 2, 0).numpy(), interpolation="nearest")
         axes[1, j].set_title("the ring: full resolution | from a 224 px thumbnail", fontsize=9)
         axes[1, j].axis("off")
-    fig.suptitle(f"The study's task: four questions ({', '.join(QUESTIONS)}), answers in {{0, 1, 2, 3}}")
+    scaled = "" if glyph_scale == 1 else f", glyphs {glyph_scale} x larger"
+    fig.suptitle(f"The study's task{scaled}: four questions ({', '.join(QUESTIONS)}), answers in {{0, 1, 2, 3}}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -237,11 +238,15 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="The study's pictures and table (docs/study.md).")
     p.add_argument("--samples", action="store_true", help="redraw docs/img/study_samples.png")
+    p.add_argument(
+        "--glyph-scale", type=int, default=1, help="--samples with glyphs K x larger: docs/img/study_samples_g<K>.png"
+    )
     p.add_argument("--results", type=Path, default=None, help="a results folder: print its table, draw its plots")
     p.add_argument("--name", default="study", help="the plots' file names: docs/img/<name>_accuracy.png, ...")
     a = p.parse_args(argv)
     if a.samples or a.results is None:
-        print(samples())
+        tag = "" if a.glyph_scale == 1 else f"_g{a.glyph_scale}"
+        print(samples(ROOT / "docs" / "img" / f"study_samples{tag}.png", a.glyph_scale))
     if a.results is not None:
         runs = load_results(a.results)
         print(table(runs, [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER))))

@@ -13,7 +13,10 @@ crop is the variable:
              in every image;
 ``patch``    moved by a whole number of patches (up to 5 each way): anywhere on the patch grid, always
              at the same place inside its patch;
-``pixel``    moved by any number of pixels (up to 80 each way), as in the task: at any place inside a patch.
+``pixel``    moved by any number of pixels (up to 80 each way), as in the task: at any place inside a patch;
+``thumbnail`` no crop: the whole image resized to 224 px (what the single-view baseline sees).
+
+``--glyph-scale K`` draws the task's glyphs K times larger (``task.make_batch``'s ``glyph_scale``).
 
 Held-out accuracy (256 crops of the test split) is printed every ``--every`` steps, with the run's CPU
 seconds. The learning-rate schedule is the runner's (warm-up, cosine to 0 at ``--steps``).
@@ -33,47 +36,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study.run import STUDY, _lr, build_model  # noqa: E402
-from study.task import make_batch  # noqa: E402
-
-PLACES = ("centred", "patch", "pixel")
+from study.task import PLACES, make_batch, ring_crops  # noqa: E402
 
 
-def ring_crops(images: torch.Tensor, place: str, side: int = 224, patch: int = 16) -> torch.Tensor:
-    """224 px crops ``(B, 3, side, side)`` around the red ring of each image ``(B, 3, S, S)`` uint8.
-
-    The offset of the ring from the crop's centre is drawn from the image's own pixels (the same crop
-    for the same image on every run): none, whole patches, or pixels, as ``place`` says.
-    """
-    out, h = [], side // 2
-    for im in images:
-        red = (im[0] > 200) & (im[1] < 60) & (im[2] < 60)
-        ys, xs = red.nonzero(as_tuple=True)
-        cy, cx = int(ys.float().mean()), int(xs.float().mean())
-        g = torch.Generator().manual_seed(int(im[:, :16, :16].sum()) * 1009 + cy * 7 + cx)
-        if place == "patch":
-            dy, dx = (patch * int(v) for v in torch.randint(-5, 6, (2,), generator=g))
-        elif place == "pixel":
-            dy, dx = (int(v) for v in torch.randint(-80, 81, (2,), generator=g))
-        else:
-            dy = dx = 0
-        # The crop's centre moves by (dy, dx): the ring (radius 3.5 glyphs, 25 px) stays inside it.
-        y0 = min(max(cy + dy - h, 0), im.shape[1] - side)
-        x0 = min(max(cx + dx - h, 0), im.shape[2] - side)
-        out.append(im[:, y0 : y0 + side, x0 : x0 + side])
-    return torch.stack(out)
-
-
-def probe(place: str, steps: int, every: int, seed: int = 0, log=print) -> list[dict]:
+def probe(place: str, steps: int, every: int, seed: int = 0, glyph_scale: int = 1, log=print) -> list[dict]:
     """Train on the glyph question of ``place``-d crops; the held-out accuracy every ``every`` steps."""
     model = build_model("llava15", STUDY, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=STUDY.lr, weight_decay=0.05)
-    test_x, test_y = make_batch(range(256), STUDY.size, 0, "test")
+    test_x, test_y = make_batch(range(256), STUDY.size, 0, "test", glyph_scale)
     test_x = ring_crops(test_x, place)
     points, c0 = [], time.process_time()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr(STUDY, step / steps)
-        x, y = make_batch(range(step * STUDY.batch, (step + 1) * STUDY.batch), STUDY.size, 0, "train")
+        x, y = make_batch(range(step * STUDY.batch, (step + 1) * STUDY.batch), STUDY.size, 0, "train", glyph_scale)
         loss = F.cross_entropy(model(ring_crops(x, place))[:, 0], y[:, 0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,7 +64,13 @@ def probe(place: str, steps: int, every: int, seed: int = 0, log=print) -> list[
                 )
             model.train()
             points.append(
-                {"place": place, "step": step + 1, "cpu_s": round(time.process_time() - c0), "glyph": right / 256}
+                {
+                    "place": place,
+                    "glyph_scale": glyph_scale,
+                    "step": step + 1,
+                    "cpu_s": round(time.process_time() - c0),
+                    "glyph": right / 256,
+                }
             )
             log(json.dumps(points[-1]))
     return points
@@ -101,12 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--glyph-scale", type=int, default=1, help="the task's glyphs this many times larger (1..3)")
     a = p.parse_args(argv)
     if a.steps < 1 or a.every < 1:
         p.error(f"--steps {a.steps} and --every {a.every} must be >= 1")
     torch.set_num_threads(a.threads)
     for place in a.place:
-        probe(place, a.steps, a.every, a.seed)
+        probe(place, a.steps, a.every, a.seed, a.glyph_scale)
     return 0
 
 

@@ -4,10 +4,14 @@ For each configuration and seed: a tiny timm ``VisionTransformer`` (random weigh
 the configuration's front end built through hrperc's own recipes and modules (``create_encoder``,
 ``HighResEncoder``, ``DualPerspectiveEnhancement`` options), and a small head (one cross-attention of four
 learned question queries over the tokens) are trained end to end on the synthetic task
-(``study/task.py``) for a fixed wall-clock budget on the CPU, then scored on a held-out set.
+(``study/task.py``) for a budget of steps or wall clock on the CPU, then scored on a held-out set.
+``--tower-steps N`` first pretrains the tower (stage 0, :func:`pretrain_tower`): N steps reading the
+ring's glyph in full-resolution crops at any pixel offset, as a pretrained tower reads small shapes
+anywhere; every configuration of a seed then starts from that same tower.
 
     python benchmarks/study/run.py --list
-    python benchmarks/study/run.py --config inf_llava dcm_local --seeds 0 1 2 --minutes 10
+    python benchmarks/study/run.py --config inf_llava dcm_local --seeds 0 1 2 --steps 600
+    python benchmarks/study/run.py --config inf_llava --seeds 0 --steps 600 --glyph-scale 3 --tower-steps 1000
 
 Each run writes ``<out>/<config>-s<size>-seed<seed>/result.json``; while it trains it saves ``state.pt``
 (model, optimizer, step, elapsed training time) every ``--save-every`` seconds, and a rerun of the same
@@ -43,12 +47,14 @@ from study.task import (  # noqa: E402
     NUM_ANSWERS,
     QUESTIONS,
     STUDY_SIZES,
+    check_glyph_scale,
     check_seed,
     check_size,
     make_batch,
+    ring_crops,
 )
 
-__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "DEEP", "QUICK", "SCALES", "build_model", "run_one", "main"]
+__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "DEEP", "QUICK", "SCALES", "build_model", "pretrain_tower", "run_one", "main"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -115,12 +121,15 @@ class Config:
     options: dict[str, Any] = field(default_factory=dict)
     pick: str | None = None
 
-    def encoder(self, scale: Scale, seed: int) -> hrperc.HighResEncoder:
+    def encoder(self, scale: Scale, seed: int, tower_state: dict | None = None) -> hrperc.HighResEncoder:
         # The DEM (an option) is drawn from the seed as well, before the tower reseeds: the weights are a
         # function of the seed alone, not of the runs an earlier process made.
         torch.manual_seed(seed)
         opts = {k: (v(scale) if callable(v) else v) for k, v in self.options.items()}
-        return hrperc.create_encoder(self.recipe, tower(scale, seed), train_backbone=True, **opts)
+        vit = tower(scale, seed)
+        if tower_state is not None:
+            vit.load_state_dict(tower_state)
+        return hrperc.create_encoder(self.recipe, vit, train_backbone=True, **opts)
 
 
 def _configs() -> dict[str, Config]:
@@ -252,10 +261,10 @@ class Head(nn.Module):
 class StudyModel(nn.Module):
     """Encoder (tower + front end) and head; ``forward(images (B, 3, S, S) uint8)`` -> ``(B, 4, NUM_ANSWERS)``."""
 
-    def __init__(self, config: Config, scale: Scale, seed: int) -> None:
+    def __init__(self, config: Config, scale: Scale, seed: int, tower_state: dict | None = None) -> None:
         super().__init__()
         self.config, self.size = config, scale.size
-        self.encoder = config.encoder(scale, seed)
+        self.encoder = config.encoder(scale, seed, tower_state)
         width = self.encoder.token_width
         # The picked perspective is reduced to one tile's grid; otherwise the head reads every token.
         side = scale.tile // scale.patch
@@ -278,8 +287,77 @@ class StudyModel(nn.Module):
         return (reduce_tokens(grid, thumb.shape, "bilinear") + out.tokens[:, thumb.start : thumb.stop]) / 2
 
 
-def build_model(config: str, scale: Scale = STUDY, seed: int = 0) -> StudyModel:
-    return StudyModel(check_config(config), scale, check_seed(seed))
+def build_model(config: str, scale: Scale = STUDY, seed: int = 0, tower_state: dict | None = None) -> StudyModel:
+    """The configuration's model; its tower drawn from ``seed``, or ``tower_state`` (a pretrained tower's
+    ``state_dict``, :func:`pretrain_tower`) loaded into it."""
+    return StudyModel(check_config(config), scale, check_seed(seed), tower_state)
+
+
+def _vit(model: nn.Module) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return next(m for m in model.modules() if isinstance(m, VisionTransformer))
+
+
+def pretrain_tower(
+    scale: Scale,
+    seed: int,
+    steps: int,
+    *,
+    glyph_scale: int = 1,
+    task_seed: int = 0,
+    cache: Path | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Stage 0: the tower of ``seed``, trained for ``steps`` steps (with a throwaway head, ``llava15``'s) on
+    one question -- which glyph sits in the ring -- of ``scale.tile`` px full-resolution crops around the
+    ring at any pixel offset (``task.ring_crops(place="pixel")``; the task's training stream, batches of
+    ``scale.batch``, the runner's schedule), scored on 256 held-out crops.
+
+    Returns ``{"state": the tower's state_dict, "glyph": held-out accuracy, "steps", "cpu_s"}``; kept in
+    ``cache`` (a file) when given, and read back from it by the next call with the same arguments.
+    """
+    meta = {"scale": scale.__dict__, "seed": seed, "steps": steps, "glyph_scale": glyph_scale, "task_seed": task_seed}
+    if cache is not None and Path(cache).exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved["meta"] == meta:
+            return saved
+    model = build_model("llava15", scale, seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
+    c0 = time.process_time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(scale, step / steps)
+        images, answers = make_batch(
+            range(step * scale.batch, (step + 1) * scale.batch), scale.size, task_seed, "train", glyph_scale
+        )
+        loss = F.cross_entropy(model(ring_crops(images, "pixel", scale.tile, scale.patch))[:, 0], answers[:, 0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 250 == 0:
+            log(f"[tower seed {seed}] stage 0 step {step + 1}/{steps}  {time.process_time() - c0:.0f} s CPU")
+    model.eval()
+    test_x, test_y = make_batch(range(256), scale.size, task_seed, "test", glyph_scale)
+    with torch.no_grad():
+        crops = ring_crops(test_x, "pixel", scale.tile, scale.patch)
+        right = sum(
+            (model(crops[i : i + 32])[:, 0].argmax(-1) == test_y[i : i + 32, 0]).sum().item() for i in range(0, 256, 32)
+        )
+    out = {
+        "meta": meta,
+        "state": {k: v.detach().clone() for k, v in _vit(model).state_dict().items()},
+        "glyph": right / 256,
+        "steps": steps,
+        "cpu_s": round(time.process_time() - c0, 2),
+    }
+    log(f"[tower seed {seed}] stage 0: glyph accuracy {out['glyph']:.3f} on 256 held-out crops after {steps} steps")
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, Path(cache).with_suffix(".tmp"))
+        Path(cache).with_suffix(".tmp").replace(cache)
+    return out
 
 
 #: Held-out sets up to this many bytes are drawn once per process and kept (256 images at 672 px: 0.35 GB).
@@ -287,11 +365,11 @@ HELDOUT_CACHE_BYTES = 1.5e9
 
 
 @functools.lru_cache(maxsize=1)
-def _heldout(size: int, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return make_batch(range(n), size, seed, "test")
+def _heldout(size: int, seed: int, n: int, glyph_scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return make_batch(range(n), size, seed, "test", glyph_scale)
 
 
-def evaluate(model: StudyModel, scale: Scale, seed: int, n: int) -> dict[str, Any]:
+def evaluate(model: StudyModel, scale: Scale, seed: int, n: int, glyph_scale: int = 1) -> dict[str, Any]:
     """Accuracy on the first ``n`` held-out images (the test split of the task's seed ``seed``).
 
     The held-out set is drawn once per process (when it fits :data:`HELDOUT_CACHE_BYTES`) and shared by
@@ -299,12 +377,12 @@ def evaluate(model: StudyModel, scale: Scale, seed: int, n: int) -> dict[str, An
     """
     model.eval()
     right = torch.zeros(len(QUESTIONS))
-    held = _heldout(scale.size, seed, n) if n * 3 * scale.size**2 <= HELDOUT_CACHE_BYTES else None
+    held = _heldout(scale.size, seed, n, glyph_scale) if n * 3 * scale.size**2 <= HELDOUT_CACHE_BYTES else None
     with torch.no_grad():
         for start in range(0, n, scale.batch):
             stop = min(start + scale.batch, n)
             if held is None:
-                images, answers = make_batch(range(start, stop), scale.size, seed, "test")
+                images, answers = make_batch(range(start, stop), scale.size, seed, "test", glyph_scale)
             else:
                 images, answers = held[0][start:stop], held[1][start:stop]
             right += (model(images).argmax(-1) == answers).float().sum(0)
@@ -335,6 +413,8 @@ def run_one(
     log=print,
     log_every: int = 25,
     eval_every: int | None = None,
+    glyph_scale: int = 1,
+    tower_steps: int = 0,
 ) -> dict[str, Any]:
     """Train ``config`` with ``seed`` for ``steps`` training steps or ``minutes`` of wall clock, then evaluate.
 
@@ -360,8 +440,18 @@ def run_one(
     if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
         raise ValueError(f"eval_every={eval_every!r} must be a whole number of steps >= 1 (or None: at the end only).")
     budget = math.inf if minutes is None else 60.0 * minutes
-    run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}-seed{seed}"
+    glyph_scale = check_glyph_scale(glyph_scale)
+    if isinstance(tower_steps, bool) or not isinstance(tower_steps, int) or tower_steps < 0:
+        raise ValueError(f"tower_steps={tower_steps!r} must be a whole number >= 0 (0: the tower from scratch).")
+    # The glyph scale and the tower's pretraining join the name and the record only when they are not the
+    # defaults (1, 0): the runs made before they existed keep their names and resume.
+    tag = ("" if glyph_scale == 1 else f"-g{glyph_scale}") + ("" if tower_steps == 0 else f"-t{tower_steps}")
+    run_dir = None if out is None else Path(out) / f"{cfg.name}-s{scale.size}{tag}-seed{seed}"
     meta = {"config": cfg.name, "seed": seed, "task_seed": task_seed, "scale": scale.__dict__, "minutes": minutes}
+    if glyph_scale != 1:
+        meta["glyph_scale"] = glyph_scale
+    if tower_steps:
+        meta["tower_steps"] = tower_steps
     if steps is not None:
         meta["max_steps"] = steps
     if run_dir is not None and (run_dir / "result.json").exists() and not force:
@@ -374,7 +464,13 @@ def run_one(
         log(f"[{cfg.name} seed {seed}] done before: {run_dir / 'result.json'} (--force to rerun)")
         return done
 
-    model = build_model(cfg.name, scale, seed)
+    stage0 = None
+    if tower_steps:
+        cache = None if out is None else Path(out) / "towers" / f"tower-s{scale.size}{tag}-seed{seed}.pt"
+        stage0 = pretrain_tower(
+            scale, seed, tower_steps, glyph_scale=glyph_scale, task_seed=task_seed, cache=cache, log=log
+        )
+    model = build_model(cfg.name, scale, seed, None if stage0 is None else stage0["state"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
     step, train_s, cpu_s, curve = 0, 0.0, 0.0, []
     state = None if run_dir is None else run_dir / "state.pt"
@@ -422,7 +518,7 @@ def run_one(
         for g in opt.param_groups:
             g["lr"] = _lr(scale, progress)
         batch = range(step * scale.batch, (step + 1) * scale.batch)
-        images, answers = make_batch(batch, scale.size, task_seed, "train")
+        images, answers = make_batch(batch, scale.size, task_seed, "train", glyph_scale)
         logits = model(images)
         loss = F.cross_entropy(logits.reshape(-1, NUM_ANSWERS), answers.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -441,7 +537,7 @@ def run_one(
             )
         # On the way, before the checkpoint: a resumed run has the points up to the step it resumes from.
         if eval_every is not None and step % eval_every == 0 and train_s < budget and (steps is None or step < steps):
-            curve.append(point(evaluate(model, scale, task_seed, eval_n)))
+            curve.append(point(evaluate(model, scale, task_seed, eval_n, glyph_scale)))
             log(f"[{cfg.name} seed {seed}] step {step}: held-out accuracy {curve[-1]['accuracy']:.3f}")
         if time.perf_counter() - last_save >= save_every:
             save()
@@ -456,7 +552,7 @@ def run_one(
         last_loss = loss.item()
     save()
     t0 = time.perf_counter()
-    scores = evaluate(model, scale, task_seed, eval_n)
+    scores = evaluate(model, scale, task_seed, eval_n, glyph_scale)
     if eval_every is not None:
         curve.append(point(scores))
     result = {
@@ -474,6 +570,7 @@ def run_one(
         "eval_s": round(time.perf_counter() - t0, 2),
         "eval_n": eval_n,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **({} if stage0 is None else {"tower_glyph": stage0["glyph"], "tower_cpu_s": stage0["cpu_s"]}),
         **scores,
         **({"curve": curve} if eval_every is not None else {}),
         "chance": 1 / NUM_ANSWERS,
@@ -501,6 +598,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (matched steps: the study's budget)")
     p.add_argument("--minutes", type=float, default=None, help="training wall-clock budget per run (minutes)")
     p.add_argument("--size", type=int, default=STUDY.size, help=f"image side, {STUDY_SIZES[0]}..{STUDY_SIZES[1]} px")
+    p.add_argument(
+        "--glyph-scale",
+        type=int,
+        default=1,
+        help="the task's glyphs (5 x 5 bitmaps) drawn this many times larger, 1..3",
+    )
+    p.add_argument(
+        "--tower-steps",
+        type=int,
+        default=0,
+        help="stage 0: pretrain the tower this many steps on glyph crops first (0: from scratch)",
+    )
     p.add_argument("--eval", type=int, default=256, help="held-out images")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the runs' folders go")
@@ -521,6 +630,7 @@ def main(argv=None) -> int:
             check_config(name)
         for s in a.seeds:
             check_seed(s)
+        check_glyph_scale(a.glyph_scale)
         if a.threads < 1:
             raise ValueError(f"threads={a.threads} must be >= 1.")
         if a.quick or a.scale == "quick":
@@ -545,6 +655,8 @@ def main(argv=None) -> int:
                         save_every=a.save_every,
                         eval_every=a.eval_every,
                         force=a.force,
+                        glyph_scale=a.glyph_scale,
+                        tower_steps=a.tower_steps,
                     )
                 )
     except (ValueError, TypeError) as e:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "QUESTIONS",
@@ -43,6 +44,10 @@ __all__ = [
     "make_batch",
     "check_size",
     "check_seed",
+    "check_glyph_scale",
+    "MAX_GLYPH_SCALE",
+    "PLACES",
+    "ring_crops",
 ]
 
 QUESTIONS = ("glyph", "match", "count", "link")
@@ -52,6 +57,8 @@ STUDY_SIZES = (672, 2016)
 #: What the task itself draws (quick mode uses tiny images; a glyph needs >= 5 px).
 MIN_SIZE, MAX_SIZE = 64, 2016
 MAX_SEED = 2**31 - 1
+#: Glyphs drawn ``glyph_scale`` times larger still fit inside the ring's white disc and the corner boxes.
+MAX_GLYPH_SCALE = 3
 SPLITS = ("train", "test")
 
 # Four 5 x 5 glyphs with nearly the same ink (8-9 pixels), so that a blurred glyph says nothing.
@@ -75,6 +82,17 @@ def check_size(size, *, lo: int = MIN_SIZE, hi: int = MAX_SIZE, name: str = "siz
     if not lo <= int(size) <= hi:
         raise ValueError(f"{name}={size} is out of range; pass an image side in pixels, {lo}..{hi}.")
     return int(size)
+
+
+def check_glyph_scale(glyph_scale, name: str = "glyph_scale") -> int:
+    """``glyph_scale`` as an int in ``1..MAX_GLYPH_SCALE``, or a one-line error naming it."""
+    if isinstance(glyph_scale, bool) or not isinstance(glyph_scale, (int, np.integer)):
+        raise TypeError(f"{name}={glyph_scale!r} is not a whole number; pass 1..{MAX_GLYPH_SCALE}.")
+    if not 1 <= int(glyph_scale) <= MAX_GLYPH_SCALE:
+        raise ValueError(
+            f"{name}={glyph_scale} is out of range; pass 1..{MAX_GLYPH_SCALE} (a larger glyph leaves the ring)."
+        )
+    return int(glyph_scale)
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -119,10 +137,10 @@ def _glyph(img, cy, cx, kind, cell):
     img[y0 : y0 + n, x0 : x0 + n][g] = _INK
 
 
-def _draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _draw(rng: np.random.Generator, size: int, glyph_scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
     s = size
     u = s / 96.0  # the scene's unit: a glyph is one unit wide (5 bitmap pixels of max(1, u/5) px)
-    cell = max(1, round(u / 5))
+    cell = max(1, round(u / 5)) * glyph_scale
     # Low-contrast noise so that flat grey is not a free cue for "nothing here" (one pass: grey + noise).
     img = rng.integers(0, 12, size=(s, s, 1), dtype=np.uint8) + np.array(_BG, np.uint8)
 
@@ -179,26 +197,27 @@ def _draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     return img, answers
 
 
-def make_sample(size: int = 672, seed: int = 0, index: int = 0, split: str = "train"):
+def make_sample(size: int = 672, seed: int = 0, index: int = 0, split: str = "train", glyph_scale: int = 1):
     """One image ``(3, size, size)`` uint8 and its answers ``(4,)`` int64, a pure function of the arguments.
 
     ``split`` (``"train"`` or ``"test"``) selects disjoint random streams, so the held-out set is never
     trained on whatever the number of training steps.
     """
-    img, answers = _sample(size, seed, index, split)
+    img, answers = _sample(size, seed, index, split, glyph_scale)
     return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(answers)
 
 
-def _sample(size, seed, index, split) -> tuple[np.ndarray, np.ndarray]:
+def _sample(size, seed, index, split, glyph_scale=1) -> tuple[np.ndarray, np.ndarray]:
     size, seed = check_size(size), check_seed(seed)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}.")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index={index!r} must be a whole number >= 0.")
-    return _draw(np.random.default_rng([seed, SPLITS.index(split), int(index)]), size)
+    glyph_scale = check_glyph_scale(glyph_scale)
+    return _draw(np.random.default_rng([seed, SPLITS.index(split), int(index)]), size, glyph_scale)
 
 
-def make_batch(indices, size: int = 672, seed: int = 0, split: str = "train"):
+def make_batch(indices, size: int = 672, seed: int = 0, split: str = "train", glyph_scale: int = 1):
     """Images ``(B, 3, size, size)`` uint8 and answers ``(B, 4)`` int64 for the sample ``indices``.
 
     The same pixels as stacking :func:`make_sample`'s images, written once into the batch (no per-image
@@ -208,7 +227,54 @@ def make_batch(indices, size: int = 672, seed: int = 0, split: str = "train"):
     images = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
     answers = torch.empty((len(indices), len(QUESTIONS)), dtype=torch.int64)
     for k, i in enumerate(indices):
-        img, ans = _sample(size, seed, i, split)
+        img, ans = _sample(size, seed, i, split, glyph_scale)
         images[k] = torch.from_numpy(img).permute(2, 0, 1)
         answers[k] = torch.from_numpy(ans)
     return images, answers
+
+
+#: Where :func:`ring_crops` puts the ring's glyph in its crop (see there).
+PLACES = ("centred", "patch", "pixel", "thumbnail")
+
+
+def ring_crops(images: torch.Tensor, place: str, side: int = 224, patch: int = 16) -> torch.Tensor:
+    """Crops ``(B, 3, side, side)`` uint8 around the red ring of each image ``(B, 3, S, S)`` uint8, at full
+    resolution, so that the ring's glyph is in view at its full size; ``place`` says where it sits:
+
+    ``centred``   at the crop's centre: the same pixels relative to the patch grid in every image;
+    ``patch``     moved by a whole number of patches (up to ``side * 80 // 224`` px each way): anywhere on
+                  the patch grid, always at the same place inside its patch;
+    ``pixel``     moved by any number of pixels (up to ``side * 80 // 224`` each way), as in the task;
+    ``thumbnail`` no crop: the whole image resized to ``side`` px (what a single-view front end sees).
+
+    The offset is drawn from the image's own pixels: the same crop for the same image on every run.
+
+    Example::
+
+        >>> images, answers = make_batch(range(2), size=672)
+        >>> tuple(ring_crops(images, "pixel").shape)
+        (2, 3, 224, 224)
+    """
+    if place not in PLACES:
+        raise ValueError(f"place={place!r} is not one of {PLACES}.")
+    if place == "thumbnail":
+        resized = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True)
+        return resized.clamp(0, 255).to(torch.uint8)
+    out, h, reach = [], side // 2, side * 80 // 224
+    for im in images:
+        red = (im[0] > 200) & (im[1] < 60) & (im[2] < 60)
+        ys, xs = red.nonzero(as_tuple=True)
+        cy, cx = int(ys.float().mean()), int(xs.float().mean())
+        g = torch.Generator().manual_seed(int(im[:, :16, :16].sum()) * 1009 + cy * 7 + cx)
+        if place == "patch":
+            n = max(1, reach // patch)
+            dy, dx = (patch * int(v) for v in torch.randint(-n, n + 1, (2,), generator=g))
+        elif place == "pixel":
+            dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=g))
+        else:
+            dy = dx = 0
+        # The crop's centre moves by (dy, dx): the ring (radius 3.5 glyphs: 25 px at 672) stays inside it.
+        y0 = min(max(cy + dy - h, 0), im.shape[1] - side)
+        x0 = min(max(cx + dx - h, 0), im.shape[2] - side)
+        out.append(im[:, y0 : y0 + side, x0 : x0 + side])
+    return torch.stack(out)
