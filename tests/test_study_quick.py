@@ -162,8 +162,9 @@ def test_stage0_tower_is_kept_and_every_configuration_starts_from_it(tmp_path, o
     drawn = run._vit(run.build_model("llava15", run.QUICK, 1)).state_dict()
     assert any(not torch.equal(first["state"][k], drawn[k]) for k in drawn)  # stage 0 trained it
     for name in ("llava15", "inf_llava", "dcm_local"):
-        tower = run._vit(run.build_model(name, run.QUICK, 1, first["state"])).state_dict()
-        assert all(torch.equal(tower[k], first["state"][k]) for k in tower), name
+        vit = run._vit(run.build_model(name, run.QUICK, 1, first["state"]))
+        assert all(torch.equal(v, first["state"][k]) for k, v in vit.state_dict().items()), name
+        assert not any(p.requires_grad for p in vit.parameters()), name  # frozen, as the paper's tower
     r = run.run_one(
         "inf_llava", 1, scale=run.QUICK, steps=1, eval_n=8, glyph_scale=2, tower_steps=3, out=tmp_path, log=_quiet
     )

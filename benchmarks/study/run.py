@@ -7,7 +7,8 @@ learned question queries over the tokens) are trained end to end on the syntheti
 (``study/task.py``) for a budget of steps or wall clock on the CPU, then scored on a held-out set.
 ``--tower-steps N`` first pretrains the tower (stage 0, :func:`pretrain_tower`): N steps reading the
 ring's glyph in full-resolution crops at any pixel offset, as a pretrained tower reads small shapes
-anywhere; every configuration of a seed then starts from that same tower.
+anywhere; every configuration of a seed then runs on that same tower, frozen (as the paper's tower is in
+both of its training stages): only the front end's own parts and the head train.
 
     python benchmarks/study/run.py --list
     python benchmarks/study/run.py --config inf_llava dcm_local --seeds 0 1 2 --steps 600
@@ -54,7 +55,19 @@ from study.task import (  # noqa: E402
     ring_crops,
 )
 
-__all__ = ["CONFIGS", "Config", "Scale", "STUDY", "DEEP", "QUICK", "SCALES", "build_model", "pretrain_tower", "run_one", "main"]
+__all__ = [
+    "CONFIGS",
+    "Config",
+    "Scale",
+    "STUDY",
+    "DEEP",
+    "QUICK",
+    "SCALES",
+    "build_model",
+    "pretrain_tower",
+    "run_one",
+    "main",
+]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -129,7 +142,8 @@ class Config:
         vit = tower(scale, seed)
         if tower_state is not None:
             vit.load_state_dict(tower_state)
-        return hrperc.create_encoder(self.recipe, vit, train_backbone=True, **opts)
+        # A pretrained tower is frozen, as the paper's (both stages); one drawn at random trains with the rest.
+        return hrperc.create_encoder(self.recipe, vit, train_backbone=tower_state is None, **opts)
 
 
 def _configs() -> dict[str, Config]:
@@ -288,8 +302,8 @@ class StudyModel(nn.Module):
 
 
 def build_model(config: str, scale: Scale = STUDY, seed: int = 0, tower_state: dict | None = None) -> StudyModel:
-    """The configuration's model; its tower drawn from ``seed``, or ``tower_state`` (a pretrained tower's
-    ``state_dict``, :func:`pretrain_tower`) loaded into it."""
+    """The configuration's model; its tower drawn from ``seed`` and trained with the rest, or ``tower_state``
+    (a pretrained tower's ``state_dict``, :func:`pretrain_tower`) loaded into it and frozen."""
     return StudyModel(check_config(config), scale, check_seed(seed), tower_state)
 
 
@@ -451,7 +465,7 @@ def run_one(
     if glyph_scale != 1:
         meta["glyph_scale"] = glyph_scale
     if tower_steps:
-        meta["tower_steps"] = tower_steps
+        meta["tower_steps"], meta["tower_frozen"] = tower_steps, True
     if steps is not None:
         meta["max_steps"] = steps
     if run_dir is not None and (run_dir / "result.json").exists() and not force:
