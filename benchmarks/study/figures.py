@@ -119,7 +119,7 @@ def table(runs: dict[str, list[dict]], order=None) -> str:
 
 
 def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
-    """Accuracy (overall, the fine-detail questions, the count) against tokens, ViT passes and training CPU time.
+    """Accuracy (overall, the glyph, the fine-detail questions, the count) against tokens, ViT passes and CPU time.
 
     A marker: the mean over seeds; its bar: the spread (smallest to largest seed); small dots: the seeds;
     grey band: chance +- two standard deviations of a held-out score.
@@ -137,13 +137,14 @@ def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> P
     )
     ys = (
         ("overall", lambda r: r["accuracy"]),
+        ("glyph", lambda r: r["per_question"]["glyph"]),
         (
             "fine detail (glyph, match, link)",
             lambda r: sum(r["per_question"][q] for q in ("glyph", "match", "link")) / 3,
         ),
         ("count", lambda r: r["per_question"]["count"]),
     )
-    fig, axes = plt.subplots(len(ys), len(xs), figsize=(15, 12), squeeze=False)
+    fig, axes = plt.subplots(len(ys), len(xs), figsize=(15, 4 * len(ys)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     names = sorted(runs)
     for i, (yname, yf) in enumerate(ys):
@@ -172,7 +173,7 @@ def accuracy_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> P
             n = next(iter(runs.values()))[0]["eval_n"]
             band = 2 * (0.25 * 0.75 / n) ** 0.5
             ax.axhspan(0.25 - band, 0.25 + band, color="grey", alpha=0.12, lw=0)
-            if i == 1:
+            if yname.startswith("fine"):
                 ax.set_ylim(0.15, 0.45)
             ax.set_xscale("log" if logx else "linear")
             ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
