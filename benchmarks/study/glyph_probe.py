@@ -18,8 +18,9 @@ crop is the variable:
 
 ``--glyph-scale K`` draws the task's glyphs K times larger (``task.make_batch``'s ``glyph_scale``).
 
-Held-out accuracy (256 crops of the test split) is printed every ``--every`` steps, with the run's CPU
-seconds. The learning-rate schedule is the runner's (warm-up, cosine to 0 at ``--steps``).
+Held-out accuracy (256 crops of the test split) is printed every ``--every`` steps, and as JSON lines with
+the run's CPU seconds when a place's run ends. The training is the runner's stage 0 (``run.pretrain_tower``)
+with ``place`` varied: its schedule (warm-up, cosine to 0 at ``--steps``), batches and held-out crops.
 """
 
 from __future__ import annotations
@@ -27,52 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.run import STUDY, _lr, build_model  # noqa: E402
-from study.task import PLACES, make_batch, ring_crops  # noqa: E402
+from study.run import STUDY, pretrain_tower  # noqa: E402
+from study.task import PLACES  # noqa: E402
 
 
 def probe(place: str, steps: int, every: int, seed: int = 0, glyph_scale: int = 1, log=print) -> list[dict]:
-    """Train on the glyph question of ``place``-d crops; the held-out accuracy every ``every`` steps."""
-    model = build_model("llava15", STUDY, seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=STUDY.lr, weight_decay=0.05)
-    test_x, test_y = make_batch(range(256), STUDY.size, 0, "test", glyph_scale)
-    test_x = ring_crops(test_x, place)
-    points, c0 = [], time.process_time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(STUDY, step / steps)
-        x, y = make_batch(range(step * STUDY.batch, (step + 1) * STUDY.batch), STUDY.size, 0, "train", glyph_scale)
-        loss = F.cross_entropy(model(ring_crops(x, place))[:, 0], y[:, 0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            model.eval()
-            with torch.no_grad():
-                right = sum(
-                    (model(test_x[i : i + 32])[:, 0].argmax(-1) == test_y[i : i + 32, 0]).sum().item()
-                    for i in range(0, 256, 32)
-                )
-            model.train()
-            points.append(
-                {
-                    "place": place,
-                    "glyph_scale": glyph_scale,
-                    "step": step + 1,
-                    "cpu_s": round(time.process_time() - c0),
-                    "glyph": right / 256,
-                }
-            )
-            log(json.dumps(points[-1]))
+    """Train on the glyph question of ``place``-d crops (the runner's stage 0 with another ``place``); the
+    held-out accuracy every ``every`` steps, as JSON lines."""
+    out = pretrain_tower(STUDY, seed, steps, glyph_scale=glyph_scale, place=place, every=every, log=log)
+    points = [{"place": place, "glyph_scale": glyph_scale, **point} for point in out["curve"]]
+    for point in points:
+        log(json.dumps(point))
     return points
 
 

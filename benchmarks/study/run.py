@@ -321,52 +321,69 @@ def pretrain_tower(
     glyph_scale: int = 1,
     task_seed: int = 0,
     cache: Path | None = None,
+    place: str = "pixel",
+    every: int | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Stage 0: the tower of ``seed``, trained for ``steps`` steps (with a throwaway head, ``llava15``'s) on
     one question -- which glyph sits in the ring -- of ``scale.tile`` px full-resolution crops around the
-    ring at any pixel offset (``task.ring_crops(place="pixel")``; the task's training stream, batches of
-    ``scale.batch``, the runner's schedule), scored on 256 held-out crops.
+    ring at any pixel offset (``task.ring_crops``, ``place="pixel"``; the glyph probe varies ``place``; the
+    task's training stream, batches of ``scale.batch``, the runner's schedule), scored on 256 held-out crops
+    at the end and, with ``every``, every that many steps on the way.
 
-    Returns ``{"state": the tower's state_dict, "glyph": held-out accuracy, "steps", "cpu_s"}``; kept in
-    ``cache`` (a file) when given, and read back from it by the next call with the same arguments.
+    Returns ``{"state": the tower's state_dict, "glyph": held-out accuracy, "steps", "cpu_s", "curve"}``; kept
+    in ``cache`` (a file) when given, and read back from it by the next call with the same arguments.
     """
     meta = {"scale": scale.__dict__, "seed": seed, "steps": steps, "glyph_scale": glyph_scale, "task_seed": task_seed}
+    if place != "pixel":
+        meta["place"] = place
     if cache is not None and Path(cache).exists():
         saved = torch.load(cache, weights_only=False)
         if saved["meta"] == meta:
             return saved
     model = build_model("llava15", scale, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=scale.lr, weight_decay=0.05)
-    c0 = time.process_time()
+    test_x, test_y = make_batch(range(256), scale.size, task_seed, "test", glyph_scale)
+    test_crops = ring_crops(test_x, place, scale.tile, scale.patch)
+
+    def glyph_accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            right = sum(
+                (model(test_crops[i : i + 32])[:, 0].argmax(-1) == test_y[i : i + 32, 0]).sum().item()
+                for i in range(0, 256, 32)
+            )
+        model.train()
+        return right / 256
+
+    c0, curve = time.process_time(), []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr(scale, step / steps)
         images, answers = make_batch(
             range(step * scale.batch, (step + 1) * scale.batch), scale.size, task_seed, "train", glyph_scale
         )
-        loss = F.cross_entropy(model(ring_crops(images, "pixel", scale.tile, scale.patch))[:, 0], answers[:, 0])
+        loss = F.cross_entropy(model(ring_crops(images, place, scale.tile, scale.patch))[:, 0], answers[:, 0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 250 == 0:
+        if every is not None and (step + 1) % every == 0 and step + 1 < steps:
+            curve.append({"step": step + 1, "cpu_s": round(time.process_time() - c0), "glyph": glyph_accuracy()})
+            log(f"[tower seed {seed}] stage 0 step {step + 1}/{steps}: glyph accuracy {curve[-1]['glyph']:.3f}")
+        elif (step + 1) % 250 == 0:
             log(f"[tower seed {seed}] stage 0 step {step + 1}/{steps}  {time.process_time() - c0:.0f} s CPU")
-    model.eval()
-    test_x, test_y = make_batch(range(256), scale.size, task_seed, "test", glyph_scale)
-    with torch.no_grad():
-        crops = ring_crops(test_x, "pixel", scale.tile, scale.patch)
-        right = sum(
-            (model(crops[i : i + 32])[:, 0].argmax(-1) == test_y[i : i + 32, 0]).sum().item() for i in range(0, 256, 32)
-        )
+    glyph = glyph_accuracy()
+    curve.append({"step": steps, "cpu_s": round(time.process_time() - c0), "glyph": glyph})
     out = {
         "meta": meta,
         "state": {k: v.detach().clone() for k, v in _vit(model).state_dict().items()},
-        "glyph": right / 256,
+        "glyph": glyph,
         "steps": steps,
         "cpu_s": round(time.process_time() - c0, 2),
+        "curve": curve,
     }
-    log(f"[tower seed {seed}] stage 0: glyph accuracy {out['glyph']:.3f} on 256 held-out crops after {steps} steps")
+    log(f"[tower seed {seed}] stage 0: glyph accuracy {glyph:.3f} on 256 held-out crops after {steps} steps")
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, Path(cache).with_suffix(".tmp"))
