@@ -201,7 +201,8 @@ def make_sample(size: int = 672, seed: int = 0, index: int = 0, split: str = "tr
     """One image ``(3, size, size)`` uint8 and its answers ``(4,)`` int64, a pure function of the arguments.
 
     ``split`` (``"train"`` or ``"test"``) selects disjoint random streams, so the held-out set is never
-    trained on whatever the number of training steps.
+    trained on whatever the number of training steps. ``glyph_scale`` (1..3) draws the same scene with every
+    glyph's bitmap pixels that many times larger; the answers do not change.
     """
     img, answers = _sample(size, seed, index, split, glyph_scale)
     return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(answers)
